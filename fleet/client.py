@@ -1,0 +1,75 @@
+"""The gateway's client for one engine's internal protocol (aiohttp, pooled connections)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from fleet import protocol
+from fleet.errors import EngineFailure
+
+_info_decoder = protocol.decoder(protocol.EngineInfo)
+
+
+class EngineClient:
+    """Talks to one engine at `base_url`; `generate` yields frames until Done or Error."""
+
+    def __init__(self, name: str, base_url: str) -> None:
+        self.name = name
+        self.base_url = base_url
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session, opened on first use (inside the running loop)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                self.base_url,
+                connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close pooled connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def healthy(self, timeout: float = 2.0) -> bool:
+        """True when the engine answers /health with 200."""
+        try:
+            async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def info(self) -> protocol.EngineInfo:
+        """The engine's /info."""
+        async with self.session.get("/info", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            return _info_decoder.decode(await r.read())
+
+    async def generate(self, req: protocol.GenerateRequest) -> AsyncIterator[protocol.Frame]:
+        """Send one request; yield its frames. Leaving early closes the connection (= abort)."""
+        try:
+            async with self.session.post(
+                "/generate", data=protocol.encode(req), headers={"Content-Type": "application/msgpack"}
+            ) as resp:
+                if resp.status != 200:
+                    raise EngineFailure(f"engine for model {self.name!r} answered HTTP {resp.status}")
+                reader = resp.content
+                header = protocol.FRAME_HEADER
+                while True:
+                    try:
+                        (size,) = header.unpack(await reader.readexactly(header.size))
+                        frame = protocol.decode_frame(await reader.readexactly(size))
+                    except asyncio.IncompleteReadError:
+                        raise EngineFailure(f"engine for model {self.name!r} closed the stream early") from None
+                    yield frame
+                    if isinstance(frame, (protocol.Done, protocol.Error)):
+                        return
+        except (aiohttp.ClientError, OSError) as e:
+            raise EngineFailure(f"engine for model {self.name!r} is unreachable: {e}") from None

@@ -1,0 +1,210 @@
+"""fleet.toml: the schema of a fleet and the rules it must satisfy before anything starts.
+
+Settings come from three layers, highest first: CLI flags (passed to `load_config` as
+overrides), `FLEET_` environment variables (nested with `__`, e.g. `FLEET_GATEWAY__PORT=9000`),
+then the TOML file. Every error names the file, the model and the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fleet.errors import ConfigError
+
+DEFAULT_CONFIG = Path("fleet.toml")
+CPU_MEMORY_FRACTION = 0.3  # of one NUMA node: vLLM's CPU backend fails to start at 0.9
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewayConfig(_Strict):
+    """Where the OpenAI-compatible gateway listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class SamplingDefaults(_Strict):
+    """Per-model defaults for request fields the client leaves unset."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+
+class ModelConfig(_Strict):
+    """One model of the fleet: one vLLM engine process."""
+
+    name: str = Field(min_length=1, description="what clients send as `model`")
+    source: str = Field(
+        min_length=1,
+        description='Hugging Face id, local directory, `.gguf` file, or "default" (the packaged model)',
+    )
+    gpus: list[int] = Field(default_factory=list, description="CUDA device ids; empty = CPU")
+    port: int = Field(ge=1, le=65535, description="the engine's port")
+    host: str = Field("127.0.0.1", description="the engine's listen address")
+    max_model_len: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description=f"default: 0.9 on GPUs, {CPU_MEMORY_FRACTION} on the CPU"
+    )
+    enforce_eager: bool | None = Field(
+        None, description="default: true on the CPU (much faster start), false on GPUs"
+    )
+    dtype: str = "auto"
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="passed through to vLLM's AsyncEngineArgs"
+    )
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    start_timeout: float = Field(600.0, gt=0, description="seconds until a loading engine counts as failed")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_ids_distinct_and_non_negative(cls, gpus: list[int]) -> list[int]:
+        if any(g < 0 for g in gpus):
+            raise ValueError("GPU ids are >= 0")
+        if len(set(gpus)) != len(gpus):
+            raise ValueError("a GPU id is listed twice")
+        return gpus
+
+    @property
+    def on_cpu(self) -> bool:
+        """True when the model runs on the CPU build of vLLM."""
+        return not self.gpus
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """One shard per GPU."""
+        return max(1, len(self.gpus))
+
+    @property
+    def memory_fraction(self) -> float:
+        """gpu_memory_utilization with the CPU/GPU default applied."""
+        if self.gpu_memory_utilization is not None:
+            return self.gpu_memory_utilization
+        return CPU_MEMORY_FRACTION if self.on_cpu else 0.9
+
+    @property
+    def eager(self) -> bool:
+        """enforce_eager with the CPU/GPU default applied."""
+        return self.on_cpu if self.enforce_eager is None else self.enforce_eager
+
+
+_TOML_DATA: ContextVar[dict[str, Any]] = ContextVar("fleet_toml_data", default={})
+
+
+class _TomlDataSource(PydanticBaseSettingsSource):
+    """The already-parsed fleet file, as the lowest-priority settings source."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _TOML_DATA.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_TOML_DATA.get())
+
+
+class FleetConfig(BaseSettings):
+    """A whole fleet: the gateway and its models."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first: CLI flags (init kwargs), FLEET_ environment, the TOML file.
+        return (init_settings, env_settings, _TomlDataSource(settings_cls))
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The model clients call `name`, if any."""
+        return next((m for m in self.models if m.name == name), None)
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG, **overrides: Any) -> FleetConfig:
+    """Read, merge and validate a fleet file; raise ConfigError naming file, model and field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return parse_config(raw, path, **overrides)
+
+
+def parse_config(raw: dict[str, Any], path: Path | str = "<string>", **overrides: Any) -> FleetConfig:
+    """Validate an already-parsed fleet file (tests load config from strings through this)."""
+    gateway = {k: v for k, v in overrides.items() if k in ("host", "port") and v is not None}
+    token = _TOML_DATA.set(raw)
+    try:
+        config = FleetConfig(**({"gateway": gateway} if gateway else {}))
+    except ValidationError as e:
+        raise ConfigError(_describe(e, Path(path), raw)) from None
+    finally:
+        _TOML_DATA.reset(token)
+    check_fleet(config, Path(path))
+    return config
+
+
+def _describe(error: ValidationError, path: Path, raw: dict[str, Any]) -> str:
+    lines = [f"{path}: invalid fleet file"]
+    models = raw.get("models") if isinstance(raw.get("models"), list) else []
+    for item in error.errors():
+        loc = list(item["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+            i = loc[1]
+            name = models[i].get("name") if i < len(models) and isinstance(models[i], dict) else None
+            field = ".".join(str(p) for p in loc[2:]) or "(model)"
+            where = f'model "{name}" (models[{i}]), field "{field}"' if name else f'models[{i}], field "{field}"'
+        elif loc:
+            where = f'field "{where}"'
+        msg = "unknown field (typo?)" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def check_fleet(config: FleetConfig, path: Path) -> None:
+    """Cross-model rules: unique names and ports, no port equal to the gateway's, no shared GPU."""
+    problems: list[str] = []
+    seen_names: dict[str, int] = {}
+    seen_ports: dict[int, str] = {}
+    seen_gpus: dict[int, str] = {}
+    for i, m in enumerate(config.models):
+        where = f'model "{m.name}" (models[{i}])'
+        if m.name in seen_names:
+            problems.append(f'{where}, field "name": duplicate name, also models[{seen_names[m.name]}]')
+        seen_names.setdefault(m.name, i)
+        if m.port == config.gateway.port:
+            problems.append(f'{where}, field "port": {m.port} is the gateway\'s port')
+        elif m.port in seen_ports:
+            problems.append(f'{where}, field "port": {m.port} is also the port of model "{seen_ports[m.port]}"')
+        seen_ports.setdefault(m.port, m.name)
+        for g in m.gpus:
+            if g in seen_gpus:
+                problems.append(f'{where}, field "gpus": GPU {g} is also used by model "{seen_gpus[g]}"')
+            seen_gpus.setdefault(g, m.name)
+    if problems:
+        raise ConfigError("\n".join([f"{path}: invalid fleet file", *("  " + p for p in problems)]))

@@ -1,0 +1,43 @@
+"""Which engine takes a request: a pure decision over the fleet's backends, testable without processes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fleet.client import EngineClient
+from fleet.config import ModelConfig
+from fleet.errors import ModelNotFound, ModelNotReady
+from fleet.lifecycle import EngineState, Lifecycle
+
+RETRY_AFTER = {EngineState.STARTING: 10, EngineState.RESTARTING: 10, EngineState.FAILED: 30}
+
+
+@dataclass
+class Backend:
+    """One model as the gateway sees it: its config, its lifecycle (owned by the launcher), its client."""
+
+    config: ModelConfig
+    lifecycle: Lifecycle
+    client: EngineClient
+
+    @property
+    def name(self) -> str:
+        """What clients send as `model`."""
+        return self.config.name
+
+
+def route(backends: Mapping[str, Backend], model: str) -> Backend:
+    """The backend serving `model`; 404 if the fleet has no such model, 503 if it is not ready."""
+    backend = backends.get(model)
+    if backend is None:
+        known = ", ".join(sorted(backends)) or "none"
+        raise ModelNotFound(f"the model {model!r} does not exist in this fleet (models: {known})", param="model")
+    state = backend.lifecycle.state
+    if not state.serving:
+        why = f": {backend.lifecycle.reason}" if backend.lifecycle.reason and state is EngineState.FAILED else ""
+        raise ModelNotReady(
+            f"model {model!r} is not ready (engine {state.value}{why}); retry later",
+            retry_after=RETRY_AFTER.get(state, 5),
+        )
+    return backend

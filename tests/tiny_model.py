@@ -1,0 +1,80 @@
+"""A tiny Llama model for end-to-end tests: random weights, a real (trained) BPE tokenizer.
+
+hidden 128, 2 heads (head_dim 64: vLLM's CPU attention rejects 16), 1 KV head, 2 layers,
+vocab 512 -> about 0.5 MB; a vLLM CPU engine is ready in ~20 s. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+VOCAB_SIZE = 512
+EOS = "<|endoftext|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_CORPUS = """
+The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome.
+Once upon a time there was a small model that answered questions about the world.
+It knew numbers: one two three four five six seven eight nine ten, 0 1 2 3 4 5 6 7 8 9.
+Hello world! How are you today? I am fine, thank you. What is your name? My name is Fleet.
+A gateway translates requests into sampling parameters and sends each to the right engine.
+Beam search keeps the best few sequences at every step; sampling draws one token at random.
+""" * 20
+
+
+def write_tiny_model(out: Path, seed: int = 0) -> Path:
+    """Write a loadable Hugging Face Llama folder (config, tokenizer, safetensors) into `out`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[EOS, "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    vocab = tok.get_vocab_size()
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # logits with a spread of a few nats: distinct beams, non-degenerate sampling
+        model.model.embed_tokens.weight.normal_(0, 0.2)
+    model.save_pretrained(out, safe_serialization=True)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_tiny_model(Path(sys.argv[1])))
