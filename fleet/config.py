@@ -10,15 +10,28 @@ from __future__ import annotations
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fleet.errors import ConfigError
 
 DEFAULT_CONFIG = Path("fleet.toml")
 CPU_MEMORY_FRACTION = 0.3  # of one NUMA node: vLLM's CPU backend fails to start at 0.9
+CPU_KV_CACHE_GIB = 1.0  # an explicit size also skips vLLM's warm-up pass: a faster start
+GIB = 1 << 30
+
+
+def _not_bool(value: Any) -> Any:
+    """pydantic's lax mode reads `true` as 1; in a fleet file that is a typo, not a number."""
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not true/false")
+    return value
+
+
+# Lax (FLEET_ environment values arrive as strings) but never a TOML boolean.
+Int = Annotated[int, BeforeValidator(_not_bool)]
 
 
 class _Strict(BaseModel):
@@ -29,20 +42,27 @@ class GatewayConfig(_Strict):
     """Where the OpenAI-compatible gateway listens."""
 
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    port: Int = Field(8000, ge=1, le=65535)
 
 
 class SamplingDefaults(_Strict):
     """Per-model defaults for request fields the client leaves unset."""
 
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_disabled_or_positive(cls, top_k: int | None) -> int | None:
+        if top_k is not None and top_k != -1 and top_k < 1:
+            raise ValueError("top_k is -1 (disabled) or at least 1")
+        return top_k
 
 
 class ModelConfig(_Strict):
@@ -53,12 +73,18 @@ class ModelConfig(_Strict):
         min_length=1,
         description='Hugging Face id, local directory, `.gguf` file, or "default" (the packaged model)',
     )
-    gpus: list[int] = Field(default_factory=list, description="CUDA device ids; empty = CPU")
-    port: int = Field(ge=1, le=65535, description="the engine's port")
+    gpus: list[Int] = Field(default_factory=list, description="CUDA device ids; empty = CPU")
+    port: Int = Field(ge=1, le=65535, description="the engine's port")
     host: str = Field("127.0.0.1", description="the engine's listen address")
-    max_model_len: int | None = Field(None, ge=1)
+    max_model_len: Int | None = Field(None, ge=1)
     gpu_memory_utilization: float | None = Field(
         None, gt=0, le=1, description=f"default: 0.9 on GPUs, {CPU_MEMORY_FRACTION} on the CPU"
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description=f"KV cache size in GiB; wins over gpu_memory_utilization. CPU default: {CPU_KV_CACHE_GIB}"
+        " unless gpu_memory_utilization is set",
     )
     enforce_eager: bool | None = Field(
         None, description="default: true on the CPU (much faster start), false on GPUs"
@@ -95,6 +121,15 @@ class ModelConfig(_Strict):
         if self.gpu_memory_utilization is not None:
             return self.gpu_memory_utilization
         return CPU_MEMORY_FRACTION if self.on_cpu else 0.9
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """An explicit KV cache size for vLLM, or None to size it from memory_fraction."""
+        if self.kv_cache_gib is not None:
+            return int(self.kv_cache_gib * GIB)
+        if self.on_cpu and self.gpu_memory_utilization is None:
+            return int(CPU_KV_CACHE_GIB * GIB)
+        return None
 
     @property
     def eager(self) -> bool:
@@ -146,11 +181,14 @@ def load_config(path: Path | str = DEFAULT_CONFIG, **overrides: Any) -> FleetCon
     """Read, merge and validate a fleet file; raise ConfigError naming file, model and field."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        with path.open("rb") as f:  # TOML is UTF-8 whatever the locale says
+            raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise ConfigError(f"{path}: cannot read the fleet file: {e}") from None
     return parse_config(raw, path, **overrides)
 
 

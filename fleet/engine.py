@@ -28,6 +28,7 @@ from fleet.models import resolve
 
 log = logging.getLogger("fleet.engine")
 _request_decoder = protocol.decoder(protocol.GenerateRequest)
+MAX_LOGPROBS = 40
 
 
 class EngineService:
@@ -223,7 +224,10 @@ def build_engine(cfg: ModelConfig) -> Any:
         enforce_eager=cfg.eager,
         dtype=cfg.dtype,
         disable_log_stats=True,
+        max_logprobs=MAX_LOGPROBS,  # beam search asks for 2 * width alternatives per step
     )
+    if cfg.kv_cache_bytes is not None:
+        args["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
     args.update(cfg.engine_args)
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 

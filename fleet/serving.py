@@ -86,6 +86,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def _chosen_beams(results: list[PromptResult], n: int) -> list[Candidate]:
+    return [r.candidates[i] for r in results for i in sorted(r.candidates)[:n]]
+
+
 async def complete(backend: Backend, plan: CompletionPlan, model: str) -> bytes:
     """A whole, non-streamed text_completion as JSON bytes."""
     request_id = new_id("cmpl")
@@ -105,7 +109,10 @@ async def complete(backend: Backend, plan: CompletionPlan, model: str) -> bytes:
         for i, cand in enumerate(chosen):
             choices.append(completion_choice(p * plan.n + i, cand, plan, prompt_text, prompt_logprobs))
     prompt_tokens = sum(r.prompt_tokens for r in results)
-    completion_tokens = sum(r.completion_tokens for r in results)
+    if plan.beam:  # usage counts the beams returned, as vLLM 0.2.7 did
+        completion_tokens = sum(c.tokens for c in _chosen_beams(results, plan.n))
+    else:
+        completion_tokens = sum(r.completion_tokens for r in results)
     response = CompletionResponse(
         id=request_id,
         created=int(time.time()),

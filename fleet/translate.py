@@ -99,11 +99,11 @@ def sampling_type(use_beam_search: bool, temperature: float) -> SamplingType:
 
 
 def check_best_of(n: int, best_of: int, stream: bool) -> None:
-    """best_of >= n, and best_of cannot be streamed (OpenAI's rule)."""
+    """best_of >= n, and choosing among candidates (best_of > n) cannot be streamed (OpenAI's rule)."""
     if best_of < n:
         raise InvalidRequest(f"best_of must be >= n, got best_of={best_of} and n={n}", param="best_of")
-    if stream and best_of > 1:
-        raise InvalidRequest("best_of > 1 cannot be used with stream: true", param="best_of")
+    if stream and best_of > n:
+        raise InvalidRequest("best_of > n cannot be used with stream: true", param="best_of")
 
 
 def check_top_k(top_k: int) -> None:
@@ -174,9 +174,12 @@ def check_logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     if not bias:
         return None
     try:
-        return {int(k): float(v) for k, v in bias.items()}
+        parsed = {int(k): float(v) for k, v in bias.items()}
     except ValueError:
         raise InvalidRequest("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
+    if any(k < 0 for k in parsed):
+        raise InvalidRequest("logit_bias keys must be token ids >= 0", param="logit_bias")
+    return parsed
 
 
 def check_suffix(suffix: str | None) -> None:
@@ -208,6 +211,8 @@ def plan_completion(req: CompletionRequest, defaults: SamplingDefaults) -> Compl
     if kind is SamplingType.BEAM:
         early_stopping = req.early_stopping if req.early_stopping is not None else False
         check_beam_search(best_of, temperature, top_p, top_k, early_stopping)
+        if stream:  # beams are only final at the end (vLLM 0.2.7 never streamed them either)
+            raise InvalidRequest("use_beam_search cannot be used with stream: true", param="use_beam_search")
     else:
         check_not_beam_search(req.early_stopping, req.length_penalty)
     if kind is SamplingType.GREEDY:

@@ -58,15 +58,19 @@ def write_tiny_model(out: Path, seed: int = 0) -> Path:
         num_key_value_heads=1,
         head_dim=64,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # logits with a spread of a few nats: distinct beams, non-degenerate sampling
-        model.model.embed_tokens.weight.normal_(0, 0.2)
+    with torch.no_grad():
+        # Larger than the default init (0.02), so the output depends on the whole context and
+        # logits spread over a few nats: distinct beams, non-degenerate sampling.
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.5 if "embed" in name else 0.15)
     model.save_pretrained(out, safe_serialization=True)
     cfg = json.loads((out / "config.json").read_text())
     cfg["architectures"] = ["LlamaForCausalLM"]

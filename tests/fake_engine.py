@@ -1,0 +1,316 @@
+"""A fake engine: a real subprocess that speaks fleet's internal protocol, without vLLM or torch.
+
+Started like the real engine, ``python tests/fake_engine.py --model-json '<ModelConfig JSON>'``
+(`fake_command` builds that line, so tests run it through `Fleet(config, command=fake_command)`).
+
+Generation is deterministic. A "token" is a word: a text prompt has one token per
+whitespace-separated word, a token-id prompt one per id. Choice `i` of a request with
+`sampling.n == 1` produces `" w0 w1 w2 ..."`; with `n > 1` choice `i` produces
+`" c{i}w0 c{i}w1 ..."` (`w` is the model's `fake_word`, to tell models apart). One Delta per
+token, interleaved over the indexes; token ids count up from `TOKEN_ID_BASE`. A choice ends
+with "length" at max_tokens, or with "stop" where a stop string would appear (the text then
+ends just before it, as vLLM does). The context is `fake_max_model_len` (64) tokens:
+too long a prompt or max_tokens is an `Error(status=400, param=...)`, unless
+`clamp_max_tokens` shrinks max_tokens to the room left, as the real engine does.
+
+Logprobs: every token of choice `i` has logprob `token_logprob(i)`, a value that is NOT
+monotonic in `i` (0 -> -0.4, 1 -> -0.1, 2 -> -0.8, 3 -> -0.5, ...), so a test can check that
+best_of keeps the highest cumulative logprobs, not the lowest indexes. Like vLLM,
+`cumulative_logprob` is only sent when the request asks for logprobs.
+
+Misbehaviour comes from the model's `engine_args` table (fleet.toml's free pass-through dict):
+
+- ``fake_start_delay``: seconds during which /health answers 503 before it turns 200.
+- ``fake_exit_at_start``: print a few log lines, then exit with this code before ready.
+- ``fake_hang_at_start``: /health answers 503 for ever.
+- ``fake_ignore_sigterm``: ignore SIGTERM (the process, and a child spawned after it).
+- ``fake_crash_after_requests``: serve N /generate requests; die (`os._exit(70)`) on the next.
+- ``fake_token_delay``: seconds between two deltas.
+- ``fake_error_mid_stream``: send an Error frame (status 500) after k deltas.
+- ``fake_spawn_child``: spawn a grandchild that sleeps, like vLLM's EngineCore; ``"detach"``
+  puts it in its own session (a descendant that left the engine's process group).
+- ``fake_max_model_len`` and ``fake_word``: see above.
+
+``GET /fake/stats`` answers JSON ``{"pid", "children", "requests", "running", "aborted"}``:
+`aborted` counts /generate streams that ended because the client went away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make the fleet package importable
+    sys.path.insert(0, str(ROOT))
+
+from litestar import Litestar, Request, Response, get, post  # noqa: E402
+from litestar.response import Stream  # noqa: E402
+
+from fleet import protocol  # noqa: E402  (protocol and config never import vllm or torch)
+from fleet.config import ModelConfig  # noqa: E402
+
+FAKE_ENGINE = Path(__file__).resolve()
+TOKEN_ID_BASE = 1000
+PROMPT_ID_BASE = 500
+DEFAULT_MAX_MODEL_LEN = 64
+CRASH_EXIT_CODE = 70
+_request_decoder = protocol.decoder(protocol.GenerateRequest)
+
+
+def fake_command(cfg: ModelConfig) -> list[str]:
+    """The launcher's engine command for a fake engine (use as `Fleet(config, command=fake_command)`)."""
+    return [sys.executable, str(FAKE_ENGINE), "--model-json", cfg.model_dump_json()]
+
+
+# --- deterministic generation (tests import these to compute what to expect) ----------------
+
+
+def token_logprob(index: int) -> float:
+    """The logprob of every token of choice `index`: distinct for 0..9, not monotonic in `index`."""
+    return -(((index * 7 + 3) % 10) + 1) / 10
+
+
+def token_text(index: int, k: int, n: int, word: str = "w") -> str:
+    """The k-th token of choice `index` in a request sampling `n` choices."""
+    return f" {word}{k}" if n == 1 else f" c{index}{word}{k}"
+
+
+def expected_text(tokens: int, *, index: int = 0, n: int = 1, word: str = "w") -> str:
+    """The text of choice `index` after `tokens` tokens (no stop string)."""
+    return "".join(token_text(index, k, n, word) for k in range(tokens))
+
+
+def prompt_token_count(prompt: str | list[int]) -> int:
+    """Prompt tokens as the fake counts them: words of a text, or the ids given."""
+    return len(prompt.split()) if isinstance(prompt, str) else len(prompt)
+
+
+def prompt_ids_text(ids: Sequence[int]) -> str:
+    """The text the fake 'detokenizes' a token-id prompt into (sent in the Prompt frame for echo)."""
+    return "".join(f" t{i}" for i in ids)
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+class FakeEngine:
+    """State and generation of one fake engine process."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        args = cfg.engine_args
+        self.cfg = cfg
+        self.max_model_len = int(args.get("fake_max_model_len", DEFAULT_MAX_MODEL_LEN))
+        self.word = str(args.get("fake_word", "w"))
+        self.token_delay = float(args.get("fake_token_delay", 0.0))
+        self.error_after = args.get("fake_error_mid_stream")
+        self.crash_after = args.get("fake_crash_after_requests")
+        self.hang = bool(args.get("fake_hang_at_start", False))
+        self.ready_at = time.monotonic() + float(args.get("fake_start_delay", 0.0))
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.requests = 0
+        self.running = 0
+        self.aborted = 0
+
+    @property
+    def healthy(self) -> bool:
+        return not self.hang and time.monotonic() >= self.ready_at
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "children": [c.pid for c in self.children],
+            "requests": self.requests,
+            "running": self.running,
+            "aborted": self.aborted,
+        }
+
+    def info(self) -> protocol.EngineInfo:
+        return protocol.EngineInfo(
+            model=self.cfg.name, max_model_len=self.max_model_len, vocab_size=32000,
+            eos_token_id=2, vllm_version="fake", device="cpu",
+        )
+
+    def check(self, req: protocol.GenerateRequest) -> tuple[int, protocol.Error | None]:
+        """max_tokens after clamping, or the Error the real engine would send first."""
+        used = prompt_token_count(req.prompt)
+        room = self.max_model_len - used
+        if room <= 0:
+            return 0, protocol.Error(
+                f"the prompt has {used} tokens, which fills the model's context of {self.max_model_len} tokens",
+                status=400, param="prompt",
+            )
+        max_tokens = req.sampling.max_tokens
+        if max_tokens > room:
+            if not req.sampling.clamp_max_tokens:
+                return 0, protocol.Error(
+                    f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                    f"{used} tokens, so max_tokens can be at most {room}, got {max_tokens}",
+                    status=400, param="max_tokens",
+                )
+            max_tokens = room
+        return max_tokens, None
+
+    def prompt_frame(self, req: protocol.GenerateRequest) -> protocol.Prompt:
+        if isinstance(req.prompt, str):
+            ids = [PROMPT_ID_BASE + j for j in range(prompt_token_count(req.prompt))]
+            text, tokens = req.prompt, [f" {w}" for w in req.prompt.split()]
+        else:
+            ids = list(req.prompt)
+            text, tokens = prompt_ids_text(ids), [f" t{i}" for i in ids]
+        logprobs = None
+        if req.sampling.prompt_logprobs is not None:  # vLLM: no logprob for the first prompt token
+            logprobs = [protocol.TokenLogprob(t, None if j == 0 else -1.0, None if j == 0 else [(t, -1.0)])
+                        for j, t in enumerate(tokens)]
+        return protocol.Prompt(token_ids=ids, text=text if req.echo else None, logprobs=logprobs)
+
+    async def frames(self, req: protocol.GenerateRequest) -> AsyncIterator[bytes]:
+        """Prompt, Deltas (one token each, interleaved over indexes), then Done or Error."""
+        max_tokens, error = self.check(req)
+        if error is not None:
+            yield protocol.encode_frame(error)
+            return
+        self.running += 1
+        finished = False
+        try:
+            yield protocol.encode_frame(self.prompt_frame(req))
+            s = req.sampling
+            texts = [""] * s.n
+            done = [False] * s.n
+            produced = deltas = 0
+            for k in range(max_tokens):
+                for i in range(s.n):
+                    if done[i]:
+                        continue
+                    if self.token_delay and deltas:
+                        await asyncio.sleep(self.token_delay)
+                    if self.error_after is not None and deltas >= int(self.error_after):
+                        yield protocol.encode_frame(
+                            protocol.Error(f"fake engine failure after {deltas} deltas", status=500)
+                        )
+                        finished = True
+                        return
+                    token = token_text(i, k, s.n, self.word)
+                    before = texts[i]
+                    texts[i] += token
+                    reason: protocol.FinishReason | None = "length" if k == max_tokens - 1 else None
+                    piece = token
+                    hits = [texts[i].find(stop) for stop in s.stop if stop in texts[i]]
+                    if hits:
+                        texts[i] = texts[i][: min(hits)]
+                        piece, reason = texts[i][len(before):], "stop"
+                    if reason is not None:
+                        done[i] = True
+                    produced += 1
+                    deltas += 1
+                    yield protocol.encode_frame(self.delta(i, k, piece, reason, s.logprobs))
+            yield protocol.encode_frame(
+                protocol.Done(prompt_tokens=prompt_token_count(req.prompt), completion_tokens=produced)
+            )
+            finished = True
+        finally:
+            self.running -= 1
+            if not finished:
+                self.aborted += 1
+
+    def delta(self, index: int, k: int, text: str, reason: protocol.FinishReason | None,
+              logprobs: int | None) -> protocol.Delta:
+        token_id = TOKEN_ID_BASE + k
+        if logprobs is None:
+            return protocol.Delta(index=index, text=text, token_ids=[token_id], finish_reason=reason)
+        lp = token_logprob(index)
+        token = text or " "
+        top = [(token, lp)] + [(f" alt{j}", lp - j) for j in range(1, logprobs + 1)]
+        return protocol.Delta(
+            index=index, text=text, token_ids=[token_id],
+            logprobs=[protocol.TokenLogprob(token, lp, top)],
+            finish_reason=reason, cumulative_logprob=round(lp * (k + 1), 6),
+        )
+
+
+def create_fake_app(engine: FakeEngine) -> Litestar:
+    """The internal-protocol app of the fake engine (same shape as fleet.engine.create_engine_app)."""
+    info_body = protocol.encode(engine.info())
+
+    @get("/health", sync_to_thread=False)
+    def health() -> Response[bytes]:
+        ok = engine.healthy
+        return Response(b"ok" if ok else b"loading", status_code=200 if ok else 503)
+
+    @get("/info", sync_to_thread=False)
+    def info() -> Response[bytes]:
+        return Response(info_body, media_type="application/msgpack")
+
+    @get("/fake/stats", sync_to_thread=False)
+    def stats() -> dict[str, Any]:
+        return engine.stats()
+
+    @post("/generate", status_code=200)
+    async def generate(request: Request) -> Stream:
+        req = _request_decoder.decode(await request.body())
+        if engine.crash_after is not None and engine.requests >= int(engine.crash_after):
+            print(f"fake engine {engine.cfg.name}: crashing on request {engine.requests + 1}", flush=True)
+            os._exit(CRASH_EXIT_CODE)
+        engine.requests += 1
+        return Stream(engine.frames(req), media_type=protocol.CONTENT_TYPE)
+
+    return Litestar([health, info, stats, generate], openapi_config=None, logging_config=None)
+
+
+def spawn_child(mode: Any) -> subprocess.Popen[bytes]:
+    """A grandchild of the launcher that does nothing for a while (bounded, should a test leak it)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(300)"],
+        start_new_session=(mode == "detach"),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fake_engine.py", description=__doc__)
+    parser.add_argument("--model-json", required=True)
+    ns = parser.parse_args(argv)
+    cfg = ModelConfig.model_validate_json(ns.model_json)
+    args = cfg.engine_args
+    name = cfg.name
+    print(f"fake engine {name}: loading (pid {os.getpid()})", flush=True)
+    if (code := args.get("fake_exit_at_start")) is not None:
+        print(f"fake engine {name}: reading weights", flush=True)
+        print(f"fake engine {name}: RuntimeError: simulated start failure (exit {code})", flush=True)
+        sys.exit(int(code))
+    ignore_sigterm = bool(args.get("fake_ignore_sigterm", False))
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by a child spawned below
+    engine = FakeEngine(cfg)
+    if mode := args.get("fake_spawn_child"):
+        child = spawn_child(mode)
+        engine.children.append(child)
+        print(f"fake engine {name}: spawned child pid {child.pid} ({mode})", flush=True)
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            # uvicorn would install its own SIGTERM handler over the SIG_IGN set above
+            return contextlib.nullcontext() if ignore_sigterm else super().capture_signals()
+
+    server = Server(uvicorn.Config(
+        create_fake_app(engine), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+        timeout_graceful_shutdown=2,
+    ))
+    print(f"fake engine {name}: serving on {cfg.host}:{cfg.port}", flush=True)
+    asyncio.run(server.serve())
+    print(f"fake engine {name}: stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

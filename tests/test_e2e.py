@@ -1,0 +1,135 @@
+"""End to end: the real launcher starts real vLLM CPU engines; real clients talk to the gateway."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+from conftest import TINY, FleetProcess, Fleets, fleet_toml, free_port
+
+pytestmark = pytest.mark.e2e
+
+def test_default_model_answers_paris(default: openai.OpenAI) -> None:
+    r = default.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert r.choices[0].text.startswith(" Paris")
+    assert r.model == "smollm2"
+    assert r.id.startswith("cmpl-")
+    assert r.usage is not None and r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 8
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_models_lists_every_model_ready(fleets: Fleets, tiny: openai.OpenAI) -> None:
+    models = {m.id: m for m in tiny.models.list().data}
+    assert set(models) == {"tiny-a", "tiny-b"}
+    assert all(m.model_extra["state"] == "ready" for m in models.values())
+
+
+def test_requests_are_routed_by_model_name(tiny: openai.OpenAI) -> None:
+    """Two models with different weights give different greedy text for the same prompt."""
+    kw = dict(prompt="Hello world", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    a1 = tiny.completions.create(model="tiny-a", **kw)
+    a2 = tiny.completions.create(model="tiny-a", **kw)
+    b = tiny.completions.create(model="tiny-b", **kw)
+    assert a1.choices[0].text == a2.choices[0].text  # greedy is deterministic
+    assert a1.choices[0].text != b.choices[0].text
+    assert (a1.model, b.model) == ("tiny-a", "tiny-b")
+    assert a1.usage.completion_tokens == b.usage.completion_tokens == 12
+
+
+def test_prompt_list_and_n_order_choices_by_prompt_then_sample(tiny: openai.OpenAI) -> None:
+    r = tiny.completions.create(
+        model="tiny-a", prompt=["Hello", "The capital"], n=3, max_tokens=4, temperature=1.0, seed=7
+    )
+    assert [c.index for c in r.choices] == list(range(6))
+    single = tiny.completions.create(model="tiny-a", prompt="The capital", n=3, max_tokens=4, temperature=1.0, seed=7)
+    assert [c.text for c in r.choices[3:]] == [c.text for c in single.choices]
+
+
+def test_same_seed_gives_same_output(tiny: openai.OpenAI) -> None:
+    kw = dict(model="tiny-b", prompt="Once upon a time", max_tokens=10, temperature=1.0)
+    texts = {tiny.completions.create(seed=42, **kw).choices[0].text for _ in range(2)}
+    assert len(texts) == 1
+
+
+def test_stop_string_ends_text_before_it(tiny: openai.OpenAI) -> None:
+    full = tiny.completions.create(model="tiny-a", prompt="Hello", max_tokens=20, temperature=0,
+                                   extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2:][:3]
+    assert stop.strip(), full
+    r = tiny.completions.create(model="tiny-a", prompt="Hello", max_tokens=20, temperature=0, stop=[stop],
+                                extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[: full.index(stop)]
+
+
+def test_streaming_matches_non_streaming_and_ends_with_usage(tiny: openai.OpenAI) -> None:
+    kw = dict(model="tiny-a", prompt="Hello world", max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    whole = tiny.completions.create(**kw)
+    chunks = list(tiny.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_raw_stream_ends_with_done(fleets: Fleets, tiny: openai.OpenAI) -> None:
+    url = fleets.ready("tiny").url + "/v1/completions"
+    body = {"model": "tiny-b", "prompt": "Hi", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+def test_prompt_longer_than_context_is_400_naming_max_tokens(tiny: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny.completions.create(model="tiny-a", prompt="Hello", max_tokens=600)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny.completions.create(model="tiny-a", prompt="Hello " * 600, max_tokens=5)
+    assert e.value.body["param"] == "prompt"
+
+
+def test_unknown_model_is_404(tiny: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as e:
+        tiny.completions.create(model="nope", prompt="Hi")
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_langchain_openai_llm_generates_for_each_prompt(fleets: Fleets, tiny: openai.OpenAI) -> None:
+    from langchain_openai import OpenAI as LangChainOpenAI
+
+    llm = LangChainOpenAI(model="tiny-b", base_url=fleets.ready("tiny").url + "/v1", api_key="x",
+                          max_tokens=6, temperature=0, max_retries=0)
+    result = llm.generate(["Hello", "The capital of"])
+    assert len(result.generations) == 2
+    assert all(g[0].text for g in result.generations)
+    assert result.llm_output["token_usage"]["completion_tokens"] > 0
+
+
+def test_launcher_stop_leaves_no_process(tmp_path: Path, cache_dir: Path, tiny_model: Path) -> None:
+    port = free_port()
+    (tmp_path / "fleet.toml").write_text(
+        fleet_toml([{"name": "solo", "source": str(tiny_model), "port": free_port(), **TINY}], port)
+    )
+    fleet = FleetProcess(tmp_path / "fleet.toml", port, tmp_path / "launcher.log")
+    family: list[psutil.Process] = []
+    try:
+        fleet.wait_ready(600)
+        family = fleet.descendants()
+        assert len(family) >= 2, "the engine and vLLM's own EngineCore"
+        assert fleet.stop() == 0
+        gone, alive = psutil.wait_procs(family, timeout=5)
+        assert alive == []
+    finally:
+        fleet.kill()
+        for p in family:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
