@@ -17,15 +17,16 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
-from fleet import serving
+from fleet import chat, completions
 from fleet.errors import FleetError, InvalidRequest
 from fleet.routing import Backend, route
-from fleet.schemas import CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList
-from fleet.translate import plan_completion
+from fleet.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList
+from fleet.translate import plan_chat, plan_completion
 
 log = logging.getLogger("fleet.gateway")
 _json = msgspec.json.Encoder()
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
+_chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -87,16 +88,26 @@ def list_models(state: State) -> Response[bytes]:
     return Response(_json.encode(ModelList(cards)), media_type=JSON)
 
 
-@post("/v1/completions", status_code=200)
-async def completions(request: Request, state: State) -> Response[bytes] | Stream:
+@post("/v1/completions", status_code=200, name="completions")
+async def completions_route(request: Request, state: State) -> Response[bytes] | Stream:
     """OpenAI's legacy completions: parse, route, plan, run."""
     req: CompletionRequest = decode_request(await request.body(), _completion_decoder)  # type: ignore[assignment]
     backend = route(state.backends, req.model)
     plan = plan_completion(req, backend.config.defaults)
     if plan.stream:
-        body = await serving.open_stream(backend, plan, req.model)
-        return Stream(body, media_type="text/event-stream", headers=SSE_HEADERS)
-    return Response(await serving.complete(backend, plan, req.model), media_type=JSON)
+        return Stream(await completions.stream(backend, plan, req.model), media_type="text/event-stream", headers=SSE_HEADERS)
+    return Response(await completions.complete(backend, plan, req.model), media_type=JSON)
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request, state: State) -> Response[bytes] | Stream:
+    """OpenAI's chat completions: the engine renders the messages with the model's chat template."""
+    req: ChatCompletionRequest = decode_request(await request.body(), _chat_decoder)  # type: ignore[assignment]
+    backend = route(state.backends, req.model)
+    plan = plan_chat(req, backend.config.defaults)
+    if plan.stream:
+        return Stream(await chat.stream(backend, plan, req.model), media_type="text/event-stream", headers=SSE_HEADERS)
+    return Response(await chat.complete(backend, plan, req.model), media_type=JSON)
 
 
 def create_app(backends: Mapping[str, Backend]) -> Litestar:
@@ -107,7 +118,7 @@ def create_app(backends: Mapping[str, Backend]) -> Litestar:
             await b.client.close()
 
     return Litestar(
-        route_handlers=[health, list_models, completions],
+        route_handlers=[health, list_models, completions_route, chat_completions],
         state=State({"backends": backends, "started": int(time.time())}),
         exception_handlers={
             FleetError: _fleet_error_handler,

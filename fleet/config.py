@@ -94,6 +94,9 @@ class ModelConfig(_Strict):
         default_factory=dict, description="passed through to vLLM's AsyncEngineArgs"
     )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template file, for a model whose tokenizer has none (or to replace it)"
+    )
     start_timeout: float = Field(600.0, gt=0, description="seconds until a loading engine counts as failed")
 
     @field_validator("gpus")
@@ -104,6 +107,13 @@ class ModelConfig(_Strict):
         if len(set(gpus)) != len(gpus):
             raise ValueError("a GPU id is listed twice")
         return gpus
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_is_a_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"chat template file not found: {path}")
+        return path
 
     @property
     def on_cpu(self) -> bool:

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
@@ -34,11 +35,13 @@ MAX_LOGPROBS = 40
 class EngineService:
     """Turns protocol requests into vLLM calls and vLLM outputs into protocol frames."""
 
-    def __init__(self, engine: Any, name: str) -> None:
+    def __init__(self, engine: Any, name: str, chat_template: str | None = None) -> None:
         from vllm import __version__ as vllm_version
 
         self.engine = engine
+        self.name = name
         self.tokenizer = engine.get_tokenizer()
+        self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
         model_config = engine.model_config
         self.max_model_len: int = model_config.max_model_len
         self.vocab_size: int = model_config.get_vocab_size()
@@ -49,6 +52,7 @@ class EngineService:
             eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
             vllm_version=vllm_version,
             device=str(engine.vllm_config.device_config.device_type),
+            chat_template=self.chat_template is not None,
         )
 
     @property
@@ -60,6 +64,8 @@ class EngineService:
         """The prompt as token ids, checked against the vocabulary and the context length."""
         if isinstance(req.prompt, str):
             ids = self.tokenizer.encode(req.prompt)
+        elif isinstance(req.prompt, protocol.Chat):
+            ids = self.tokenizer.encode(self.render_chat(req.prompt), add_special_tokens=False)
         else:
             ids = req.prompt
             if bad := [i for i in ids if i >= self.vocab_size]:
@@ -79,11 +85,34 @@ class EngineService:
             )
         return ids
 
+    def render_chat(self, chat: protocol.Chat) -> str:
+        """The conversation as prompt text, through the model's chat template."""
+        if self.chat_template is None:
+            raise RequestRejected(
+                f"model {self.name!r} has no chat template; set chat_template in fleet.toml or use /v1/completions",
+                "messages",
+            )
+        try:
+            return self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in chat.messages],
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=chat.add_generation_prompt and not chat.continue_final_message,
+                continue_final_message=chat.continue_final_message,
+            )
+        except Exception as e:  # noqa: BLE001 - a template that rejects these messages
+            raise RequestRejected(f"the chat template cannot render these messages: {e}", "messages") from None
+
     def sampling_params(self, s: protocol.SamplingParams, room: int) -> Any:
         """vLLM SamplingParams for one request, streaming deltas."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        structured = None
+        if s.json_schema is not None:
+            structured = StructuredOutputsParams(json=s.json_schema)
+        elif s.json_object:
+            structured = StructuredOutputsParams(json_object=True)
         return SamplingParams(
             n=s.n,
             max_tokens=min(s.max_tokens, room),
@@ -102,6 +131,7 @@ class EngineService:
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs,
             prompt_logprobs=s.prompt_logprobs,
+            structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -245,7 +275,8 @@ async def serve(cfg: ModelConfig) -> None:
 
     started = time.monotonic()
     engine = build_engine(cfg)
-    service = EngineService(engine, cfg.name)
+    template = Path(cfg.chat_template).expanduser().read_text() if cfg.chat_template else None
+    service = EngineService(engine, cfg.name, template)
     server = uvicorn.Server(
         uvicorn.Config(create_engine_app(service), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
     )

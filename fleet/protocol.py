@@ -48,6 +48,8 @@ class SamplingParams(_Message):
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    json_schema: str | None = None  # structured output: a JSON schema, as JSON text
+    json_object: bool = False  # structured output: any JSON object
 
 
 class BeamSearch(_Message):
@@ -58,11 +60,26 @@ class BeamSearch(_Message):
     early_stopping: bool | Literal["never"] = False
 
 
+class ChatMessage(_Message, array_like=True):
+    """One message of a conversation, already reduced to text."""
+
+    role: str
+    content: str
+
+
+class Chat(_Message):
+    """A conversation the engine renders with the model's chat template."""
+
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
 class GenerateRequest(_Message):
-    """One prompt, as text or token ids, and how to continue it."""
+    """One prompt, as text, token ids or a conversation, and how to continue it."""
 
     request_id: str
-    prompt: str | list[int]
+    prompt: str | list[int] | Chat
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     beam: BeamSearch | None = None
     echo: bool = False  # send the prompt's text back in the Prompt frame
@@ -122,6 +139,7 @@ class EngineInfo(_Message):
     eos_token_id: int | None
     vllm_version: str
     device: str
+    chat_template: bool = False  # whether /generate accepts a Chat prompt
 
 
 _encoder = msgspec.msgpack.Encoder()

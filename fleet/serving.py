@@ -1,8 +1,10 @@
-"""The work behind /v1/completions: run a plan on an engine, shape the answer or the SSE stream.
+"""The work behind both generation routes: run a plan on an engine, collect it or stream it.
 
-One engine request per prompt, all in flight at once. Streaming responses wait for each
-prompt's first frame before sending headers, so errors the engine finds up front (a prompt
-longer than the context, say) are still plain HTTP 400s rather than events in a 200 stream.
+One engine request per prompt, all in flight at once. The shape of what the client gets
+(text_completion or chat.completion objects) belongs to a `Shaper` (completions.py, chat.py);
+this module only knows frames. Streaming responses wait for each prompt's first frame before
+sending headers, so errors the engine finds up front (a prompt longer than the context, say)
+are still plain HTTP 400s rather than events in a 200 stream.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 
 from fleet import protocol
 from fleet.errors import EngineFailure, FleetError, InvalidRequest
 from fleet.routing import Backend
-from fleet.schemas import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage
-from fleet.translate import Candidate, CompletionPlan, best, completion_choice, completion_logprobs, finish_reason
+from fleet.schemas import Usage
+from fleet.translate import Candidate, Plan, best
 
 _json = msgspec.json.Encoder()
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -43,7 +46,12 @@ def raise_for_frame(frame: protocol.Error) -> None:
     raise EngineFailure(frame.message)
 
 
-def engine_requests(plan: CompletionPlan, request_id: str) -> list[protocol.GenerateRequest]:
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def engine_requests(plan: Plan, request_id: str) -> list[protocol.GenerateRequest]:
     """One engine request per prompt."""
     return [
         protocol.GenerateRequest(
@@ -51,6 +59,9 @@ def engine_requests(plan: CompletionPlan, request_id: str) -> list[protocol.Gene
         )
         for p, prompt in enumerate(plan.prompts)
     ]
+
+
+# --- whole responses --------------------------------------------------------------------------
 
 
 @dataclass
@@ -61,6 +72,11 @@ class PromptResult:
     candidates: dict[int, Candidate] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    def chosen(self, plan: Plan) -> list[Candidate]:
+        """The n choices to return: the first n beams (best first), or best_of's top n."""
+        ranked = [self.candidates[i] for i in sorted(self.candidates)]
+        return ranked[: plan.n] if plan.beam else best(ranked, plan.n)
 
 
 async def run_prompt(backend: Backend, req: protocol.GenerateRequest) -> PromptResult:
@@ -81,63 +97,37 @@ async def run_prompt(backend: Backend, req: protocol.GenerateRequest) -> PromptR
     return result
 
 
-def new_id(prefix: str) -> str:
-    """An OpenAI-style object id."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def _chosen_beams(results: list[PromptResult], n: int) -> list[Candidate]:
-    return [r.candidates[i] for r in results for i in sorted(r.candidates)[:n]]
-
-
-async def complete(backend: Backend, plan: CompletionPlan, model: str) -> bytes:
-    """A whole, non-streamed text_completion as JSON bytes."""
-    request_id = new_id("cmpl")
+async def collect(backend: Backend, plan: Plan, request_id: str) -> list[PromptResult]:
+    """Run every prompt of the plan to its end, concurrently."""
     reqs = engine_requests(plan, request_id)
     if len(reqs) == 1:
-        results = [await run_prompt(backend, reqs[0])]
-    else:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(run_prompt(backend, r)) for r in reqs]
-        results = [t.result() for t in tasks]
-    choices: list[CompletionChoice] = []
-    for p, (prompt, result) in enumerate(zip(plan.prompts, results)):
-        ranked = [result.candidates[i] for i in sorted(result.candidates)]
-        chosen = ranked[: plan.n] if plan.beam else best(ranked, plan.n)
-        prompt_text = prompt if isinstance(prompt, str) else (result.prompt.text if result.prompt else "") or ""
-        prompt_logprobs = result.prompt.logprobs if result.prompt else None
-        for i, cand in enumerate(chosen):
-            choices.append(completion_choice(p * plan.n + i, cand, plan, prompt_text, prompt_logprobs))
+        return [await run_prompt(backend, reqs[0])]
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(run_prompt(backend, r)) for r in reqs]
+    return [t.result() for t in tasks]
+
+
+def usage(results: list[PromptResult], plan: Plan) -> Usage:
+    """Token counts; beam search counts the beams returned, as vLLM 0.2.7 did."""
     prompt_tokens = sum(r.prompt_tokens for r in results)
-    if plan.beam:  # usage counts the beams returned, as vLLM 0.2.7 did
-        completion_tokens = sum(c.tokens for c in _chosen_beams(results, plan.n))
+    if plan.beam:
+        completion_tokens = sum(c.tokens for r in results for c in r.chosen(plan))
     else:
         completion_tokens = sum(r.completion_tokens for r in results)
-    response = CompletionResponse(
-        id=request_id,
-        created=int(time.time()),
-        model=model,
-        choices=choices,
-        usage=Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens),
-    )
-    return _json.encode(response)
+    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
 
 
-class _Chunk(msgspec.Struct):
-    id: str
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    object: str = "text_completion"
+# --- streams ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _StreamChoice:
-    """Per-choice streaming state: whether the echo was sent, and the running text offset."""
+class Shaper(Protocol):
+    """Turns engine deltas into one API's stream events (SSE bytes, one or more events)."""
 
-    started: bool = False
-    offset: int = 0
+    def delta(self, index: int, frame: protocol.Delta, prompt: protocol.Prompt | None, prompt_index: int) -> bytes:
+        """The event(s) for one Delta of choice `index`."""
+
+    def usage(self, usage: Usage) -> bytes:
+        """The final usage event (stream_options.include_usage)."""
 
 
 async def _first(gen: AsyncIterator[protocol.Frame]) -> protocol.Frame:
@@ -147,16 +137,21 @@ async def _first(gen: AsyncIterator[protocol.Frame]) -> protocol.Frame:
     return frame
 
 
-async def open_stream(backend: Backend, plan: CompletionPlan, model: str) -> AsyncIterator[bytes]:
-    """Start a streamed completion; raises before any byte is sent if an engine refuses it."""
-    request_id = new_id("cmpl")
+async def open_stream(backend: Backend, plan: Plan, shaper: Shaper, request_id: str) -> AsyncIterator[bytes]:
+    """Start a streamed response; raises before any byte is sent if an engine refuses the request."""
     gens = [backend.client.generate(r) for r in engine_requests(plan, request_id)]
     try:
         firsts = await asyncio.gather(*(_first(g) for g in gens))
     except BaseException:
         await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
         raise
-    return _stream_body(gens, firsts, plan, model, request_id)
+    return _stream_body(_merge([_prefixed(f, g) for f, g in zip(firsts, gens)]), plan, shaper)
+
+
+async def _prefixed(first: protocol.Frame, gen: AsyncIterator[protocol.Frame]) -> AsyncIterator[protocol.Frame]:
+    yield first
+    async for frame in gen:
+        yield frame
 
 
 async def _merge(gens: list[AsyncIterator[protocol.Frame]]) -> AsyncIterator[tuple[int, protocol.Frame]]:
@@ -192,44 +187,15 @@ async def _merge(gens: list[AsyncIterator[protocol.Frame]]) -> AsyncIterator[tup
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _prefixed(first: protocol.Frame, gen: AsyncIterator[protocol.Frame]) -> AsyncIterator[protocol.Frame]:
-    yield first
-    async for frame in gen:
-        yield frame
-
-
 async def _stream_body(
-    gens: list[AsyncIterator[protocol.Frame]],
-    firsts: list[protocol.Frame],
-    plan: CompletionPlan,
-    model: str,
-    request_id: str,
+    frames: AsyncIterator[tuple[int, protocol.Frame]], plan: Plan, shaper: Shaper
 ) -> AsyncIterator[bytes]:
-    created = int(time.time())
     prompts: dict[int, protocol.Prompt] = {}
-    states: dict[int, _StreamChoice] = {}
     prompt_tokens = completion_tokens = 0
     try:
-        async for p, frame in _merge([_prefixed(f, g) for f, g in zip(firsts, gens)]):
+        async for p, frame in frames:
             if isinstance(frame, protocol.Delta):
-                index = p * plan.n + frame.index
-                state = states.get(index)
-                if state is None:
-                    state = states[index] = _StreamChoice()
-                text, entries = frame.text, frame.logprobs or []
-                if not state.started:
-                    state.started = True
-                    if plan.echo:
-                        prompt = plan.prompts[p]
-                        pf = prompts.get(p)
-                        text = (prompt if isinstance(prompt, str) else (pf.text if pf else "") or "") + text
-                        entries = list((pf.logprobs if pf else None) or []) + entries
-                logprobs: CompletionLogprobs | None = None
-                if plan.logprobs is not None:
-                    logprobs = completion_logprobs(entries, plan.logprobs, state.offset)
-                    state.offset = logprobs.text_offset[-1] + len(logprobs.tokens[-1]) if logprobs.tokens else state.offset
-                choice = CompletionChoice(index, text, logprobs, finish_reason(frame.finish_reason))  # type: ignore[arg-type]
-                yield sse(_json.encode(_Chunk(request_id, created, model, [choice])))
+                yield shaper.delta(p * plan.n + frame.index, frame, prompts.get(p), p)
             elif isinstance(frame, protocol.Prompt):
                 prompts[p] = frame
             elif isinstance(frame, protocol.Done):
@@ -242,6 +208,10 @@ async def _stream_body(
         yield DONE_EVENT
         return
     if plan.include_usage:
-        usage = Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
-        yield sse(_json.encode(_Chunk(request_id, created, model, [], usage)))
+        yield shaper.usage(Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens))
     yield DONE_EVENT
+
+
+def created() -> int:
+    """The `created` timestamp of a response."""
+    return int(time.time())

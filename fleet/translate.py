@@ -1,7 +1,6 @@
 """Pure functions: an OpenAI request -> engine requests, and engine output -> OpenAI objects.
 
-The sampling rules are vLLM 0.2.7's (the seed's), checked in that order, before any engine
-sees the request. Precedence for a field the client leaves unset (or sends as null) is
+Every rule (rules.py) is checked here, before any engine sees the request. Precedence for a field the client leaves unset (or sends as null) is
 written once, in `pick`: user value -> the model's default from fleet.toml -> OpenAI's default.
 
 Decision: an *unset* field never breaks a rule. Beam search needs temperature 0, so with
@@ -10,25 +9,48 @@ Decision: an *unset* field never breaks a rule. Beam search needs temperature 0,
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar, Union
+
+import msgspec
 
 from fleet import protocol
 from fleet.config import SamplingDefaults
 from fleet.errors import InvalidRequest
-from fleet.schemas import CompletionChoice, CompletionLogprobs, CompletionRequest
+from fleet.rules import (
+    SamplingType,
+    check_beam_search,
+    check_best_of,
+    check_chat_logprobs,
+    check_greedy,
+    check_logit_bias,
+    check_messages,
+    check_not_beam_search,
+    check_prompt,
+    check_response_format,
+    check_stop,
+    check_stream_options,
+    check_suffix,
+    check_tools,
+    check_top_k,
+    sampling_type,
+)
+from fleet.schemas import (
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    SamplingRequest,
+    TopLogprob,
+)
 
-SAMPLING_EPS = 1e-5
-DEFAULT_MAX_TOKENS = 16
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+CHAT_MAX_TOKENS = 2**31 - 1  # chat's default: whatever room the context leaves
+_json = msgspec.json.Encoder()
 
 T = TypeVar("T")
-
-
-class SamplingType(enum.Enum):
-    BEAM = "beam"
-    GREEDY = "greedy"
-    RANDOM = "random"
 
 
 def pick(user: T | None, model_default: T | None, openai_default: T) -> T:
@@ -40,11 +62,14 @@ def pick(user: T | None, model_default: T | None, openai_default: T) -> T:
     return openai_default
 
 
-@dataclass(frozen=True)
-class CompletionPlan:
-    """Everything the gateway does for one /v1/completions request."""
+Prompt = Union[str, list[int], protocol.Chat]
 
-    prompts: list[str | list[int]]
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the gateway does for one completions or chat request."""
+
+    prompts: list[Prompt]
     sampling: protocol.SamplingParams  # n here is the number of candidates the engine samples
     beam: protocol.BeamSearch | None
     n: int  # choices returned per prompt
@@ -53,152 +78,22 @@ class CompletionPlan:
     stream: bool
     include_usage: bool
 
-    @property
-    def candidates(self) -> int:
-        """Sequences generated per prompt (best_of, or the beam width)."""
-        return self.beam.width if self.beam else self.sampling.n
-
-
-# --- rules ---------------------------------------------------------------------------------
-
-
-def check_prompt(prompt: str | list[Any]) -> list[str | list[int]]:
-    """A prompt is a string, strings, token ids, or lists of token ids; never empty."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise InvalidRequest("prompt must not be an empty list", param="prompt")
-    if all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    if all(isinstance(p, int) for p in prompt):
-        return [_check_token_ids(prompt)]
-    if all(isinstance(p, list) for p in prompt):
-        return [_check_token_ids(p) for p in prompt]
-    raise InvalidRequest(
-        "prompt must be a string, a list of strings, a list of token ids or a list of "
-        "token-id lists, not a mix",
-        param="prompt",
-    )
-
-
-def _check_token_ids(ids: list[int]) -> list[int]:
-    if not ids:
-        raise InvalidRequest("a token-id prompt must not be empty", param="prompt")
-    if any(i < 0 for i in ids):
-        raise InvalidRequest("token ids must be >= 0", param="prompt")
-    return ids
-
-
-def sampling_type(use_beam_search: bool, temperature: float) -> SamplingType:
-    """beam -> greedy -> random, decided in that order (vLLM 0.2.7)."""
-    if use_beam_search:
-        return SamplingType.BEAM
-    if temperature < SAMPLING_EPS:
-        return SamplingType.GREEDY
-    return SamplingType.RANDOM
-
-
-def check_best_of(n: int, best_of: int, stream: bool) -> None:
-    """best_of >= n, and choosing among candidates (best_of > n) cannot be streamed (OpenAI's rule)."""
-    if best_of < n:
-        raise InvalidRequest(f"best_of must be >= n, got best_of={best_of} and n={n}", param="best_of")
-    if stream and best_of > n:
-        raise InvalidRequest("best_of > n cannot be used with stream: true", param="best_of")
-
-
-def check_top_k(top_k: int) -> None:
-    """top_k is -1 (disabled) or at least 1."""
-    if top_k != -1 and top_k < 1:
-        raise InvalidRequest(f"top_k must be -1 (disable) or at least 1, got {top_k}", param="top_k")
-
-
-def check_beam_search(
-    best_of: int, temperature: float, top_p: float, top_k: int, early_stopping: bool | str
-) -> None:
-    """Beam search: best_of (the beam width) > 1, temperature 0, top_p 1, top_k -1."""
-    if best_of <= 1:
-        raise InvalidRequest(
-            f"best_of (the beam width) must be greater than 1 when using beam search, got {best_of}",
-            param="best_of",
-        )
-    if temperature > SAMPLING_EPS:
-        raise InvalidRequest("temperature must be 0 when using beam search", param="temperature")
-    if top_p < 1.0 - SAMPLING_EPS:
-        raise InvalidRequest("top_p must be 1 when using beam search", param="top_p")
-    if top_k != -1:
-        raise InvalidRequest("top_k must be -1 when using beam search", param="top_k")
-    if early_stopping not in (True, False, "never"):
-        raise InvalidRequest(
-            f'early_stopping must be true, false or "never", got {early_stopping!r}', param="early_stopping"
-        )
-
-
-def check_not_beam_search(early_stopping: bool | str | None, length_penalty: float | None) -> None:
-    """Without beam search, early_stopping must be false and length_penalty 1."""
-    if early_stopping not in (None, False):
-        raise InvalidRequest("early_stopping is not effective and must be false when not using beam search", param="early_stopping")
-    if length_penalty is not None and abs(length_penalty - 1.0) > SAMPLING_EPS:
-        raise InvalidRequest(
-            "length_penalty is not effective and must be the default value of 1 when not using beam search",
-            param="length_penalty",
-        )
-
-
-def check_greedy(best_of: int, n: int) -> None:
-    """Greedy sampling (temperature 0) gives one answer: best_of must be 1."""
-    if best_of > 1:
-        which = "best_of" if best_of != n else "n"
-        raise InvalidRequest(
-            f"best_of must be 1 when using greedy sampling (temperature 0), got {which}={best_of}; "
-            "raise the temperature to get several different completions",
-            param=which,
-        )
-
-
-def check_stream_options(stream: bool, has_options: bool) -> None:
-    """stream_options is only allowed with stream: true (OpenAI's rule)."""
-    if has_options and not stream:
-        raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
-
-
-def check_stop(stop: str | list[str] | None) -> list[str]:
-    """Stop sequences are non-empty strings."""
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(s == "" for s in stops):
-        raise InvalidRequest("stop sequences must not be empty strings", param="stop")
-    return stops
-
-
-def check_logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    """logit_bias keys are token ids written as strings."""
-    if not bias:
-        return None
-    try:
-        parsed = {int(k): float(v) for k, v in bias.items()}
-    except ValueError:
-        raise InvalidRequest("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
-    if any(k < 0 for k in parsed):
-        raise InvalidRequest("logit_bias keys must be token ids >= 0", param="logit_bias")
-    return parsed
-
-
-def check_suffix(suffix: str | None) -> None:
-    """suffix needs fill-in-the-middle support, which no fleet model offers yet."""
-    if suffix:
-        raise InvalidRequest(
-            "suffix is not supported: the model has no fill-in-the-middle tokens fleet can use", param="suffix"
-        )
-
 
 # --- request -> plan -----------------------------------------------------------------------
 
 
-def plan_completion(req: CompletionRequest, defaults: SamplingDefaults) -> CompletionPlan:
-    """Apply defaults and every rule; return what to send to the engine."""
-    prompts = check_prompt(req.prompt)
+def plan_sampling(
+    req: SamplingRequest,
+    defaults: SamplingDefaults,
+    *,
+    max_tokens: int | None,
+    default_max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> tuple[protocol.SamplingParams, protocol.BeamSearch | None]:
+    """The sampling rules shared by completions and chat; returns engine sampling and beam settings."""
     stream = bool(req.stream)
     check_stream_options(stream, req.stream_options is not None)
-    check_suffix(req.suffix)
     beam = bool(req.use_beam_search)
     n = req.n or 1
     best_of = req.best_of if req.best_of is not None else n
@@ -218,13 +113,13 @@ def plan_completion(req: CompletionRequest, defaults: SamplingDefaults) -> Compl
     if kind is SamplingType.GREEDY:
         check_greedy(best_of, n)
         top_p, top_k = 1.0, -1  # vLLM 0.2.7 resets them for greedy sampling
-    max_tokens = req.max_tokens if req.max_tokens is not None else defaults.max_tokens
+    chosen_max = max_tokens if max_tokens is not None else defaults.max_tokens
     # Best-of ranks candidates by cumulative logprob, which the engine computes only with logprobs on.
-    engine_logprobs = req.logprobs if req.logprobs is not None else (0 if best_of > n else None)
+    engine_logprobs = logprobs if logprobs is not None else (0 if best_of > n else None)
     sampling = protocol.SamplingParams(
         n=1 if beam else best_of,
-        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-        clamp_max_tokens=req.max_tokens is None,
+        max_tokens=chosen_max or default_max_tokens,
+        clamp_max_tokens=max_tokens is None,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -239,7 +134,7 @@ def plan_completion(req: CompletionRequest, defaults: SamplingDefaults) -> Compl
         min_tokens=req.min_tokens or 0,
         ignore_eos=bool(req.ignore_eos),
         logprobs=engine_logprobs,
-        prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+        prompt_logprobs=prompt_logprobs,
     )
     beam_search = None
     if kind is SamplingType.BEAM:
@@ -248,16 +143,59 @@ def plan_completion(req: CompletionRequest, defaults: SamplingDefaults) -> Compl
             length_penalty=req.length_penalty if req.length_penalty is not None else 1.0,
             early_stopping=req.early_stopping if req.early_stopping is not None else False,
         )
-    return CompletionPlan(
+    return sampling, beam_search
+
+
+def _plan(req: SamplingRequest, prompts: list[Prompt], sampling: protocol.SamplingParams,
+          beam: protocol.BeamSearch | None, logprobs: int | None, echo: bool = False) -> Plan:
+    return Plan(
         prompts=prompts,
         sampling=sampling,
-        beam=beam_search,
-        n=n,
-        echo=bool(req.echo),
-        logprobs=req.logprobs,
-        stream=stream,
+        beam=beam,
+        n=req.n or 1,
+        echo=echo,
+        logprobs=logprobs,
+        stream=bool(req.stream),
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
     )
+
+
+def plan_completion(req: CompletionRequest, defaults: SamplingDefaults) -> Plan:
+    """Apply defaults and every rule to a completions request."""
+    prompts: list[Prompt] = list(check_prompt(req.prompt))
+    check_suffix(req.suffix)
+    sampling, beam = plan_sampling(
+        req,
+        defaults,
+        max_tokens=req.max_tokens,
+        default_max_tokens=DEFAULT_MAX_TOKENS,
+        logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None,
+    )
+    return _plan(req, prompts, sampling, beam, req.logprobs, echo=bool(req.echo))
+
+
+def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults) -> Plan:
+    """Apply defaults and every rule to a chat request."""
+    check_tools(req.tools, req.tool_choice)
+    messages = check_messages(req.messages)
+    schema, json_object = check_response_format(req.response_format)
+    logprobs = check_chat_logprobs(req.logprobs, req.top_logprobs)
+    sampling, beam = plan_sampling(
+        req,
+        defaults,
+        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+        default_max_tokens=CHAT_MAX_TOKENS,
+        logprobs=logprobs,
+    )
+    if schema is not None or json_object:
+        sampling = msgspec.structs.replace(sampling, json_schema=schema, json_object=json_object)
+    chat = protocol.Chat(
+        messages=messages,
+        add_generation_prompt=req.add_generation_prompt if req.add_generation_prompt is not None else True,
+        continue_final_message=bool(req.continue_final_message),
+    )
+    return _plan(req, [chat], sampling, beam, logprobs)
 
 
 # --- engine output -> OpenAI ---------------------------------------------------------------
@@ -315,7 +253,7 @@ def completion_logprobs(
 
 
 def completion_choice(
-    index: int, cand: Candidate, plan: CompletionPlan, prompt_text: str, prompt_logprobs: list[protocol.TokenLogprob] | None
+    index: int, cand: Candidate, plan: Plan, prompt_text: str, prompt_logprobs: list[protocol.TokenLogprob] | None
 ) -> CompletionChoice:
     """One choice of a non-streamed response, with the prompt in front when echo is on."""
     text = (prompt_text if plan.echo else "") + cand.text
@@ -325,3 +263,18 @@ def completion_choice(
         entries += cand.logprobs or []
         logprobs = completion_logprobs(entries, plan.logprobs)
     return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason(cand.finish_reason))  # type: ignore[arg-type]
+
+
+
+def chat_logprobs(entries: list[protocol.TokenLogprob], top: int) -> ChatLogprobs:
+    """Chat's logprobs object: per token its logprob, UTF-8 bytes and `top` alternatives."""
+    content = [
+        ChatTokenLogprob(
+            e.token,
+            e.logprob if e.logprob is not None else float("-inf"),
+            list(e.token.encode()),
+            [TopLogprob(t, lp, list(t.encode())) for t, lp in (e.top or [])[:top]],
+        )
+        for e in entries
+    ]
+    return ChatLogprobs(content)

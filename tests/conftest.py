@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_model import write_tiny_model  # noqa: E402
+from tiny_model import CHAT_TEMPLATE, write_tiny_model  # noqa: E402
 
 
 def free_port() -> int:
@@ -215,9 +215,11 @@ class Fleets:
     """Both fleets, launched at once; each is waited for when first used."""
 
     def __init__(self, tmp: Path, tiny_a: Path, tiny_b: Path) -> None:
+        template = tmp / "chat_template.jinja"  # tiny-b's tokenizer has none: fleet.toml gives it one
+        template.write_text(CHAT_TEMPLATE)
         self.tiny = self._launch(tmp / "tiny", [
             {"name": "tiny-a", "source": str(tiny_a), "port": free_port(), **TINY},
-            {"name": "tiny-b", "source": str(tiny_b), "port": free_port(), **TINY},
+            {"name": "tiny-b", "source": str(tiny_b), "port": free_port(), "chat_template": str(template), **TINY},
         ])
         self.default = self._launch(tmp / "default", [
             {"name": "smollm2", "source": "default", "port": free_port(), "max_model_len": 2048},
@@ -249,7 +251,7 @@ class Fleets:
 
 @pytest.fixture(scope="session")
 def fleets(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_model: Path) -> Iterator[Fleets]:
-    other = write_tiny_model(tmp_path_factory.mktemp("tiny-b") / "tiny", seed=1)
+    other = write_tiny_model(tmp_path_factory.mktemp("tiny-b") / "tiny", seed=1, chat_template=False)
     f = Fleets(tmp_path_factory.mktemp("fleets"), tiny_model, other)
     try:
         yield f

@@ -90,9 +90,20 @@ def expected_text(tokens: int, *, index: int = 0, n: int = 1, word: str = "w") -
     return "".join(token_text(index, k, n, word) for k in range(tokens))
 
 
-def prompt_token_count(prompt: str | list[int]) -> int:
-    """Prompt tokens as the fake counts them: words of a text, or the ids given."""
-    return len(prompt.split()) if isinstance(prompt, str) else len(prompt)
+def prompt_text(prompt: Any) -> str | None:
+    """A text prompt as is; a conversation rendered as "role: content" lines; None for token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return None
+    lines = [f"{m.role}: {m.content}" for m in prompt.messages]  # a protocol Chat
+    return "\n".join(lines + (["assistant:"] if getattr(prompt, "add_generation_prompt", False) else []))
+
+
+def prompt_token_count(prompt: Any) -> int:
+    """Prompt tokens as the fake counts them: words of a text (or conversation), or the ids given."""
+    text = prompt_text(prompt)
+    return len(prompt) if text is None else len(text.split())
 
 
 def prompt_ids_text(ids: Sequence[int]) -> str:
@@ -138,6 +149,7 @@ class FakeEngine:
         return protocol.EngineInfo(
             model=self.cfg.name, max_model_len=self.max_model_len, vocab_size=32000,
             eos_token_id=2, vllm_version="fake", device="cpu",
+            **({"chat_template": True} if "chat_template" in protocol.EngineInfo.__struct_fields__ else {}),
         )
 
     def check(self, req: protocol.GenerateRequest) -> tuple[int, protocol.Error | None]:
@@ -161,9 +173,9 @@ class FakeEngine:
         return max_tokens, None
 
     def prompt_frame(self, req: protocol.GenerateRequest) -> protocol.Prompt:
-        if isinstance(req.prompt, str):
+        if (text := prompt_text(req.prompt)) is not None:
             ids = [PROMPT_ID_BASE + j for j in range(prompt_token_count(req.prompt))]
-            text, tokens = req.prompt, [f" {w}" for w in req.prompt.split()]
+            tokens = [f" {w}" for w in text.split()]
         else:
             ids = list(req.prompt)
             text, tokens = prompt_ids_text(ids), [f" t{i}" for i in ids]

@@ -16,14 +16,13 @@ from fleet.app import _completion_decoder, decode_request
 from fleet.config import SamplingDefaults
 from fleet.errors import InvalidRequest
 from fleet.schemas import CompletionRequest
+from fleet.rules import SamplingType, sampling_type
 from fleet.translate import (
     Candidate,
-    CompletionPlan,
-    SamplingType,
+    Plan,
     best,
     completion_logprobs,
     plan_completion,
-    sampling_type,
 )
 
 
@@ -33,7 +32,7 @@ def request(**fields: Any) -> CompletionRequest:
     return msgspec.json.decode(json.dumps(body).encode(), type=CompletionRequest)
 
 
-def plan(defaults: SamplingDefaults | None = None, **fields: Any) -> CompletionPlan:
+def plan(defaults: SamplingDefaults | None = None, **fields: Any) -> Plan:
     return plan_completion(request(**fields), defaults or SamplingDefaults())
 
 
@@ -173,7 +172,7 @@ def test_beam_search_with_unset_temperature_is_accepted() -> None:
     assert (p.sampling.top_p, p.sampling.top_k) == (1.0, -1)
     assert p.beam == protocol.BeamSearch(width=4, length_penalty=1.0, early_stopping=False)
     assert p.sampling.n == 1  # the engine runs the beams itself
-    assert (p.n, p.candidates) == (2, 4)
+    assert (p.n, p.sampling.n if p.beam is None else p.beam.width) == (2, 4)
 
 
 def test_beam_search_ignores_model_sampling_defaults() -> None:
@@ -262,7 +261,7 @@ MODEL_DEFAULTS = SamplingDefaults(
 SAMPLED = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
-def sampled(p: CompletionPlan) -> dict[str, Any]:
+def sampled(p: Plan) -> dict[str, Any]:
     return {k: getattr(p.sampling, k) for k in (*SAMPLED, "max_tokens")}
 
 
@@ -316,7 +315,7 @@ def test_other_fields_pass_through() -> None:
 
 def test_best_of_samples_best_of_candidates_with_logprobs_on() -> None:
     p = plan(n=2, best_of=5, temperature=0.8)
-    assert (p.n, p.sampling.n, p.candidates) == (2, 5, 5)
+    assert (p.n, p.sampling.n, p.sampling.n if p.beam is None else p.beam.width) == (2, 5, 5)
     assert p.sampling.logprobs == 0  # cumulative logprob is needed to rank the candidates
     assert p.logprobs is None  # ... but the client did not ask for logprobs
 

@@ -26,7 +26,7 @@ Beam search keeps the best few sequences at every step; sampling draws one token
 """ * 20
 
 
-def write_tiny_model(out: Path, seed: int = 0) -> Path:
+def write_tiny_model(out: Path, seed: int = 0, chat_template: bool = True) -> Path:
     """Write a loadable Hugging Face Llama folder (config, tokenizer, safetensors) into `out`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -44,7 +44,8 @@ def write_tiny_model(out: Path, seed: int = 0) -> Path:
     )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
-    fast.chat_template = CHAT_TEMPLATE
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     vocab = tok.get_vocab_size()
 

@@ -1,0 +1,425 @@
+"""The launcher against fake engines: readiness, failures, stopping, no orphans, the CLI's errors.
+
+Most tests drive one `EngineProcess` on an event loop of their own and wait on its lifecycle's
+own notifications (a listener), never on sleeps. Every process a test starts is stopped, and
+anything still alive at the end is killed, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from rich.console import Console
+
+from conftest import ROOT, InProcessFleet, fleet_toml, free_port
+from fake_engine import CRASH_EXIT_CODE, fake_command
+from fleet import launcher, protocol
+from fleet.config import ModelConfig, parse_config
+from fleet.errors import EngineFailure
+from fleet.launcher import EngineProcess, Fleet, stop_process_tree
+from fleet.lifecycle import EngineState, Lifecycle
+
+S = EngineState
+
+
+@pytest.fixture(autouse=True)
+def log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Engine logs of each test go to its own directory."""
+    path = tmp_path / "logs"
+    monkeypatch.setenv("FLEET_LOG_DIR", str(path))
+    return path
+
+
+def model(name: str = "m", *, start_timeout: float = 60, **engine_args: Any) -> ModelConfig:
+    return ModelConfig(name=name, source="fake", port=free_port(), start_timeout=start_timeout, engine_args=engine_args)
+
+
+class States:
+    """Every transition of one lifecycle, and a way to wait for a state (woken by the listener)."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.seen: list[EngineState] = []
+        self.at: dict[EngineState, float] = {}
+        self._changed = asyncio.Event()
+        lifecycle.listeners.append(self._on_change)
+
+    def _on_change(self, lc: Lifecycle, old: EngineState, reason: str) -> None:
+        self.seen.append(lc.state)
+        self.at.setdefault(lc.state, time.monotonic())
+        self._changed.set()
+
+    async def reach(self, *states: EngineState, timeout: float = 20) -> EngineState:
+        """Wait until the lifecycle has entered one of `states`; return which."""
+        async with asyncio.timeout(timeout):
+            while True:
+                if hit := [s for s in self.seen if s in states]:
+                    return hit[0]
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def family(pid: int | None) -> list[psutil.Process]:
+    """A process and all its descendants, as psutil handles (safe against pid reuse)."""
+    if pid is None:
+        return []
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    return []
+
+
+def alive(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """The processes that still run (a zombie counts as gone)."""
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float = 5) -> list[psutil.Process]:
+    """Wait (bounded) until `procs` are gone; return those still alive."""
+    deadline = time.monotonic() + timeout
+    while (left := alive(procs)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+def kill_all(procs: Iterable[psutil.Process]) -> None:
+    for p in alive(procs):
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: ModelConfig) -> AsyncIterator[tuple[EngineProcess, States, io.StringIO]]:
+    """One EngineProcess run by its own task; always stopped, leftovers killed."""
+    out = io.StringIO()
+    engine = EngineProcess(cfg, command=fake_command, console=Console(file=out, width=400), echo_logs=False)
+    states = States(engine.lifecycle)
+    task = asyncio.create_task(engine.run())
+    seen: list[psutil.Process] = []
+    try:
+        yield engine, states, out
+    finally:
+        seen += family(engine.pid)
+        engine.request_stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 30)
+        finally:
+            kill_all(seen)
+
+
+async def generate(engine: EngineProcess) -> list[protocol.Frame]:
+    """One short /generate through the gateway's own engine client."""
+    req = protocol.GenerateRequest(request_id="r", prompt="hi", sampling=protocol.SamplingParams(max_tokens=2))
+    return [f async for f in engine.client.generate(req)]
+
+
+# --- readiness and failure --------------------------------------------------------------------
+
+
+def test_engine_becomes_ready_when_health_turns_200() -> None:
+    async def scenario() -> None:
+        async with running(model(fake_start_delay=1.0)) as (engine, states, out):
+            assert await states.reach(S.READY, S.FAILED) is S.READY
+            assert states.at[S.READY] - states.at[S.STARTING] >= 1.0
+            assert "ready" in out.getvalue()
+            frames = await generate(engine)
+            assert isinstance(frames[-1], protocol.Done)
+        assert states.seen == [S.STARTING, S.READY, S.STOPPING, S.STOPPED]
+
+    asyncio.run(scenario())
+
+
+def test_engine_that_exits_before_ready_fails_at_once_with_its_last_log_lines(log_dir: Path) -> None:
+    async def scenario() -> None:
+        async with running(model("early-exit", fake_exit_at_start=3)) as (engine, states, out):
+            assert await states.reach(S.READY, S.FAILED, timeout=20) is S.FAILED
+            assert states.at[S.FAILED] - states.at[S.STARTING] < 15  # not the 60 s start timeout
+            assert engine.lifecycle.reason == "exited with code 3 before it was ready"
+            console = out.getvalue()
+            assert "failed" in console and "exited with code 3" in console
+            assert "simulated start failure (exit 3)" in console  # the engine's last log lines
+            assert any("simulated start failure" in line for line in engine.tail)
+        assert "simulated start failure" in (log_dir / "early-exit.log").read_text()
+        assert states.seen == [S.STARTING, S.FAILED, S.STOPPING, S.STOPPED]
+
+    asyncio.run(scenario())
+
+
+def test_engine_that_never_gets_healthy_fails_after_start_timeout() -> None:
+    async def scenario() -> None:
+        async with running(model(start_timeout=1.5, fake_hang_at_start=True)) as (engine, states, out):
+            pid = engine.pid
+            assert await states.reach(S.READY, S.FAILED, timeout=15) is S.FAILED
+            took = states.at[S.FAILED] - states.at[S.STARTING]
+            assert 1.5 <= took < 5, took
+            assert "start_timeout" in engine.lifecycle.reason
+            procs = family(pid)
+        assert wait_gone(procs) == []  # the hung process is stopped with the engine
+
+    asyncio.run(scenario())
+
+
+def test_engine_that_crashes_after_ready_fails() -> None:
+    async def scenario() -> None:
+        async with running(model(fake_crash_after_requests=0)) as (engine, states, out):
+            assert await states.reach(S.READY, S.FAILED) is S.READY
+            with pytest.raises(EngineFailure):
+                await generate(engine)
+            assert await states.reach(S.FAILED) is S.FAILED
+            assert engine.lifecycle.reason == f"crashed (exit code {CRASH_EXIT_CODE})"
+            assert "crashing on request 1" in out.getvalue()
+        assert states.seen == [S.STARTING, S.READY, S.FAILED, S.STOPPING, S.STOPPED]
+
+    asyncio.run(scenario())
+
+
+def test_gateway_answers_502_when_the_engine_dies_holding_the_request_then_503_with_the_reason(
+    log_dir: Path,
+) -> None:
+    config = parse_config({
+        "gateway": {"port": free_port()},
+        "models": [{"name": "fragile", "source": "fake", "port": free_port(),
+                    "engine_args": {"fake_crash_after_requests": 1}}],
+    })
+    fleet = InProcessFleet(config, fake_command)
+    try:
+        assert fleet.wait_state("fragile", "ready", "failed", timeout=30) == "ready"
+        body = {"model": "fragile", "prompt": "hi", "max_tokens": 2}
+        with httpx.Client(base_url=fleet.url, timeout=15) as http:
+            assert http.post("/v1/completions", json=body).status_code == 200
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 502 and r.json()["error"]["code"] == "engine_error"
+            fleet.wait_state("fragile", "failed", timeout=10)
+            assert http.get("/v1/models").json()["data"][0]["state"] == "failed"
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+            assert "crashed" in r.json()["error"]["message"]
+    finally:
+        fleet.stop()
+
+
+# --- stopping -------------------------------------------------------------------------------
+
+
+def test_stop_while_starting_stops_the_engine_process() -> None:
+    async def scenario() -> None:
+        async with running(model(fake_hang_at_start=True)) as (engine, states, out):
+            assert await states.reach(S.STARTING) is S.STARTING
+            async with asyncio.timeout(15):  # the process is up, answering /health with 503
+                while not any("serving on" in line for line in engine.tail):
+                    await asyncio.sleep(0.02)
+            procs = family(engine.pid)
+            assert alive(procs)
+            began = time.monotonic()
+            engine.request_stop()
+            assert await states.reach(S.STOPPED, timeout=10) is S.STOPPED
+            assert time.monotonic() - began < 5
+            assert engine.pid is None
+        assert states.seen == [S.STARTING, S.STOPPING, S.STOPPED]
+        assert wait_gone(procs) == []
+
+    asyncio.run(scenario())
+
+
+async def _spawn_sigterm_ignoring_tree() -> tuple[asyncio.subprocess.Process, list[psutil.Process]]:
+    """A fake engine (own session, like the launcher makes) ignoring SIGTERM, with a child that does too."""
+    cfg = model(fake_ignore_sigterm=True, fake_spawn_child=True)
+    proc = await asyncio.create_subprocess_exec(
+        *fake_command(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cfg.port}", timeout=2) as http:
+        async with asyncio.timeout(20):
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get("/health")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+        children = (await http.get("/fake/stats")).json()["children"]
+    tree = family(proc.pid)
+    assert len(children) == 1 and {p.pid for p in tree} == {proc.pid, *children}
+    return proc, tree
+
+
+def test_stop_process_tree_sigkills_a_tree_that_ignores_sigterm_after_the_grace() -> None:
+    async def scenario() -> None:
+        proc, tree = await _spawn_sigterm_ignoring_tree()
+        try:
+            began = time.monotonic()
+            await stop_process_tree(proc, grace=0.5)
+            took = time.monotonic() - began
+            assert 0.5 <= took < 3, took
+            assert proc.returncode == -signal.SIGKILL
+            assert wait_gone(tree) == []
+        finally:
+            kill_all(tree)
+
+    asyncio.run(scenario())
+
+
+def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "STOP_GRACE", 0.5)
+
+    async def scenario() -> None:
+        async with running(model(fake_ignore_sigterm=True, fake_spawn_child=True)) as (engine, states, out):
+            assert await states.reach(S.READY, S.FAILED) is S.READY
+            procs = family(engine.pid)
+            proc = engine.proc
+            assert len(procs) == 2
+            began = time.monotonic()
+            engine.request_stop()
+            assert await states.reach(S.STOPPED, timeout=30) is S.STOPPED
+            took = time.monotonic() - began
+            assert proc is not None and proc.returncode == -signal.SIGKILL
+            assert wait_gone(procs) == []
+            assert took < 0.5 + 3, f"stopping took {took:.1f}s with STOP_GRACE = 0.5"
+
+    asyncio.run(scenario())
+
+
+def test_no_process_the_fleet_started_survives_it() -> None:
+    config = parse_config({
+        "gateway": {"port": free_port()},
+        "models": [
+            {"name": "plain", "source": "fake", "port": free_port()},
+            {"name": "with-child", "source": "fake", "port": free_port(), "engine_args": {"fake_spawn_child": True}},
+            {"name": "with-detached-child", "source": "fake", "port": free_port(),
+             "engine_args": {"fake_spawn_child": "detach"}},
+        ],
+    })
+    fleet = InProcessFleet(config, fake_command)
+    procs: list[psutil.Process] = []
+    try:
+        for name in ("plain", "with-child", "with-detached-child"):
+            assert fleet.wait_state(name, "ready", "failed", timeout=30) == "ready"
+        for e in fleet.fleet.engines.values():
+            procs += family(e.pid)
+        assert len(procs) == 5  # three engines, two grandchildren
+        detached = family(fleet.fleet.engines["with-detached-child"].pid)[1]
+        assert os.getpgid(detached.pid) != fleet.fleet.engines["with-detached-child"].pid  # it left the group
+        fleet.stop()
+        assert wait_gone(procs) == []
+    finally:
+        fleet.stop()
+        kill_all(procs)
+
+
+def test_engine_that_crashes_while_its_child_lives_on_still_fails() -> None:
+    """vLLM's EngineCore child inherits the engine's stdout: the pipe stays open after the crash."""
+    leftovers: list[psutil.Process] = []
+
+    async def scenario() -> None:
+        async with running(model(fake_spawn_child=True, fake_crash_after_requests=0)) as (engine, states, out):
+            assert await states.reach(S.READY, S.FAILED) is S.READY
+            leftovers.extend(family(engine.pid))
+            with pytest.raises(EngineFailure):
+                await generate(engine)
+            assert await states.reach(S.FAILED, timeout=10) is S.FAILED
+            assert engine.lifecycle.reason == f"crashed (exit code {CRASH_EXIT_CODE})"
+
+    try:
+        asyncio.run(scenario())
+        assert wait_gone(leftovers, timeout=3) == []
+    finally:
+        kill_all(leftovers)
+
+
+def test_crashed_engine_leaves_no_detached_grandchild_behind() -> None:
+    """A descendant that left the engine's process group must not outlive the fleet, crash or not."""
+    leftovers: list[psutil.Process] = []
+
+    async def scenario() -> None:
+        cfg = model(fake_spawn_child="detach", fake_crash_after_requests=0)
+        async with running(cfg) as (engine, states, out):
+            assert await states.reach(S.READY, S.FAILED) is S.READY
+            leftovers.extend(family(engine.pid))
+            assert len(leftovers) == 2
+            with pytest.raises(EngineFailure):
+                await generate(engine)
+            assert await states.reach(S.FAILED, timeout=10) is S.FAILED
+        assert states.seen[-1] is S.STOPPED
+
+    try:
+        asyncio.run(scenario())
+        assert wait_gone(leftovers, timeout=3) == [], "the detached grandchild outlived the stopped engine"
+    finally:
+        kill_all(leftovers)
+
+
+# --- the gateway's port and the CLI -------------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port something else listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_gateway_port_already_taken_raises_oserror_before_any_engine_starts(taken_port: int) -> None:
+    config = parse_config({
+        "gateway": {"port": taken_port},
+        "models": [{"name": "m", "source": "fake", "port": free_port()}],
+    })
+    fleet = Fleet(config, command=fake_command, echo_logs=False)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(OSError, match=f"127.0.0.1:{taken_port}"):
+        asyncio.run(fleet.run())
+    engine = fleet.engines["m"]
+    assert (engine.proc, engine.lifecycle.state) == (None, S.STOPPED)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ROOT / ".venv/bin/fleet"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_launch_with_the_gateway_port_taken_exits_1_naming_the_address(tmp_path: Path, taken_port: int) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(fleet_toml([{"name": "m", "source": "default", "port": free_port()}], taken_port))
+    r = run_cli("launch", "--config", str(path))
+    assert r.returncode == 1, r.stderr
+    assert f"127.0.0.1:{taken_port}" in r.stderr
+    assert "starting" not in r.stderr  # no engine was started
+
+
+@pytest.mark.parametrize(
+    "entry,field,why",
+    [
+        ({"port": 70000}, "port", "less than or equal to 65535"),
+        ({"port": 9001, "gpu": [0]}, "gpu", "unknown field"),
+        ({"port": 9001, "start_timeout": -1}, "start_timeout", "greater than 0"),
+    ],
+    ids=["port-out-of-range", "typo", "negative-start-timeout"],
+)
+def test_cli_launch_with_a_bad_config_exits_2_naming_file_model_and_field(
+    tmp_path: Path, entry: dict[str, Any], field: str, why: str
+) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(fleet_toml([{"name": "ok", "source": "default", "port": 9000},
+                                {"name": "bad-one", "source": "default", **entry}], free_port()))
+    r = run_cli("launch", "--config", str(path))
+    assert r.returncode == 2, r.stderr
+    assert str(path) in r.stderr
+    assert 'model "bad-one"' in r.stderr and "models[1]" in r.stderr
+    assert f'field "{field}"' in r.stderr
+    assert why in r.stderr
+    assert r.stdout == ""
