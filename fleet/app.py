@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
@@ -18,10 +19,12 @@ from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
 from fleet import chat, completions
+from fleet import control as control_routes
+from fleet.control import Control
 from fleet.errors import FleetError, InvalidRequest
 from fleet.routing import Backend, route
 from fleet.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList
-from fleet.translate import plan_chat, plan_completion
+from fleet.translate import Plan, plan_chat, plan_completion
 
 log = logging.getLogger("fleet.gateway")
 _json = msgspec.json.Encoder()
@@ -93,10 +96,7 @@ async def completions_route(request: Request, state: State) -> Response[bytes] |
     """OpenAI's legacy completions: parse, route, plan, run."""
     req: CompletionRequest = decode_request(await request.body(), _completion_decoder)  # type: ignore[assignment]
     backend = route(state.backends, req.model)
-    plan = plan_completion(req, backend.config.defaults)
-    if plan.stream:
-        return Stream(await completions.stream(backend, plan, req.model), media_type="text/event-stream", headers=SSE_HEADERS)
-    return Response(await completions.complete(backend, plan, req.model), media_type=JSON)
+    return await _run(backend, plan_completion(req, backend.config.defaults), req.model, completions)
 
 
 @post("/v1/chat/completions", status_code=200)
@@ -104,13 +104,39 @@ async def chat_completions(request: Request, state: State) -> Response[bytes] | 
     """OpenAI's chat completions: the engine renders the messages with the model's chat template."""
     req: ChatCompletionRequest = decode_request(await request.body(), _chat_decoder)  # type: ignore[assignment]
     backend = route(state.backends, req.model)
-    plan = plan_chat(req, backend.config.defaults)
-    if plan.stream:
-        return Stream(await chat.stream(backend, plan, req.model), media_type="text/event-stream", headers=SSE_HEADERS)
-    return Response(await chat.complete(backend, plan, req.model), media_type=JSON)
+    return await _run(backend, plan_chat(req, backend.config.defaults), req.model, chat)
 
 
-def create_app(backends: Mapping[str, Backend]) -> Litestar:
+class _Api(Protocol):
+    async def complete(self, backend: Backend, plan: Plan, model: str) -> bytes: ...
+    async def stream(self, backend: Backend, plan: Plan, model: str) -> AsyncIterator[bytes]: ...
+
+
+async def _run(backend: Backend, plan: Plan, model: str, api: _Api) -> Response[bytes] | Stream:
+    """Run a planned request, counted in flight until its last byte (reload drains on this count)."""
+    backend.stats.begin()
+    if not plan.stream:
+        try:
+            return Response(await api.complete(backend, plan, model), media_type=JSON)
+        finally:
+            backend.stats.end()
+    try:
+        body = await api.stream(backend, plan, model)
+    except BaseException:
+        backend.stats.end()
+        raise
+    return Stream(_counted(body, backend), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _counted(body: AsyncIterator[bytes], backend: Backend) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        backend.stats.end()
+
+
+def create_app(backends: Mapping[str, Backend], control: Control | None = None) -> Litestar:
     """The gateway app over a fleet's backends (their lifecycles are owned by the launcher)."""
 
     async def close_clients() -> None:
@@ -118,8 +144,8 @@ def create_app(backends: Mapping[str, Backend]) -> Litestar:
             await b.client.close()
 
     return Litestar(
-        route_handlers=[health, list_models, completions_route, chat_completions],
-        state=State({"backends": backends, "started": int(time.time())}),
+        route_handlers=[health, list_models, completions_route, chat_completions, *control_routes.ROUTES],
+        state=State({"backends": backends, "started": int(time.time()), "control": control}),
         exception_handlers={
             FleetError: _fleet_error_handler,
             HTTPException: _http_error_handler,

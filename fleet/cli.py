@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet import __version__
-from fleet.config import DEFAULT_CONFIG, FleetConfig, load_config
+from fleet.config import DEFAULT_CONFIG, GIB, FleetConfig, load_config
 from fleet.errors import ConfigError
 
 CONFIG_OPTION = click.option(
@@ -49,12 +49,16 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
     """Start one vLLM engine per model and the gateway; Ctrl-C stops everything."""
     from fleet.launcher import launch as run_launch
 
+    from fleet.placement import check_placement
+
     config = _load(config_path, host=host, port=port)
     if not config.models:
         click.echo(f"error: {config_path}: no [[models]] to serve", err=True)
         sys.exit(2)
+    _report(check_placement(config, config_path))
     try:
-        asyncio.run(run_launch(config, echo_logs=engine_logs))
+        asyncio.run(run_launch(config, echo_logs=engine_logs, config_path=config_path,
+                               overrides={"host": host, "port": port}))
     except OSError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -63,15 +67,144 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
 @main.command()
 @CONFIG_OPTION
 def check(config_path: Path) -> None:
-    """Validate the fleet file and print where each model will run."""
+    """Validate the fleet file and the machine; print where each model will run."""
+    from fleet.placement import check_placement, gpu_rows
+
     config = _load(config_path)
+    placement = check_placement(config, config_path)
+    console = Console()
     table = Table(title=f"{config_path}: gateway on {config.gateway.host}:{config.gateway.port}")
-    for col in ("model", "source", "GPUs", "TP", "port", "memory", "eager"):
-        table.add_column(col)
+    for col in ("model", "source", "source state", "GPUs", "TP", "port", "memory", "eager"):
+        table.add_column(col, overflow="fold")
     for m in config.models:
-        table.add_row(m.name, m.source, "CPU" if m.on_cpu else ",".join(map(str, m.gpus)),
-                      str(m.tensor_parallel_size), str(m.port), f"{m.memory_fraction:.2f}", str(m.eager).lower())
+        memory = f"{m.kv_cache_gib or m.kv_cache_bytes / GIB:g} GiB KV" if m.kv_cache_bytes else f"{m.memory_fraction:.2f}"
+        table.add_row(m.name, m.source, placement.sources[m.name].value, "CPU" if m.on_cpu else ",".join(map(str, m.gpus)),
+                      str(m.tensor_parallel_size), str(m.port), memory, str(m.eager).lower())
+    console.print(table)
+    if placement.gpus:
+        gpus = Table(title="GPUs")
+        for col in ("GPU", "models", "memory fraction"):
+            gpus.add_column(col)
+        for g, names, total in gpu_rows(placement):
+            gpus.add_row(str(g), ", ".join(names), f"{total:.2f}")
+        console.print(gpus)
+    _report(placement)
+
+
+def _report(placement: object) -> None:
+    from fleet.placement import Placement
+
+    assert isinstance(placement, Placement)
+    for w in placement.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if placement.errors:
+        click.echo("error: the fleet cannot start:\n" + "\n".join(f"  {e}" for e in placement.errors), err=True)
+        sys.exit(2)
+
+
+def _gateway_url(config_path: Path, host: str | None, port: int | None) -> str:
+    config = _load(config_path, host=host, port=port)
+    gw = config.gateway
+    connect = "127.0.0.1" if gw.host in ("0.0.0.0", "") else ("[::1]" if gw.host == "::" else gw.host)
+    return f"http://{connect}:{gw.port}"
+
+
+def _control(method: str, path: str, config_path: Path, host: str | None, port: int | None) -> object:
+    import httpx
+
+    url = _gateway_url(config_path, host, port) + path
+    try:
+        r = httpx.request(method, url, timeout=120)
+    except httpx.HTTPError as e:
+        click.echo(f"error: no fleet answers at {url}: {e}", err=True)
+        sys.exit(1)
+    body = r.json()
+    if r.status_code >= 400:
+        click.echo(f"error: {body.get('error', {}).get('message', body)}", err=True)
+        sys.exit(1)
+    return body
+
+
+GATEWAY_OPTIONS = [
+    click.option("--host", help="The running gateway's address (default: from the fleet file)."),
+    click.option("--port", type=int, help="The running gateway's port (default: from the fleet file)."),
+]
+
+
+def _gateway_options(f):  # type: ignore[no-untyped-def]
+    for option in reversed(GATEWAY_OPTIONS):
+        f = option(f)
+    return CONFIG_OPTION(f)
+
+
+@main.command()
+@_gateway_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(config_path: Path, host: str | None, port: int | None, as_json: bool) -> None:
+    """Ask the running fleet how each model is doing."""
+    import json
+
+    body = _control("GET", "/fleet/status", config_path, host, port)
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+        return
+    assert isinstance(body, dict)
+    table = Table(title=f"fleet on {body['gateway']['host']}:{body['gateway']['port']} (pid {body['gateway']['pid']})")
+    cols = ("model", "state", "GPUs", "port", "pid", "uptime", "restarts", "in flight", "requests", "tokens/s")
+    for col in cols:
+        table.add_column(col, overflow="fold")
+    for m in body["models"]:
+        uptime = "-" if m["uptime_s"] is None else f"{m['uptime_s']:.0f}s"
+        state = m["state"] + (f" ({m['reason']})" if m["reason"] and m["state"] != "ready" else "")
+        table.add_row(m["model"], state, ",".join(map(str, m["gpus"])) or "CPU", str(m["port"]), str(m["pid"] or "-"),
+                      uptime, str(m["restarts"]), str(m["inflight"]), str(m["requests"]), f"{m['tokens_per_s']:.1f}")
     Console().print(table)
+
+
+@main.command()
+@_gateway_options
+def reload(config_path: Path, host: str | None, port: int | None) -> None:
+    """Make the running fleet re-read its fleet file and apply the difference."""
+    body = _control("POST", "/fleet/reload", config_path, host, port)
+    assert isinstance(body, dict)
+    for key in ("added", "removed", "changed", "unchanged"):
+        click.echo(f"{key}: {', '.join(body[key]) or '-'}")
+    for w in body["warnings"]:
+        click.echo(f"warning: {w}")
+
+
+@main.command()
+@_gateway_options
+def stop(config_path: Path, host: str | None, port: int | None) -> None:
+    """Stop the running fleet (in-flight requests finish first)."""
+    _control("POST", "/fleet/stop", config_path, host, port)
+    click.echo("stopping")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--lines", "-n", default=50, show_default=True, help="How many of the last lines to show.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines.")
+def logs(model: str, lines: int, follow: bool) -> None:
+    """Show an engine's log (written by `fleet launch` to FLEET_LOG_DIR, default <cache>/logs)."""
+    import collections
+    import time
+
+    from fleet.supervisor import log_dir
+
+    path = log_dir() / f"{model}.log"
+    if not path.is_file():
+        click.echo(f"error: no log for model {model!r} at {path}", err=True)
+        sys.exit(1)
+    with path.open(errors="replace") as f:
+        for line in collections.deque(f, maxlen=lines):
+            click.echo(line, nl=False)
+        while follow:
+            line = f.readline()
+            if line:
+                click.echo(line, nl=False)
+            else:
+                time.sleep(0.2)
 
 
 if __name__ == "__main__":

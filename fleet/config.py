@@ -21,6 +21,7 @@ DEFAULT_CONFIG = Path("fleet.toml")
 CPU_MEMORY_FRACTION = 0.3  # of one NUMA node: vLLM's CPU backend fails to start at 0.9
 CPU_KV_CACHE_GIB = 1.0  # an explicit size also skips vLLM's warm-up pass: a faster start
 GIB = 1 << 30
+MAX_SHARED_FRACTION = 0.95  # of one GPU, summed over the models that share it
 
 
 def _not_bool(value: Any) -> Any:
@@ -43,6 +44,19 @@ class GatewayConfig(_Strict):
 
     host: str = "127.0.0.1"
     port: Int = Field(8000, ge=1, le=65535)
+
+
+class SupervisorConfig(_Strict):
+    """How the launcher watches, restarts and stops engines (seconds throughout)."""
+
+    restart_backoff: float = Field(1.0, gt=0, description="wait before the first restart; doubles each time")
+    restart_backoff_max: float = Field(60.0, gt=0, description="the longest wait between restarts")
+    max_restarts: int = Field(5, ge=0, description="restarts in a row before the model stays failed")
+    restart_reset_after: float = Field(300.0, gt=0, description="ready this long: the restart count starts over")
+    health_interval: float = Field(2.0, gt=0, description="how often a ready engine's /health is polled")
+    health_failures: int = Field(3, ge=1, description="failed polls in a row that count as a crash")
+    stop_grace: float = Field(15.0, gt=0, description="SIGTERM, then SIGKILL after this long")
+    drain_timeout: float = Field(30.0, gt=0, description="how long in-flight requests may finish at shutdown/reload")
 
 
 class SamplingDefaults(_Strict):
@@ -168,6 +182,7 @@ class FleetConfig(BaseSettings):
     )
 
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     models: list[ModelConfig] = Field(default_factory=list)
 
     @classmethod
@@ -234,12 +249,35 @@ def _describe(error: ValidationError, path: Path, raw: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_gpu_sharing(sharers: dict[int, list[tuple[int, ModelConfig]]]) -> list[str]:
+    """A GPU serves several models only when each sets gpu_memory_utilization and they sum to <= 0.95."""
+    problems = []
+    for g, users in sorted(sharers.items()):
+        if len(users) < 2:
+            continue
+        names = ", ".join(f'"{m.name}"' for _, m in users)
+        unset = [(i, m) for i, m in users if m.gpu_memory_utilization is None]
+        for i, m in unset:
+            problems.append(
+                f'model "{m.name}" (models[{i}]), field "gpu_memory_utilization": GPU {g} is shared by {names}; '
+                "each model on a shared GPU must set its memory fraction"
+            )
+        total = sum(m.memory_fraction for _, m in users)
+        if not unset and total > MAX_SHARED_FRACTION + 1e-9:
+            i, m = users[-1]
+            problems.append(
+                f'model "{m.name}" (models[{i}]), field "gpu_memory_utilization": the models on GPU {g} ({names}) '
+                f"ask for {total:.2f} of its memory together; at most {MAX_SHARED_FRACTION}"
+            )
+    return problems
+
+
 def check_fleet(config: FleetConfig, path: Path) -> None:
     """Cross-model rules: unique names and ports, no port equal to the gateway's, no shared GPU."""
     problems: list[str] = []
     seen_names: dict[str, int] = {}
     seen_ports: dict[int, str] = {}
-    seen_gpus: dict[int, str] = {}
+    sharers: dict[int, list[tuple[int, ModelConfig]]] = {}
     for i, m in enumerate(config.models):
         where = f'model "{m.name}" (models[{i}])'
         if m.name in seen_names:
@@ -251,8 +289,7 @@ def check_fleet(config: FleetConfig, path: Path) -> None:
             problems.append(f'{where}, field "port": {m.port} is also the port of model "{seen_ports[m.port]}"')
         seen_ports.setdefault(m.port, m.name)
         for g in m.gpus:
-            if g in seen_gpus:
-                problems.append(f'{where}, field "gpus": GPU {g} is also used by model "{seen_gpus[g]}"')
-            seen_gpus.setdefault(g, m.name)
+            sharers.setdefault(g, []).append((i, m))
+    problems += check_gpu_sharing(sharers)
     if problems:
         raise ConfigError("\n".join([f"{path}: invalid fleet file", *("  " + p for p in problems)]))

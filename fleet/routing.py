@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fleet.client import EngineClient
 from fleet.config import ModelConfig
@@ -13,6 +15,41 @@ from fleet.lifecycle import EngineState, Lifecycle
 RETRY_AFTER = {EngineState.STARTING: 10, EngineState.RESTARTING: 10, EngineState.FAILED: 30}
 
 
+TOKEN_RATE_WINDOW = 10.0  # seconds over which `tokens_per_second` averages
+
+
+@dataclass
+class BackendStats:
+    """What the gateway counts per model: requests in flight (drained on reload), totals, token rate."""
+
+    inflight: int = 0
+    requests: int = 0
+    completion_tokens: int = 0
+    _recent: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+
+    def begin(self) -> None:
+        """A request for this model started."""
+        self.inflight += 1
+        self.requests += 1
+
+    def end(self) -> None:
+        """A request for this model finished, however it ended."""
+        self.inflight -= 1
+
+    def add_tokens(self, n: int) -> None:
+        """Completion tokens produced by this model's engine."""
+        self.completion_tokens += n
+        now = time.monotonic()
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - TOKEN_RATE_WINDOW:
+            self._recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        """Completion tokens per second over the last few seconds."""
+        now = time.monotonic()
+        return sum(n for t, n in self._recent if t >= now - TOKEN_RATE_WINDOW) / TOKEN_RATE_WINDOW
+
+
 @dataclass
 class Backend:
     """One model as the gateway sees it: its config, its lifecycle (owned by the launcher), its client."""
@@ -20,6 +57,7 @@ class Backend:
     config: ModelConfig
     lifecycle: Lifecycle
     client: EngineClient
+    stats: BackendStats = field(default_factory=BackendStats)
 
     @property
     def name(self) -> str:

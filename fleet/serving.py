@@ -92,6 +92,7 @@ async def run_prompt(backend: Backend, req: protocol.GenerateRequest) -> PromptR
             result.prompt = frame
         elif isinstance(frame, protocol.Done):
             result.prompt_tokens, result.completion_tokens = frame.prompt_tokens, frame.completion_tokens
+            backend.stats.add_tokens(frame.completion_tokens)
         else:
             raise_for_frame(frame)
     return result
@@ -145,7 +146,7 @@ async def open_stream(backend: Backend, plan: Plan, shaper: Shaper, request_id: 
     except BaseException:
         await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
         raise
-    return _stream_body(_merge([_prefixed(f, g) for f, g in zip(firsts, gens)]), plan, shaper)
+    return _stream_body(_merge([_prefixed(f, g) for f, g in zip(firsts, gens)]), plan, shaper, backend)
 
 
 async def _prefixed(first: protocol.Frame, gen: AsyncIterator[protocol.Frame]) -> AsyncIterator[protocol.Frame]:
@@ -188,7 +189,7 @@ async def _merge(gens: list[AsyncIterator[protocol.Frame]]) -> AsyncIterator[tup
 
 
 async def _stream_body(
-    frames: AsyncIterator[tuple[int, protocol.Frame]], plan: Plan, shaper: Shaper
+    frames: AsyncIterator[tuple[int, protocol.Frame]], plan: Plan, shaper: Shaper, backend: Backend
 ) -> AsyncIterator[bytes]:
     prompts: dict[int, protocol.Prompt] = {}
     prompt_tokens = completion_tokens = 0
@@ -201,6 +202,7 @@ async def _stream_body(
             elif isinstance(frame, protocol.Done):
                 prompt_tokens += frame.prompt_tokens
                 completion_tokens += frame.completion_tokens
+                backend.stats.add_tokens(frame.completion_tokens)
             else:
                 raise_for_frame(frame)
     except FleetError as e:

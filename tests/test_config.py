@@ -101,15 +101,28 @@ def test_model_port_equal_to_gateway_port() -> None:
     assert_names(msg, 'model "small" (models[0])', 'field "port"', "8000 is the gateway's port")
 
 
-def test_gpu_used_by_two_models() -> None:
+def test_gpu_shared_without_memory_fractions_is_refused() -> None:
     msg = config_error({"models": [model(name="a", gpus=[0, 1]), model(name="b", port=5002, gpus=[1, 2])]})
-    assert_names(msg, 'model "b" (models[1])', 'field "gpus"', 'GPU 1 is also used by model "a"')
+    assert_names(msg, 'model "b" (models[1])', 'field "gpu_memory_utilization"', 'GPU 1 is shared by "a", "b"')
+    assert 'model "a" (models[0])' in msg
+
+
+def test_gpu_shared_with_fractions_summing_to_at_most_095_is_allowed() -> None:
+    cfg = parse_config({"models": [model(name="a", gpus=[0], gpu_memory_utilization=0.5),
+                                   model(name="b", port=5002, gpus=[0], gpu_memory_utilization=0.45)]})
+    assert [m.memory_fraction for m in cfg.models] == [0.5, 0.45]
+
+
+def test_gpu_shared_with_fractions_over_095_is_refused() -> None:
+    msg = config_error({"models": [model(name="a", gpus=[0], gpu_memory_utilization=0.5),
+                                   model(name="b", port=5002, gpus=[0], gpu_memory_utilization=0.5)]})
+    assert_names(msg, 'model "b" (models[1])', 'field "gpu_memory_utilization"', "1.00 of its memory", "at most 0.95")
 
 
 def test_every_cross_model_problem_is_reported_at_once() -> None:
     msg = config_error({"models": [model(gpus=[0]), model(gpus=[0])]})
-    assert_names(msg, "duplicate name", "is also the port", "GPU 0 is also used")
-    assert len(msg.splitlines()) == 4
+    assert_names(msg, "duplicate name", "is also the port", "GPU 0 is shared")
+    assert len(msg.splitlines()) == 5
 
 
 # --- per-field rules ------------------------------------------------------------------------
