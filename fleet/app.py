@@ -9,18 +9,24 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.params import JSONBody
 from litestar.response import Stream
 
 from fleet import chat, completions
 from fleet import control as control_routes
+from fleet.auth import Keys, require_key
+from fleet.config import GatewayConfig
 from fleet.control import Control
+from fleet.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from fleet.metrics import Metrics
+from fleet.tracking import Tracked, unless_disconnected
 from fleet.errors import FleetError, InvalidRequest
 from fleet.routing import Backend, route
 from fleet.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList
@@ -28,25 +34,24 @@ from fleet.translate import Plan, plan_chat, plan_completion
 
 log = logging.getLogger("fleet.gateway")
 _json = msgspec.json.Encoder()
-_completion_decoder = msgspec.json.Decoder(CompletionRequest)
-_chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
-_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def decode_request(body: bytes, decoder: msgspec.json.Decoder) -> object:
-    """Decode a JSON body; a wrong type or a malformed document is a 400 naming the field."""
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as e:
-        match = _PATH.search(str(e))
-        param = match.group(1) if match else None
-        if param is None and (missing := re.search(r"missing required field `([^`]+)`", str(e))):
-            param = missing.group(1)
-        raise InvalidRequest(f"invalid request: {e}", param=param or None) from None
-    except msgspec.DecodeError as e:
-        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+def invalid_body(exc: ValidationException) -> InvalidRequest:
+    """Litestar's report of a body msgspec refused, as a 400 naming the field."""
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    first = problems[0] if problems and isinstance(problems[0], dict) else {}
+    message = str(first.get("message") or exc.detail)
+    key = first.get("key")
+    if key in (None, "data", "body"):
+        missing = _MISSING.search(message)
+        key = missing.group(1) if missing else None
+    if "truncated" in message or "malformed" in message.lower() or "invalid json" in message.lower():
+        return InvalidRequest(f"the request body is not valid JSON: {message}")
+    where = f" (at `{key}`)" if key else ""
+    return InvalidRequest(f"invalid request: {message}{where}", param=key)
 
 
 def error_response(error: FleetError) -> Response[bytes]:
@@ -59,7 +64,22 @@ def _fleet_error_handler(_: Request, exc: FleetError) -> Response[bytes]:
     return error_response(exc)
 
 
+def _validation_error_handler(_: Request, exc: ValidationException) -> Response[bytes]:
+    return error_response(invalid_body(exc))
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, kind):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def _http_error_handler(_: Request, exc: HTTPException) -> Response[bytes]:
+    if _caused_by(exc, msgspec.DecodeError):
+        return error_response(InvalidRequest(f"the request body is not valid JSON: {exc.detail}"))
     err = FleetError(str(exc.detail))
     err.status = exc.status_code
     err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -73,38 +93,51 @@ def _unexpected_error_handler(request: Request, exc: Exception) -> Response[byte
 
 @get("/health", sync_to_thread=False)
 def health(state: State) -> Response[bytes]:
-    """200 with each model's state; the gateway itself is up whenever it answers."""
+    """200 with each model's state; the gateway itself is up whenever it answers. Open without a key."""
     backends: Mapping[str, Backend] = state.backends
     body = {"status": "ok", "models": {name: b.lifecycle.state.value for name, b in backends.items()}}
     return Response(_json.encode(body), media_type=JSON)
 
 
-@get("/v1/models", sync_to_thread=False)
-def list_models(state: State) -> Response[bytes]:
-    """The fleet's models, with the state of each engine."""
+@get("/metrics", sync_to_thread=False, guards=[require_key])
+def metrics(state: State) -> Response[bytes]:
+    """Prometheus metrics: requests by status, latency, time to first token, tokens, engine states."""
+    return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+@get("/v1/models", sync_to_thread=False, guards=[require_key])
+def list_models(request: Request, state: State) -> Response[bytes]:
+    """The fleet's models the caller may use, with the state of each engine."""
     backends: Mapping[str, Backend] = state.backends
+    key = request.scope.get("fleet_key")
     cards = [
         ModelCard(id=name, created=state.started, owned_by="fleet", state=b.lifecycle.state.value,
                   max_model_len=b.config.max_model_len)
         for name, b in backends.items()
+        if key is None or key.models is None or name in key.models
     ]
     return Response(_json.encode(ModelList(cards)), media_type=JSON)
 
 
-@post("/v1/completions", status_code=200, name="completions")
-async def completions_route(request: Request, state: State) -> Response[bytes] | Stream:
+@post("/v1/completions", status_code=200, name="completions", guards=[require_key])
+async def completions_route(data: JSONBody[CompletionRequest], request: Request, state: State) -> Response[bytes] | Stream:
     """OpenAI's legacy completions: parse, route, plan, run."""
-    req: CompletionRequest = decode_request(await request.body(), _completion_decoder)  # type: ignore[assignment]
-    backend = route(state.backends, req.model)
-    return await _run(backend, plan_completion(req, backend.config.defaults), req.model, completions)
+    backend = _backend(request, state, data.model)
+    plan = plan_completion(data, backend.config.defaults, backend.config.limits)
+    return await _run(request, state, backend, plan, data.model, completions, "completions")
 
 
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request, state: State) -> Response[bytes] | Stream:
+@post("/v1/chat/completions", status_code=200, guards=[require_key])
+async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request, state: State) -> Response[bytes] | Stream:
     """OpenAI's chat completions: the engine renders the messages with the model's chat template."""
-    req: ChatCompletionRequest = decode_request(await request.body(), _chat_decoder)  # type: ignore[assignment]
-    backend = route(state.backends, req.model)
-    return await _run(backend, plan_chat(req, backend.config.defaults), req.model, chat)
+    backend = _backend(request, state, data.model)
+    plan = plan_chat(data, backend.config.defaults, backend.config.limits)
+    return await _run(request, state, backend, plan, data.model, chat, "chat")
+
+
+def _backend(request: Request, state: State, model: str) -> Backend:
+    Keys.allow(request.scope.get("fleet_key"), model)
+    return route(state.backends, model)
 
 
 class _Api(Protocol):
@@ -112,45 +145,54 @@ class _Api(Protocol):
     async def stream(self, backend: Backend, plan: Plan, model: str) -> AsyncIterator[bytes]: ...
 
 
-async def _run(backend: Backend, plan: Plan, model: str, api: _Api) -> Response[bytes] | Stream:
-    """Run a planned request, counted in flight until its last byte (reload drains on this count)."""
-    backend.stats.begin()
+async def _run(request: Request, state: State, backend: Backend, plan: Plan, model: str, api: _Api,
+               route_name: str) -> Response[bytes] | Stream:
+    """Run a planned request inside its bookkeeping (slot, in-flight count, metrics, disconnects)."""
+    tracked = Tracked(backend, route_name, state.metrics)
     if not plan.stream:
-        try:
-            return Response(await api.complete(backend, plan, model), media_type=JSON)
-        finally:
-            backend.stats.end()
+        async with tracked:
+            body = await unless_disconnected(request, api.complete(backend, plan, model))
+        return Response(body, media_type=JSON)
+    await tracked.__aenter__()
     try:
-        body = await api.stream(backend, plan, model)
-    except BaseException:
-        backend.stats.end()
+        stream = await unless_disconnected(request, api.stream(backend, plan, model))
+    except BaseException as e:
+        await tracked.__aexit__(type(e), e, None)
         raise
-    return Stream(_counted(body, backend), media_type="text/event-stream", headers=SSE_HEADERS)
+    return Stream(tracked.stream(stream), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _counted(body: AsyncIterator[bytes], backend: Backend) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in body:
-            yield chunk
-    finally:
-        backend.stats.end()
-
-
-def create_app(backends: Mapping[str, Backend], control: Control | None = None) -> Litestar:
+def create_app(
+    backends: Mapping[str, Backend],
+    control: Control | None = None,
+    *,
+    keys: Keys | None = None,
+    gateway: GatewayConfig | None = None,
+    restarts: Callable[[str], int] = lambda _: 0,
+) -> Litestar:
     """The gateway app over a fleet's backends (their lifecycles are owned by the launcher)."""
+    gateway = gateway or GatewayConfig()
 
     async def close_clients() -> None:
         for b in backends.values():
             await b.client.close()
 
     return Litestar(
-        route_handlers=[health, list_models, completions_route, chat_completions, *control_routes.ROUTES],
-        state=State({"backends": backends, "started": int(time.time()), "control": control}),
+        route_handlers=[health, metrics, list_models, completions_route, chat_completions, *control_routes.ROUTES],
+        state=State({
+            "backends": backends,
+            "started": int(time.time()),
+            "control": control,
+            "api_keys": keys or Keys([]),
+            "metrics": Metrics(lambda: backends, restarts),
+        }),
         exception_handlers={
             FleetError: _fleet_error_handler,
+            ValidationException: _validation_error_handler,
             HTTPException: _http_error_handler,
             Exception: _unexpected_error_handler,
         },
+        request_max_body_size=gateway.max_body_bytes,
         on_shutdown=[close_clients],
         logging_config=None,
     )

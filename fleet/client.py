@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from fleet import protocol
-from fleet.errors import EngineFailure
+from fleet.errors import EngineFailure, EngineTimeout
 
 _info_decoder = protocol.decoder(protocol.EngineInfo)
 
@@ -16,9 +16,11 @@ _info_decoder = protocol.decoder(protocol.EngineInfo)
 class EngineClient:
     """Talks to one engine at `base_url`; `generate` yields frames until Done or Error."""
 
-    def __init__(self, name: str, base_url: str) -> None:
+    def __init__(self, name: str, base_url: str, *, token: str | None = None, timeout: float = 300.0) -> None:
         self.name = name
         self.base_url = base_url
+        self.timeout = timeout  # the longest silence from the engine during a request
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -28,8 +30,9 @@ class EngineClient:
             self._session = aiohttp.ClientSession(
                 self.base_url,
                 connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.timeout),
                 skip_auto_headers=("User-Agent",),
+                headers=self._headers,
             )
         return self._session
 
@@ -71,5 +74,7 @@ class EngineClient:
                     yield frame
                     if isinstance(frame, (protocol.Done, protocol.Error)):
                         return
+        except asyncio.TimeoutError:
+            raise EngineTimeout(f"engine for model {self.name!r} sent nothing for {self.timeout:.0f}s") from None
         except (aiohttp.ClientError, OSError) as e:
             raise EngineFailure(f"engine for model {self.name!r} is unreachable: {e}") from None

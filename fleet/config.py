@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fleet.errors import ConfigError
@@ -44,6 +44,45 @@ class GatewayConfig(_Strict):
 
     host: str = "127.0.0.1"
     port: Int = Field(8000, ge=1, le=65535)
+    max_body_bytes: Int = Field(8 << 20, ge=1024, description="larger request bodies get 413")
+    engine_timeout: float = Field(
+        300.0, gt=0, description="seconds an engine may stay silent during a request before it is a 504"
+    )
+
+
+class ApiKey(_Strict):
+    """One API key, optionally limited to some models."""
+
+    key: SecretStr = Field(min_length=1)
+    models: list[str] | None = Field(None, description="the models this key may use; absent: all")
+
+
+class AuthConfig(_Strict):
+    """API keys. With none configured the gateway is open (bind it to loopback)."""
+
+    keys: list[ApiKey] = Field(default_factory=list)
+    keys_env: str | None = Field("FLEET_API_KEYS", description="an environment variable of comma-separated keys")
+    keys_file: str | None = Field(None, description="a file with one key per line, `key model1,model2` to limit it")
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _plain_strings_are_keys(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"key": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class Limits(_Strict):
+    """Per-model bounds: nothing a client sends is unbounded."""
+
+    max_concurrent: Int = Field(256, ge=1, description="requests at the engine at once")
+    max_queued: Int = Field(1024, ge=0, description="requests waiting beyond those; more get 429")
+    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait in the queue")
+    max_tokens: Int | None = Field(None, ge=1, description="the largest max_tokens a request may ask for")
+    n: Int = Field(16, ge=1, le=128)
+    best_of: Int = Field(20, ge=1, le=128)
+    prompts: Int = Field(64, ge=1, description="prompts in one completions request")
+    prompt_chars: Int = Field(1_000_000, ge=1, description="characters (or token ids) in all prompts together")
 
 
 class SupervisorConfig(_Strict):
@@ -108,6 +147,7 @@ class ModelConfig(_Strict):
         default_factory=dict, description="passed through to vLLM's AsyncEngineArgs"
     )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    limits: Limits = Field(default_factory=Limits)
     chat_template: str | None = Field(
         None, description="a Jinja chat template file, for a model whose tokenizer has none (or to replace it)"
     )
@@ -183,6 +223,7 @@ class FleetConfig(BaseSettings):
 
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     models: list[ModelConfig] = Field(default_factory=list)
 
     @classmethod

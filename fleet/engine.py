@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import hmac
 import logging
 import os
 import signal
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
 from litestar.response import Stream
 
 from fleet import protocol
@@ -30,6 +34,7 @@ from fleet.models import resolve
 log = logging.getLogger("fleet.engine")
 _request_decoder = protocol.decoder(protocol.GenerateRequest)
 MAX_LOGPROBS = 40
+TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # set by the launcher; the gateway sends it as a bearer token
 
 
 class EngineService:
@@ -219,19 +224,27 @@ class RequestRejected(Exception):
         self.param = param
 
 
-def create_engine_app(service: EngineService) -> Litestar:
-    """The internal-protocol HTTP app around one engine."""
+def create_engine_app(service: EngineService, token: str | None = None) -> Litestar:
+    """The internal-protocol HTTP app around one engine; with a token, /info and /generate need it."""
     info_body = protocol.encode(service.info)
+    expected = f"Bearer {token}".encode() if token else None
+
+    def require_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        if expected is None:
+            return
+        presented = (connection.headers.get("authorization") or "").encode()
+        if not hmac.compare_digest(presented, expected):
+            raise NotAuthorizedException("this engine answers only its fleet's gateway")
 
     @get("/health", sync_to_thread=False)
     def health() -> Response[bytes]:
         return Response(b"ok" if service.healthy else b"engine dead", status_code=200 if service.healthy else 503)
 
-    @get("/info", sync_to_thread=False)
+    @get("/info", sync_to_thread=False, guards=[require_token])
     def info() -> Response[bytes]:
         return Response(info_body, media_type="application/msgpack")
 
-    @post("/generate", status_code=200)
+    @post("/generate", status_code=200, guards=[require_token])
     async def generate(request: Request) -> Stream:
         req = _request_decoder.decode(await request.body())
         return Stream(service.frames(req), media_type=protocol.CONTENT_TYPE)
@@ -278,7 +291,7 @@ async def serve(cfg: ModelConfig) -> None:
     template = Path(cfg.chat_template).expanduser().read_text() if cfg.chat_template else None
     service = EngineService(engine, cfg.name, template)
     server = uvicorn.Server(
-        uvicorn.Config(create_engine_app(service), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        uvicorn.Config(create_engine_app(service, os.environ.get(TOKEN_ENV)), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
     )
     print(f"fleet engine {cfg.name}: model loaded in {time.monotonic() - started:.1f}s, serving on {cfg.host}:{cfg.port}", flush=True)
     try:

@@ -68,3 +68,11 @@ class EngineFailure(FleetError):
     status = 502
     type = "server_error"
     code = "engine_error"
+
+
+class EngineTimeout(FleetError):
+    """The engine stopped answering in the middle of a request (HTTP 504)."""
+
+    status = 504
+    type = "server_error"
+    code = "engine_timeout"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import time
@@ -24,7 +25,9 @@ from typing import Any
 import uvicorn
 from rich.console import Console
 
+from fleet.admission import Admission
 from fleet.app import create_app
+from fleet.auth import load_keys
 from fleet.config import FleetConfig, ModelConfig, load_config
 from fleet.lifecycle import EngineState
 from fleet.routing import Backend
@@ -104,6 +107,8 @@ class Fleet:
         self.gateway_started = asyncio.Event()
         self.started_at = time.time()
         self._reload_lock = asyncio.Lock()
+        self.token = secrets.token_urlsafe(32)  # engines refuse requests without it
+        self.keys = load_keys(config.auth)
         bindings = cpu_bindings(config.models, sorted(os.sched_getaffinity(0)))
         for m in config.models:
             self._add(m, bindings.get(m.name))
@@ -116,9 +121,13 @@ class Fleet:
             console=self.console,
             echo_logs=self.echo_logs,
             policy=self.config.supervisor,
+            token=self.token,
+            engine_timeout=self.config.gateway.engine_timeout,
         )
         self.engines[cfg.name] = engine
-        self.backends[cfg.name] = Backend(cfg, engine.lifecycle, engine.client)
+        limits = cfg.limits
+        admission = Admission(cfg.name, limits.max_concurrent, limits.max_queued, limits.queue_timeout)
+        self.backends[cfg.name] = Backend(cfg, engine.lifecycle, engine.client, admission=admission)
         return engine
 
     def _start(self, name: str) -> None:
@@ -133,7 +142,8 @@ class Fleet:
             self._start(name)
         server = _GatewayServer(
             uvicorn.Config(
-                create_app(self.backends, control=self),
+                create_app(self.backends, control=self, keys=self.keys, gateway=gw,
+                           restarts=lambda n: self.engines[n].total_restarts if n in self.engines else 0),
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=int(self.config.supervisor.drain_timeout),

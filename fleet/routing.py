@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fleet.admission import Admission
 from fleet.client import EngineClient
 from fleet.config import ModelConfig
 from fleet.errors import ModelNotFound, ModelNotReady
@@ -24,7 +25,9 @@ class BackendStats:
 
     inflight: int = 0
     requests: int = 0
+    prompt_tokens: int = 0
     completion_tokens: int = 0
+    responses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
     _recent: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
 
     def begin(self) -> None:
@@ -36,8 +39,13 @@ class BackendStats:
         """A request for this model finished, however it ended."""
         self.inflight -= 1
 
-    def add_tokens(self, n: int) -> None:
-        """Completion tokens produced by this model's engine."""
+    def count(self, route: str, status: int) -> None:
+        """One answered request, by route and HTTP status."""
+        self.responses[(route, status)] += 1
+
+    def add_tokens(self, n: int, prompt: int = 0) -> None:
+        """Tokens of one finished engine request: completion (for the rate) and prompt."""
+        self.prompt_tokens += prompt
         self.completion_tokens += n
         now = time.monotonic()
         self._recent.append((now, n))
@@ -58,6 +66,7 @@ class Backend:
     lifecycle: Lifecycle
     client: EngineClient
     stats: BackendStats = field(default_factory=BackendStats)
+    admission: Admission | None = None
 
     @property
     def name(self) -> str:

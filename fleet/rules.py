@@ -13,6 +13,7 @@ import msgspec
 
 from fleet import protocol
 from fleet.errors import InvalidRequest
+from fleet.config import Limits
 from fleet.schemas import ChatMessageIn, ResponseFormat
 
 SAMPLING_EPS = 1e-5
@@ -194,3 +195,20 @@ def check_chat_logprobs(logprobs: bool | None, top_logprobs: int | None) -> int 
     if top_logprobs is not None and not logprobs:
         raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
     return (top_logprobs or 0) if logprobs else None
+
+
+def check_limits(limits: Limits, *, n: int, best_of: int, max_tokens: int | None, prompts: int, size: int,
+                 prompt_param: str = "prompt") -> None:
+    """The model's per-request caps from fleet.toml ([models.limits])."""
+    if n > limits.n:
+        raise InvalidRequest(f"n is at most {limits.n} for this model, got {n}", param="n")
+    if best_of > limits.best_of:
+        raise InvalidRequest(f"best_of is at most {limits.best_of} for this model, got {best_of}", param="best_of")
+    if max_tokens is not None and limits.max_tokens is not None and max_tokens > limits.max_tokens:
+        raise InvalidRequest(f"max_tokens is at most {limits.max_tokens} for this model, got {max_tokens}",
+                             param="max_tokens")
+    if prompts > limits.prompts:
+        raise InvalidRequest(f"at most {limits.prompts} prompts per request, got {prompts}", param=prompt_param)
+    if size > limits.prompt_chars:
+        raise InvalidRequest(f"the prompt is too long for this model: {size} characters, at most {limits.prompt_chars}",
+                             param=prompt_param)

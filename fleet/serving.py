@@ -92,7 +92,7 @@ async def run_prompt(backend: Backend, req: protocol.GenerateRequest) -> PromptR
             result.prompt = frame
         elif isinstance(frame, protocol.Done):
             result.prompt_tokens, result.completion_tokens = frame.prompt_tokens, frame.completion_tokens
-            backend.stats.add_tokens(frame.completion_tokens)
+            backend.stats.add_tokens(frame.completion_tokens, frame.prompt_tokens)
         else:
             raise_for_frame(frame)
     return result
@@ -202,7 +202,7 @@ async def _stream_body(
             elif isinstance(frame, protocol.Done):
                 prompt_tokens += frame.prompt_tokens
                 completion_tokens += frame.completion_tokens
-                backend.stats.add_tokens(frame.completion_tokens)
+                backend.stats.add_tokens(frame.completion_tokens, frame.prompt_tokens)
             else:
                 raise_for_frame(frame)
     except FleetError as e:

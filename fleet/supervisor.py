@@ -35,6 +35,8 @@ from fleet.config import ModelConfig, SupervisorConfig
 from fleet.lifecycle import EngineState, Lifecycle
 from fleet.models import cache_dir
 
+TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # engine.py reads it; kept here so the launcher never imports the engine
+
 EngineCommand = Callable[[ModelConfig], Sequence[str]]
 STOP_GRACE = 15.0
 HEALTH_POLL = 0.25  # while starting
@@ -73,12 +75,15 @@ class EngineProcess:
         console: Console | None = None,
         echo_logs: bool = True,
         policy: SupervisorConfig | None = None,
+        token: str | None = None,
+        engine_timeout: float = 300.0,
     ) -> None:
         self.cfg = cfg
         self.lifecycle = Lifecycle(cfg.name)
-        self.client = EngineClient(cfg.name, f"http://{connect_host(cfg.host)}:{cfg.port}")
+        self.client = EngineClient(cfg.name, f"http://{connect_host(cfg.host)}:{cfg.port}", token=token,
+                                   timeout=engine_timeout)
         self.command = command
-        self.env = env or {}
+        self.env = {**(env or {}), **({TOKEN_ENV: token} if token else {})}
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.echo_logs = echo_logs
         self.policy = policy or SupervisorConfig(stop_grace=STOP_GRACE)

@@ -15,7 +15,7 @@ from typing import TypeVar, Union
 import msgspec
 
 from fleet import protocol
-from fleet.config import SamplingDefaults
+from fleet.config import Limits, SamplingDefaults
 from fleet.errors import InvalidRequest
 from fleet.rules import (
     SamplingType,
@@ -23,6 +23,7 @@ from fleet.rules import (
     check_best_of,
     check_chat_logprobs,
     check_greedy,
+    check_limits,
     check_logit_bias,
     check_messages,
     check_not_beam_search,
@@ -48,6 +49,7 @@ from fleet.schemas import (
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 CHAT_MAX_TOKENS = 2**31 - 1  # chat's default: whatever room the context leaves
+NO_LIMITS = Limits(n=128, best_of=128, prompts=1 << 20, prompt_chars=1 << 40)
 _json = msgspec.json.Encoder()
 
 T = TypeVar("T")
@@ -90,6 +92,10 @@ def plan_sampling(
     default_max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    limits: Limits,
+    prompts: int,
+    size: int,
+    prompt_param: str = "prompt",
 ) -> tuple[protocol.SamplingParams, protocol.BeamSearch | None]:
     """The sampling rules shared by completions and chat; returns engine sampling and beam settings."""
     stream = bool(req.stream)
@@ -102,6 +108,8 @@ def plan_sampling(
     top_k = pick(req.top_k, None if beam else defaults.top_k, -1)
     check_top_k(top_k)
     check_best_of(n, best_of, stream)
+    check_limits(limits, n=n, best_of=best_of, max_tokens=max_tokens, prompts=prompts, size=size,
+                 prompt_param=prompt_param)
     kind = sampling_type(beam, temperature)
     if kind is SamplingType.BEAM:
         early_stopping = req.early_stopping if req.early_stopping is not None else False
@@ -114,6 +122,8 @@ def plan_sampling(
         check_greedy(best_of, n)
         top_p, top_k = 1.0, -1  # vLLM 0.2.7 resets them for greedy sampling
     chosen_max = max_tokens if max_tokens is not None else defaults.max_tokens
+    if max_tokens is None and limits.max_tokens is not None:  # a default never exceeds the cap
+        chosen_max = min(chosen_max or default_max_tokens, limits.max_tokens)
     # Best-of ranks candidates by cumulative logprob, which the engine computes only with logprobs on.
     engine_logprobs = logprobs if logprobs is not None else (0 if best_of > n else None)
     sampling = protocol.SamplingParams(
@@ -160,13 +170,16 @@ def _plan(req: SamplingRequest, prompts: list[Prompt], sampling: protocol.Sampli
     )
 
 
-def plan_completion(req: CompletionRequest, defaults: SamplingDefaults) -> Plan:
+def plan_completion(req: CompletionRequest, defaults: SamplingDefaults, limits: Limits = NO_LIMITS) -> Plan:
     """Apply defaults and every rule to a completions request."""
     prompts: list[Prompt] = list(check_prompt(req.prompt))
     check_suffix(req.suffix)
     sampling, beam = plan_sampling(
         req,
         defaults,
+        limits=limits,
+        prompts=len(prompts),
+        size=sum(len(p) for p in prompts),  # type: ignore[arg-type]
         max_tokens=req.max_tokens,
         default_max_tokens=DEFAULT_MAX_TOKENS,
         logprobs=req.logprobs,
@@ -175,7 +188,7 @@ def plan_completion(req: CompletionRequest, defaults: SamplingDefaults) -> Plan:
     return _plan(req, prompts, sampling, beam, req.logprobs, echo=bool(req.echo))
 
 
-def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults) -> Plan:
+def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults, limits: Limits = NO_LIMITS) -> Plan:
     """Apply defaults and every rule to a chat request."""
     check_tools(req.tools, req.tool_choice)
     messages = check_messages(req.messages)
@@ -184,6 +197,10 @@ def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults) -> Plan:
     sampling, beam = plan_sampling(
         req,
         defaults,
+        limits=limits,
+        prompts=1,
+        size=sum(len(m.content) for m in messages),
+        prompt_param="messages",
         max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         default_max_tokens=CHAT_MAX_TOKENS,
         logprobs=logprobs,

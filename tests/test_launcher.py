@@ -26,8 +26,8 @@ from rich.console import Console
 
 from conftest import ROOT, InProcessFleet, fleet_toml, free_port
 from fake_engine import CRASH_EXIT_CODE, fake_command
-from fleet import launcher, protocol
-from fleet.config import ModelConfig, parse_config
+from fleet import protocol
+from fleet.config import ModelConfig, SupervisorConfig, parse_config
 from fleet.errors import EngineFailure
 from fleet.launcher import EngineProcess, Fleet, stop_process_tree
 from fleet.lifecycle import EngineState, Lifecycle
@@ -105,11 +105,18 @@ def kill_all(procs: Iterable[psutil.Process]) -> None:
             p.kill()
 
 
+# Tests of failures want them to stay failed; a restart test asks for restarts.
+NO_RESTARTS = {"max_restarts": 0, "stop_grace": 5.0}
+
+
 @contextlib.asynccontextmanager
-async def running(cfg: ModelConfig) -> AsyncIterator[tuple[EngineProcess, States, io.StringIO]]:
-    """One EngineProcess run by its own task; always stopped, leftovers killed."""
+async def running(cfg: ModelConfig, **policy: Any) -> AsyncIterator[tuple[EngineProcess, States, io.StringIO]]:
+    """One EngineProcess run by its own task; always stopped (bounded), leftovers killed."""
     out = io.StringIO()
-    engine = EngineProcess(cfg, command=fake_command, console=Console(file=out, width=400), echo_logs=False)
+    engine = EngineProcess(
+        cfg, command=fake_command, console=Console(file=out, width=400), echo_logs=False,
+        policy=SupervisorConfig(**{**NO_RESTARTS, **policy}),
+    )
     states = States(engine.lifecycle)
     task = asyncio.create_task(engine.run())
     seen: list[psutil.Process] = []
@@ -118,10 +125,12 @@ async def running(cfg: ModelConfig) -> AsyncIterator[tuple[EngineProcess, States
     finally:
         seen += family(engine.pid)
         engine.request_stop()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 30)
-        finally:
-            kill_all(seen)
+        done, _ = await asyncio.wait({task}, timeout=20)
+        kill_all(seen)
+        if not done:  # a stop that hangs: unblock it by killing what it waits for, then report
+            await asyncio.wait({task}, timeout=10)
+            raise AssertionError(f"stopping the engine hung for 20 s (state {engine.lifecycle.state.value})")
+        task.result()
 
 
 async def generate(engine: EngineProcess) -> list[protocol.Frame]:
@@ -190,11 +199,45 @@ def test_engine_that_crashes_after_ready_fails() -> None:
     asyncio.run(scenario())
 
 
+def test_crashed_engine_is_restarted_after_backoff_and_serves_again() -> None:
+    async def scenario() -> None:
+        cfg = model(fake_crash_after_requests=1)
+        async with running(cfg, max_restarts=1, restart_backoff=0.2) as (engine, states, out):
+            assert await states.reach(S.READY) is S.READY
+            assert isinstance((await generate(engine))[-1], protocol.Done)
+            first_pid = engine.pid
+            with pytest.raises(EngineFailure):
+                await generate(engine)
+            states.seen.clear()
+            assert await states.reach(S.READY, timeout=20) is S.READY
+            assert states.seen == [S.FAILED, S.RESTARTING, S.STARTING, S.READY]
+            assert engine.pid != first_pid and engine.total_restarts == 1
+            assert isinstance((await generate(engine))[-1], protocol.Done)
+
+    asyncio.run(scenario())
+
+
+def test_engine_stays_failed_after_max_restarts_in_a_row() -> None:
+    async def scenario() -> None:
+        async with running(model(fake_exit_at_start=3), max_restarts=1, restart_backoff=0.1) as (engine, states, out):
+            assert await states.reach(S.FAILED) is S.FAILED
+            states.seen.clear()
+            assert await states.reach(S.FAILED, timeout=20) is S.FAILED
+            assert states.seen == [S.RESTARTING, S.STARTING, S.FAILED]
+            async with asyncio.timeout(10):  # the launcher gives up and says so
+                while "stays failed" not in out.getvalue():
+                    await asyncio.sleep(0.02)
+            assert engine.lifecycle.state is S.FAILED and engine.total_restarts == 1
+
+    asyncio.run(scenario())
+
+
 def test_gateway_answers_502_when_the_engine_dies_holding_the_request_then_503_with_the_reason(
     log_dir: Path,
 ) -> None:
     config = parse_config({
         "gateway": {"port": free_port()},
+        "supervisor": NO_RESTARTS,
         "models": [{"name": "fragile", "source": "fake", "port": free_port(),
                     "engine_args": {"fake_crash_after_requests": 1}}],
     })
@@ -273,11 +316,10 @@ def test_stop_process_tree_sigkills_a_tree_that_ignores_sigterm_after_the_grace(
     asyncio.run(scenario())
 
 
-def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launcher, "STOP_GRACE", 0.5)
-
+def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace() -> None:
     async def scenario() -> None:
-        async with running(model(fake_ignore_sigterm=True, fake_spawn_child=True)) as (engine, states, out):
+        cfg = model(fake_ignore_sigterm=True, fake_spawn_child=True)
+        async with running(cfg, stop_grace=0.5) as (engine, states, out):
             assert await states.reach(S.READY, S.FAILED) is S.READY
             procs = family(engine.pid)
             proc = engine.proc
@@ -288,7 +330,7 @@ def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace(monkeypatch: pyte
             took = time.monotonic() - began
             assert proc is not None and proc.returncode == -signal.SIGKILL
             assert wait_gone(procs) == []
-            assert took < 0.5 + 3, f"stopping took {took:.1f}s with STOP_GRACE = 0.5"
+            assert 0.5 <= took < 0.5 + 3, f"stopping took {took:.1f}s with stop_grace = 0.5"
 
     asyncio.run(scenario())
 
@@ -296,6 +338,7 @@ def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace(monkeypatch: pyte
 def test_no_process_the_fleet_started_survives_it() -> None:
     config = parse_config({
         "gateway": {"port": free_port()},
+        "supervisor": {"stop_grace": 5.0},
         "models": [
             {"name": "plain", "source": "fake", "port": free_port()},
             {"name": "with-child", "source": "fake", "port": free_port(), "engine_args": {"fake_spawn_child": True}},

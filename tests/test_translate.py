@@ -12,7 +12,9 @@ import msgspec
 import pytest
 
 from fleet import protocol
-from fleet.app import _completion_decoder, decode_request
+from litestar.testing import TestClient
+
+from fleet.app import create_app
 from fleet.config import SamplingDefaults
 from fleet.errors import InvalidRequest
 from fleet.schemas import CompletionRequest
@@ -193,9 +195,7 @@ def test_beam_search_early_stopping_values(early_stopping: bool | str) -> None:
 
 
 def test_early_stopping_other_string_is_refused_when_decoding() -> None:
-    with pytest.raises(InvalidRequest) as e:
-        decode_request(b'{"model": "m", "prompt": "x", "early_stopping": "sometimes"}', _completion_decoder)
-    assert e.value.param == "early_stopping"
+    assert decode_error(b'{"model": "m", "prompt": "x", "early_stopping": "sometimes"}').param == "early_stopping"
 
 
 def test_early_stopping_requires_beam_search() -> None:
@@ -407,11 +407,25 @@ def test_completion_logprobs_offsets_start_where_asked() -> None:
 # --- decoding the request body --------------------------------------------------------------
 
 
-def decode_error(body: bytes) -> InvalidRequest:
-    with pytest.raises(InvalidRequest) as e:
-        decode_request(body, _completion_decoder)
-    assert e.value.status == 400
-    return e.value
+class DecodeError:
+    """The OpenAI error a body got from the gateway (decoded by Litestar + msgspec, before routing)."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.param = body["error"]["param"]
+        self.message = body["error"]["message"]
+
+
+def post_body(body: bytes) -> tuple[int, dict[str, Any]]:
+    with TestClient(create_app({})) as client:  # no models: a body that decodes is a 404
+        r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    return r.status_code, r.json()
+
+
+def decode_error(body: bytes) -> DecodeError:
+    status, payload = post_body(body)
+    assert status == 400, payload
+    return DecodeError(status, payload)
 
 
 def test_decode_wrong_type_names_the_field() -> None:
@@ -454,7 +468,5 @@ def test_decode_body_not_an_object() -> None:
 
 
 def test_decode_ignores_unknown_fields() -> None:
-    req = decode_request(b'{"model": "m", "prompt": "x", "store": true, "parallel_tool_calls": false}',
-                         _completion_decoder)
-    assert isinstance(req, CompletionRequest)
-    assert req.model == "m"
+    status, payload = post_body(b'{"model": "m", "prompt": "x", "store": true, "parallel_tool_calls": false}')
+    assert status == 404 and payload["error"]["code"] == "model_not_found"  # decoded, then routed

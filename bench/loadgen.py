@@ -1,0 +1,293 @@
+"""The load generator: an asyncio + aiohttp client with bounded request counts and durations.
+
+Two ways to offer load, both of which always stop by themselves:
+
+- `closed_loop(target, concurrency, requests)`: `concurrency` workers, each sending its next
+  request when the previous one ends, until `requests` were sent (or `max_duration` passed).
+  This is how throughput is measured.
+- `open_loop(target, rate, requests)`: request i is sent at t0 + i / rate whatever the server
+  does (no coordinated omission), `requests` in all. This is how added latency and the highest
+  sustained rate are measured.
+
+Targets speak OpenAI's /v1/completions (JSON or SSE) or fleet's internal /generate (msgpack
+frames, for the null engine measured directly). Only loopback addresses are allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+
+_json_decode = msgspec.json.decode
+_json_encode = msgspec.json.encode
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+CDF_POINTS = [*range(0, 100), 99.5, 99.9, 100]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One kind of request to one URL: what is sent, and how the answer is read."""
+
+    url: str
+    bodies: tuple[bytes, ...]  # request i sends bodies[i % len(bodies)]
+    kind: str = "openai"  # "openai" (JSON or SSE) or "fleet" (msgpack frames)
+    stream: bool = False
+    content_type: str = "application/json"
+
+    def __post_init__(self) -> None:
+        host = urlsplit(self.url).hostname
+        if host not in LOOPBACK:
+            raise ValueError(f"the benchmark only sends load to loopback addresses, not {host!r}")
+
+
+def completion_target(
+    base_url: str, model: str, prompts: Sequence[str], max_tokens: int, *, stream: bool, ignore_eos: bool = True,
+) -> Target:
+    """POST {base_url}/v1/completions with greedy sampling and (with ignore_eos) exactly max_tokens tokens."""
+    bodies = []
+    for prompt in prompts:
+        body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
+        if ignore_eos:
+            body["ignore_eos"] = True
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        bodies.append(_json_encode(body))
+    return Target(f"{base_url}/v1/completions", tuple(bodies), "openai", stream)
+
+
+def generate_target(engine_url: str, prompts: Sequence[str], max_tokens: int) -> Target:
+    """POST {engine_url}/generate: fleet's internal protocol, as the gateway sends it."""
+    from fleet import protocol
+
+    bodies = tuple(
+        protocol.encode(protocol.GenerateRequest(
+            request_id=f"bench-{i}", prompt=prompt,
+            sampling=protocol.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        ))
+        for i, prompt in enumerate(prompts)
+    )
+    return Target(f"{engine_url}/generate", bodies, "fleet", False, "application/msgpack")
+
+
+@dataclass
+class Sample:
+    """One request's outcome; times in seconds."""
+
+    ok: bool
+    latency: float = 0.0  # from sending to the last byte
+    ttft: float | None = None  # streaming: to the first chunk that carries text
+    tokens: int = 0
+    error: str | None = None
+    lag: float = 0.0  # open loop: how late the client sent it (actual - scheduled)
+
+
+async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample) -> None:
+    chunks = 0
+    usage_tokens = None
+    async for line in resp.content:
+        if not line.startswith(b"data: "):
+            continue
+        payload = line[6:].strip()
+        if payload == b"[DONE]":
+            break
+        event = _json_decode(payload)
+        if "error" in event:
+            raise RuntimeError(f"error event: {str(event['error'])[:200]}")
+        choices = event.get("choices") or []
+        if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+            chunks += 1
+            if sample.ttft is None:
+                sample.ttft = time.perf_counter() - start
+        if usage := event.get("usage"):
+            usage_tokens = usage.get("completion_tokens")
+    sample.tokens = usage_tokens if usage_tokens is not None else chunks
+
+
+def _read_frames(body: bytes) -> int:
+    from fleet import protocol
+
+    tokens, pos, header = 0, 0, protocol.FRAME_HEADER
+    while pos < len(body):
+        (size,) = header.unpack_from(body, pos)
+        frame = protocol.decode_frame(body[pos + 4:pos + 4 + size])
+        pos += 4 + size
+        if isinstance(frame, protocol.Done):
+            return frame.completion_tokens
+        if isinstance(frame, protocol.Error):
+            raise RuntimeError(f"engine error frame: {frame.message}")
+    raise RuntimeError(f"no Done frame ({tokens} tokens)")
+
+
+async def send(session: aiohttp.ClientSession, target: Target, timeout: float, index: int = 0) -> Sample:
+    """Request `index`; never raises (errors are samples with ok=False)."""
+    sample = Sample(ok=False)
+    body = target.bodies[index % len(target.bodies)]
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            async with session.post(target.url, data=body, headers={"Content-Type": target.content_type}) as resp:
+                if resp.status != 200:
+                    text = (await resp.read())[:200].decode(errors="replace")
+                    raise RuntimeError(f"HTTP {resp.status}: {text}")
+                if target.stream:
+                    await _read_sse(resp, start, sample)
+                elif target.kind == "fleet":
+                    sample.tokens = _read_frames(await resp.read())
+                else:
+                    body = _json_decode(await resp.read())
+                    if not body.get("choices"):
+                        raise RuntimeError(f"no choices: {str(body)[:200]}")
+                    sample.tokens = (body.get("usage") or {}).get("completion_tokens", 0)
+        sample.ok = True
+    except TimeoutError:
+        sample.error = f"timeout after {timeout:g}s"
+    except Exception as e:  # noqa: BLE001 - every failure is data
+        sample.error = f"{type(e).__name__}: {e}"[:300]
+    sample.latency = time.perf_counter() - start
+    return sample
+
+
+def _session(connections: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections, ttl_dns_cache=None),
+        timeout=aiohttp.ClientTimeout(total=None),
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        auto_decompress=False,
+    )
+
+
+@dataclass
+class RunResult:
+    """The samples of one load point and how long it took."""
+
+    samples: list[Sample]
+    wall: float  # from the first send to the last answer
+    offered: int  # requests the run meant to send
+    mode: str
+    concurrency: int | None = None
+    rate: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def closed_loop(
+    target: Target, concurrency: int, requests: int, *, timeout: float = 300.0, max_duration: float = 600.0,
+) -> RunResult:
+    """`concurrency` workers send `requests` requests back to back; stops at `max_duration` too."""
+    samples: list[Sample] = []
+    next_index = 0
+    deadline = time.perf_counter() + max_duration
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal next_index
+        while next_index < requests and time.perf_counter() < deadline:
+            index = next_index
+            next_index += 1
+            left = max(0.1, deadline - time.perf_counter())
+            samples.append(await send(session, target, min(timeout, left), index))
+
+    async with _session(concurrency) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, requests))))
+        wall = time.perf_counter() - start
+    return RunResult(samples, wall, requests, "closed", concurrency=concurrency)
+
+
+async def open_loop(
+    target: Target, rate: float, requests: int, *, timeout: float = 10.0, max_duration: float = 120.0,
+    connections: int = 1024,
+) -> RunResult:
+    """Send request i at t0 + i/rate (`requests` in all); latency counts from the scheduled time's send."""
+    samples: list[Sample] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(session: aiohttp.ClientSession, index: int, scheduled: float) -> None:
+        lag = time.perf_counter() - scheduled
+        s = await send(session, target, timeout, index)
+        s.lag = lag
+        samples.append(s)
+
+    async with _session(connections) as session:
+        start = time.perf_counter()
+        deadline = start + max_duration
+        i = 0
+        while i < requests and time.perf_counter() < deadline:
+            now = time.perf_counter()
+            due = min(requests, int((now - start) * rate) + 1)
+            while i < due:
+                t = asyncio.create_task(one(session, i, start + i / rate))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                i += 1
+            wait = start + i / rate - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.1, deadline - time.perf_counter()) + timeout)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.perf_counter() - start
+    unsent = requests - i
+    samples += [Sample(ok=False, error="not sent: max_duration reached")] * unsent
+    return RunResult(samples, wall, requests, "open", rate=rate)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0..100), linear interpolation; None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(run: RunResult, *, cdf: bool = False) -> dict[str, Any]:
+    """The numbers the report shows for one load point (times in ms)."""
+    ok = [s for s in run.samples if s.ok]
+    lat = [s.latency * 1e3 for s in ok]
+    ttft = [s.ttft * 1e3 for s in ok if s.ttft is not None]
+    tokens = sum(s.tokens for s in ok)
+    errors = [s.error for s in run.samples if not s.ok]
+    out: dict[str, Any] = {
+        "mode": run.mode,
+        "concurrency": run.concurrency,
+        "rate": run.rate,
+        "requests": run.offered,
+        "ok": len(ok),
+        "errors": len(errors),
+        "error_examples": sorted(set(e or "" for e in errors))[:3],
+        "wall_s": round(run.wall, 3),
+        "req_per_s": round(len(ok) / run.wall, 3) if run.wall > 0 else 0.0,
+        "output_tok_per_s": round(tokens / run.wall, 2) if run.wall > 0 else 0.0,
+        "output_tokens": tokens,
+        "tokens_per_request": sorted({s.tokens for s in ok})[:5],
+    }
+    for name, values in (("latency_ms", lat), ("ttft_ms", ttft)):
+        if values:
+            out[name] = {f"p{q}": round(percentile(values, q), 3) for q in (50, 90, 99)}  # type: ignore[arg-type]
+            out[name]["mean"] = round(sum(values) / len(values), 3)
+            out[name]["max"] = round(max(values), 3)
+        else:
+            out[name] = None
+    if run.mode == "open":
+        lag = [s.lag * 1e3 for s in ok]
+        out["client_lag_ms"] = {"p50": round(percentile(lag, 50), 3), "p99": round(percentile(lag, 99), 3)} if lag else None
+        out["late_latency_ms"] = (  # latency counted from the scheduled send time
+            {"p50": round(percentile([s.latency * 1e3 + s.lag * 1e3 for s in ok], 50), 3),
+             "p99": round(percentile([s.latency * 1e3 + s.lag * 1e3 for s in ok], 99), 3)} if ok else None
+        )
+    if cdf and lat:
+        out["latency_cdf_ms"] = [round(percentile(lat, q), 3) for q in CDF_POINTS]  # type: ignore[arg-type]
+        if ttft:
+            out["ttft_cdf_ms"] = [round(percentile(ttft, q), 3) for q in CDF_POINTS]  # type: ignore[arg-type]
+    return out

@@ -1,0 +1,123 @@
+"""One request's bookkeeping around the engine work: admission slot, in-flight count, status,
+latency and time to first token, and the client going away.
+
+A non-streamed request whose client disconnects is cancelled at once (which closes the engine
+connection, so the engine aborts); a streamed one is cancelled by the server when its send fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from types import TracebackType
+from typing import TypeVar
+
+from litestar import Request
+
+from fleet.errors import FleetError
+from fleet.metrics import Metrics
+from fleet.routing import Backend
+
+T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request", as metrics label
+
+
+class ClientDisconnected(FleetError):
+    """The client left before the answer was ready (never sent: there is no one to send it to)."""
+
+    status = CLIENT_CLOSED
+    type = "client_closed_request"
+
+
+def status_of(exc: BaseException | None) -> int:
+    """The HTTP status a request ended with, for metrics."""
+    if exc is None:
+        return 200
+    if isinstance(exc, FleetError):
+        return exc.status
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return CLIENT_CLOSED
+    return 500
+
+
+class Tracked:
+    """Async context for one request to one backend; leave it exactly once."""
+
+    def __init__(self, backend: Backend, route: str, metrics: Metrics | None) -> None:
+        self.backend, self.route, self.metrics = backend, route, metrics
+        self.started = time.perf_counter()
+        self._slot: contextlib.AbstractAsyncContextManager[None] | None = None
+        self._done = False
+
+    async def __aenter__(self) -> Tracked:
+        if self.backend.admission is not None:
+            slot = self.backend.admission.slot()
+            try:
+                await slot.__aenter__()
+            except BaseException as e:
+                self._record(e)
+                raise
+            self._slot = slot
+        self.backend.stats.begin()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.backend.stats.end()
+        if self._slot is not None:
+            await self._slot.__aexit__(kind, exc, tb)
+        self._record(exc)
+
+    def _record(self, exc: BaseException | None) -> None:
+        self.backend.stats.count(self.route, status_of(exc))
+        if self.metrics is not None:
+            self.metrics.latency.labels(self.backend.name, self.route).observe(time.perf_counter() - self.started)
+
+    def first_token(self) -> None:
+        """The first streamed bytes left for the client."""
+        if self.metrics is not None:
+            self.metrics.ttft.labels(self.backend.name, self.route).observe(time.perf_counter() - self.started)
+
+    async def stream(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Pass a response body through; leave this context when it ends, however it ends."""
+        exc: BaseException | None = None
+        first = True
+        try:
+            async for chunk in body:
+                if first:
+                    first = False
+                    self.first_token()
+                yield chunk
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            await self.__aexit__(type(exc) if exc else None, exc, None)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but cancel it and raise ClientDisconnected if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if gone.done():
+                gone.result()  # propagate unexpected errors of the watcher
+                raise ClientDisconnected("the client closed the connection")
+        gone.cancel()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
