@@ -262,10 +262,10 @@ class Fleet:
 
 
 async def launch(config: FleetConfig, *, echo_logs: bool = True, config_path: Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> None:
+                 overrides: dict[str, Any] | None = None, command: EngineCommand = engine_command) -> None:
     """`fleet launch`: run a fleet in the foreground until SIGINT/SIGTERM; SIGHUP reloads."""
     loader = (lambda: load_config(config_path, **(overrides or {}))) if config_path else None
-    fleet = Fleet(config, echo_logs=echo_logs, loader=loader)
+    fleet = Fleet(config, echo_logs=echo_logs, loader=loader, command=command)
     loop = asyncio.get_running_loop()
     signals = 0
 

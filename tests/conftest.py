@@ -181,6 +181,10 @@ class InProcessFleet:
         fut = asyncio.run_coroutine_threadsafe(self.fleet.gateway_started.wait(), self.loop)
         fut.result(30)
 
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the fleet's event loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
     def state(self, name: str) -> str:
         """The lifecycle state of one engine."""
         return self.fleet.engines[name].lifecycle.state.value

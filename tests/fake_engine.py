@@ -31,8 +31,10 @@ Misbehaviour comes from the model's `engine_args` table (fleet.toml's free pass-
   puts it in its own session (a descendant that left the engine's process group).
 - ``fake_max_model_len`` and ``fake_word``: see above.
 
-``GET /fake/stats`` answers JSON ``{"pid", "children", "requests", "running", "aborted"}``:
-`aborted` counts /generate streams that ended because the client went away.
+``GET /fake/stats`` answers JSON ``{"pid", "children", "requests", "running", "aborted",
+"token_required", "refused"}``: `aborted` counts /generate streams that ended because the client
+went away; `refused` counts requests turned away for a missing or wrong engine token (like the
+real engine, the fake requires ``Authorization: Bearer $FLEET_ENGINE_TOKEN`` when that is set).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ if str(ROOT) not in sys.path:  # run as a script: make the fleet package importa
     sys.path.insert(0, str(ROOT))
 
 from litestar import Litestar, Request, Response, get, post  # noqa: E402
+from litestar.connection import ASGIConnection  # noqa: E402
+from litestar.exceptions import NotAuthorizedException  # noqa: E402
+from litestar.handlers import BaseRouteHandler  # noqa: E402
 from litestar.response import Stream  # noqa: E402
 
 from fleet import protocol  # noqa: E402  (protocol and config never import vllm or torch)
@@ -64,6 +69,7 @@ TOKEN_ID_BASE = 1000
 PROMPT_ID_BASE = 500
 DEFAULT_MAX_MODEL_LEN = 64
 CRASH_EXIT_CODE = 70
+TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # as fleet/engine.py: with it set, /info and /generate need the bearer token
 _request_decoder = protocol.decoder(protocol.GenerateRequest)
 
 
@@ -128,9 +134,11 @@ class FakeEngine:
         self.hang = bool(args.get("fake_hang_at_start", False))
         self.ready_at = time.monotonic() + float(args.get("fake_start_delay", 0.0))
         self.children: list[subprocess.Popen[bytes]] = []
+        self.token = os.environ.get(TOKEN_ENV) or None
         self.requests = 0
         self.running = 0
         self.aborted = 0
+        self.refused = 0
 
     @property
     def healthy(self) -> bool:
@@ -143,6 +151,8 @@ class FakeEngine:
             "requests": self.requests,
             "running": self.running,
             "aborted": self.aborted,
+            "token_required": self.token is not None,
+            "refused": self.refused,
         }
 
     def info(self) -> protocol.EngineInfo:
@@ -253,12 +263,17 @@ def create_fake_app(engine: FakeEngine) -> Litestar:
     """The internal-protocol app of the fake engine (same shape as fleet.engine.create_engine_app)."""
     info_body = protocol.encode(engine.info())
 
+    def require_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        if engine.token is not None and connection.headers.get("authorization") != f"Bearer {engine.token}":
+            engine.refused += 1
+            raise NotAuthorizedException("this engine answers only its fleet's gateway")
+
     @get("/health", sync_to_thread=False)
     def health() -> Response[bytes]:
         ok = engine.healthy
         return Response(b"ok" if ok else b"loading", status_code=200 if ok else 503)
 
-    @get("/info", sync_to_thread=False)
+    @get("/info", sync_to_thread=False, guards=[require_token])
     def info() -> Response[bytes]:
         return Response(info_body, media_type="application/msgpack")
 
@@ -266,7 +281,7 @@ def create_fake_app(engine: FakeEngine) -> Litestar:
     def stats() -> dict[str, Any]:
         return engine.stats()
 
-    @post("/generate", status_code=200)
+    @post("/generate", status_code=200, guards=[require_token])
     async def generate(request: Request) -> Stream:
         req = _request_decoder.decode(await request.body())
         if engine.crash_after is not None and engine.requests >= int(engine.crash_after):
@@ -295,18 +310,18 @@ def main(argv: list[str] | None = None) -> None:
     args = cfg.engine_args
     name = cfg.name
     print(f"fake engine {name}: loading (pid {os.getpid()})", flush=True)
-    if (code := args.get("fake_exit_at_start")) is not None:
-        print(f"fake engine {name}: reading weights", flush=True)
-        print(f"fake engine {name}: RuntimeError: simulated start failure (exit {code})", flush=True)
-        sys.exit(int(code))
     ignore_sigterm = bool(args.get("fake_ignore_sigterm", False))
     if ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by a child spawned below
     engine = FakeEngine(cfg)
-    if mode := args.get("fake_spawn_child"):
+    if mode := args.get("fake_spawn_child"):  # it inherits stdout, as vLLM's EngineCore does
         child = spawn_child(mode)
         engine.children.append(child)
         print(f"fake engine {name}: spawned child pid {child.pid} ({mode})", flush=True)
+    if (code := args.get("fake_exit_at_start")) is not None:
+        print(f"fake engine {name}: reading weights", flush=True)
+        print(f"fake engine {name}: RuntimeError: simulated start failure (exit {code})", flush=True)
+        sys.exit(int(code))
 
     import uvicorn
 

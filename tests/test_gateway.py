@@ -114,6 +114,15 @@ def test_routes_each_request_to_the_engine_of_the_model_it_names(fleet: InProces
     assert (after["alpha"] - before["alpha"], after["beta"] - before["beta"]) == (1, 2)
 
 
+def test_engines_get_a_token_and_only_the_gateway_presents_it(fleet: InProcessFleet, sdk: openai.OpenAI) -> None:
+    sdk.completions.create(model="alpha", prompt="hi", max_tokens=1)
+    stats = engine_stats(fleet, "alpha")
+    assert stats["token_required"] and stats["refused"] == 0
+    port = fleet.config.model("alpha").port
+    assert httpx.post(f"http://127.0.0.1:{port}/generate", content=b"", timeout=5).status_code == 401
+    assert engine_stats(fleet, "alpha")["refused"] == 1
+
+
 def test_models_lists_every_model_with_its_engine_state(http: httpx.Client, sdk: openai.OpenAI) -> None:
     body = http.get("/v1/models").json()
     assert body["object"] == "list"

