@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import hmac
 import logging
 import os
@@ -30,6 +29,7 @@ from litestar.response import Stream
 from fleet import protocol
 from fleet.config import ModelConfig
 from fleet.models import resolve
+from fleet.process import SignalFreeServer, die_with_parent, reap_children
 
 log = logging.getLogger("fleet.engine")
 _request_decoder = protocol.decoder(protocol.GenerateRequest)
@@ -275,13 +275,6 @@ def build_engine(cfg: ModelConfig) -> Any:
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when the launcher dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 async def serve(cfg: ModelConfig) -> None:
     """Build the engine, then serve the protocol until SIGTERM/SIGINT."""
     import uvicorn
@@ -290,9 +283,13 @@ async def serve(cfg: ModelConfig) -> None:
     engine = build_engine(cfg)
     template = Path(cfg.chat_template).expanduser().read_text() if cfg.chat_template else None
     service = EngineService(engine, cfg.name, template)
-    server = uvicorn.Server(
-        uvicorn.Config(create_engine_app(service, os.environ.get(TOKEN_ENV)), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    server = SignalFreeServer(
+        uvicorn.Config(create_engine_app(service, os.environ.get(TOKEN_ENV)), host=cfg.host, port=cfg.port,
+                       log_level="warning", access_log=False)
     )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGTERM also comes when the launcher dies
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     print(f"fleet engine {cfg.name}: model loaded in {time.monotonic() - started:.1f}s, serving on {cfg.host}:{cfg.port}", flush=True)
     try:
         await server.serve()
@@ -306,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-json", required=True, help="the model's fleet.toml entry as JSON")
     ns = parser.parse_args(argv)
     die_with_parent()
+    # Until the server runs (loading takes a while), SIGTERM unwinds through the clean-up below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = ModelConfig.model_validate_json(ns.model_json)
     if cfg.on_cpu:
@@ -313,9 +312,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
 
-        uvloop.run(serve(cfg))
+        run = uvloop.run
     except ImportError:
-        asyncio.run(serve(cfg))
+        run = asyncio.run
+    try:
+        run(serve(cfg))
+    finally:
+        reap_children()  # whatever of vLLM's helpers did not exit with it
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from fleet.auth import load_keys
 from fleet.config import FleetConfig, ModelConfig, load_config
 from fleet.lifecycle import EngineState
 from fleet.routing import Backend
-from fleet.supervisor import STOP_GRACE, EngineCommand, EngineProcess, engine_command, stop_process_tree
+from fleet.process import STOP_GRACE, SignalFreeServer, stop_process_tree
+from fleet.supervisor import EngineCommand, EngineProcess, engine_command
 
 __all__ = ["Fleet", "EngineProcess", "engine_command", "stop_process_tree", "launch", "STOP_GRACE"]
 
@@ -48,14 +49,6 @@ def cpu_bindings(models: Sequence[ModelConfig], cores: Sequence[int]) -> dict[st
         mine = cores[i * share:(i + 1) * share] if len(cores) >= len(cpu) else [cores[i % len(cores)]]
         bindings[m.name] = ",".join(map(str, mine))
     return bindings
-
-
-class _GatewayServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the launcher owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -140,7 +133,7 @@ class Fleet:
         sock = bind_socket(gw.host, gw.port)
         for name in self.engines:
             self._start(name)
-        server = _GatewayServer(
+        server = SignalFreeServer(
             uvicorn.Config(
                 create_app(self.backends, control=self, keys=self.keys, gateway=gw,
                            restarts=lambda n: self.engines[n].total_restarts if n in self.engines else 0),

@@ -19,14 +19,12 @@ import asyncio
 import collections
 import contextlib
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
-import psutil
 from rich.console import Console
 from rich.markup import escape
 
@@ -34,11 +32,11 @@ from fleet.client import EngineClient
 from fleet.config import ModelConfig, SupervisorConfig
 from fleet.lifecycle import EngineState, Lifecycle
 from fleet.models import cache_dir
+from fleet.process import STOP_GRACE, stop_process_tree
 
 TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # engine.py reads it; kept here so the launcher never imports the engine
 
 EngineCommand = Callable[[ModelConfig], Sequence[str]]
-STOP_GRACE = 15.0
 HEALTH_POLL = 0.25  # while starting
 LOG_TAIL = 40
 
@@ -252,32 +250,3 @@ class EngineProcess:
     def say(self, message: str) -> None:
         """A launcher status line about this engine."""
         self.console.print(f"[bold]fleet[/bold] {escape(self.cfg.name)}: {message}", highlight=False)
-
-
-async def stop_process_tree(proc: asyncio.subprocess.Process, grace: float = STOP_GRACE) -> None:
-    """SIGTERM the process group, wait `grace` seconds, then SIGKILL whatever is left of the tree."""
-    family = _descendants(proc.pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    for p in family:  # descendants that left the group
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    try:
-        await asyncio.wait_for(proc.wait(), grace)
-    except asyncio.TimeoutError:
-        pass
-    family += _descendants(proc.pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for p in family:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    await proc.wait()
-    await asyncio.get_running_loop().run_in_executor(None, lambda: psutil.wait_procs(family, timeout=grace))
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []

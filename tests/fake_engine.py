@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -55,14 +56,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the fleet package importable
     sys.path.insert(0, str(ROOT))
 
-from litestar import Litestar, Request, Response, get, post  # noqa: E402
-from litestar.connection import ASGIConnection  # noqa: E402
-from litestar.exceptions import NotAuthorizedException  # noqa: E402
-from litestar.handlers import BaseRouteHandler  # noqa: E402
-from litestar.response import Stream  # noqa: E402
+from litestar import Litestar, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers import BaseRouteHandler
+from litestar.response import Stream
 
-from fleet import protocol  # noqa: E402  (protocol and config never import vllm or torch)
-from fleet.config import ModelConfig  # noqa: E402
+from fleet import protocol
+from fleet.config import ModelConfig
 
 FAKE_ENGINE = Path(__file__).resolve()
 TOKEN_ID_BASE = 1000
@@ -302,10 +303,17 @@ def spawn_child(mode: Any) -> subprocess.Popen[bytes]:
     )
 
 
+def die_with_parent() -> None:
+    """As fleet/engine.py does: ask Linux for SIGTERM when the launcher dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fake_engine.py", description=__doc__)
     parser.add_argument("--model-json", required=True)
     ns = parser.parse_args(argv)
+    die_with_parent()
     cfg = ModelConfig.model_validate_json(ns.model_json)
     args = cfg.engine_args
     name = cfg.name

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
 from conftest import InProcessFleet, free_port
 from fake_engine import expected_text, fake_command, token_logprob
+
 from fleet.config import parse_config
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -363,16 +363,13 @@ def test_client_disconnect_mid_stream_aborts_the_engine_request(fleet: InProcess
     before = engine_stats(fleet, "slow")
     assert before["running"] == 0
     body = {"model": "slow", "prompt": "hi", "max_tokens": 60, "stream": True}  # 6 s if left to finish
-    started = time.monotonic()
-    with httpx.Client(base_url=fleet.url, timeout=15) as client:
-        with client.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()  # kept referenced: a collected iterator would close the connection
-            first = next(line for line in lines if line.startswith("data: "))
-            assert json.loads(first[len("data: "):])["choices"][0]["text"] == " w0"
-            assert engine_stats(fleet, "slow")["running"] == 1
-        # leaving both blocks drops the connection mid-stream
+    with httpx.Client(base_url=fleet.url, timeout=15) as client, client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # kept referenced: a collected iterator would close the connection
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[len("data: "):])["choices"][0]["text"] == " w0"
+        assert engine_stats(fleet, "slow")["running"] == 1
+    # leaving the block drops the connection mid-stream
     wait_until(lambda: engine_stats(fleet, "slow")["running"] == 0, "the engine request stopped running", timeout=5)
     after = engine_stats(fleet, "slow")
-    assert after["aborted"] == before["aborted"] + 1
-    assert time.monotonic() - started < 5.5  # well before the 60 tokens would have finished
+    assert after["aborted"] == before["aborted"] + 1  # stopped by the disconnect, not finished

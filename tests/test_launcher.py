@@ -22,10 +22,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from rich.console import Console
-
 from conftest import ROOT, InProcessFleet, fleet_toml, free_port
 from fake_engine import CRASH_EXIT_CODE, fake_command
+from rich.console import Console
+
 from fleet import protocol
 from fleet.config import ModelConfig, SupervisorConfig, parse_config
 from fleet.errors import EngineFailure
@@ -185,7 +185,7 @@ def test_engine_that_exits_before_ready_while_its_child_lives_on_fails_at_once()
 
     async def scenario() -> None:
         cfg = model(start_timeout=15, fake_spawn_child=True, fake_exit_at_start=3)
-        async with running(cfg) as (engine, states, out):
+        async with running(cfg) as (engine, states, _out):
             leftovers.append(await spawned_child(engine))
             assert await states.reach(S.FAILED, timeout=8) is S.FAILED  # not the 15 s start_timeout
             assert engine.lifecycle.reason == "exited with code 3 before it was ready"
@@ -200,11 +200,11 @@ def test_engine_that_exits_before_ready_while_its_child_lives_on_fails_at_once()
 
 def test_engine_that_never_gets_healthy_fails_after_start_timeout() -> None:
     async def scenario() -> None:
-        async with running(model(start_timeout=1.5, fake_hang_at_start=True)) as (engine, states, out):
+        async with running(model(start_timeout=1.5, fake_hang_at_start=True)) as (engine, states, _out):
             pid = engine.pid
             assert await states.reach(S.READY, S.FAILED, timeout=15) is S.FAILED
             took = states.at[S.FAILED] - states.at[S.STARTING]
-            assert 1.5 <= took < 5, took
+            assert 1.5 <= took < 10, took  # the start_timeout, not much more
             assert "start_timeout" in engine.lifecycle.reason
             procs = family(pid)
         assert wait_gone(procs) == []  # the hung process is stopped with the engine
@@ -229,7 +229,7 @@ def test_engine_that_crashes_after_ready_fails() -> None:
 def test_crashed_engine_is_restarted_after_backoff_and_serves_again() -> None:
     async def scenario() -> None:
         cfg = model(fake_crash_after_requests=1)
-        async with running(cfg, max_restarts=1, restart_backoff=0.2) as (engine, states, out):
+        async with running(cfg, max_restarts=1, restart_backoff=0.2) as (engine, states, _out):
             assert await states.reach(S.READY) is S.READY
             assert isinstance((await generate(engine))[-1], protocol.Done)
             first_pid = engine.pid
@@ -290,7 +290,7 @@ def test_gateway_answers_502_when_the_engine_dies_holding_the_request_then_503_w
 
 def test_stop_while_starting_stops_the_engine_process() -> None:
     async def scenario() -> None:
-        async with running(model(fake_hang_at_start=True)) as (engine, states, out):
+        async with running(model(fake_hang_at_start=True), stop_grace=30) as (engine, states, _out):
             assert await states.reach(S.STARTING) is S.STARTING
             async with asyncio.timeout(15):  # the process is up, answering /health with 503
                 while not any("serving on" in line for line in engine.tail):
@@ -299,8 +299,8 @@ def test_stop_while_starting_stops_the_engine_process() -> None:
             assert alive(procs)
             began = time.monotonic()
             engine.request_stop()
-            assert await states.reach(S.STOPPED, timeout=10) is S.STOPPED
-            assert time.monotonic() - began < 5
+            assert await states.reach(S.STOPPED, timeout=20) is S.STOPPED
+            assert time.monotonic() - began < 10  # SIGTERM did it, not a SIGKILL after the 30 s grace
             assert engine.pid is None
         assert states.seen == [S.STARTING, S.STOPPING, S.STOPPED]
         assert wait_gone(procs) == []
@@ -334,7 +334,7 @@ def test_stop_process_tree_sigkills_a_tree_that_ignores_sigterm_after_the_grace(
             began = time.monotonic()
             await stop_process_tree(proc, grace=0.5)
             took = time.monotonic() - began
-            assert 0.5 <= took < 3, took
+            assert 0.5 <= took < 8, took  # the grace, not the 15 s default
             assert proc.returncode == -signal.SIGKILL
             assert wait_gone(tree) == []
         finally:
@@ -346,7 +346,7 @@ def test_stop_process_tree_sigkills_a_tree_that_ignores_sigterm_after_the_grace(
 def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace() -> None:
     async def scenario() -> None:
         cfg = model(fake_ignore_sigterm=True, fake_spawn_child=True)
-        async with running(cfg, stop_grace=0.5) as (engine, states, out):
+        async with running(cfg, stop_grace=0.5) as (engine, states, _out):
             assert await states.reach(S.READY, S.FAILED) is S.READY
             procs = family(engine.pid)
             proc = engine.proc
@@ -357,7 +357,7 @@ def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace() -> None:
             took = time.monotonic() - began
             assert proc is not None and proc.returncode == -signal.SIGKILL
             assert wait_gone(procs) == []
-            assert 0.5 <= took < 0.5 + 3, f"stopping took {took:.1f}s with stop_grace = 0.5"
+            assert 0.5 <= took < 8, f"stopping took {took:.1f}s with stop_grace = 0.5"
 
     asyncio.run(scenario())
 
@@ -395,7 +395,7 @@ def test_engine_that_crashes_while_its_child_lives_on_still_fails() -> None:
     leftovers: list[psutil.Process] = []
 
     async def scenario() -> None:
-        async with running(model(fake_spawn_child=True, fake_crash_after_requests=0)) as (engine, states, out):
+        async with running(model(fake_spawn_child=True, fake_crash_after_requests=0)) as (engine, states, _out):
             assert await states.reach(S.READY, S.FAILED) is S.READY
             leftovers.extend(family(engine.pid))
             with pytest.raises(EngineFailure):
@@ -417,7 +417,7 @@ def test_crashed_engine_leaves_no_detached_grandchild_behind() -> None:
 
     async def scenario() -> None:
         cfg = model(fake_spawn_child="detach", fake_crash_after_requests=0)
-        async with running(cfg) as (engine, states, out):
+        async with running(cfg) as (engine, states, _out):
             assert await states.reach(S.READY, S.FAILED) is S.READY
             leftovers.extend(family(engine.pid))
             assert len(leftovers) == 2
@@ -461,7 +461,9 @@ def test_gateway_port_already_taken_raises_oserror_before_any_engine_starts(take
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(ROOT / ".venv/bin/fleet"), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(ROOT / ".venv/bin/fleet"), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def test_cli_launch_with_the_gateway_port_taken_fails_naming_the_address(tmp_path: Path, taken_port: int) -> None:
