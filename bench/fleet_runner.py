@@ -4,16 +4,15 @@
     python bench/fleet_runner.py --config fleet.toml --engine vllm      # fleet.engine (= fleet launch)
     python bench/fleet_runner.py ... --loop uvloop                      # try the gateway on uvloop
 
-It builds `fleet.launcher.Fleet(config, command=...)` and handles SIGINT/SIGTERM exactly as
-`fleet.launcher.launch` does; with the defaults (``--engine vllm --loop asyncio``) it is
-`fleet launch --config ... --no-engine-logs`.
+It calls `fleet.launcher.launch(config, command=...)` (a `Fleet(config, command=...)` with the
+launcher's own signal handling); with the defaults (``--engine vllm --loop asyncio``) it is
+`fleet launch --config ... --no-engine-logs`, minus the CLI's placement report.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
@@ -23,23 +22,13 @@ if str(ROOT) not in sys.path:
 
 from bench.null_engine import null_command  # noqa: E402
 from fleet.config import load_config  # noqa: E402
-from fleet.launcher import Fleet, engine_command  # noqa: E402
+from fleet.launcher import engine_command, launch  # noqa: E402
 
 
 async def run(config_path: Path, engine: str, echo_logs: bool) -> None:
     config = load_config(config_path)
-    fleet = Fleet(config, command=null_command if engine == "null" else engine_command, echo_logs=echo_logs)
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        fleet.stop() if signals == 1 else fleet.kill()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    await fleet.run()
+    command = null_command if engine == "null" else engine_command
+    await launch(config, echo_logs=echo_logs, config_path=config_path, command=command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ import aiohttp
 import psutil
 
 STOP_GRACE = 15.0
+CLEAN_ENV = {"FLEET_API_KEYS", "LITELLM_MASTER_KEY", "OPENAI_API_KEY"}  # every system runs without auth
 _running: list[Server] = []
 
 
@@ -41,7 +42,8 @@ class Server:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+        self.env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
@@ -143,14 +145,26 @@ def _cpu(procs: Sequence[psutil.Process]) -> float:
     return total
 
 
+def _busy() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
+
+
 class Monitor:
-    """CPU seconds and peak RSS of a front-end process, and CPU of whole systems, over a window."""
+    """CPU seconds and peak RSS of a front-end process, and CPU of whole systems, over a window.
+
+    The process trees under `tree_pids` are re-read at every sample, so processes spawned during
+    the window (vLLM's engine core, say) count too, and one that exits keeps its last reading.
+    """
 
     def __init__(self, front_pid: int | None, tree_pids: Sequence[int] = (), interval: float = 0.2) -> None:
         self.front = psutil.Process(front_pid) if front_pid else None
         self.tree_pids = list(tree_pids)
         self.interval = interval
         self.peak_rss = 0
+        self._base: dict[int, float] = {}
+        self._last: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     def _rss(self) -> int:
@@ -160,17 +174,29 @@ class Monitor:
             return self.front.memory_info().rss
         return 0
 
+    def _read_tree(self, first: bool = False) -> None:
+        for pid in self.tree_pids:
+            for p in _tree(pid):
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    cpu = t.user + t.system
+                    key = p.pid
+                    if key not in self._base:
+                        self._base[key] = cpu if first else 0.0
+                    self._last[key] = cpu
+
     async def _sample(self) -> None:
         while True:
             self.peak_rss = max(self.peak_rss, self._rss())
+            self._read_tree()
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
         self._t0 = time.perf_counter()
         self._front0 = _cpu([self.front]) if self.front else 0.0
-        self._procs = [p for pid in self.tree_pids for p in _tree(pid)]
-        self._tree0 = _cpu(self._procs)
+        self._read_tree(first=True)
         self._self0 = _cpu([psutil.Process()])
+        self._machine0 = _busy()
         self.rss_before = self._rss()
         self.peak_rss = self.rss_before
         self._task = asyncio.create_task(self._sample())
@@ -180,10 +206,13 @@ class Monitor:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        self._read_tree()
         wall = time.perf_counter() - self._t0
         front = _cpu([self.front]) - self._front0 if self.front else None
-        tree = _cpu(self._procs) - self._tree0
+        tree = sum(self._last[k] - self._base[k] for k in self._last)
         client = _cpu([psutil.Process()]) - self._self0
+        machine = _busy() - self._machine0
+        other = max(0.0, machine - tree - client)
         rss_after = self._rss()
         self.peak_rss = max(self.peak_rss, rss_after)
         mb = 1 << 20
@@ -195,4 +224,6 @@ class Monitor:
             "system_cpu_s": round(tree, 3),
             "system_cpu_pct": round(100 * tree / wall, 1) if wall else None,
             "loadgen_cpu_pct": round(100 * client / wall, 1) if wall else None,
+            # Everything else on the machine (other users' processes): noise in every number above.
+            "other_cpu_pct": round(100 * other / wall, 1) if wall else None,
         }

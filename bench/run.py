@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import platform
@@ -79,8 +80,9 @@ class Plan:
     mode: str
     concurrency: list[int]
     max_tokens: int = 64
-    min_requests: int = 8  # real engine: requests per point = max(min_requests, waves * concurrency)
-    waves: int = 2
+    min_requests: int = 4  # real engine: requests per point = max(min_requests, waves * concurrency)
+    waves: int = 1
+    rounds: int = 2  # real engine: each point measured this many times per system, interleaved
     instant_min_requests: int = 200  # instant upstream: max(instant_min_requests, 4 * concurrency)
     instant_max_tokens: int = 16
     overhead_stream: bool = False
@@ -101,7 +103,7 @@ class Plan:
 
 def quick_plan(concurrency: list[int] | None) -> Plan:
     return Plan(
-        mode="quick", concurrency=concurrency or [1, 16, 64], max_tokens=16, min_requests=4, waves=1,
+        mode="quick", concurrency=concurrency or [1, 16, 64], max_tokens=16, min_requests=4, waves=1, rounds=1,
         instant_min_requests=50, rates=[100.0, 500.0], rate_duration=0.6,
         ramp=[100, 300, 600, 1000, 1500, 2000, 3000], ramp_duration=0.4, ramp_bisect=0, open_timeout=2.0,
     )
@@ -221,11 +223,13 @@ async def run_instant(kind: str, env: Env, plan: Plan, results: dict[str, Any]) 
 async def _instant_body(kind: str, direct_name: str, gw: Running, direct: Target, upstream_pids: tuple[int, ...], env: Env,
                         plan: Plan, results: dict[str, Any]) -> None:
     over = results["overhead"]
-    results["systems"][kind] = {"start_s": round(gw.start_s, 3), "ready_s": round(gw.ready_s, 3), **gw.info}
+    results["systems"][kind] = {"start_s": round(gw.start_s, 3), "ready_s": round(gw.ready_s, 3),
+                                **({"loop": gw.info["loop"]} if "loop" in gw.info else {})}
     log(f"{kind}: gateway answered in {gw.start_s:.2f}s, ready in {gw.ready_s:.2f}s")
     target = loadgen.completion_target(gw.base_url, gw.model, PROMPTS, plan.instant_max_tokens, stream=plan.overhead_stream)
-    await warm_up(target, n=200, concurrency=8, timeout=30)
-    await warm_up(direct, n=200, concurrency=8, timeout=30)
+    stream_target = loadgen.completion_target(gw.base_url, gw.model, PROMPTS, plan.instant_max_tokens, stream=True)
+    for t in (target, stream_target, direct):  # both shapes: LiteLLM imports features on first use
+        await warm_up(t, n=100, concurrency=8, timeout=60)
     tree = (*gw.tree_pids, *upstream_pids)
     # Fixed rates: the upstream alone, then through the gateway.
     rows = []
@@ -243,44 +247,91 @@ async def _instant_body(kind: str, direct_name: str, gw: Running, direct: Target
     over["sustained"][kind] = await ramp(kind, target, plan, gw.front_pid, tree)
     over["sustained"][f"{direct_name} (direct)"] = await ramp(f"{direct_name} direct", direct, plan, None, tree)
     # Gateway-only throughput: closed loop, streamed, instant upstream.
-    stream_target = loadgen.completion_target(gw.base_url, gw.model, PROMPTS, plan.instant_max_tokens, stream=True)
     results["throughput"]["instant"][kind] = await sweep(kind, gw, stream_target, plan, plan.instant_requests, 30.0, upstream_pids)
 
 
 async def run_real(selected: list[str], env: Env, plan: Plan, model_dir: str, results: dict[str, Any]) -> None:
-    """vllm serve, LiteLLM over it, fleet: the same streamed load at each concurrency."""
-    thr = results["throughput"]["engine"]
-    timeout = 600.0
-    if "vllm" in selected or "litellm" in selected:
-        log("vllm serve: starting")
-        async with systems.vllm_serve(env, model_dir) as vs:
+    """vllm serve, LiteLLM over it, and fleet, all started first, then measured interleaved.
+
+    Every concurrency point runs each system in turn, `plan.rounds` times (the order rotates each
+    round), so load from anything else on the machine spreads over all systems alike. A system's
+    point pools its rounds (all samples, summed wall time); `rounds` keeps each round's req/s.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        running: dict[str, tuple[Running, tuple[int, ...]]] = {}
+        if "fleet" in selected:  # first, so its gateway start is timed on a quiet machine
+            log("fleet launch: starting")
+            fl = await stack.enter_async_context(systems.fleet_launch(env))
+            results["systems"]["fleet"] = {"start_s": round(fl.start_s, 3)}
+            log(f"fleet: gateway answered in {fl.start_s:.2f}s")
+        if "vllm" in selected or "litellm" in selected:
+            log("vllm serve: starting")
+            vs = await stack.enter_async_context(systems.vllm_serve(env, model_dir))
             results["systems"]["vllm"] = {"start_s": round(vs.start_s, 2), "ready_s": round(vs.ready_s, 2)}
             log(f"vllm serve: ready in {vs.ready_s:.1f}s")
-            target = loadgen.completion_target(vs.base_url, vs.model, PROMPTS, plan.max_tokens, stream=True)
-            await warm_up(loadgen.completion_target(vs.base_url, vs.model, PROMPTS, 8, stream=True))
             if "vllm" in selected:
-                thr["vllm"] = await sweep("vllm", vs, target, plan, plan.requests, timeout)
+                running["vllm"] = (vs, ())
             if "litellm" in selected:
-                await _guard("litellm", results, _litellm_over(env, plan, vs, results, timeout))
-    if "fleet" in selected:
-        log("fleet launch: starting")
-        async with systems.fleet_launch(env) as fl:
-            results["systems"]["fleet"] = {"start_s": round(fl.start_s, 3), "ready_s": round(fl.ready_s, 2)}
-            log(f"fleet: gateway answered in {fl.start_s:.2f}s, model ready in {fl.ready_s:.1f}s")
-            target = loadgen.completion_target(fl.base_url, fl.model, PROMPTS, plan.max_tokens, stream=True)
-            await warm_up(loadgen.completion_target(fl.base_url, fl.model, PROMPTS, 8, stream=True))
-            thr["fleet"] = await sweep("fleet", fl, target, plan, plan.requests, timeout)
+                try:
+                    ll = await stack.enter_async_context(systems.litellm_proxy(env, vs.base_url, vs.model))
+                    results["systems"]["litellm"] = {"start_s": round(ll.start_s, 2), "ready_s": round(ll.ready_s, 2)}
+                    log(f"litellm: ready in {ll.start_s:.1f}s")
+                    running["litellm"] = (ll, tuple(vs.tree_pids))
+                except Exception as e:  # noqa: BLE001 - measure the others anyway
+                    log(f"litellm: FAILED to start: {e}")
+                    results["failures"]["litellm"] = f"{type(e).__name__}: {e}"
+        if "fleet" in selected:
+            ready = await systems.wait_fleet_ready(fl, env)
+            results["systems"]["fleet"]["ready_s"] = round(ready, 2)
+            log(f"fleet: model ready {ready:.1f}s after launch")
+            running["fleet"] = (fl, ())
+        for name, (r, _) in running.items():
+            await warm_up(loadgen.completion_target(r.base_url, r.model, PROMPTS, 8, stream=True), timeout=300)
+        names = [n for n in ("vllm", "fleet", "litellm") if n in running]
+        pooled: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in names}
+        raw: dict[str, dict[int, list[loadgen.RunResult]]] = {n: {} for n in names}
+        for c in plan.concurrency:
+            for k in range(plan.rounds):
+                order = names[k % len(names):] + names[:k % len(names)]
+                for name in order:
+                    r, extra = running[name]
+                    target = loadgen.completion_target(r.base_url, r.model, PROMPTS, plan.max_tokens, stream=True)
+                    mon = procs.Monitor(r.front_pid, [*r.tree_pids, *extra])
+                    mon.start()
+                    run = await loadgen.closed_loop(target, c, plan.requests(c), timeout=600, max_duration=900)
+                    res = loadgen.summarize(run)
+                    res["resources"] = await mon.stop()
+                    raw[name].setdefault(c, []).append(run)
+                    pooled[name].setdefault(c, []).append(res)
+                    lat = res["latency_ms"] or {}
+                    log(f"  {name} c={c} round {k + 1}: {res['req_per_s']:.2f} req/s, {res['output_tok_per_s']:.1f} tok/s, "
+                        f"p50 {lat.get('p50', float('nan')):.0f} ms, errors {res['errors']}, "
+                        f"other CPU {res['resources']['other_cpu_pct']}%")
+        for name in names:
+            points = []
+            for c in plan.concurrency:
+                runs, rounds = raw[name][c], pooled[name][c]
+                merged = loadgen.RunResult([s for r in runs for s in r.samples], sum(r.wall for r in runs),
+                                           sum(r.offered for r in runs), "closed", concurrency=c)
+                point = loadgen.summarize(merged, cdf=True)
+                point["rounds"] = [{"req_per_s": x["req_per_s"], "output_tok_per_s": x["output_tok_per_s"],
+                                    "resources": x["resources"]} for x in rounds]
+                point["resources"] = _mean_resources([x["resources"] for x in rounds])
+                points.append(point)
+            results["throughput"]["engine"][name] = points
 
 
-async def _litellm_over(env: Env, plan: Plan, vs: Running, results: dict[str, Any], timeout: float) -> None:
-    log("litellm (over vllm serve): starting")
-    async with systems.litellm_proxy(env, vs.base_url, vs.model) as ll:
-        results["systems"]["litellm"] = {"start_s": round(ll.start_s, 2), "ready_s": round(ll.ready_s, 2)}
-        log(f"litellm: ready in {ll.start_s:.1f}s")
-        target = loadgen.completion_target(ll.base_url, ll.model, PROMPTS, plan.max_tokens, stream=True)
-        await warm_up(loadgen.completion_target(ll.base_url, ll.model, PROMPTS, 8, stream=True))
-        results["throughput"]["engine"]["litellm"] = await sweep("litellm", ll, target, plan, plan.requests, timeout,
-                                                                 tuple(vs.tree_pids))
+def _mean_resources(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [x[key] for x in items if x.get(key) is not None]
+        if not values:
+            out[key] = None
+        elif "peak" in key:
+            out[key] = max(values)
+        else:
+            out[key] = round(sum(values) / len(values), 2)
+    return out
 
 
 async def run_offline(env: Env, plan: Plan, model_dir: str, results: dict[str, Any]) -> None:
@@ -292,6 +343,8 @@ async def run_offline(env: Env, plan: Plan, model_dir: str, results: dict[str, A
                                       "--spec", json.dumps(spec), "--out", str(out)],
                           env.log("offline"), {"CUDA_VISIBLE_DEVICES": "", "VLLM_LOGGING_LEVEL": "WARNING"})
     server.start()
+    mon = procs.Monitor(None, [server.pid])
+    mon.start()
     try:
         while server.alive():
             await asyncio.sleep(0.5)
@@ -300,7 +353,7 @@ async def run_offline(env: Env, plan: Plan, model_dir: str, results: dict[str, A
     finally:
         server.stop()
     data = json.loads(out.read_text())
-    results["systems"]["offline"] = {"ready_s": data["load_s"]}
+    results["systems"]["offline"] = {"ready_s": data["load_s"], "resources": await mon.stop()}
     results["throughput"]["engine"]["offline"] = data["points"]
     for p in data["points"]:
         log(f"  offline c={p['concurrency']}: {p['req_per_s']:.2f} req/s, {p['output_tok_per_s']:.1f} tok/s")
@@ -430,8 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      "fleet-null for --quick)")
     p.add_argument("--concurrency", help="comma-separated (default 1,16,64,256; quick 1,16,64)")
     p.add_argument("--max-tokens", type=int, help="output tokens per request, real engine (default 64; quick 16)")
-    p.add_argument("--waves", type=int, help="requests per point = max(min, waves * concurrency) (default 2)")
-    p.add_argument("--min-requests", type=int, help="at least this many requests per point (default 8)")
+    p.add_argument("--waves", type=int, help="requests per point = max(min, waves * concurrency) (default 1)")
+    p.add_argument("--min-requests", type=int, help="at least this many requests per point (default 4)")
+    p.add_argument("--rounds", type=int, help="real engine: interleaved repetitions of every point (default 2)")
     p.add_argument("--rates", help="fixed request rates for added latency (default 100,500)")
     p.add_argument("--rate-duration", type=float, help="seconds per fixed-rate point (default 3)")
     p.add_argument("--slo-ms", type=float, help="sustained: p99 from the scheduled send <= this (default 100)")
@@ -450,6 +504,7 @@ def build(ns: argparse.Namespace) -> tuple[Plan, Env, list[str]]:
     conc = [int(x) for x in ns.concurrency.split(",")] if ns.concurrency else None
     plan = quick_plan(conc) if ns.quick else Plan(mode="full", concurrency=conc or [1, 16, 64, 256])
     for attr, value in (("max_tokens", ns.max_tokens), ("waves", ns.waves), ("min_requests", ns.min_requests),
+                        ("rounds", ns.rounds),
                         ("rate_duration", ns.rate_duration), ("slo_ms", ns.slo_ms)):
         if value is not None:
             setattr(plan, attr, value)

@@ -12,7 +12,7 @@ if [[ -x "$venv/bin/litellm" ]]; then
     echo "LiteLLM already installed in $venv ($("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("litellm"))'))"
     exit 0
 fi
-"$python" -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet "$spec"
+"$python" -m venv --clear "$venv"
+"$venv/bin/python" -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+"$venv/bin/python" -m pip install --quiet "$spec" 2>&1 | grep -v "^WARNING: Location" || true
 echo "LiteLLM $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("litellm"))') installed in $venv"

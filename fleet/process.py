@@ -11,7 +11,7 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import psutil
 import uvicorn
@@ -58,16 +58,30 @@ def reap_children(grace: float = 5.0) -> None:
             p.kill()
 
 
-async def stop_process_tree(proc: asyncio.subprocess.Process, grace: float = STOP_GRACE) -> None:
-    """SIGTERM the process group, wait `grace` seconds, then SIGKILL whatever is left of the tree."""
+async def wait_exit(proc: asyncio.subprocess.Process, poll: float = 0.05) -> int:
+    """The exit code, as soon as the process exits. Not `proc.wait()`: asyncio wakes it only once
+    the stdout pipe is closed too (CPython 3.11-3.13), and a child that inherited it keeps it open."""
+    while proc.returncode is None:
+        await asyncio.sleep(poll)
+    return proc.returncode
+
+
+async def stop_process_tree(
+    proc: asyncio.subprocess.Process, grace: float = STOP_GRACE, also: Iterable[psutil.Process] = ()
+) -> None:
+    """SIGTERM the process group, wait `grace` seconds, then SIGKILL whatever is left of the tree.
+
+    `also`: descendants seen earlier. Once the engine died, those that left its group are orphans
+    that neither its group nor its process tree reaches any more."""
     family = descendants(proc.pid)
+    family += [p for p in also if p.pid not in {q.pid for q in family}]
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
     for p in family:  # descendants that left the group
         with contextlib.suppress(psutil.Error):
             p.terminate()
     try:
-        await asyncio.wait_for(proc.wait(), grace)
+        await asyncio.wait_for(wait_exit(proc), grace)
     except asyncio.TimeoutError:
         pass
     family += descendants(proc.pid)
@@ -76,5 +90,5 @@ async def stop_process_tree(proc: asyncio.subprocess.Process, grace: float = STO
     for p in family:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    await proc.wait()
+    await wait_exit(proc)
     await asyncio.get_running_loop().run_in_executor(None, lambda: psutil.wait_procs(family, timeout=grace))

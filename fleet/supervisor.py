@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+import psutil
 from rich.console import Console
 from rich.markup import escape
 
@@ -32,7 +33,7 @@ from fleet.client import EngineClient
 from fleet.config import ModelConfig, SupervisorConfig
 from fleet.lifecycle import EngineState, Lifecycle
 from fleet.models import cache_dir
-from fleet.process import STOP_GRACE, stop_process_tree
+from fleet.process import STOP_GRACE, descendants, stop_process_tree, wait_exit
 
 TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # engine.py reads it; kept here so the launcher never imports the engine
 
@@ -94,6 +95,7 @@ class EngineProcess:
         self._stop = asyncio.Event()
         self._log_file: IO[str] | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._family: dict[int, psutil.Process] = {}  # descendants seen while the engine ran
 
     @property
     def pid(self) -> int | None:
@@ -138,6 +140,7 @@ class EngineProcess:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cfg.gpus))
         self.started_at, self.ready_at = time.monotonic(), None
         self.tail.clear()
+        self._family = {}
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.command(self.cfg),
@@ -167,9 +170,15 @@ class EngineProcess:
 
     async def _exited(self) -> None:
         assert self.proc is not None
-        await self.proc.wait()
+        await wait_exit(self.proc)
         if self._reader is not None:  # vLLM's helpers may hold the pipe open: don't wait forever
-            await asyncio.wait({self._reader}, timeout=5)
+            await asyncio.wait({self._reader}, timeout=1)  # the reader goes on; this only delays FAILED
+
+    def _remember_family(self) -> None:
+        """Note the engine's descendants: once it died, those that left its group can't be found."""
+        if self.proc is not None and self.proc.returncode is None:
+            for p in descendants(self.proc.pid):
+                self._family.setdefault(p.pid, p)
 
     async def _wait_ready(self) -> None:
         """Poll /health until 200; fail at once if the process exits, or at the start timeout."""
@@ -177,6 +186,7 @@ class EngineProcess:
         exited = asyncio.create_task(self._exited())
         try:
             while time.monotonic() < deadline:
+                self._remember_family()
                 if exited.done():
                     self._fail(f"exited with code {self.proc.returncode} before it was ready")  # type: ignore[union-attr]
                     return
@@ -196,6 +206,7 @@ class EngineProcess:
         failures = 0
         try:
             while True:
+                self._remember_family()
                 await asyncio.wait({exited}, timeout=self.policy.health_interval)
                 if exited.done():
                     self._fail(f"crashed (exit code {self.proc.returncode})")  # type: ignore[union-attr]
@@ -212,7 +223,7 @@ class EngineProcess:
     async def _restart_after_backoff(self) -> bool:
         """Kill what is left of the failed engine, wait the backoff; False once restarts are used up."""
         if self.proc is not None:
-            await stop_process_tree(self.proc, grace=min(self.policy.stop_grace, 5.0))
+            await stop_process_tree(self.proc, grace=min(self.policy.stop_grace, 5.0), also=self._family.values())
         if self.restarts >= self.policy.max_restarts:
             self.say(f"[red]stays failed[/red] after {self.restarts} restart(s) in a row")
             return False
@@ -238,7 +249,7 @@ class EngineProcess:
             return
         self.lifecycle.to(EngineState.STOPPING)
         if self.proc is not None:
-            await stop_process_tree(self.proc, grace=self.policy.stop_grace)
+            await stop_process_tree(self.proc, grace=self.policy.stop_grace, also=self._family.values())
             if self._reader is not None:
                 await asyncio.wait({self._reader}, timeout=5)
         await self.client.close()

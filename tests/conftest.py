@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -179,7 +180,13 @@ class InProcessFleet:
         if self.error:
             raise self.error
         fut = asyncio.run_coroutine_threadsafe(self.fleet.gateway_started.wait(), self.loop)
-        fut.result(30)
+        deadline = time.monotonic() + 30
+        while not fut.done():  # the gateway is up, or run() failed (its error is raised here)
+            if self.error is not None or time.monotonic() > deadline:
+                fut.cancel()
+                raise self.error or TimeoutError("the gateway did not start in 30 s")
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                fut.result(0.05)
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
         """Run a coroutine on the fleet's event loop and return its result."""

@@ -63,12 +63,17 @@ class States:
 
     async def reach(self, *states: EngineState, timeout: float = 20) -> EngineState:
         """Wait until the lifecycle has entered one of `states`; return which."""
-        async with asyncio.timeout(timeout):
-            while True:
-                if hit := [s for s in self.seen if s in states]:
-                    return hit[0]
-                self._changed.clear()
-                await self._changed.wait()
+        deadline = time.monotonic() + timeout
+        while not (hit := [s for s in self.seen if s in states]):
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                wanted = " or ".join(s.value for s in states)
+                raise AssertionError(
+                    f"no {wanted} within {timeout} s; transitions seen: {[s.value for s in self.seen]}"
+                ) from None
+        return hit[0]
 
 
 def family(pid: int | None) -> list[psutil.Process]:
@@ -131,6 +136,22 @@ async def running(cfg: ModelConfig, **policy: Any) -> AsyncIterator[tuple[Engine
             await asyncio.wait({task}, timeout=10)
             raise AssertionError(f"stopping the engine hung for 20 s (state {engine.lifecycle.state.value})")
         task.result()
+
+
+async def spawned(engine: EngineProcess) -> list[psutil.Process]:
+    """Wait until the engine process exists; return its process tree."""
+    async with asyncio.timeout(15):
+        while engine.proc is None:
+            await asyncio.sleep(0.01)
+    return family(engine.proc.pid)
+
+
+async def serving(engine: EngineProcess) -> list[psutil.Process]:
+    """Wait until the fake engine's server is up (its log says so); return its process tree."""
+    async with asyncio.timeout(15):
+        while not any("serving on" in line for line in engine.tail):
+            await asyncio.sleep(0.02)
+    return family(engine.pid)
 
 
 async def spawned_child(engine: EngineProcess) -> psutil.Process:
@@ -200,14 +221,14 @@ def test_engine_that_exits_before_ready_while_its_child_lives_on_fails_at_once()
 
 def test_engine_that_never_gets_healthy_fails_after_start_timeout() -> None:
     async def scenario() -> None:
-        async with running(model(start_timeout=1.5, fake_hang_at_start=True)) as (engine, states, _out):
-            pid = engine.pid
+        async with running(model(start_timeout=2, fake_hang_at_start=True)) as (engine, states, _out):
+            procs = await spawned(engine)
+            assert len(procs) == 1
             assert await states.reach(S.READY, S.FAILED, timeout=15) is S.FAILED
             took = states.at[S.FAILED] - states.at[S.STARTING]
-            assert 1.5 <= took < 10, took  # the start_timeout, not much more
+            assert 2 <= took < 10, took  # the start_timeout, not much more
             assert "start_timeout" in engine.lifecycle.reason
-            procs = family(pid)
-        assert wait_gone(procs) == []  # the hung process is stopped with the engine
+        assert wait_gone(procs) == []  # the hung process does not outlive its engine
 
     asyncio.run(scenario())
 
@@ -291,12 +312,8 @@ def test_gateway_answers_502_when_the_engine_dies_holding_the_request_then_503_w
 def test_stop_while_starting_stops_the_engine_process() -> None:
     async def scenario() -> None:
         async with running(model(fake_hang_at_start=True), stop_grace=30) as (engine, states, _out):
-            assert await states.reach(S.STARTING) is S.STARTING
-            async with asyncio.timeout(15):  # the process is up, answering /health with 503
-                while not any("serving on" in line for line in engine.tail):
-                    await asyncio.sleep(0.02)
-            procs = family(engine.pid)
-            assert alive(procs)
+            procs = await serving(engine)  # up, answering /health with 503
+            assert alive(procs) and states.seen == [S.STARTING]
             began = time.monotonic()
             engine.request_stop()
             assert await states.reach(S.STOPPED, timeout=20) is S.STOPPED
