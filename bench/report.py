@@ -55,6 +55,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"LiteLLM {meta['versions'].get('litellm') or '-'}. Whole run: {meta.get('duration_s', '-')} s.",
         "",
     ]
+    if meta.get("systems_from"):
+        runs = {}
+        for name, when in meta["systems_from"].items():
+            runs.setdefault(when, []).append(LABELS.get(name, name))
+        lines += ["Merged from several runs (`--update`): " + "; ".join(f"{when}: {', '.join(n)}" for when, n in runs.items()) + ".", ""]
     if r.get("targets"):
         lines += ["## Targets", "", "| target | goal | measured | result | detail |", "| --- | --- | --- | --- | --- |"]
         for t in r["targets"]:
@@ -68,13 +73,15 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [
             f"## Real engine: throughput and latency (streamed, {plan['max_tokens']} output tokens per request)",
             "",
-            "Requests per point: max({min}, {w} x concurrency). Latency and TTFT in ms; front CPU is the "
-            "process clients talk to (% of one core), system CPU every process of the system."
-            .format(min=plan["min_requests"], w=plan["waves"]),
+            "Each point: max({min}, {w} x concurrency) requests, measured {r} time(s) per system, the systems "
+            "taking turns (interleaved), pooled. Latency and TTFT in ms. CPU in % of one core: *front* is the "
+            "process clients talk to, *system* every process of the system (engine included), *other* everything "
+            "else on the machine during the point (other users: noise). req/s per round in brackets."
+            .format(min=plan["min_requests"], w=plan["waves"], r=plan.get("rounds", 1)),
             "",
             "| conc. | system | requests | req/s | out tok/s | latency p50 | p99 | TTFT p50 | p99 | front CPU % | "
-            "system CPU % | front RSS MB | errors |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "system CPU % | other CPU % | front RSS MB | errors |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for c in conc:
             for name in ORDER:
@@ -82,11 +89,13 @@ def markdown(r: dict[str, Any]) -> str:
                 if not p:
                     continue
                 res = p.get("resources") or {}
+                rounds = p.get("rounds") or []
+                per = f" ({', '.join(_f(x['req_per_s'], 2) for x in rounds)})" if len(rounds) > 1 else ""
                 lines.append(
-                    f"| {c} | {LABELS[name]} | {p['requests']} | {_f(p['req_per_s'], 2)} | {_f(p['output_tok_per_s'], 1)} | "
+                    f"| {c} | {LABELS[name]} | {p['requests']} | {_f(p['req_per_s'], 2)}{per} | {_f(p['output_tok_per_s'], 1)} | "
                     f"{_q(p.get('latency_ms'), 'p50', 0)} | {_q(p.get('latency_ms'), 'p99', 0)} | "
                     f"{_q(p.get('ttft_ms'), 'p50', 0)} | {_q(p.get('ttft_ms'), 'p99', 0)} | {_q(res, 'front_cpu_pct')} | "
-                    f"{_q(res, 'system_cpu_pct')} | {_q(res, 'front_peak_rss_mb', 0)} | {p['errors']} |"
+                    f"{_q(res, 'system_cpu_pct')} | {_q(res, 'other_cpu_pct')} | {_q(res, 'front_peak_rss_mb', 0)} | {p['errors']} |"
                 )
         lines += ["", "Ratios of requests/s:", "",
                   "| conc. | fleet / vllm serve | fleet / LiteLLM | LiteLLM / vllm serve | vllm serve / offline | fleet / offline |",
@@ -108,11 +117,14 @@ def markdown(r: dict[str, Any]) -> str:
             "per percentile.",
             "",
             "| system | rate | requests | errors | p50 | p99 | direct p50 | direct p99 | added p50 | added p99 | "
-            "gateway CPU % | gateway RSS MB | loadgen CPU % |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "gateway CPU % | gateway RSS MB | loadgen CPU % | other CPU % |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name in ORDER:
             for row in over["fixed_rate"].get(name) or []:
+                if "gateway" not in row:
+                    lines.append(f"| {LABELS[name]} | {row['rate']:.0f} | not run: {row.get('skipped', '')} |" + " |" * 11)
+                    continue
                 g, d = row["gateway"], row["direct"]
                 res = g.get("resources") or {}
                 lines.append(
@@ -120,12 +132,12 @@ def markdown(r: dict[str, Any]) -> str:
                     f"{_q(g.get('latency_ms'), 'p50', 2)} | {_q(g.get('latency_ms'), 'p99', 2)} | "
                     f"{_q(d.get('latency_ms'), 'p50', 2)} | {_q(d.get('latency_ms'), 'p99', 2)} | "
                     f"{_f(row['added_p50_ms'], 2)} | {_f(row['added_p99_ms'], 2)} | {_q(res, 'front_cpu_pct')} | "
-                    f"{_q(res, 'front_peak_rss_mb', 0)} | {_q(res, 'loadgen_cpu_pct')} |"
+                    f"{_q(res, 'front_peak_rss_mb', 0)} | {_q(res, 'loadgen_cpu_pct')} | {_q(res, 'other_cpu_pct')} |"
                 )
         lines.append("")
     if over["sustained"]:
         lines += [
-            f"Highest sustained rate (every request answered, p99 counted from the scheduled send <= "
+            f"Highest sustained rate, open loop (every request answered, p99 counted from the scheduled send <= "
             f"{plan['slo_ms']:.0f} ms; steps of {plan['ramp_duration']} s, then bisection):",
             "",
             "| system | max sustained req/s | first rate not sustained | note |",
@@ -143,8 +155,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [
             f"Gateway-only throughput (closed loop, streamed, {plan['instant_max_tokens']} tokens, instant upstream):",
             "",
-            "| conc. | system | requests | req/s | latency p50 | p99 | TTFT p50 | gateway CPU % | gateway RSS MB | errors |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| conc. | system | requests | req/s | latency p50 | p99 | TTFT p50 | gateway CPU % | gateway RSS MB | other CPU % | errors |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for c in conc:
             for name in ORDER:
@@ -155,7 +167,7 @@ def markdown(r: dict[str, Any]) -> str:
                         f"| {c} | {LABELS[name]} | {p['requests']} | {_f(p['req_per_s'], 1)} | "
                         f"{_q(p.get('latency_ms'), 'p50', 2)} | {_q(p.get('latency_ms'), 'p99', 2)} | "
                         f"{_q(p.get('ttft_ms'), 'p50', 2)} | {_q(res, 'front_cpu_pct')} | {_q(res, 'front_peak_rss_mb', 0)} | "
-                        f"{p['errors']} |")
+                        f"{_q(res, 'other_cpu_pct')} | {p['errors']} |")
         lines.append("")
     if r["systems"]:
         lines += ["## Start", "", "| system | front end answers (s) | model ready (s) |", "| --- | --- | --- |"]
@@ -223,7 +235,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 3.8), squeeze=False)
         for ax, rate in zip(axes[0], rates):
             for name in ORDER:
-                row = next((x for x in over.get(name) or [] if x["rate"] == rate), None)
+                row = next((x for x in over.get(name) or [] if x["rate"] == rate and "gateway" in x), None)
                 if not row:
                     continue
                 for which, style in (("gateway", "-"), ("direct", ":")):

@@ -83,28 +83,31 @@ class Plan:
     min_requests: int = 4  # real engine: requests per point = max(min_requests, waves * concurrency)
     waves: int = 1
     rounds: int = 2  # real engine: each point measured this many times per system, interleaved
-    instant_min_requests: int = 200  # instant upstream: max(instant_min_requests, 4 * concurrency)
+    instant_min_requests: int = 100  # instant upstream: max(instant_min_requests, 2 * concurrency)
     instant_max_tokens: int = 16
     overhead_stream: bool = False
-    rates: list[float] = field(default_factory=lambda: [100.0, 500.0])
+    rates: list[float] = field(default_factory=lambda: [5.0, 100.0, 500.0])
     rate_duration: float = 3.0
     ramp: list[float] = field(default_factory=lambda: [50, 100, 200, 300, 400, 600, 800, 1000, 1300, 1600, 2000, 2500, 3000, 4000])
     ramp_duration: float = 2.0
     ramp_bisect: int = 2
-    slo_ms: float = 100.0
+    ramp_floor: float = 5.0
+    slo_ms: float = 250.0
+    overload_factor: float = 2.0
+    min_open_requests: int = 50  # fixed rates above this x the highest sustained rate are skipped
     open_timeout: float = 5.0
 
     def requests(self, c: int) -> int:
         return max(self.min_requests, self.waves * c)
 
     def instant_requests(self, c: int) -> int:
-        return max(self.instant_min_requests, 4 * c)
+        return max(self.instant_min_requests, 2 * c)
 
 
 def quick_plan(concurrency: list[int] | None) -> Plan:
     return Plan(
         mode="quick", concurrency=concurrency or [1, 16, 64], max_tokens=16, min_requests=4, waves=1, rounds=1,
-        instant_min_requests=50, rates=[100.0, 500.0], rate_duration=0.6,
+        instant_min_requests=50, rates=[100.0, 500.0], rate_duration=0.6, overload_factor=1e9, min_open_requests=20,
         ramp=[100, 300, 600, 1000, 1500, 2000, 3000], ramp_duration=0.4, ramp_bisect=0, open_timeout=2.0,
     )
 
@@ -117,21 +120,21 @@ def log(message: str) -> None:
 
 
 async def closed_point(running: Running, target: Target, concurrency: int, requests: int, timeout: float,
-                       extra_pids: tuple[int, ...] = ()) -> dict[str, Any]:
+                       extra_pids: tuple[int, ...] = (), max_duration: float = 900.0) -> dict[str, Any]:
     """One closed-loop point with the front end's CPU and memory."""
     mon = procs.Monitor(running.front_pid, [*running.tree_pids, *extra_pids])
     mon.start()
-    run = await loadgen.closed_loop(target, concurrency, requests, timeout=timeout, max_duration=max(600.0, timeout))
+    run = await loadgen.closed_loop(target, concurrency, requests, timeout=timeout, max_duration=max_duration)
     res = loadgen.summarize(run, cdf=True)
     res["resources"] = await mon.stop()
     return res
 
 
 async def sweep(name: str, running: Running, target: Target, plan: Plan, requests: Callable[[int], int],
-                timeout: float, extra_pids: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+                timeout: float, extra_pids: tuple[int, ...] = (), max_duration: float = 900.0) -> list[dict[str, Any]]:
     points = []
     for c in plan.concurrency:
-        point = await closed_point(running, target, c, requests(c), timeout, extra_pids)
+        point = await closed_point(running, target, c, requests(c), timeout, extra_pids, max_duration)
         lat = point["latency_ms"] or {}
         log(f"  {name} c={c}: {point['req_per_s']:.2f} req/s, {point['output_tok_per_s']:.1f} tok/s, "
             f"p50 {lat.get('p50', float('nan')):.1f} ms, errors {point['errors']}")
@@ -148,7 +151,7 @@ async def warm_up(target: Target, n: int = 8, concurrency: int = 4, timeout: flo
 
 async def open_point(target: Target, rate: float, duration: float, plan: Plan, front_pid: int | None = None,
                      tree: tuple[int, ...] = ()) -> dict[str, Any]:
-    requests = max(10, int(rate * duration))
+    requests = max(plan.min_open_requests, int(rate * duration))
     mon = procs.Monitor(front_pid, tree)
     mon.start()
     run = await loadgen.open_loop(target, rate, requests, timeout=plan.open_timeout, max_duration=duration * 3 + 10)
@@ -163,13 +166,20 @@ def sustained(point: dict[str, Any], plan: Plan) -> bool:
     return point["errors"] == 0 and point["ok"] == point["requests"] and late.get("p99", 1e9) <= plan.slo_ms
 
 
-async def ramp(name: str, target: Target, plan: Plan, front_pid: int | None, tree: tuple[int, ...]) -> dict[str, Any]:
-    """Raise the offered rate until a step is not sustained; refine between the last two by bisection."""
+async def ramp(name: str, target: Target, plan: Plan, front_pid: int | None, tree: tuple[int, ...],
+               idle: float | None = None) -> dict[str, Any]:
+    """Raise the offered rate until a step is not sustained; refine between the last two by bisection.
+
+    After a step that was not sustained the system first works off its backlog (`settle`).
+    """
     steps: list[dict[str, Any]] = []
+    idle = idle if idle is not None else await idle_latency(target)
 
     async def step(rate: float) -> bool:
         p = await open_point(target, rate, plan.ramp_duration, plan, front_pid, tree)
         ok = sustained(p, plan)
+        if not ok:
+            await settle(target, idle)
         late = p.get("late_latency_ms") or {}
         steps.append({"rate": rate, "sustained": ok, "errors": p["errors"], "ok": p["ok"], "requests": p["requests"],
                       "late_p99_ms": late.get("p99"), "latency_ms": p["latency_ms"], "resources": p["resources"]})
@@ -185,6 +195,11 @@ async def ramp(name: str, target: Target, plan: Plan, front_pid: int | None, tre
         else:
             failed = rate
             break
+    while not best and failed and failed / 2 >= plan.ramp_floor:  # not even the first step: halve down
+        if await step(failed / 2):
+            best = failed / 2
+        else:
+            failed = failed / 2
     for _ in range(plan.ramp_bisect if failed else 0):
         mid = round((best + failed) / 2 / 10) * 10 if best else round(failed / 2)  # type: ignore[operator]
         if mid in (best, failed) or mid <= 0:
@@ -230,10 +245,22 @@ async def _instant_body(kind: str, direct_name: str, gw: Running, direct: Target
     stream_target = loadgen.completion_target(gw.base_url, gw.model, PROMPTS, plan.instant_max_tokens, stream=True)
     for t in (target, stream_target, direct):  # both shapes: LiteLLM imports features on first use
         await warm_up(t, n=100, concurrency=8, timeout=60)
+    idle = await idle_latency(target)
     tree = (*gw.tree_pids, *upstream_pids)
-    # Fixed rates: the upstream alone, then through the gateway.
+    # Highest sustained rate first (from low rates up), through the gateway and direct (the
+    # harness's own ceiling): it decides which fixed rates are worth offering at all.
+    over["sustained"][kind] = await ramp(kind, target, plan, gw.front_pid, tree, idle)
+    over["sustained"][f"{direct_name} (direct)"] = await ramp(f"{direct_name} direct", direct, plan, None, tree)
+    best = over["sustained"][kind]["max_rate"]
+    # Fixed rates: the upstream alone, then through the gateway. A rate far beyond what the gateway
+    # sustains only builds a backlog it then works off for minutes (LiteLLM does not cancel the
+    # upstream call of a client that left): such a rate is recorded as skipped.
     rows = []
     for rate in plan.rates:
+        if rate > plan.overload_factor * best:
+            rows.append({"rate": rate, "skipped": f"above {plan.overload_factor:g}x the highest sustained rate ({best:g} req/s)"})
+            log(f"  {kind} @ {rate:.0f} req/s: skipped (sustains {best:g} req/s)")
+            continue
         d = await open_point(direct, rate, plan.rate_duration, plan, upstream_pids[0] if upstream_pids else None, tree)
         g = await open_point(target, rate, plan.rate_duration, plan, gw.front_pid, tree)
         row = {"rate": rate, "gateway": g, "direct": d, **added(g, d)}
@@ -242,12 +269,34 @@ async def _instant_body(kind: str, direct_name: str, gw: Running, direct: Target
         log(f"  {kind} @ {rate:.0f} req/s: p50 {gl.get('p50', float('nan')):.2f} ms / p99 {gl.get('p99', float('nan')):.2f} ms "
             f"(direct {dl.get('p50', float('nan')):.2f} / {dl.get('p99', float('nan')):.2f}); added p50 {row['added_p50_ms']} "
             f"p99 {row['added_p99_ms']}; errors {g['errors']}; gateway CPU {g['resources']['front_cpu_pct']}%")
+        if not sustained(g, plan):
+            await settle(target, idle)
     over["fixed_rate"][kind] = rows
-    # Highest sustained rate, through the gateway and (the harness's own ceiling) direct.
-    over["sustained"][kind] = await ramp(kind, target, plan, gw.front_pid, tree)
-    over["sustained"][f"{direct_name} (direct)"] = await ramp(f"{direct_name} direct", direct, plan, None, tree)
     # Gateway-only throughput: closed loop, streamed, instant upstream.
-    results["throughput"]["instant"][kind] = await sweep(kind, gw, stream_target, plan, plan.instant_requests, 30.0, upstream_pids)
+    results["throughput"]["instant"][kind] = await sweep(kind, gw, stream_target, plan, plan.instant_requests, 60.0,
+                                                         upstream_pids, max_duration=90.0)
+
+
+async def idle_latency(target: Target, n: int = 10) -> float:
+    """Median seconds of one request on an idle system (what `settle` waits to see again)."""
+    run = await loadgen.closed_loop(target, 1, n, timeout=30, max_duration=60)
+    return loadgen.percentile([s.latency for s in run.samples if s.ok], 50) or 0.05
+
+
+async def settle(target: Target, idle: float, budget: float = 180.0) -> float:
+    """After an overload: wait until three requests in a row are answered about as fast as when idle."""
+    t0 = time.monotonic()
+    good = 0
+    while good < 3 and time.monotonic() - t0 < budget:
+        run = await loadgen.closed_loop(target, 1, 1, timeout=30, max_duration=30)
+        s = run.samples[0]
+        good = good + 1 if s.ok and s.latency <= max(3 * idle, idle + 0.05) else 0
+        if not good:
+            await asyncio.sleep(0.5)
+    waited = time.monotonic() - t0
+    if waited > 2:
+        log(f"  (waited {waited:.0f}s for the backlog to drain)")
+    return waited
 
 
 async def run_real(selected: list[str], env: Env, plan: Plan, model_dir: str, results: dict[str, Any]) -> None:
@@ -398,7 +447,7 @@ def evaluate_targets(results: dict[str, Any], plan: Plan) -> list[dict[str, Any]
     r = f["req_per_s"] / l["req_per_s"] if f and l and l["req_per_s"] else None
     add(f"fleet / LiteLLM throughput, c={top} (instant upstream)", ">= 3x", round(r, 3) if r else None,
         (r >= 3) if r else None, f"{f['req_per_s']:.1f} vs {l['req_per_s']:.1f} req/s" if r else "")
-    rows = results["overhead"]["fixed_rate"].get("fleet-null") or []
+    rows = [x for x in results["overhead"]["fixed_rate"].get("fleet-null") or [] if "gateway" in x]
     row = next((x for x in rows if x["rate"] == 500), None)
     for q, goal in (("p50", 0.5), ("p99", 2.0)):
         v = row and row[f"added_{q}_ms"]
@@ -461,6 +510,9 @@ def model_dir(python: str) -> str:
 
 
 async def main_async(ns: argparse.Namespace, plan: Plan, env: Env, selected: list[str], results: dict[str, Any]) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # then `finally`s stop everything
     for kind in [s for s in INSTANT if s in selected]:
         log(f"{kind}: starting")
         await _guard(kind, results, run_instant(kind, env, plan, results))
@@ -472,6 +524,30 @@ async def main_async(ns: argparse.Namespace, plan: Plan, env: Env, selected: lis
             await _guard("engine servers", results, run_real(real, env, plan, mdir, results))
         if "offline" in real:
             await _guard("offline", results, run_offline(env, plan, mdir, results))
+
+
+DIRECT_OF = {"fleet-null": "null-engine (direct)", "litellm-stub": "stub (direct)"}
+
+
+def merge_previous(prev: dict[str, Any], fresh: dict[str, Any], selected: list[str]) -> dict[str, Any]:
+    """--update: keep the previous run's numbers for the systems not selected now."""
+    drop = set(selected) | {DIRECT_OF[s] for s in selected if s in DIRECT_OF}
+    if "offline" in selected:
+        drop.add("offline")
+    merged = fresh
+    merged["systems"] = {k: v for k, v in prev.get("systems", {}).items() if k not in drop}
+    for part in ("engine", "instant"):
+        merged["throughput"][part] = {k: v for k, v in prev["throughput"].get(part, {}).items() if k not in drop}
+    for part in ("fixed_rate", "sustained"):
+        merged["overhead"][part] = {k: v for k, v in prev["overhead"].get(part, {}).items() if k not in drop}
+    merged["failures"] = {k: v for k, v in prev.get("failures", {}).items() if k not in drop}
+    earlier = prev["meta"].pop("previous_runs", [])
+    origin = prev["meta"].get("systems_from", {})
+    merged["meta"]["previous_runs"] = [*earlier, prev["meta"]]
+    merged["meta"]["systems_from"] = {**{k: v for k, v in origin.items() if k not in drop},
+                                     **{k: prev["meta"]["started"] for k in prev.get("systems", {}) if k not in drop and k not in origin},
+                                     **{k: fresh["meta"]["started"] for k in selected}}
+    return merged
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -486,9 +562,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--waves", type=int, help="requests per point = max(min, waves * concurrency) (default 1)")
     p.add_argument("--min-requests", type=int, help="at least this many requests per point (default 4)")
     p.add_argument("--rounds", type=int, help="real engine: interleaved repetitions of every point (default 2)")
-    p.add_argument("--rates", help="fixed request rates for added latency (default 100,500)")
+    p.add_argument("--rates", help="fixed request rates for added latency (default 5,100,500)")
     p.add_argument("--rate-duration", type=float, help="seconds per fixed-rate point (default 3)")
-    p.add_argument("--slo-ms", type=float, help="sustained: p99 from the scheduled send <= this (default 100)")
+    p.add_argument("--slo-ms", type=float, help="sustained: p99 from the scheduled send <= this (default 250)")
     p.add_argument("--overhead-stream", action="store_true", help="stream the fixed-rate and ramp requests")
     p.add_argument("--fleet-loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="event loop of the fleet-null gateway (fleet launch uses asyncio today)")
@@ -496,6 +572,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="where results.json/.md and plots go")
     p.add_argument("--workdir", type=Path, help="logs and generated configs (default bench/results/<time>)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other systems' numbers from <out>/results.json; replace only the selected ones")
     p.add_argument("--litellm-venv", type=Path, default=ROOT / "bench" / ".venv-litellm")
     return p.parse_args(argv)
 
@@ -549,12 +627,11 @@ def main(argv: list[str] | None = None) -> int:
         "targets": [],
         "failures": {},
     }
+    previous = out / "results.json"
+    if ns.update and previous.exists():
+        results = merge_previous(json.loads(previous.read_text()), results, selected)
     atexit.register(procs.stop_all)
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
     t0 = time.monotonic()
     log(f"{plan.mode} run of {', '.join(selected)}; logs in {env.workdir}")
     try:
@@ -564,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.run(main_async(ns, plan, env, selected, results))
         except ImportError:
             asyncio.run(main_async(ns, plan, env, selected, results))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted: stopping every server")
         results["failures"]["interrupted"] = "KeyboardInterrupt"
     finally:

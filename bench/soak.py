@@ -31,10 +31,12 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -173,6 +175,7 @@ async def load(url: str, cfg: SoakConfig, pid: int) -> dict[str, Any]:
     elapsed = time.monotonic() - started
     total = sum(sum(c.values()) for c in counts.values())
     return {
+        "started": started,
         "requests": {name: dict(c) for name, c in counts.items()},
         "requests_total": total,
         "requests_per_s": round(total / elapsed, 1),
@@ -206,6 +209,20 @@ def growth(samples: list[tuple[float, float, int]], cfg: SoakConfig) -> dict[str
     }
 
 
+def heap_growth(heap: list[tuple[float, int, int]], cfg: SoakConfig) -> dict[str, Any]:
+    """The same comparison for live pymalloc blocks and gc-tracked objects (Python-level leaks)."""
+    first = [h for h in heap if cfg.warmup <= h[0] < cfg.warmup + cfg.window]
+    last = [h for h in heap if h[0] >= cfg.seconds - cfg.window]
+    if not first or not last:
+        return {}
+    out: dict[str, Any] = {}
+    for i, name in ((1, "blocks"), (2, "gc_objects")):
+        a, b = statistics.median(h[i] for h in first), statistics.median(h[i] for h in last)
+        out[f"{name}_after_warmup"], out[f"{name}_at_end"] = int(a), int(b)
+        out[f"{name}_growth_pct"] = round((b - a) / a * 100, 2)
+    return out
+
+
 async def settled_inflight(url: str, timeout: float = 15.0) -> int:
     """Requests still in flight at the gateway once the load stopped (polled until 0 or timeout)."""
     deadline = time.monotonic() + timeout
@@ -236,6 +253,14 @@ async def wait_ready(url: str, server: Server, timeout: float) -> float:
     raise RuntimeError(f"the fleet was not ready after {timeout:.0f}s:\n{server.tail()}")
 
 
+def stop_gracefully(server: Server, timeout: float = 60.0) -> None:
+    """SIGTERM to the launcher alone, as Ctrl-C: it drains, then stops its engines in order."""
+    if server.proc is not None and server.alive():
+        server.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.proc.wait(timeout)
+
+
 def run_soak(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
     """Start the fleet in its own process, soak it, stop it; the report."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -243,17 +268,24 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
     config = workdir / "fleet.toml"
     config.write_text(fleet_toml(cfg, port))
     url = f"http://127.0.0.1:{port}"
+    stats = workdir / "heap.jsonl"
+    stats.unlink(missing_ok=True)
     server = Server("fleet", [sys.executable, str(Path(__file__).resolve()), "serve", "--config", str(config),
-                              "--engine", "vllm" if cfg.real else "fake"], workdir / "fleet.log", cwd=ROOT)
+                              "--engine", "vllm" if cfg.real else "fake", "--stats", str(stats),
+                              "--interval", str(cfg.interval)], workdir / "fleet.log", cwd=ROOT)
     server.start()
     try:
         ready_s = asyncio.run(wait_ready(url, server, cfg.ready_timeout if cfg.real else 60))
         result = asyncio.run(load(url, cfg, server.pid))
         inflight_after = asyncio.run(settled_inflight(url))
         alive = server.alive()
+        stop_gracefully(server)
     finally:
-        server.stop()
+        server.stop()  # whatever is left (a no-op after a clean stop)
     samples = result.pop("samples")
+    offset = result.pop("started") - server.started_at  # the heap sampler's clock starts with the process
+    heap = [(round(t - offset, 2), blocks, objects) for t, blocks, objects in
+            (json.loads(line) for line in stats.read_text().splitlines() if line.strip()) if t >= offset]
     report = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "engine": "vllm (default model)" if cfg.real else "fake (tests/fake_engine.py)",
@@ -265,8 +297,10 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
         "fleet_alive_at_end": alive,
         **growth(samples, cfg),
         "target_pct": TARGET_PCT,
+        **heap_growth(heap, cfg),
         "rss_mib": [[t, round(rss, 2)] for t, rss, _ in samples],
         "fds": [[t, n] for t, _, n in samples],
+        "heap": [list(h) for h in heap],
     }
     report["pass"] = bool(report["growth_pct"] < TARGET_PCT and not report["unexpected"] and inflight_after == 0 and alive)
     return report
@@ -277,17 +311,33 @@ def summary(report: dict[str, Any]) -> str:
     return (
         f"soak on {report['engine']}: {report['config']['seconds']:.0f}s, {report['requests_total']} requests "
         f"({report['requests_per_s']}/s), unexpected {report['unexpected'] or 'none'}, in flight after {report['inflight_after']}\n"
-        f"fleet process RSS: {report['rss_at_start_mib']} MiB at start, {report['baseline_rss_mib']} MiB after warm-up, "
+        f"RSS of the fleet process: {report['rss_at_start_mib']} MiB at start, {report['baseline_rss_mib']} MiB after warm-up, "
         f"{report['final_rss_mib']} MiB at the end: growth {report['growth_pct']:+.2f}% (target < {report['target_pct']}%), "
         f"slope {report['slope_mib_per_min']:+.3f} MiB/min, peak {report['peak_rss_mib']} MiB, "
-        f"open fds {report['fds_after_warmup_min_max']}; {'PASS' if report['pass'] else 'FAIL'}"
+        f"open fds {report['fds_after_warmup_min_max']}; {'PASS' if report['pass'] else 'FAIL'}\n"
+        f"Python heap over the same windows: live blocks {report.get('blocks_growth_pct', '?'):+}%, "
+        f"gc-tracked objects {report.get('gc_objects_growth_pct', '?'):+}%"
     )
 
 
 # --- the fleet process ----------------------------------------------------------------------------
 
 
-async def serve(config_path: Path, engine: str) -> None:
+async def heap_stats(path: Path, interval: float) -> None:
+    """Append the interpreter's own counts to `path` every `interval` s (read back by the soak).
+
+    RSS alone cannot tell a leak of Python objects from the allocator keeping freed memory: live
+    pymalloc blocks and objects tracked by the garbage collector can. Cheap: no tracemalloc.
+    """
+    started = time.monotonic()
+    with path.open("a") as out:
+        while True:
+            out.write(json.dumps([round(time.monotonic() - started, 2), sys.getallocatedblocks(), len(gc.get_objects())]) + "\n")
+            out.flush()
+            await asyncio.sleep(interval)
+
+
+async def serve(config_path: Path, engine: str, stats: Path | None = None, interval: float = 5.0) -> None:
     """`fleet launch` with the engine command of the soak: stops on SIGINT/SIGTERM."""
     from fleet.config import load_config
     from fleet.launcher import Fleet, engine_command
@@ -301,7 +351,12 @@ async def serve(config_path: Path, engine: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, fleet.stop)
-    await fleet.run()
+    sampler = asyncio.create_task(heap_stats(stats, interval)) if stats else None
+    try:
+        await fleet.run()
+    finally:
+        if sampler:
+            sampler.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="soak.py serve")
         p.add_argument("--config", type=Path, required=True)
         p.add_argument("--engine", choices=["fake", "vllm"], default="fake")
+        p.add_argument("--stats", type=Path, default=None, help="append heap counts to this file")
+        p.add_argument("--interval", type=float, default=5.0)
         ns = p.parse_args(argv[1:])
-        asyncio.run(serve(ns.config, ns.engine))
+        asyncio.run(serve(ns.config, ns.engine, ns.stats, ns.interval))
         return 0
     parser = argparse.ArgumentParser(prog="soak.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the load (default 10)")

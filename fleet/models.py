@@ -20,6 +20,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from enum import Enum
@@ -113,6 +115,16 @@ def converted(gguf: Path, name: str) -> Path:
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
+    """Run `dequantize` in a child process, so the engine process never holds torch/transformers
+    state from the conversion (on a CUDA machine, vLLM 0.24 stalled starting after an in-process one)."""
+    done = subprocess.run([sys.executable, "-m", "fleet.models", str(gguf), str(out)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stdout.splitlines()[-20:])
+        raise RuntimeError(f"converting {gguf} failed (exit {done.returncode}):\n{tail}")
+
+
+def dequantize(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF file into a bf16 Hugging Face folder (config, tokenizer, safetensors)."""
     import torch
     from safetensors.torch import save_file
@@ -131,3 +143,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     model.generation_config.save_pretrained(out)
+
+
+if __name__ == "__main__":
+    dequantize(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -89,9 +89,12 @@ def http(fleet: InProcessFleet) -> Iterator[httpx.Client]:
 # --- schemathesis -----------------------------------------------------------------------------
 
 
+Traffic = collections.Counter[tuple[str, str, int, str]]
+
+
 @pytest.fixture(scope="module")
-def traffic() -> collections.Counter[tuple[str, str]]:
-    """Requests schemathesis sent, by (method, path template); checked by the test after the fuzz."""
+def traffic() -> Traffic:
+    """Requests schemathesis sent, by (method, path template, status, content type); checked after the fuzz."""
     return collections.Counter()
 
 
@@ -129,11 +132,15 @@ def flatmap_body(context: Any, body: Any) -> st.SearchStrategy[Any]:
     return st.just(body)
 
 
+def content_type(response: schemathesis.Response) -> str:
+    return next((v[0] for k, v in response.headers.items() if k.lower() == "content-type" and v), "")
+
+
 def openai_error_envelope(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> None:
     """Every error, documented status or not (405, 404 on an unknown path), is OpenAI's envelope."""
     if response.status_code < 400:
         return
-    assert response.headers.get("content-type", [""])[0].startswith("application/json"), response.headers
+    assert content_type(response).startswith("application/json"), response.headers
     body = json.loads(response.content)
     assert set(body) == {"error"}, body
     error = body["error"]
@@ -144,7 +151,7 @@ def openai_error_envelope(ctx: Any, response: schemathesis.Response, case: schem
 
 def event_stream(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> None:
     """A 200 `text/event-stream` is `data: <JSON>` events ending in `data: [DONE]`."""
-    if response.status_code != 200 or not response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
+    if response.status_code != 200 or not content_type(response).startswith("text/event-stream"):
         return
     text = response.content.decode()
     assert text.endswith("data: [DONE]\n\n"), text[-200:]
@@ -164,11 +171,11 @@ def event_stream(ctx: Any, response: schemathesis.Response, case: schemathesis.C
     suppress_health_check=list(HealthCheck),
 )
 def test_openapi_fuzz_no_5xx_and_every_response_as_documented(
-    case: schemathesis.Case, fleet: InProcessFleet, session: requests.Session,
-    traffic: collections.Counter[tuple[str, str]],
+    case: schemathesis.Case, fleet: InProcessFleet, session: requests.Session, traffic: Traffic,
 ) -> None:
     response = case.call(base_url=fleet.url, session=session, timeout=TIMEOUT)
-    traffic[(case.method.upper(), case.path)] += 1
+    kind = content_type(response).split(";")[0]
+    traffic[(case.method.upper(), case.path, response.status_code, kind)] += 1
     case.validate_response(
         response,
         excluded_checks=[positive_data_acceptance],  # see the module docstring
@@ -176,12 +183,15 @@ def test_openapi_fuzz_no_5xx_and_every_response_as_documented(
     )
 
 
-def test_openapi_fuzz_sent_at_least_1000_requests_over_every_route(
-    traffic: collections.Counter[tuple[str, str]],
-) -> None:
-    """The fuzz above (run first, same module) reached every route, and in volume."""
-    assert ROUTES <= set(traffic), f"routes never fuzzed: {ROUTES - set(traffic)} (run the whole module)"
-    assert sum(traffic.values()) >= MIN_REQUESTS, dict(traffic)
+def test_openapi_fuzz_sent_at_least_1000_requests_over_every_route(traffic: Traffic) -> None:
+    """The fuzz above (run first, same module) reached every route, in volume, and got past the
+    checks into the engines: JSON answers and event streams from both generation routes."""
+    routes = {(method, path) for method, path, _, _ in traffic}
+    assert ROUTES <= routes, f"routes never fuzzed: {ROUTES - routes} (run the whole module)"
+    assert sum(traffic.values()) >= MIN_REQUESTS, traffic
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        answered = {kind: n for (_, p, status, kind), n in traffic.items() if p == path and status == 200}
+        assert answered.get("application/json", 0) >= 10 and answered.get("text/event-stream", 0) >= 10, (path, answered)
 
 
 def test_openapi_document_describes_what_the_gateway_sends(fleet: InProcessFleet) -> None:

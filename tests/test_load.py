@@ -49,9 +49,14 @@ MODELS: dict[str, dict[str, Any]] = {
     "tight": {"engine_args": {"fake_token_delay": 0.05}, "limits": {"max_concurrent": 2, "max_queued": 2}},
     # 1 at the engine, and a waiter gives up after 0.3 s
     "queue": {"engine_args": {"fake_token_delay": 0.05}, "limits": {"max_concurrent": 1, "queue_timeout": 0.3}},
-    # 60 tokens 50 ms apart (3 s) if left to finish: long enough to leave in the middle
-    "slow": {"engine_args": {"fake_token_delay": 0.05}},
+    # 60 tokens 100 ms apart (6 s) if left to finish: long enough to leave in the middle
+    "slow": {"engine_args": {"fake_token_delay": 0.1}},
+    # serves 30 requests (1 s each), then dies on the next one; the launcher restarts it
+    "crashy": {"engine_args": {"fake_crash_after_requests": 30, "fake_token_delay": 0.05}},
+    # the first token, then silence longer than the gateway's engine_timeout
+    "stuck": {"engine_args": {"fake_token_delay": 5.0}},
 }
+ENGINE_TIMEOUT = 2.0  # [gateway] engine_timeout of this fleet: no other model pauses that long
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,7 +71,7 @@ def enough_file_descriptors() -> None:
 @pytest.fixture(scope="module")
 def fleet(cache_dir: Path) -> Iterator[InProcessFleet]:
     config = parse_config({
-        "gateway": {"host": "127.0.0.1", "port": free_port()},
+        "gateway": {"host": "127.0.0.1", "port": free_port(), "engine_timeout": ENGINE_TIMEOUT},
         "models": [{"name": name, "source": "fake", "port": free_port(), **spec} for name, spec in MODELS.items()],
     })
     running = InProcessFleet(config, fake_command)
@@ -254,41 +259,97 @@ def reset(writer: asyncio.StreamWriter) -> None:
 
 @pytest.mark.parametrize("how", ["close", "reset"])
 def test_200_clients_leaving_mid_generation_free_the_engine_within_two_seconds(fleet: InProcessFleet, how: str) -> None:
-    """100 streaming clients leave after their first token, 100 non-streaming ones while they wait."""
+    """100 streaming clients (after their first token) and 100 waiting for a JSON answer leave at once."""
     before = engine_stats(fleet, "slow")
     body = {"model": "slow", "prompt": "hi", "max_tokens": 60}
     leave: Callable[[asyncio.StreamWriter], None] = reset if how == "reset" else asyncio.StreamWriter.close
 
-    async def streaming() -> None:
-        reader, writer = await raw_request(fleet, {**body, "stream": True})
-        while not (line := await reader.readline()).startswith(b"data: "):  # headers, then the first token
-            assert line, "the gateway closed the stream"
+    async def client(stream: bool, go: asyncio.Event) -> None:
+        reader, writer = await raw_request(fleet, {**body, "stream": stream})
+        if stream:  # headers, then the first token
+            while not (line := await reader.readline()).startswith(b"data: "):
+                assert line, "the gateway closed the stream"
+        await go.wait()
         leave(writer)
 
-    async def waiting(started: asyncio.Event) -> asyncio.StreamWriter:
-        _, writer = await raw_request(fleet, body)
-        await started.wait()
-        return writer
-
     async def load() -> float:
-        started = asyncio.Event()
-        waiters = [asyncio.create_task(waiting(started)) for _ in range(DROPPERS // 2)]
-        await asyncio.gather(*(streaming() for _ in range(DROPPERS // 2)))
-        deadline = time.monotonic() + 10  # every non-streamed request is generating
-        while engine_stats(fleet, "slow")["running"] < DROPPERS and time.monotonic() < deadline:
+        go = asyncio.Event()
+        clients = [asyncio.create_task(client(i % 2 == 0, go)) for i in range(DROPPERS)]
+        deadline = time.monotonic() + 5  # until all 200 are generating (6 s each if left alone)
+        while (running := engine_stats(fleet, "slow")["running"]) < DROPPERS and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert engine_stats(fleet, "slow")["running"] == DROPPERS
-        started.set()
-        for writer in await asyncio.gather(*waiters):
-            leave(writer)
+        assert running == DROPPERS
+        go.set()
+        await asyncio.gather(*clients)
         return time.monotonic()
 
     left_at = run(load(), limit=30)
     took = settle(fleet, list(MODELS), timeout=2.0)
+    assert time.monotonic() - left_at < 2.5
     after = engine_stats(fleet, "slow")
     assert after["aborted"] - before["aborted"] == DROPPERS
-    assert time.monotonic() - left_at < 2.5
-    print(f"{DROPPERS} clients left ({how}); engine idle {took:.2f}s later")
+    assert after["requests"] - before["requests"] == DROPPERS
+    print(f"{DROPPERS} clients left ({how}); gateway and engine idle {took:.2f}s later")
+
+
+# --- engine faults under load -------------------------------------------------------------------------
+
+
+def test_an_engine_dying_under_load_answers_every_client_and_comes_back(fleet: InProcessFleet) -> None:
+    """30 requests in flight, then the engine dies: every client gets an answer, none hangs."""
+    answers: list[tuple[int, str]] = []
+
+    async def client(http: aiohttp.ClientSession, stream: bool) -> None:
+        body = {"model": "crashy", "prompt": "hi", "max_tokens": 20, "stream": stream}
+        async with http.post(f"{fleet.url}/v1/completions", json=body) as resp:
+            answers.append((resp.status, await resp.text()))
+
+    async def load() -> None:
+        async with session() as http:
+            first = [asyncio.create_task(client(http, i % 2 == 0)) for i in range(30)]
+            deadline = time.monotonic() + 5
+            while engine_stats(fleet, "crashy")["running"] < 30 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*first, *(client(http, i % 2 == 0) for i in range(30)))  # the 31st kills it
+
+    run(load(), limit=30)
+    statuses = collections.Counter(status for status, _ in answers)
+    assert len(answers) == 60 and set(statuses) <= {200, 502, 503}, statuses
+    assert statuses[502] + statuses[503] >= 1, statuses
+    for status, text in answers:
+        if status == 200:  # a stream that had begun: its error is an event, then [DONE]
+            events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]", text[-300:]
+            assert json.loads(events[-2])["error"]["code"] == "engine_error", events[-2]
+        else:
+            error = json.loads(text)["error"]
+            assert error["code"] == ("engine_error" if status == 502 else "model_not_ready"), error
+    assert not any(inflight(fleet).values())
+    assert fleet.wait_state("crashy", "ready", timeout=30) == "ready"
+    r = httpx.post(f"{fleet.url}/v1/completions", json={"model": "crashy", "prompt": "hi", "max_tokens": 2}, timeout=10)
+    assert r.status_code == 200, r.text
+    restarts = {row["model"]: row["restarts"] for row in httpx.get(f"{fleet.url}/fleet/status").json()["models"]}
+    assert restarts["crashy"] == 1
+    settle(fleet, list(MODELS))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_silent_longer_than_engine_timeout_is_a_504_not_a_hang(fleet: InProcessFleet, stream: bool) -> None:
+    before = engine_stats(fleet, "stuck")
+    started = time.monotonic()
+    body = {"model": "stuck", "prompt": "hi", "max_tokens": 3, "stream": stream}
+    r = httpx.post(f"{fleet.url}/v1/completions", json=body, timeout=30)
+    took = time.monotonic() - started
+    assert ENGINE_TIMEOUT <= took < ENGINE_TIMEOUT + 2, took
+    if stream:  # the first token went out; the timeout is an event, then [DONE]
+        assert r.status_code == 200
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_timeout", events
+    else:
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "engine_timeout"
+    settle(fleet, list(MODELS))  # the gateway hung up, so the engine stopped waiting too
+    assert engine_stats(fleet, "stuck")["aborted"] == before["aborted"] + 1
 
 
 # --- a short soak: memory ----------------------------------------------------------------------------
@@ -296,7 +357,7 @@ def test_200_clients_leaving_mid_generation_free_the_engine_within_two_seconds(f
 
 def test_short_soak_gateway_memory_grows_less_than_5_percent(tmp_path: Path) -> None:
     """About a minute of steady mixed load on a fleet in its own process (see bench/soak.py)."""
-    report = soak.run_soak(soak.SoakConfig(seconds=60, warmup=20, interval=1.0, concurrency=12), tmp_path)
+    report = soak.run_soak(soak.SoakConfig(seconds=75, warmup=30, interval=1.0, concurrency=12), tmp_path)
     print(soak.summary(report))
     assert report["unexpected"] == {}, report["unexpected"]
     assert report["requests_total"] > 1000, report["requests"]

@@ -1,0 +1,89 @@
+"""The benchmark harness runs end to end in a few seconds: `bench/run.py --quick` over the null engine.
+
+No vLLM, no LiteLLM: fleet's real launcher and gateway over bench/null_engine.py, load from
+bench/loadgen.py on loopback. Checks the shape of results.json (what docs/benchmarks.md is built
+from), that the numbers are sane, and that every process the harness started is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import loadgen  # noqa: E402
+
+
+@pytest.mark.timeout(90)
+def test_quick_run_writes_results(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--concurrency", "1,8",
+         "--out", str(out), "--workdir", str(work), "--no-plots"],
+        capture_output=True, text=True, timeout=80,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert elapsed < 60, f"the quick run took {elapsed:.0f}s"
+
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"meta", "systems", "throughput", "overhead", "targets", "failures"}
+    assert results["failures"] == {}
+    assert results["meta"]["mode"] == "quick"
+    assert {"cpu", "cores", "usable_cores", "memory_gib", "fleet_commit"} <= set(results["meta"]["machine"])
+
+    system = results["systems"]["fleet-null"]
+    assert 0 < system["start_s"] <= system["ready_s"] < 30
+
+    rows = results["overhead"]["fixed_rate"]["fleet-null"]
+    assert [r["rate"] for r in rows] == [100.0, 500.0]
+    for row in rows:
+        assert {"gateway", "direct", "added_p50_ms", "added_p99_ms"} <= set(row)
+        for side in (row["gateway"], row["direct"]):
+            assert side["errors"] == 0 and side["ok"] == side["requests"] > 0
+            assert set(side["latency_ms"]) == {"p50", "p90", "p99", "mean", "max"}
+            assert len(side["latency_cdf_ms"]) == len(loadgen.CDF_POINTS)
+        res = row["gateway"]["resources"]
+        assert res["front_peak_rss_mb"] > 10 and res["front_cpu_s"] > 0
+
+    sustained = results["overhead"]["sustained"]
+    assert sustained["fleet-null"]["max_rate"] > 0
+    assert sustained["null-engine (direct)"]["max_rate"] > 0
+
+    points = results["throughput"]["instant"]["fleet-null"]
+    assert [p["concurrency"] for p in points] == [1, 8]
+    for p in points:
+        assert p["errors"] == 0 and p["req_per_s"] > 0
+        assert p["tokens_per_request"] == [16]  # the null engine answers exactly max_tokens
+        assert p["ttft_ms"]["p50"] <= p["latency_ms"]["p50"]
+
+    targets = {t["target"]: t for t in results["targets"]}
+    assert targets["fleet gateway memory (peak RSS)"]["measured"] > 0
+    assert targets["fleet gateway start"]["measured"] == system["start_s"]
+    assert all(t["pass"] is None for name, t in targets.items() if "vllm" in name)  # not measured here
+
+    report = (out / "results.md").read_text()
+    assert "Gateway overhead with an instant upstream" in report and "| fleet gateway -> null engine | 500 |" in report
+
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(work) in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == [], f"processes left running: {leftovers}"
+
+
+def test_loadgen_refuses_non_loopback() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        loadgen.completion_target("http://example.com:8000", "m", ["hi"], 4, stream=False)
+
+
+def test_percentiles() -> None:
+    assert loadgen.percentile([], 50) is None
+    assert loadgen.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert loadgen.percentile([0.0, 10.0], 99) == pytest.approx(9.9)
