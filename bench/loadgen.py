@@ -16,6 +16,7 @@ frames, for the null engine measured directly). Only loopback addresses are allo
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import msgspec
 _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+STOP = threading.Event()  # set by run.py on SIGTERM: no new requests anywhere
 CDF_POINTS = [*range(0, 100), 99.5, 99.9, 100]
 
 
@@ -87,9 +89,16 @@ class Sample:
     tokens: int = 0
     error: str | None = None
     lag: float = 0.0  # open loop: how late the client sent it (actual - scheduled)
+    start: float = 0.0  # perf_counter when it was sent
 
 
-async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample) -> None:
+class Progress:
+    """Text chunks received so far by every request of a run (a windowed run snapshots it)."""
+
+    chunks = 0
+
+
+async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample, progress: Progress | None = None) -> None:
     chunks = 0
     usage_tokens = None
     async for line in resp.content:
@@ -104,6 +113,8 @@ async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample) 
         choices = event.get("choices") or []
         if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
             chunks += 1
+            if progress is not None:
+                progress.chunks += 1
             if sample.ttft is None:
                 sample.ttft = time.perf_counter() - start
         if usage := event.get("usage"):
@@ -126,11 +137,12 @@ def _read_frames(body: bytes) -> int:
     raise RuntimeError(f"no Done frame ({tokens} tokens)")
 
 
-async def send(session: aiohttp.ClientSession, target: Target, timeout: float, index: int = 0) -> Sample:
+async def send(session: aiohttp.ClientSession, target: Target, timeout: float, index: int = 0,
+               progress: Progress | None = None) -> Sample:
     """Request `index`; never raises (errors are samples with ok=False)."""
     sample = Sample(ok=False)
     body = target.bodies[index % len(target.bodies)]
-    start = time.perf_counter()
+    start = sample.start = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
             async with session.post(target.url, data=body, headers={"Content-Type": target.content_type}) as resp:
@@ -138,7 +150,7 @@ async def send(session: aiohttp.ClientSession, target: Target, timeout: float, i
                     text = (await resp.read())[:200].decode(errors="replace")
                     raise RuntimeError(f"HTTP {resp.status}: {text}")
                 if target.stream:
-                    await _read_sse(resp, start, sample)
+                    await _read_sse(resp, start, sample, progress)
                 elif target.kind == "fleet":
                     sample.tokens = _read_frames(await resp.read())
                 else:
@@ -187,7 +199,7 @@ async def closed_loop(
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal next_index
-        while next_index < requests and time.perf_counter() < deadline:
+        while next_index < requests and time.perf_counter() < deadline and not STOP.is_set():
             index = next_index
             next_index += 1
             left = max(0.1, deadline - time.perf_counter())
@@ -198,6 +210,45 @@ async def closed_loop(
         await asyncio.gather(*(worker(session) for _ in range(min(concurrency, requests))))
         wall = time.perf_counter() - start
     return RunResult(samples, wall, requests, "closed", concurrency=concurrency)
+
+
+async def closed_window(
+    target: Target, concurrency: int, window: float, *, ramp: float = 0.0, timeout: float = 600.0,
+) -> RunResult:
+    """`concurrency` workers back to back; measure for `window` seconds after `ramp` seconds.
+
+    Streamed targets only. What counts: text chunks (= output tokens: one per engine step and
+    request) received inside the window, and requests that both started and finished inside it.
+    When the window closes every request still running is cancelled (its connection closes, the
+    server aborts it), so a point takes ramp + window seconds however slow the server is.
+    """
+    progress = Progress()
+    samples: list[Sample] = []
+    counter = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal counter
+        while not STOP.is_set():
+            index = counter
+            counter += 1
+            samples.append(await send(session, target, timeout, index, progress))
+
+    async with _session(concurrency) as session:
+        tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
+        try:
+            await asyncio.sleep(ramp)
+            t0, chunks0 = time.perf_counter(), progress.chunks
+            await asyncio.sleep(window)
+            t1, chunks1 = time.perf_counter(), progress.chunks
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    inside = [x for x in samples if x.start >= t0 and x.start + x.latency <= t1]
+    run = RunResult(inside, t1 - t0, len(inside), "window", concurrency=concurrency)
+    run.extra = {"window_chunks": chunks1 - chunks0, "ramp_s": ramp, "started": counter,
+                 "errors_any_time": sum(1 for x in samples if not x.ok)}
+    return run
 
 
 async def open_loop(
@@ -218,7 +269,7 @@ async def open_loop(
         start = time.perf_counter()
         deadline = start + max_duration
         i = 0
-        while i < requests and time.perf_counter() < deadline:
+        while i < requests and time.perf_counter() < deadline and not STOP.is_set():
             now = time.perf_counter()
             due = min(requests, int((now - start) * rate) + 1)
             while i < due:
@@ -240,6 +291,18 @@ async def open_loop(
     return RunResult(samples, wall, requests, "open", rate=rate)
 
 
+def merge_runs(runs: Sequence[RunResult]) -> RunResult:
+    """Several runs of one point (rounds) as one: samples pooled, wall times and counts summed."""
+    first = runs[0]
+    merged = RunResult([s for r in runs for s in r.samples], sum(r.wall for r in runs), sum(r.offered for r in runs),
+                       first.mode, concurrency=first.concurrency, rate=first.rate)
+    if first.mode == "window":
+        merged.extra = {"window_chunks": sum(r.extra["window_chunks"] for r in runs), "ramp_s": first.extra["ramp_s"],
+                        "started": sum(r.extra["started"] for r in runs),
+                        "errors_any_time": sum(r.extra["errors_any_time"] for r in runs)}
+    return merged
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0..100), linear interpolation; None for no values."""
     if not values:
@@ -257,6 +320,8 @@ def summarize(run: RunResult, *, cdf: bool = False) -> dict[str, Any]:
     lat = [s.latency * 1e3 for s in ok]
     ttft = [s.ttft * 1e3 for s in ok if s.ttft is not None]
     tokens = sum(s.tokens for s in ok)
+    if run.mode == "window":  # every token received in the window, finished request or not
+        tokens = run.extra["window_chunks"]
     errors = [s.error for s in run.samples if not s.ok]
     out: dict[str, Any] = {
         "mode": run.mode,
@@ -279,6 +344,9 @@ def summarize(run: RunResult, *, cdf: bool = False) -> dict[str, Any]:
             out[name]["max"] = round(max(values), 3)
         else:
             out[name] = None
+    if run.mode == "window":
+        out.update({"window_s": round(run.wall, 3), "ramp_s": run.extra["ramp_s"], "started": run.extra["started"],
+                    "errors": run.extra["errors_any_time"]})
     if run.mode == "open":
         lag = [s.lag * 1e3 for s in ok]
         out["client_lag_ms"] = {"p50": round(percentile(lag, 50), 3), "p99": round(percentile(lag, 99), 3)} if lag else None

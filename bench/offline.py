@@ -3,10 +3,14 @@
     python bench/offline.py --model <dir> --spec '<JSON>' --out result.json
 
 The spec gives the prompts, max_tokens, the engine settings and the load points
-``[[concurrency, requests], ...]``. Each point runs its requests in waves of `concurrency`
-prompts (one `generate` call per wave). Every request asks for exactly max_tokens tokens
-(ignore_eos), so all requests of a wave finish together: a wave is exactly what a closed loop of
-`concurrency` clients keeps in flight, without HTTP, SSE or the asyncio front end.
+``[[concurrency, requests], ...]``. Every request asks for exactly max_tokens tokens (ignore_eos).
+
+- With ``window`` in the spec (what run.py uses): a closed loop on `LLM.llm_engine` itself,
+  `concurrency` requests always in flight, tokens counted for `window` seconds after `ramp`:
+  the same measurement as the servers get, without HTTP, SSE or an asyncio front end.
+- Without: each point runs its requests in waves of `concurrency` prompts (one `LLM.generate`
+  call per wave); all requests of a wave finish together, which is what a closed loop of
+  `concurrency` clients keeps in flight.
 Run by bench/run.py in a subprocess (vLLM spawns processes: the `__main__` guard is required).
 """
 
@@ -42,6 +46,10 @@ def main() -> None:
     prompts: list[str] = spec["prompts"]
     llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up, as the servers get
 
+    if spec.get("window"):
+        points = windowed(llm, params, prompts, spec)
+        ns.out.write_text(json.dumps({"load_s": round(load_s, 1), "points": points}))
+        return
     points = []
     for concurrency, requests in spec["points"]:
         done = tokens = 0
@@ -59,6 +67,61 @@ def main() -> None:
         })
         print(f"offline c={concurrency}: {done / wall:.2f} req/s, {tokens / wall:.1f} tok/s", flush=True)
     ns.out.write_text(json.dumps({"load_s": round(load_s, 1), "points": points}))
+
+
+def windowed(llm: object, params: object, prompts: list[str], spec: dict) -> list[dict]:
+    """Closed loop on the engine itself: keep `concurrency` requests in flight (a finished one is
+    replaced at once), count tokens for `window` seconds after `ramp`, then abort the rest."""
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine  # type: ignore[attr-defined]
+    params = params.clone()  # type: ignore[attr-defined]
+    params.output_kind = RequestOutputKind.DELTA
+    window, ramp = spec["window"], spec.get("ramp", 0.0)
+    points = []
+    for concurrency, _ in spec["points"]:
+        active: set[str] = set()
+        counter = tokens = done = 0
+        t_start = time.perf_counter()
+        t0 = t_start + ramp
+        t1 = t0 + window
+        started_at: dict[str, float] = {}
+        latencies = []
+        while True:
+            now = time.perf_counter()
+            if now >= t1:
+                break
+            while len(active) < concurrency:
+                rid = f"b{concurrency}-{counter}"  # outputs carry this id (vLLM adds a suffix internally)
+                engine.add_request(rid, prompts[counter % len(prompts)], params)
+                started_at[rid] = time.perf_counter()
+                active.add(rid)
+                counter += 1
+            if not engine.has_unfinished_requests():  # step() would block for ever
+                raise RuntimeError(f"no request in flight although {len(active)} are not finished: {sorted(active)[:3]}")
+            for out in engine.step():
+                now = time.perf_counter()
+                if t0 <= now < t1:
+                    tokens += len(out.outputs[0].token_ids)
+                if out.finished:
+                    active.discard(out.request_id)
+                    began = started_at.pop(out.request_id, now)
+                    if began >= t0 and now < t1:
+                        done += 1
+                        latencies.append(now - began)
+        if active:
+            engine.abort_request(list(active))
+        while engine.has_unfinished_requests():
+            engine.step()
+        latencies.sort()
+        points.append({
+            "mode": "offline-window", "concurrency": concurrency, "requests": done, "ok": done, "errors": 0,
+            "window_s": window, "ramp_s": ramp, "started": counter, "wall_s": round(window, 3),
+            "req_per_s": round(done / window, 3), "output_tok_per_s": round(tokens / window, 2), "output_tokens": tokens,
+            "latency_ms": {"p50": round(1e3 * latencies[len(latencies) // 2], 1)} if latencies else None,
+        })
+        print(f"offline c={concurrency}: {tokens / window:.1f} tok/s, {done} requests finished in the window", flush=True)
+    return points
 
 
 if __name__ == "__main__":

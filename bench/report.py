@@ -73,13 +73,19 @@ def markdown(r: dict[str, Any]) -> str:
         lines += [
             f"## Real engine: throughput and latency (streamed, {plan['max_tokens']} output tokens per request)",
             "",
-            "Each point: max({min}, {w} x concurrency) requests, measured {r} time(s) per system, the systems "
-            "taking turns (interleaved), pooled. Latency and TTFT in ms. CPU in % of one core: *front* is the "
-            "process clients talk to, *system* every process of the system (engine included), *other* everything "
-            "else on the machine during the point (other users: noise). req/s per round in brackets."
-            .format(min=plan["min_requests"], w=plan["waves"], r=plan.get("rounds", 1)),
+            (("Each point: a closed loop of `concurrency` streaming clients; {win:g} s measured after {ramp:g} s of "
+              "load, then the requests still running are cancelled. *out tok/s* counts every token streamed in the "
+              "window; *done* the requests that started and finished inside it (latency and TTFT come from those; "
+              "at high concurrency few or none fit). " if plan.get("window") else
+              "Each point: max({min}, {w} x concurrency) requests. ") +
+             "Measured {r} time(s) per system, the systems taking turns (interleaved), rounds pooled. Times in ms. "
+             "CPU in % of one core: *front* is the process clients talk to, *system* every process of the system "
+             "(engine included), *other* everything else on the machine during the point (other users of this "
+             "machine: noise in every number). Output tok/s of each round in brackets.")
+            .format(min=plan["min_requests"], w=plan["waves"], r=plan.get("rounds", 1), win=plan.get("window") or 0,
+                    ramp=plan.get("window_ramp") or 0),
             "",
-            "| conc. | system | requests | req/s | out tok/s | latency p50 | p99 | TTFT p50 | p99 | front CPU % | "
+            "| conc. | system | done | req/s | out tok/s | latency p50 | p99 | TTFT p50 | p99 | front CPU % | "
             "system CPU % | other CPU % | front RSS MB | errors |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -90,18 +96,18 @@ def markdown(r: dict[str, Any]) -> str:
                     continue
                 res = p.get("resources") or {}
                 rounds = p.get("rounds") or []
-                per = f" ({', '.join(_f(x['req_per_s'], 2) for x in rounds)})" if len(rounds) > 1 else ""
+                per = f" ({', '.join(_f(x['output_tok_per_s'], 1) for x in rounds)})" if len(rounds) > 1 else ""
                 lines.append(
-                    f"| {c} | {LABELS[name]} | {p['requests']} | {_f(p['req_per_s'], 2)}{per} | {_f(p['output_tok_per_s'], 1)} | "
+                    f"| {c} | {LABELS[name]} | {p.get('ok', p['requests'])} | {_f(p['req_per_s'], 2)} | {_f(p['output_tok_per_s'], 1)}{per} | "
                     f"{_q(p.get('latency_ms'), 'p50', 0)} | {_q(p.get('latency_ms'), 'p99', 0)} | "
                     f"{_q(p.get('ttft_ms'), 'p50', 0)} | {_q(p.get('ttft_ms'), 'p99', 0)} | {_q(res, 'front_cpu_pct')} | "
                     f"{_q(res, 'system_cpu_pct')} | {_q(res, 'other_cpu_pct')} | {_q(res, 'front_peak_rss_mb', 0)} | {p['errors']} |"
                 )
-        lines += ["", "Ratios of requests/s:", "",
+        lines += ["", "Ratios of output tokens/s (every request is max_tokens long: the same ratios as requests/s):", "",
                   "| conc. | fleet / vllm serve | fleet / LiteLLM | LiteLLM / vllm serve | vllm serve / offline | fleet / offline |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for c in conc:
-            v = {n: (_point(eng.get(n), c) or {}).get("req_per_s") for n in ("fleet", "vllm", "litellm", "offline")}
+            v = {n: (_point(eng.get(n), c) or {}).get("output_tok_per_s") for n in ("fleet", "vllm", "litellm", "offline")}
             lines.append(f"| {c} | {_ratio(v['fleet'], v['vllm'])} | {_ratio(v['fleet'], v['litellm'])} | "
                          f"{_ratio(v['litellm'], v['vllm'])} | {_ratio(v['vllm'], v['offline'])} | {_ratio(v['fleet'], v['offline'])} |")
         lines.append("")

@@ -83,6 +83,9 @@ class Plan:
     min_requests: int = 4  # real engine: requests per point = max(min_requests, waves * concurrency)
     waves: int = 1
     rounds: int = 2  # real engine: each point measured this many times per system, interleaved
+    window: float = 20.0  # real engine: seconds measured per point (0: send a fixed number of requests instead)
+    window_ramp: float = 5.0  # real engine: seconds of load before the window opens
+    settle_budget: float = 120.0
     instant_min_requests: int = 100  # instant upstream: max(instant_min_requests, 2 * concurrency)
     instant_max_tokens: int = 16
     overhead_stream: bool = False
@@ -334,8 +337,11 @@ async def run_real(selected: list[str], env: Env, plan: Plan, model_dir: str, re
             results["systems"]["fleet"]["ready_s"] = round(ready, 2)
             log(f"fleet: model ready {ready:.1f}s after launch")
             running["fleet"] = (fl, ())
+        probes, idle = {}, {}
         for name, (r, _) in running.items():
-            await warm_up(loadgen.completion_target(r.base_url, r.model, PROMPTS, 8, stream=True), timeout=300)
+            probes[name] = loadgen.completion_target(r.base_url, r.model, PROMPTS, 8, stream=True)
+            await warm_up(probes[name], timeout=300)
+            idle[name] = await idle_latency(probes[name], n=3)
         names = [n for n in ("vllm", "fleet", "litellm") if n in running]
         pooled: dict[str, dict[int, list[dict[str, Any]]]] = {n: {} for n in names}
         raw: dict[str, dict[int, list[loadgen.RunResult]]] = {n: {} for n in names}
@@ -347,24 +353,27 @@ async def run_real(selected: list[str], env: Env, plan: Plan, model_dir: str, re
                     target = loadgen.completion_target(r.base_url, r.model, PROMPTS, plan.max_tokens, stream=True)
                     mon = procs.Monitor(r.front_pid, [*r.tree_pids, *extra])
                     mon.start()
-                    run = await loadgen.closed_loop(target, c, plan.requests(c), timeout=600, max_duration=900)
+                    if plan.window:
+                        run = await loadgen.closed_window(target, c, plan.window, ramp=plan.window_ramp, timeout=900)
+                    else:
+                        run = await loadgen.closed_loop(target, c, plan.requests(c), timeout=600, max_duration=900)
                     res = loadgen.summarize(run)
                     res["resources"] = await mon.stop()
+                    # Cancelled requests must be gone before the next system is measured.
+                    res["settle_s"] = round(await settle(probes[name], idle[name], budget=plan.settle_budget), 1)
                     raw[name].setdefault(c, []).append(run)
                     pooled[name].setdefault(c, []).append(res)
                     lat = res["latency_ms"] or {}
-                    log(f"  {name} c={c} round {k + 1}: {res['req_per_s']:.2f} req/s, {res['output_tok_per_s']:.1f} tok/s, "
-                        f"p50 {lat.get('p50', float('nan')):.0f} ms, errors {res['errors']}, "
+                    log(f"  {name} c={c} round {k + 1}: {res['output_tok_per_s']:.1f} tok/s, {res['ok']} requests done "
+                        f"({res['req_per_s']:.2f}/s), p50 {lat.get('p50', float('nan')):.0f} ms, errors {res['errors']}, "
                         f"other CPU {res['resources']['other_cpu_pct']}%")
         for name in names:
             points = []
             for c in plan.concurrency:
                 runs, rounds = raw[name][c], pooled[name][c]
-                merged = loadgen.RunResult([s for r in runs for s in r.samples], sum(r.wall for r in runs),
-                                           sum(r.offered for r in runs), "closed", concurrency=c)
-                point = loadgen.summarize(merged, cdf=True)
+                point = loadgen.summarize(loadgen.merge_runs(runs), cdf=True)
                 point["rounds"] = [{"req_per_s": x["req_per_s"], "output_tok_per_s": x["output_tok_per_s"],
-                                    "resources": x["resources"]} for x in rounds]
+                                    "settle_s": x["settle_s"], "resources": x["resources"]} for x in rounds]
                 point["resources"] = _mean_resources([x["resources"] for x in rounds])
                 points.append(point)
             results["throughput"]["engine"][name] = points
@@ -387,7 +396,7 @@ async def run_offline(env: Env, plan: Plan, model_dir: str, results: dict[str, A
     log("offline LLM.generate: starting")
     out = env.workdir / "offline.json"
     spec = {"prompts": PROMPTS, "max_tokens": plan.max_tokens, "engine": asdict(env.engine),
-            "points": [[c, plan.requests(c)] for c in plan.concurrency]}
+            "points": [[c, plan.requests(c)] for c in plan.concurrency], "window": plan.window, "ramp": plan.window_ramp}
     server = procs.Server("offline", [env.python, str(ROOT / "bench" / "offline.py"), "--model", model_dir,
                                       "--spec", json.dumps(spec), "--out", str(out)],
                           env.log("offline"), {"CUDA_VISIBLE_DEVICES": "", "VLLM_LOGGING_LEVEL": "WARNING"})
@@ -432,16 +441,18 @@ def evaluate_targets(results: dict[str, Any], plan: Plan) -> list[dict[str, Any]
         out.append({"target": name, "goal": goal, "measured": value, "pass": ok, "detail": detail})
 
     eng = results["throughput"]["engine"]
+    # Real engine: output tokens/s (every request is max_tokens long, so this is requests/s x max_tokens,
+    # and it counts the work of requests still running when a window closes).
     for c in plan.concurrency:
         f, v = _point(eng.get("fleet"), c), _point(eng.get("vllm"), c)
-        r = f["req_per_s"] / v["req_per_s"] if f and v and v["req_per_s"] else None
+        r = f["output_tok_per_s"] / v["output_tok_per_s"] if f and v and v["output_tok_per_s"] else None
         add(f"fleet / vllm serve throughput, c={c}", ">= 1.00x", round(r, 3) if r else None, (r >= 1.0) if r else None,
-            f"{f['req_per_s']:.2f} vs {v['req_per_s']:.2f} req/s" if r else "")
+            f"{f['output_tok_per_s']:.1f} vs {v['output_tok_per_s']:.1f} output tok/s" if r else "")
     top = max(plan.concurrency)
     f, l = _point(eng.get("fleet"), top), _point(eng.get("litellm"), top)
-    r = f["req_per_s"] / l["req_per_s"] if f and l and l["req_per_s"] else None
+    r = f["output_tok_per_s"] / l["output_tok_per_s"] if f and l and l["output_tok_per_s"] else None
     add(f"fleet / LiteLLM throughput, c={top} (real engine)", ">= 3x", round(r, 3) if r else None, (r >= 3) if r else None,
-        f"{f['req_per_s']:.2f} vs {l['req_per_s']:.2f} req/s" if r else "")
+        f"{f['output_tok_per_s']:.1f} vs {l['output_tok_per_s']:.1f} output tok/s" if r else "")
     inst = results["throughput"]["instant"]
     f, l = _point(inst.get("fleet-null"), top), _point(inst.get("litellm-stub"), top)
     r = f["req_per_s"] / l["req_per_s"] if f and l and l["req_per_s"] else None
@@ -512,7 +523,15 @@ def model_dir(python: str) -> str:
 async def main_async(ns: argparse.Namespace, plan: Plan, env: Env, selected: list[str], results: dict[str, Any]) -> None:
     task = asyncio.current_task()
     assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # then `finally`s stop everything
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm() -> None:  # cancel, and again until it sticks (a library may swallow one cancel)
+        loadgen.STOP.set()
+        if not task.done():
+            task.cancel()
+            loop.call_later(1.0, on_sigterm)
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)  # then the `finally`s stop every server
     for kind in [s for s in INSTANT if s in selected]:
         log(f"{kind}: starting")
         await _guard(kind, results, run_instant(kind, env, plan, results))
@@ -562,6 +581,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--waves", type=int, help="requests per point = max(min, waves * concurrency) (default 1)")
     p.add_argument("--min-requests", type=int, help="at least this many requests per point (default 4)")
     p.add_argument("--rounds", type=int, help="real engine: interleaved repetitions of every point (default 2)")
+    p.add_argument("--window", type=float, help="real engine: seconds measured per point, after --window-ramp "
+                                                "(default 20; 0: a fixed number of requests per point instead)")
+    p.add_argument("--window-ramp", type=float, help="real engine: seconds of load before the window (default 5)")
     p.add_argument("--rates", help="fixed request rates for added latency (default 5,100,500)")
     p.add_argument("--rate-duration", type=float, help="seconds per fixed-rate point (default 3)")
     p.add_argument("--slo-ms", type=float, help="sustained: p99 from the scheduled send <= this (default 250)")
@@ -582,7 +604,7 @@ def build(ns: argparse.Namespace) -> tuple[Plan, Env, list[str]]:
     conc = [int(x) for x in ns.concurrency.split(",")] if ns.concurrency else None
     plan = quick_plan(conc) if ns.quick else Plan(mode="full", concurrency=conc or [1, 16, 64, 256])
     for attr, value in (("max_tokens", ns.max_tokens), ("waves", ns.waves), ("min_requests", ns.min_requests),
-                        ("rounds", ns.rounds),
+                        ("rounds", ns.rounds), ("window", ns.window), ("window_ramp", ns.window_ramp),
                         ("rate_duration", ns.rate_duration), ("slo_ms", ns.slo_ms)):
         if value is not None:
             setattr(plan, attr, value)

@@ -3,7 +3,8 @@
     python bench/soak.py                       # 10 minutes on fake engines (tests/fake_engine.py)
     python bench/soak.py --minutes 60 --concurrency 32
     python bench/soak.py --real                # the packaged default model on vLLM (CPU or GPU)
-    python bench/soak.py serve --config F --engine fake|vllm    # internal: the fleet under test
+    python bench/soak.py --collect             # a full garbage collection before each sample
+    python bench/soak.py serve --config F ...  # internal: the fleet process under test
 
 The fleet runs as `fleet.launcher.Fleet` in a process of its own (the `serve` subcommand: what
 `fleet launch` runs, with the fake engine command unless --real), so the process measured holds
@@ -16,11 +17,19 @@ client that leaves after the first token, a 400 (wrong type), a 404 (unknown mod
 fake engines - a model with max_concurrent 2 and no queue, for 429s. Every other outcome (a 5xx,
 a transport error, a status the kind does not expect) is counted in `unexpected`.
 
-Memory: the RSS of the fleet process every `--interval` seconds. The first `--warmup` seconds
-are left out (allocator arenas, caches and pools fill up); growth is the median RSS of the last
-window against the median of the first window after the warm-up, a window being a minute, or a
-third of the measured time when that is shorter. Target: growth < 5%. The least-squares slope
-(MiB per minute after warm-up) and the open file descriptors (socket leaks) are reported too.
+Memory: every `--interval` seconds the fleet process records its RSS, open file descriptors,
+live pymalloc blocks and objects tracked by the garbage collector (the last two tell a leak of
+Python objects from the allocator keeping memory it freed). The first `--warmup` seconds are left
+out (pools, caches and allocator arenas fill up to the load's high-water mark). Growth = the
+median of the last window against the median of the first window after the warm-up, a window
+being a minute, or a third of the measured time when that is shorter. Target: RSS growth < 5%.
+The least-squares slope after the warm-up (MiB per minute) is reported too.
+
+Without --collect the process runs as `fleet launch` does, so cyclic garbage (Litestar leaves
+some on every cancelled stream and every 400) waits for CPython's occasional full collection,
+and RSS moves in steps with it. With --collect a full collection runs before each sample: the
+numbers then measure live memory only, the steadier signal for a leak (the short soak in
+tests/test_load.py uses it).
 
 The report goes to bench/results/soak-<UTC time>.json (or --out) and is summed up on stdout.
 """
@@ -67,6 +76,7 @@ class SoakConfig:
     interval: float = 5.0
     concurrency: int = 16
     real: bool = False
+    collect: bool = False
     ready_timeout: float = 900.0
 
     @property
@@ -135,25 +145,17 @@ def kinds(real: bool) -> list[tuple[str, int, set[int | str], Kind]]:
     return mix
 
 
-async def load(url: str, cfg: SoakConfig, pid: int) -> dict[str, Any]:
-    """Run the mix for cfg.seconds while sampling the fleet process; return counts and samples."""
+async def load(url: str, cfg: SoakConfig) -> dict[str, Any]:
+    """Run the mix for cfg.seconds; return the counts and when it started (time.monotonic)."""
     mix = kinds(cfg.real)
     names = [k[0] for k in mix]
     weights = [k[1] for k in mix]
     by_name = {k[0]: k for k in mix}
     counts: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in names}
     unexpected: collections.Counter[str] = collections.Counter()
-    proc = psutil.Process(pid)
-    samples: list[tuple[float, float, int]] = []  # (seconds, RSS MiB, open fds)
     started = time.monotonic()
     deadline = started + cfg.seconds
     rng = random.Random(0)
-
-    async def sample() -> None:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(psutil.Error):
-                samples.append((round(time.monotonic() - started, 2), proc.memory_info().rss / MIB, proc.num_fds()))
-            await asyncio.sleep(cfg.interval)
 
     async def worker(http: aiohttp.ClientSession) -> None:
         while time.monotonic() < deadline:
@@ -169,9 +171,7 @@ async def load(url: str, cfg: SoakConfig, pid: int) -> dict[str, Any]:
 
     timeout = aiohttp.ClientTimeout(total=300 if cfg.real else 60, sock_connect=10)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cfg.concurrency), timeout=timeout) as http:
-        sampler = asyncio.create_task(sample())
         await asyncio.gather(*(worker(http) for _ in range(cfg.concurrency)))
-        await sampler
     elapsed = time.monotonic() - started
     total = sum(sum(c.values()) for c in counts.values())
     return {
@@ -180,47 +180,42 @@ async def load(url: str, cfg: SoakConfig, pid: int) -> dict[str, Any]:
         "requests_total": total,
         "requests_per_s": round(total / elapsed, 1),
         "unexpected": dict(unexpected),
-        "samples": samples,
     }
 
 
 # --- measuring ----------------------------------------------------------------------------------
 
+Sample = tuple[float, float, int, int, int]  # seconds into the load, RSS MiB, fds, pymalloc blocks, gc objects
+FIELDS = {"rss_mib": 1, "fds": 2, "blocks": 3, "gc_objects": 4}
 
-def growth(samples: list[tuple[float, float, int]], cfg: SoakConfig) -> dict[str, Any]:
-    """Median RSS of the last window against the first window after warm-up; slope after warm-up."""
-    measured = [(t, rss) for t, rss, _ in samples if t >= cfg.warmup]
-    if len(measured) < 4:
+
+def read_samples(path: Path, started: float, seconds: float) -> list[Sample]:
+    """The fleet process's samples taken during the load, timed from its start."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(round(t - started, 2), *rest) for t, *rest in rows if started <= t <= started + seconds + 1]
+
+
+def growth(samples: list[Sample], cfg: SoakConfig) -> dict[str, Any]:
+    """Median of the last window against the first window after warm-up, for each measure; RSS slope."""
+    measured = [s for s in samples if s[0] >= cfg.warmup]
+    first = [s for s in measured if s[0] < cfg.warmup + cfg.window]
+    last = [s for s in measured if s[0] >= cfg.seconds - cfg.window]
+    if len(measured) < 4 or not first or not last:
         raise RuntimeError(f"too few samples after the warm-up: {len(measured)}")
-    first = [rss for t, rss in measured if t < cfg.warmup + cfg.window]
-    last = [rss for t, rss in measured if t >= cfg.seconds - cfg.window]
-    baseline, final = statistics.median(first), statistics.median(last)
-    ts, rs = [t for t, _ in measured], [rss for _, rss in measured]
-    slope = statistics.linear_regression(ts, rs).slope * 60 if len(set(ts)) > 1 else 0.0
-    fds = [n for t, _, n in samples if t >= cfg.warmup]
+    out: dict[str, Any] = {}
+    for name, i in FIELDS.items():
+        a, b = statistics.median(s[i] for s in first), statistics.median(s[i] for s in last)
+        out[name] = {"after_warmup": round(a, 2), "at_end": round(b, 2), "growth_pct": round((b - a) / a * 100, 2),
+                     "min": min(s[i] for s in measured), "max": max(s[i] for s in measured)}
+    ts = [s[0] for s in measured]
+    slope = statistics.linear_regression(ts, [s[1] for s in measured]).slope * 60 if len(set(ts)) > 1 else 0.0
     return {
-        "baseline_rss_mib": round(baseline, 2),
-        "final_rss_mib": round(final, 2),
-        "growth_pct": round((final - baseline) / baseline * 100, 2),
+        "growth_pct": out["rss_mib"]["growth_pct"],
         "slope_mib_per_min": round(slope, 3),
         "rss_at_start_mib": round(samples[0][1], 2),
-        "peak_rss_mib": round(max(rss for _, rss, _ in samples), 2),
-        "fds_after_warmup_min_max": [min(fds), max(fds)],
+        "peak_rss_mib": round(max(s[1] for s in samples), 2),
+        "measures": out,
     }
-
-
-def heap_growth(heap: list[tuple[float, int, int]], cfg: SoakConfig) -> dict[str, Any]:
-    """The same comparison for live pymalloc blocks and gc-tracked objects (Python-level leaks)."""
-    first = [h for h in heap if cfg.warmup <= h[0] < cfg.warmup + cfg.window]
-    last = [h for h in heap if h[0] >= cfg.seconds - cfg.window]
-    if not first or not last:
-        return {}
-    out: dict[str, Any] = {}
-    for i, name in ((1, "blocks"), (2, "gc_objects")):
-        a, b = statistics.median(h[i] for h in first), statistics.median(h[i] for h in last)
-        out[f"{name}_after_warmup"], out[f"{name}_at_end"] = int(a), int(b)
-        out[f"{name}_growth_pct"] = round((b - a) / a * 100, 2)
-    return out
 
 
 async def settled_inflight(url: str, timeout: float = 15.0) -> int:
@@ -267,40 +262,35 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
     port = free_port()
     config = workdir / "fleet.toml"
     config.write_text(fleet_toml(cfg, port))
-    url = f"http://127.0.0.1:{port}"
-    stats = workdir / "heap.jsonl"
+    stats = workdir / "samples.jsonl"
     stats.unlink(missing_ok=True)
-    server = Server("fleet", [sys.executable, str(Path(__file__).resolve()), "serve", "--config", str(config),
-                              "--engine", "vllm" if cfg.real else "fake", "--stats", str(stats),
-                              "--interval", str(cfg.interval)], workdir / "fleet.log", cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, str(Path(__file__).resolve()), "serve", "--config", str(config),
+            "--engine", "vllm" if cfg.real else "fake", "--samples", str(stats), "--interval", str(cfg.interval)]
+    server = Server("fleet", argv + (["--collect"] if cfg.collect else []), workdir / "fleet.log", cwd=ROOT)
     server.start()
     try:
         ready_s = asyncio.run(wait_ready(url, server, cfg.ready_timeout if cfg.real else 60))
-        result = asyncio.run(load(url, cfg, server.pid))
+        result = asyncio.run(load(url, cfg))
         inflight_after = asyncio.run(settled_inflight(url))
         alive = server.alive()
         stop_gracefully(server)
     finally:
         server.stop()  # whatever is left (a no-op after a clean stop)
-    samples = result.pop("samples")
-    offset = result.pop("started") - server.started_at  # the heap sampler's clock starts with the process
-    heap = [(round(t - offset, 2), blocks, objects) for t, blocks, objects in
-            (json.loads(line) for line in stats.read_text().splitlines() if line.strip()) if t >= offset]
+    samples = read_samples(stats, result.pop("started"), cfg.seconds)
     report = {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "engine": "vllm (default model)" if cfg.real else "fake (tests/fake_engine.py)",
         "config": {**asdict(cfg), "window": cfg.window},
-        "machine": {"cpus": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1)},
+        "machine": {"cpus": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
+                    "python": sys.version.split()[0]},
         "ready_s": round(ready_s, 1),
         **result,
         "inflight_after": inflight_after,
         "fleet_alive_at_end": alive,
-        **growth(samples, cfg),
         "target_pct": TARGET_PCT,
-        **heap_growth(heap, cfg),
-        "rss_mib": [[t, round(rss, 2)] for t, rss, _ in samples],
-        "fds": [[t, n] for t, _, n in samples],
-        "heap": [list(h) for h in heap],
+        **growth(samples, cfg),
+        "samples": {"columns": ["s", *FIELDS], "rows": [list(s) for s in samples]},
     }
     report["pass"] = bool(report["growth_pct"] < TARGET_PCT and not report["unexpected"] and inflight_after == 0 and alive)
     return report
@@ -308,37 +298,44 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
 
 def summary(report: dict[str, Any]) -> str:
     """A few lines for a terminal."""
+    m = report["measures"]
+    cfg = report["config"]
     return (
-        f"soak on {report['engine']}: {report['config']['seconds']:.0f}s, {report['requests_total']} requests "
-        f"({report['requests_per_s']}/s), unexpected {report['unexpected'] or 'none'}, in flight after {report['inflight_after']}\n"
-        f"RSS of the fleet process: {report['rss_at_start_mib']} MiB at start, {report['baseline_rss_mib']} MiB after warm-up, "
-        f"{report['final_rss_mib']} MiB at the end: growth {report['growth_pct']:+.2f}% (target < {report['target_pct']}%), "
-        f"slope {report['slope_mib_per_min']:+.3f} MiB/min, peak {report['peak_rss_mib']} MiB, "
-        f"open fds {report['fds_after_warmup_min_max']}; {'PASS' if report['pass'] else 'FAIL'}\n"
-        f"Python heap over the same windows: live blocks {report.get('blocks_growth_pct', '?'):+}%, "
-        f"gc-tracked objects {report.get('gc_objects_growth_pct', '?'):+}%"
+        f"soak on {report['engine']}{' (full collection before each sample)' if cfg['collect'] else ''}: "
+        f"{cfg['seconds']:.0f}s, {report['requests_total']} requests ({report['requests_per_s']}/s), "
+        f"unexpected {report['unexpected'] or 'none'}, in flight after {report['inflight_after']}\n"
+        f"RSS of the fleet process: {report['rss_at_start_mib']} MiB at start, {m['rss_mib']['after_warmup']} MiB "
+        f"after the {cfg['warmup']:.0f}s warm-up, {m['rss_mib']['at_end']} MiB at the end: growth "
+        f"{report['growth_pct']:+.2f}% (target < {report['target_pct']}%), slope {report['slope_mib_per_min']:+.3f} MiB/min, "
+        f"peak {report['peak_rss_mib']} MiB; {'PASS' if report['pass'] else 'FAIL'}\n"
+        f"same windows: live pymalloc blocks {m['blocks']['growth_pct']:+.2f}%, gc-tracked objects "
+        f"{m['gc_objects']['growth_pct']:+.2f}% ({m['gc_objects']['min']}-{m['gc_objects']['max']}), "
+        f"open fds {m['fds']['min']}-{m['fds']['max']}"
     )
 
 
 # --- the fleet process ----------------------------------------------------------------------------
 
 
-async def heap_stats(path: Path, interval: float) -> None:
-    """Append the interpreter's own counts to `path` every `interval` s (read back by the soak).
+async def sample_self(path: Path, interval: float, collect: bool) -> None:
+    """Append [monotonic time, RSS MiB, fds, pymalloc blocks, gc objects] to `path` every `interval` s.
 
-    RSS alone cannot tell a leak of Python objects from the allocator keeping freed memory: live
-    pymalloc blocks and objects tracked by the garbage collector can. Cheap: no tracemalloc.
+    time.monotonic() is the system's CLOCK_MONOTONIC, the same clock in the soak's process.
     """
-    started = time.monotonic()
+    me = psutil.Process()
     with path.open("a") as out:
         while True:
-            out.write(json.dumps([round(time.monotonic() - started, 2), sys.getallocatedblocks(), len(gc.get_objects())]) + "\n")
+            if collect:
+                gc.collect()
+            row = [round(time.monotonic(), 3), round(me.memory_info().rss / MIB, 2), me.num_fds(),
+                   sys.getallocatedblocks(), len(gc.get_objects())]
+            out.write(json.dumps(row) + "\n")
             out.flush()
             await asyncio.sleep(interval)
 
 
-async def serve(config_path: Path, engine: str, stats: Path | None = None, interval: float = 5.0) -> None:
-    """`fleet launch` with the engine command of the soak: stops on SIGINT/SIGTERM."""
+async def serve(config_path: Path, engine: str, samples: Path | None, interval: float, collect: bool) -> None:
+    """`fleet launch` with the engine command of the soak, sampling itself; stops on SIGINT/SIGTERM."""
     from fleet.config import load_config
     from fleet.launcher import Fleet, engine_command
 
@@ -351,7 +348,7 @@ async def serve(config_path: Path, engine: str, stats: Path | None = None, inter
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, fleet.stop)
-    sampler = asyncio.create_task(heap_stats(stats, interval)) if stats else None
+    sampler = asyncio.create_task(sample_self(samples, interval, collect)) if samples else None
     try:
         await fleet.run()
     finally:
@@ -365,20 +362,23 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="soak.py serve")
         p.add_argument("--config", type=Path, required=True)
         p.add_argument("--engine", choices=["fake", "vllm"], default="fake")
-        p.add_argument("--stats", type=Path, default=None, help="append heap counts to this file")
+        p.add_argument("--samples", type=Path, default=None, help="append this process's samples to this file")
         p.add_argument("--interval", type=float, default=5.0)
+        p.add_argument("--collect", action="store_true")
         ns = p.parse_args(argv[1:])
-        asyncio.run(serve(ns.config, ns.engine, ns.stats, ns.interval))
+        asyncio.run(serve(ns.config, ns.engine, ns.samples, ns.interval, ns.collect))
         return 0
     parser = argparse.ArgumentParser(prog="soak.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the load (default 10)")
-    parser.add_argument("--warmup", type=float, default=None, help="seconds left out at the start (default: 60, or a sixth of a shorter run)")
-    parser.add_argument("--interval", type=float, default=5.0, help="seconds between two RSS samples (default 5)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds left out at the start (default: 60, or a sixth of a shorter run)")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between two samples (default 5)")
     parser.add_argument("--concurrency", type=int, default=None, help="concurrent clients (default 16; 4 with --real)")
     parser.add_argument("--real", action="store_true", help="the packaged default model on vLLM instead of fake engines")
+    parser.add_argument("--collect", action="store_true", help="a full garbage collection before each sample")
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds the real model may take to load")
     parser.add_argument("--out", type=Path, default=None, help="the JSON report (default bench/results/soak-<UTC>.json)")
-    parser.add_argument("--workdir", type=Path, default=None, help="fleet file and log (default: next to the report)")
+    parser.add_argument("--workdir", type=Path, default=None, help="fleet file, log and samples (default: beside --out)")
     ns = parser.parse_args(argv)
     seconds = ns.minutes * 60
     cfg = SoakConfig(
@@ -387,12 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         interval=ns.interval,
         concurrency=ns.concurrency or (4 if ns.real else 16),
         real=ns.real,
+        collect=ns.collect,
         ready_timeout=ns.ready_timeout,
     )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = ns.out or ROOT / "bench" / "results" / f"soak-{stamp}.json"
-    workdir = ns.workdir or out.with_suffix("")
-    report = run_soak(cfg, workdir)
+    report = run_soak(cfg, ns.workdir or out.with_suffix(""))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(summary(report))

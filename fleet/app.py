@@ -16,6 +16,8 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Reference
 from litestar.params import JSONBody
 from litestar.response import Stream
 
@@ -29,7 +31,8 @@ from fleet.metrics import Metrics
 from fleet.tracking import Tracked, unless_disconnected
 from fleet.errors import FleetError, InvalidRequest
 from fleet.routing import Backend, route
-from fleet.schemas import ChatCompletionRequest, CompletionRequest, ErrorBody, ErrorResponse, ModelCard, ModelList
+from fleet.envelope import ErrorBody, ErrorResponse
+from fleet.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from fleet.translate import Plan, plan_chat, plan_completion
 
 log = logging.getLogger("fleet.gateway")
@@ -37,6 +40,21 @@ _json = msgspec.json.Encoder()
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ERROR_RESPONSES = {
+    status: ResponseSpec(ErrorResponse, description=what, generate_examples=False)
+    for status, what in [
+        (400, "invalid request (the `param` names the field)"),
+        (401, "missing or invalid API key"),
+        (403, "this API key may not use the model"),
+        (404, "no such model in the fleet"),
+        (405, "method not allowed"),
+        (413, "request body larger than max_body_bytes"),
+        (429, "the model is at capacity; see Retry-After"),
+        (502, "the engine failed while holding the request"),
+        (503, "the model's engine is not ready; see Retry-After"),
+        (504, "the engine stopped answering"),
+    ]
+}
 
 
 def invalid_body(exc: ValidationException) -> InvalidRequest:
@@ -45,6 +63,8 @@ def invalid_body(exc: ValidationException) -> InvalidRequest:
     first = problems[0] if problems and isinstance(problems[0], dict) else {}
     message = str(first.get("message") or exc.detail)
     key = first.get("key")
+    if message in ("'data'", "data") or (not problems and "data" in message):
+        return InvalidRequest("the request body is empty: send a JSON object")
     if key in (None, "data", "body"):
         missing = _MISSING.search(message)
         key = missing.group(1) if missing else None
@@ -77,13 +97,27 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
-def _http_error_handler(_: Request, exc: HTTPException) -> Response[bytes]:
+def _http_error_handler(request: Request, exc: HTTPException) -> Response[bytes]:
     if _caused_by(exc, msgspec.DecodeError):
         return error_response(InvalidRequest(f"the request body is not valid JSON: {exc.detail}"))
     err = FleetError(str(exc.detail))
     err.status = exc.status_code
     err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(err)
+    if exc.status_code == 413:
+        limit = request.app.state.get("max_body_bytes")
+        err.message = f"the request body is larger than the gateway's max_body_bytes ({limit} bytes)"
+    response = error_response(err)
+    for name, value in (exc.headers or {}).items():  # e.g. Allow on a 405
+        response.headers[name] = value
+    return response
+
+
+def _recursion_error_handler(_: Request, exc: RecursionError) -> Response[bytes]:
+    return error_response(InvalidRequest("the request body's JSON is nested too deeply"))
+
+
+def _unicode_error_handler(_: Request, exc: UnicodeDecodeError) -> Response[bytes]:
+    return error_response(InvalidRequest(f"the request body is not valid UTF-8 JSON: {exc.reason} at byte {exc.start}"))
 
 
 def _unexpected_error_handler(request: Request, exc: Exception) -> Response[bytes]:
@@ -105,7 +139,7 @@ def metrics(state: State) -> Response[bytes]:
     return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-@get("/v1/models", sync_to_thread=False, guards=[require_key])
+@get("/v1/models", sync_to_thread=False, guards=[require_key], responses=ERROR_RESPONSES)
 def list_models(request: Request, state: State) -> Response[bytes]:
     """The fleet's models the caller may use, with the state of each engine."""
     backends: Mapping[str, Backend] = state.backends
@@ -119,7 +153,7 @@ def list_models(request: Request, state: State) -> Response[bytes]:
     return Response(_json.encode(ModelList(cards)), media_type=JSON)
 
 
-@post("/v1/completions", status_code=200, name="completions", guards=[require_key])
+@post("/v1/completions", status_code=200, name="completions", guards=[require_key], responses=ERROR_RESPONSES)
 async def completions_route(data: JSONBody[CompletionRequest], request: Request, state: State) -> Response[bytes] | Stream:
     """OpenAI's legacy completions: parse, route, plan, run."""
     backend = _backend(request, state, data.model)
@@ -127,7 +161,7 @@ async def completions_route(data: JSONBody[CompletionRequest], request: Request,
     return await _run(request, state, backend, plan, data.model, completions, "completions")
 
 
-@post("/v1/chat/completions", status_code=200, guards=[require_key])
+@post("/v1/chat/completions", status_code=200, guards=[require_key], responses=ERROR_RESPONSES)
 async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request, state: State) -> Response[bytes] | Stream:
     """OpenAI's chat completions: the engine renders the messages with the model's chat template."""
     backend = _backend(request, state, data.model)
@@ -177,7 +211,7 @@ def create_app(
         for b in backends.values():
             await b.client.close()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[health, metrics, list_models, completions_route, chat_completions, *control_routes.ROUTES],
         state=State({
             "backends": backends,
@@ -185,14 +219,32 @@ def create_app(
             "control": control,
             "api_keys": keys or Keys([]),
             "metrics": Metrics(lambda: backends, restarts),
+            "max_body_bytes": gateway.max_body_bytes,
         }),
         exception_handlers={
             FleetError: _fleet_error_handler,
             ValidationException: _validation_error_handler,
             HTTPException: _http_error_handler,
+            RecursionError: _recursion_error_handler,
+            UnicodeDecodeError: _unicode_error_handler,
             Exception: _unexpected_error_handler,
         },
         request_max_body_size=gateway.max_body_bytes,
         on_shutdown=[close_clients],
         logging_config=None,
     )
+    _document_streams(app)
+    return app
+
+
+def _document_streams(app: Litestar) -> None:
+    """Both generation routes answer 200 as JSON or, with stream: true, as server-sent events."""
+    from litestar.openapi.spec import OpenAPIMediaType, Schema
+    from litestar.openapi.spec.enums import OpenAPIType
+
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        item = app.openapi_schema.paths[path] if app.openapi_schema.paths else None
+        ok = item.post.responses.get("200") if item and item.post and item.post.responses else None
+        if ok is not None and not isinstance(ok, Reference) and ok.content is not None:
+            ok.content["text/event-stream"] = OpenAPIMediaType(schema=Schema(
+                type=OpenAPIType.STRING, description="`data: <chunk JSON>` events, then `data: [DONE]`"))

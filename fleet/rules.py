@@ -138,6 +138,8 @@ def check_logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         return None
     try:
         parsed = {int(k): float(v) for k, v in bias.items()}
+        if any(k > 2**31 - 1 for k in parsed):
+            raise ValueError("too large")
     except ValueError:
         raise InvalidRequest("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
     if any(k < 0 for k in parsed):
@@ -212,3 +214,9 @@ def check_limits(limits: Limits, *, n: int, best_of: int, max_tokens: int | None
     if size > limits.prompt_chars:
         raise InvalidRequest(f"the prompt is too long for this model: {size} characters, at most {limits.prompt_chars}",
                              param=prompt_param)
+
+
+def check_min_tokens(min_tokens: int, max_tokens: int) -> None:
+    """min_tokens cannot exceed max_tokens (vLLM's rule)."""
+    if min_tokens > max_tokens:
+        raise InvalidRequest(f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})", param="min_tokens")

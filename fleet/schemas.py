@@ -19,10 +19,12 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 from msgspec import Meta
 
-NonNegInt = Annotated[int, Meta(ge=0)]
-PosInt = Annotated[int, Meta(ge=1)]
+INT32_MAX = 2**31 - 1  # every count and id the engine takes fits in it; larger is a 400, not an overflow
+NonNegInt = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+PosInt = Annotated[int, Meta(ge=1, le=INT32_MAX)]
+TokenId = Annotated[int, Meta(le=INT32_MAX)]  # negative ids are refused by rules.check_prompt
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-PromptItem = Union[str, int, list[int]]
+PromptItem = Union[str, TokenId, list[TokenId]]
 
 
 class StreamOptions(msgspec.Struct):
@@ -41,19 +43,19 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    temperature: Annotated[float, Meta(ge=0.0)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     user: str | None = None
     best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
     # vLLM extensions (sent through the SDK's extra_body)
-    top_k: int | None = None
+    top_k: Annotated[int, Meta(le=INT32_MAX)] | None = None
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] | None = None
     min_tokens: NonNegInt | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[NonNegInt] | None = None
     use_beam_search: bool | None = None
-    length_penalty: float | None = None
+    length_penalty: Annotated[float, Meta(ge=-10.0, le=10.0)] | None = None
     early_stopping: bool | Literal["never"] | None = None
 
 
@@ -154,17 +156,6 @@ class ModelCard(msgspec.Struct):
 class ModelList(msgspec.Struct):
     data: list[ModelCard]
     object: str = "list"
-
-
-class ErrorBody(msgspec.Struct):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(msgspec.Struct):
-    error: ErrorBody
 
 
 class ChatMessageOut(msgspec.Struct):

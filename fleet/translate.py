@@ -24,6 +24,7 @@ from fleet.rules import (
     check_chat_logprobs,
     check_greedy,
     check_limits,
+    check_min_tokens,
     check_logit_bias,
     check_messages,
     check_not_beam_search,
@@ -126,6 +127,8 @@ def plan_sampling(
         chosen_max = min(chosen_max or default_max_tokens, limits.max_tokens)
     # Best-of ranks candidates by cumulative logprob, which the engine computes only with logprobs on.
     engine_logprobs = logprobs if logprobs is not None else (0 if best_of > n else None)
+    if max_tokens is not None:
+        check_min_tokens(req.min_tokens or 0, max_tokens)
     sampling = protocol.SamplingParams(
         n=1 if beam else best_of,
         max_tokens=chosen_max or default_max_tokens,

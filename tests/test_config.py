@@ -383,7 +383,7 @@ def test_fleet_check_lists_models(tmp_path: Path) -> None:
     out = fleet_check(path)
     assert out.returncode == 0, out.stderr
     assert "gateway on 127.0.0.1:8100" in out.stdout
-    rows = table_rows(out.stdout)
+    rows = table_rows(out.stdout.split("└")[0])  # the models table (the GPUs table follows it)
     assert [r["model"] for r in rows] == ["tiny-cpu", "big-gpu"]
     cpu, gpu = ({k: r[k] for k in ("source", "GPUs", "TP", "port", "eager")} for r in rows)
     assert cpu == {"source": "default", "GPUs": "CPU", "TP": "1", "port": "5001", "eager": "true"}
