@@ -239,12 +239,18 @@ def create_app(
 
 def _document_streams(app: Litestar) -> None:
     """Both generation routes answer 200 as JSON or, with stream: true, as server-sent events."""
-    from litestar.openapi.spec import OpenAPIMediaType, Schema
+    from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, Schema
     from litestar.openapi.spec.enums import OpenAPIType
 
     for path in ("/v1/completions", "/v1/chat/completions"):
         item = app.openapi_schema.paths[path] if app.openapi_schema.paths else None
-        ok = item.post.responses.get("200") if item and item.post and item.post.responses else None
+        responses = item.post.responses if item and item.post and item.post.responses else {}
+        ok = responses.get("200")
         if ok is not None and not isinstance(ok, Reference) and ok.content is not None:
             ok.content["text/event-stream"] = OpenAPIMediaType(schema=Schema(
                 type=OpenAPIType.STRING, description="`data: <chunk JSON>` events, then `data: [DONE]`"))
+        for status in ("429", "503"):  # the SDK retries these after Retry-After seconds
+            busy = responses.get(status)
+            if busy is not None and not isinstance(busy, Reference):
+                busy.headers = {"Retry-After": OpenAPIHeader(
+                    schema=Schema(type=OpenAPIType.INTEGER), required=True, description="seconds to wait")}

@@ -374,20 +374,23 @@ def table_rows(text: str) -> list[dict[str, str]]:
 
 
 def test_fleet_check_lists_models(tmp_path: Path) -> None:
+    from conftest import free_port
+
     path = tmp_path / "fleet.toml"
+    gw, p1, p2 = free_port(), free_port(), free_port()  # fleet check refuses ports in use
     path.write_text(
-        '[gateway]\nport = 8100\n\n'
-        '[[models]]\nname = "tiny-cpu"\nsource = "default"\nport = 5001\n\n'
-        '[[models]]\nname = "big-gpu"\nsource = "org/big"\ngpus = [2, 3]\nport = 5002\n'
+        f'[gateway]\nport = {gw}\n\n'
+        f'[[models]]\nname = "tiny-cpu"\nsource = "default"\nport = {p1}\n\n'
+        f'[[models]]\nname = "big-gpu"\nsource = "org/big"\ngpus = [2, 3]\nport = {p2}\n'
     )
     out = fleet_check(path)
     assert out.returncode == 0, out.stderr
-    assert "gateway on 127.0.0.1:8100" in out.stdout
+    assert f"gateway on 127.0.0.1:{gw}" in out.stdout
     rows = table_rows(out.stdout.split("└")[0])  # the models table (the GPUs table follows it)
     assert [r["model"] for r in rows] == ["tiny-cpu", "big-gpu"]
     cpu, gpu = ({k: r[k] for k in ("source", "GPUs", "TP", "port", "eager")} for r in rows)
-    assert cpu == {"source": "default", "GPUs": "CPU", "TP": "1", "port": "5001", "eager": "true"}
-    assert gpu == {"source": "org/big", "GPUs": "2,3", "TP": "2", "port": "5002", "eager": "false"}
+    assert cpu == {"source": "default", "GPUs": "CPU", "TP": "1", "port": str(p1), "eager": "true"}
+    assert gpu == {"source": "org/big", "GPUs": "2,3", "TP": "2", "port": str(p2), "eager": "false"}
 
 
 def test_fleet_check_bad_file_exits_2_with_the_message(tmp_path: Path) -> None:
