@@ -109,16 +109,20 @@ def _parse_line(line: str, where: str) -> Key:
     return Key(secret.encode(), limited)
 
 
-def require_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Litestar guard: a valid API key when the fleet has keys (the caller's key is kept for model checks)."""
+async def require_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Litestar guard: a valid API key when the fleet has keys (the caller's key is kept for model checks).
+
+    A coroutine on purpose: Litestar runs a plain-function guard in a worker thread, a thread hop
+    on every request for a dictionary lookup.
+    """
     keys: Keys = connection.app.state.api_keys
     if keys.enabled:
         connection.scope["fleet_key"] = keys.check(connection.headers.get("authorization"))  # type: ignore[typeddict-unknown-key]
 
 
-def require_admin(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+async def require_admin(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
     """Litestar guard for control routes: with keys configured, a key that may use every model."""
-    require_key(connection, handler)
+    await require_key(connection, handler)
     key = connection.scope.get("fleet_key")
     if key is not None and key.models is not None:
         raise ModelForbidden("fleet control needs a key that may use every model")

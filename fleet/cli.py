@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -33,6 +35,17 @@ def _load(config_path: Path, **overrides: object) -> FleetConfig:
         sys.exit(2)
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the launcher (and the gateway in it) on uvloop when installed, as the engines do: its C
+    transports make every request cheaper; fall back to asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fleet")
 def main() -> None:
@@ -57,8 +70,8 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
         sys.exit(2)
     _report(check_placement(config, config_path))
     try:
-        asyncio.run(run_launch(config, echo_logs=engine_logs, config_path=config_path,
-                               overrides={"host": host, "port": port}))
+        run_loop(run_launch(config, echo_logs=engine_logs, config_path=config_path,
+                            overrides={"host": host, "port": port}))
     except OSError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)

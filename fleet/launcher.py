@@ -54,7 +54,9 @@ def cpu_bindings(models: Sequence[ModelConfig], cores: Sequence[int]) -> dict[st
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind the gateway's socket before any engine starts, so a taken port fails fast."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on accepted sockets whose proto is
+    # IPPROTO_TCP; with 0 Nagle holds back every response write after the first (~40 ms per request).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
