@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.null_engine import null_command  # noqa: E402
-from fleet.config import load_config  # noqa: E402
-from fleet.launcher import engine_command, launch  # noqa: E402
+from bench.null_engine import null_command
+from fleet.config import load_config
+from fleet.launcher import engine_command, launch
 
 
 async def run(config_path: Path, engine: str, echo_logs: bool) -> None:

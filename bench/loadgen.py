@@ -30,7 +30,7 @@ _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 STOP = threading.Event()  # set by run.py on SIGTERM: no new requests anywhere
-CDF_POINTS = [*range(0, 100), 99.5, 99.9, 100]
+CDF_POINTS = [*range(100), 99.5, 99.9, 100]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ class Progress:
     """Text chunks received so far by every request of a run (a windowed run snapshots it)."""
 
     chunks = 0
+    first_tokens = 0  # requests that received their first text chunk
 
 
 async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample, progress: Progress | None = None) -> None:
@@ -117,6 +118,8 @@ async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample, 
                 progress.chunks += 1
             if sample.ttft is None:
                 sample.ttft = time.perf_counter() - start
+                if progress is not None:
+                    progress.first_tokens += 1
         if usage := event.get("usage"):
             usage_tokens = usage.get("completion_tokens")
     sample.tokens = usage_tokens if usage_tokens is not None else chunks
@@ -214,8 +217,12 @@ async def closed_loop(
 
 async def closed_window(
     target: Target, concurrency: int, window: float, *, ramp: float = 0.0, timeout: float = 600.0,
+    streaming_clients: int = 0, ramp_max: float = 0.0,
 ) -> RunResult:
     """`concurrency` workers back to back; measure for `window` seconds after `ramp` seconds.
+
+    With `streaming_clients`, the ramp also lasts until that many requests have received their
+    first token (the server is past the prefill burst and decoding), but at most `ramp_max`.
 
     Streamed targets only. What counts: text chunks (= output tokens: one per engine step and
     request) received inside the window, and requests that both started and finished inside it.
@@ -236,7 +243,11 @@ async def closed_window(
     async with _session(concurrency) as session:
         tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
         try:
+            ramp_start = time.perf_counter()
             await asyncio.sleep(ramp)
+            while progress.first_tokens < streaming_clients and time.perf_counter() - ramp_start < ramp_max:
+                await asyncio.sleep(0.1)
+            ramp = time.perf_counter() - ramp_start
             t0, chunks0 = time.perf_counter(), progress.chunks
             await asyncio.sleep(window)
             t1, chunks1 = time.perf_counter(), progress.chunks
@@ -246,7 +257,7 @@ async def closed_window(
             await asyncio.gather(*tasks, return_exceptions=True)
     inside = [x for x in samples if x.start >= t0 and x.start + x.latency <= t1]
     run = RunResult(inside, t1 - t0, len(inside), "window", concurrency=concurrency)
-    run.extra = {"window_chunks": chunks1 - chunks0, "ramp_s": ramp, "started": counter,
+    run.extra = {"window_chunks": chunks1 - chunks0, "ramp_s": round(ramp, 2), "started": counter,
                  "errors_any_time": sum(1 for x in samples if not x.ok)}
     return run
 
@@ -330,7 +341,7 @@ def summarize(run: RunResult, *, cdf: bool = False) -> dict[str, Any]:
         "requests": run.offered,
         "ok": len(ok),
         "errors": len(errors),
-        "error_examples": sorted(set(e or "" for e in errors))[:3],
+        "error_examples": sorted({e or "" for e in errors})[:3],
         "wall_s": round(run.wall, 3),
         "req_per_s": round(len(ok) / run.wall, 3) if run.wall > 0 else 0.0,
         "output_tok_per_s": round(tokens / run.wall, 2) if run.wall > 0 else 0.0,

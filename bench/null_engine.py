@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `fleet` and `bench` importable
     sys.path.insert(0, str(ROOT))
 
-from bench import tinyhttp  # noqa: E402
-from fleet import protocol  # noqa: E402  (protocol and config never import vllm or torch)
-from fleet.config import ModelConfig  # noqa: E402
+from bench import tinyhttp
+from fleet import protocol
+from fleet.config import ModelConfig
 
 NULL_ENGINE = Path(__file__).resolve()
 TOKEN_ID = 1000

@@ -77,18 +77,23 @@ def windowed(llm: object, params: object, prompts: list[str], spec: dict) -> lis
     engine = llm.llm_engine  # type: ignore[attr-defined]
     params = params.clone()  # type: ignore[attr-defined]
     params.output_kind = RequestOutputKind.DELTA
-    window, ramp = spec["window"], spec.get("ramp", 0.0)
+    window, ramp, ramp_max = spec["window"], spec.get("ramp", 0.0), spec.get("ramp_max", 0.0)
+    max_seqs = spec["engine"]["max_num_seqs"]
     points = []
     for concurrency, _ in spec["points"]:
         active: set[str] = set()
+        streaming: set[str] = set()  # requests that produced a token
         counter = tokens = done = 0
         t_start = time.perf_counter()
-        t0 = t_start + ramp
-        t1 = t0 + window
+        t0 = t1 = float("inf")  # the window opens after the ramp (and the prefill burst), as for the servers
         started_at: dict[str, float] = {}
         latencies = []
         while True:
             now = time.perf_counter()
+            if t0 == float("inf") and now - t_start >= ramp and (
+                len(streaming) >= min(concurrency, max_seqs) or now - t_start >= ramp_max
+            ):
+                t0, t1 = now, now + window
             if now >= t1:
                 break
             while len(active) < concurrency:
@@ -101,6 +106,8 @@ def windowed(llm: object, params: object, prompts: list[str], spec: dict) -> lis
                 raise RuntimeError(f"no request in flight although {len(active)} are not finished: {sorted(active)[:3]}")
             for out in engine.step():
                 now = time.perf_counter()
+                if out.outputs[0].token_ids:
+                    streaming.add(out.request_id)
                 if t0 <= now < t1:
                     tokens += len(out.outputs[0].token_ids)
                 if out.finished:
@@ -116,7 +123,7 @@ def windowed(llm: object, params: object, prompts: list[str], spec: dict) -> lis
         latencies.sort()
         points.append({
             "mode": "offline-window", "concurrency": concurrency, "requests": done, "ok": done, "errors": 0,
-            "window_s": window, "ramp_s": ramp, "started": counter, "wall_s": round(window, 3),
+            "window_s": window, "ramp_s": round(t0 - t_start, 2), "started": counter, "wall_s": round(window, 3),
             "req_per_s": round(done / window, 3), "output_tok_per_s": round(tokens / window, 2), "output_tokens": tokens,
             "latency_ms": {"p50": round(1e3 * latencies[len(latencies) // 2], 1)} if latencies else None,
         })

@@ -20,7 +20,7 @@ LABELS = {
     "litellm-stub": "LiteLLM -> instant stub",
 }
 ORDER = ["offline", "vllm", "fleet", "litellm", "fleet-null", "litellm-stub"]
-CDF_POINTS = [*range(0, 100), 99.5, 99.9, 100]
+CDF_POINTS = [*range(100), 99.5, 99.9, 100]
 
 
 def _f(v: Any, digits: int = 1) -> str:
@@ -74,7 +74,8 @@ def markdown(r: dict[str, Any]) -> str:
             f"## Real engine: throughput and latency (streamed, {plan['max_tokens']} output tokens per request)",
             "",
             (("Each point: a closed loop of `concurrency` streaming clients; {win:g} s measured after {ramp:g} s of "
-              "load, then the requests still running are cancelled. *out tok/s* counts every token streamed in the "
+              "load" + (" and once every running request streams (at most {rmax:g} s)" if plan.get("window_ramp_max") else "") +
+              ", then the requests still running are cancelled. *out tok/s* counts every token streamed in the "
               "window; *done* the requests that started and finished inside it (latency and TTFT come from those; "
               "at high concurrency few or none fit). " if plan.get("window") else
               "Each point: max({min}, {w} x concurrency) requests. ") +
@@ -83,7 +84,7 @@ def markdown(r: dict[str, Any]) -> str:
              "(engine included), *other* everything else on the machine during the point (other users of this "
              "machine: noise in every number). Output tok/s of each round in brackets.")
             .format(min=plan["min_requests"], w=plan["waves"], r=plan.get("rounds", 1), win=plan.get("window") or 0,
-                    ramp=plan.get("window_ramp") or 0),
+                    ramp=plan.get("window_ramp") or 0, rmax=plan.get("window_ramp_max") or 0),
             "",
             "| conc. | system | done | req/s | out tok/s | latency p50 | p99 | TTFT p50 | p99 | front CPU % | "
             "system CPU % | other CPU % | front RSS MB | errors |",
@@ -103,6 +104,10 @@ def markdown(r: dict[str, Any]) -> str:
                     f"{_q(p.get('ttft_ms'), 'p50', 0)} | {_q(p.get('ttft_ms'), 'p99', 0)} | {_q(res, 'front_cpu_pct')} | "
                     f"{_q(res, 'system_cpu_pct')} | {_q(res, 'other_cpu_pct')} | {_q(res, 'front_peak_rss_mb', 0)} | {p['errors']} |"
                 )
+        if meta.get("points_kept_from_previous"):
+            kept = sorted({c for cs in meta["points_kept_from_previous"].values() for c in cs})
+            lines += ["", f"Concurrency {', '.join(map(str, kept))}: kept from the previous run (`--update`), measured "
+                          "with that run's settings (see `meta.previous_runs` in results.json)."]
         lines += ["", "Ratios of output tokens/s (every request is max_tokens long: the same ratios as requests/s):", "",
                   "| conc. | fleet / vllm serve | fleet / LiteLLM | LiteLLM / vllm serve | vllm serve / offline | fleet / offline |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -199,15 +204,20 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
     eng = r["throughput"]["engine"]
     if eng:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        windowed = bool(r["meta"]["plan"].get("window"))
+        max_tokens = r["meta"]["plan"]["max_tokens"]
         for name in ORDER:
             pts = sorted(eng.get(name) or [], key=lambda p: p["concurrency"])
             if not pts:
                 continue
             style = "--" if name == "offline" else "-"
             xs = [p["concurrency"] for p in pts]
-            axes[0].plot(xs, [p["req_per_s"] for p in pts], style, marker="o", label=LABELS[name])
+            if windowed:  # few requests finish inside a window: show tokens/s / tokens per request
+                axes[0].plot(xs, [p["output_tok_per_s"] / max_tokens for p in pts], style, marker="o", label=LABELS[name])
+            else:
+                axes[0].plot(xs, [p["req_per_s"] for p in pts], style, marker="o", label=LABELS[name])
             axes[1].plot(xs, [p["output_tok_per_s"] for p in pts], style, marker="o", label=LABELS[name])
-        for ax, title in zip(axes, ("requests/s", "output tokens/s")):
+        for ax, title in zip(axes, ("requests/s" + (" (= output tok/s / max_tokens)" if windowed else ""), "output tokens/s")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrency (closed loop)")
             ax.set_title(title)

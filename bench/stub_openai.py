@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import tinyhttp  # noqa: E402
+from bench import tinyhttp
 
 MODEL = "stub"
 CREATED = 1_700_000_000
