@@ -32,7 +32,17 @@ from fleet.tracking import Tracked, unless_disconnected
 from fleet.errors import FleetError, InvalidRequest
 from fleet.routing import Backend, route
 from fleet.envelope import ErrorBody, ErrorResponse
-from fleet.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from fleet.schemas import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
 from fleet.translate import Plan, plan_chat, plan_completion
 
 log = logging.getLogger("fleet.gateway")
@@ -125,21 +135,28 @@ def _unexpected_error_handler(request: Request, exc: Exception) -> Response[byte
     return error_response(FleetError(f"internal error: {type(exc).__name__}"))
 
 
-@get("/health", sync_to_thread=False)
+def _ok(kind: type, what: str, media_type: str = JSON) -> dict[int, ResponseSpec]:
+    """The documented 200 of a handler that returns pre-encoded bytes (Litestar would say "string")."""
+    return {200: ResponseSpec(kind, description=what, generate_examples=False, media_type=media_type)}
+
+
+@get("/health", sync_to_thread=False, responses=_ok(Health, "the gateway is up; each model's engine state"))
 def health(state: State) -> Response[bytes]:
     """200 with each model's state; the gateway itself is up whenever it answers. Open without a key."""
     backends: Mapping[str, Backend] = state.backends
-    body = {"status": "ok", "models": {name: b.lifecycle.state.value for name, b in backends.items()}}
+    body = Health("ok", {name: b.lifecycle.state.value for name, b in backends.items()})
     return Response(_json.encode(body), media_type=JSON)
 
 
-@get("/metrics", sync_to_thread=False, guards=[require_key])
+@get("/metrics", sync_to_thread=False, guards=[require_key],
+     responses={**ERROR_RESPONSES, **_ok(str, "Prometheus text exposition format", METRICS_CONTENT_TYPE)})
 def metrics(state: State) -> Response[bytes]:
     """Prometheus metrics: requests by status, latency, time to first token, tokens, engine states."""
     return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-@get("/v1/models", sync_to_thread=False, guards=[require_key], responses=ERROR_RESPONSES)
+@get("/v1/models", sync_to_thread=False, guards=[require_key],
+     responses={**ERROR_RESPONSES, **_ok(ModelList, "the models this key may use")})
 def list_models(request: Request, state: State) -> Response[bytes]:
     """The fleet's models the caller may use, with the state of each engine."""
     backends: Mapping[str, Backend] = state.backends
@@ -153,7 +170,8 @@ def list_models(request: Request, state: State) -> Response[bytes]:
     return Response(_json.encode(ModelList(cards)), media_type=JSON)
 
 
-@post("/v1/completions", status_code=200, name="completions", guards=[require_key], responses=ERROR_RESPONSES)
+@post("/v1/completions", status_code=200, name="completions", guards=[require_key],
+      responses={**ERROR_RESPONSES, **_ok(CompletionResponse, "the completion; with stream: true, server-sent events")})
 async def completions_route(data: JSONBody[CompletionRequest], request: Request, state: State) -> Response[bytes] | Stream:
     """OpenAI's legacy completions: parse, route, plan, run."""
     backend = _backend(request, state, data.model)
@@ -161,7 +179,8 @@ async def completions_route(data: JSONBody[CompletionRequest], request: Request,
     return await _run(request, state, backend, plan, data.model, completions, "completions")
 
 
-@post("/v1/chat/completions", status_code=200, guards=[require_key], responses=ERROR_RESPONSES)
+@post("/v1/chat/completions", status_code=200, guards=[require_key],
+      responses={**ERROR_RESPONSES, **_ok(ChatCompletionResponse, "the chat completion; with stream: true, server-sent events")})
 async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request, state: State) -> Response[bytes] | Stream:
     """OpenAI's chat completions: the engine renders the messages with the model's chat template."""
     backend = _backend(request, state, data.model)
@@ -237,18 +256,39 @@ def create_app(
     return app
 
 
+STREAMS = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
+
+
 def _document_streams(app: Litestar) -> None:
-    """Both generation routes answer 200 as JSON or, with stream: true, as server-sent events."""
+    """Both generation routes answer 200 as JSON or, with stream: true, as server-sent events.
+
+    Each event is described as OpenAPI 3.1 reads a sequential media type: an object whose `data` is
+    either `[DONE]` or a JSON chunk (or, after a failure mid-stream, OpenAI's error envelope).
+    """
     from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, Schema
     from litestar.openapi.spec.enums import OpenAPIType
 
-    for path in ("/v1/completions", "/v1/chat/completions"):
-        item = app.openapi_schema.paths[path] if app.openapi_schema.paths else None
+    document = app.openapi_schema
+    ref = "#/components/schemas/{name}"
+    refs, components = msgspec.json.schema_components([*STREAMS.values(), ErrorResponse], ref_template=ref)
+    if document.components.schemas is not None:
+        for name, schema in components.items():  # Litestar already has the shared parts, same shape
+            document.components.schemas.setdefault(name, schema)  # type: ignore[arg-type]
+    for (path, _), chunk in zip(STREAMS.items(), refs):
+        item = document.paths[path] if document.paths else None
         responses = item.post.responses if item and item.post and item.post.responses else {}
         ok = responses.get("200")
         if ok is not None and not isinstance(ok, Reference) and ok.content is not None:
-            ok.content["text/event-stream"] = OpenAPIMediaType(schema=Schema(
-                type=OpenAPIType.STRING, description="`data: <chunk JSON>` events, then `data: [DONE]`"))
+            ok.content["text/event-stream"] = OpenAPIMediaType(schema={  # type: ignore[arg-type]
+                "type": "object",
+                "required": ["data"],
+                "description": "`data: <chunk JSON>` events, then `data: [DONE]`",
+                "properties": {"data": {"anyOf": [
+                    {"const": "[DONE]"},
+                    {"type": "string", "contentMediaType": JSON,
+                     "contentSchema": {"anyOf": [chunk, refs[-1]]}},
+                ]}},
+            })
         for status in ("429", "503"):  # the SDK retries these after Retry-After seconds
             busy = responses.get(status)
             if busy is not None and not isinstance(busy, Reference):

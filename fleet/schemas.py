@@ -144,6 +144,11 @@ class CompletionResponse(msgspec.Struct):
     object: str = "text_completion"
 
 
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+    models: dict[str, str]  # model name -> lifecycle state
+
+
 class ModelCard(msgspec.Struct):
     id: str
     created: int

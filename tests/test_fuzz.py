@@ -40,7 +40,9 @@ import msgspec
 import pytest
 import requests
 import schemathesis
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from conftest import InProcessFleet, free_port
 from fake_engine import fake_command
@@ -123,34 +125,50 @@ schema = schemathesis.openapi.from_dict(gateway_document(), config=CONFIG).exclu
 
 @schema.hook
 def flatmap_body(context: Any, body: Any) -> st.SearchStrategy[Any]:
-    """Point two bodies in three that name a model at one of the fleet's.
+    """Point four bodies in five that name a model at one of the fleet's.
 
     A random `model` is almost never a fleet model (a 404 before any real work); this way the
     rules, the engines and the response shaping get fuzzed too. A non-string `model` (negative
     mode) is left as generated.
     """
     if isinstance(body, dict) and isinstance(body.get("model"), str):
-        return st.sampled_from([None, *MODELS]).map(
+        return st.sampled_from([None, *MODELS, *MODELS]).map(
             lambda name: body if name is None else {**body, "model": name}
         )
     return st.just(body)
 
 
 # Fields whose rules (best_of >= n, beam search settings, context length, the model's caps...) a
-# random schema-valid value breaks more often than not.
+# random schema-valid value breaks more often than not; and fields whose lower bound the document
+# lacks (Litestar leaves out a constraint whose value is 0: `ge=0`, `gt=0`), so that a "valid"
+# value is often a 400.
 RULE_BOUND = frozenset({
     "n", "best_of", "use_beam_search", "early_stopping", "length_penalty", "suffix", "logit_bias", "top_k",
     "min_tokens", "stop_token_ids", "max_tokens", "max_completion_tokens", "stream_options", "top_logprobs",
     "tools", "tool_choice", "response_format",
+    "temperature", "top_p", "min_p", "repetition_penalty", "logprobs",
 })
+
+
+def tame(body: dict[str, Any]) -> dict[str, Any]:
+    """The body without the rule-bound fields, and without tool messages (a 400 while fleet has no tools)."""
+    out = {k: v for k, v in body.items() if k not in RULE_BOUND}
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [
+            {**{k: v for k, v in m.items() if k != "tool_calls"}, "role": "user" if m.get("role") == "tool" else m.get("role")}
+            if isinstance(m, dict) else m
+            for m in out["messages"]
+        ]
+    return out
 
 
 @schema.hook
 def flatmap_case(context: Any, case: schemathesis.Case) -> st.SearchStrategy[schemathesis.Case]:
-    """Half the schema-valid bodies for a fleet model go without the rule-bound fields.
+    """Steer schema-valid bodies for a fleet model deeper: half go without the rule-bound fields,
+    and half ask for a stream (an optional field is seldom drawn at all).
 
-    With all of them drawn at random almost every request breaks some rule (a 400, rightly), and
-    streams and answers would seldom be fuzzed. Only positive cases: a negative one must stay
+    With every field drawn at random almost every request breaks some rule (a 400, rightly), and
+    answers and streams would seldom be fuzzed. Only positive cases: a negative one must stay
     invalid, and dropping fields could drop what makes it so.
     """
     body = case.body
@@ -158,12 +176,14 @@ def flatmap_case(context: Any, case: schemathesis.Case) -> st.SearchStrategy[sch
     if not (positive and isinstance(body, dict) and body.get("model") in MODELS):
         return st.just(case)
 
-    def tame(yes: bool) -> schemathesis.Case:
-        if yes:
-            case.body = {k: v for k, v in body.items() if k not in RULE_BOUND}
+    def steer(tamed: bool, stream: bool) -> schemathesis.Case:
+        steered = tame(body) if tamed else dict(body)
+        if stream:
+            steered["stream"] = True
+        case.body = steered
         return case
 
-    return st.booleans().map(tame)
+    return st.tuples(st.booleans(), st.booleans()).map(lambda choice: steer(*choice))
 
 
 def content_type(response: schemathesis.Response) -> str:
@@ -200,6 +220,54 @@ def event_stream(ctx: Any, response: schemathesis.Response, case: schemathesis.C
     for e in events[:-1]:
         chunk = json.loads(e[len("data: "):])
         msgspec.convert(chunk, ErrorResponse if "error" in chunk else CHUNKS[case.path])  # a missing field, a wrong type
+
+
+@schema.parametrize()
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=not os.environ.get("FLEET_FUZZ_RANDOM"),
+    suppress_health_check=list(HealthCheck),
+)
+def test_openapi_fuzz_no_5xx_and_every_response_as_documented(
+    case: schemathesis.Case, fleet: InProcessFleet, session: requests.Session, traffic: Traffic,
+) -> None:
+    response = case.call(base_url=fleet.url, session=session, timeout=TIMEOUT)
+    kind = content_type(response).split(";")[0]
+    traffic[(case.method.upper(), case.path, response.status_code, kind)] += 1
+    case.validate_response(
+        response,
+        excluded_checks=[positive_data_acceptance],  # see the module docstring
+        additional_checks=[openai_error_envelope, event_stream],
+    )
+
+
+def test_openapi_fuzz_sent_at_least_1000_requests_over_every_route(traffic: Traffic) -> None:
+    """The fuzz above (run first, same module) reached every route, in volume, and got past the
+    checks into the engines: JSON answers and event streams from both generation routes."""
+    routes = {(method, path) for method, path, _, _ in traffic}
+    assert ROUTES <= routes, f"routes never fuzzed: {ROUTES - routes} (run the whole module)"
+    assert sum(traffic.values()) >= MIN_REQUESTS, traffic
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        answered = {kind: n for (_, p, status, kind), n in traffic.items() if p == path and status == 200}
+        assert sum(answered.values()) >= 10 and set(answered) == {"application/json", "text/event-stream"}, (path, answered)
+
+
+def test_openapi_document_describes_what_the_gateway_sends(fleet: InProcessFleet) -> None:
+    """The document the fuzz relies on: OpenAI's error envelope, Retry-After, streams, metrics."""
+    doc = httpx.get(f"{fleet.url}/schema/openapi.json", timeout=TIMEOUT).json()
+    assert doc == json.loads(json.dumps(gateway_document())), "the fuzz must run on the served document"
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert {"200", "400", "404", "413", "429", "503"} <= set(responses), (path, sorted(responses))
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+        for status in ("429", "503"):
+            assert responses[status]["headers"]["Retry-After"]["required"] is True
+        error = responses["400"]["content"]["application/json"]["schema"]
+        error = doc["components"]["schemas"][error["$ref"].rsplit("/", 1)[-1]] if "$ref" in error else error
+        assert error["required"] == ["error"], error
+    assert "text/plain" in next(iter(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]))
 
 
 # --- hand-written hostile input ------------------------------------------------------------------

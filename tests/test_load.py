@@ -53,10 +53,8 @@ MODELS: dict[str, dict[str, Any]] = {
     "slow": {"engine_args": {"fake_token_delay": 0.1}},
     # serves 30 requests (1 s each), then dies on the next one; the launcher restarts it
     "crashy": {"engine_args": {"fake_crash_after_requests": 30, "fake_token_delay": 0.05}},
-    # the first token, then silence longer than the gateway's engine_timeout
-    "stuck": {"engine_args": {"fake_token_delay": 5.0}},
 }
-ENGINE_TIMEOUT = 2.0  # [gateway] engine_timeout of this fleet: no other model pauses that long
+ENGINE_TIMEOUT = 1.5  # [gateway] engine_timeout of a fleet of its own (a busy machine must not trip it elsewhere)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,13 +69,28 @@ def enough_file_descriptors() -> None:
 @pytest.fixture(scope="module")
 def fleet(cache_dir: Path) -> Iterator[InProcessFleet]:
     config = parse_config({
-        "gateway": {"host": "127.0.0.1", "port": free_port(), "engine_timeout": ENGINE_TIMEOUT},
+        "gateway": {"host": "127.0.0.1", "port": free_port()},
         "models": [{"name": name, "source": "fake", "port": free_port(), **spec} for name, spec in MODELS.items()],
     })
     running = InProcessFleet(config, fake_command)
     try:
         for name in MODELS:
             assert running.wait_state(name, "ready", "failed", timeout=60) == "ready", running.fleet.engines[name].tail
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def stuck_fleet(cache_dir: Path) -> Iterator[InProcessFleet]:
+    """One model that sends its first token, then stays silent for 10 s; engine_timeout 1.5 s."""
+    config = parse_config({
+        "gateway": {"host": "127.0.0.1", "port": free_port(), "engine_timeout": ENGINE_TIMEOUT},
+        "models": [{"name": "stuck", "source": "fake", "port": free_port(), "engine_args": {"fake_token_delay": 10.0}}],
+    })
+    running = InProcessFleet(config, fake_command)
+    try:
+        assert running.wait_state("stuck", "ready", "failed", timeout=60) == "ready", running.fleet.engines["stuck"].tail
         yield running
     finally:
         running.stop()
@@ -284,12 +297,16 @@ def test_200_clients_leaving_mid_generation_free_the_engine_within_two_seconds(f
         return time.monotonic()
 
     left_at = run(load(), limit=30)
-    took = settle(fleet, list(MODELS), timeout=2.0)
-    assert time.monotonic() - left_at < 2.5
+    deadline = left_at + 2.0  # the engine stops working for them within 2 s
+    while (running := engine_stats(fleet, "slow")["running"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert running == 0, f"the engine still runs {running} requests 2 s after their clients left"
+    took = time.monotonic() - left_at
+    settle(fleet, list(MODELS), timeout=5.0)  # and the gateway's books balance
     after = engine_stats(fleet, "slow")
     assert after["aborted"] - before["aborted"] == DROPPERS
     assert after["requests"] - before["requests"] == DROPPERS
-    print(f"{DROPPERS} clients left ({how}); gateway and engine idle {took:.2f}s later")
+    print(f"{DROPPERS} clients left ({how}); the engine idle {took:.2f}s later")
 
 
 # --- engine faults under load -------------------------------------------------------------------------
@@ -297,12 +314,12 @@ def test_200_clients_leaving_mid_generation_free_the_engine_within_two_seconds(f
 
 def test_an_engine_dying_under_load_answers_every_client_and_comes_back(fleet: InProcessFleet) -> None:
     """30 requests in flight, then the engine dies: every client gets an answer, none hangs."""
-    answers: list[tuple[int, str]] = []
+    answers: list[tuple[bool, int, str]] = []
 
     async def client(http: aiohttp.ClientSession, stream: bool) -> None:
         body = {"model": "crashy", "prompt": "hi", "max_tokens": 20, "stream": stream}
         async with http.post(f"{fleet.url}/v1/completions", json=body) as resp:
-            answers.append((resp.status, await resp.text()))
+            answers.append((stream, resp.status, await resp.text()))
 
     async def load() -> None:
         async with session() as http:
@@ -313,14 +330,17 @@ def test_an_engine_dying_under_load_answers_every_client_and_comes_back(fleet: I
             await asyncio.gather(*first, *(client(http, i % 2 == 0) for i in range(30)))  # the 31st kills it
 
     run(load(), limit=30)
-    statuses = collections.Counter(status for status, _ in answers)
+    statuses = collections.Counter(status for _, status, _ in answers)
     assert len(answers) == 60 and set(statuses) <= {200, 502, 503}, statuses
     assert statuses[502] + statuses[503] >= 1, statuses
-    for status, text in answers:
-        if status == 200:  # a stream that had begun: its error is an event, then [DONE]
+    for stream, status, text in answers:
+        if status == 200 and stream:  # a stream that had begun: it ends, maybe with an error event, in [DONE]
             events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]", text[-300:]
-            assert json.loads(events[-2])["error"]["code"] == "engine_error", events[-2]
+            last = json.loads(events[-2])
+            assert "error" not in last or last["error"]["code"] == "engine_error", last
+        elif status == 200:  # finished before the engine died (a slow machine)
+            assert json.loads(text)["choices"][0]["finish_reason"] == "length", text
         else:
             error = json.loads(text)["error"]
             assert error["code"] == ("engine_error" if status == 502 else "model_not_ready"), error
@@ -334,13 +354,14 @@ def test_an_engine_dying_under_load_answers_every_client_and_comes_back(fleet: I
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_an_engine_silent_longer_than_engine_timeout_is_a_504_not_a_hang(fleet: InProcessFleet, stream: bool) -> None:
+def test_an_engine_silent_longer_than_engine_timeout_is_a_504_not_a_hang(stuck_fleet: InProcessFleet, stream: bool) -> None:
+    fleet = stuck_fleet
     before = engine_stats(fleet, "stuck")
     started = time.monotonic()
     body = {"model": "stuck", "prompt": "hi", "max_tokens": 3, "stream": stream}
     r = httpx.post(f"{fleet.url}/v1/completions", json=body, timeout=30)
     took = time.monotonic() - started
-    assert ENGINE_TIMEOUT <= took < ENGINE_TIMEOUT + 2, took
+    assert ENGINE_TIMEOUT <= took < ENGINE_TIMEOUT + 5, took  # the engine would stay silent for 10 s
     if stream:  # the first token went out; the timeout is an event, then [DONE]
         assert r.status_code == 200
         events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
@@ -348,7 +369,7 @@ def test_an_engine_silent_longer_than_engine_timeout_is_a_504_not_a_hang(fleet: 
     else:
         assert r.status_code == 504, r.text
         assert r.json()["error"]["code"] == "engine_timeout"
-    settle(fleet, list(MODELS))  # the gateway hung up, so the engine stopped waiting too
+    settle(fleet, ["stuck"])  # the gateway hung up, so the engine stopped waiting too
     assert engine_stats(fleet, "stuck")["aborted"] == before["aborted"] + 1
 
 
