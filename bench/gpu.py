@@ -22,7 +22,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.loadgen import closed_loop, completion_target, summarize  # noqa: E402
+from bench.loadgen import closed_loop, closed_window, completion_target, summarize  # noqa: E402
 
 PROMPTS = [f"Write a short story about a robot number {i} who learns to paint." for i in range(64)]
 
@@ -57,15 +57,46 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def run_points(base: str, model: str, concurrencies: list[int], max_tokens: int, front_pid: int) -> list[dict]:
+def python_processes(root: int) -> dict[str, int]:
+    """The front process and its Python descendants, by a short name (gateway, engine, EngineCore...)."""
+    out = {"front": root}
+    for p in psutil.Process(root).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            name = p.name()
+        except psutil.Error:
+            continue
+        if "EngineCore" in name or "EngineCore" in cmd:  # vLLM renames its forked core process
+            out.setdefault("EngineCore", p.pid)
+        elif "fleet.engine" in cmd:
+            out["fleet-engine"] = p.pid
+    return out
+
+
+def profile(pids: dict[str, int], seconds: int, out: Path, tag: str) -> list[subprocess.Popen]:
+    """py-spy record (raw, 200 Hz) of each process for `seconds`, in the background."""
+    spy = os.environ.get("PY_SPY", "py-spy")
+    return [subprocess.Popen([spy, "record", "-r", "200", "-f", "raw", "-d", str(seconds), "--nonblocking",
+                              "-o", str(out / f"{tag}-{name}.txt"), "-p", str(pid)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()]
+
+
+def run_points(base: str, model: str, concurrencies: list[int], max_tokens: int, front_pid: int,
+               profile_at: set[int] = frozenset(), out: Path = Path("."), tag: str = "", window: float = 12.0) -> list[dict]:
     front = psutil.Process(front_pid)
     points = []
     for c in concurrencies:
         target = completion_target(base, model, PROMPTS, max_tokens, stream=True)
         asyncio.run(closed_loop(target, min(c, 16), min(c, 16)))  # warm-up
+        spies = profile(python_processes(front_pid), int(window) + 3, out, f"{tag}-c{c}") if c in profile_at else []
         cpu0 = front.cpu_times()
-        run = asyncio.run(closed_loop(target, c, max(64, 4 * c), max_duration=120))
+        if window:  # steady state: tokens received within the window, after every client streams
+            run = asyncio.run(closed_window(target, c, window, ramp=3, streaming_clients=c, ramp_max=60))
+        else:
+            run = asyncio.run(closed_loop(target, c, max(64, 4 * c), max_duration=120))
         cpu1 = front.cpu_times()
+        for spy in spies:
+            spy.wait()
         s = summarize(run)
         s["front_cpu_s"] = round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2)
         s["front_rss_mb"] = round(front.memory_info().rss / 2**20, 1)
@@ -82,6 +113,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--memory", type=float, default=0.8)
+    ap.add_argument("--profile", default="", help="concurrencies at which to py-spy every Python process (PY_SPY=path)")
+    ap.add_argument("--systems", default="fleet,vllm")
+    ap.add_argument("--window", type=float, default=12.0, help="seconds measured per point (0: 4c requests)")
     ns = ap.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)
     conc = [int(x) for x in ns.concurrency.split(",")]
@@ -100,13 +134,17 @@ def main() -> None:
                   "--gpu-memory-utilization", str(ns.memory)],
          "http://127.0.0.1:8100", "http://127.0.0.1:8100/health"),
     ]:
+        if name not in ns.systems.split(","):
+            continue
         log = open(ns.out / f"{name}.log", "w")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             ready = wait_ready(health, proc)
             print(f"{name}: ready in {ready:.0f}s", flush=True)
             results["systems"][name] = {"ready_s": round(ready, 1),
-                                        "points": run_points(base, "m", conc, ns.max_tokens, proc.pid)}
+                                        "points": run_points(base, "m", conc, ns.max_tokens, proc.pid,
+                                                                   {int(x) for x in ns.profile.split(",") if x}, ns.out, name,
+                                                                   ns.window)}
         finally:
             stop(proc)
             log.close()

@@ -228,7 +228,7 @@ async def run_instant(kind: str, env: Env, plan: Plan, results: dict[str, Any]) 
     """Gateway overhead with an instant upstream: fixed rates, sustained rate, gateway-only throughput."""
     over = results["overhead"]
     if kind == "fleet-null":
-        async with systems.fleet_null(env, loop=results["meta"]["args"].get("fleet_loop", "asyncio")) as gw:
+        async with systems.fleet_null(env) as gw:
             direct = loadgen.generate_target(gw.engine_url or "", PROMPTS, plan.instant_max_tokens)
             await _instant_body(kind, "null-engine", gw, direct, (), env, plan, results)
     else:
@@ -242,8 +242,7 @@ async def run_instant(kind: str, env: Env, plan: Plan, results: dict[str, Any]) 
 async def _instant_body(kind: str, direct_name: str, gw: Running, direct: Target, upstream_pids: tuple[int, ...], env: Env,
                         plan: Plan, results: dict[str, Any]) -> None:
     over = results["overhead"]
-    results["systems"][kind] = {"start_s": round(gw.start_s, 3), "ready_s": round(gw.ready_s, 3),
-                                **({"loop": gw.info["loop"]} if "loop" in gw.info else {})}
+    results["systems"][kind] = {"start_s": round(gw.start_s, 3), "ready_s": round(gw.ready_s, 3)}
     log(f"{kind}: gateway answered in {gw.start_s:.2f}s, ready in {gw.ready_s:.2f}s")
     target = loadgen.completion_target(gw.base_url, gw.model, PROMPTS, plan.instant_max_tokens, stream=plan.overhead_stream)
     stream_target = loadgen.completion_target(gw.base_url, gw.model, PROMPTS, plan.instant_max_tokens, stream=True)
@@ -599,8 +598,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate-duration", type=float, help="seconds per fixed-rate point (default 3)")
     p.add_argument("--slo-ms", type=float, help="sustained: p99 from the scheduled send <= this (default 250)")
     p.add_argument("--overhead-stream", action="store_true", help="stream the fixed-rate and ramp requests")
-    p.add_argument("--fleet-loop", choices=["asyncio", "uvloop"], default="asyncio",
-                   help="event loop of the fleet-null gateway (fleet launch uses asyncio today)")
     p.add_argument("--model-dir", help="the converted default model (default: resolved through fleet.models)")
     p.add_argument("--out", type=Path, help="where results.json/.md and plots go")
     p.add_argument("--workdir", type=Path, help="logs and generated configs (default bench/results/<time>)")

@@ -62,6 +62,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.procs import Server, free_port  # noqa: E402
+from fleet.cli import run_loop  # noqa: E402
 
 TARGET_PCT = 5.0
 MIB = 1 << 20
@@ -335,22 +336,18 @@ async def sample_self(path: Path, interval: float, collect: bool) -> None:
 
 
 async def serve(config_path: Path, engine: str, samples: Path | None, interval: float, collect: bool) -> None:
-    """`fleet launch` with the engine command of the soak, sampling itself; stops on SIGINT/SIGTERM."""
+    """`fleet launch` (fleet.launcher.launch) with the engine command of the soak, sampling itself."""
     from fleet.config import load_config
-    from fleet.launcher import Fleet, engine_command
+    from fleet.launcher import engine_command, launch
 
     if engine == "fake":
         sys.path.insert(0, str(ROOT / "tests"))
         from fake_engine import fake_command as command
     else:
         command = engine_command
-    fleet = Fleet(load_config(config_path), command=command, echo_logs=False)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, fleet.stop)
     sampler = asyncio.create_task(sample_self(samples, interval, collect)) if samples else None
     try:
-        await fleet.run()
+        await launch(load_config(config_path), echo_logs=False, command=command)
     finally:
         if sampler:
             sampler.cancel()
@@ -366,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--interval", type=float, default=5.0)
         p.add_argument("--collect", action="store_true")
         ns = p.parse_args(argv[1:])
-        asyncio.run(serve(ns.config, ns.engine, ns.samples, ns.interval, ns.collect))
+        run_loop(serve(ns.config, ns.engine, ns.samples, ns.interval, ns.collect))  # as `fleet launch`
         return 0
     parser = argparse.ArgumentParser(prog="soak.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the load (default 10)")

@@ -230,13 +230,12 @@ async def fleet_launch(env: Env, source: str = "default", wait_ready: bool = Fal
 
 
 @contextlib.asynccontextmanager
-async def fleet_null(env: Env, loop: str = "asyncio", name: str = "fleet-null") -> AsyncIterator[Running]:
+async def fleet_null(env: Env, name: str = "fleet-null") -> AsyncIterator[Running]:
     """fleet's launcher + gateway over the null engine (bench/fleet_runner.py --engine null)."""
     gp, ep = free_port(), free_port()
     toml = fleet_toml(gp, ep, "default", env.engine)
     head = [env.python, str(BENCH / "fleet_runner.py")]
-    async with _fleet(env, name, ["--engine", "null", "--loop", loop], head, toml, gp, ep) as running:
-        running.info["loop"] = loop
+    async with _fleet(env, name, ["--engine", "null"], head, toml, gp, ep) as running:
         yield running
 
 

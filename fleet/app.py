@@ -148,14 +148,14 @@ def health(state: State) -> Response[bytes]:
     return Response(_json.encode(body), media_type=JSON)
 
 
-@get("/metrics", sync_to_thread=False, guards=[require_key],
+@get("/metrics", sync_to_thread=False, before_request=require_key,
      responses={**ERROR_RESPONSES, **_ok(str, "Prometheus text exposition format", METRICS_CONTENT_TYPE)})
 def metrics(state: State) -> Response[bytes]:
     """Prometheus metrics: requests by status, latency, time to first token, tokens, engine states."""
     return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-@get("/v1/models", sync_to_thread=False, guards=[require_key],
+@get("/v1/models", sync_to_thread=False, before_request=require_key,
      responses={**ERROR_RESPONSES, **_ok(ModelList, "the models this key may use")})
 def list_models(request: Request, state: State) -> Response[bytes]:
     """The fleet's models the caller may use, with the state of each engine."""
@@ -170,7 +170,7 @@ def list_models(request: Request, state: State) -> Response[bytes]:
     return Response(_json.encode(ModelList(cards)), media_type=JSON)
 
 
-@post("/v1/completions", status_code=200, name="completions", guards=[require_key],
+@post("/v1/completions", status_code=200, name="completions", before_request=require_key,
       responses={**ERROR_RESPONSES, **_ok(CompletionResponse, "the completion; with stream: true, server-sent events")})
 async def completions_route(data: JSONBody[CompletionRequest], request: Request, state: State) -> Response[bytes] | Stream:
     """OpenAI's legacy completions: parse, route, plan, run."""
@@ -179,7 +179,7 @@ async def completions_route(data: JSONBody[CompletionRequest], request: Request,
     return await _run(request, state, backend, plan, data.model, completions, "completions")
 
 
-@post("/v1/chat/completions", status_code=200, guards=[require_key],
+@post("/v1/chat/completions", status_code=200, before_request=require_key,
       responses={**ERROR_RESPONSES, **_ok(ChatCompletionResponse, "the chat completion; with stream: true, server-sent events")})
 async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request, state: State) -> Response[bytes] | Stream:
     """OpenAI's chat completions: the engine renders the messages with the model's chat template."""

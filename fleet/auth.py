@@ -12,8 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
+from litestar import Request
 
 from fleet.config import AuthConfig
 from fleet.errors import ConfigError, FleetError
@@ -109,20 +108,21 @@ def _parse_line(line: str, where: str) -> Key:
     return Key(secret.encode(), limited)
 
 
-async def require_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Litestar guard: a valid API key when the fleet has keys (the caller's key is kept for model checks).
+async def require_key(request: Request) -> None:
+    """Litestar before_request hook: a valid API key when the fleet has keys (kept for model checks).
 
-    A coroutine on purpose: Litestar runs a plain-function guard in a worker thread, a thread hop
-    on every request for a dictionary lookup.
+    A hook rather than a guard: Litestar copies the route handler for every guard call, a cost on
+    every request; the hook still runs before the body is read, so a request without a valid key
+    is a 401 whatever its body.
     """
-    keys: Keys = connection.app.state.api_keys
+    keys: Keys = request.app.state.api_keys
     if keys.enabled:
-        connection.scope["fleet_key"] = keys.check(connection.headers.get("authorization"))  # type: ignore[typeddict-unknown-key]
+        request.scope["fleet_key"] = keys.check(request.headers.get("authorization"))  # type: ignore[typeddict-unknown-key]
 
 
-async def require_admin(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
-    """Litestar guard for control routes: with keys configured, a key that may use every model."""
-    await require_key(connection, handler)
-    key = connection.scope.get("fleet_key")
+async def require_admin(request: Request) -> None:
+    """Litestar before_request hook for control routes: with keys, a key that may use every model."""
+    await require_key(request)
+    key = request.scope.get("fleet_key")
     if key is not None and key.models is not None:
         raise ModelForbidden("fleet control needs a key that may use every model")

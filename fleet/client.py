@@ -63,17 +63,13 @@ class EngineClient:
             ) as resp:
                 if resp.status != 200:
                     raise EngineFailure(f"engine for model {self.name!r} answered HTTP {resp.status}")
-                reader = resp.content
-                header = protocol.FRAME_HEADER
-                while True:
-                    try:
-                        (size,) = header.unpack(await reader.readexactly(header.size))
-                        frame = protocol.decode_frame(await reader.readexactly(size))
-                    except asyncio.IncompleteReadError:
-                        raise EngineFailure(f"engine for model {self.name!r} closed the stream early") from None
-                    yield frame
-                    if isinstance(frame, (protocol.Done, protocol.Error)):
-                        return
+                frames = protocol.FrameSplitter()
+                async for data in resp.content.iter_any():
+                    for frame in frames.feed(data):
+                        yield frame
+                        if isinstance(frame, (protocol.Done, protocol.Error)):
+                            return
+                raise EngineFailure(f"engine for model {self.name!r} closed the stream early")
         except asyncio.TimeoutError:
             raise EngineTimeout(f"engine for model {self.name!r} sent nothing for {self.timeout:.0f}s") from None
         except (aiohttp.ClientError, OSError) as e:

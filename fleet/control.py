@@ -53,14 +53,14 @@ def _control(state: State) -> Control:
     return control
 
 
-@get("/fleet/status", sync_to_thread=False, guards=[require_admin])
+@get("/fleet/status", sync_to_thread=False, before_request=require_admin)
 def fleet_status(request: Request, state: State) -> Response[bytes]:
     """Every model's state, pid, uptime, restarts, requests in flight and token rate."""
     check_local(request)
     return Response(_json.encode(_control(state).status()), media_type="application/json")
 
 
-@post("/fleet/reload", status_code=200, guards=[require_admin])
+@post("/fleet/reload", status_code=200, before_request=require_admin)
 async def fleet_reload(request: Request, state: State) -> Response[bytes]:
     """Re-read fleet.toml and apply the difference."""
     check_local(request)
@@ -71,7 +71,7 @@ async def fleet_reload(request: Request, state: State) -> Response[bytes]:
     return Response(_json.encode(dataclasses.asdict(report)), media_type="application/json")
 
 
-@post("/fleet/stop", status_code=202, sync_to_thread=False, guards=[require_admin])
+@post("/fleet/stop", status_code=202, sync_to_thread=False, before_request=require_admin)
 def fleet_stop(request: Request, state: State) -> Response[bytes]:
     """Stop the fleet (as SIGTERM does)."""
     check_local(request)

@@ -31,7 +31,7 @@ from fleet.auth import load_keys
 from fleet.config import FleetConfig, ModelConfig, load_config
 from fleet.lifecycle import EngineState
 from fleet.routing import Backend
-from fleet.process import STOP_GRACE, SignalFreeServer, stop_process_tree
+from fleet.process import STOP_GRACE, SignalFreeServer, freeze_startup_heap, stop_process_tree
 from fleet.supervisor import EngineCommand, EngineProcess, engine_command
 
 __all__ = ["Fleet", "EngineProcess", "engine_command", "stop_process_tree", "launch", "STOP_GRACE"]
@@ -277,11 +277,17 @@ async def launch(config: FleetConfig, *, echo_logs: bool = True, config_path: Pa
         task = asyncio.ensure_future(fleet.reload())
         task.add_done_callback(lambda t: t.exception() and fleet.console.print(f"[red]reload failed[/red]: {t.exception()}"))
 
+    async def settle_heap() -> None:
+        await fleet.gateway_started.wait()
+        freeze_startup_heap()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    settled = asyncio.create_task(settle_heap())
     try:
         await fleet.run()
     finally:
+        settled.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -29,6 +30,20 @@ class SignalFreeServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def freeze_startup_heap() -> None:
+    """Collect, then hide everything allocated so far from the cyclic garbage collector (gc.freeze).
+
+    Once the gateway serves, what startup built (modules, the app, the OpenAPI document) lives as
+    long as the process. Frozen, it is no longer traversed by full collections, and CPython's rule
+    "collect everything when the pending objects reach a quarter of the long-lived ones" counts
+    only what requests left behind: cyclic garbage (Litestar leaves some on every cancelled stream
+    and every 400) is then collected in small, frequent passes instead of piling up to tens of
+    thousands of objects between rare full ones (RSS steps of 5-10 % that pymalloc never returns).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def die_with_parent() -> None:

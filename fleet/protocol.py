@@ -162,6 +162,39 @@ def decode_frame(body: bytes) -> Frame:
     return _frame_decoder.decode(body)
 
 
+class FrameSplitter:
+    """Cuts a /generate response into frames as its bytes arrive, however they are chunked.
+
+    One read of the socket usually holds many frames (a whole non-streamed answer often arrives
+    in one); decoding them from a buffer costs one await per read instead of two per frame.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Append `data`; return the frames now complete, in order."""
+        buffer = self._buffer
+        buffer += data
+        frames: list[Frame] = []
+        pos, end = 0, len(buffer)
+        with memoryview(buffer) as view:  # released before the buffer is trimmed
+            while end - pos >= FRAME_HEADER.size:
+                (size,) = FRAME_HEADER.unpack_from(view, pos)
+                stop = pos + FRAME_HEADER.size + size
+                if stop > end:
+                    break
+                frames.append(_frame_decoder.decode(view[pos + FRAME_HEADER.size : stop]))
+                pos = stop
+        del buffer[:pos]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buffer)
+
+
 def decoder(message_type: type[msgspec.Struct]) -> msgspec.msgpack.Decoder:
     """A reusable decoder for one message type."""
     return msgspec.msgpack.Decoder(message_type)

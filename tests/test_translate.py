@@ -470,3 +470,33 @@ def test_decode_body_not_an_object() -> None:
 def test_decode_ignores_unknown_fields() -> None:
     status, payload = post_body(b'{"model": "m", "prompt": "x", "store": true, "parallel_tool_calls": false}')
     assert status == 404 and payload["error"]["code"] == "model_not_found"  # decoded, then routed
+
+
+# --- framing of /generate responses ---------------------------------------------------------------
+
+
+FRAMES: list[protocol.Frame] = [
+    protocol.Prompt(token_ids=[1, 2, 3]),
+    *(protocol.Delta(index=0, text=f" t{k}", token_ids=[100 + k]) for k in range(5)),
+    protocol.Delta(index=0, text="é" * 300, token_ids=[7], finish_reason="length"),
+    protocol.Done(prompt_tokens=3, completion_tokens=6),
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5, 7, 64, 1 << 20])
+def test_frame_splitter_yields_every_frame_in_order_however_the_bytes_are_chunked(chunk: int) -> None:
+    wire = b"".join(protocol.encode_frame(f) for f in FRAMES)
+    splitter = protocol.FrameSplitter()
+    got: list[protocol.Frame] = []
+    for start in range(0, len(wire), chunk):
+        got += splitter.feed(wire[start : start + chunk])
+    assert got == FRAMES
+    assert splitter.pending == 0
+
+
+def test_frame_splitter_holds_back_an_incomplete_frame() -> None:
+    wire = protocol.encode_frame(FRAMES[0]) + protocol.encode_frame(FRAMES[1])
+    splitter = protocol.FrameSplitter()
+    assert splitter.feed(wire[:-1]) == [FRAMES[0]]
+    assert splitter.pending == len(protocol.encode_frame(FRAMES[1])) - 1
+    assert splitter.feed(wire[-1:]) == [FRAMES[1]]
