@@ -18,18 +18,18 @@ fake engines - a model with max_concurrent 2 and no queue, for 429s. Every other
 a transport error, a status the kind does not expect) is counted in `unexpected`.
 
 Memory: every `--interval` seconds the fleet process records its RSS, open file descriptors,
-live pymalloc blocks and objects tracked by the garbage collector (the last two tell a leak of
-Python objects from the allocator keeping memory it freed). The first `--warmup` seconds are left
+live pymalloc blocks and objects tracked by the garbage collector, frozen ones included (the last
+two tell a leak of Python objects from the allocator keeping memory it freed). The first `--warmup` seconds are left
 out (pools, caches and allocator arenas fill up to the load's high-water mark). Growth = the
 median of the last window against the median of the first window after the warm-up, a window
 being a minute, or a third of the measured time when that is shorter. Target: RSS growth < 5%.
 The least-squares slope after the warm-up (MiB per minute) is reported too.
 
-Without --collect the process runs as `fleet launch` does, so cyclic garbage (Litestar leaves
-some on every cancelled stream and every 400) waits for CPython's occasional full collection,
-and RSS moves in steps with it. With --collect a full collection runs before each sample: the
-numbers then measure live memory only, the steadier signal for a leak (the short soak in
-tests/test_load.py uses it).
+Without --collect the process runs as `fleet launch` does: its start-up heap frozen
+(fleet.process.freeze_startup_heap), so the cyclic garbage Litestar leaves on every cancelled
+stream and every 400 is collected in small, frequent passes. With --collect a full collection
+runs before each sample: the numbers then follow live memory only, the steadier signal for a
+leak (the short soak in tests/test_load.py uses it).
 
 The report goes to bench/results/soak-<UTC time>.json (or --out) and is summed up on stdout.
 """
@@ -329,7 +329,7 @@ async def sample_self(path: Path, interval: float, collect: bool) -> None:
             if collect:
                 gc.collect()
             row = [round(time.monotonic(), 3), round(me.memory_info().rss / MIB, 2), me.num_fds(),
-                   sys.getallocatedblocks(), len(gc.get_objects())]
+                   sys.getallocatedblocks(), len(gc.get_objects()) + gc.get_freeze_count()]
             out.write(json.dumps(row) + "\n")
             out.flush()
             await asyncio.sleep(interval)

@@ -55,8 +55,13 @@ class EngineClient:
         async with self.session.get("/info", timeout=aiohttp.ClientTimeout(total=5)) as r:
             return _info_decoder.decode(await r.read())
 
-    async def generate(self, req: protocol.GenerateRequest) -> AsyncIterator[protocol.Frame]:
-        """Send one request; yield its frames. Leaving early closes the connection (= abort)."""
+    async def generate(self, req: protocol.GenerateRequest) -> AsyncIterator[list[protocol.Frame]]:
+        """Send one request; yield its frames in batches, as they arrive (the last batch ends with
+        Done or Error). Leaving early closes the connection (= abort).
+
+        Batches, not single frames: each step through an async generator costs more than handling
+        the frame, and one read of the socket often holds many frames.
+        """
         try:
             async with self.session.post(
                 "/generate", data=protocol.encode(req), headers={"Content-Type": "application/msgpack"}
@@ -65,9 +70,10 @@ class EngineClient:
                     raise EngineFailure(f"engine for model {self.name!r} answered HTTP {resp.status}")
                 frames = protocol.FrameSplitter()
                 async for data in resp.content.iter_any():
-                    for frame in frames.feed(data):
-                        yield frame
-                        if isinstance(frame, (protocol.Done, protocol.Error)):
+                    batch = frames.feed(data)
+                    if batch:
+                        yield batch
+                        if isinstance(batch[-1], (protocol.Done, protocol.Error)):
                             return
                 raise EngineFailure(f"engine for model {self.name!r} closed the stream early")
         except asyncio.TimeoutError:

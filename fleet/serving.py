@@ -39,11 +39,11 @@ def error_event(error: FleetError) -> bytes:
     return sse(_json.encode(body))
 
 
-def raise_for_frame(frame: protocol.Error) -> None:
-    """Turn an engine Error frame into the gateway's exception."""
+def frame_error(frame: protocol.Error) -> FleetError:
+    """The gateway's exception for an engine Error frame."""
     if frame.status == 400:
-        raise InvalidRequest(frame.message, param=frame.param)
-    raise EngineFailure(frame.message)
+        return InvalidRequest(frame.message, param=frame.param)
+    return EngineFailure(frame.message)
 
 
 def new_id(prefix: str) -> str:
@@ -82,19 +82,20 @@ class PromptResult:
 async def run_prompt(backend: Backend, req: protocol.GenerateRequest) -> PromptResult:
     """Collect one engine request to its end."""
     result = PromptResult()
-    async for frame in backend.client.generate(req):
-        if isinstance(frame, protocol.Delta):
-            cand = result.candidates.get(frame.index)
-            if cand is None:
-                cand = result.candidates[frame.index] = Candidate()
-            cand.add(frame)
-        elif isinstance(frame, protocol.Prompt):
-            result.prompt = frame
-        elif isinstance(frame, protocol.Done):
-            result.prompt_tokens, result.completion_tokens = frame.prompt_tokens, frame.completion_tokens
-            backend.stats.add_tokens(frame.completion_tokens, frame.prompt_tokens)
-        else:
-            raise_for_frame(frame)
+    async for batch in backend.client.generate(req):
+        for frame in batch:
+            if isinstance(frame, protocol.Delta):
+                cand = result.candidates.get(frame.index)
+                if cand is None:
+                    cand = result.candidates[frame.index] = Candidate()
+                cand.add(frame)
+            elif isinstance(frame, protocol.Prompt):
+                result.prompt = frame
+            elif isinstance(frame, protocol.Done):
+                result.prompt_tokens, result.completion_tokens = frame.prompt_tokens, frame.completion_tokens
+                backend.stats.add_tokens(frame.completion_tokens, frame.prompt_tokens)
+            else:
+                raise frame_error(frame)
     return result
 
 
@@ -131,11 +132,14 @@ class Shaper(Protocol):
         """The final usage event (stream_options.include_usage)."""
 
 
-async def _first(gen: AsyncIterator[protocol.Frame]) -> protocol.Frame:
-    frame = await anext(gen)
-    if isinstance(frame, protocol.Error):
-        raise_for_frame(frame)
-    return frame
+Batches = AsyncIterator[list[protocol.Frame]]
+
+
+async def _first(gen: Batches) -> list[protocol.Frame]:
+    batch = await anext(gen)
+    if isinstance(batch[0], protocol.Error):
+        raise frame_error(batch[0])
+    return batch
 
 
 async def open_stream(backend: Backend, plan: Plan, shaper: Shaper, request_id: str) -> AsyncIterator[bytes]:
@@ -149,24 +153,24 @@ async def open_stream(backend: Backend, plan: Plan, shaper: Shaper, request_id: 
     return _stream_body(_merge([_prefixed(f, g) for f, g in zip(firsts, gens)]), plan, shaper, backend)
 
 
-async def _prefixed(first: protocol.Frame, gen: AsyncIterator[protocol.Frame]) -> AsyncIterator[protocol.Frame]:
+async def _prefixed(first: list[protocol.Frame], gen: Batches) -> Batches:
     yield first
-    async for frame in gen:
-        yield frame
+    async for batch in gen:
+        yield batch
 
 
-async def _merge(gens: list[AsyncIterator[protocol.Frame]]) -> AsyncIterator[tuple[int, protocol.Frame]]:
-    """Frames of several engine streams as they arrive, tagged with the prompt index."""
+async def _merge(gens: list[Batches]) -> AsyncIterator[tuple[int, list[protocol.Frame]]]:
+    """Frame batches of several engine streams as they arrive, tagged with the prompt index."""
     if len(gens) == 1:
-        async for frame in gens[0]:
-            yield 0, frame
+        async for batch in gens[0]:
+            yield 0, batch
         return
-    queue: asyncio.Queue[tuple[int, protocol.Frame | BaseException | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, list[protocol.Frame] | BaseException | None]] = asyncio.Queue()
 
-    async def pump(p: int, gen: AsyncIterator[protocol.Frame]) -> None:
+    async def pump(p: int, gen: Batches) -> None:
         try:
-            async for frame in gen:
-                await queue.put((p, frame))
+            async for batch in gen:
+                await queue.put((p, batch))
         except Exception as e:  # noqa: BLE001 - handed to the consumer
             await queue.put((p, e))
         await queue.put((p, None))
@@ -189,28 +193,39 @@ async def _merge(gens: list[AsyncIterator[protocol.Frame]]) -> AsyncIterator[tup
 
 
 async def _stream_body(
-    frames: AsyncIterator[tuple[int, protocol.Frame]], plan: Plan, shaper: Shaper, backend: Backend
+    batches: AsyncIterator[tuple[int, list[protocol.Frame]]], plan: Plan, shaper: Shaper, backend: Backend
 ) -> AsyncIterator[bytes]:
+    """The SSE body: one write per batch of frames (all its events), an error event on failure."""
     prompts: dict[int, protocol.Prompt] = {}
     prompt_tokens = completion_tokens = 0
+    failed: FleetError | None = None
     try:
-        async for p, frame in frames:
-            if isinstance(frame, protocol.Delta):
-                yield shaper.delta(p * plan.n + frame.index, frame, prompts.get(p), p)
-            elif isinstance(frame, protocol.Prompt):
-                prompts[p] = frame
-            elif isinstance(frame, protocol.Done):
-                prompt_tokens += frame.prompt_tokens
-                completion_tokens += frame.completion_tokens
-                backend.stats.add_tokens(frame.completion_tokens, frame.prompt_tokens)
-            else:
-                raise_for_frame(frame)
+        async for p, batch in batches:
+            events: list[bytes] = []
+            for frame in batch:
+                if isinstance(frame, protocol.Delta):
+                    events.append(shaper.delta(p * plan.n + frame.index, frame, prompts.get(p), p))
+                elif isinstance(frame, protocol.Prompt):
+                    prompts[p] = frame
+                elif isinstance(frame, protocol.Done):
+                    prompt_tokens += frame.prompt_tokens
+                    completion_tokens += frame.completion_tokens
+                    backend.stats.add_tokens(frame.completion_tokens, frame.prompt_tokens)
+                else:
+                    failed = frame_error(frame)
+                    break
+            if events:
+                yield b"".join(events)
+            if failed is not None:
+                break
     except FleetError as e:
-        yield error_event(e)
-        yield DONE_EVENT
+        failed = e
+    if failed is not None:
+        yield error_event(failed) + DONE_EVENT
         return
     if plan.include_usage:
-        yield shaper.usage(Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens))
+        yield shaper.usage(Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)) + DONE_EVENT
+        return
     yield DONE_EVENT
 
 

@@ -165,7 +165,7 @@ async def spawned_child(engine: EngineProcess) -> psutil.Process:
 async def generate(engine: EngineProcess) -> list[protocol.Frame]:
     """One short /generate through the gateway's own engine client."""
     req = protocol.GenerateRequest(request_id="r", prompt="hi", sampling=protocol.SamplingParams(max_tokens=2))
-    return [f async for f in engine.client.generate(req)]
+    return [f async for batch in engine.client.generate(req) for f in batch]
 
 
 # --- readiness and failure --------------------------------------------------------------------
