@@ -1,11 +1,17 @@
-"""The gateway's client for one engine's internal protocol (aiohttp, pooled connections)."""
+"""The gateway's client for one engine's internal protocol (aiohttp, pooled connections).
+
+aiohttp is imported on first use, not with this module: it is a quarter of the gateway's import
+time, and the first engine call (the launcher's readiness poll) comes after the gateway listens.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import aiohttp
+if TYPE_CHECKING:
+    import aiohttp
 
 from fleet import protocol
 from fleet.errors import EngineFailure, EngineTimeout
@@ -27,6 +33,8 @@ class EngineClient:
     def session(self) -> aiohttp.ClientSession:
         """The pooled session, opened on first use (inside the running loop)."""
         if self._session is None or self._session.closed:
+            import aiohttp
+
             self._session = aiohttp.ClientSession(
                 self.base_url,
                 connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
@@ -44,6 +52,8 @@ class EngineClient:
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         """True when the engine answers /health with 200."""
+        import aiohttp
+
         try:
             async with self.session.get("/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 return r.status == 200
@@ -52,6 +62,8 @@ class EngineClient:
 
     async def info(self) -> protocol.EngineInfo:
         """The engine's /info."""
+        import aiohttp
+
         async with self.session.get("/info", timeout=aiohttp.ClientTimeout(total=5)) as r:
             return _info_decoder.decode(await r.read())
 
@@ -62,6 +74,8 @@ class EngineClient:
         Batches, not single frames: each step through an async generator costs more than handling
         the frame, and one read of the socket often holds many frames.
         """
+        import aiohttp
+
         try:
             async with self.session.post(
                 "/generate", data=protocol.encode(req), headers={"Content-Type": "application/msgpack"}

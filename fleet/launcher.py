@@ -133,8 +133,6 @@ class Fleet:
         started = time.monotonic()
         gw = self.config.gateway
         sock = bind_socket(gw.host, gw.port)
-        for name in self.engines:
-            self._start(name)
         server = SignalFreeServer(
             uvicorn.Config(
                 create_app(self.backends, control=self, keys=self.keys, gateway=gw,
@@ -143,11 +141,16 @@ class Fleet:
                 access_log=False,
                 timeout_graceful_shutdown=int(self.config.supervisor.drain_timeout),
                 lifespan="on",
+                ws="none",  # no websocket routes: skip importing a websocket implementation
             )
         )
         gateway = asyncio.create_task(server.serve(sockets=[sock]), name="gateway")
         while not server.started and not gateway.done():
             await asyncio.sleep(0.01)
+        # Engines after the gateway: their start-up work in this process (spawning, the first
+        # health polls, importing the engine client) would otherwise delay the gateway's start.
+        for name in self.engines:
+            self._start(name)
         if server.started:
             self.gateway_started.set()
             self.console.print(
