@@ -246,6 +246,7 @@ def test_openapi_fuzz_no_5xx_and_every_response_as_documented(
 def test_openapi_fuzz_sent_at_least_1000_requests_over_every_route(traffic: Traffic) -> None:
     """The fuzz above (run first, same module) reached every route, in volume, and got past the
     checks into the engines: JSON answers and event streams from both generation routes."""
+    print(f"schemathesis sent {sum(traffic.values())} requests:", dict(sorted(traffic.items())))
     routes = {(method, path) for method, path, _, _ in traffic}
     assert ROUTES <= routes, f"routes never fuzzed: {ROUTES - routes} (run the whole module)"
     assert sum(traffic.values()) >= MIN_REQUESTS, traffic
