@@ -58,18 +58,27 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def python_processes(root: int) -> dict[str, int]:
-    """The front process and its Python descendants, by a short name (gateway, engine, EngineCore...)."""
+    """The front process, fleet's engine process (a child running fleet.engine) and vLLM's EngineCore.
+
+    vLLM forks its EngineCore, so it has its parent's command line: it is told apart by place (a
+    child of the API server, or of fleet's engine) and by that shared command line (which leaves
+    out helpers such as multiprocessing's resource tracker).
+    """
+    def forked_child(parent: psutil.Process) -> int | None:
+        cmd = parent.cmdline()
+        return next((c.pid for c in parent.children() if c.cmdline() == cmd), None)
+
     out = {"front": root}
-    for p in psutil.Process(root).children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-            name = p.name()
-        except psutil.Error:
-            continue
-        if "EngineCore" in name or "EngineCore" in cmd:  # vLLM renames its forked core process
-            out.setdefault("EngineCore", p.pid)
-        elif "fleet.engine" in cmd:
-            out["fleet-engine"] = p.pid
+    front = psutil.Process(root)
+    try:
+        engine = next((c for c in front.children() if "fleet.engine" in " ".join(c.cmdline())), None)
+        if engine is not None:
+            out["fleet-engine"] = engine.pid
+        core = forked_child(engine or front)
+    except psutil.Error:
+        core = None
+    if core is not None:
+        out["EngineCore"] = core
     return out
 
 

@@ -14,7 +14,7 @@ import msgspec
 from fleet import protocol
 from fleet.errors import InvalidRequest
 from fleet.config import Limits
-from fleet.schemas import ChatMessageIn, ResponseFormat
+from fleet.schemas import INT32_MAX, ChatMessageIn, ResponseFormat
 
 SAMPLING_EPS = 1e-5
 _json = msgspec.json.Encoder()
@@ -138,7 +138,7 @@ def check_logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         return None
     try:
         parsed = {int(k): float(v) for k, v in bias.items()}
-        if any(k > 2**31 - 1 for k in parsed):
+        if any(k > INT32_MAX for k in parsed):
             raise ValueError("too large")
     except ValueError:
         raise InvalidRequest("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None

@@ -221,12 +221,12 @@ async def _stream_body(
     except FleetError as e:
         failed = e
     if failed is not None:
-        yield error_event(failed) + DONE_EVENT
-        return
-    if plan.include_usage:
-        yield shaper.usage(Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)) + DONE_EVENT
-        return
-    yield DONE_EVENT
+        tail = error_event(failed)
+    elif plan.include_usage:
+        tail = shaper.usage(Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens))
+    else:
+        tail = b""
+    yield tail + DONE_EVENT
 
 
 def created() -> int:

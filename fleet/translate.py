@@ -38,6 +38,7 @@ from fleet.rules import (
     sampling_type,
 )
 from fleet.schemas import (
+    INT32_MAX,
     ChatCompletionRequest,
     ChatLogprobs,
     ChatTokenLogprob,
@@ -49,7 +50,7 @@ from fleet.schemas import (
 )
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-CHAT_MAX_TOKENS = 2**31 - 1  # chat's default: whatever room the context leaves
+CHAT_MAX_TOKENS = INT32_MAX  # chat's default: whatever room the context leaves
 NO_LIMITS = Limits(n=128, best_of=128, prompts=1 << 20, prompt_chars=1 << 40)
 _json = msgspec.json.Encoder()
 
