@@ -1,0 +1,374 @@
+"""fleet.http1, the engine client's HTTP/1.1 connections, against small asyncio servers that
+misbehave in exactly one way each (the real engines are covered by the e2e and load tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from fleet import http1
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+class Server:
+    """A loopback server running `handler` per connection; counts connections and requests."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.closed_by_client = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Server:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    def pool(self, **kwargs: float) -> http1.Pool:
+        return http1.Pool("127.0.0.1", self.port, **kwargs)
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request: its head and its body (by Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 10))  # type: ignore[arg-type]
+
+
+async def echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every request on the connection with its own body, by Content-Length."""
+    while True:
+        _, body = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def test_sequential_requests_reuse_one_keep_alive_connection() -> None:
+    async def main() -> None:
+        async with Server(echo_forever) as server:
+            pool = server.pool()
+            for i in range(5):
+                response = await pool.request("POST", "/x", b"body %d" % i)
+                assert (response.status, await response.body()) == (200, b"body %d" % i)
+                response.release()
+            assert server.connections == 1
+            await pool.close()
+
+    run(main())
+
+
+def test_concurrent_requests_each_get_their_own_connection_and_their_own_answer() -> None:
+    async def main() -> None:
+        async with Server(echo_forever) as server:
+            pool = server.pool()
+
+            async def one(i: int) -> bytes:
+                response = await pool.request("POST", "/x", b"%d" % i)
+                body = await response.body()
+                response.release()
+                return body
+
+            assert await asyncio.gather(*(one(i) for i in range(20))) == [b"%d" % i for i in range(20)]
+            assert server.connections == 20
+            await pool.close()
+
+    run(main())
+
+
+def test_request_line_and_headers_are_what_the_pool_was_given() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, body = await read_request(reader)
+        seen.append(head + body)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = http1.Pool("127.0.0.1", server.port, headers=[("Authorization", "Bearer t")])
+            response = await pool.request("POST", "/generate", b"\x81\xa1a\x01", "application/msgpack")
+            assert response.status == 204 and await response.body() == b""
+            await pool.close()
+            lines = seen[0].split(b"\r\n")
+            assert lines[0] == b"POST /generate HTTP/1.1"
+            assert {b"Host: 127.0.0.1:%d" % server.port, b"Authorization: Bearer t",
+                    b"Content-Type: application/msgpack", b"Content-Length: 4"} <= set(lines)
+            assert seen[0].endswith(b"\r\n\r\n\x81\xa1a\x01")
+
+    run(main())
+
+
+def test_chunked_body_is_read_as_it_arrives_and_ends_with_empty_bytes() -> None:
+    proceed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED + b"5\r\nfirst\r\n")
+        await writer.drain()
+        await proceed.wait()
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            response = await pool.request("GET", "/stream")
+            assert await response.read() == b"first"  # before the server sent the rest
+            proceed.set()
+            assert await response.read() == b"second"
+            assert await response.read() == b""
+            response.release()
+            await pool.close()
+
+    run(main())
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused_and_the_request_succeeds() -> None:
+    async def one_answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, body = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        # then the server closes the idle connection (as uvicorn does after its keep-alive timeout)
+
+    async def main() -> None:
+        async with Server(one_answer_then_close) as server:
+            pool = server.pool()
+            for i in range(3):
+                response = await pool.request("POST", "/x", b"%d" % i)
+                assert await response.body() == b"%d" % i
+                response.release()
+                while pool.idle:  # until the server's FIN arrived and the pool dropped the connection
+                    await asyncio.sleep(0.001)
+            assert server.connections == 3
+            await pool.close()
+
+    run(main())
+
+
+def test_a_request_on_a_reused_connection_dropped_before_any_answer_is_sent_again_once() -> None:
+    requests = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        while True:
+            _, body = await read_request(reader)
+            requests += 1
+            if requests == 2:  # the second request on the first connection: drop it unanswered
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            for body in (b"one", b"two"):
+                response = await pool.request("POST", "/x", body)
+                assert await response.body() == body
+                response.release()
+            assert (server.connections, requests) == (2, 3)
+            await pool.close()
+
+    run(main())
+
+
+def test_a_new_connection_dropped_before_any_answer_is_a_connection_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            with pytest.raises(ConnectionError):
+                await pool.request("POST", "/x", b"x")
+            assert server.connections == 1  # not sent again: the server may have acted on it
+            await pool.close()
+
+    run(main())
+
+
+def test_a_body_cut_off_midway_is_a_connection_error_on_read() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED + b"5\r\nfirst\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            response = await pool.request("GET", "/")
+            with pytest.raises(ConnectionError):
+                while await response.read():
+                    pass
+            response.abort()
+            await pool.close()
+
+    run(main())
+
+
+def test_leaving_a_response_before_its_end_closes_the_connection() -> None:
+    client_left = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED + b"5\r\nfirst\r\n")
+        await writer.drain()
+        assert await reader.read() == b""  # EOF: the client closed the connection
+        client_left.set()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            response = await pool.request("GET", "/")
+            assert await response.read() == b"first"
+            response.abort()
+            await client_left.wait()
+            await pool.close()
+
+    run(main())
+
+
+def test_release_before_the_last_chunk_returns_the_connection_once_the_response_ends() -> None:
+    proceed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED + b"4\r\nlast\r\n")
+        await writer.drain()
+        await proceed.wait()
+        writer.write(b"0\r\n\r\n")
+        await echo_forever(reader, writer)
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            response = await pool.request("GET", "/")
+            assert await response.read() == b"last"
+            response.release()  # the caller knows it has everything; the terminating chunk is pending
+            assert pool.idle == 0
+            proceed.set()
+            while pool.idle == 0:  # back in the pool when the terminating chunk arrives
+                await asyncio.sleep(0.001)
+            again = await pool.request("POST", "/x", b"again")
+            assert await again.body() == b"again"
+            again.release()
+            assert server.connections == 1
+            await pool.close()
+
+    run(main())
+
+
+def test_silence_longer_than_read_timeout_is_a_timeout_error_and_closes_the_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(CHUNKED + b"5\r\nfirst\r\n")
+        await writer.drain()
+        await reader.read()  # then silence, until the client gives up
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool(read_timeout=0.3)
+            response = await pool.request("GET", "/")
+            assert await response.read() == b"first"
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TimeoutError):
+                await response.read()
+            assert 0.25 <= asyncio.get_running_loop().time() - started < 2
+            await pool.close()
+
+    run(main())
+
+
+def test_an_answer_that_is_not_http_is_a_connection_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            with pytest.raises(ConnectionError, match="not a valid HTTP response"):
+                await pool.request("GET", "/")
+            await pool.close()
+
+    run(main())
+
+
+def test_a_response_with_connection_close_is_not_reused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            for _ in range(2):
+                response = await pool.request("GET", "/")
+                assert await response.body() == b"ok"
+                response.release()
+            assert server.connections == 2
+            await pool.close()
+
+    run(main())
+
+
+def test_nothing_listening_is_a_connection_error() -> None:
+    async def main() -> None:
+        async with Server(echo_forever) as server:
+            port = server.port
+        pool = http1.Pool("127.0.0.1", port)
+        with pytest.raises(ConnectionError):
+            await pool.request("GET", "/")
+
+    run(main())
+
+
+def test_cancelling_a_request_waiting_for_its_answer_closes_the_connection() -> None:
+    client_left = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        assert await reader.read() == b""
+        client_left.set()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await pool.request("GET", "/")
+            await client_left.wait()
+            await pool.close()
+
+    run(main())
