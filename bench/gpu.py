@@ -1,28 +1,37 @@
-"""fleet vs `vllm serve` on one CUDA GPU, same model, same settings, same load, one after the other.
+"""fleet vs `vllm serve`, LiteLLM in front of it, and the offline engine, on one CUDA GPU: same
+model, same settings, same load, one after the other.
 
-    PYTHONPATH=/root/site:. python3 bench/gpu.py --model /root/models/smollm2-135m-instruct --out $OUT
+    PYTHONPATH=/root/site:. python3 bench/gpu.py --model /root/models/smollm2-135m-instruct --out $OUT \
+        [--systems fleet,vllm,litellm,offline] [--litellm-path /root/litellm]
 
 Each system gets the whole GPU in turn (two vLLM engines starting at once on one GPU stalled in
-vLLM 0.24's start-up). Loopback only; every process started is stopped.
+vLLM 0.24's start-up); LiteLLM is measured in front of the same `vllm serve` just measured
+directly. LiteLLM runs from its own package directory (`--litellm-path`, put first on its
+PYTHONPATH) or its own interpreter (`--litellm-python`), never from fleet's environment.
+Loopback only; every process started is stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.loadgen import closed_loop, closed_window, completion_target, summarize  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.loadgen import closed_loop, closed_window, completion_target, summarize
+from bench.systems import litellm_config
 
 PROMPTS = [f"Write a short story about a robot number {i} who learns to paint." for i in range(64)]
 
@@ -115,6 +124,35 @@ def run_points(base: str, model: str, concurrencies: list[int], max_tokens: int,
     return points
 
 
+@contextlib.contextmanager
+def started(name: str, argv: list[str], health: str, env: dict[str, str], out: Path) -> Iterator[subprocess.Popen]:
+    """Start a server in its own process group, wait for `health`, stop it (and its family) after."""
+    with open(out / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            ready = wait_ready(health, proc)
+            print(f"{name}: ready in {ready:.0f}s", flush=True)
+            proc.ready_s = round(ready, 1)  # type: ignore[attr-defined]
+            yield proc
+        finally:
+            stop(proc)
+
+
+def offline(ns: argparse.Namespace, conc: list[int], env: dict[str, str]) -> dict:
+    """bench/offline.py on the GPU: the engine's ceiling, measured over the same windows."""
+    spec = {"prompts": PROMPTS, "max_tokens": ns.max_tokens, "window": ns.window or 12.0, "ramp": 3, "ramp_max": 60,
+            "engine": {"max_model_len": 2048, "gpu_memory_utilization": ns.memory}, "points": [[c, 0] for c in conc]}
+    result = ns.out / "offline.json"
+    with open(ns.out / "offline.log", "w") as log:
+        subprocess.run([sys.executable, str(ROOT / "bench" / "offline.py"), "--model", ns.model, "--spec", json.dumps(spec),
+                        "--out", str(result)], stdout=log, stderr=subprocess.STDOUT, env={**env, "CUDA_VISIBLE_DEVICES": "0"},
+                       check=True, timeout=900)
+    data = json.loads(result.read_text())
+    for p in data["points"]:
+        print(f"  c={p['concurrency']}: {p['output_tok_per_s']} tok/s", flush=True)
+    return {"ready_s": data["load_s"], "points": data["points"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -123,45 +161,64 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--memory", type=float, default=0.8)
     ap.add_argument("--profile", default="", help="concurrencies at which to py-spy every Python process (PY_SPY=path)")
-    ap.add_argument("--systems", default="fleet,vllm")
+    ap.add_argument("--systems", default="fleet,vllm,litellm,offline")
     ap.add_argument("--window", type=float, default=12.0, help="seconds measured per point (0: 4c requests)")
+    ap.add_argument("--litellm-python", default=sys.executable, help="the interpreter that runs LiteLLM")
+    ap.add_argument("--litellm-path", default="", help="LiteLLM's own package directory (first on its PYTHONPATH)")
     ns = ap.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)
     conc = [int(x) for x in ns.concurrency.split(",")]
-    results: dict = {"card": subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout.strip(),
-                     "model": ns.model, "max_tokens": ns.max_tokens, "systems": {}}
+    systems = ns.systems.split(",")
+    profile_at = {int(x) for x in ns.profile.split(",") if x}
+    try:
+        card = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()
+    except FileNotFoundError:
+        card = "no NVIDIA GPU"
+    results: dict = {"card": card,
+                     "model": ns.model, "max_tokens": ns.max_tokens, "window_s": ns.window, "systems": {}}
     env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}
 
-    toml = ns.out / "fleet.toml"
-    toml.write_text(f'[gateway]\nport = 8000\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\ngpus = [0]\nport = 5001\n'
-                    f"max_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n")
-    for name, argv, base, health in [
-        ("fleet", [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"],
-         "http://127.0.0.1:8000", "http://127.0.0.1:8000/health"),
-        ("vllm", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ns.model,
-                  "--served-model-name", "m", "--port", "8100", "--max-model-len", "2048",
-                  "--gpu-memory-utilization", str(ns.memory)],
-         "http://127.0.0.1:8100", "http://127.0.0.1:8100/health"),
-    ]:
-        if name not in ns.systems.split(","):
-            continue
-        log = open(ns.out / f"{name}.log", "w")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            ready = wait_ready(health, proc)
-            print(f"{name}: ready in {ready:.0f}s", flush=True)
-            results["systems"][name] = {"ready_s": round(ready, 1),
-                                        "points": run_points(base, "m", conc, ns.max_tokens, proc.pid,
-                                                                   {int(x) for x in ns.profile.split(",") if x}, ns.out, name,
-                                                                   ns.window)}
-        finally:
-            stop(proc)
-            log.close()
-    f, v = results["systems"].get("fleet"), results["systems"].get("vllm")
-    if f and v:
-        results["ratios"] = {str(a["concurrency"]): round(a["output_tok_per_s"] / b["output_tok_per_s"], 3)
-                             for a, b in zip(f["points"], v["points"]) if b["output_tok_per_s"]}
-        print("fleet / vllm serve output tok/s:", results["ratios"])
+    def measure(name: str, proc: subprocess.Popen, base: str) -> None:
+        results["systems"][name] = {"ready_s": proc.ready_s,  # type: ignore[attr-defined]
+                                    "points": run_points(base, "m", conc, ns.max_tokens, proc.pid, profile_at, ns.out, name, ns.window)}
+
+    if "fleet" in systems:
+        toml = ns.out / "fleet.toml"
+        toml.write_text(f'[gateway]\nport = 8000\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\ngpus = [0]\nport = 5001\n'
+                        f"max_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n")
+        argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
+        with started("fleet", argv, "http://127.0.0.1:8000/health", env, ns.out) as proc:
+            measure("fleet", proc, "http://127.0.0.1:8000")
+    if "vllm" in systems or "litellm" in systems:
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ns.model, "--served-model-name", "m",
+                "--port", "8100", "--max-model-len", "2048", "--gpu-memory-utilization", str(ns.memory)]
+        with started("vllm", argv, "http://127.0.0.1:8100/health", env, ns.out) as vllm:
+            if "vllm" in systems:
+                measure("vllm", vllm, "http://127.0.0.1:8100")
+            if "litellm" in systems:
+                cfg = ns.out / "litellm.yaml"
+                cfg.write_text(litellm_config("http://127.0.0.1:8100", "m", name="m"))
+                lenv = {**env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+                if ns.litellm_path:
+                    lenv["PYTHONPATH"] = ns.litellm_path
+                argv = [ns.litellm_python, "-m", "litellm.proxy.proxy_cli", "--config", str(cfg), "--host", "127.0.0.1",
+                        "--port", "8200"]
+                with started("litellm", argv, "http://127.0.0.1:8200/health/liveliness", lenv, ns.out) as proc:
+                    measure("litellm", proc, "http://127.0.0.1:8200")
+    if "offline" in systems:
+        print("offline: LLM engine, no server", flush=True)
+        results["systems"]["offline"] = offline(ns, conc, env)
+
+    def tok(name: str) -> dict[str, float]:
+        return {str(p["concurrency"]): p["output_tok_per_s"] for p in results["systems"].get(name, {}).get("points", [])}
+
+    ratios = {}
+    for a, b in [("fleet", "vllm"), ("fleet", "litellm"), ("fleet", "offline"), ("vllm", "offline"), ("litellm", "offline")]:
+        ta, tb = tok(a), tok(b)
+        if ta and tb:
+            ratios[f"{a}/{b}"] = {c: round(ta[c] / tb[c], 3) for c in ta if tb.get(c)}
+            print(f"{a} / {b} output tok/s:", ratios[f"{a}/{b}"], flush=True)
+    results["ratios"] = ratios
     (ns.out / "gpu.json").write_text(json.dumps(results, indent=2))
 
 

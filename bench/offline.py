@@ -36,11 +36,12 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     e = spec["engine"]
-    llm = LLM(
-        model=ns.model, max_model_len=e["max_model_len"], enforce_eager=e["enforce_eager"],
-        kv_cache_memory_bytes=int(e["kv_cache_gib"] * (1 << 30)), max_num_seqs=e["max_num_seqs"],
-        max_num_batched_tokens=e["max_num_batched_tokens"], disable_log_stats=True,
-    )
+    # Only the settings the spec names; the rest are vLLM's defaults (the GPU run passes a memory
+    # fraction and leaves the batch limits and compilation to vLLM, as its servers there do).
+    settings = {k: e[k] for k in ("enforce_eager", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization") if k in e}
+    if "kv_cache_gib" in e:
+        settings["kv_cache_memory_bytes"] = int(e["kv_cache_gib"] * (1 << 30))
+    llm = LLM(model=ns.model, max_model_len=e["max_model_len"], disable_log_stats=True, **settings)
     load_s = time.monotonic() - started
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
     prompts: list[str] = spec["prompts"]
@@ -78,7 +79,7 @@ def windowed(llm: object, params: object, prompts: list[str], spec: dict) -> lis
     params = params.clone()  # type: ignore[attr-defined]
     params.output_kind = RequestOutputKind.DELTA
     window, ramp, ramp_max = spec["window"], spec.get("ramp", 0.0), spec.get("ramp_max", 0.0)
-    max_seqs = spec["engine"]["max_num_seqs"]
+    max_seqs = spec["engine"].get("max_num_seqs", 1 << 30)
     points = []
     for concurrency, _ in spec["points"]:
         active: set[str] = set()

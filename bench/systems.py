@@ -122,14 +122,14 @@ def litellm_available(env: Env) -> bool:
     return env.litellm_bin.exists()
 
 
-def litellm_config(upstream_base: str, upstream_model: str) -> str:
+def litellm_config(upstream_base: str, upstream_model: str, name: str = MODEL_NAME) -> str:
     """LiteLLM proxy config: one model, sent as text completions to an OpenAI-compatible upstream.
 
     No master key (fleet has no auth either), no database, no callbacks, local cost map.
     """
     return "\n".join([
         "model_list:",
-        f"  - model_name: {MODEL_NAME}",
+        f"  - model_name: {name}",
         "    litellm_params:",
         f"      model: text-completion-openai/{upstream_model}",
         f"      api_base: {upstream_base}/v1",

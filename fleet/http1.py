@@ -31,7 +31,7 @@ IDLE_LIMIT = 4.0
 class Response:
     """One response as it arrives: `status` once `Pool.request` returns, the body by `read()`."""
 
-    __slots__ = ("status", "_conn", "_chunks", "_ended", "_error", "_waiter")
+    __slots__ = ("_chunks", "_conn", "_ended", "_error", "_waiter", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
