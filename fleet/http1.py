@@ -23,6 +23,11 @@ from collections.abc import Iterable
 
 import httptools
 
+# Body bytes held for a caller that has not read them yet, beyond which the socket is not read
+# (TCP pushes back on the server) until the caller catches up: a slow SSE client must not make
+# the gateway buffer a whole long answer.
+HIGH_WATER = 256 * 1024
+
 # Pooled connections idle this long are not reused: uvicorn closes idle keep-alive connections
 # after 5 s (its default), and a request sent into one closing just then would be lost.
 IDLE_LIMIT = 4.0
@@ -31,12 +36,13 @@ IDLE_LIMIT = 4.0
 class Response:
     """One response as it arrives: `status` once `Pool.request` returns, the body by `read()`."""
 
-    __slots__ = ("_chunks", "_conn", "_ended", "_error", "_waiter", "status")
+    __slots__ = ("_buffered", "_chunks", "_conn", "_ended", "_error", "_waiter", "status")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
         self._conn = conn
         self._chunks: list[bytes] = []
+        self._buffered = 0
         self._ended = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -52,6 +58,9 @@ class Response:
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
+        if self._buffered >= HIGH_WATER:
+            self._conn.resume()
+        self._buffered = 0
         return data
 
     async def body(self) -> bytes:
@@ -124,8 +133,14 @@ class _Connection(asyncio.Protocol):
         else:
             self._released = True  # the rest of the body (e.g. the last chunk's end) is on its way
 
+    def resume(self) -> None:
+        """Read the socket again (after the caller took what was buffered)."""
+        if self.transport is not None and not self.closed and not self.transport.is_reading():
+            self.transport.resume_reading()
+
     def _recycle(self) -> None:
         self._disarm()
+        self.resume()
         self.response, self._released = None, False
         self.idle_since = time.monotonic()
         self.pool._put(self)
@@ -153,6 +168,9 @@ class _Connection(asyncio.Protocol):
     def _check_silence(self) -> None:
         quiet = time.monotonic() - self._last_data
         timeout = self.pool.read_timeout
+        if self.transport is not None and not self.transport.is_reading():
+            quiet = 0.0  # paused for a slow caller: the server is not the one being silent
+            self._last_data = time.monotonic()
         if quiet < timeout:
             self._arm(timeout - quiet)
             return
@@ -198,6 +216,9 @@ class _Connection(asyncio.Protocol):
         r = self.response
         if r is not None:
             r._chunks.append(body)
+            r._buffered += len(body)
+            if r._buffered >= HIGH_WATER and self.transport is not None:
+                self.transport.pause_reading()
             r._wake()
 
     def on_message_complete(self) -> None:

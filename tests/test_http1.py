@@ -372,3 +372,35 @@ def test_cancelling_a_request_waiting_for_its_answer_closes_the_connection() -> 
             await pool.close()
 
     run(main())
+
+
+def test_a_caller_that_reads_slowly_pauses_the_socket_and_still_gets_every_byte() -> None:
+    body = bytes(range(256)) * 8192  # 2 MiB, 8x the high-water mark
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 65536):
+            writer.write(body[i : i + 65536])
+            await writer.drain()  # blocks while the client does not read
+        await echo_forever(reader, writer)
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            response = await pool.request("GET", "/")
+            while response._buffered < http1.HIGH_WATER:  # the caller has not read anything yet
+                await asyncio.sleep(0.001)
+            transport = response._conn.transport
+            assert transport is not None and not transport.is_reading()  # paused at the mark
+            assert response._buffered < http1.HIGH_WATER + 2 * 65536  # not much past it: the socket waits
+            received = bytearray()
+            while data := await response.read():
+                received += data
+            assert bytes(received) == body
+            response.release()
+            again = await pool.request("POST", "/x", b"after")  # the same connection, reading again
+            assert await again.body() == b"after" and server.connections == 1
+            await pool.close()
+
+    run(main())
