@@ -42,6 +42,10 @@ def generate_body(req: protocol.GenerateRequest, fixed_tokens: int | None = None
     tokens = fixed_tokens if fixed_tokens is not None else req.sampling.max_tokens
     out = bytearray(protocol.encode_frame(protocol.Prompt(token_ids=list(range(n_prompt)))))
     for i in range(req.sampling.n):
+        if req.final_only:  # each choice once, whole, as fleet's engine sends it then
+            out += protocol.encode_frame(protocol.Delta(index=i, text=" tok" * tokens,
+                                                        token_ids=[TOKEN_ID + k for k in range(tokens)], finish_reason="length"))
+            continue
         for k in range(tokens):
             last = k == tokens - 1
             out += protocol.encode_frame(

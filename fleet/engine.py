@@ -106,8 +106,8 @@ class EngineService:
         except Exception as e:  # noqa: BLE001 - a template that rejects these messages
             raise RequestRejected(f"the chat template cannot render these messages: {e}", "messages") from None
 
-    def sampling_params(self, s: protocol.SamplingParams, room: int) -> Any:
-        """vLLM SamplingParams for one request, streaming deltas."""
+    def sampling_params(self, s: protocol.SamplingParams, room: int, final_only: bool = False) -> Any:
+        """vLLM SamplingParams for one request: streaming deltas, or each output once when it ends."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -135,7 +135,7 @@ class EngineService:
             logprobs=s.logprobs,
             prompt_logprobs=s.prompt_logprobs,
             structured_outputs=structured,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
         )
 
     def token_text(self, token_id: int, logprob: Any) -> str:
@@ -168,7 +168,7 @@ class EngineService:
             async for chunk in beam_search_frames(self, req, ids):
                 yield chunk
             return
-        params = self.sampling_params(req.sampling, self.max_model_len - len(ids))
+        params = self.sampling_params(req.sampling, self.max_model_len - len(ids), req.final_only)
         completion_tokens = 0
         first = True
         try:

@@ -83,6 +83,9 @@ class GenerateRequest(_Message):
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     beam: BeamSearch | None = None
     echo: bool = False  # send the prompt's text back in the Prompt frame
+    # Nobody streams this answer: send each choice once, whole, when it ends (one Delta per choice
+    # instead of one per token; the engine skips per-step output work too).
+    final_only: bool = False
 
 
 class TokenLogprob(_Message, array_like=True):

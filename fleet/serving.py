@@ -55,7 +55,8 @@ def engine_requests(plan: Plan, request_id: str) -> list[protocol.GenerateReques
     """One engine request per prompt."""
     return [
         protocol.GenerateRequest(
-            request_id=f"{request_id}-{p}", prompt=prompt, sampling=plan.sampling, beam=plan.beam, echo=plan.echo
+            request_id=f"{request_id}-{p}", prompt=prompt, sampling=plan.sampling, beam=plan.beam, echo=plan.echo,
+            final_only=not plan.stream,
         )
         for p, prompt in enumerate(plan.prompts)
     ]

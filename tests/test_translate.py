@@ -500,3 +500,25 @@ def test_frame_splitter_holds_back_an_incomplete_frame() -> None:
     assert splitter.feed(wire[:-1]) == [FRAMES[0]]
     assert splitter.pending == len(protocol.encode_frame(FRAMES[1])) - 1
     assert splitter.feed(wire[-1:]) == [FRAMES[1]]
+
+
+def test_only_streamed_requests_ask_the_engine_for_per_token_deltas() -> None:
+    from fleet.serving import engine_requests
+
+    whole = engine_requests(plan(prompt=["a", "b"], n=2), "cmpl-1")
+    streamed = engine_requests(plan(prompt="a", stream=True), "cmpl-2")
+    assert [r.final_only for r in whole] == [True, True]
+    assert [r.final_only for r in streamed] == [False]
+
+
+def test_a_whole_choice_in_one_delta_folds_like_its_tokens_one_by_one() -> None:
+    steps = [protocol.Delta(index=0, text=t, token_ids=[i], cumulative_logprob=-0.5 * (i + 1),
+                            logprobs=[protocol.TokenLogprob(t, -0.5)], finish_reason="length" if i == 2 else None)
+             for i, t in enumerate(["a", "b", "c"])]
+    whole = protocol.Delta(index=0, text="abc", token_ids=[0, 1, 2], cumulative_logprob=-1.5,
+                           logprobs=[protocol.TokenLogprob(t, -0.5) for t in "abc"], finish_reason="length")
+    one_by_one, at_once = Candidate(), Candidate()
+    for d in steps:
+        one_by_one.add(d)
+    at_once.add(whole)
+    assert at_once == one_by_one
