@@ -118,6 +118,10 @@ class _Connection(asyncio.Protocol):
         """Start a request (`data`: head and body); its Response fills in as bytes arrive."""
         assert self.transport is not None and self.response is None
         self.response = Response(self)
+        if self.closed or self.transport.is_closing():
+            # lost between connecting and now (a server dying as it accepted): nothing will come
+            self.response._fail(ConnectionError("connection closed before the request was sent"))
+            return self.response
         self.received, self._released = 0, False
         self._last_data = time.monotonic()
         self._arm(self.pool.read_timeout)
@@ -252,14 +256,18 @@ class Pool:
     async def request(self, method: str, path: str, body: bytes = b"", content_type: str = "") -> Response:
         """Send one request; return once the response's status line and headers arrived.
 
-        A request sent on a reused connection that closes before any byte of the response is
-        sent again once on a new connection: the server closed it as idle and never saw it.
+        A GET sent on a reused connection that closes before any byte of the response is sent
+        again once, on a new connection (the server may have closed it as idle). A POST never is:
+        /generate is not idempotent, and a request that made the engine die must not be sent to it
+        again; pooled connections are retired before the server's keep-alive timeout instead.
         """
         data = self._head(method, path, content_type, len(body)) + body
-        for _ in range(2):
-            conn, reused = self._take(), True
+        may_retry, fresh = method == "GET", False
+        while True:
+            conn = None if fresh else self._take()
+            reused = conn is not None
             if conn is None:
-                conn, reused = await self._connect(), False
+                conn = await self._connect()
             response = conn.send(data)
             try:
                 while not response.status:
@@ -267,16 +275,15 @@ class Pool:
                         raise response._error
                     await response._wait()
             except ConnectionError:
-                if reused and conn.received == 0:
-                    conn.finish(abort=True)
-                    continue
                 conn.finish(abort=True)
+                if may_retry and reused and conn.received == 0:
+                    may_retry, fresh = False, True
+                    continue
                 raise
             except BaseException:  # cancelled or timed out while waiting: leave the exchange
                 conn.finish(abort=True)
                 raise
             return response
-        raise AssertionError("unreachable")  # pragma: no cover
 
     @property
     def idle(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Self
 
 import pytest
 
@@ -24,7 +25,7 @@ class Server:
         self.closed_by_client = asyncio.Event()
         self.server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> Server:
+    async def __aenter__(self) -> Self:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
             try:
@@ -175,26 +176,49 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused_and_the_request
     run(main())
 
 
-def test_a_request_on_a_reused_connection_dropped_before_any_answer_is_sent_again_once() -> None:
-    requests = 0
+def drop_the_second_request() -> tuple[Handler, list[bytes]]:
+    """A server that answers requests by echoing them, except the second, which it drops unanswered."""
+    seen: list[bytes] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal requests
         while True:
-            _, body = await read_request(reader)
-            requests += 1
-            if requests == 2:  # the second request on the first connection: drop it unanswered
+            head, body = await read_request(reader)
+            seen.append(head.split(b" ")[0])
+            if len(seen) == 2:
                 return
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    return handler, seen
+
+
+def test_a_get_on_a_reused_connection_dropped_before_any_answer_is_sent_again_once() -> None:
+    handler, seen = drop_the_second_request()
 
     async def main() -> None:
         async with Server(handler) as server:
             pool = server.pool()
-            for body in (b"one", b"two"):
-                response = await pool.request("POST", "/x", body)
-                assert await response.body() == body
+            for _ in range(2):
+                response = await pool.request("GET", "/health")
+                assert response.status == 200 and await response.body() == b""
                 response.release()
-            assert (server.connections, requests) == (2, 3)
+            assert (server.connections, seen) == (2, [b"GET", b"GET", b"GET"])
+            await pool.close()
+
+    run(main())
+
+
+def test_a_post_on_a_reused_connection_dropped_before_any_answer_is_never_sent_again() -> None:
+    handler, seen = drop_the_second_request()
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool()
+            response = await pool.request("POST", "/generate", b"one")
+            assert await response.body() == b"one"
+            response.release()
+            with pytest.raises(ConnectionError):  # the server may have acted on it (or died of it)
+                await pool.request("POST", "/generate", b"two")
+            assert (server.connections, seen) == (1, [b"POST", b"POST"])
             await pool.close()
 
     run(main())
@@ -401,6 +425,28 @@ def test_a_caller_that_reads_slowly_pauses_the_socket_and_still_gets_every_byte(
             response.release()
             again = await pool.request("POST", "/x", b"after")  # the same connection, reading again
             assert await again.body() == b"after" and server.connections == 1
+            await pool.close()
+
+    run(main())
+
+
+def test_a_connection_lost_before_the_request_is_written_fails_at_once_instead_of_waiting() -> None:
+    """A server that dies as it accepts: the loss can be handled before the request is sent."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()  # RST right after accepting
+
+    async def main() -> None:
+        async with Server(handler) as server:
+            pool = server.pool(read_timeout=30)
+            conn = await pool._connect()
+            while not conn.closed:  # the reset arrives before anything is sent
+                await asyncio.sleep(0.001)
+            started = asyncio.get_running_loop().time()
+            response = conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            with pytest.raises(ConnectionError, match="before the request was sent"):
+                await response.read()
+            assert asyncio.get_running_loop().time() - started < 1  # not the 30 s read timeout
             await pool.close()
 
     run(main())
