@@ -281,9 +281,11 @@ class _OpenAPIWithStreams(OpenAPIPlugin):
 
     def provide_openapi(self) -> OpenAPI:
         """The document, built once on first use."""
-        if self._openapi is None:
-            _document_streams(super().provide_openapi())
-        return super().provide_openapi()
+        first = self._openapi is None
+        document = super().provide_openapi()
+        if first:
+            _document_streams(document)
+        return document
 
 
 def _document_streams(document: OpenAPI) -> None:

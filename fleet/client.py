@@ -64,10 +64,8 @@ class EngineClient:
         """
         try:
             response = await self._pool.request("POST", "/generate", protocol.encode(req), _REQUEST_TYPE)
-        except TimeoutError:
-            raise EngineTimeout(f"engine for model {self.name!r} sent nothing for {self.timeout:.0f}s") from None
-        except OSError as e:
-            raise EngineFailure(f"engine for model {self.name!r} is unreachable: {e}") from None
+        except OSError as e:  # TimeoutError included
+            raise self._failure(e) from None
         ended = False
         try:
             if response.status != 200:
@@ -81,10 +79,14 @@ class EngineClient:
                     if ended:
                         return
             raise EngineFailure(f"engine for model {self.name!r} closed the stream early")
-        except TimeoutError:
-            raise EngineTimeout(f"engine for model {self.name!r} sent nothing for {self.timeout:.0f}s") from None
         except OSError as e:
-            raise EngineFailure(f"engine for model {self.name!r} is unreachable: {e}") from None
+            raise self._failure(e) from None
         finally:
             # after Done the connection is reused; before it, closing it is what aborts the request
             response.release() if ended else response.abort()
+
+    def _failure(self, e: OSError) -> EngineFailure | EngineTimeout:
+        """What a connection error or a silence means for the request."""
+        if isinstance(e, TimeoutError):
+            return EngineTimeout(f"engine for model {self.name!r} sent nothing for {self.timeout:.0f}s")
+        return EngineFailure(f"engine for model {self.name!r} is unreachable: {e}")

@@ -149,10 +149,10 @@ class _Connection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.pool._put(self)
 
-    def _close(self) -> None:
+    def _close(self, error: BaseException | None = None) -> None:
         self._disarm()
         if self.response is not None:
-            self.response._fail(ConnectionError("connection closed"))
+            self.response._fail(error or ConnectionError("connection closed"))
             self.response = None
         self.closed = True
         self.pool._forget(self)
@@ -179,9 +179,7 @@ class _Connection(asyncio.Protocol):
             self._arm(timeout - quiet)
             return
         self._timer = None
-        if self.response is not None:
-            self.response._fail(TimeoutError(f"no data for {timeout:.0f}s"))
-        self._close()
+        self._close(TimeoutError(f"no data for {timeout:.0f}s"))
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -197,16 +195,10 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            if self.response is not None:
-                self.response._fail(ConnectionError(f"not a valid HTTP response: {e}"))
-            self._close()
+            self._close(ConnectionError(f"not a valid HTTP response: {e}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        self.closed = True
-        self.pool._forget(self)
-        if self.response is not None:
-            self.response._fail(ConnectionError(f"connection closed{f': {exc}' if exc else ''}"))
+        self._close(ConnectionError(f"connection closed{f': {exc}' if exc else ''}"))
 
     # --- httptools.HttpResponseParser callbacks ---------------------------------------------------
 
