@@ -95,6 +95,22 @@ def test_floor_compares_a_bare_litestar_route_with_a_raw_server_and_stops_both(t
     assert leftovers == [], f"processes left running: {leftovers}"
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stream", [False, True])
+def test_inprocess_measures_cpu_per_request_and_stops_its_null_engine(stream: bool) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "inprocess.py"), "--requests", "50", *(["--stream"] if stream else [])],
+        capture_output=True, text=True, timeout=50, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("gateway in-process: ") and "50 requests" in last, last
+    assert float(last.split()[2]) > 0
+    assert "m: stopped" in proc.stdout + proc.stderr
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "null_engine.py" in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == [], f"processes left running: {leftovers}"
+
+
 def test_loadgen_refuses_non_loopback() -> None:
     with pytest.raises(ValueError, match="loopback"):
         loadgen.completion_target("http://example.com:8000", "m", ["hi"], 4, stream=False)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 import httpx
 import openai
-import psutil
 import pytest
-from conftest import TINY, FleetProcess, Fleets, fleet_toml, free_port
+from conftest import Fleets
 
 pytestmark = pytest.mark.e2e
+
 
 def test_default_model_answers_paris(default: openai.OpenAI) -> None:
     r = default.completions.create(
@@ -112,24 +109,3 @@ def test_langchain_openai_llm_generates_for_each_prompt(fleets: Fleets, tiny: op
     assert len(result.generations) == 2
     assert all(g[0].text for g in result.generations)
     assert result.llm_output["token_usage"]["completion_tokens"] > 0
-
-
-def test_launcher_stop_leaves_no_process(tmp_path: Path, cache_dir: Path, tiny_model: Path) -> None:
-    port = free_port()
-    (tmp_path / "fleet.toml").write_text(
-        fleet_toml([{"name": "solo", "source": str(tiny_model), "port": free_port(), **TINY}], port)
-    )
-    fleet = FleetProcess(tmp_path / "fleet.toml", port, tmp_path / "launcher.log")
-    family: list[psutil.Process] = []
-    try:
-        fleet.wait_ready(600)
-        family = fleet.descendants()
-        assert len(family) >= 2, "the engine and vLLM's own EngineCore"
-        assert fleet.stop() == 0
-        gone, alive = psutil.wait_procs(family, timeout=5)
-        assert alive == []
-    finally:
-        fleet.kill()
-        for p in family:
-            with contextlib.suppress(psutil.Error):
-                p.kill()

@@ -26,11 +26,19 @@ SUPERVISOR = "[supervisor]\nrestart_backoff = 0.5\nhealth_interval = 0.5\n\n"
 
 
 class Steady:
-    """A client that streams from one model in a loop and records every error."""
+    """A client that streams from one model in a loop and records every error.
 
-    def __init__(self, url: str, model: str) -> None:
+    It thinks for `pause` seconds between streams. Back to back, it kept the engine's vLLM
+    worker busy-looping (vLLM's CPU worker spins for 1 s after each step) on the core fleet
+    binds that model to; every process of a restarting engine pins itself to each core in turn
+    for a moment while torch starts (a CPU probe), and on that core it then waited behind the
+    spinning worker for minutes: the restart "hung" before its first log line. With pauses
+    longer than the spin, the worker sleeps between streams.
+    """
+
+    def __init__(self, url: str, model: str, pause: float = 2.0) -> None:
         self.sdk = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
-        self.model, self.errors, self.streams = model, [], 0
+        self.model, self.errors, self.streams, self.pause = model, [], 0, pause
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -44,6 +52,7 @@ class Steady:
                 self.streams += 1
             except Exception as e:  # noqa: BLE001 - asserted by the tests
                 self.errors.append(e)
+            self._stop.wait(self.pause)
 
     def stop(self) -> None:
         self._stop.set()
