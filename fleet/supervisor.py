@@ -23,9 +23,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import psutil
 from rich.console import Console
 from rich.markup import escape
 
@@ -34,6 +33,9 @@ from fleet.config import ModelConfig, SupervisorConfig
 from fleet.lifecycle import EngineState, Lifecycle
 from fleet.models import cache_dir
 from fleet.process import STOP_GRACE, descendants, stop_process_tree, wait_exit
+
+if TYPE_CHECKING:
+    import psutil
 
 TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # engine.py reads it; kept here so the launcher never imports the engine
 

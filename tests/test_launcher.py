@@ -519,8 +519,8 @@ def test_cli_launch_with_a_bad_config_exits_2_naming_file_model_and_field(
 
 def test_the_launcher_and_gateway_import_neither_the_engine_stack_nor_unused_heavy_libraries() -> None:
     """The gateway side never imports torch or vllm; it also skips aiohttp, pydantic.v1 and attrs,
-    which once cost a third of a second of its start."""
-    heavy = ("torch", "vllm", "aiohttp", "pydantic.v1", "attr")
+    which once cost a third of a second of its start, and psutil until engines are watched."""
+    heavy = ("torch", "vllm", "aiohttp", "pydantic.v1", "attr", "psutil")
     code = ("import sys, fleet.cli, fleet.launcher; from fleet.app import create_app; create_app({}); "
             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, timeout=60)
