@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from types import TracebackType
 from typing import TypeVar
 
-from litestar import Request
+from litestar.types import Receive
 
 from fleet.errors import FleetError
 from fleet.metrics import Metrics
@@ -83,7 +83,7 @@ class Tracked:
         if self.metrics is not None:
             self.metrics.ttft.labels(self.backend.name, self.route).observe(time.perf_counter() - self.started)
 
-    async def stream(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def stream(self, body: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         """Pass a response body through; leave this context when it ends, however it ends."""
         exc: BaseException | None = None
         first = True
@@ -100,7 +100,7 @@ class Tracked:
             await self.__aexit__(type(exc) if exc else None, exc, None)
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     """Await `work`, but cancel it and raise ClientDisconnected if the client goes away first.
 
     The work runs in the handler's own task; one watcher task waits for `http.disconnect` and
@@ -112,7 +112,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
     async def watch() -> None:
         nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             pass
         gone = True
         handler.cancel()
