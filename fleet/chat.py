@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 
@@ -66,7 +66,7 @@ class ChatShaper:
         return serving.sse(_json.encode(ChatCompletionChunk(self.id, self.created, self.model, [], usage)))
 
 
-async def stream(backend: Backend, plan: Plan, model: str) -> AsyncIterator[bytes]:
+async def stream(backend: Backend, plan: Plan, model: str) -> AsyncGenerator[bytes, None]:
     """A streamed chat.completion (SSE bytes); raises before streaming if the engine refuses."""
     request_id = serving.new_id("chatcmpl")
     return await serving.open_stream(backend, plan, ChatShaper(plan, model, request_id), request_id)

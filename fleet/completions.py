@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import msgspec
@@ -70,7 +70,7 @@ class CompletionShaper:
         return serving.sse(_json.encode(CompletionChunk(self.id, self.created, self.model, [], usage)))
 
 
-async def stream(backend: Backend, plan: Plan, model: str) -> AsyncIterator[bytes]:
+async def stream(backend: Backend, plan: Plan, model: str) -> AsyncGenerator[bytes, None]:
     """A streamed text_completion (SSE bytes); raises before streaming if the engine refuses."""
     request_id = serving.new_id("cmpl")
     return await serving.open_stream(backend, plan, CompletionShaper(plan, model, request_id), request_id)

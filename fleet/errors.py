@@ -76,3 +76,28 @@ class EngineTimeout(FleetError):
     status = 504
     type = "server_error"
     code = "engine_timeout"
+
+
+class BodyTooLarge(FleetError):
+    """A request body over the gateway's max_body_bytes (HTTP 413)."""
+
+    status = 413
+    type = "invalid_request_error"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than the gateway's max_body_bytes ({limit} bytes)")
+
+
+class MethodNotAllowed(FleetError):
+    """A method the route does not answer (HTTP 405 with Allow)."""
+
+    status = 405
+    type = "invalid_request_error"
+
+    def __init__(self, allow: str) -> None:
+        super().__init__("Method Not Allowed")
+        self.allow = allow
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}

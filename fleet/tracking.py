@@ -1,8 +1,8 @@
 """One request's bookkeeping around the engine work: admission slot, in-flight count, status,
 latency and time to first token, and the client going away.
 
-A non-streamed request whose client disconnects is cancelled at once (which closes the engine
-connection, so the engine aborts); a streamed one is cancelled by the server when its send fails.
+A request whose client disconnects is cancelled at once, whole or streamed (which closes the
+engine connection, so the engine aborts).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from types import TracebackType
 from typing import TypeVar
 
-from litestar.types import Receive
+from litestar.types import HTTPResponseStartEvent, Receive, Send
 
 from fleet.errors import FleetError
 from fleet.metrics import Metrics
@@ -22,6 +22,9 @@ from fleet.routing import Backend
 
 T = TypeVar("T")
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", as metrics label
+SSE_START: HTTPResponseStartEvent = {"type": "http.response.start", "status": 200, "headers": [
+    (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+]}
 
 
 class ClientDisconnected(FleetError):
@@ -83,21 +86,35 @@ class Tracked:
         if self.metrics is not None:
             self.metrics.ttft.labels(self.backend.name, self.route).observe(time.perf_counter() - self.started)
 
-    async def stream(self, body: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
-        """Pass a response body through; leave this context when it ends, however it ends."""
+    async def send_stream(self, events: AsyncGenerator[bytes, None], send: Send, receive: Receive) -> None:
+        """Send a streamed answer from the handler's own task; leave this context however it ends.
+
+        One watcher task cancels the sending when the client goes (`unless_disconnected`, as for
+        whole answers); Litestar's streaming response ran each body in an anyio task group beside a
+        disconnect listener instead, ~95 us per stream on a 2-core VM. The events are closed at once
+        however the stream ends: that closes the engine connection, which aborts the engine's request.
+        """
         exc: BaseException | None = None
-        first = True
         try:
-            async for chunk in body:
-                if first:
-                    first = False
-                    self.first_token()
-                yield chunk
+            await unless_disconnected(receive, self._send_events(events, send))
+        except ClientDisconnected as e:
+            exc = e  # nobody left to answer
         except BaseException as e:
             exc = e
             raise
         finally:
+            await events.aclose()
             await self.__aexit__(type(exc) if exc else None, exc, None)
+
+    async def _send_events(self, events: AsyncIterator[bytes], send: Send) -> None:
+        await send(SSE_START)
+        first = True
+        async for chunk in events:
+            if first:
+                first = False
+                self.first_token()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:

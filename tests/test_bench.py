@@ -79,7 +79,7 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_floor_compares_a_bare_litestar_route_with_a_raw_server_and_stops_both(tmp_path: Path) -> None:
+def test_floor_compares_uvicorn_and_litestar_routes_with_a_raw_server_and_stops_them(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "floor.py"), "--rate", "100", "--requests", "100", "--runs", "1",
          "--workdir", str(tmp_path)],
@@ -87,8 +87,10 @@ def test_floor_compares_a_bare_litestar_route_with_a_raw_server_and_stops_both(t
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert [line.split(" @ ")[0] for line in lines[:2]] == ["run 1 raw asyncio (stub_openai.py)", "run 1 uvicorn + Litestar route"]
-    assert all(line.endswith("errors 0") for line in lines[:2]), lines
+    assert [line.split(" @ ")[0] for line in lines[:4]] == [
+        "run 1 raw asyncio (stub_openai.py)", "run 1 uvicorn, bare ASGI app", "run 1 uvicorn + Litestar ASGI route",
+        "run 1 uvicorn + Litestar typed route"]
+    assert all(line.endswith("errors 0") for line in lines[:4]), lines
     assert lines[-1].startswith("median p50: raw ")
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if "floor.py" in " ".join(p.info["cmdline"] or [])
                  and "--serve" in (p.info["cmdline"] or [])]

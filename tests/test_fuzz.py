@@ -487,6 +487,13 @@ def test_chunked_body_over_max_body_bytes_is_a_413(http: httpx.Client) -> None:
     assert_4xx(http.post("/v1/completions", content=chunks()), 413)
 
 
+def test_a_chunked_body_in_many_pieces_is_read_whole(http: httpx.Client) -> None:
+    body = json.dumps(completion(prompt="hello there", max_tokens=2)).encode()
+    r = http.post("/v1/completions", content=(body[i:i + 3] for i in range(0, len(body), 3)))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
 def test_a_content_length_beyond_the_limit_is_a_413_before_the_body_is_sent(fleet: InProcessFleet) -> None:
     """A client announcing 1 TB gets its 413 at once: the gateway does not wait for the bytes."""
     host, port = fleet.url.removeprefix("http://").split(":")

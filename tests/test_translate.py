@@ -5,6 +5,7 @@ Requests are built the way the gateway builds them: JSON bytes decoded into Comp
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -15,8 +16,9 @@ from fleet import protocol
 from litestar.testing import TestClient
 
 from fleet.app import create_app
+from fleet.bodies import read_body
 from fleet.config import SamplingDefaults
-from fleet.errors import InvalidRequest
+from fleet.errors import BodyTooLarge, InvalidRequest
 from fleet.schemas import CompletionRequest
 from fleet.rules import SamplingType, sampling_type
 from fleet.translate import (
@@ -416,14 +418,14 @@ class DecodeError:
         self.message = body["error"]["message"]
 
 
-def post_body(body: bytes) -> tuple[int, dict[str, Any]]:
+def post_body(body: bytes, path: str = "/v1/completions") -> tuple[int, dict[str, Any]]:
     with TestClient(create_app({})) as client:  # no models: a body that decodes is a 404
-        r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
     return r.status_code, r.json()
 
 
-def decode_error(body: bytes) -> DecodeError:
-    status, payload = post_body(body)
+def decode_error(body: bytes, path: str = "/v1/completions") -> DecodeError:
+    status, payload = post_body(body, path)
     assert status == 400, payload
     return DecodeError(status, payload)
 
@@ -465,6 +467,65 @@ def test_decode_body_not_an_object() -> None:
     err = decode_error(b'["model"]')
     assert err.param is None
     assert "Expected `object`" in err.message
+
+
+def test_decode_missing_nested_field_names_that_field() -> None:
+    err = decode_error(b'{"model": "m", "messages": [{"content": "hi"}]}', "/v1/chat/completions")
+    assert err.param == "messages[0].role"
+    assert "missing required field `role` (at `messages[0].role`)" in err.message
+
+
+def test_decode_reads_numbers_sent_as_strings_but_not_booleans_as_numbers() -> None:
+    """Lax like pydantic-based servers (vLLM, OpenAI's): "3" is 3; true is not a number."""
+    status, payload = post_body(b'{"model": "m", "prompt": "x", "max_tokens": "3", "temperature": "0.5"}')
+    assert status == 404 and payload["error"]["code"] == "model_not_found"  # decoded, then routed
+    assert decode_error(b'{"model": "m", "prompt": "x", "max_tokens": true}').param == "max_tokens"
+
+
+def test_decode_whitespace_only_body_is_empty() -> None:
+    assert "body is empty" in decode_error(b" \r\n ").message
+
+
+def test_decode_reports_bad_json_before_a_missing_field() -> None:
+    """Typed decoding meets the missing field first; the body is still reported as not JSON."""
+    err = decode_error(b'{"model": "m", "prompt": "x"} trailing', "/v1/chat/completions")
+    assert err.param is None and "not valid JSON" in err.message
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_generation_routes_answer_options_and_refuse_other_methods(path: str) -> None:
+    with TestClient(create_app({})) as client:
+        options = client.options(path)
+        assert options.status_code == 204 and set(options.headers["allow"].split(", ")) == {"OPTIONS", "POST"}
+        for method in ("GET", "PUT", "DELETE", "PATCH"):
+            r = client.request(method, path)
+            assert r.status_code == 405 and r.headers["allow"] == "POST, OPTIONS", (method, r.text)
+            assert r.json()["error"]["message"] == "Method Not Allowed"
+
+
+def read(messages: list[dict[str, Any]], limit: int, headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """`read_body` over ASGI messages handed out one by one, as a server delivers a chunked body."""
+    pending = iter(messages)
+
+    async def receive() -> dict[str, Any]:
+        return next(pending)
+
+    return asyncio.run(read_body({"headers": headers or []}, receive, limit))  # type: ignore[arg-type]
+
+
+def test_read_body_joins_the_pieces_of_a_chunked_body() -> None:
+    pieces = [{"type": "http.request", "body": part, "more_body": True} for part in (b'{"a"', b": ", b"1")]
+    assert read(pieces + [{"type": "http.request", "body": b"}", "more_body": False}], 100) == b'{"a": 1}'
+
+
+def test_read_body_stops_at_the_limit_declared_or_sent() -> None:
+    with pytest.raises(BodyTooLarge):
+        read([{"type": "http.request", "body": b"x" * 60, "more_body": True}] * 2, 100)
+    with pytest.raises(BodyTooLarge):
+        read([{"type": "http.request", "body": b"x" * 101}], 100)
+    with pytest.raises(BodyTooLarge):  # refused before any byte is read
+        read([], 100, [(b"content-length", b"101")])
+    assert read([{"type": "http.request", "body": b"x" * 100}], 100) == b"x" * 100
 
 
 def test_decode_ignores_unknown_fields() -> None:
