@@ -1,5 +1,5 @@
 """fleet vs `vllm serve`, LiteLLM in front of it, and the offline engine, on one CUDA GPU: same
-model, same settings, same load, one after the other.
+model, same settings, same load, one after the other in the order `--systems` names them.
 
     PYTHONPATH=/root/site:. python3 bench/gpu.py --model /root/models/smollm2-135m-instruct --out $OUT \
         [--systems fleet,vllm,litellm,offline] [--litellm-path /root/litellm]
@@ -153,6 +153,13 @@ def offline(ns: argparse.Namespace, conc: list[int], env: dict[str, str]) -> dic
     return {"ready_s": data["load_s"], "points": data["points"]}
 
 
+def run_order(systems: list[str]) -> list[str]:
+    """The servers to start, in the order named (the first after a machine's start tends to measure
+    low at c=1, so runs in both orders tell that apart); LiteLLM runs in front of vllm serve."""
+    known = ("fleet", "vllm", "offline")
+    return list(dict.fromkeys("vllm" if s == "litellm" else s for s in systems if s in (*known, "litellm")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -182,14 +189,15 @@ def main() -> None:
         results["systems"][name] = {"ready_s": proc.ready_s,  # type: ignore[attr-defined]
                                     "points": run_points(base, "m", conc, ns.max_tokens, proc.pid, profile_at, ns.out, name, ns.window)}
 
-    if "fleet" in systems:
+    def run_fleet() -> None:
         toml = ns.out / "fleet.toml"
         toml.write_text(f'[gateway]\nport = 8000\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\ngpus = [0]\nport = 5001\n'
                         f"max_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n")
         argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
         with started("fleet", argv, "http://127.0.0.1:8000/health", env, ns.out) as proc:
             measure("fleet", proc, "http://127.0.0.1:8000")
-    if "vllm" in systems or "litellm" in systems:
+
+    def run_vllm() -> None:  # vllm serve, then LiteLLM in front of that same server
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ns.model, "--served-model-name", "m",
                 "--port", "8100", "--max-model-len", "2048", "--gpu-memory-utilization", str(ns.memory)]
         with started("vllm", argv, "http://127.0.0.1:8100/health", env, ns.out) as vllm:
@@ -205,9 +213,14 @@ def main() -> None:
                         "--port", "8200"]
                 with started("litellm", argv, "http://127.0.0.1:8200/health/liveliness", lenv, ns.out) as proc:
                     measure("litellm", proc, "http://127.0.0.1:8200")
-    if "offline" in systems:
+
+    def run_offline() -> None:
         print("offline: LLM engine, no server", flush=True)
         results["systems"]["offline"] = offline(ns, conc, env)
+
+    runners = {"fleet": run_fleet, "vllm": run_vllm, "offline": run_offline}
+    for name in run_order(systems):
+        runners[name]()
 
     def tok(name: str) -> dict[str, float]:
         return {str(p["concurrency"]): p["output_tok_per_s"] for p in results["systems"].get(name, {}).get("points", [])}

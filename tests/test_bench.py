@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import loadgen
+from bench.gpu import run_order
 
 
 @pytest.mark.timeout(90)
@@ -111,6 +112,12 @@ def test_inprocess_measures_cpu_per_request_and_stops_its_null_engine(stream: bo
     assert "m: stopped" in proc.stdout + proc.stderr
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if "null_engine.py" in " ".join(p.info["cmdline"] or [])]
     assert leftovers == [], f"processes left running: {leftovers}"
+
+
+def test_gpu_bench_starts_the_systems_in_the_order_named() -> None:
+    assert run_order(["vllm", "fleet"]) == ["vllm", "fleet"]
+    assert run_order(["fleet", "vllm", "litellm", "offline"]) == ["fleet", "vllm", "offline"]
+    assert run_order(["litellm", "fleet", "vllm"]) == ["vllm", "fleet"]  # LiteLLM sits in front of vllm serve
 
 
 def test_loadgen_refuses_non_loopback() -> None:
