@@ -118,7 +118,8 @@ def generation_route(path: str, name: str, schema: type[CompletionRequest | Chat
             raise MethodNotAllowed("POST, OPTIONS")
         state: State = scope["app"].state
         keys: Keys = state.api_keys
-        key = keys.check(header(scope, b"authorization")) if keys.enabled else None  # before the body: 401 whatever it is
+        # The key before the body, as the other routes' hook: without a valid key, a 401 whatever the body.
+        key = keys.check(header(scope, b"authorization")) if keys.enabled else None
         data = decode_body(await read_body(scope, receive, state.max_body_bytes), body_of)
         Keys.allow(key, data.model)
         backend = route(state.backends, data.model)
@@ -136,7 +137,7 @@ class _Api(Protocol):
 
 async def _run(receive: Receive, send: Send, state: State, backend: Backend, plan: Plan, model: str, api: _Api,
                route_name: str) -> None:
-    """Run a planned request inside its bookkeeping (slot, in-flight count, metrics, disconnects); send the answer.
+    """Run a planned request in its bookkeeping (slot, in-flight count, metrics, disconnects); send the answer.
 
     The answer goes to the ASGI server as is: the body is already encoded, and Litestar's response
     objects (header containers, cookies, background tasks) cost ~30-40 us of the ~350 us of gateway

@@ -107,9 +107,9 @@ def _document_streams(document: OpenAPI) -> None:
     for (path, _), chunk in zip(STREAMS.items(), refs):
         item = document.paths[path] if document.paths else None
         responses = item.post.responses if item and item.post and item.post.responses else {}
-        ok = responses.get("200")
-        if ok is not None and not isinstance(ok, Reference) and ok.content is not None:
-            ok.content["text/event-stream"] = OpenAPIMediaType(schema={  # type: ignore[arg-type]
+        answer = responses.get("200")
+        if answer is not None and not isinstance(answer, Reference) and answer.content is not None:
+            answer.content["text/event-stream"] = OpenAPIMediaType(schema={  # type: ignore[arg-type]
                 "type": "object",
                 "required": ["data"],
                 "description": "`data: <chunk JSON>` events, then `data: [DONE]`",
