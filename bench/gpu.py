@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +154,18 @@ def offline(ns: argparse.Namespace, conc: list[int], env: dict[str, str]) -> dic
     return {"ready_s": data["load_s"], "points": data["points"]}
 
 
+SCHEDULER_LINE = re.compile(rb"max_num_batched_tokens=(\d+)")
+
+
+def scheduler_tokens(log: Path) -> int | None:
+    """The tokens per step the engine's scheduler took, from vLLM's start-up line in its log
+    (recorded per system: servers compared with different scheduler limits are not comparable)."""
+    with contextlib.suppress(OSError):
+        if found := SCHEDULER_LINE.search(log.read_bytes()):
+            return int(found[1])
+    return None
+
+
 def run_order(systems: list[str]) -> list[str]:
     """The servers to start, in the order named (the first after a machine's start tends to measure
     low at c=1, so runs in both orders tell that apart); LiteLLM runs in front of vllm serve."""
@@ -185,8 +198,9 @@ def main() -> None:
                      "model": ns.model, "max_tokens": ns.max_tokens, "window_s": ns.window, "systems": {}}
     env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}
 
-    def measure(name: str, proc: subprocess.Popen, base: str) -> None:
+    def measure(name: str, proc: subprocess.Popen, base: str, engine_log: Path | None = None) -> None:
         results["systems"][name] = {"ready_s": proc.ready_s,  # type: ignore[attr-defined]
+                                    "max_num_batched_tokens": scheduler_tokens(engine_log) if engine_log else None,
                                     "points": run_points(base, "m", conc, ns.max_tokens, proc.pid, profile_at, ns.out, name, ns.window)}
 
     def run_fleet() -> None:
@@ -194,15 +208,16 @@ def main() -> None:
         toml.write_text(f'[gateway]\nport = 8000\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\ngpus = [0]\nport = 5001\n'
                         f"max_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n")
         argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
-        with started("fleet", argv, "http://127.0.0.1:8000/health", env, ns.out) as proc:
-            measure("fleet", proc, "http://127.0.0.1:8000")
+        logs = ns.out / "fleet-engine-logs"
+        with started("fleet", argv, "http://127.0.0.1:8000/health", {**env, "FLEET_LOG_DIR": str(logs)}, ns.out) as proc:
+            measure("fleet", proc, "http://127.0.0.1:8000", logs / "m.log")
 
     def run_vllm() -> None:  # vllm serve, then LiteLLM in front of that same server
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ns.model, "--served-model-name", "m",
                 "--port", "8100", "--max-model-len", "2048", "--gpu-memory-utilization", str(ns.memory)]
         with started("vllm", argv, "http://127.0.0.1:8100/health", env, ns.out) as vllm:
             if "vllm" in systems:
-                measure("vllm", vllm, "http://127.0.0.1:8100")
+                measure("vllm", vllm, "http://127.0.0.1:8100", ns.out / "vllm.log")
             if "litellm" in systems:
                 cfg = ns.out / "litellm.yaml"
                 cfg.write_text(litellm_config("http://127.0.0.1:8100", "m", name="m"))
@@ -232,6 +247,9 @@ def main() -> None:
             ratios[f"{a}/{b}"] = {c: round(ta[c] / tb[c], 3) for c in ta if tb.get(c)}
             print(f"{a} / {b} output tok/s:", ratios[f"{a}/{b}"], flush=True)
     results["ratios"] = ratios
+    limits = {name: s["max_num_batched_tokens"] for name, s in results["systems"].items() if s.get("max_num_batched_tokens")}
+    if len(set(limits.values())) > 1:
+        print(f"WARNING: the engines ran with different scheduler limits (tokens per step): {limits}", flush=True)
     (ns.out / "gpu.json").write_text(json.dumps(results, indent=2))
 
 

@@ -252,8 +252,15 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
 
 
 def build_engine(cfg: ModelConfig) -> Any:
-    """Resolve the source and start vLLM's AsyncLLM for one model."""
+    """Resolve the source and start vLLM's AsyncLLM for one model, with `vllm serve`'s defaults.
+
+    vLLM picks scheduler defaults by usage context: `vllm serve` is OPENAI_API_SERVER (on an
+    H100/H200: 1024 sequences at once, 8192 batched tokens), while AsyncLLM's own default,
+    ENGINE_CONTEXT, falls back to 128 sequences and 2048 tokens on every device. fleet serves the
+    same OpenAI API, so its engine gets the same defaults; `engine_args` in fleet.toml still wins.
+    """
     from vllm import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
     model = resolve(cfg.source)
@@ -271,7 +278,7 @@ def build_engine(cfg: ModelConfig) -> Any:
     if cfg.kv_cache_bytes is not None:
         args["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
     args.update(cfg.engine_args)
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER)
 
 
 async def serve(cfg: ModelConfig) -> None:

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import loadgen
-from bench.gpu import run_order
+from bench.gpu import run_order, scheduler_tokens
 
 
 @pytest.mark.timeout(90)
@@ -129,3 +129,13 @@ def test_percentiles() -> None:
     assert loadgen.percentile([], 50) is None
     assert loadgen.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert loadgen.percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+
+
+def test_gpu_bench_records_the_scheduler_limit_each_engine_logged(tmp_path: Path) -> None:
+    log = tmp_path / "vllm.log"
+    log.write_bytes(b"(APIServer pid=744) INFO 11-26 08:02:14 [scheduler.py:252] Chunked prefill is enabled "
+                    b"with max_num_batched_tokens=8192.\nINFO ... Running: 1 reqs\n")
+    assert scheduler_tokens(log) == 8192
+    log.write_bytes(b"INFO no scheduler line yet\n")
+    assert scheduler_tokens(log) is None
+    assert scheduler_tokens(tmp_path / "missing.log") is None

@@ -1,0 +1,51 @@
+"""What the engine process hands to vLLM: the arguments fleet.toml implies, and `vllm serve`'s defaults.
+
+vLLM chooses scheduler limits by usage context. On this CPU both contexts give the same numbers,
+so the behaviour itself is checked on a GPU (docs/benchmarks.md: the engine log of `fleet launch`
+on an H100 shows `vllm serve`'s 8192 batched tokens); here, that the engine asks for that context
+with the real vLLM classes, and that fleet.toml's `engine_args` still win over every default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+
+from fleet.config import ModelConfig
+from fleet.engine import MAX_LOGPROBS, build_engine
+
+
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What `build_engine` passes to AsyncLLM.from_engine_args (no engine is started)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    seen: dict[str, Any] = {}
+
+    def capture(engine_args: Any, **kwargs: Any) -> str:
+        seen.update(kwargs, engine_args=engine_args)
+        return "engine"
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", capture)
+    return seen
+
+
+def test_engine_gets_the_scheduler_defaults_of_vllm_serve(built: dict[str, Any], tiny_model: Path) -> None:
+    from vllm.usage.usage_lib import UsageContext
+
+    cfg = ModelConfig(name="m", source=str(tiny_model), port=free_port())
+    assert build_engine(cfg) == "engine"
+    assert built.get("usage_context") is UsageContext.OPENAI_API_SERVER
+    args = built["engine_args"]
+    assert args.max_num_seqs is None and args.max_num_batched_tokens is None  # left to vLLM's defaults
+    assert (args.model, args.served_model_name, args.max_logprobs) == (str(tiny_model), "m", MAX_LOGPROBS)
+
+
+def test_engine_args_from_fleet_toml_win_over_the_defaults(built: dict[str, Any], tiny_model: Path) -> None:
+    cfg = ModelConfig(name="m", source=str(tiny_model), port=free_port(),
+                      engine_args={"max_num_seqs": 64, "max_num_batched_tokens": 4096})
+    build_engine(cfg)
+    assert (built["engine_args"].max_num_seqs, built["engine_args"].max_num_batched_tokens) == (64, 4096)
