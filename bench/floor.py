@@ -34,16 +34,16 @@ STACKS = {  # --serve KIND: what runs under uvicorn
 
 def serve(kind: str, port: int) -> None:
     """One instant server under uvicorn: the same body parsing and answer, in the stack `kind`."""
-    import msgspec
     import uvicorn
     from litestar import Litestar, Response, asgi, post
     from litestar.params import JSONBody
     from litestar.types import ASGIApp, Receive, Scope, Send
 
     from bench.stub_openai import answer
+    from fleet.bodies import decode_body, decoder, read_body
     from fleet.schemas import CompletionRequest
 
-    decoder = msgspec.json.Decoder(CompletionRequest)
+    body_of = decoder(CompletionRequest)  # fleet's own body reading and decoding
 
     async def bare(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,13 +52,7 @@ def serve(kind: str, port: int) -> None:
             await send({"type": "http.response.start", "status": 405, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
-        chunks = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        data = decoder.decode(b"".join(chunks))
+        data = decode_body(await read_body(scope, receive, 1 << 20), body_of)
         body, content_type = answer(False, data.max_tokens or 16, False, False, data.model)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]})

@@ -21,7 +21,7 @@ import msgspec
 from litestar import Litestar, Request, Response, asgi, get
 from litestar._openapi.plugin import OpenAPIPlugin  # not exported; the fuzz tests read what it builds
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.handlers import ASGIRouteHandler
 from litestar.plugins import PluginProtocol
 from litestar.response.base import ASGIResponse
@@ -36,7 +36,7 @@ from fleet.control import Control
 from fleet.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fleet.metrics import Metrics
 from fleet.tracking import Tracked, unless_disconnected
-from fleet.errors import BodyTooLarge, FleetError, MethodNotAllowed
+from fleet.errors import BodyTooLarge, FleetError
 from fleet.routing import Backend, route
 from fleet.envelope import ErrorBody, ErrorResponse
 from fleet.openapi import ERROR_RESPONSES, JSON, GatewayOpenAPI, ok
@@ -115,7 +115,7 @@ def generation_route(path: str, name: str, schema: type[CompletionRequest | Chat
             if method == "OPTIONS":
                 await ASGIResponse(status_code=204, headers={"Allow": "OPTIONS, POST"})(scope, receive, send)
                 return
-            raise MethodNotAllowed("POST, OPTIONS")
+            raise MethodNotAllowedException(headers={"Allow": "POST, OPTIONS"})  # as Litestar's own routes
         state: State = scope["app"].state
         keys: Keys = state.api_keys
         # The key before the body, as the other routes' hook: without a valid key, a 401 whatever the body.
@@ -145,20 +145,14 @@ async def _run(receive: Receive, send: Send, state: State, backend: Backend, pla
     plain HTTP errors through the app's exception handlers.
     """
     tracked = Tracked(backend, route_name, state.metrics)
-    if not plan.stream:
-        async with tracked:
-            body = await unless_disconnected(receive, api.complete(backend, plan, model))
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+    if plan.stream:
+        await tracked.send_stream(lambda: api.stream(backend, plan, model), send, receive)
         return
-    await tracked.__aenter__()
-    try:
-        events = await unless_disconnected(receive, api.stream(backend, plan, model))
-    except BaseException as e:
-        await tracked.__aexit__(type(e), e, None)
-        raise
-    await tracked.send_stream(events, send, receive)
+    async with tracked:
+        body = await unless_disconnected(receive, api.complete(backend, plan, model))
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 completions_route = generation_route("/v1/completions", "completions", CompletionRequest, plan_completion,

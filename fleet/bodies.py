@@ -41,25 +41,19 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientDisconnected("the client closed the connection")
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):  # the usual case: one message
-        if len(body) > limit:
-            raise BodyTooLarge(limit)
-        return body
-    chunks, size = [body], len(body)
-    while message.get("more_body", False):
+    chunks: list[bytes] = []
+    size = 0
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected("the client closed the connection")
-        chunk = message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(limit)
+        if not message.get("more_body", False):
+            return b"".join((*chunks, chunk)) if chunks else chunk  # usually one message: no copy
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def decode_body(body: bytes, schema: msgspec.json.Decoder[T]) -> T:

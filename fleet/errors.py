@@ -87,17 +87,3 @@ class BodyTooLarge(FleetError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"the request body is larger than the gateway's max_body_bytes ({limit} bytes)")
 
-
-class MethodNotAllowed(FleetError):
-    """A method the route does not answer (HTTP 405 with Allow)."""
-
-    status = 405
-    type = "invalid_request_error"
-
-    def __init__(self, allow: str) -> None:
-        super().__init__("Method Not Allowed")
-        self.allow = allow
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Allow": self.allow}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TypeVar
 
@@ -86,24 +86,35 @@ class Tracked:
         if self.metrics is not None:
             self.metrics.ttft.labels(self.backend.name, self.route).observe(time.perf_counter() - self.started)
 
-    async def send_stream(self, events: AsyncGenerator[bytes, None], send: Send, receive: Receive) -> None:
-        """Send a streamed answer from the handler's own task; leave this context however it ends.
+    async def send_stream(self, opening: Callable[[], Awaitable[AsyncGenerator[bytes, None]]], send: Send,
+                          receive: Receive) -> None:
+        """Enter this context, open the stream and send it from the handler's own task; leave the
+        context once, however it ends.
 
-        One watcher task cancels the sending when the client goes (`unless_disconnected`, as for
+        If the stream cannot open (the engine refuses, the slot is not free, the client is gone),
+        that error is raised before any byte is sent, to be answered as a plain HTTP error. Once
+        sending, one watcher task cancels it when the client goes (`unless_disconnected`, as for
         whole answers); Litestar's streaming response ran each body in an anyio task group beside a
         disconnect listener instead, ~95 us per stream on a 2-core VM. The events are closed at once
         however the stream ends: that closes the engine connection, which aborts the engine's request.
         """
+        await self.__aenter__()
+        events: AsyncGenerator[bytes, None] | None = None
         exc: BaseException | None = None
         try:
+            events = await unless_disconnected(receive, opening())
             await unless_disconnected(receive, self._send_events(events, send))
         except ClientDisconnected as e:
-            exc = e  # nobody left to answer
+            exc = e
+            if events is None:  # before the answer started: the handler's error path, as for whole answers
+                raise
+            # once it started, nobody is left to answer
         except BaseException as e:
             exc = e
             raise
         finally:
-            await events.aclose()
+            if events is not None:
+                await events.aclose()
             await self.__aexit__(type(exc) if exc else None, exc, None)
 
     async def _send_events(self, events: AsyncIterator[bytes], send: Send) -> None:
