@@ -68,13 +68,14 @@ class Admission:
                 raise self._refuse(f"{self.running} running, {len(self._waiters)} queued")
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, self.queue_timeout)
-            except asyncio.TimeoutError:
-                raise self._refuse(f"queued for {self.queue_timeout:.0f}s") from None
-            except asyncio.CancelledError:
+            try:  # not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the slot is handed over
+                async with asyncio.timeout(self.queue_timeout):
+                    await waiter
+            except BaseException as e:
                 if waiter.done() and not waiter.cancelled():
-                    self._release()  # handed a slot, then cancelled before using it
+                    self._release()  # handed a slot, then cancelled or timed out before using it
+                if isinstance(e, TimeoutError):
+                    raise self._refuse(f"queued for {self.queue_timeout:.0f}s") from None
                 raise
             finally:
                 with contextlib.suppress(ValueError):

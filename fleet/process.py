@@ -107,10 +107,9 @@ async def stop_process_tree(
     for p in family:  # descendants that left the group
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    try:
-        await asyncio.wait_for(wait_exit(proc), grace)
-    except asyncio.TimeoutError:
-        pass
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(grace):
+            await wait_exit(proc)
     family += descendants(proc.pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)

@@ -188,6 +188,8 @@ class EngineProcess:
         exited = asyncio.create_task(self._exited())
         try:
             while time.monotonic() < deadline:
+                if self._stop.is_set():  # not only the cancel: a cancel swallowed below must not keep it starting
+                    return
                 self._remember_family()
                 if exited.done():
                     self._fail(f"exited with code {self.proc.returncode} before it was ready")  # type: ignore[union-attr]
@@ -207,7 +209,7 @@ class EngineProcess:
         exited = asyncio.create_task(self._exited())
         failures = 0
         try:
-            while True:
+            while not self._stop.is_set():  # as in _wait_ready: the stop ends it even if its cancel got lost
                 self._remember_family()
                 await asyncio.wait({exited}, timeout=self.policy.health_interval)
                 if exited.done():
@@ -232,8 +234,9 @@ class EngineProcess:
         delay = backoff(self.policy, self.restarts)
         self.lifecycle.to(EngineState.RESTARTING, f"restart {self.restarts + 1} in {delay:.1f}s")
         self.say(f"restarting in {delay:.1f}s (restart {self.restarts + 1} of at most {self.policy.max_restarts})")
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), delay)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._stop.wait()
         if self._stop.is_set():
             return True
         self.restarts += 1

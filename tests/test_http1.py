@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Self
+from typing import Any, Self
 
 import pytest
 
@@ -394,6 +394,41 @@ def test_cancelling_a_request_waiting_for_its_answer_closes_the_connection() -> 
                     await pool.request("GET", "/")
             await client_left.wait()
             await pool.close()
+
+    run(main())
+
+
+def test_a_request_cancelled_just_as_its_connection_opens_stays_cancelled() -> None:
+    """The cancel and the open connection land in the same loop turn: the cancel must win.
+
+    (asyncio.wait_for on Python 3.11 returned the connection and dropped the cancel, so a
+    supervisor stopping a starting engine kept polling its /health until the start timeout.)
+    """
+    async def main() -> None:
+        async with Server(echo_forever) as server:
+            loop = asyncio.get_running_loop()
+            real_connect = loop.create_connection
+            connected, handed_over = asyncio.Event(), loop.create_future()
+
+            async def connect_then_wait(*args: Any, **kwargs: Any) -> Any:
+                transport, protocol = await real_connect(*args, **kwargs)
+                connected.set()
+                try:
+                    await handed_over
+                except BaseException:
+                    transport.close()
+                    raise
+                return transport, protocol
+
+            loop.create_connection = connect_then_wait  # type: ignore[method-assign]
+            pool = server.pool()
+            task = asyncio.create_task(pool.request("GET", "/"))
+            await connected.wait()
+            handed_over.set_result(None)  # the connection is ready...
+            task.cancel()  # ...and the caller leaves, in the same turn
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert pool.idle == 0 and not pool._busy
 
     run(main())
 

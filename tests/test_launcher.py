@@ -326,6 +326,29 @@ def test_stop_while_starting_stops_the_engine_process() -> None:
     asyncio.run(scenario())
 
 
+def test_stop_while_starting_wins_even_over_a_health_check_that_swallows_its_cancel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defence in depth: the stop request itself ends the readiness poll, not only its cancel."""
+    async def deaf_healthy(self: object, timeout: float = 2.0) -> bool:
+        try:
+            await asyncio.sleep(timeout)
+        except asyncio.CancelledError:
+            return False  # what asyncio.wait_for on Python 3.11 could do when the cancel met a result
+        return False
+
+    monkeypatch.setattr("fleet.client.EngineClient.healthy", deaf_healthy)
+
+    async def scenario() -> None:
+        async with running(model(fake_hang_at_start=True)) as (engine, states, _out):
+            await serving(engine)
+            engine.request_stop()
+            assert await states.reach(S.STOPPED, timeout=10) is S.STOPPED
+        assert states.seen == [S.STARTING, S.STOPPING, S.STOPPED]
+
+    asyncio.run(scenario())
+
+
 async def _spawn_sigterm_ignoring_tree() -> tuple[asyncio.subprocess.Process, list[psutil.Process]]:
     """A fake engine (own session, like the launcher makes) ignoring SIGTERM, with a child that does too."""
     cfg = model(fake_ignore_sigterm=True, fake_spawn_child=True)

@@ -16,6 +16,7 @@ from conftest import InProcessFleet, free_port
 from fake_engine import fake_command
 from litestar.testing import TestClient
 
+from fleet.admission import Admission, TooManyRequests
 from fleet.auth import Key, Keys, ModelForbidden, Unauthorized, load_keys
 from fleet.config import AuthConfig, parse_config
 
@@ -154,6 +155,43 @@ def test_beyond_max_concurrent_and_max_queued_is_429_with_retry_after(fleet: InP
     statuses = sorted(s for s, _ in results)
     assert statuses == [200, 200, 429, 429, 429]  # one running, one queued, the rest refused at once
     assert all(int(ra) >= 1 for s, ra in results if s == 429)
+
+
+def test_a_queued_request_cancelled_as_it_is_handed_a_slot_stays_cancelled_and_frees_the_slot() -> None:
+    async def main() -> None:
+        gate = Admission("m", max_concurrent=1, max_queued=1, queue_timeout=30)
+        ran = False
+
+        async def queued() -> None:
+            nonlocal ran
+            async with gate.slot():
+                ran = True
+
+        first = gate.slot()
+        await first.__aenter__()
+        task = asyncio.create_task(queued())
+        while gate.queued == 0:
+            await asyncio.sleep(0)
+        await first.__aexit__(None, None, None)  # hands its slot to the queued request...
+        task.cancel()  # ...which is cancelled in the same turn (a client that left)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not ran and gate.running == 0 and gate.queued == 0
+
+    asyncio.run(main())
+
+
+def test_a_request_queued_past_queue_timeout_is_refused_and_holds_no_slot() -> None:
+    async def main() -> None:
+        gate = Admission("m", max_concurrent=1, max_queued=1, queue_timeout=0.05)
+        async with gate.slot():
+            with pytest.raises(TooManyRequests, match="queued for"):
+                async with gate.slot():
+                    raise AssertionError("admitted past a full gate")
+            assert gate.running == 1 and gate.queued == 0
+        assert gate.running == 0
+
+    asyncio.run(main())
 
 
 def test_an_engine_that_goes_silent_is_a_504(fleet: InProcessFleet) -> None:
