@@ -331,10 +331,8 @@ def test_stop_while_starting_wins_even_over_a_health_check_that_swallows_its_can
 ) -> None:
     """Defence in depth: the stop request itself ends the readiness poll, not only its cancel."""
     async def deaf_healthy(self: object, timeout: float = 2.0) -> bool:
-        try:
+        with contextlib.suppress(asyncio.CancelledError):  # as asyncio.wait_for on 3.11 could, when the cancel met a result
             await asyncio.sleep(timeout)
-        except asyncio.CancelledError:
-            return False  # what asyncio.wait_for on Python 3.11 could do when the cancel met a result
         return False
 
     monkeypatch.setattr("fleet.client.EngineClient.healthy", deaf_healthy)
