@@ -20,8 +20,9 @@ if str(ROOT) not in sys.path:
 
 from bench.null_engine import null_command
 from fleet.cli import run_loop
-from fleet.config import load_config
-from fleet.launcher import engine_command, launch
+from fleet.config.load import load_config
+from fleet.run.supervisor import engine_command
+from fleet.run.launcher import launch
 
 
 async def run(config_path: Path, engine: str, echo_logs: bool) -> None:

@@ -29,11 +29,11 @@ if str(ROOT) not in sys.path:
 
 from bench.null_engine import null_command
 from bench.procs import free_port
-from fleet.app import create_app
+from fleet.gateway.app import create_app
 from fleet.cli import run_loop
-from fleet.config import parse_config
-from fleet.launcher import Fleet
-from fleet.lifecycle import EngineState
+from fleet.config.load import parse_config
+from fleet.run.launcher import Fleet
+from fleet.gateway.status import EngineState
 
 
 def _scope(body: bytes) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def completion_target(
 
 def generate_target(engine_url: str, prompts: Sequence[str], max_tokens: int) -> Target:
     """POST {engine_url}/generate: fleet's internal protocol, as the gateway sends it."""
-    from fleet import protocol
+    from fleet.wire import protocol
 
     bodies = tuple(
         protocol.encode(protocol.GenerateRequest(
@@ -126,7 +126,7 @@ async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample, 
 
 
 def _read_frames(body: bytes) -> int:
-    from fleet import protocol
+    from fleet.wire import protocol
 
     tokens, pos, header = 0, 0, protocol.FRAME_HEADER
     while pos < len(body):

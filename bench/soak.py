@@ -337,8 +337,9 @@ async def sample_self(path: Path, interval: float, collect: bool) -> None:
 
 async def serve(config_path: Path, engine: str, samples: Path | None, interval: float, collect: bool) -> None:
     """`fleet launch` (fleet.launcher.launch) with the engine command of the soak, sampling itself."""
-    from fleet.config import load_config
-    from fleet.launcher import engine_command, launch
+    from fleet.config.load import load_config
+    from fleet.run.supervisor import engine_command
+    from fleet.run.launcher import launch
 
     if engine == "fake":
         sys.path.insert(0, str(ROOT / "tests"))

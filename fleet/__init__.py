@@ -1,3 +1,18 @@
-"""fleet: one OpenAI-compatible endpoint for a fleet of vLLM models, described in one fleet.toml."""
+"""fleet: one OpenAI-compatible endpoint for a fleet of vLLM models, described in one fleet.toml.
+
+The package, by role (each subpackage's docstring says what it owns and what it may import):
+
+    cli.py      the `fleet` command
+    run/        processes and their owner: launcher, supervisor, lifecycle, process trees
+    gateway/    the HTTP server: Litestar app, bodies, keys, admission, tracking, metrics, control
+    api/        OpenAI's API without HTTP: schemas, sampling rules, planning, answers per endpoint
+    wire/       the internal protocol to the engines, its client and HTTP/1.1 transport
+    config/     fleet.toml: schema, file rules, placement checks, model sources
+    errors.py   every error type fleet reports
+    engine/     the engine process (vLLM); started as `python -m fleet.engine`, imported by no other part
+
+Imports point one way: cli -> run -> gateway -> api -> wire -> config -> errors. The engine
+imports only wire, config, errors and run.process; nothing imports the engine.
+"""
 
 __version__ = "0.1.0"

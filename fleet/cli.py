@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet import __version__
-from fleet.config import DEFAULT_CONFIG, GIB, FleetConfig, load_config
+from fleet.config.schema import DEFAULT_CONFIG, GIB, FleetConfig
+from fleet.config.load import load_config
 from fleet.errors import ConfigError
 
 CONFIG_OPTION = click.option(
@@ -60,9 +61,9 @@ def main() -> None:
               help="Echo each engine's output, prefixed with its model name (always written to its log file).")
 def launch(config_path: Path, host: str | None, port: int | None, engine_logs: bool) -> None:
     """Start one vLLM engine per model and the gateway; Ctrl-C stops everything."""
-    from fleet.launcher import launch as run_launch
+    from fleet.run.launcher import launch as run_launch
 
-    from fleet.placement import check_placement
+    from fleet.config.placement import check_placement
 
     config = _load(config_path, host=host, port=port)
     if not config.models:
@@ -81,7 +82,7 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
 @CONFIG_OPTION
 def check(config_path: Path) -> None:
     """Validate the fleet file and the machine; print where each model will run."""
-    from fleet.placement import check_placement, gpu_rows
+    from fleet.config.placement import check_placement, gpu_rows
 
     config = _load(config_path)
     placement = check_placement(config, config_path)
@@ -105,7 +106,7 @@ def check(config_path: Path) -> None:
 
 
 def _report(placement: object) -> None:
-    from fleet.placement import Placement
+    from fleet.config.placement import Placement
 
     assert isinstance(placement, Placement)
     for w in placement.warnings:
@@ -116,13 +117,13 @@ def _report(placement: object) -> None:
 
 
 def _gateway_url(config_path: Path, host: str | None, port: int | None) -> str:
-    config = _load(config_path, host=host, port=port)
-    gw = config.gateway
-    connect = "127.0.0.1" if gw.host in ("0.0.0.0", "") else ("[::1]" if gw.host == "::" else gw.host)
-    return f"http://{connect}:{gw.port}"
+    from fleet.wire.client import url_of
+
+    gw = _load(config_path, host=host, port=port).gateway
+    return url_of(gw.host, gw.port)
 
 
-def _control(method: str, path: str, config_path: Path, host: str | None, port: int | None) -> object:
+def _control(method: str, path: str, config_path: Path, host: str | None, port: int | None) -> bytes:
     import httpx
 
     url = _gateway_url(config_path, host, port) + path
@@ -131,11 +132,11 @@ def _control(method: str, path: str, config_path: Path, host: str | None, port: 
     except httpx.HTTPError as e:
         click.echo(f"error: no fleet answers at {url}: {e}", err=True)
         sys.exit(1)
-    body = r.json()
     if r.status_code >= 400:
+        body = r.json()
         click.echo(f"error: {body.get('error', {}).get('message', body)}", err=True)
         sys.exit(1)
-    return body
+    return r.content
 
 
 GATEWAY_OPTIONS = [
@@ -155,22 +156,25 @@ def _gateway_options(f):  # type: ignore[no-untyped-def]
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(config_path: Path, host: str | None, port: int | None, as_json: bool) -> None:
     """Ask the running fleet how each model is doing."""
-    import json
+    import msgspec
 
-    body = _control("GET", "/fleet/status", config_path, host, port)
+    from fleet.gateway.status import EngineState, FleetStatus
+
+    raw = _control("GET", "/fleet/status", config_path, host, port)
     if as_json:
-        click.echo(json.dumps(body, indent=2))
+        click.echo(msgspec.json.format(raw, indent=2))
         return
-    assert isinstance(body, dict)
-    table = Table(title=f"fleet on {body['gateway']['host']}:{body['gateway']['port']} (pid {body['gateway']['pid']})")
+    body = msgspec.json.decode(raw, type=FleetStatus)
+    gw = body.gateway
+    table = Table(title=f"fleet on {gw.host}:{gw.port} (pid {gw.pid})")
     cols = ("model", "state", "GPUs", "port", "pid", "uptime", "restarts", "in flight", "requests", "tokens/s")
     for col in cols:
         table.add_column(col, overflow="fold")
-    for m in body["models"]:
-        uptime = "-" if m["uptime_s"] is None else f"{m['uptime_s']:.0f}s"
-        state = m["state"] + (f" ({m['reason']})" if m["reason"] and m["state"] != "ready" else "")
-        table.add_row(m["model"], state, ",".join(map(str, m["gpus"])) or "CPU", str(m["port"]), str(m["pid"] or "-"),
-                      uptime, str(m["restarts"]), str(m["inflight"]), str(m["requests"]), f"{m['tokens_per_s']:.1f}")
+    for m in body.models:
+        uptime = "-" if m.uptime_s is None else f"{m.uptime_s:.0f}s"
+        state = m.state.value + (f" ({m.reason})" if m.reason and m.state is not EngineState.READY else "")
+        table.add_row(m.model, state, ",".join(map(str, m.gpus)) or "CPU", str(m.port), str(m.pid or "-"),
+                      uptime, str(m.restarts), str(m.inflight), str(m.requests), f"{m.tokens_per_s:.1f}")
     Console().print(table)
 
 
@@ -178,11 +182,14 @@ def status(config_path: Path, host: str | None, port: int | None, as_json: bool)
 @_gateway_options
 def reload(config_path: Path, host: str | None, port: int | None) -> None:
     """Make the running fleet re-read its fleet file and apply the difference."""
-    body = _control("POST", "/fleet/reload", config_path, host, port)
-    assert isinstance(body, dict)
+    import msgspec
+
+    from fleet.gateway.status import ReloadReport
+
+    report = msgspec.json.decode(_control("POST", "/fleet/reload", config_path, host, port), type=ReloadReport)
     for key in ("added", "removed", "changed", "unchanged"):
-        click.echo(f"{key}: {', '.join(body[key]) or '-'}")
-    for w in body["warnings"]:
+        click.echo(f"{key}: {', '.join(getattr(report, key)) or '-'}")
+    for w in report.warnings:
         click.echo(f"warning: {w}")
 
 
@@ -203,7 +210,7 @@ def logs(model: str, lines: int, follow: bool) -> None:
     import collections
     import time
 
-    from fleet.supervisor import log_dir
+    from fleet.run.supervisor import log_dir
 
     path = log_dir() / f"{model}.log"
     if not path.is_file():

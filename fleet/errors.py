@@ -1,89 +1,111 @@
-"""Every kind of failure fleet reports, as a type carrying its HTTP status.
+"""Every kind of failure fleet reports, as a type.
 
-The gateway maps these to OpenAI's error envelope in one exception handler (app.py);
-nothing else in the code builds error bodies.
+A request error is a `FleetError`: its HTTP status, OpenAI's `type` and `code`, the `param` it
+names and any extra headers are arguments of the one base; each subclass only fixes them. The
+gateway turns them into OpenAI's envelope in one exception handler (gateway/app.py), and a
+stream that already started reports them with the same envelope (api/answers.py).
 """
 
 from __future__ import annotations
+
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request", as a metrics label
 
 
 class ConfigError(Exception):
     """A fleet file that cannot be run; the message names the file, the model and the field."""
 
 
+class InvalidTransition(RuntimeError):
+    """A lifecycle change its table does not allow: a bug in the launcher, never user input."""
+
+
 class FleetError(Exception):
-    """A request fleet cannot serve; `status`, `type` and `code` follow OpenAI's conventions."""
+    """A request fleet cannot serve, with everything its HTTP answer needs."""
 
-    status: int = 500
-    type: str = "server_error"
-    code: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int = 500, type: str = "server_error", param: str | None = None,
+                 code: str | None = None, retry_after: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.status = status
+        self.type = type
         self.param = param
-        if code is not None:
-            self.code = code
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """Extra response headers (Retry-After, for instance)."""
-        return {}
+        self.code = code
+        self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(retry_after)
 
 
 class InvalidRequest(FleetError):
     """The request breaks a rule of the API (HTTP 400)."""
 
-    status = 400
-    type = "invalid_request_error"
-
-
-class ModelNotFound(FleetError):
-    """No model of the fleet has that name (HTTP 404)."""
-
-    status = 404
-    type = "invalid_request_error"
-    code = "model_not_found"
-
-
-class ModelNotReady(FleetError):
-    """The model's engine is loading, restarting or failed (HTTP 503 with Retry-After)."""
-
-    status = 503
-    type = "service_unavailable"
-    code = "model_not_ready"
-
-    def __init__(self, message: str, *, retry_after: int = 5) -> None:
-        super().__init__(message, param="model")
-        self.retry_after = retry_after
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
-
-
-class EngineFailure(FleetError):
-    """The engine broke while holding the request (HTTP 502)."""
-
-    status = 502
-    type = "server_error"
-    code = "engine_error"
-
-
-class EngineTimeout(FleetError):
-    """The engine stopped answering in the middle of a request (HTTP 504)."""
-
-    status = 504
-    type = "server_error"
-    code = "engine_timeout"
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, status=400, type="invalid_request_error", param=param, code=code)
 
 
 class BodyTooLarge(FleetError):
     """A request body over the gateway's max_body_bytes (HTTP 413)."""
 
-    status = 413
-    type = "invalid_request_error"
-
     def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body is larger than the gateway's max_body_bytes ({limit} bytes)")
+        super().__init__(f"the request body is larger than the gateway's max_body_bytes ({limit} bytes)",
+                         status=413, type="invalid_request_error")
 
+
+class Unauthorized(FleetError):
+    """No key, or a key fleet does not know (HTTP 401)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=401, type="invalid_request_error", code="invalid_api_key",
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(FleetError):
+    """A known client that may not do this: a key limited to other models, or a control request
+    from another machine (HTTP 403)."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, status=403, type="permission_error", param=param, code=code)
+
+
+class ModelNotFound(FleetError):
+    """No model of the fleet has that name (HTTP 404)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=404, type="invalid_request_error", param="model", code="model_not_found")
+
+
+class TooManyRequests(FleetError):
+    """The model's queue is full (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, status=429, type="rate_limit_error", code="rate_limit_exceeded",
+                         retry_after=retry_after)
+
+
+class ClientDisconnected(FleetError):
+    """The client left before the answer was ready (never sent: there is no one to send it to)."""
+
+    def __init__(self, message: str = "the client closed the connection") -> None:
+        super().__init__(message, status=CLIENT_CLOSED, type="client_closed_request")
+
+
+class EngineFailure(FleetError):
+    """The engine broke while holding the request (HTTP 502)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=502, code="engine_error")
+
+
+class ModelNotReady(FleetError):
+    """The model's engine is loading, restarting or failed (HTTP 503 with Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, status=503, type="service_unavailable", param="model", code="model_not_ready",
+                         retry_after=retry_after)
+
+
+class EngineTimeout(FleetError):
+    """The engine stopped answering in the middle of a request (HTTP 504)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=504, code="engine_timeout")

@@ -152,7 +152,7 @@ class InProcessFleet:
     """A `fleet.launcher.Fleet` on its own event loop in a thread, for engines made by `command`."""
 
     def __init__(self, config: Any, command: Any) -> None:
-        from fleet.launcher import Fleet
+        from fleet.run.launcher import Fleet
 
         self.loop = asyncio.new_event_loop()
         self.config = config

@@ -16,7 +16,8 @@ too long a prompt or max_tokens is an `Error(status=400, param=...)`, unless
 Logprobs: every token of choice `i` has logprob `token_logprob(i)`, a value that is NOT
 monotonic in `i` (0 -> -0.4, 1 -> -0.1, 2 -> -0.8, 3 -> -0.5, ...), so a test can check that
 best_of keeps the highest cumulative logprobs, not the lowest indexes. Like vLLM,
-`cumulative_logprob` is only sent when the request asks for logprobs.
+`cumulative_logprob` is only sent when the request asks for logprobs or for it alone
+(`cumulative_logprob`, best_of's ranking), per-token logprobs only in the first case.
 
 Misbehaviour comes from the model's `engine_args` table (fleet.toml's free pass-through dict):
 
@@ -62,8 +63,8 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.response import Stream
 
-from fleet import protocol
-from fleet.config import ModelConfig
+from fleet.wire import protocol
+from fleet.config.schema import ModelConfig
 
 FAKE_ENGINE = Path(__file__).resolve()
 TOKEN_ID_BASE = 1000
@@ -235,7 +236,7 @@ class FakeEngine:
                         done[i] = True
                     produced += 1
                     deltas += 1
-                    yield protocol.encode_frame(self.delta(i, k, piece, reason, s.logprobs))
+                    yield protocol.encode_frame(self.delta(i, k, piece, reason, s.logprobs, s.cumulative_logprob))
             yield protocol.encode_frame(
                 protocol.Done(prompt_tokens=prompt_token_count(req.prompt), completion_tokens=produced)
             )
@@ -246,11 +247,12 @@ class FakeEngine:
                 self.aborted += 1
 
     def delta(self, index: int, k: int, text: str, reason: protocol.FinishReason | None,
-              logprobs: int | None) -> protocol.Delta:
+              logprobs: int | None, cumulative: bool = False) -> protocol.Delta:
         token_id = TOKEN_ID_BASE + k
-        if logprobs is None:
-            return protocol.Delta(index=index, text=text, token_ids=[token_id], finish_reason=reason)
         lp = token_logprob(index)
+        if logprobs is None:
+            return protocol.Delta(index=index, text=text, token_ids=[token_id], finish_reason=reason,
+                                  cumulative_logprob=round(lp * (k + 1), 6) if cumulative else None)
         token = text or " "
         top = [(token, lp)] + [(f" alt{j}", lp - j) for j in range(1, logprobs + 1)]
         return protocol.Delta(
@@ -261,7 +263,7 @@ class FakeEngine:
 
 
 def create_fake_app(engine: FakeEngine) -> Litestar:
-    """The internal-protocol app of the fake engine (same shape as fleet.engine.create_engine_app)."""
+    """The internal-protocol app of the fake engine (same shape as fleet.engine.server.create_engine_app)."""
     info_body = protocol.encode(engine.info())
 
     def require_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:

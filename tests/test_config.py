@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from fleet.config import CPU_KV_CACHE_GIB, GIB, FleetConfig, SamplingDefaults, load_config, parse_config
+from fleet.config.schema import CPU_KV_CACHE_GIB, GIB, FleetConfig, SamplingDefaults
+
+from fleet.config.load import load_config, parse_config
 from fleet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from conftest import free_port
 
-from fleet.config import ModelConfig
-from fleet.engine import MAX_LOGPROBS, build_engine
+from fleet.config.schema import ModelConfig
+from fleet.engine.args import MAX_LOGPROBS, build_engine
 
 
 @pytest.fixture

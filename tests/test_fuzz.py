@@ -46,10 +46,11 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from conftest import InProcessFleet, free_port
 from fake_engine import fake_command
-from fleet.app import create_app
-from fleet.config import parse_config
-from fleet.envelope import ErrorResponse
-from fleet.schemas import ChatCompletionChunk, CompletionChunk
+from fleet.gateway.app import create_app
+from fleet.config.load import parse_config
+from fleet.api.protocol import ErrorResponse
+from fleet.api.chat.protocol import ChatCompletionChunk
+from fleet.api.completions.protocol import CompletionChunk
 
 EXAMPLES = int(os.environ.get("FLEET_FUZZ_EXAMPLES", "250"))
 TIMEOUT = 10  # seconds any one request may take: far above what a fake engine needs

@@ -21,7 +21,7 @@ import pytest
 from conftest import InProcessFleet, free_port
 from fake_engine import expected_text, fake_command, token_logprob
 
-from fleet.config import parse_config
+from fleet.config.load import parse_config
 
 MODELS: dict[str, dict[str, Any]] = {
     "alpha": {},

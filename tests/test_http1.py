@@ -9,7 +9,7 @@ from typing import Any, Self
 
 import pytest
 
-from fleet import http1
+from fleet.wire import http1, protocol
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -48,7 +48,7 @@ class Server:
         return self.server.sockets[0].getsockname()[1]
 
     def pool(self, **kwargs: float) -> http1.Pool:
-        return http1.Pool("127.0.0.1", self.port, **kwargs)
+        return http1.Pool("127.0.0.1", self.port, **{"idle_limit": protocol.CLIENT_IDLE_LIMIT, **kwargs})
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -115,7 +115,7 @@ def test_request_line_and_headers_are_what_the_pool_was_given() -> None:
 
     async def main() -> None:
         async with Server(handler) as server:
-            pool = http1.Pool("127.0.0.1", server.port, headers=[("Authorization", "Bearer t")])
+            pool = http1.Pool("127.0.0.1", server.port, idle_limit=protocol.CLIENT_IDLE_LIMIT, headers=[("Authorization", "Bearer t")])
             response = await pool.request("POST", "/generate", b"\x81\xa1a\x01", "application/msgpack")
             assert response.status == 204 and await response.body() == b""
             await pool.close()
@@ -371,7 +371,7 @@ def test_nothing_listening_is_a_connection_error() -> None:
     async def main() -> None:
         async with Server(echo_forever) as server:
             port = server.port
-        pool = http1.Pool("127.0.0.1", port)
+        pool = http1.Pool("127.0.0.1", port, idle_limit=protocol.CLIENT_IDLE_LIMIT)
         with pytest.raises(ConnectionError):
             await pool.request("GET", "/")
 

@@ -27,11 +27,15 @@ from conftest import ROOT, InProcessFleet, fleet_toml, free_port
 from fake_engine import CRASH_EXIT_CODE, fake_command
 from rich.console import Console
 
-from fleet import protocol
-from fleet.config import ModelConfig, SupervisorConfig, parse_config
+from fleet.wire import protocol
+from fleet.config.schema import ModelConfig, SupervisorConfig
+from fleet.config.load import parse_config
 from fleet.errors import EngineFailure
-from fleet.launcher import EngineProcess, Fleet, stop_process_tree
-from fleet.lifecycle import EngineState, Lifecycle
+from fleet.run.supervisor import EngineProcess
+from fleet.run.launcher import Fleet
+from fleet.run.process import stop_process_tree
+from fleet.gateway.status import EngineState
+from fleet.run.lifecycle import Lifecycle
 
 S = EngineState
 
@@ -335,7 +339,7 @@ def test_stop_while_starting_wins_even_over_a_health_check_that_swallows_its_can
             await asyncio.sleep(timeout)
         return False
 
-    monkeypatch.setattr("fleet.client.EngineClient.healthy", deaf_healthy)
+    monkeypatch.setattr("fleet.wire.client.EngineClient.healthy", deaf_healthy)
 
     async def scenario() -> None:
         async with running(model(fake_hang_at_start=True)) as (engine, states, _out):
@@ -542,7 +546,7 @@ def test_the_launcher_and_gateway_import_neither_the_engine_stack_nor_unused_hea
     """The gateway side never imports torch or vllm; it also skips aiohttp, pydantic.v1 and attrs,
     which once cost a third of a second of its start, and psutil until engines are watched."""
     heavy = ("torch", "vllm", "aiohttp", "pydantic.v1", "attr", "psutil")
-    code = ("import sys, fleet.cli, fleet.launcher; from fleet.app import create_app; create_app({}); "
+    code = ("import sys, fleet.cli, fleet.run.launcher; from fleet.gateway.app import create_app; create_app({}); "
             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "", f"imported at start: {out.stdout.strip()}"

@@ -6,7 +6,11 @@ import itertools
 
 import pytest
 
-from fleet.lifecycle import TRANSITIONS, EngineState, InvalidTransition, Lifecycle
+from fleet.run.lifecycle import TRANSITIONS, Lifecycle
+
+from fleet.gateway.status import EngineState
+
+from fleet.errors import InvalidTransition
 
 S = EngineState
 

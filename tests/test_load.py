@@ -31,7 +31,7 @@ import pytest
 
 from conftest import InProcessFleet, free_port
 from fake_engine import expected_text, fake_command
-from fleet.config import parse_config
+from fleet.config.load import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a package at the repository root

@@ -16,9 +16,13 @@ from conftest import InProcessFleet, free_port
 from fake_engine import fake_command
 from litestar.testing import TestClient
 
-from fleet.admission import Admission, TooManyRequests
-from fleet.auth import Key, Keys, ModelForbidden, Unauthorized, load_keys
-from fleet.config import AuthConfig, parse_config
+from fleet.gateway.admission import Admission
+
+from fleet.errors import TooManyRequests
+from fleet.gateway.auth import Key, Keys, load_keys
+from fleet.errors import Forbidden, Unauthorized
+from fleet.config.schema import AuthConfig
+from fleet.config.load import parse_config
 
 KEYS = {"keys": ["sk-admin", {"key": "sk-alpha", "models": ["alpha"]}], "keys_env": "TEST_FLEET_KEYS"}
 
@@ -100,14 +104,14 @@ def test_keys_compare_every_key_and_never_print_secrets() -> None:
     assert keys.check("Bearer sk-two").models == frozenset({"m"})
     with pytest.raises(Unauthorized):
         keys.check("Bearer sk-on")
-    with pytest.raises(ModelForbidden):
+    with pytest.raises(Forbidden):
         Keys.allow(keys.check("Bearer sk-two"), "other")
     assert "sk-" not in repr(keys.keys) and "sk-" not in repr(load_keys(AuthConfig(keys=["sk-three"])).keys)
 
 
 def test_engine_refuses_requests_without_the_fleet_token(fleet: InProcessFleet) -> None:
-    from fleet import protocol
-    from fleet.engine import create_engine_app
+    from fleet.wire import protocol
+    from fleet.engine.server import create_engine_app
 
     class Service:
         healthy = True

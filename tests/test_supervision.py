@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT, InProcessFleet, free_port
 from fake_engine import fake_command
 
-from fleet.config import parse_config
+from fleet.config.load import parse_config
 
 FAST = {"restart_backoff": 0.2, "restart_backoff_max": 0.4, "max_restarts": 2, "health_interval": 0.2,
         "stop_grace": 3.0, "drain_timeout": 10.0}
@@ -104,8 +104,8 @@ def test_engine_that_keeps_failing_stays_failed_after_max_restarts(fleet_factory
 
 
 def test_backoff_doubles_up_to_its_cap() -> None:
-    from fleet.config import SupervisorConfig
-    from fleet.supervisor import backoff
+    from fleet.config.schema import SupervisorConfig
+    from fleet.run.supervisor import backoff
 
     policy = SupervisorConfig(restart_backoff=1, restart_backoff_max=5)
     assert [backoff(policy, n) for n in range(5)] == [1, 2, 4, 5, 5]
@@ -167,8 +167,8 @@ def run_fleet_script(tmp_path: Path, models: list[dict[str, Any]]) -> tuple[subp
         import asyncio, sys
         sys.path.insert(0, {str(ROOT / 'tests')!r})
         from fake_engine import fake_command
-        import fleet.launcher as launcher
-        from fleet.config import load_config
+        import fleet.run.launcher as launcher
+        from fleet.config.load import load_config
         cfg = load_config({str(cfg_path)!r})
         asyncio.run(launcher.launch(cfg, echo_logs=False, config_path={str(cfg_path)!r}, command=fake_command))
     """))

@@ -12,22 +12,18 @@ from typing import Any
 import msgspec
 import pytest
 
-from fleet import protocol
+from fleet.wire import protocol
 from litestar.testing import TestClient
 
-from fleet.app import create_app
-from fleet.bodies import read_body
-from fleet.config import SamplingDefaults
+from fleet.gateway.app import create_app
+from fleet.gateway.bodies import read_body
+from fleet.config.schema import SamplingDefaults
 from fleet.errors import BodyTooLarge, InvalidRequest
-from fleet.schemas import CompletionRequest
-from fleet.rules import SamplingType, sampling_type
-from fleet.translate import (
-    Candidate,
-    Plan,
-    best,
-    completion_logprobs,
-    plan_completion,
-)
+from fleet.api.completions.protocol import CompletionRequest
+from fleet.api.rules import SamplingType, sampling_type
+from fleet.api.answers import Candidate, best
+from fleet.api.planning import Plan
+from fleet.api.completions.serving import completion_logprobs, plan_completion
 
 
 def request(**fields: Any) -> CompletionRequest:
@@ -315,10 +311,11 @@ def test_other_fields_pass_through() -> None:
 # --- best_of and logprobs -------------------------------------------------------------------
 
 
-def test_best_of_samples_best_of_candidates_with_logprobs_on() -> None:
+def test_best_of_asks_the_engine_for_cumulative_logprobs_without_per_token_logprobs() -> None:
     p = plan(n=2, best_of=5, temperature=0.8)
     assert (p.n, p.sampling.n, p.sampling.n if p.beam is None else p.beam.width) == (2, 5, 5)
-    assert p.sampling.logprobs == 0  # cumulative logprob is needed to rank the candidates
+    assert p.sampling.cumulative_logprob  # needed to rank the candidates
+    assert p.sampling.logprobs is None  # nothing per token: the client did not ask for logprobs
     assert p.logprobs is None  # ... but the client did not ask for logprobs
 
 
@@ -564,7 +561,7 @@ def test_frame_splitter_holds_back_an_incomplete_frame() -> None:
 
 
 def test_only_streamed_requests_ask_the_engine_for_per_token_deltas() -> None:
-    from fleet.serving import engine_requests
+    from fleet.api.answers import engine_requests
 
     whole = engine_requests(plan(prompt=["a", "b"], n=2), "cmpl-1")
     streamed = engine_requests(plan(prompt="a", stream=True), "cmpl-2")

@@ -1,0 +1,1 @@
+"""/v1/chat/completions: its schemas (`protocol`) and its planning and answers (`serving`)."""

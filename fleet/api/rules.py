@@ -1,0 +1,230 @@
+"""The sampling rules and request checks, each a function whose name says the rule.
+
+The seed's rules are vLLM 0.2.7's, checked in that order before any engine sees a request;
+a broken rule is an `InvalidRequest` (HTTP 400) naming the parameter. A `check_*` function only
+checks; one that also converts a field is named for what it returns (`stop_sequences`).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+from fleet.api.chat.protocol import ChatMessageIn, ResponseFormat
+from fleet.api.protocol import INT32_MAX
+from fleet.config.schema import Limits
+from fleet.errors import InvalidRequest
+from fleet.wire import protocol
+
+SAMPLING_EPS = 1e-5
+_json = msgspec.json.Encoder()
+
+
+class SamplingType(enum.Enum):
+    BEAM = "beam"
+    GREEDY = "greedy"
+    RANDOM = "random"
+
+
+def prompt_list(prompt: str | list[Any]) -> list[str | list[int]]:
+    """A prompt is a string, strings, token ids, or lists of token ids; never empty."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt must not be an empty list", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if all(isinstance(p, int) for p in prompt):
+        return [_token_ids(prompt)]
+    if all(isinstance(p, list) for p in prompt):
+        return [_token_ids(p) for p in prompt]
+    raise InvalidRequest(
+        "prompt must be a string, a list of strings, a list of token ids or a list of "
+        "token-id lists, not a mix",
+        param="prompt",
+    )
+
+
+def _token_ids(ids: list[int]) -> list[int]:
+    if not ids:
+        raise InvalidRequest("a token-id prompt must not be empty", param="prompt")
+    if any(i < 0 for i in ids):
+        raise InvalidRequest("token ids must be >= 0", param="prompt")
+    return ids
+
+
+def sampling_type(use_beam_search: bool, temperature: float) -> SamplingType:
+    """beam -> greedy -> random, decided in that order (vLLM 0.2.7)."""
+    if use_beam_search:
+        return SamplingType.BEAM
+    if temperature < SAMPLING_EPS:
+        return SamplingType.GREEDY
+    return SamplingType.RANDOM
+
+
+def check_best_of(n: int, best_of: int, stream: bool) -> None:
+    """best_of >= n, and choosing among candidates (best_of > n) cannot be streamed (OpenAI's rule)."""
+    if best_of < n:
+        raise InvalidRequest(f"best_of must be >= n, got best_of={best_of} and n={n}", param="best_of")
+    if stream and best_of > n:
+        raise InvalidRequest("best_of > n cannot be used with stream: true", param="best_of")
+
+
+def check_top_k(top_k: int) -> None:
+    """top_k is -1 (disabled) or at least 1."""
+    if top_k != -1 and top_k < 1:
+        raise InvalidRequest(f"top_k must be -1 (disable) or at least 1, got {top_k}", param="top_k")
+
+
+def check_beam_search(
+    best_of: int, temperature: float, top_p: float, top_k: int, early_stopping: bool | str
+) -> None:
+    """Beam search: best_of (the beam width) > 1, temperature 0, top_p 1, top_k -1."""
+    if best_of <= 1:
+        raise InvalidRequest(
+            f"best_of (the beam width) must be greater than 1 when using beam search, got {best_of}",
+            param="best_of",
+        )
+    if temperature > SAMPLING_EPS:
+        raise InvalidRequest("temperature must be 0 when using beam search", param="temperature")
+    if top_p < 1.0 - SAMPLING_EPS:
+        raise InvalidRequest("top_p must be 1 when using beam search", param="top_p")
+    if top_k != -1:
+        raise InvalidRequest("top_k must be -1 when using beam search", param="top_k")
+    if early_stopping not in (True, False, "never"):
+        raise InvalidRequest(
+            f'early_stopping must be true, false or "never", got {early_stopping!r}', param="early_stopping"
+        )
+
+
+def check_not_beam_search(early_stopping: bool | str | None, length_penalty: float | None) -> None:
+    """Without beam search, early_stopping must be false and length_penalty 1."""
+    if early_stopping not in (None, False):
+        raise InvalidRequest("early_stopping is not effective and must be false when not using beam search", param="early_stopping")
+    if length_penalty is not None and abs(length_penalty - 1.0) > SAMPLING_EPS:
+        raise InvalidRequest(
+            "length_penalty is not effective and must be the default value of 1 when not using beam search",
+            param="length_penalty",
+        )
+
+
+def check_greedy(best_of: int, n: int) -> None:
+    """Greedy sampling (temperature 0) gives one answer: best_of must be 1."""
+    if best_of > 1:
+        which = "best_of" if best_of != n else "n"
+        raise InvalidRequest(
+            f"best_of must be 1 when using greedy sampling (temperature 0), got {which}={best_of}; "
+            "raise the temperature to get several different completions",
+            param=which,
+        )
+
+
+def check_stream_options(stream: bool, has_options: bool) -> None:
+    """stream_options is only allowed with stream: true (OpenAI's rule)."""
+    if has_options and not stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def stop_sequences(stop: str | list[str] | None) -> list[str]:
+    """Stop sequences are non-empty strings."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(s == "" for s in stops):
+        raise InvalidRequest("stop sequences must not be empty strings", param="stop")
+    return stops
+
+
+def logit_bias_by_token_id(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """logit_bias keys are token ids written as strings."""
+    if not bias:
+        return None
+    try:
+        parsed = {int(k): float(v) for k, v in bias.items()}
+        if any(k > INT32_MAX for k in parsed):
+            raise ValueError("too large")
+    except ValueError:
+        raise InvalidRequest("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
+    if any(k < 0 for k in parsed):
+        raise InvalidRequest("logit_bias keys must be token ids >= 0", param="logit_bias")
+    return parsed
+
+
+def check_suffix(suffix: str | None) -> None:
+    """suffix needs fill-in-the-middle support, which no fleet model offers yet."""
+    if suffix:
+        raise InvalidRequest(
+            "suffix is not supported: the model has no fill-in-the-middle tokens fleet can use", param="suffix"
+        )
+
+
+def text_messages(messages: list[ChatMessageIn]) -> list[protocol.ChatMessage]:
+    """Text messages only: content is a string or text parts; tool messages need tool support."""
+    out = []
+    for i, m in enumerate(messages):
+        if m.role == "tool" or m.tool_calls:
+            raise InvalidRequest(
+                "tool messages are not supported: fleet does not run tool calling for this model", param=f"messages[{i}]"
+            )
+        if isinstance(m.content, list):
+            if any(p.type != "text" or p.text is None for p in m.content):
+                raise InvalidRequest("only text content parts are supported", param=f"messages[{i}].content")
+            content = "".join(p.text or "" for p in m.content)
+        else:
+            content = m.content or ""
+        out.append(protocol.ChatMessage("system" if m.role == "developer" else m.role, content))
+    return out
+
+
+def check_tools(tools: list[Any] | None, tool_choice: Any) -> None:
+    """Tools are refused clearly, never silently ignored (tool_choice "none" asks for no call)."""
+    if tools and tool_choice != "none":
+        raise InvalidRequest(
+            "tools are not supported: fleet does not parse tool calls for this model; "
+            'send tool_choice: "none" or no tools',
+            param="tools",
+        )
+    if tool_choice not in (None, "none", "auto") and not tools:
+        raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+
+
+def structured_output(fmt: ResponseFormat | None) -> tuple[str | None, bool]:
+    """response_format -> (JSON schema text, json_object flag) for the engine's structured output."""
+    if fmt is None or fmt.type == "text":
+        return None, False
+    if fmt.type == "json_object":
+        return None, True
+    if fmt.json_schema is None or fmt.json_schema.schema is None:
+        raise InvalidRequest("response_format json_schema needs json_schema.schema", param="response_format")
+    return _json.encode(fmt.json_schema.schema).decode(), False
+
+
+def chat_top_logprobs(logprobs: bool | None, top_logprobs: int | None) -> int | None:
+    """Chat asks for logprobs with a flag; top_logprobs needs it."""
+    if top_logprobs is not None and not logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs: true", param="top_logprobs")
+    return (top_logprobs or 0) if logprobs else None
+
+
+def check_limits(limits: Limits, *, n: int, best_of: int, max_tokens: int | None, prompts: int, size: int,
+                 prompt_param: str = "prompt") -> None:
+    """The model's per-request caps from fleet.toml ([models.limits])."""
+    if n > limits.n:
+        raise InvalidRequest(f"n is at most {limits.n} for this model, got {n}", param="n")
+    if best_of > limits.best_of:
+        raise InvalidRequest(f"best_of is at most {limits.best_of} for this model, got {best_of}", param="best_of")
+    if max_tokens is not None and limits.max_tokens is not None and max_tokens > limits.max_tokens:
+        raise InvalidRequest(f"max_tokens is at most {limits.max_tokens} for this model, got {max_tokens}",
+                             param="max_tokens")
+    if prompts > limits.prompts:
+        raise InvalidRequest(f"at most {limits.prompts} prompts per request, got {prompts}", param=prompt_param)
+    if size > limits.prompt_chars:
+        raise InvalidRequest(f"the prompt is too long for this model: {size} characters, at most {limits.prompt_chars}",
+                             param=prompt_param)
+
+
+def check_min_tokens(min_tokens: int, max_tokens: int, *, defaulted: bool = False) -> None:
+    """min_tokens cannot exceed max_tokens (vLLM's rule), the one sent or the default one."""
+    if min_tokens > max_tokens:
+        which = f"the default max_tokens ({max_tokens}); send a larger max_tokens" if defaulted else f"max_tokens ({max_tokens})"
+        raise InvalidRequest(f"min_tokens ({min_tokens}) must be at most {which}", param="min_tokens")

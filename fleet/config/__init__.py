@@ -1,0 +1,5 @@
+"""fleet.toml: its schema (`schema`), how a file is read and the rules it must satisfy (`load`),
+the checks that need the machine (`placement`), and where model weights come from (`sources`).
+
+May import: fleet.errors only. Imported by every other part.
+"""

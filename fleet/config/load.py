@@ -1,0 +1,102 @@
+"""Reading a fleet file: TOML, then the schema, then the rules across models; every error is a
+ConfigError that names the file, the model and the field, before anything starts."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from fleet.config.schema import DEFAULT_CONFIG, MAX_SHARED_FRACTION, FleetConfig, ModelConfig
+from fleet.errors import ConfigError
+
+def load_config(path: Path | str = DEFAULT_CONFIG, **overrides: Any) -> FleetConfig:
+    """Read, merge and validate a fleet file; raise ConfigError naming file, model and field."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:  # TOML is UTF-8 whatever the locale says
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise ConfigError(f"{path}: cannot read the fleet file: {e}") from None
+    return parse_config(raw, path, **overrides)
+
+
+def parse_config(raw: dict[str, Any], path: Path | str = "<string>", **overrides: Any) -> FleetConfig:
+    """Validate an already-parsed fleet file (tests load config from strings through this)."""
+    gateway = {k: v for k, v in overrides.items() if k in ("host", "port") and v is not None}
+    try:
+        config = FleetConfig.from_data(raw, **({"gateway": gateway} if gateway else {}))
+    except ValidationError as e:
+        raise ConfigError(_describe(e, Path(path), raw)) from None
+    check_fleet(config, Path(path))
+    return config
+
+
+def _describe(error: ValidationError, path: Path, raw: dict[str, Any]) -> str:
+    lines = [f"{path}: invalid fleet file"]
+    models = raw.get("models") if isinstance(raw.get("models"), list) else []
+    for item in error.errors():
+        loc = list(item["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+            i = loc[1]
+            name = models[i].get("name") if i < len(models) and isinstance(models[i], dict) else None
+            field = ".".join(str(p) for p in loc[2:]) or "(model)"
+            where = f'model "{name}" (models[{i}]), field "{field}"' if name else f'models[{i}], field "{field}"'
+        elif loc:
+            where = f'field "{where}"'
+        msg = "unknown field (typo?)" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def check_gpu_sharing(sharers: dict[int, list[tuple[int, ModelConfig]]]) -> list[str]:
+    """A GPU serves several models only when each sets gpu_memory_utilization and they sum to <= 0.95."""
+    problems = []
+    for g, users in sorted(sharers.items()):
+        if len(users) < 2:
+            continue
+        names = ", ".join(f'"{m.name}"' for _, m in users)
+        unset = [(i, m) for i, m in users if m.gpu_memory_utilization is None]
+        for i, m in unset:
+            problems.append(
+                f'model "{m.name}" (models[{i}]), field "gpu_memory_utilization": GPU {g} is shared by {names}; '
+                "each model on a shared GPU must set its memory fraction"
+            )
+        total = sum(m.memory_fraction for _, m in users)
+        if not unset and total > MAX_SHARED_FRACTION + 1e-9:
+            i, m = users[-1]
+            problems.append(
+                f'model "{m.name}" (models[{i}]), field "gpu_memory_utilization": the models on GPU {g} ({names}) '
+                f"ask for {total:.2f} of its memory together; at most {MAX_SHARED_FRACTION}"
+            )
+    return problems
+
+
+def check_fleet(config: FleetConfig, path: Path) -> None:
+    """Cross-model rules: unique names and ports, no port equal to the gateway's, no shared GPU."""
+    problems: list[str] = []
+    seen_names: dict[str, int] = {}
+    seen_ports: dict[int, str] = {}
+    sharers: dict[int, list[tuple[int, ModelConfig]]] = {}
+    for i, m in enumerate(config.models):
+        where = f'model "{m.name}" (models[{i}])'
+        if m.name in seen_names:
+            problems.append(f'{where}, field "name": duplicate name, also models[{seen_names[m.name]}]')
+        seen_names.setdefault(m.name, i)
+        if m.port == config.gateway.port:
+            problems.append(f'{where}, field "port": {m.port} is the gateway\'s port')
+        elif m.port in seen_ports:
+            problems.append(f'{where}, field "port": {m.port} is also the port of model "{seen_ports[m.port]}"')
+        seen_ports.setdefault(m.port, m.name)
+        for g in m.gpus:
+            sharers.setdefault(g, []).append((i, m))
+    problems += check_gpu_sharing(sharers)
+    if problems:
+        raise ConfigError("\n".join([f"{path}: invalid fleet file", *("  " + p for p in problems)]))

@@ -1,0 +1,154 @@
+"""Where each model will run, and the checks that need the machine, done before anything starts.
+
+`fleet check` prints the placement; `fleet launch` runs the same checks and refuses to start
+on an error. The file-only rules (names, ports, GPU sharing) live in config.py; these need the
+machine: the GPUs it has, the ports other processes hold, the model sources on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from collections import defaultdict
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from fleet.config.schema import FleetConfig, ModelConfig
+from fleet.config.sources import DEFAULT_NAME, SourceKind, cache_dir, classify, default_gguf
+
+
+class SourceState(str, Enum):
+    FOUND = "found"
+    WILL_CONVERT = "will convert"
+    WILL_DOWNLOAD = "will download"
+    MISSING = "missing"
+
+
+@dataclass
+class Placement:
+    """The outcome of the checks: per-model source states, per-GPU use, errors and warnings."""
+
+    sources: dict[str, SourceState] = field(default_factory=dict)
+    gpus: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def source_state(m: ModelConfig) -> tuple[SourceState, str | None]:
+    """Whether a model's source is on disk, will be converted or downloaded, or is missing."""
+    src = classify(m.source)
+    if src.kind is SourceKind.DEFAULT:
+        if (cache_dir() / "models" / DEFAULT_NAME / "config.json").is_file():
+            return SourceState.FOUND, None
+        try:
+            path = default_gguf()
+        except FileNotFoundError as e:
+            return SourceState.MISSING, str(e)
+        return (SourceState.WILL_CONVERT, None) if path.is_file() else (SourceState.MISSING, f"{path} not found")
+    if src.kind is SourceKind.GGUF:
+        path = Path(src.location)
+        ok = path.is_file() and os.access(path, os.R_OK)
+        return (SourceState.WILL_CONVERT, None) if ok else (SourceState.MISSING, f"cannot read GGUF file {path}")
+    if src.kind is SourceKind.DIRECTORY:
+        path = Path(src.location)
+        if not path.is_dir() or not os.access(path, os.R_OK):
+            return SourceState.MISSING, f"cannot read model directory {path}"
+        if not (path / "config.json").is_file():
+            return SourceState.MISSING, f"{path} has no config.json"
+        return SourceState.FOUND, None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if _in_hf_cache(m.source):
+        return SourceState.FOUND, None
+    if offline:
+        return SourceState.MISSING, f"{m.source} is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    return SourceState.WILL_DOWNLOAD, None
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
+    return (hub / f"models--{repo_id.replace('/', '--')}").is_dir()
+
+
+def attention_heads(m: ModelConfig) -> int | None:
+    """The model's attention heads, from its config.json when the source is local."""
+    src = classify(m.source)
+    folder = {
+        SourceKind.DIRECTORY: Path(src.location),
+        SourceKind.DEFAULT: cache_dir() / "models" / DEFAULT_NAME,
+    }.get(src.kind)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    heads = cfg.get("num_attention_heads") or cfg.get("text_config", {}).get("num_attention_heads")
+    return heads if isinstance(heads, int) else None
+
+
+def visible_gpus() -> list[int] | None:
+    """The machine's NVIDIA GPU indexes, or None when nothing can tell (no nvidia-smi)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [int(x) for x in out.split() if x.strip().isdigit()]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when another process already listens on (host, port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_placement(config: FleetConfig, path: Path | str, *, gpus: list[int] | None = None,
+                    probe_ports: bool = True) -> Placement:
+    """Every machine-dependent rule; `gpus` overrides what nvidia-smi reports (tests)."""
+    out = Placement()
+    have = gpus if gpus is not None else visible_gpus()
+    for i, m in enumerate(config.models):
+        where = f'{path}: model "{m.name}" (models[{i}])'
+        state, why = source_state(m)
+        out.sources[m.name] = state
+        if state is SourceState.MISSING:
+            out.errors.append(f'{where}, field "source": {why}')
+        heads = attention_heads(m)
+        if heads is not None and heads % m.tensor_parallel_size:
+            out.errors.append(
+                f'{where}, field "gpus": tensor parallel size {m.tensor_parallel_size} (one per GPU) must divide '
+                f"the model's {heads} attention heads"
+            )
+        for g in m.gpus:
+            out.gpus.setdefault(g, []).append((m.name, m.memory_fraction))
+            if have is not None and g not in have:
+                found = ", ".join(map(str, have)) or "none"
+                out.errors.append(f'{where}, field "gpus": this machine has no GPU {g} (GPUs: {found})')
+        if m.gpus and have is None:
+            out.warnings.append(f'{where}: cannot tell which GPUs this machine has (no nvidia-smi)')
+        if probe_ports and port_in_use(m.host, m.port):
+            out.errors.append(f'{where}, field "port": {m.host}:{m.port} is already in use by another process')
+    gw = config.gateway
+    if probe_ports and port_in_use(gw.host, gw.port):
+        out.errors.append(f'{path}: [gateway], field "port": {gw.host}:{gw.port} is already in use by another process')
+    return out
+
+
+def gpu_rows(placement: Placement) -> list[tuple[int, list[str], float]]:
+    """Per GPU: the models on it and their summed memory fraction."""
+    by_gpu: dict[int, list[tuple[str, float]]] = defaultdict(list, placement.gpus)
+    return [(g, [n for n, _ in by_gpu[g]], round(sum(f for _, f in by_gpu[g]), 3)) for g in sorted(by_gpu)]

@@ -1,0 +1,250 @@
+"""fleet.toml's schema: every table and field, their defaults and their one-field rules.
+
+Settings come from three layers, highest first: CLI flags (passed to `load.load_config` as
+overrides), `FLEET_` environment variables (nested with `__`, e.g. `FLEET_GATEWAY__PORT=9000`),
+then the TOML file (`FleetConfig.from_data`).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG = Path("fleet.toml")
+CPU_MEMORY_FRACTION = 0.3  # of one NUMA node: vLLM's CPU backend fails to start at 0.9
+CPU_KV_CACHE_GIB = 1.0  # an explicit size also skips vLLM's warm-up pass: a faster start
+GIB = 1 << 30
+MAX_SHARED_FRACTION = 0.95  # of one GPU, summed over the models that share it
+
+
+def _not_bool(value: Any) -> Any:
+    """pydantic's lax mode reads `true` as 1; in a fleet file that is a typo, not a number."""
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not true/false")
+    return value
+
+
+# Lax (FLEET_ environment values arrive as strings) but never a TOML boolean.
+Int = Annotated[int, BeforeValidator(_not_bool)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewayConfig(_Strict):
+    """Where the OpenAI-compatible gateway listens."""
+
+    host: str = "127.0.0.1"
+    port: Int = Field(8000, ge=1, le=65535)
+    max_body_bytes: Int = Field(8 << 20, ge=1024, description="larger request bodies get 413")
+    engine_timeout: float = Field(
+        300.0, gt=0, description="seconds an engine may stay silent during a request before it is a 504"
+    )
+
+
+class ApiKey(_Strict):
+    """One API key, optionally limited to some models."""
+
+    key: SecretStr = Field(min_length=1)
+    models: list[str] | None = Field(None, description="the models this key may use; absent: all")
+
+
+class AuthConfig(_Strict):
+    """API keys. With none configured the gateway is open (bind it to loopback)."""
+
+    keys: list[ApiKey] = Field(default_factory=list)
+    keys_env: str | None = Field("FLEET_API_KEYS", description="an environment variable of comma-separated keys")
+    keys_file: str | None = Field(None, description="a file with one key per line, `key model1,model2` to limit it")
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _plain_strings_are_keys(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"key": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class Limits(_Strict):
+    """Per-model bounds: nothing a client sends is unbounded."""
+
+    max_concurrent: Int = Field(256, ge=1, description="requests at the engine at once")
+    max_queued: Int = Field(1024, ge=0, description="requests waiting beyond those; more get 429")
+    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait in the queue")
+    max_tokens: Int | None = Field(None, ge=1, description="the largest max_tokens a request may ask for")
+    n: Int = Field(16, ge=1, le=128)
+    best_of: Int = Field(20, ge=1, le=128)
+    prompts: Int = Field(64, ge=1, description="prompts in one completions request")
+    prompt_chars: Int = Field(1_000_000, ge=1, description="characters (or token ids) in all prompts together")
+
+
+class SupervisorConfig(_Strict):
+    """How the launcher watches, restarts and stops engines (seconds throughout)."""
+
+    restart_backoff: float = Field(1.0, gt=0, description="wait before the first restart; doubles each time")
+    restart_backoff_max: float = Field(60.0, gt=0, description="the longest wait between restarts")
+    max_restarts: int = Field(5, ge=0, description="restarts in a row before the model stays failed")
+    restart_reset_after: float = Field(300.0, gt=0, description="ready this long: the restart count starts over")
+    health_interval: float = Field(2.0, gt=0, description="how often a ready engine's /health is polled")
+    health_failures: int = Field(3, ge=1, description="failed polls in a row that count as a crash")
+    stop_grace: float = Field(15.0, gt=0, description="SIGTERM, then SIGKILL after this long")
+    drain_timeout: float = Field(30.0, gt=0, description="how long in-flight requests may finish at shutdown/reload")
+
+
+class SamplingDefaults(_Strict):
+    """Per-model defaults for request fields the client leaves unset."""
+
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: Int | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_disabled_or_positive(cls, top_k: int | None) -> int | None:
+        if top_k is not None and top_k != -1 and top_k < 1:
+            raise ValueError("top_k is -1 (disabled) or at least 1")
+        return top_k
+
+
+class ModelConfig(_Strict):
+    """One model of the fleet: one vLLM engine process."""
+
+    name: str = Field(min_length=1, description="what clients send as `model`")
+    source: str = Field(
+        min_length=1,
+        description='Hugging Face id, local directory, `.gguf` file, or "default" (the packaged model)',
+    )
+    gpus: list[Int] = Field(default_factory=list, description="CUDA device ids; empty = CPU")
+    port: Int = Field(ge=1, le=65535, description="the engine's port")
+    host: str = Field("127.0.0.1", description="the engine's listen address")
+    max_model_len: Int | None = Field(None, ge=1)
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description=f"default: 0.9 on GPUs, {CPU_MEMORY_FRACTION} on the CPU"
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description=f"KV cache size in GiB; wins over gpu_memory_utilization. CPU default: {CPU_KV_CACHE_GIB}"
+        " unless gpu_memory_utilization is set",
+    )
+    enforce_eager: bool | None = Field(
+        None, description="default: true on the CPU (much faster start), false on GPUs"
+    )
+    dtype: str = "auto"
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="passed through to vLLM's AsyncEngineArgs"
+    )
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    limits: Limits = Field(default_factory=Limits)
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template file, for a model whose tokenizer has none (or to replace it)"
+    )
+    start_timeout: float = Field(600.0, gt=0, description="seconds until a loading engine counts as failed")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_ids_distinct_and_non_negative(cls, gpus: list[int]) -> list[int]:
+        if any(g < 0 for g in gpus):
+            raise ValueError("GPU ids are >= 0")
+        if len(set(gpus)) != len(gpus):
+            raise ValueError("a GPU id is listed twice")
+        return gpus
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_is_a_file(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"chat template file not found: {path}")
+        return path
+
+    @property
+    def on_cpu(self) -> bool:
+        """True when the model runs on the CPU build of vLLM."""
+        return not self.gpus
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """One shard per GPU."""
+        return max(1, len(self.gpus))
+
+    @property
+    def memory_fraction(self) -> float:
+        """gpu_memory_utilization with the CPU/GPU default applied."""
+        if self.gpu_memory_utilization is not None:
+            return self.gpu_memory_utilization
+        return CPU_MEMORY_FRACTION if self.on_cpu else 0.9
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """An explicit KV cache size for vLLM, or None to size it from memory_fraction."""
+        if self.kv_cache_gib is not None:
+            return int(self.kv_cache_gib * GIB)
+        if self.on_cpu and self.gpu_memory_utilization is None:
+            return int(CPU_KV_CACHE_GIB * GIB)
+        return None
+
+    @property
+    def eager(self) -> bool:
+        """enforce_eager with the CPU/GPU default applied."""
+        return self.on_cpu if self.enforce_eager is None else self.enforce_eager
+
+
+_TOML_DATA: ContextVar[dict[str, Any]] = ContextVar("fleet_toml_data", default={})
+
+
+class _TomlDataSource(PydanticBaseSettingsSource):
+    """The already-parsed fleet file, as the lowest-priority settings source."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _TOML_DATA.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_TOML_DATA.get())
+
+
+class FleetConfig(BaseSettings):
+    """A whole fleet: the gateway and its models."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest first: CLI flags (init kwargs), FLEET_ environment, the TOML file.
+        return (init_settings, env_settings, _TomlDataSource(settings_cls))
+
+    @classmethod
+    def from_data(cls, raw: dict[str, Any], **init: Any) -> FleetConfig:
+        """Validate an already-parsed fleet file under `init` (CLI flags) and FLEET_ variables;
+        raises pydantic's ValidationError."""
+        token = _TOML_DATA.set(raw)
+        try:
+            return cls(**init)
+        finally:
+            _TOML_DATA.reset(token)
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The model clients call `name`, if any."""
+        return next((m for m in self.models if m.name == name), None)

@@ -1,0 +1,202 @@
+"""Protocol requests -> vLLM calls, and vLLM outputs -> protocol frames, for one engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fleet.errors import InvalidRequest
+from fleet.wire import protocol
+
+log = logging.getLogger("fleet.engine")
+
+
+class EngineService:
+    """Turns protocol requests into vLLM calls and vLLM outputs into protocol frames."""
+
+    def __init__(self, engine: Any, name: str, chat_template: str | None = None) -> None:
+        from vllm import __version__ as vllm_version
+
+        self.engine = engine
+        self.name = name
+        self.tokenizer = engine.get_tokenizer()
+        self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        model_config = engine.model_config
+        self.max_model_len: int = model_config.max_model_len
+        self.vocab_size: int = model_config.get_vocab_size()
+        self.info = protocol.EngineInfo(
+            model=name,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            eos_token_id=getattr(self.tokenizer, "eos_token_id", None),
+            vllm_version=vllm_version,
+            device=str(engine.vllm_config.device_config.device_type),
+            chat_template=self.chat_template is not None,
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """False once the vLLM engine died; the launcher then restarts this process."""
+        return not self.engine.errored
+
+    def prompt_ids(self, req: protocol.GenerateRequest) -> list[int]:
+        """The prompt as token ids, checked against the vocabulary and the context length."""
+        if isinstance(req.prompt, str):
+            ids = self.tokenizer.encode(req.prompt)
+        elif isinstance(req.prompt, protocol.Chat):
+            ids = self.tokenizer.encode(self.render_chat(req.prompt), add_special_tokens=False)
+        else:
+            ids = req.prompt
+            if bad := [i for i in ids if i >= self.vocab_size]:
+                raise InvalidRequest(f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})", param="prompt")
+        room = self.max_model_len - len(ids)
+        if room <= 0:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens, which fills the model's context of "
+                f"{self.max_model_len} tokens and leaves no room to generate",
+                param="prompt",
+            )
+        if req.sampling.max_tokens > room and not req.sampling.clamp_max_tokens:
+            raise InvalidRequest(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{len(ids)} tokens, so max_tokens can be at most {room}, got {req.sampling.max_tokens}",
+                param="max_tokens",
+            )
+        if req.sampling.min_tokens > room:
+            raise InvalidRequest(
+                f"min_tokens ({req.sampling.min_tokens}) is more than the {room} tokens this model's context "
+                f"({self.max_model_len}) leaves after the prompt's {len(ids)}",
+                param="min_tokens",
+            )
+        return ids
+
+    def render_chat(self, chat: protocol.Chat) -> str:
+        """The conversation as prompt text, through the model's chat template."""
+        if self.chat_template is None:
+            raise InvalidRequest(
+                f"model {self.name!r} has no chat template; set chat_template in fleet.toml or use /v1/completions",
+                param="messages",
+            )
+        try:
+            return self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in chat.messages],
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=chat.add_generation_prompt and not chat.continue_final_message,
+                continue_final_message=chat.continue_final_message,
+            )
+        except Exception as e:  # noqa: BLE001 - a template that rejects these messages
+            raise InvalidRequest(f"the chat template cannot render these messages: {e}", param="messages") from None
+
+    def sampling_params(self, s: protocol.SamplingParams, room: int, final_only: bool = False) -> Any:
+        """vLLM SamplingParams for one request: streaming deltas, or each output once when it ends."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        structured = None
+        if s.json_schema is not None:
+            structured = StructuredOutputsParams(json=s.json_schema)
+        elif s.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        return SamplingParams(
+            n=s.n,
+            max_tokens=min(s.max_tokens, room),
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=0 if s.top_k == -1 else s.top_k,
+            min_p=s.min_p,
+            seed=s.seed,
+            stop=s.stop or None,
+            stop_token_ids=s.stop_token_ids or None,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            logit_bias=s.logit_bias,
+            min_tokens=s.min_tokens,
+            ignore_eos=s.ignore_eos,
+            # vLLM computes a cumulative logprob only with logprobs on: 0 asks for the sampled token's alone
+            logprobs=s.logprobs if s.logprobs is not None else (0 if s.cumulative_logprob else None),
+            prompt_logprobs=s.prompt_logprobs,
+            structured_outputs=structured,
+            output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
+        )
+
+    def token_text(self, token_id: int, logprob: Any) -> str:
+        """The text of one token as the logprobs report it."""
+        text = getattr(logprob, "decoded_token", None)
+        return text if text is not None else self.tokenizer.decode([token_id])
+
+    def position(self, token_id: int, entries: dict[int, Any] | None) -> protocol.TokenLogprob:
+        """One position's logprob and alternatives, best first (the chosen token included)."""
+        if not entries:
+            return protocol.TokenLogprob(self.tokenizer.decode([token_id]), None, None)
+        chosen = entries.get(token_id)
+        top = sorted(entries.items(), key=lambda kv: kv[1].logprob, reverse=True)
+        return protocol.TokenLogprob(
+            self.token_text(token_id, chosen) if chosen else self.tokenizer.decode([token_id]),
+            chosen.logprob if chosen else None,
+            [(self.token_text(t, lp), lp.logprob) for t, lp in top],
+        )
+
+    async def frames(self, req: protocol.GenerateRequest) -> AsyncIterator[bytes]:
+        """The /generate response body: Prompt, Deltas, then Done or Error."""
+        try:
+            ids = self.prompt_ids(req)
+        except InvalidRequest as e:
+            yield protocol.encode_frame(protocol.Error(e.message, status=400, param=e.param))
+            return
+        if req.beam is not None:
+            from fleet.engine.beam import beam_search_frames
+
+            async for chunk in beam_search_frames(self, req, ids):
+                yield chunk
+            return
+        params = self.sampling_params(req.sampling, self.max_model_len - len(ids), req.final_only)
+        per_token = req.sampling.logprobs is not None  # not for best_of's ranking alone
+        completion_tokens = 0
+        first = True
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, req.request_id):
+                chunk = bytearray()
+                if first:
+                    first = False
+                    chunk += protocol.encode_frame(self.prompt_frame(ids, out.prompt_logprobs, req.echo))
+                for c in out.outputs:
+                    completion_tokens += len(c.token_ids)
+                    chunk += protocol.encode_frame(self.delta(c, per_token))
+                if chunk:
+                    yield bytes(chunk)
+        except ValueError as e:  # vLLM's request validation
+            yield protocol.encode_frame(protocol.Error(str(e), status=400))
+            return
+        except Exception as e:  # noqa: BLE001 - reported to the gateway, never swallowed
+            log.exception("request %s failed", req.request_id)
+            yield protocol.encode_frame(protocol.Error(f"engine error: {type(e).__name__}: {e}", status=500))
+            return
+        yield protocol.encode_frame(protocol.Done(prompt_tokens=len(ids), completion_tokens=completion_tokens))
+
+    def delta(self, out: Any, per_token: bool) -> protocol.Delta:
+        """One choice's new output (vLLM's CompletionOutput) as a Delta frame. Per-token logprobs
+        only when the client asked for them: best_of's ranking needs the cumulative logprob alone."""
+        logprobs = None
+        if per_token and out.logprobs is not None:
+            logprobs = [self.position(t, e) for t, e in zip(out.token_ids, out.logprobs)]
+        return protocol.Delta(
+            index=out.index,
+            text=out.text,
+            token_ids=list(out.token_ids),
+            logprobs=logprobs,
+            finish_reason=out.finish_reason,
+            cumulative_logprob=out.cumulative_logprob,
+        )
+
+    def prompt_frame(self, ids: list[int], prompt_logprobs: Any, echo: bool) -> protocol.Prompt:
+        """The Prompt frame: token ids, text for echo, and per-token logprobs when asked."""
+        logprobs = None
+        if prompt_logprobs is not None:
+            logprobs = [
+                protocol.TokenLogprob(self.tokenizer.decode([t]), None, None) if e is None else self.position(t, e)
+                for t, e in zip(ids, prompt_logprobs)
+            ]
+        return protocol.Prompt(token_ids=ids, text=self.tokenizer.decode(ids) if echo else None, logprobs=logprobs)

@@ -1,0 +1,108 @@
+"""API keys for the gateway: from fleet.toml, an environment variable, or a file; never logged.
+
+A key either opens every model or only the models listed for it. `Authorization: Bearer <key>`
+is compared with every configured key in constant time (`hmac.compare_digest`), so timing does
+not tell how much of a guess was right. With no key configured, the gateway is open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from litestar import Request
+
+from fleet.config.schema import AuthConfig
+from fleet.errors import ConfigError, Forbidden, Unauthorized
+
+
+@dataclass(frozen=True)
+class Key:
+    """One API key and the models it may use (None: all)."""
+
+    secret: bytes
+    models: frozenset[str] | None
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Key(models={sorted(self.models) if self.models else 'all'})"
+
+
+class Keys:
+    """The gateway's keys; `check` returns the caller's key or raises Unauthorized."""
+
+    def __init__(self, keys: list[Key]) -> None:
+        self.keys = keys
+
+    @property
+    def enabled(self) -> bool:
+        """Whether requests need a key at all."""
+        return bool(self.keys)
+
+    def check(self, authorization: str | None) -> Key | None:
+        """The key presented in an Authorization header (constant time), or Unauthorized."""
+        if not self.keys:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing API key: send Authorization: Bearer <key>")
+        presented = token.strip().encode()
+        found = None
+        for key in self.keys:  # no early exit: every key is compared
+            if hmac.compare_digest(presented, key.secret):
+                found = key
+        if found is None:
+            raise Unauthorized("invalid API key")
+        return found
+
+    @staticmethod
+    def allow(key: Key | None, model: str) -> None:
+        """Raise Forbidden when the key is limited to other models."""
+        if key is not None and key.models is not None and model not in key.models:
+            raise Forbidden(f"this API key may not use model {model!r}", param="model", code="model_not_allowed")
+
+
+def load_keys(cfg: AuthConfig) -> Keys:
+    """Keys from fleet.toml's [auth] table, its environment variable and its file."""
+    keys = [Key(k.key.get_secret_value().encode(), frozenset(k.models) if k.models is not None else None)
+            for k in cfg.keys]
+    if cfg.keys_env and (value := os.environ.get(cfg.keys_env)):
+        keys += [_parse_line(part, f"${cfg.keys_env}") for part in value.split(",") if part.strip()]
+    if cfg.keys_file:
+        path = Path(cfg.keys_file).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"[auth] keys_file {path}: {e.strerror}") from None
+        keys += [_parse_line(line, str(path)) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return Keys(keys)
+
+
+def _parse_line(line: str, where: str) -> Key:
+    """`key` or `key model1,model2` (a key limited to those models)."""
+    secret, _, models = line.strip().partition(" ")
+    if not secret:
+        raise ConfigError(f"{where}: an empty API key")
+    limited = frozenset(m.strip() for m in models.split(",") if m.strip()) if models.strip() else None
+    return Key(secret.encode(), limited)
+
+
+async def require_key(request: Request) -> None:
+    """Litestar before_request hook: a valid API key when the fleet has keys (kept for model checks).
+
+    A hook rather than a guard: Litestar copies the route handler for every guard call, a cost on
+    every request; the hook still runs before the body is read, so a request without a valid key
+    is a 401 whatever its body.
+    """
+    keys: Keys = request.app.state.api_keys
+    if keys.enabled:
+        request.scope["fleet_key"] = keys.check(request.headers.get("authorization"))  # type: ignore[typeddict-unknown-key]
+
+
+async def require_admin(request: Request) -> None:
+    """Litestar before_request hook for control routes: with keys, a key that may use every model."""
+    await require_key(request)
+    key = request.scope.get("fleet_key")
+    if key is not None and key.models is not None:
+        raise Forbidden("fleet control needs a key that may use every model", code="model_not_allowed")

@@ -1,0 +1,90 @@
+"""Request bodies of the generation routes: read under the size limit, decoded straight into the
+route's msgspec schema, and every way a body can be wrong reported as a 400 that names the field.
+
+The generation routes are plain ASGI handlers (app.py says why), so this does for them what
+Litestar's typed `data` parameter did, in one decoding pass instead of two (a generic JSON decode,
+then a conversion). Decoding is lax the way pydantic-based servers (vLLM, OpenAI's) are:
+`"max_tokens": "16"` is 16, but `true` is not a number.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+import msgspec
+from litestar.types import Receive, Scope
+
+from fleet.errors import BodyTooLarge, ClientDisconnected, FleetError, InvalidRequest
+
+T = TypeVar("T")
+_AT = re.compile(r" - at `\$\.?(.*)`$")
+_MISSING = re.compile(r"^Object missing required field `([^`]+)`")
+
+
+def decoder(schema: type[T]) -> msgspec.json.Decoder[T]:
+    """The lax JSON decoder for one request schema (built once per route)."""
+    return msgspec.json.Decoder(schema, strict=False)
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """One request header by its lower-case name (ASGI servers lower-case them), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body; BodyTooLarge past `limit` bytes, declared or sent."""
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        if not message.get("more_body", False):
+            return b"".join((*chunks, chunk)) if chunks else chunk  # usually one message: no copy
+        chunks.append(chunk)
+
+
+def decode_body(body: bytes, schema: msgspec.json.Decoder[T]) -> T:
+    """The request as its schema's type, or an InvalidRequest saying what is wrong and where."""
+    if not body.strip():
+        raise InvalidRequest("the request body is empty: send a JSON object")
+    try:
+        try:
+            return schema.decode(body)
+        except msgspec.ValidationError as e:
+            # Typed decoding stops at the first wrong field, maybe before a syntax error further on;
+            # a body that is not JSON at all is reported as that (only failing requests pay this).
+            msgspec.json.decode(body)
+            raise invalid_field(str(e)) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:  # a string with bytes that are not UTF-8
+        raise InvalidRequest(f"the request body is not valid UTF-8 JSON: {e.reason} at byte {e.start}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body's JSON is nested too deeply") from None
+
+
+def invalid_field(error: str) -> FleetError:
+    """msgspec's "Expected `int` >= 1 - at `$.n`" as a 400 whose `param` is the field (`n`).
+
+    A missing field is named by its own path (`messages[0].role`), not its parent's.
+    """
+    at = _AT.search(error)
+    message = error[:at.start()] if at else error
+    path = at.group(1) if at else ""
+    missing = _MISSING.match(message)
+    if missing:
+        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+    where = f" (at `{path}`)" if path else ""
+    return InvalidRequest(f"invalid request: {message}{where}", param=path or None)

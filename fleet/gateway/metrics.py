@@ -1,0 +1,125 @@
+"""What the gateway counts: per model (`BackendStats`), and `/metrics` in Prometheus' text format
+(prometheus-client), one registry per gateway.
+
+Counts that the gateway keeps anyway (requests in flight and queued, tokens, engine state and
+restarts, responses by status) are read at scrape time by a collector, so the request path
+pays only for the two latency histograms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fleet.gateway.status import EngineState
+
+if TYPE_CHECKING:
+    from fleet.gateway.backend import Backend
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_RATE_WINDOW = 10.0  # seconds over which `tokens_per_second` averages
+
+
+@dataclass
+class BackendStats:
+    """What the gateway counts per model: requests in flight (drained on reload), totals, token rate."""
+
+    inflight: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    responses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    _recent: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
+    _idle: asyncio.Event | None = None  # set when the last request in flight ends
+
+    def begin(self) -> None:
+        """A request for this model started."""
+        self.inflight += 1
+        self.requests += 1
+
+    def end(self) -> None:
+        """A request for this model finished, however it ended."""
+        self.inflight -= 1
+        if self.inflight == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def drained(self) -> None:
+        """Return once no request of this model is in flight (at once if none is)."""
+        while self.inflight > 0:
+            if self._idle is None:
+                self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def count(self, route: str, status: int) -> None:
+        """One answered request, by route and HTTP status."""
+        self.responses[(route, status)] += 1
+
+    def add_tokens(self, n: int, prompt: int = 0) -> None:
+        """Tokens of one finished engine request: completion (for the rate) and prompt."""
+        self.prompt_tokens += prompt
+        self.completion_tokens += n
+        now = time.monotonic()
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - TOKEN_RATE_WINDOW:
+            self._recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        """Completion tokens per second over the last few seconds."""
+        now = time.monotonic()
+        return sum(n for t, n in self._recent if t >= now - TOKEN_RATE_WINDOW) / TOKEN_RATE_WINDOW
+
+
+class _FleetCollector(Collector):
+    """Per-model gauges and counters read from the backends when Prometheus scrapes."""
+
+    def __init__(self, backends: Callable[[], Mapping[str, Backend]], restarts: Callable[[str], int]) -> None:
+        self.backends = backends
+        self.restarts = restarts
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        backends = self.backends()
+        requests = CounterMetricFamily("fleet_requests", "Requests by model, route and HTTP status",
+                                       labels=["model", "route", "status"])
+        inflight = GaugeMetricFamily("fleet_requests_in_flight", "Requests being served", labels=["model"])
+        queued = GaugeMetricFamily("fleet_requests_queued", "Requests waiting for an engine slot", labels=["model"])
+        prompt = CounterMetricFamily("fleet_prompt_tokens", "Prompt tokens processed", labels=["model"])
+        completion = CounterMetricFamily("fleet_completion_tokens", "Completion tokens generated", labels=["model"])
+        state = GaugeMetricFamily("fleet_engine_state", "1 for the engine's current state", labels=["model", "state"])
+        restarts = CounterMetricFamily("fleet_engine_restarts", "Engine restarts", labels=["model"])
+        for name, b in backends.items():
+            for (route, status), count in b.stats.responses.items():
+                requests.add_metric([name, route, str(status)], count)
+            inflight.add_metric([name], b.stats.inflight)
+            queued.add_metric([name], b.admission.queued if b.admission else 0)
+            prompt.add_metric([name], b.stats.prompt_tokens)
+            completion.add_metric([name], b.stats.completion_tokens)
+            for s in EngineState:
+                state.add_metric([name, s.value], 1.0 if b.lifecycle.state is s else 0.0)
+            restarts.add_metric([name], self.restarts(name))
+        yield from (requests, inflight, queued, prompt, completion, state, restarts)
+
+
+class Metrics:
+    """The gateway's registry: the collector above plus request latency and time to first token."""
+
+    def __init__(self, backends: Callable[[], Mapping[str, Backend]], restarts: Callable[[str], int] = lambda _: 0) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_FleetCollector(backends, restarts))
+        self.latency = Histogram("fleet_request_duration_seconds", "Time from request to last byte",
+                                 ["model", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("fleet_time_to_first_token_seconds", "Time from request to the first streamed token",
+                              ["model", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def render(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)

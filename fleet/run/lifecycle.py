@@ -1,0 +1,65 @@
+"""The engine lifecycle: the one table of allowed transitions, and the object that holds a state.
+
+    STOPPED ──start──> STARTING ──health 200──> READY
+                          │                       │
+                          └──exit/timeout──> FAILED <──crash / health fails──┘
+    FAILED ──backoff──> RESTARTING ──> STARTING      (FAILED stays after max_restarts in a row)
+    any live state ──stop──> STOPPING ──> STOPPED
+
+Only `Lifecycle.to` changes a state; it refuses a transition the table does not list and
+notifies listeners (the console display, waiters) on every change. The states themselves are
+part of what the fleet reports (fleet.gateway.status.EngineState).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fleet.errors import InvalidTransition
+from fleet.gateway.status import EngineState
+
+S = EngineState
+TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
+    S.STOPPED: frozenset({S.STARTING}),
+    S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
+    S.READY: frozenset({S.FAILED, S.STOPPING}),
+    S.FAILED: frozenset({S.RESTARTING, S.STOPPING, S.STOPPED}),
+    S.RESTARTING: frozenset({S.STARTING, S.STOPPING}),
+    S.STOPPING: frozenset({S.STOPPED}),
+}
+
+Listener = Callable[["Lifecycle", EngineState, str], None]
+
+
+@dataclass
+class Lifecycle:
+    """One engine's state, when it was entered, and why."""
+
+    name: str
+    state: EngineState = EngineState.STOPPED
+    since: float = field(default_factory=time.monotonic)
+    reason: str = ""
+    listeners: list[Listener] = field(default_factory=list)
+    _changed: asyncio.Event | None = field(default=None, repr=False)
+
+    def to(self, new: EngineState, reason: str = "") -> None:
+        """Move to `new`, or raise InvalidTransition."""
+        if new not in TRANSITIONS[self.state]:
+            raise InvalidTransition(f"{self.name}: {self.state.value} -> {new.value} is not allowed")
+        old, self.state, self.since, self.reason = self.state, new, time.monotonic(), reason
+        for listener in self.listeners:
+            listener(self, old, reason)
+        if self._changed is not None:  # wake every waiter; each looks at the new state
+            self._changed.set()
+            self._changed = None
+
+    async def wait_for(self, *states: EngineState) -> EngineState:
+        """Wait until the state is one of `states` (at once if it is already); returns it."""
+        while self.state not in states:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
+        return self.state

@@ -1,0 +1,281 @@
+"""One engine process under supervision: start, readiness, health, restarts with backoff, stop.
+
+Each engine is a child process in its own process group (vLLM spawns helpers of its own);
+stopping sends SIGTERM to the group, waits a grace period, then SIGKILLs the group and any
+descendant that left it. Engines also ask the kernel for SIGTERM when the launcher dies.
+
+`EngineProcess.run` is the single owner of the engine process, its client and its `Lifecycle`
+(the states and transitions: lifecycle.py). Everything else sends it commands: `request_stop`
+(after draining, when asked), `request_kill` (now, no grace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+
+from fleet.config.schema import ModelConfig, SupervisorConfig
+from fleet.config.sources import cache_dir
+from fleet.gateway.status import EngineState
+from fleet.run.lifecycle import Lifecycle
+from fleet.run.process import STOP_GRACE, descendants, stop_process_tree, wait_exit
+from fleet.wire.client import EngineClient
+from fleet.wire.protocol import TOKEN_ENV
+
+if TYPE_CHECKING:
+    import psutil
+
+EngineCommand = Callable[[ModelConfig], Sequence[str]]
+HEALTH_POLL = 0.25  # while starting
+LOG_TAIL = 40
+
+
+def engine_command(cfg: ModelConfig) -> list[str]:
+    """The real engine: `python -m fleet.engine` with the model's settings."""
+    return [sys.executable, "-m", "fleet.engine", "--model-json", cfg.model_dump_json()]
+
+
+def log_dir() -> Path:
+    """Where per-model engine logs go: $FLEET_LOG_DIR, else <cache>/logs."""
+    return Path(os.environ.get("FLEET_LOG_DIR") or cache_dir() / "logs")
+
+
+def backoff(policy: SupervisorConfig, restarts: int) -> float:
+    """Seconds to wait before restart number `restarts + 1`: doubling, capped."""
+    return min(policy.restart_backoff * (2**restarts), policy.restart_backoff_max)
+
+
+class EngineProcess:
+    """One model's engine process and the single task that owns its lifecycle."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        command: EngineCommand = engine_command,
+        env: dict[str, str] | None = None,
+        console: Console | None = None,
+        echo_logs: bool = True,
+        policy: SupervisorConfig | None = None,
+        token: str | None = None,
+        engine_timeout: float = 300.0,
+    ) -> None:
+        self.cfg = cfg
+        self.lifecycle = Lifecycle(cfg.name)
+        self.client = EngineClient(cfg.name, cfg.host, cfg.port, token=token, timeout=engine_timeout)
+        self.command = command
+        self.env = {**(env or {}), **({TOKEN_ENV: token} if token else {})}
+        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.echo_logs = echo_logs
+        self.policy = policy or SupervisorConfig(stop_grace=STOP_GRACE)
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+        self.ready_at: float | None = None
+        self.restarts = 0  # in a row; what max_restarts counts
+        self.total_restarts = 0
+        self._stop = asyncio.Event()
+        self._kill = asyncio.Event()
+        self._drain: Callable[[], Awaitable[None]] | None = None
+        self._drain_timeout = 0.0
+        self._log_file: IO[str] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._family: dict[int, psutil.Process] = {}  # descendants seen while the engine ran
+
+    @property
+    def pid(self) -> int | None:
+        """The engine's process id while it runs."""
+        return self.proc.pid if self.proc and self.proc.returncode is None else None
+
+    def request_stop(self, drain: Callable[[], Awaitable[None]] | None = None, timeout: float = 0.0) -> None:
+        """Command: stop the engine; first wait for `drain()` (its requests finishing), at most `timeout` s."""
+        if not self._stop.is_set():
+            self._drain, self._drain_timeout = drain, timeout
+        self._stop.set()
+
+    def request_kill(self) -> None:
+        """Command: stop the engine now, with SIGKILL, not waiting for a drain or a grace period."""
+        self._kill.set()
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, supervise and restart the engine until asked to stop; then stop it."""
+        try:
+            while not self._stop.is_set():
+                if await self._start():
+                    await self._until_stop_or(self._wait_ready())
+                    if self.lifecycle.state is EngineState.READY:
+                        await self._until_stop_or(self._watch())
+                if self._stop.is_set():
+                    break
+                if not await self._restart_after_backoff():
+                    await self._stop.wait()
+        finally:
+            await self._terminate()
+
+    async def _until_stop_or(self, work: Awaitable[None]) -> None:
+        await _first_of(work, self._stop)
+
+    async def _until_kill_or(self, work: Awaitable[None]) -> None:
+        await _first_of(work, self._kill)
+
+    async def _start(self) -> bool:
+        self.lifecycle.to(EngineState.STARTING)
+        path = log_dir() / f"{self.cfg.name}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log_file is None:
+            self._log_file = open(path, "a", buffering=1)
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cfg.gpus))
+        self.started_at, self.ready_at = time.monotonic(), None
+        self.tail.clear()
+        self._family = {}
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.command(self.cfg),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as e:
+            self._fail(f"could not start the engine process: {e}")
+            return False
+        self._reader = asyncio.create_task(self._read_output(self.proc))
+        where = "CPU" if self.cfg.on_cpu else f"GPUs {self.cfg.gpus}"
+        self.say(f"starting (pid {self.proc.pid}, {where}, port {self.cfg.port}, log {path})")
+        return True
+
+    async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.tail.append(line)
+            if self._log_file:
+                self._log_file.write(line + "\n")
+            if self.echo_logs:
+                self.console.print(f"[dim]{escape(self.cfg.name)} |[/dim] {escape(line)}", highlight=False)
+
+    async def _exited(self) -> None:
+        assert self.proc is not None
+        await wait_exit(self.proc)
+        if self._reader is not None:  # vLLM's helpers may hold the pipe open: don't wait forever
+            await asyncio.wait({self._reader}, timeout=1)  # the reader goes on; this only delays FAILED
+
+    def _remember_family(self) -> None:
+        """Note the engine's descendants: once it died, those that left its group can't be found."""
+        if self.proc is not None and self.proc.returncode is None:
+            for p in descendants(self.proc.pid):
+                self._family.setdefault(p.pid, p)
+
+    async def _wait_ready(self) -> None:
+        """Poll /health until 200; fail at once if the process exits, or at the start timeout."""
+        deadline = self.started_at + self.cfg.start_timeout
+        exited = asyncio.create_task(self._exited())
+        try:
+            while time.monotonic() < deadline:
+                if self._stop.is_set():  # not only the cancel: a cancel swallowed below must not keep it starting
+                    return
+                self._remember_family()
+                if exited.done():
+                    self._fail(f"exited with code {self.proc.returncode} before it was ready")  # type: ignore[union-attr]
+                    return
+                if await self.client.healthy(timeout=1.0):
+                    self.lifecycle.to(EngineState.READY)
+                    self.ready_at = time.monotonic()
+                    self.say(f"[green]ready[/green] in {self.ready_at - self.started_at:.1f}s on {self.cfg.host}:{self.cfg.port}")
+                    return
+                await asyncio.wait({exited}, timeout=HEALTH_POLL)
+            self._fail(f"not ready after {self.cfg.start_timeout:.0f}s (start_timeout)")
+        finally:
+            exited.cancel()
+
+    async def _watch(self) -> None:
+        """While ready: fail when the process exits or /health fails too often in a row."""
+        exited = asyncio.create_task(self._exited())
+        failures = 0
+        try:
+            while not self._stop.is_set():  # as in _wait_ready: the stop ends it even if its cancel got lost
+                self._remember_family()
+                await asyncio.wait({exited}, timeout=self.policy.health_interval)
+                if exited.done():
+                    self._fail(f"crashed (exit code {self.proc.returncode})")  # type: ignore[union-attr]
+                    return
+                if self.ready_at and time.monotonic() - self.ready_at > self.policy.restart_reset_after:
+                    self.restarts = 0
+                failures = 0 if await self.client.healthy(timeout=self.policy.health_interval) else failures + 1
+                if failures >= self.policy.health_failures:
+                    self._fail(f"stopped answering /health ({failures} checks in a row)")
+                    return
+        finally:
+            exited.cancel()
+
+    async def _restart_after_backoff(self) -> bool:
+        """Kill what is left of the failed engine, wait the backoff; False once restarts are used up."""
+        if self.proc is not None:
+            await stop_process_tree(self.proc, grace=min(self.policy.stop_grace, 5.0), also=self._family.values())
+        if self.restarts >= self.policy.max_restarts:
+            self.say(f"[red]stays failed[/red] after {self.restarts} restart(s) in a row")
+            return False
+        delay = backoff(self.policy, self.restarts)
+        self.lifecycle.to(EngineState.RESTARTING, f"restart {self.restarts + 1} in {delay:.1f}s")
+        self.say(f"restarting in {delay:.1f}s (restart {self.restarts + 1} of at most {self.policy.max_restarts})")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._stop.wait()
+        if self._stop.is_set():
+            return True
+        self.restarts += 1
+        self.total_restarts += 1
+        return True
+
+    def _fail(self, reason: str) -> None:
+        if self.lifecycle.state in (EngineState.STARTING, EngineState.READY):
+            self.lifecycle.to(EngineState.FAILED, reason)
+            last = "\n".join(f"    {escape(line)}" for line in list(self.tail)[-15:])
+            self.say(f"[red]failed[/red]: {escape(reason)}; last log lines:\n{last}")
+
+    async def _terminate(self) -> None:
+        if self.lifecycle.state in (EngineState.STOPPED, EngineState.STOPPING):
+            return
+        if self._drain is not None and self.lifecycle.state is EngineState.READY:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._drain_timeout):
+                    await self._until_kill_or(self._drain())
+        self.lifecycle.to(EngineState.STOPPING)
+        if self.proc is not None:
+            grace = 0.0 if self._kill.is_set() else self.policy.stop_grace
+            await stop_process_tree(self.proc, grace=grace, also=self._family.values(), now=self._kill)
+            if self._reader is not None:
+                await asyncio.wait({self._reader}, timeout=5)
+        await self.client.close()
+        if self._log_file:
+            self._log_file.close()
+        self.lifecycle.to(EngineState.STOPPED)
+        self.say("stopped")
+
+    def say(self, message: str) -> None:
+        """A launcher status line about this engine."""
+        self.console.print(f"[bold]fleet[/bold] {escape(self.cfg.name)}: {message}", highlight=False)
+
+
+async def _first_of(work: Awaitable[None], event: asyncio.Event) -> None:
+    """Await `work` until it ends or `event` is set, whichever comes first; cancel the other."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(event.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (task, waiter):
+        if not t.done():
+            t.cancel()
+    await asyncio.gather(task, waiter, return_exceptions=True)

@@ -1,0 +1,104 @@
+"""The gateway's client for one engine's internal protocol, on fleet.wire.http1's pooled
+connections; and `connect_host`, the one rule for reaching a server from the address it listens on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fleet.errors import EngineFailure, EngineTimeout
+from fleet.wire import http1, protocol
+
+_info_decoder = protocol.decoder(protocol.EngineInfo)
+
+
+def connect_host(host: str) -> str:
+    """The address to reach a server listening on `host` (a wildcard means this machine)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+
+
+def url_of(host: str, port: int) -> str:
+    """http://HOST:PORT for a server listening on `host` (IPv6 addresses in brackets)."""
+    reach = connect_host(host)
+    return f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
+
+
+class EngineClient:
+    """Talks to one engine listening on (host, port); `generate` yields frames until Done or Error.
+
+    Its owner (the engine's supervisor) closes it."""
+
+    def __init__(self, name: str, host: str, port: int, *, token: str | None = None, timeout: float = 300.0) -> None:
+        self.name = name
+        self.url = url_of(host, port)
+        self.timeout = timeout  # the longest silence from the engine during a request
+        headers = [("Authorization", f"Bearer {token}")] if token else []
+        self._pool = http1.Pool(connect_host(host), port, headers=headers, read_timeout=timeout,
+                                idle_limit=protocol.CLIENT_IDLE_LIMIT)
+
+    async def close(self) -> None:
+        """Close pooled connections (and any request still running on one)."""
+        await self._pool.close()
+
+    async def healthy(self, timeout: float = 2.0) -> bool:
+        """True when the engine answers /health with 200."""
+        try:
+            async with asyncio.timeout(timeout):
+                status, _ = await self._get("/health")
+        except (OSError, TimeoutError):
+            return False
+        return status == 200
+
+    async def info(self) -> protocol.EngineInfo:
+        """The engine's /info."""
+        async with asyncio.timeout(5):
+            status, body = await self._get("/info")
+        if status != 200:
+            raise EngineFailure(f"engine for model {self.name!r} answered /info with HTTP {status}")
+        return _info_decoder.decode(body)
+
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        response = await self._pool.request("GET", path)
+        try:
+            body = await response.body()
+        except BaseException:
+            response.abort()
+            raise
+        response.release()
+        return response.status, body
+
+    async def generate(self, req: protocol.GenerateRequest) -> AsyncIterator[list[protocol.Frame]]:
+        """Send one request; yield its frames in batches, as they arrive (the last batch ends with
+        Done or Error). Leaving early closes the connection (= abort).
+
+        Batches, not single frames: each step through an async generator costs more than handling
+        the frame, and one read of the socket often holds many frames.
+        """
+        try:
+            response = await self._pool.request("POST", "/generate", protocol.encode(req), protocol.REQUEST_TYPE)
+        except OSError as e:  # TimeoutError included
+            raise self._failure(e) from None
+        ended = False
+        try:
+            if response.status != 200:
+                raise EngineFailure(f"engine for model {self.name!r} answered HTTP {response.status}")
+            frames = protocol.FrameSplitter()
+            while data := await response.read():
+                batch = frames.feed(data)
+                if batch:
+                    ended = isinstance(batch[-1], (protocol.Done, protocol.Error))
+                    yield batch
+                    if ended:
+                        return
+            raise EngineFailure(f"engine for model {self.name!r} closed the stream early")
+        except OSError as e:
+            raise self._failure(e) from None
+        finally:
+            # after Done the connection is reused; before it, closing it is what aborts the request
+            response.release() if ended else response.abort()
+
+    def _failure(self, e: OSError) -> EngineFailure | EngineTimeout:
+        """What a connection error or a silence means for the request."""
+        if isinstance(e, TimeoutError):
+            return EngineTimeout(f"engine for model {self.name!r} sent nothing for {self.timeout:.0f}s")
+        return EngineFailure(f"engine for model {self.name!r} is unreachable: {e}")

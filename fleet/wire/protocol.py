@@ -1,0 +1,214 @@
+"""The internal protocol between the gateway and an engine: the only module both sides share.
+
+HTTP/1.1 on the engine's port, msgpack bodies, the launcher's token as a bearer token
+(`TOKEN_ENV` hands it to the engine):
+
+- ``GET /health``: 200 when ready, 503 while loading or after a fatal engine error.
+- ``GET /info``: `EngineInfo`.
+- ``POST /generate``: a `GenerateRequest`; the response body is a stream of frames, each a
+  4-byte big-endian length followed by one msgpack-encoded `Frame`. Per output index the
+  engine sends `Delta` frames, then one `Done` (or an `Error`). Closing the connection
+  aborts the request on the engine.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Literal
+
+import msgspec
+
+CONTENT_TYPE = "application/vnd.fleet.frames"
+REQUEST_TYPE = "application/msgpack"
+FRAME_HEADER = struct.Struct(">I")
+TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # the launcher sets it for the engine; the gateway presents it
+
+# Keep-alive contract: the engine's server closes a connection idle for ENGINE_KEEP_ALIVE seconds;
+# the gateway's client never reuses one idle for CLIENT_IDLE_LIMIT or longer, so it never sends a
+# request on a connection the engine is closing at that moment.
+ENGINE_KEEP_ALIVE = 5
+CLIENT_IDLE_LIMIT = 4.0
+assert CLIENT_IDLE_LIMIT < ENGINE_KEEP_ALIVE
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class _Message(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    """Base of every protocol message: strict, so a version mismatch fails loudly."""
+
+
+class SamplingParams(_Message):
+    """What the engine samples with; fleet's rules are already applied by the gateway."""
+
+    n: int = 1
+    max_tokens: int = 16
+    clamp_max_tokens: bool = False  # a default, not the client's: shrink it to the room left
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # per-token logprobs with this many alternatives
+    cumulative_logprob: bool = False  # report each choice's cumulative logprob (best_of ranks by it)
+    prompt_logprobs: int | None = None
+    json_schema: str | None = None  # structured output: a JSON schema, as JSON text
+    json_object: bool = False  # structured output: any JSON object
+
+
+class BeamSearch(_Message):
+    """Classic beam search (vLLM 0.2.7 semantics), run step-wise on the engine."""
+
+    width: int
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+
+
+class ChatMessage(_Message, array_like=True):
+    """One message of a conversation, already reduced to text."""
+
+    role: str
+    content: str
+
+
+class Chat(_Message):
+    """A conversation the engine renders with the model's chat template."""
+
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class GenerateRequest(_Message):
+    """One prompt, as text, token ids or a conversation, and how to continue it."""
+
+    request_id: str
+    prompt: str | list[int] | Chat
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    beam: BeamSearch | None = None
+    echo: bool = False  # send the prompt's text back in the Prompt frame
+    # Nobody streams this answer: send each choice once, whole, when it ends (one Delta per choice
+    # instead of one per token; the engine skips per-step output work too).
+    final_only: bool = False
+
+
+class TokenLogprob(_Message, array_like=True):
+    """One position: its token text, logprob, and the top alternatives (text, logprob)."""
+
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]] | None = None
+
+
+class Prompt(_Message, tag="prompt"):
+    """Sent first: the prompt as the engine tokenized it (with logprobs when asked)."""
+
+    token_ids: list[int]
+    text: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Delta(_Message, tag="delta"):
+    """New output for one choice; the last one for that index carries finish_reason."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    cumulative_logprob: float | None = None
+
+
+class Done(_Message, tag="done"):
+    """Sent last when the request finished normally."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Error(_Message, tag="error"):
+    """The request failed on the engine; `status` is the HTTP status the gateway reports."""
+
+    message: str
+    status: int = 500
+    param: str | None = None
+
+
+Frame = Prompt | Delta | Done | Error
+
+
+class EngineInfo(_Message):
+    """What `GET /info` answers."""
+
+    model: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_id: int | None
+    vllm_version: str
+    device: str
+    chat_template: bool = False  # whether /generate accepts a Chat prompt
+
+
+_encoder = msgspec.msgpack.Encoder()
+_frame_decoder = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """msgpack bytes of one message (a request or an info body)."""
+    return _encoder.encode(message)
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """One length-prefixed frame of a /generate response."""
+    body = _encoder.encode(frame)
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def decode_frame(body: bytes) -> Frame:
+    """A frame's body (without its length prefix)."""
+    return _frame_decoder.decode(body)
+
+
+class FrameSplitter:
+    """Cuts a /generate response into frames as its bytes arrive, however they are chunked.
+
+    One read of the socket usually holds many frames (a whole non-streamed answer often arrives
+    in one); decoding them from a buffer costs one await per read instead of two per frame.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Append `data`; return the frames now complete, in order."""
+        buffer = self._buffer
+        buffer += data
+        frames: list[Frame] = []
+        pos, end = 0, len(buffer)
+        with memoryview(buffer) as view:  # released before the buffer is trimmed
+            while end - pos >= FRAME_HEADER.size:
+                (size,) = FRAME_HEADER.unpack_from(view, pos)
+                stop = pos + FRAME_HEADER.size + size
+                if stop > end:
+                    break
+                frames.append(_frame_decoder.decode(view[pos + FRAME_HEADER.size : stop]))
+                pos = stop
+        del buffer[:pos]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buffer)
+
+
+def decoder(message_type: type[msgspec.Struct]) -> msgspec.msgpack.Decoder:
+    """A reusable decoder for one message type."""
+    return msgspec.msgpack.Decoder(message_type)
