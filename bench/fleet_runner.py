@@ -3,7 +3,7 @@
     python bench/fleet_runner.py --config fleet.toml --engine null      # bench/null_engine.py
     python bench/fleet_runner.py --config fleet.toml --engine vllm      # fleet.engine (= fleet launch)
 
-It calls `fleet.launcher.launch(config, command=...)` on the event loop `fleet launch` uses
+It calls `fleet.run.launcher.launch(config, command=...)` on the event loop `fleet launch` uses
 (`fleet.cli.run_loop`); with ``--engine vllm`` it is `fleet launch --config ... --no-engine-logs`,
 minus the CLI's placement report.
 """

@@ -1,7 +1,7 @@
 """The null engine: speaks fleet's internal protocol (fleet/protocol.py) and answers at once.
 
 Started by the launcher like the real engine, ``python bench/null_engine.py --model-json '<ModelConfig
-JSON>'`` (`null_command` builds that line for `fleet.launcher.Fleet(config, command=null_command)`).
+JSON>'`` (`null_command` builds that line for `fleet.run.launcher.Fleet(config, command=null_command)`).
 It imports neither vllm nor torch: with it, everything a benchmark measures is the gateway's.
 
 Every /generate answers, in one write: a `Prompt` frame (one token id per prompt word), one `Delta`

@@ -6,7 +6,7 @@
     python bench/soak.py --collect             # a full garbage collection before each sample
     python bench/soak.py serve --config F ...  # internal: the fleet process under test
 
-The fleet runs as `fleet.launcher.Fleet` in a process of its own (the `serve` subcommand: what
+The fleet runs as `fleet.run.launcher.Fleet` in a process of its own (the `serve` subcommand: what
 `fleet launch` runs, with the fake engine command unless --real), so the process measured holds
 the gateway and the launcher and nothing else: engines are child processes, not counted, and the
 load generator is this process.
@@ -336,7 +336,7 @@ async def sample_self(path: Path, interval: float, collect: bool) -> None:
 
 
 async def serve(config_path: Path, engine: str, samples: Path | None, interval: float, collect: bool) -> None:
-    """`fleet launch` (fleet.launcher.launch) with the engine command of the soak, sampling itself."""
+    """`fleet launch` (fleet.run.launcher.launch) with the engine command of the soak, sampling itself."""
     from fleet.config.load import load_config
     from fleet.run.supervisor import engine_command
     from fleet.run.launcher import launch

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from fleet import __version__
-from fleet.config.schema import DEFAULT_CONFIG, GIB, FleetConfig
 from fleet.config.load import load_config
+from fleet.config.schema import DEFAULT_CONFIG, GIB, FleetConfig
 from fleet.errors import ConfigError
 
 CONFIG_OPTION = click.option(
@@ -61,9 +61,8 @@ def main() -> None:
               help="Echo each engine's output, prefixed with its model name (always written to its log file).")
 def launch(config_path: Path, host: str | None, port: int | None, engine_logs: bool) -> None:
     """Start one vLLM engine per model and the gateway; Ctrl-C stops everything."""
-    from fleet.run.launcher import launch as run_launch
-
     from fleet.config.placement import check_placement
+    from fleet.run.launcher import launch as run_launch
 
     config = _load(config_path, host=host, port=port)
     if not config.models:
@@ -145,7 +144,10 @@ GATEWAY_OPTIONS = [
 ]
 
 
-def _gateway_options(f):  # type: ignore[no-untyped-def]
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _gateway_options(f: _F) -> _F:
     for option in reversed(GATEWAY_OPTIONS):
         f = option(f)
     return CONFIG_OPTION(f)

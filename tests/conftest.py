@@ -1,4 +1,6 @@
-"""Shared fixtures: free ports, the tiny model, and fleets run for real (CLI subprocess or in-process)."""
+"""Shared fixtures: free ports, the tiny model, and fleets run for real: through the CLI (a
+subprocess, real engines) or in-process (`InProcessFleet`), the latter with fake engines from the
+`fake_fleet` / `module_fake_fleet` factories."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +150,35 @@ def running_fleet(models: Sequence[dict[str, Any]], tmp: Path, ready_timeout: fl
                 p.kill()
 
 
+class Transitions:
+    """One engine's lifecycle states as values: the one it is in when recording begins, then every
+    one it enters (with when, `time.monotonic()`), recorded by a listener on the fleet's loop;
+    `wait` blocks the test's thread until a condition on them holds, woken by each change."""
+
+    def __init__(self, lifecycle: Any) -> None:
+        self.seen: list[str] = [lifecycle.state.value]
+        self.at: list[float] = [time.monotonic()]
+        self._changed = threading.Condition()
+        lifecycle.listeners.append(self._on_change)
+
+    def _on_change(self, lifecycle: Any, old: Any, reason: str) -> None:
+        with self._changed:
+            self.seen.append(lifecycle.state.value)
+            self.at.append(time.monotonic())
+            self._changed.notify_all()
+
+    def wait(self, check: Callable[[list[str]], bool], what: str, timeout: float = 30) -> list[str]:
+        """Wait until `check(seen)` holds; return a copy of what was seen."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: check(self.seen), timeout):
+                raise AssertionError(f"not true after {timeout}s: {what}; transitions seen: {self.seen}")
+            return list(self.seen)
+
+
 class InProcessFleet:
     """A `fleet.launcher.Fleet` on its own event loop in a thread, for engines made by `command`."""
 
-    def __init__(self, config: Any, command: Any) -> None:
+    def __init__(self, config: Any, command: Any, console: Any = None) -> None:
         from fleet.run.launcher import Fleet
 
         self.loop = asyncio.new_event_loop()
@@ -164,7 +191,7 @@ class InProcessFleet:
             asyncio.set_event_loop(self.loop)
 
             async def main() -> None:
-                self.fleet = Fleet(config, command=command, echo_logs=False)
+                self.fleet = Fleet(config, command=command, console=console, echo_logs=False)
                 ready.set()
                 await self.fleet.run()
 
@@ -184,6 +211,9 @@ class InProcessFleet:
         while not fut.done():  # the gateway is up, or run() failed (its error is raised here)
             if self.error is not None or time.monotonic() > deadline:
                 fut.cancel()
+                if self.error is None:  # still running: stop it, or it outlives the test
+                    self.loop.call_soon_threadsafe(self.fleet.stop)
+                    self.thread.join(60)
                 raise self.error or TimeoutError("the gateway did not start in 30 s")
             with contextlib.suppress(concurrent.futures.TimeoutError):
                 fut.result(0.05)
@@ -197,13 +227,30 @@ class InProcessFleet:
         return self.fleet.engines[name].lifecycle.state.value
 
     def wait_state(self, name: str, *states: str, timeout: float = 60) -> str:
-        """Wait until the engine of `name` is in one of `states` (the lifecycle's own event)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (s := self.state(name)) in states:
-                return s
-            time.sleep(0.05)
-        raise AssertionError(f"{name} still {self.state(name)}, wanted {states}")
+        """Wait until the engine of `name` is in one of `states`, woken by its lifecycle's own event
+        (`Lifecycle.wait_for`), not by polling. The engine is looked up now: a reload replaces it."""
+        from fleet.gateway.status import EngineState
+
+        wanted = [EngineState(s) for s in states]
+
+        async def reached() -> str | None:
+            lifecycle = self.fleet.engines[name].lifecycle
+            try:
+                return (await asyncio.wait_for(lifecycle.wait_for(*wanted), timeout)).value
+            except TimeoutError:
+                return None
+
+        if (state := self.call(reached(), timeout + 10)) is None:
+            raise AssertionError(f"{name} still {self.state(name)} after {timeout}s, wanted {states}")
+        return state
+
+    def transitions(self, name: str) -> Transitions:
+        """Record every state the engine of `name` (as of now) enters from here on."""
+
+        async def listen() -> Transitions:
+            return Transitions(self.fleet.engines[name].lifecycle)
+
+        return self.call(listen())
 
     def stop(self, timeout: float = 60) -> None:
         """Stop the fleet and wait for the thread."""
@@ -214,10 +261,90 @@ class InProcessFleet:
             raise self.error
 
 
+# --- fleets of fake engines, in-process ---------------------------------------------------------
+
+
+def fake_config(*models: dict[str, Any], **tables: Any) -> Any:
+    """A FleetConfig of fake engines: each model a dict of ModelConfig fields, its source "fake" and
+    its port a free one unless given; `tables` are fleet.toml's other tables (gateway, supervisor,
+    auth), and the gateway listens on a free loopback port unless told otherwise."""
+    from fleet.config.load import parse_config
+
+    gateway = {"host": "127.0.0.1", "port": free_port(), **tables.pop("gateway", {})}
+    return parse_config({
+        "gateway": gateway,
+        **tables,
+        "models": [{"source": "fake", "port": free_port(), **m} for m in models],
+    })
+
+
+class FakeFleets:
+    """Starts `InProcessFleet`s of fake engines (tests/fake_engine.py); `stop_all` stops each one."""
+
+    def __init__(self) -> None:
+        self.started: list[InProcessFleet] = []
+
+    def __call__(
+        self, *models: dict[str, Any], ready: Iterable[str] | None = None, timeout: float = 60,
+        console: Any = None, **tables: Any,
+    ) -> InProcessFleet:
+        """Start a fleet of `models` (see `fake_config`) and wait until the engines named in `ready`
+        (all of them unless given) are ready; one that fails instead fails the test with its log."""
+        from fake_engine import fake_command
+
+        config = fake_config(*models, **tables)
+        fleet = InProcessFleet(config, fake_command, console=console)
+        self.started.append(fleet)
+        for name in [m.name for m in config.models] if ready is None else ready:
+            state = fleet.wait_state(name, "ready", "failed", timeout=timeout)
+            assert state == "ready", f"{name} {state}; its last log lines:\n" + "\n".join(fleet.fleet.engines[name].tail)
+        return fleet
+
+    def stop_all(self) -> None:
+        """Stop every fleet started here (each one, even if stopping another failed)."""
+        errors: list[BaseException] = []
+        while self.started:
+            try:
+                self.started.pop().stop()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the others stopped
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+@contextlib.contextmanager
+def fake_fleets() -> Iterator[FakeFleets]:
+    """A FakeFleets whose fleets are all stopped when the block ends, however it ends."""
+    fleets = FakeFleets()
+    try:
+        yield fleets
+    finally:
+        fleets.stop_all()
+
+
+@pytest.fixture
+def fake_fleet(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeFleets]:
+    """Start fleets of fake engines for one test: `fake_fleet({"name": "a"}, supervisor={...})`.
+    They stop when the test ends, passed or failed; engine logs go to the test's tmp_path/logs."""
+    monkeypatch.setenv("FLEET_LOG_DIR", str(tmp_path / "logs"))
+    with fake_fleets() as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_fake_fleet(cache_dir: Path) -> Iterator[FakeFleets]:
+    """`fake_fleet` for a module-scoped fixture: a fleet that the module's tests share, stopped
+    after the module's last test."""
+    with fake_fleets() as start:
+        yield start
+
+
 # --- real fleets, shared by every end-to-end module ------------------------------------------
 # Two fleets start together the first time a test needs one (their engines load in parallel):
 # "tiny": two tiny random-weight models with different seeds, routed by name;
-# "default": the packaged default model, SmolLM2-135M-Instruct.
+# "default": the packaged default model, SmolLM2-135M-Instruct, in float32: its greedy answers are
+# then the same on every CPU (in bfloat16 they follow the CPU's kernels: an AMX Xeon answers the
+# capital of France with "L'Étoile, la Marseillaise...", an AVX2 EPYC with "Paris").
 
 TINY = {"dtype": "float32", "max_model_len": 512, "kv_cache_gib": 0.05}
 
@@ -233,7 +360,7 @@ class Fleets:
             {"name": "tiny-b", "source": str(tiny_b), "port": free_port(), "chat_template": str(template), **TINY},
         ])
         self.default = self._launch(tmp / "default", [
-            {"name": "smollm2", "source": "default", "port": free_port(), "max_model_len": 2048},
+            {"name": "smollm2", "source": "default", "port": free_port(), "max_model_len": 2048, "dtype": "float32"},
         ])
         self._ready: set[str] = set()
 
@@ -271,12 +398,14 @@ def fleets(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_model
 
 
 @pytest.fixture(scope="session")
-def tiny(fleets: Fleets) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fleets.ready("tiny").url + "/v1", api_key="x", max_retries=0)
+def tiny(fleets: Fleets) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=fleets.ready("tiny").url + "/v1", api_key="x", max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")
-def default(fleets: Fleets) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fleets.ready("default").url + "/v1", api_key="x", max_retries=0)
+def default(fleets: Fleets) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=fleets.ready("default").url + "/v1", api_key="x", max_retries=0) as client:
+        yield client
 
 

@@ -302,3 +302,18 @@ def test_streamed_n_gives_every_choice_its_finish(tiny: openai.OpenAI) -> None:
     for c in chunks:
         texts[c.choices[0].index] = texts.get(c.choices[0].index, "") + c.choices[0].text
     assert all(texts.values())
+
+
+def test_min_tokens_above_the_default_max_tokens_is_400_naming_min_tokens(tiny: openai.OpenAI) -> None:
+    """No max_tokens: the default (16) applies, and min_tokens may not exceed it; said before the engine."""
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny.completions.create(model="tiny-a", prompt="Hello", extra_body={"min_tokens": 20})
+    assert e.value.body["param"] == "min_tokens" and "default max_tokens (16)" in e.value.body["message"]
+
+
+def test_min_tokens_beyond_the_room_the_context_leaves_is_400_naming_min_tokens(tiny: openai.OpenAI) -> None:
+    """Chat's default max_tokens is the room left; min_tokens beyond it is the engine's 400, naming it."""
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "Hello"}],
+                                     extra_body={"min_tokens": 600})
+    assert e.value.body["param"] == "min_tokens" and "context" in e.value.body["message"]

@@ -12,16 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import InProcessFleet, free_port
-from fake_engine import expected_text, fake_command, token_logprob
-
-from fleet.config.load import parse_config
+from conftest import FakeFleets, InProcessFleet
+from fake_engine import expected_text, token_logprob
 
 MODELS: dict[str, dict[str, Any]] = {
     "alpha": {},
@@ -34,21 +31,8 @@ SERVING = ("alpha", "beta", "slow", "broken")
 
 
 @pytest.fixture(scope="module")
-def fleet(cache_dir: Path) -> Iterator[InProcessFleet]:
-    config = parse_config({
-        "gateway": {"host": "127.0.0.1", "port": free_port()},
-        "models": [
-            {"name": name, "source": "fake", "port": free_port(), "engine_args": args}
-            for name, args in MODELS.items()
-        ],
-    })
-    running = InProcessFleet(config, fake_command)
-    try:
-        for name in SERVING:
-            assert running.wait_state(name, "ready", "failed", timeout=60) == "ready", running.fleet.engines[name].tail
-        yield running
-    finally:
-        running.stop()
+def fleet(module_fake_fleet: FakeFleets) -> InProcessFleet:
+    return module_fake_fleet(*({"name": name, "engine_args": args} for name, args in MODELS.items()), ready=SERVING)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""fleet.http1, the engine client's HTTP/1.1 connections, against small asyncio servers that
+"""fleet.wire.http1, the engine client's HTTP/1.1 connections, against small asyncio servers that
 misbehave in exactly one way each (the real engines are covered by the e2e and load tests)."""
 
 from __future__ import annotations

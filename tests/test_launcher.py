@@ -2,7 +2,8 @@
 
 Most tests drive one `EngineProcess` on an event loop of their own and wait on its lifecycle's
 own notifications (a listener), never on sleeps. Every process a test starts is stopped, and
-anything still alive at the end is killed, even when the test fails.
+anything still alive at the end is killed, even when the test fails. Restarts after a failure
+(backoff, max_restarts) are test_supervision.py's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import ROOT, InProcessFleet, fleet_toml, free_port
+from conftest import ROOT, FakeFleets, fleet_toml, free_port
 from fake_engine import CRASH_EXIT_CODE, fake_command
 from rich.console import Console
 
@@ -252,63 +253,21 @@ def test_engine_that_crashes_after_ready_fails() -> None:
     asyncio.run(scenario())
 
 
-def test_crashed_engine_is_restarted_after_backoff_and_serves_again() -> None:
-    async def scenario() -> None:
-        cfg = model(fake_crash_after_requests=1)
-        async with running(cfg, max_restarts=1, restart_backoff=0.2) as (engine, states, _out):
-            assert await states.reach(S.READY) is S.READY
-            assert isinstance((await generate(engine))[-1], protocol.Done)
-            first_pid = engine.pid
-            with pytest.raises(EngineFailure):
-                await generate(engine)
-            states.seen.clear()
-            assert await states.reach(S.READY, timeout=20) is S.READY
-            assert states.seen == [S.FAILED, S.RESTARTING, S.STARTING, S.READY]
-            assert engine.pid != first_pid and engine.total_restarts == 1
-            assert isinstance((await generate(engine))[-1], protocol.Done)
-
-    asyncio.run(scenario())
-
-
-def test_engine_stays_failed_after_max_restarts_in_a_row() -> None:
-    async def scenario() -> None:
-        async with running(model(fake_exit_at_start=3), max_restarts=1, restart_backoff=0.1) as (engine, states, out):
-            assert await states.reach(S.FAILED) is S.FAILED
-            states.seen.clear()
-            assert await states.reach(S.FAILED, timeout=20) is S.FAILED
-            assert states.seen == [S.RESTARTING, S.STARTING, S.FAILED]
-            async with asyncio.timeout(10):  # the launcher gives up and says so
-                while "stays failed" not in out.getvalue():
-                    await asyncio.sleep(0.02)
-            assert engine.lifecycle.state is S.FAILED and engine.total_restarts == 1
-
-    asyncio.run(scenario())
-
-
 def test_gateway_answers_502_when_the_engine_dies_holding_the_request_then_503_with_the_reason(
-    log_dir: Path,
+    fake_fleet: FakeFleets,
 ) -> None:
-    config = parse_config({
-        "gateway": {"port": free_port()},
-        "supervisor": NO_RESTARTS,
-        "models": [{"name": "fragile", "source": "fake", "port": free_port(),
-                    "engine_args": {"fake_crash_after_requests": 1}}],
-    })
-    fleet = InProcessFleet(config, fake_command)
-    try:
-        assert fleet.wait_state("fragile", "ready", "failed", timeout=30) == "ready"
-        body = {"model": "fragile", "prompt": "hi", "max_tokens": 2}
-        with httpx.Client(base_url=fleet.url, timeout=15) as http:
-            assert http.post("/v1/completions", json=body).status_code == 200
-            r = http.post("/v1/completions", json=body)
-            assert r.status_code == 502 and r.json()["error"]["code"] == "engine_error"
-            fleet.wait_state("fragile", "failed", timeout=10)
-            assert http.get("/v1/models").json()["data"][0]["state"] == "failed"
-            r = http.post("/v1/completions", json=body)
-            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
-            assert "crashed" in r.json()["error"]["message"]
-    finally:
-        fleet.stop()
+    fleet = fake_fleet({"name": "fragile", "engine_args": {"fake_crash_after_requests": 1}}, supervisor=NO_RESTARTS,
+                       timeout=30)
+    body = {"model": "fragile", "prompt": "hi", "max_tokens": 2}
+    with httpx.Client(base_url=fleet.url, timeout=15) as http:
+        assert http.post("/v1/completions", json=body).status_code == 200
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "engine_error"
+        fleet.wait_state("fragile", "failed", timeout=10)
+        assert http.get("/v1/models").json()["data"][0]["state"] == "failed"
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+        assert "crashed" in r.json()["error"]["message"]
 
 
 # --- stopping -------------------------------------------------------------------------------
@@ -405,22 +364,15 @@ def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace() -> None:
     asyncio.run(scenario())
 
 
-def test_no_process_the_fleet_started_survives_it() -> None:
-    config = parse_config({
-        "gateway": {"port": free_port()},
-        "supervisor": {"stop_grace": 5.0},
-        "models": [
-            {"name": "plain", "source": "fake", "port": free_port()},
-            {"name": "with-child", "source": "fake", "port": free_port(), "engine_args": {"fake_spawn_child": True}},
-            {"name": "with-detached-child", "source": "fake", "port": free_port(),
-             "engine_args": {"fake_spawn_child": "detach"}},
-        ],
-    })
-    fleet = InProcessFleet(config, fake_command)
+def test_no_process_the_fleet_started_survives_it(fake_fleet: FakeFleets) -> None:
+    fleet = fake_fleet(
+        {"name": "plain"},
+        {"name": "with-child", "engine_args": {"fake_spawn_child": True}},
+        {"name": "with-detached-child", "engine_args": {"fake_spawn_child": "detach"}},
+        supervisor={"stop_grace": 5.0}, timeout=30,
+    )
     procs: list[psutil.Process] = []
     try:
-        for name in ("plain", "with-child", "with-detached-child"):
-            assert fleet.wait_state(name, "ready", "failed", timeout=30) == "ready"
         for e in fleet.fleet.engines.values():
             procs += family(e.pid)
         assert len(procs) == 5  # three engines, two grandchildren
@@ -429,7 +381,6 @@ def test_no_process_the_fleet_started_survives_it() -> None:
         fleet.stop()
         assert wait_gone(procs) == []
     finally:
-        fleet.stop()
         kill_all(procs)
 
 
@@ -543,9 +494,10 @@ def test_cli_launch_with_a_bad_config_exits_2_naming_file_model_and_field(
 
 
 def test_the_launcher_and_gateway_import_neither_the_engine_stack_nor_unused_heavy_libraries() -> None:
-    """The gateway side never imports torch or vllm; it also skips aiohttp, pydantic.v1 and attrs,
-    which once cost a third of a second of its start, and psutil until engines are watched."""
-    heavy = ("torch", "vllm", "aiohttp", "pydantic.v1", "attr", "psutil")
+    """The gateway side never imports torch, vllm or Ray; it also skips aiohttp, which once cost a
+    quarter of a second of its start, and psutil until engines are watched. (Litestar's default
+    pydantic and attrs plugins are imported: ~0.05 s, the price of no private Litestar hook.)"""
+    heavy = ("torch", "vllm", "ray", "aiohttp", "psutil")
     code = ("import sys, fleet.cli, fleet.run.launcher; from fleet.gateway.app import create_app; create_app({}); "
             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, timeout=60)

@@ -1,10 +1,13 @@
-"""Running a fleet for weeks, with fake engines: restarts with backoff, reload, status, stop, logs.
+"""Running a fleet for weeks, with fake engines: restarts with backoff (and giving up after
+max_restarts), reload, status, stop, logs.
 
-Engines are `tests/fake_engine.py` subprocesses started by the real launcher (`Fleet`).
+Engines are `tests/fake_engine.py` subprocesses started by the real launcher (`Fleet`), in-process
+(the `fake_fleet` fixture) or, for signals and the CLI, in a process of its own.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -12,18 +15,15 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import psutil
-import pytest
-from conftest import ROOT, InProcessFleet, free_port
-from fake_engine import fake_command
-
-from fleet.config.load import parse_config
+from conftest import ROOT, FakeFleets, fake_config, free_port
+from rich.console import Console
 
 FAST = {"restart_backoff": 0.2, "restart_backoff_max": 0.4, "max_restarts": 2, "health_interval": 0.2,
         "stop_grace": 3.0, "drain_timeout": 10.0}
@@ -37,42 +37,18 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> Non
         time.sleep(0.02)
 
 
-def config(models: list[dict[str, Any]], **supervisor: Any) -> Any:
-    return parse_config({"gateway": {"port": free_port()}, "supervisor": {**FAST, **supervisor}, "models": models})
-
-
 def fake(name: str, **engine_args: Any) -> dict[str, Any]:
     return {"name": name, "source": "fake", "port": free_port(), "engine_args": {"fake_word": name, **engine_args}}
-
-
-@pytest.fixture
-def log_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("FLEET_LOG_DIR", str(tmp_path / "logs"))
-    return tmp_path / "logs"
-
-
-@pytest.fixture
-def fleet_factory(log_dir: Path) -> Iterator[Callable[..., InProcessFleet]]:
-    started: list[InProcessFleet] = []
-
-    def make(cfg: Any) -> InProcessFleet:
-        f = InProcessFleet(cfg, fake_command)
-        started.append(f)
-        return f
-
-    yield make
-    for f in started:
-        f.stop()
 
 
 def complete(url: str, model: str, **kw: Any) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 3, **kw}, timeout=20)
 
 
-def test_crashed_engine_restarts_with_backoff_and_other_models_never_notice(fleet_factory) -> None:
-    f = fleet_factory(config([fake("fragile", fake_crash_after_requests=1), fake("steady")]))
-    f.wait_state("fragile", "ready")
-    f.wait_state("steady", "ready")
+def test_crashed_engine_restarts_with_backoff_and_other_models_never_notice(fake_fleet: FakeFleets) -> None:
+    f = fake_fleet(fake("fragile", fake_crash_after_requests=1), fake("steady"), supervisor=FAST)
+    transitions = f.transitions("fragile")
+    first_pid = f.fleet.engines["fragile"].pid
     assert complete(f.url, "fragile").status_code == 200
     dying = complete(f.url, "fragile")  # the engine dies holding this request
     assert dying.status_code == 502 and dying.json()["error"]["code"] == "engine_error"
@@ -87,18 +63,25 @@ def test_crashed_engine_restarts_with_backoff_and_other_models_never_notice(flee
     assert 503 in seen and set(seen) <= {200, 503}
     if 200 not in seen:  # the restarted engine crashes on its 2nd request too: send at most one
         assert complete(f.url, "fragile").status_code == 200
+    states = transitions.wait(lambda s: s[-1] == "ready" and len(s) > 1, "ready again")
+    assert states == ["ready", "failed", "restarting", "starting", "ready"]
+    waited = transitions.at[3] - transitions.at[2]  # restarting -> starting: the backoff
+    assert waited >= FAST["restart_backoff"] - 0.01, waited
     status = httpx.get(f"{f.url}/fleet/status").json()
     row = next(m for m in status["models"] if m["model"] == "fragile")
-    assert row["restarts"] == 1 and row["state"] == "ready" and row["pid"]
+    assert row["restarts"] == 1 and row["state"] == "ready" and row["pid"] and row["pid"] != first_pid
 
 
-def test_engine_that_keeps_failing_stays_failed_after_max_restarts(fleet_factory) -> None:
-    f = fleet_factory(config([fake("broken", fake_exit_at_start=3)], max_restarts=2))
-    states: list[str] = []
-    f.fleet.engines["broken"].lifecycle.listeners.append(lambda lc, old, why: states.append(lc.state.value))
-    wait_until(lambda: states.count("failed") == 3 and f.state("broken") == "failed"
-               and not f.fleet.engines["broken"].pid, "three failures, then it stays failed")
-    assert states.count("restarting") == 2
+def test_engine_that_keeps_failing_stays_failed_after_max_restarts(fake_fleet: FakeFleets) -> None:
+    out = io.StringIO()
+    f = fake_fleet(fake("broken", fake_exit_at_start=3), ready=[], console=Console(file=out, width=400),
+                   supervisor={**FAST, "max_restarts": 2})
+    transitions = f.transitions("broken")
+    states = transitions.wait(lambda s: s.count("failed") == 3, "three failures")
+    assert states == ["starting", "failed", "restarting", "starting", "failed", "restarting", "starting", "failed"]
+    wait_until(lambda: "stays failed" in out.getvalue(), "the launcher says it gives up")  # a console line: no event
+    engine = f.fleet.engines["broken"]
+    assert (f.state("broken"), engine.pid, engine.total_restarts) == ("failed", None, 2)
     r = complete(f.url, "broken")
     assert r.status_code == 503 and "exited with code 3" in r.json()["error"]["message"]
 
@@ -111,11 +94,9 @@ def test_backoff_doubles_up_to_its_cap() -> None:
     assert [backoff(policy, n) for n in range(5)] == [1, 2, 4, 5, 5]
 
 
-def test_reload_adds_removes_and_changes_models_while_an_untouched_model_streams(fleet_factory, tmp_path) -> None:
+def test_reload_adds_removes_and_changes_models_while_an_untouched_model_streams(fake_fleet: FakeFleets) -> None:
     keep, gone, changed = fake("keep", fake_token_delay=0.05), fake("gone"), fake("changed")
-    f = fleet_factory(config([keep, gone, changed]))
-    for name in ("keep", "gone", "changed"):
-        f.wait_state(name, "ready")
+    f = fake_fleet(keep, gone, changed, supervisor=FAST)
     sdk = openai.OpenAI(base_url=f.url + "/v1", api_key="x", max_retries=0)
     texts: list[str] = []
     errors: list[BaseException] = []
@@ -130,7 +111,7 @@ def test_reload_adds_removes_and_changes_models_while_an_untouched_model_streams
     reader = threading.Thread(target=stream_keep)
     reader.start()
     wait_until(lambda: len(texts) >= 2, "the stream from the untouched model started")
-    new = config([keep, {**changed, "engine_args": {"fake_word": "CHANGED"}}, fake("added")])
+    new = fake_config(keep, {**changed, "engine_args": {"fake_word": "CHANGED"}}, fake("added"), supervisor=FAST)
     new = new.model_copy(update={"gateway": f.config.gateway})
     report = f.call(f.fleet.reload(new))
     assert (report.added, report.removed, report.changed, report.unchanged) == (["added"], ["gone"], ["changed"], ["keep"])
@@ -143,9 +124,8 @@ def test_reload_adds_removes_and_changes_models_while_an_untouched_model_streams
     assert complete(f.url, "added").status_code == 200
 
 
-def test_status_reports_every_model(fleet_factory) -> None:
-    f = fleet_factory(config([fake("a"), fake("b", fake_hang_at_start=True)]))
-    f.wait_state("a", "ready")
+def test_status_reports_every_model(fake_fleet: FakeFleets) -> None:
+    f = fake_fleet(fake("a"), fake("b", fake_hang_at_start=True), ready=["a"], supervisor=FAST)
     complete(f.url, "a")
     body = httpx.get(f"{f.url}/fleet/status").json()
     rows = {m["model"]: m for m in body["models"]}

@@ -27,7 +27,7 @@ from fleet.wire import protocol
 
 _json = msgspec.json.Encoder()
 DONE_EVENT = b"data: [DONE]\n\n"
-Batches = AsyncIterator[list[protocol.Frame]]
+Batches = AsyncGenerator[list[protocol.Frame], None]  # a generator: open_stream acloses the unread ones
 
 
 class Engine(Protocol):
@@ -211,7 +211,7 @@ async def open_stream(engine: Engine, plan: Plan, shaper: Shaper, request_id: st
     except BaseException:
         await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
         raise
-    return _stream_body(_merge([_prefixed(f, g) for f, g in zip(firsts, gens)]), plan, shaper, engine)
+    return _stream_body(_merge([_prefixed(f, g) for f, g in zip(firsts, gens, strict=True)]), plan, shaper, engine)
 
 
 async def _prefixed(first: list[protocol.Frame], gen: Batches) -> Batches:
@@ -232,7 +232,7 @@ async def _merge(gens: list[Batches]) -> AsyncIterator[tuple[int, list[protocol.
         try:
             async for batch in gen:
                 await queue.put((p, batch))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
+        except Exception as e:  # handed to the consumer
             await queue.put((p, e))
         await queue.put((p, None))
 

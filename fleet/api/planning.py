@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal
 
 from fleet.api.protocol import INT32_MAX, SamplingRequest
 from fleet.api.rules import (
@@ -64,7 +64,7 @@ BEAM_DEFAULTS: Mapping[str, Any] = {"temperature": 0.0}  # what beam search need
 BEAM_IGNORES_MODEL_DEFAULT = frozenset({"temperature", "top_p", "top_k"})
 NO_LIMITS = Limits(n=128, best_of=128, prompts=1 << 20, prompt_chars=1 << 40)
 
-Prompt = Union[str, list[int], protocol.Chat]
+Prompt = str | list[int] | protocol.Chat
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def plan(
     temperature: float = d.pick("temperature", req.temperature)
     top_p: float = d.pick("top_p", req.top_p)
     top_k: int = d.pick("top_k", req.top_k)
-    early_stopping: bool | str = d.pick("early_stopping", req.early_stopping)
+    early_stopping: bool | Literal["never"] = d.pick("early_stopping", req.early_stopping)
     length_penalty: float = d.pick("length_penalty", req.length_penalty)
     check_top_k(top_k)
     check_best_of(n, best_of, stream)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from fleet.config.schema import DEFAULT_CONFIG, MAX_SHARED_FRACTION, FleetConfig, ModelConfig
 from fleet.errors import ConfigError
 
+
 def load_config(path: Path | str = DEFAULT_CONFIG, **overrides: Any) -> FleetConfig:
     """Read, merge and validate a fleet file; raise ConfigError naming file, model and field."""
     path = Path(path)
@@ -40,7 +41,8 @@ def parse_config(raw: dict[str, Any], path: Path | str = "<string>", **overrides
 
 def _describe(error: ValidationError, path: Path, raw: dict[str, Any]) -> str:
     lines = [f"{path}: invalid fleet file"]
-    models = raw.get("models") if isinstance(raw.get("models"), list) else []
+    listed = raw.get("models")
+    models: list[Any] = listed if isinstance(listed, list) else []
     for item in error.errors():
         loc = list(item["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"

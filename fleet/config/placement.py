@@ -14,14 +14,14 @@ import socket
 import subprocess
 from collections import defaultdict
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from fleet.config.schema import FleetConfig, ModelConfig
 from fleet.config.sources import DEFAULT_NAME, SourceKind, cache_dir, classify, default_gguf
 
 
-class SourceState(str, Enum):
+class SourceState(StrEnum):
     FOUND = "found"
     WILL_CONVERT = "will convert"
     WILL_DOWNLOAD = "will download"

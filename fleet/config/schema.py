@@ -7,8 +7,10 @@ then the TOML file (`FleetConfig.from_data`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
@@ -198,7 +200,7 @@ class ModelConfig(_Strict):
         return self.on_cpu if self.enforce_eager is None else self.enforce_eager
 
 
-_TOML_DATA: ContextVar[dict[str, Any]] = ContextVar("fleet_toml_data", default={})
+_TOML_DATA: ContextVar[Mapping[str, Any]] = ContextVar("fleet_toml_data", default=MappingProxyType({}))
 
 
 class _TomlDataSource(PydanticBaseSettingsSource):

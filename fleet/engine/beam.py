@@ -57,7 +57,8 @@ class Beam:
         """cumulative_logprob / length ** length_penalty (HF's rule: a trailing EOS is not counted)."""
         if seq_len is None:
             seq_len = prompt_len + len(self.tokens) - (1 if self.ends_with_eos else 0)
-        return self.cumulative_logprob / (max(seq_len, 1) ** length_penalty)
+        scale: float = max(seq_len, 1) ** length_penalty  # a positive base: never complex
+        return self.cumulative_logprob / scale
 
 
 def should_stop(
@@ -130,7 +131,7 @@ class BeamSearchRun:
     def child(self, parent: Beam, token: int, logprob: float, entries: dict[int, Any]) -> Beam:
         """Extend `parent` by one token and decide whether the child is finished."""
         beam = Beam(
-            tokens=parent.tokens + [token],
+            tokens=[*parent.tokens, token],
             cumulative_logprob=parent.cumulative_logprob + logprob,
             logprobs=parent.logprobs + ([self.position(token, entries)] if self.top_logprobs is not None else []),
         )

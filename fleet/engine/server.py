@@ -16,7 +16,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import NotAuthorizedException
@@ -36,7 +38,7 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
     info_body = protocol.encode(service.info)
     expected = f"Bearer {token}".encode() if token else None
 
-    async def require_token(request: Request) -> None:
+    async def require_token(request: Request[Any, Any, Any]) -> None:
         """A before_request hook (a plain-function guard would cost a thread hop per request)."""
         if expected is None:
             return
@@ -53,7 +55,7 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
         return Response(info_body, media_type="application/msgpack")
 
     @post("/generate", status_code=200, before_request=require_token)
-    async def generate(request: Request) -> Stream:
+    async def generate(request: Request[Any, Any, Any]) -> Stream:
         req = _request_decoder.decode(await request.body())
         return Stream(service.frames(req), media_type=protocol.CONTENT_TYPE)
 
@@ -66,7 +68,8 @@ async def serve(cfg: ModelConfig) -> None:
 
     started = time.monotonic()
     engine = build_engine(cfg)
-    template = Path(cfg.chat_template).expanduser().read_text() if cfg.chat_template else None
+    # start-up, before the server runs: nothing else on the loop yet to block (build_engine blocks too)
+    template = Path(cfg.chat_template).expanduser().read_text() if cfg.chat_template else None  # noqa: ASYNC240
     service = EngineService(engine, cfg.name, template)
     server = SignalFreeServer(
         uvicorn.Config(create_engine_app(service, os.environ.get(protocol.TOKEN_ENV)), host=cfg.host, port=cfg.port,
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ModelConfig.model_validate_json(ns.model_json)
     if cfg.on_cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    run: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
 

@@ -42,6 +42,7 @@ class EngineService:
 
     def prompt_ids(self, req: protocol.GenerateRequest) -> list[int]:
         """The prompt as token ids, checked against the vocabulary and the context length."""
+        ids: list[int]
         if isinstance(req.prompt, str):
             ids = self.tokenizer.encode(req.prompt)
         elif isinstance(req.prompt, protocol.Chat):
@@ -79,15 +80,16 @@ class EngineService:
                 param="messages",
             )
         try:
-            return self.tokenizer.apply_chat_template(
+            text: str = self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in chat.messages],
                 chat_template=self.chat_template,
                 tokenize=False,
                 add_generation_prompt=chat.add_generation_prompt and not chat.continue_final_message,
                 continue_final_message=chat.continue_final_message,
             )
-        except Exception as e:  # noqa: BLE001 - a template that rejects these messages
+        except Exception as e:  # a template that rejects these messages
             raise InvalidRequest(f"the chat template cannot render these messages: {e}", param="messages") from None
+        return text
 
     def sampling_params(self, s: protocol.SamplingParams, room: int, final_only: bool = False) -> Any:
         """vLLM SamplingParams for one request: streaming deltas, or each output once when it ends."""
@@ -124,8 +126,10 @@ class EngineService:
 
     def token_text(self, token_id: int, logprob: Any) -> str:
         """The text of one token as the logprobs report it."""
-        text = getattr(logprob, "decoded_token", None)
-        return text if text is not None else self.tokenizer.decode([token_id])
+        text: str | None = getattr(logprob, "decoded_token", None)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+        return text
 
     def position(self, token_id: int, entries: dict[int, Any] | None) -> protocol.TokenLogprob:
         """One position's logprob and alternatives, best first (the chosen token included)."""
@@ -158,19 +162,19 @@ class EngineService:
         first = True
         try:
             async for out in self.engine.generate({"prompt_token_ids": ids}, params, req.request_id):
-                chunk = bytearray()
+                frames = bytearray()
                 if first:
                     first = False
-                    chunk += protocol.encode_frame(self.prompt_frame(ids, out.prompt_logprobs, req.echo))
+                    frames += protocol.encode_frame(self.prompt_frame(ids, out.prompt_logprobs, req.echo))
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
-                    chunk += protocol.encode_frame(self.delta(c, per_token))
-                if chunk:
-                    yield bytes(chunk)
+                    frames += protocol.encode_frame(self.delta(c, per_token))
+                if frames:
+                    yield bytes(frames)
         except ValueError as e:  # vLLM's request validation
             yield protocol.encode_frame(protocol.Error(str(e), status=400))
             return
-        except Exception as e:  # noqa: BLE001 - reported to the gateway, never swallowed
+        except Exception as e:  # reported to the gateway, never swallowed
             log.exception("request %s failed", req.request_id)
             yield protocol.encode_frame(protocol.Error(f"engine error: {type(e).__name__}: {e}", status=500))
             return
@@ -181,7 +185,7 @@ class EngineService:
         only when the client asked for them: best_of's ranking needs the cumulative logprob alone."""
         logprobs = None
         if per_token and out.logprobs is not None:
-            logprobs = [self.position(t, e) for t, e in zip(out.token_ids, out.logprobs)]
+            logprobs = [self.position(t, e) for t, e in zip(out.token_ids, out.logprobs, strict=False)]
         return protocol.Delta(
             index=out.index,
             text=out.text,
@@ -197,6 +201,6 @@ class EngineService:
         if prompt_logprobs is not None:
             logprobs = [
                 protocol.TokenLogprob(self.tokenizer.decode([t]), None, None) if e is None else self.position(t, e)
-                for t, e in zip(ids, prompt_logprobs)
+                for t, e in zip(ids, prompt_logprobs, strict=False)
             ]
         return protocol.Prompt(token_ids=ids, text=self.tokenizer.decode(ids) if echo else None, logprobs=logprobs)

@@ -7,7 +7,7 @@ The two generation routes are Litestar ASGI handlers rather than typed ones: the
 their own body (bodies.py) and send their answer to the ASGI server themselves. Litestar's
 typed-handler layers (the signature model, kwargs, the before-request hook, `Response`) were
 ~50-70 us of the ~350-400 us of gateway CPU a request took on a slow 2-core VM. The routes keep
-Litestar's routing and exception handlers; their OpenAPI entries come from typed twins (openapi.py).
+Litestar's routing and exception handlers. The OpenAPI document is fleet's own (openapi.py).
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from litestar import Litestar, Request, Response, asgi, get
-from litestar._openapi.plugin import OpenAPIPlugin  # not exported; the fuzz tests read what it builds
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.handlers import ASGIRouteHandler
-from litestar.plugins import PluginProtocol
 from litestar.response.base import ASGIResponse
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPScope, Receive, Send
 
 from fleet.api.chat import serving as chat
 from fleet.api.chat.protocol import ChatCompletionRequest
@@ -36,13 +34,13 @@ from fleet.api.protocol import ErrorResponse, ModelCard, ModelList
 from fleet.config.schema import GatewayConfig
 from fleet.errors import BodyTooLarge, FleetError
 from fleet.gateway import control as control_routes
-from fleet.gateway.auth import Keys, require_key
+from fleet.gateway.auth import Keys, require_key, scope_key
 from fleet.gateway.backend import Backend
 from fleet.gateway.bodies import decode_body, decoder, header, read_body
 from fleet.gateway.control import Control
 from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fleet.gateway.metrics import Metrics
-from fleet.gateway.openapi import ERROR_RESPONSES, JSON, GatewayOpenAPI, ok
+from fleet.gateway.openapi import JSON, openapi_json
 from fleet.gateway.routing import route
 from fleet.gateway.status import Health
 from fleet.gateway.tracking import Tracked, unless_disconnected
@@ -57,25 +55,26 @@ def error_response(error: FleetError) -> Response[bytes]:
     return Response(_json.encode(body), status_code=error.status, media_type=JSON, headers=error.headers)
 
 
-def _fleet_error_handler(_: Request, exc: FleetError) -> Response[bytes]:
+def _fleet_error_handler(_: Request[Any, Any, Any], exc: FleetError) -> Response[bytes]:
     return error_response(exc)
 
 
-def _http_error_handler(request: Request, exc: HTTPException) -> Response[bytes]:
+def _http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     if exc.status_code == 413:
-        return error_response(BodyTooLarge(request.app.state.get("max_body_bytes")))
+        limit: int = request.app.state.max_body_bytes
+        return error_response(BodyTooLarge(limit))
     return error_response(FleetError(
         str(exc.detail), status=exc.status_code, type="invalid_request_error" if exc.status_code < 500 else "server_error",
         headers=exc.headers,  # e.g. Allow on a 405
     ))
 
 
-def _unexpected_error_handler(request: Request, exc: Exception) -> Response[bytes]:
+def _unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(FleetError(f"internal error: {type(exc).__name__}"))
 
 
-@get("/health", sync_to_thread=False, responses=ok(Health, "the gateway is up; each model's engine state"))
+@get("/health", sync_to_thread=False)
 def health(state: State) -> Response[bytes]:
     """200 with each model's state; the gateway itself is up whenever it answers. Open without a key."""
     backends: Mapping[str, Backend] = state.backends
@@ -83,19 +82,17 @@ def health(state: State) -> Response[bytes]:
     return Response(_json.encode(body), media_type=JSON)
 
 
-@get("/metrics", sync_to_thread=False, before_request=require_key,
-     responses={**ERROR_RESPONSES, **ok(str, "Prometheus text exposition format", METRICS_CONTENT_TYPE)})
+@get("/metrics", sync_to_thread=False, before_request=require_key)
 def metrics(state: State) -> Response[bytes]:
     """Prometheus metrics: requests by status, latency, time to first token, tokens, engine states."""
     return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
-@get("/v1/models", sync_to_thread=False, before_request=require_key,
-     responses={**ERROR_RESPONSES, **ok(ModelList, "the models this key may use")})
-def list_models(request: Request, state: State) -> Response[bytes]:
+@get("/v1/models", sync_to_thread=False, before_request=require_key)
+def list_models(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """The fleet's models the caller may use, with the state of each engine."""
     backends: Mapping[str, Backend] = state.backends
-    key = request.scope.get("fleet_key")
+    key = scope_key(request.scope)
     cards = [
         ModelCard(id=name, created=state.started, owned_by="fleet", state=b.lifecycle.state.value,
                   max_model_len=b.config.max_model_len)
@@ -110,7 +107,7 @@ def generation_route(path: str, name: str, schema: type[CompletionRequest | Chat
     """A POST route that reads its body as `schema`, routes it to its model, plans and runs it."""
     body_of = decoder(schema)
 
-    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(scope: HTTPScope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         if method != "POST":
             if method == "OPTIONS":
@@ -162,17 +159,6 @@ chat_completions = generation_route("/v1/chat/completions", "chat_completions", 
                                     chat, "chat")
 
 
-class _Gateway(Litestar):
-    """Litestar without its default pydantic and attrs plugins: the gateway's types are all msgspec,
-    and importing those plugins (pydantic.v1, attrs) was ~0.08 s of its start."""
-
-    @staticmethod
-    def _get_default_plugins(plugins: list[PluginProtocol]) -> list[PluginProtocol]:
-        from litestar.plugins.core import MsgspecDIPlugin
-
-        return [*plugins, MsgspecDIPlugin()]
-
-
 def create_app(
     backends: Mapping[str, Backend],
     control: Control | None = None,
@@ -184,8 +170,9 @@ def create_app(
     """The gateway app over a fleet's backends (their lifecycles and clients are owned by the launcher)."""
     gateway = gateway or GatewayConfig()
 
-    app = _Gateway(
-        route_handlers=[health, metrics, list_models, completions_route, chat_completions, *control_routes.ROUTES],
+    app = Litestar(
+        route_handlers=[health, metrics, list_models, completions_route, chat_completions, *control_routes.ROUTES,
+                        openapi_json],
         state=State({
             "backends": backends,
             "started": int(time.time()),
@@ -201,9 +188,7 @@ def create_app(
         },
         request_max_body_size=gateway.max_body_bytes,
         logging_config=None,
+        openapi_config=None,  # the document is fleet's own, served by openapi_json (openapi.py)
     )
-    # The document is built on its first request, not here (~0.1 s of the gateway's start):
-    # Litestar's plugin has no hook for what it cannot infer, so its class gains one.
-    app.plugins.get(OpenAPIPlugin).__class__ = GatewayOpenAPI
     return app
 

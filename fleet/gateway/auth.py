@@ -11,8 +11,10 @@ import hmac
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from litestar import Request
+from litestar.types import Scope
 
 from fleet.config.schema import AuthConfig
 from fleet.errors import ConfigError, Forbidden, Unauthorized
@@ -88,7 +90,7 @@ def _parse_line(line: str, where: str) -> Key:
     return Key(secret.encode(), limited)
 
 
-async def require_key(request: Request) -> None:
+async def require_key(request: Request[Any, Any, Any]) -> None:
     """Litestar before_request hook: a valid API key when the fleet has keys (kept for model checks).
 
     A hook rather than a guard: Litestar copies the route handler for every guard call, a cost on
@@ -97,12 +99,18 @@ async def require_key(request: Request) -> None:
     """
     keys: Keys = request.app.state.api_keys
     if keys.enabled:
-        request.scope["fleet_key"] = keys.check(request.headers.get("authorization"))  # type: ignore[typeddict-unknown-key]
+        request.scope["fleet_key"] = keys.check(request.headers.get("authorization"))  # type: ignore[typeddict-unknown-key]  # litestar's Scope TypedDict is closed; ASGI scopes take extra keys
 
 
-async def require_admin(request: Request) -> None:
+def scope_key(scope: Scope) -> Key | None:
+    """The caller's key as require_key kept it in the scope (None: the fleet has no keys)."""
+    key = scope.get("fleet_key")
+    return key if isinstance(key, Key) else None
+
+
+async def require_admin(request: Request[Any, Any, Any]) -> None:
     """Litestar before_request hook for control routes: with keys, a key that may use every model."""
     await require_key(request)
-    key = request.scope.get("fleet_key")
+    key = scope_key(request.scope)
     if key is not None and key.models is not None:
         raise Forbidden("fleet control needs a key that may use every model", code="model_not_allowed")

@@ -46,7 +46,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
-        chunk: bytes = message.get("body", b"")
+        chunk = message.get("body", b"") if message["type"] == "http.request" else b""
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(limit)

@@ -7,7 +7,7 @@ the gateway's own machine (loopback addresses); anyone else gets 403.
 from __future__ import annotations
 
 import ipaddress
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -28,7 +28,7 @@ class Control(Protocol):
     def stop(self) -> None: ...
 
 
-def check_local(request: Request) -> None:
+def check_local(request: Request[Any, Any, Any]) -> None:
     """Control routes answer loopback clients only."""
     host = request.client.host if request.client else ""
     try:
@@ -47,14 +47,14 @@ def _control(state: State) -> Control:
 
 
 @get("/fleet/status", sync_to_thread=False, before_request=require_admin)
-def fleet_status(request: Request, state: State) -> Response[bytes]:
+def fleet_status(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """Every model's state, pid, uptime, restarts, requests in flight and token rate."""
     check_local(request)
     return Response(_json.encode(_control(state).status()), media_type="application/json")
 
 
 @post("/fleet/reload", status_code=200, before_request=require_admin)
-async def fleet_reload(request: Request, state: State) -> Response[bytes]:
+async def fleet_reload(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """Re-read fleet.toml and apply the difference."""
     check_local(request)
     try:
@@ -65,7 +65,7 @@ async def fleet_reload(request: Request, state: State) -> Response[bytes]:
 
 
 @post("/fleet/stop", status_code=202, sync_to_thread=False, before_request=require_admin)
-def fleet_stop(request: Request, state: State) -> Response[bytes]:
+def fleet_stop(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """Stop the fleet (as SIGTERM does)."""
     check_local(request)
     _control(state).stop()

@@ -1,120 +1,172 @@
-"""The gateway's OpenAPI document: what Litestar infers from the routes, plus what it cannot.
+"""The gateway's OpenAPI 3.1 document, and the one route that serves it: GET /schema/openapi.json.
 
-- The generation routes are ASGI handlers (app.py says why), which Litestar does not document.
-  Their entries come from typed twins below: handlers with the same path, body and answers that
-  are never served, registered in a throwaway app when the document is first asked for.
-- Both generation routes answer JSON or, with `stream: true`, server-sent events.
-- 429 and 503 carry Retry-After, which the openai SDK honours.
+What this module owns:
+- the document's every entry: the routes app.py and control.py serve (paths, methods, summaries
+  and operationIds as Litestar once wrote them, descriptions from the handlers' docstrings),
+  their request bodies and their answers;
+- its schemas, written by msgspec (`msgspec.json.schema_components`) from the very Structs the
+  gateway decodes and encodes, so the document and the validation cannot drift apart;
+- what no signature says: OpenAI's error envelope on every error status, the generation routes'
+  second answer (server-sent events, with `stream: true`) and Retry-After on their 429 and 503,
+  which the openai SDK honours.
 
-The document is built on its first request, not at start (~0.1 s of the gateway's start).
+Litestar's OpenAPI machinery is off (`openapi_config=None` in app.py): no plugin, no private hook.
+The document is built on its first request, not at start (~0.1 s of the gateway's start), then
+kept as the JSON it is served as. Open without a key, as before; /schema/openapi.json is not
+itself in the document.
 """
 
 from __future__ import annotations
 
-import msgspec
-from litestar import post
-from litestar._openapi.plugin import OpenAPIPlugin  # not exported; the fuzz tests read what it builds
-from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPI, Reference
-from litestar.params import JSONBody
-from litestar.routes import HTTPRoute
-from litestar.types import ASGIApp
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Any
 
+import msgspec
+from litestar import Response, get
+
+from fleet import __version__
 from fleet.api.chat.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from fleet.api.completions.protocol import CompletionChunk, CompletionRequest, CompletionResponse
-from fleet.api.protocol import ErrorResponse
+from fleet.api.protocol import ErrorResponse, ModelList
+from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from fleet.gateway.status import FleetStatus, Health, ReloadReport
 
 JSON = "application/json"
-ERROR_RESPONSES = {
-    status: ResponseSpec(ErrorResponse, description=what, generate_examples=False)
-    for status, what in [
-        (400, "invalid request (the `param` names the field)"),
-        (401, "missing or invalid API key"),
-        (403, "this API key may not use the model"),
-        (404, "no such model in the fleet"),
-        (405, "method not allowed"),
-        (413, "request body larger than max_body_bytes"),
-        (429, "the model is at capacity; see Retry-After"),
-        (502, "the engine failed while holding the request"),
-        (503, "the model's engine is not ready; see Retry-After"),
-        (504, "the engine stopped answering"),
-    ]
+OPENAPI_JSON = "application/vnd.oai.openapi+json"  # what Litestar served it as
+PATH = "/schema/openapi.json"
+
+ERRORS = {  # every error status the OpenAI routes document, each with the envelope
+    400: "invalid request (the `param` names the field)",
+    401: "missing or invalid API key",
+    403: "this API key may not use the model",
+    404: "no such model in the fleet",
+    405: "method not allowed",
+    413: "request body larger than max_body_bytes",
+    429: "the model is at capacity; see Retry-After",
+    502: "the engine failed while holding the request",
+    503: "the model's engine is not ready; see Retry-After",
+    504: "the engine stopped answering",
 }
-STREAMS = {"/v1/completions": CompletionChunk, "/v1/chat/completions": ChatCompletionChunk}
+CONTROL_ERRORS = {  # control.py's: Forbidden, InvalidRequest, and the keys' check
+    400: "no launcher behind this gateway, or (reload) a fleet.toml refused: nothing changed",
+    401: "missing or invalid API key",
+    403: "not a client on the gateway's machine, or a key limited to some models",
+}
+RETRY_AFTER = (429, 503)  # the SDK retries these after Retry-After seconds
+
+# The generation routes are ASGI handlers without docstrings (app.py says why): their text is here.
+GENERATION = [  # path, the name Litestar knew the route by, description, request, answer, its text, stream chunk
+    ("/v1/completions", "completions_route", "OpenAI's legacy completions: parse, route, plan, run.",
+     CompletionRequest, CompletionResponse, "the completion", CompletionChunk),
+    ("/v1/chat/completions", "chat_completions",
+     "OpenAI's chat completions: the engine renders the messages with the model's chat template.",
+     ChatCompletionRequest, ChatCompletionResponse, "the chat completion", ChatCompletionChunk),
+]
+STRUCTS = [CompletionRequest, CompletionResponse, CompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+           ChatCompletionChunk, ModelList, Health, FleetStatus, ReloadReport, ErrorResponse]
 
 
-def ok(kind: type, what: str, media_type: str = JSON) -> dict[int, ResponseSpec]:
-    """The documented 200 of a handler that returns pre-encoded bytes (Litestar would say "string")."""
-    return {200: ResponseSpec(kind, description=what, generate_examples=False, media_type=media_type)}
+@get(PATH, sync_to_thread=False)
+def openapi_json() -> Response[bytes]:
+    """The gateway's OpenAPI document."""
+    return Response(_encoded(), media_type=OPENAPI_JSON)
 
 
-@post("/v1/completions", status_code=200, responses={
-    **ERROR_RESPONSES, **ok(CompletionResponse, "the completion; with stream: true, server-sent events")})
-async def completions_route(data: JSONBody[CompletionRequest]) -> ASGIApp:
-    """OpenAI's legacy completions: parse, route, plan, run."""
-    raise NotImplementedError("documentation only: app.py serves this route")
+def document() -> dict[str, Any]:
+    """The document as GET /schema/openapi.json serves it (a fresh copy, decoded from those bytes)."""
+    doc: dict[str, Any] = msgspec.json.decode(_encoded())
+    return doc
 
 
-@post("/v1/chat/completions", status_code=200, responses={
-    **ERROR_RESPONSES, **ok(ChatCompletionResponse, "the chat completion; with stream: true, server-sent events")})
-async def chat_completions(data: JSONBody[ChatCompletionRequest]) -> ASGIApp:
-    """OpenAI's chat completions: the engine renders the messages with the model's chat template."""
-    raise NotImplementedError("documentation only: app.py serves this route")
+@functools.cache
+def _encoded() -> bytes:
+    return msgspec.json.encode(_build())
 
 
-DOCUMENTED = [completions_route, chat_completions]
+def _build() -> dict[str, Any]:
+    refs, schemas = msgspec.json.schema_components(STRUCTS, ref_template="#/components/schemas/{name}")
+    ref: dict[type, dict[str, Any]] = dict(zip(STRUCTS, refs, strict=True))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fleet", "version": __version__,
+                 "description": "One OpenAI-compatible endpoint for a fleet of vLLM models."},
+        "servers": [{"url": "/"}],
+        "paths": _paths(ref),
+        "components": {"schemas": schemas},
+    }
 
 
-class GatewayOpenAPI(OpenAPIPlugin):
-    """Litestar's OpenAPI plugin, plus the generation routes' twins and their stream answers."""
+def _paths(ref: Mapping[type, dict[str, Any]]) -> dict[str, Any]:
+    """Every route, in the order the app routes them."""
+    from fleet.gateway import app, control  # read on the first request: app.py imports this module
 
-    __slots__ = ()
+    error = ref[ErrorResponse]
+    paths: dict[str, Any] = {
+        "/health": {"get": _operation("/health", "health", app.health, {
+            200: _answer("the gateway is up; each model's engine state", ref[Health])})},
+        "/metrics": {"get": _operation("/metrics", "metrics", app.metrics, {
+            200: _answer("Prometheus text exposition format", {"type": "string"}, METRICS_CONTENT_TYPE),
+            **_errors(ERRORS, error)})},
+        "/v1/models": {"get": _operation("/v1/models", "list_models", app.list_models, {
+            200: _answer("the models this key may use", ref[ModelList]), **_errors(ERRORS, error)})},
+    }
+    for path, name, what, request, answer, answered, chunk in GENERATION:
+        ok = _answer(f"{answered}; with stream: true, server-sent events", ref[answer])
+        ok["content"]["text/event-stream"] = {"schema": _events(ref[chunk], error)}
+        paths[path] = {"post": _operation(path, name, what, {200: ok, **_errors(ERRORS, error, RETRY_AFTER)},
+                                          body=ref[request])}
+    stopping = {"type": "object", "required": ["stopping"], "properties": {"stopping": {"const": True}}}
+    paths |= {
+        "/fleet/status": {"get": _operation("/fleet/status", "fleet_status", control.fleet_status, {
+            200: _answer("the fleet's state, model by model", ref[FleetStatus]), **_errors(CONTROL_ERRORS, error)})},
+        "/fleet/reload": {"post": _operation("/fleet/reload", "fleet_reload", control.fleet_reload, {
+            200: _answer("what the reload changed", ref[ReloadReport]), **_errors(CONTROL_ERRORS, error)})},
+        "/fleet/stop": {"post": _operation("/fleet/stop", "fleet_stop", control.fleet_stop, {
+            202: _answer("the fleet is stopping", stopping), **_errors(CONTROL_ERRORS, error)})},
+    }
+    return paths
 
-    def provide_openapi(self) -> OpenAPI:
-        """The document, built once on first use."""
-        if self._openapi is None:
-            twins = type(self.app)(route_handlers=DOCUMENTED, openapi_config=None, logging_config=None)
-            documented = {r.path: r for r in twins.routes if isinstance(r, HTTPRoute)}
-            served = self.included_routes
-            self.included_routes = {  # in the order the app routes them
-                r.path: served.get(r.path) or documented[r.path]
-                for r in self.app.routes if r.path in served or r.path in documented
-            }
-            _document_streams(super().provide_openapi())
-        return super().provide_openapi()
+
+def _operation(path: str, name: str, what: Any, answers: dict[int, dict[str, Any]],
+               body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One operation. `what` is its description, or its handler (whose docstring is). The summary and
+    operationId are those Litestar derived from the handler's name: clients generated from them keep working."""
+    summary = "".join(word.capitalize() for word in name.split("_"))
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "description": what if isinstance(what, str) else inspect.cleandoc(what.fn.__doc__ or ""),
+        "operationId": "".join(part[:1].upper() + part[1:] for part in path.split("/")) + summary,
+    }
+    if body is not None:
+        operation["requestBody"] = {"content": {JSON: {"schema": body}}, "required": True}
+    operation["responses"] = {str(status): answer for status, answer in answers.items()}
+    return operation
 
 
-def _document_streams(document: OpenAPI) -> None:
-    """Both generation routes answer 200 as JSON or, with stream: true, as server-sent events.
+def _answer(what: str, schema: dict[str, Any], media_type: str = JSON) -> dict[str, Any]:
+    return {"description": what, "content": {media_type: {"schema": schema}}}
 
-    Each event is described as OpenAPI 3.1 reads a sequential media type: an object whose `data` is
-    either `[DONE]` or a JSON chunk (or, after a failure mid-stream, OpenAI's error envelope).
-    """
-    from litestar.openapi.spec import OpenAPIHeader, OpenAPIMediaType, Schema
-    from litestar.openapi.spec.enums import OpenAPIType
 
-    ref = "#/components/schemas/{name}"
-    refs, components = msgspec.json.schema_components([*STREAMS.values(), ErrorResponse], ref_template=ref)
-    if document.components.schemas is not None:
-        for name, schema in components.items():  # Litestar already has the shared parts, same shape
-            document.components.schemas.setdefault(name, schema)  # type: ignore[arg-type]
-    for (path, _), chunk in zip(STREAMS.items(), refs):
-        item = document.paths[path] if document.paths else None
-        responses = item.post.responses if item and item.post and item.post.responses else {}
-        answer = responses.get("200")
-        if answer is not None and not isinstance(answer, Reference) and answer.content is not None:
-            answer.content["text/event-stream"] = OpenAPIMediaType(schema={  # type: ignore[arg-type]
-                "type": "object",
-                "required": ["data"],
-                "description": "`data: <chunk JSON>` events, then `data: [DONE]`",
-                "properties": {"data": {"anyOf": [
-                    {"const": "[DONE]"},
-                    {"type": "string", "contentMediaType": JSON,
-                     "contentSchema": {"anyOf": [chunk, refs[-1]]}},
-                ]}},
-            })
-        for status in ("429", "503"):  # the SDK retries these after Retry-After seconds
-            busy = responses.get(status)
-            if busy is not None and not isinstance(busy, Reference):
-                busy.headers = {"Retry-After": OpenAPIHeader(
-                    schema=Schema(type=OpenAPIType.INTEGER), required=True, description="seconds to wait")}
+def _errors(statuses: dict[int, str], error: dict[str, Any], retry: tuple[int, ...] = ()) -> dict[int, dict[str, Any]]:
+    """The error answers: OpenAI's envelope; Retry-After (required) on the `retry` statuses."""
+    answers = {status: _answer(what, error) for status, what in statuses.items()}
+    for status in retry:
+        answers[status]["headers"] = {"Retry-After": {
+            "description": "seconds to wait", "required": True, "schema": {"type": "integer"}}}
+    return answers
+
+
+def _events(chunk: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    """A generation route's stream, as OpenAPI 3.1 reads a sequential media type: each event an
+    object whose `data` is `[DONE]` or a JSON chunk (or, after a failure mid-stream, the envelope)."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "description": "`data: <chunk JSON>` events, then `data: [DONE]`",
+        "properties": {"data": {"anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": JSON, "contentSchema": {"anyOf": [chunk, error]}},
+        ]}},
+    }

@@ -12,7 +12,7 @@ from typing import Literal
 import msgspec
 
 
-class EngineState(str, enum.Enum):
+class EngineState(enum.StrEnum):
     """Where an engine is in its lifecycle (the transitions: fleet/run/lifecycle.py)."""
 
     STOPPED = "stopped"

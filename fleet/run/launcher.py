@@ -132,7 +132,7 @@ class Fleet:
             )
         )
         gateway = asyncio.create_task(server.serve(sockets=[sock]), name="gateway")
-        while not server.started and not gateway.done():
+        while not server.started and not gateway.done():  # noqa: ASYNC110 - uvicorn has a `started` flag, no event
             await asyncio.sleep(0.01)
         # Engines after the gateway: their start-up work in this process (spawning, the first
         # health polls, importing the engine client) would otherwise delay the gateway's start.
@@ -261,7 +261,11 @@ async def launch(config: FleetConfig, *, echo_logs: bool = True, config_path: Pa
 
     def on_hangup() -> None:
         task = asyncio.ensure_future(fleet.reload())
-        task.add_done_callback(lambda t: t.exception() and fleet.console.print(f"[red]reload failed[/red]: {t.exception()}"))
+        task.add_done_callback(report_reload)
+
+    def report_reload(task: asyncio.Future[ReloadReport]) -> None:
+        if (error := task.exception()) is not None:
+            fleet.console.print(f"[red]reload failed[/red]: {error}")
 
     async def settle_heap() -> None:
         await fleet.gateway_started.wait()

@@ -64,7 +64,8 @@ def descendants(pid: int) -> list[psutil.Process]:
     import psutil
 
     try:
-        return psutil.Process(pid).children(recursive=True)
+        children: list[psutil.Process] = psutil.Process(pid).children(recursive=True)
+        return children
     except psutil.Error:
         return []
 

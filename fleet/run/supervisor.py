@@ -52,7 +52,8 @@ def log_dir() -> Path:
 
 def backoff(policy: SupervisorConfig, restarts: int) -> float:
     """Seconds to wait before restart number `restarts + 1`: doubling, capped."""
-    return min(policy.restart_backoff * (2**restarts), policy.restart_backoff_max)
+    factor: int = 2**restarts
+    return min(policy.restart_backoff * factor, policy.restart_backoff_max)
 
 
 class EngineProcess:
@@ -134,7 +135,8 @@ class EngineProcess:
         path = log_dir() / f"{self.cfg.name}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         if self._log_file is None:
-            self._log_file = open(path, "a", buffering=1)
+            # held across restarts and closed when the engine stops; once per engine, a local append
+            self._log_file = open(path, "a", buffering=1)  # noqa: ASYNC230, SIM115
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cfg.gpus))
         self.started_at, self.ready_at = time.monotonic(), None

@@ -4,7 +4,7 @@ connections; and `connect_host`, the one rule for reaching a server from the add
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fleet.errors import EngineFailure, EngineTimeout
 from fleet.wire import http1, protocol
@@ -40,7 +40,7 @@ class EngineClient:
         """Close pooled connections (and any request still running on one)."""
         await self._pool.close()
 
-    async def healthy(self, timeout: float = 2.0) -> bool:
+    async def healthy(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - a probe's own deadline; callers pass timeout=
         """True when the engine answers /health with 200."""
         try:
             async with asyncio.timeout(timeout):
@@ -67,7 +67,7 @@ class EngineClient:
         response.release()
         return response.status, body
 
-    async def generate(self, req: protocol.GenerateRequest) -> AsyncIterator[list[protocol.Frame]]:
+    async def generate(self, req: protocol.GenerateRequest) -> AsyncGenerator[list[protocol.Frame], None]:
         """Send one request; yield its frames in batches, as they arrive (the last batch ends with
         Done or Error). Leaving early closes the connection (= abort).
 

@@ -14,7 +14,7 @@ HTTP/1.1 on the engine's port, msgpack bodies, the launcher's token as a bearer 
 from __future__ import annotations
 
 import struct
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 
@@ -157,7 +157,7 @@ class EngineInfo(_Message):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_frame_decoder = msgspec.msgpack.Decoder(Frame)  # type: ignore[arg-type]
+_frame_decoder = msgspec.msgpack.Decoder(Frame)
 
 
 def encode(message: msgspec.Struct) -> bytes:
@@ -209,6 +209,9 @@ class FrameSplitter:
         return len(self._buffer)
 
 
-def decoder(message_type: type[msgspec.Struct]) -> msgspec.msgpack.Decoder:
+_M = TypeVar("_M", bound=msgspec.Struct)
+
+
+def decoder(message_type: type[_M]) -> msgspec.msgpack.Decoder[_M]:
     """A reusable decoder for one message type."""
     return msgspec.msgpack.Decoder(message_type)

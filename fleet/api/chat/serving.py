@@ -23,7 +23,7 @@ from fleet.api.chat.protocol import (
 )
 from fleet.api.planning import CHAT_MAX_TOKENS, NO_LIMITS, Plan, for_request, plan
 from fleet.api.protocol import Usage
-from fleet.api.rules import check_tools, chat_top_logprobs, structured_output, text_messages
+from fleet.api.rules import chat_top_logprobs, check_tools, structured_output, text_messages
 from fleet.config.schema import Limits, SamplingDefaults
 from fleet.wire import protocol
 

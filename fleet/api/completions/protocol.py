@@ -3,14 +3,14 @@ https://platform.openai.com/docs/api-reference/completions/create"""
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
 
 from fleet.api.protocol import FinishReason, PosInt, SamplingRequest, TokenId, Usage
 
-PromptItem = Union[str, TokenId, list[TokenId]]
+PromptItem = str | TokenId | list[TokenId]
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):

@@ -48,7 +48,7 @@ async def complete(engine: Engine, plan: Plan, model: str) -> bytes:
     request_id = answers.new_id("cmpl")
     results = await answers.collect(engine, plan, request_id)
     choices: list[CompletionChoice] = []
-    for p, (prompt, result) in enumerate(zip(plan.prompts, results)):
+    for p, (prompt, result) in enumerate(zip(plan.prompts, results, strict=True)):
         prompt_text = prompt_text_of(prompt, result.prompt)
         prompt_logprobs = result.prompt.logprobs if result.prompt else None
         for i, cand in enumerate(result.chosen(plan)):

@@ -1,29 +1,25 @@
-"""The sampling rules (vLLM 0.2.7's, the seed's), the precedence of defaults, best_of and logprobs.
+"""Request -> plan (fleet.api.planning) under the sampling rules (fleet.api.rules): the rules that
+always apply, beam search's and greedy's, the precedence of defaults (the client's value -> the
+model's default -> OpenAI's), what best_of and logprobs ask of the engine, and the prompt forms.
 
 Requests are built the way the gateway builds them: JSON bytes decoded into CompletionRequest.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import msgspec
 import pytest
 
-from fleet.wire import protocol
-from litestar.testing import TestClient
-
-from fleet.gateway.app import create_app
-from fleet.gateway.bodies import read_body
-from fleet.config.schema import SamplingDefaults
-from fleet.errors import BodyTooLarge, InvalidRequest
 from fleet.api.completions.protocol import CompletionRequest
-from fleet.api.rules import SamplingType, sampling_type
-from fleet.api.answers import Candidate, best
+from fleet.api.completions.serving import plan_completion
 from fleet.api.planning import Plan
-from fleet.api.completions.serving import completion_logprobs, plan_completion
+from fleet.api.rules import SamplingType, sampling_type
+from fleet.config.schema import SamplingDefaults
+from fleet.errors import InvalidRequest
+from fleet.wire import protocol
 
 
 def request(**fields: Any) -> CompletionRequest:
@@ -93,7 +89,7 @@ def test_stream_options_null_without_stream_is_fine() -> None:
     assert plan(stream_options=None).include_usage is False
 
 
-def test_include_usage_with_stream() -> None:
+def test_include_usage_is_accepted_with_stream() -> None:
     p = plan(stream=True, stream_options={"include_usage": True})
     assert (p.stream, p.include_usage) == (True, True)
 
@@ -103,7 +99,7 @@ def test_empty_stop_string_is_invalid() -> None:
     rejected("stop", "empty", stop=["\n", ""])
 
 
-def test_stop_string_or_list() -> None:
+def test_stop_may_be_a_string_a_list_or_null() -> None:
     assert plan(stop="\n").sampling.stop == ["\n"]
     assert plan(stop=["a", "b"]).sampling.stop == ["a", "b"]
     assert plan(stop=None).sampling.stop == []
@@ -123,7 +119,7 @@ def test_logit_bias_keys_become_ints() -> None:
     assert plan(logit_bias=None).sampling.logit_bias is None
 
 
-def test_suffix_is_a_400() -> None:
+def test_suffix_is_refused_as_unsupported() -> None:
     rejected("suffix", "suffix is not supported", suffix="def f():")
 
 
@@ -187,13 +183,9 @@ def test_beam_search_explicit_zero_temperature_is_accepted() -> None:
 
 
 @pytest.mark.parametrize("early_stopping", [True, False, "never"])
-def test_beam_search_early_stopping_values(early_stopping: bool | str) -> None:
+def test_beam_search_takes_early_stopping_true_false_or_never(early_stopping: bool | str) -> None:
     p = plan(use_beam_search=True, best_of=3, early_stopping=early_stopping, length_penalty=0.5)
     assert p.beam == protocol.BeamSearch(width=3, length_penalty=0.5, early_stopping=early_stopping)
-
-
-def test_early_stopping_other_string_is_refused_when_decoding() -> None:
-    assert decode_error(b'{"model": "m", "prompt": "x", "early_stopping": "sometimes"}').param == "early_stopping"
 
 
 def test_early_stopping_requires_beam_search() -> None:
@@ -302,7 +294,7 @@ def test_max_tokens_unset_may_be_clamped() -> None:
     assert (p.sampling.max_tokens, p.sampling.clamp_max_tokens) == (50, False)
 
 
-def test_other_fields_pass_through() -> None:
+def test_seed_min_tokens_ignore_eos_and_stop_token_ids_pass_through() -> None:
     p = plan(seed=42, min_tokens=3, ignore_eos=True, stop_token_ids=[2, 3])
     assert (p.sampling.seed, p.sampling.min_tokens, p.sampling.ignore_eos, p.sampling.stop_token_ids) == (
         42, 3, True, [2, 3])
@@ -352,231 +344,25 @@ def test_echo_without_logprobs_or_logprobs_without_echo_asks_no_prompt_logprobs(
     ],
     ids=["string", "strings", "token-ids", "token-id-lists"],
 )
-def test_prompt_forms(prompt: Any, prompts: list[Any]) -> None:
+def test_every_prompt_form_becomes_a_list_of_prompts(prompt: Any, prompts: list[Any]) -> None:
     assert plan(prompt=prompt).prompts == prompts
 
 
-# --- engine output -> OpenAI ----------------------------------------------------------------
-
-
-def candidate(text: str, cumulative: float) -> Candidate:
-    return Candidate(text=text, cumulative_logprob=cumulative)
-
-
-def test_best_picks_the_n_highest_cumulative_logprobs() -> None:
-    cands = [candidate("a", -3.0), candidate("b", -0.5), candidate("c", -7.0), candidate("d", -1.0)]
-    assert [c.text for c in best(cands, 2)] == ["b", "d"]
-    assert [c.text for c in best(cands, 1)] == ["b"]
-
-
-def test_best_with_no_more_candidates_than_n_keeps_them_all() -> None:
-    cands = [candidate("a", -3.0), candidate("b", -0.5)]
-    assert [c.text for c in best(cands, 2)] == ["a", "b"]
-
-
-def test_candidate_accumulates_deltas() -> None:
-    c = Candidate()
-    c.add(protocol.Delta(index=0, text="Hel", token_ids=[1, 2], logprobs=[protocol.TokenLogprob("Hel", -0.1)],
-                         cumulative_logprob=-0.1))
-    c.add(protocol.Delta(index=0, text="lo", token_ids=[3], logprobs=[protocol.TokenLogprob("lo", -0.2)],
-                         finish_reason="length", cumulative_logprob=-0.3))
-    assert (c.text, c.tokens, c.finish_reason, c.cumulative_logprob) == ("Hello", 3, "length", -0.3)
-    assert [e.token for e in c.logprobs or []] == ["Hel", "lo"]
-
-
-def test_completion_logprobs_text_offsets() -> None:
-    entries = [
-        protocol.TokenLogprob("The", None, None),
-        protocol.TokenLogprob(" cat", -1.5, [(" cat", -1.5), (" dog", -2.0), (" cow", -3.0)]),
-        protocol.TokenLogprob(" sat", -0.5, [(" sat", -0.5), (" ran", -1.0), (" is", -4.0)]),
-    ]
-    lp = completion_logprobs(entries, top=1)
-    assert lp.tokens == ["The", " cat", " sat"]
-    assert lp.token_logprobs == [None, -1.5, -0.5]
-    assert lp.text_offset == [0, 3, 7]
-    assert lp.top_logprobs == [None, {" cat": -1.5, " dog": -2.0}, {" sat": -0.5, " ran": -1.0}]
-
-
-def test_completion_logprobs_offsets_start_where_asked() -> None:
-    lp = completion_logprobs([protocol.TokenLogprob("ab", -1.0), protocol.TokenLogprob("c", -2.0)], None, 10)
-    assert lp.text_offset == [10, 12]
-    assert lp.top_logprobs == [None, None]
-
-
-# --- decoding the request body --------------------------------------------------------------
-
-
-class DecodeError:
-    """The OpenAI error a body got from the gateway (decoded by Litestar + msgspec, before routing)."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        self.status = status
-        self.param = body["error"]["param"]
-        self.message = body["error"]["message"]
-
-
-def post_body(body: bytes, path: str = "/v1/completions") -> tuple[int, dict[str, Any]]:
-    with TestClient(create_app({})) as client:  # no models: a body that decodes is a 404
-        r = client.post(path, content=body, headers={"content-type": "application/json"})
-    return r.status_code, r.json()
-
-
-def decode_error(body: bytes, path: str = "/v1/completions") -> DecodeError:
-    status, payload = post_body(body, path)
-    assert status == 400, payload
-    return DecodeError(status, payload)
-
-
-def test_decode_wrong_type_names_the_field() -> None:
-    err = decode_error(b'{"model": "m", "prompt": "x", "max_tokens": "ten"}')
-    assert err.param == "max_tokens"
-    assert "Expected `int | null`, got `str`" in err.message
-
-
-def test_decode_wrong_type_names_a_nested_field() -> None:
-    err = decode_error(b'{"model": "m", "prompt": "x", "stream": true, "stream_options": {"include_usage": 3}}')
-    assert err.param == "stream_options.include_usage"
-
-
-def test_decode_out_of_range_names_the_field() -> None:
-    assert decode_error(b'{"model": "m", "prompt": "x", "max_tokens": 0}').param == "max_tokens"
-    assert decode_error(b'{"model": "m", "prompt": "x", "temperature": -1}').param == "temperature"
-    assert decode_error(b'{"model": "m", "prompt": "x", "n": 0}').param == "n"
-
-
-def test_decode_malformed_json() -> None:
-    err = decode_error(b'{"model": "m", "prompt": ')
-    assert err.param is None
-    assert "not valid JSON" in err.message
-
-
-def test_decode_missing_model_names_model() -> None:
-    err = decode_error(b'{"prompt": "x"}')
-    assert err.param == "model"
-    assert "missing required field `model`" in err.message
-
-
-def test_decode_missing_prompt_names_prompt() -> None:
-    assert decode_error(b'{"model": "m"}').param == "prompt"
-
-
-def test_decode_body_not_an_object() -> None:
-    err = decode_error(b'["model"]')
-    assert err.param is None
-    assert "Expected `object`" in err.message
-
-
-def test_decode_missing_nested_field_names_that_field() -> None:
-    err = decode_error(b'{"model": "m", "messages": [{"content": "hi"}]}', "/v1/chat/completions")
-    assert err.param == "messages[0].role"
-    assert "missing required field `role` (at `messages[0].role`)" in err.message
-
-
-def test_decode_reads_numbers_sent_as_strings_but_not_booleans_as_numbers() -> None:
-    """Lax like pydantic-based servers (vLLM, OpenAI's): "3" is 3; true is not a number."""
-    status, payload = post_body(b'{"model": "m", "prompt": "x", "max_tokens": "3", "temperature": "0.5"}')
-    assert status == 404 and payload["error"]["code"] == "model_not_found"  # decoded, then routed
-    assert decode_error(b'{"model": "m", "prompt": "x", "max_tokens": true}').param == "max_tokens"
-
-
-def test_decode_whitespace_only_body_is_empty() -> None:
-    assert "body is empty" in decode_error(b" \r\n ").message
-
-
-def test_decode_reports_bad_json_before_a_missing_field() -> None:
-    """Typed decoding meets the missing field first; the body is still reported as not JSON."""
-    err = decode_error(b'{"model": "m", "prompt": "x"} trailing', "/v1/chat/completions")
-    assert err.param is None and "not valid JSON" in err.message
-
-
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_generation_routes_answer_options_and_refuse_other_methods(path: str) -> None:
-    with TestClient(create_app({})) as client:
-        options = client.options(path)
-        assert options.status_code == 204 and set(options.headers["allow"].split(", ")) == {"OPTIONS", "POST"}
-        for method in ("GET", "PUT", "DELETE", "PATCH"):
-            r = client.request(method, path)
-            assert r.status_code == 405 and r.headers["allow"] == "POST, OPTIONS", (method, r.text)
-            assert r.json()["error"]["message"] == "Method Not Allowed"
-
-
-def read(messages: list[dict[str, Any]], limit: int, headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
-    """`read_body` over ASGI messages handed out one by one, as a server delivers a chunked body."""
-    pending = iter(messages)
-
-    async def receive() -> dict[str, Any]:
-        return next(pending)
-
-    return asyncio.run(read_body({"headers": headers or []}, receive, limit))  # type: ignore[arg-type]
-
-
-def test_read_body_joins_the_pieces_of_a_chunked_body() -> None:
-    pieces = [{"type": "http.request", "body": part, "more_body": True} for part in (b'{"a"', b": ", b"1")]
-    assert read(pieces + [{"type": "http.request", "body": b"}", "more_body": False}], 100) == b'{"a": 1}'
-
-
-def test_read_body_stops_at_the_limit_declared_or_sent() -> None:
-    with pytest.raises(BodyTooLarge):
-        read([{"type": "http.request", "body": b"x" * 60, "more_body": True}] * 2, 100)
-    with pytest.raises(BodyTooLarge):
-        read([{"type": "http.request", "body": b"x" * 101}], 100)
-    with pytest.raises(BodyTooLarge):  # refused before any byte is read
-        read([], 100, [(b"content-length", b"101")])
-    assert read([{"type": "http.request", "body": b"x" * 100}], 100) == b"x" * 100
-
-
-def test_decode_ignores_unknown_fields() -> None:
-    status, payload = post_body(b'{"model": "m", "prompt": "x", "store": true, "parallel_tool_calls": false}')
-    assert status == 404 and payload["error"]["code"] == "model_not_found"  # decoded, then routed
-
-
-# --- framing of /generate responses ---------------------------------------------------------------
-
-
-FRAMES: list[protocol.Frame] = [
-    protocol.Prompt(token_ids=[1, 2, 3]),
-    *(protocol.Delta(index=0, text=f" t{k}", token_ids=[100 + k]) for k in range(5)),
-    protocol.Delta(index=0, text="é" * 300, token_ids=[7], finish_reason="length"),
-    protocol.Done(prompt_tokens=3, completion_tokens=6),
-]
-
-
-@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5, 7, 64, 1 << 20])
-def test_frame_splitter_yields_every_frame_in_order_however_the_bytes_are_chunked(chunk: int) -> None:
-    wire = b"".join(protocol.encode_frame(f) for f in FRAMES)
-    splitter = protocol.FrameSplitter()
-    got: list[protocol.Frame] = []
-    for start in range(0, len(wire), chunk):
-        got += splitter.feed(wire[start : start + chunk])
-    assert got == FRAMES
-    assert splitter.pending == 0
-
-
-def test_frame_splitter_holds_back_an_incomplete_frame() -> None:
-    wire = protocol.encode_frame(FRAMES[0]) + protocol.encode_frame(FRAMES[1])
-    splitter = protocol.FrameSplitter()
-    assert splitter.feed(wire[:-1]) == [FRAMES[0]]
-    assert splitter.pending == len(protocol.encode_frame(FRAMES[1])) - 1
-    assert splitter.feed(wire[-1:]) == [FRAMES[1]]
-
-
-def test_only_streamed_requests_ask_the_engine_for_per_token_deltas() -> None:
-    from fleet.api.answers import engine_requests
-
-    whole = engine_requests(plan(prompt=["a", "b"], n=2), "cmpl-1")
-    streamed = engine_requests(plan(prompt="a", stream=True), "cmpl-2")
-    assert [r.final_only for r in whole] == [True, True]
-    assert [r.final_only for r in streamed] == [False]
-
-
-def test_a_whole_choice_in_one_delta_folds_like_its_tokens_one_by_one() -> None:
-    steps = [protocol.Delta(index=0, text=t, token_ids=[i], cumulative_logprob=-0.5 * (i + 1),
-                            logprobs=[protocol.TokenLogprob(t, -0.5)], finish_reason="length" if i == 2 else None)
-             for i, t in enumerate(["a", "b", "c"])]
-    whole = protocol.Delta(index=0, text="abc", token_ids=[0, 1, 2], cumulative_logprob=-1.5,
-                           logprobs=[protocol.TokenLogprob(t, -0.5) for t in "abc"], finish_reason="length")
-    one_by_one, at_once = Candidate(), Candidate()
-    for d in steps:
-        one_by_one.add(d)
-    at_once.add(whole)
-    assert at_once == one_by_one
+def test_min_tokens_above_the_default_max_tokens_is_refused_naming_min_tokens() -> None:
+    with pytest.raises(InvalidRequest) as e:
+        plan(min_tokens=20)  # completions' default max_tokens is 16
+    assert e.value.param == "min_tokens" and "default max_tokens (16)" in e.value.message
+    with pytest.raises(InvalidRequest) as e:
+        plan(SamplingDefaults(max_tokens=8), min_tokens=10)  # the model's default counts as well
+    assert e.value.param == "min_tokens" and "(8)" in e.value.message
+    assert plan(SamplingDefaults(max_tokens=64), min_tokens=20).sampling.min_tokens == 20
+
+
+def test_every_unset_field_takes_its_default_from_the_one_table() -> None:
+    p = plan()
+    s = p.sampling
+    assert (p.n, s.n, p.echo, p.stream, p.include_usage) == (1, 1, False, False, False)
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.min_tokens, s.ignore_eos) == (1.0, 1.0, -1, 0.0, 0, False)
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.max_tokens) == (0.0, 0.0, 1.0, 16)
+    beam = plan(use_beam_search=True, best_of=2).beam
+    assert beam == protocol.BeamSearch(width=2, length_penalty=1.0, early_stopping=False)
