@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -72,7 +74,10 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
     try:
         run_loop(run_launch(config, echo_logs=engine_logs, config_path=config_path,
                             overrides={"host": host, "port": port}))
-    except OSError as e:
+    except ConfigError as e:  # refused before anything started: keys, an exposed gateway without them
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (OSError, RuntimeError) as e:  # a taken port; a gateway that stopped by itself (logged with its traceback)
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 
@@ -85,6 +90,7 @@ def check(config_path: Path) -> None:
 
     config = _load(config_path)
     placement = check_placement(config, config_path)
+    _check_exposure(config, placement)
     console = Console()
     table = Table(title=f"{config_path}: gateway on {config.gateway.host}:{config.gateway.port}")
     for col in ("model", "source", "source state", "GPUs", "TP", "port", "memory", "eager"):
@@ -104,6 +110,19 @@ def check(config_path: Path) -> None:
     _report(placement)
 
 
+def _check_exposure(config: FleetConfig, placement: object) -> None:
+    """What `fleet launch` will say about the gateway's exposure, among the placement's findings."""
+    from fleet.config.placement import Placement
+    from fleet.gateway.auth import check_exposure, load_keys
+
+    assert isinstance(placement, Placement)
+    try:
+        if warning := check_exposure(config.gateway.host, load_keys(config.auth).enabled, config.auth.open):
+            placement.warnings.append(warning)
+    except ConfigError as e:
+        placement.errors.append(str(e))
+
+
 def _report(placement: object) -> None:
     from fleet.config.placement import Placement
 
@@ -115,19 +134,44 @@ def _report(placement: object) -> None:
         sys.exit(2)
 
 
-def _gateway_url(config_path: Path, host: str | None, port: int | None) -> str:
-    from fleet.wire.client import url_of
+def _gateway_url(config_path: Path, host: str | None, port: int | None) -> tuple[str, ssl.SSLContext | bool]:
+    """The running gateway's URL and how to verify it: https, trusting only its own certificate,
+    when the fleet file gives one (`fleet.wire.client.pinned_tls_context`)."""
+    from fleet.wire.client import connect_host, pinned_tls_context, url_of
 
     gw = _load(config_path, host=host, port=port).gateway
-    return url_of(gw.host, gw.port)
+    if gw.tls_certfile is None:
+        return url_of(gw.host, gw.port), True
+    try:
+        return url_of(gw.host, gw.port, tls=True), pinned_tls_context(gw.tls_certfile, connect_host(gw.host))
+    except (ConfigError, ssl.SSLError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+def _admin_headers(config_path: Path) -> dict[str, str]:
+    """The control routes need a key that may use every model when the fleet has keys:
+    $FLEET_API_KEY, else the first such key of the fleet file's own key sources."""
+    key = os.environ.get("FLEET_API_KEY")
+    if not key:
+        from fleet.gateway.auth import load_keys
+
+        try:
+            keys = load_keys(_load(config_path).auth).keys
+        except ConfigError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        key = next((k.secret.decode() for k in keys if k.models is None), None)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _control(method: str, path: str, config_path: Path, host: str | None, port: int | None) -> bytes:
     import httpx
 
-    url = _gateway_url(config_path, host, port) + path
+    base, verify = _gateway_url(config_path, host, port)
+    url = base + path
     try:
-        r = httpx.request(method, url, timeout=120)
+        r = httpx.request(method, url, timeout=120, verify=verify, headers=_admin_headers(config_path))
     except httpx.HTTPError as e:
         click.echo(f"error: no fleet answers at {url}: {e}", err=True)
         sys.exit(1)

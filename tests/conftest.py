@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -130,6 +131,7 @@ class FleetProcess:
                 p.kill()
         with contextlib.suppress(Exception):
             self.proc.wait(10)
+        self._log.close()
 
 
 @contextlib.contextmanager
@@ -173,6 +175,23 @@ class Transitions:
             if not self._changed.wait_for(lambda: check(self.seen), timeout):
                 raise AssertionError(f"not true after {timeout}s: {what}; transitions seen: {self.seen}")
             return list(self.seen)
+
+
+def fake_launcher_command(tmp_path: Path, config: Path) -> list[str]:
+    """A launcher in its own process, as `fleet launch` runs it (uvloop, signals, reload from the
+    file), but with fake engines (tests/fake_engine.py): the command line to start it with."""
+    script = tmp_path / "run_fleet.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        from fake_engine import fake_command
+        from fleet.cli import run_loop
+        from fleet.config.load import load_config
+        from fleet.run.launcher import launch
+        run_loop(launch(load_config({str(config)!r}), echo_logs=False, config_path={str(config)!r},
+                        command=fake_command))
+    """))
+    return [sys.executable, str(script)]
 
 
 class InProcessFleet:
@@ -253,10 +272,12 @@ class InProcessFleet:
         return self.call(listen())
 
     def stop(self, timeout: float = 60) -> None:
-        """Stop the fleet and wait for the thread."""
+        """Stop the fleet, wait for the thread, close its event loop."""
         if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.fleet.stop)
             self.thread.join(timeout)
+        if not self.thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
         if self.error:
             raise self.error
 

@@ -403,3 +403,14 @@ def test_fleet_check_bad_file_exits_2_with_the_message(tmp_path: Path) -> None:
     assert out.stdout == ""
     assert out.stderr.startswith(f"error: {path}: invalid fleet file")
     assert 'model "a" (models[0]), field "prot": unknown field (typo?)' in out.stderr
+
+
+def test_several_cpu_engines_get_disjoint_cores_unless_the_environment_binds_them() -> None:
+    from fleet.config.placement import cpu_bindings
+
+    models = parse_config({"models": [{"name": n, "source": "default", "port": p}
+                                      for n, p in (("a", 5001), ("b", 5002), ("c", 5003))]}).models
+    assert cpu_bindings(models, range(8), {}) == {"a": "0,1", "b": "2,3", "c": "4,5"}
+    assert cpu_bindings(models[:1], range(8), {}) == {}  # one engine: vLLM's own choice
+    assert cpu_bindings(models, range(8), {"VLLM_CPU_OMP_THREADS_BIND": "0-3"}) == {}
+    assert cpu_bindings(models, [0, 1], {}) == {"a": "0", "b": "1", "c": "0"}  # more engines than cores

@@ -46,6 +46,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from conftest import InProcessFleet, free_port
 from fake_engine import fake_command
+from fleet.gateway.app import create_app
 from fleet.gateway.openapi import document
 from fleet.config.load import parse_config
 from fleet.api.protocol import ErrorResponse
@@ -115,7 +116,7 @@ def gateway_document() -> dict[str, Any]:
     are collected, before any fleet runs (its fixture-based loader does not work with pytest 9).
     A test below checks that the served document is this one.
     """
-    return document()
+    return document(create_app({}))
 
 
 # Whole streams (schemathesis reads 20 events of a stream by default): the longest here is

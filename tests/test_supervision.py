@@ -11,8 +11,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +20,7 @@ from typing import Any
 import httpx
 import openai
 import psutil
-from conftest import ROOT, FakeFleets, fake_config, free_port
+from conftest import FakeFleets, ROOT, fake_config, fake_launcher_command, free_port
 from rich.console import Console
 
 FAST = {"restart_backoff": 0.2, "restart_backoff_max": 0.4, "max_restarts": 2, "health_interval": 0.2,
@@ -142,17 +140,7 @@ def run_fleet_script(tmp_path: Path, models: list[dict[str, Any]]) -> tuple[subp
     from conftest import fleet_toml
 
     cfg_path.write_text(fleet_toml(models, port))
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
-        import asyncio, sys
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
-        from fake_engine import fake_command
-        import fleet.run.launcher as launcher
-        from fleet.config.load import load_config
-        cfg = load_config({str(cfg_path)!r})
-        asyncio.run(launcher.launch(cfg, echo_logs=False, config_path={str(cfg_path)!r}, command=fake_command))
-    """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(fake_launcher_command(tmp_path, cfg_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "FLEET_LOG_DIR": str(tmp_path / "logs")})
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _ready(url, [m["name"] for m in models]), "the fleet is ready")

@@ -2,9 +2,10 @@
 rule (rules.py) checked before any engine sees the request. Pure functions.
 
 What an unset field (or an explicit null) means is decided in one place, `Defaults.pick`, through
-one table: the client's value -> the model's default from fleet.toml ([models.defaults]) -> the
-endpoint's default -> OpenAI's (`OPENAI_DEFAULTS`). Each endpoint's own planning
-(completions.serving.plan_completion, chat.serving.plan_chat) sends every field through it.
+one table per model and endpoint (`defaults_table`): the client's value -> the model's default
+from fleet.toml ([models.defaults]) -> the endpoint's default -> OpenAI's (`OPENAI_DEFAULTS`).
+Each endpoint's own planning (completions.serving.plan_completion, chat.serving.plan_chat) sends
+every field through it.
 
 Decision: an *unset* field never breaks a rule. Beam search needs temperature 0, top_p 1 and top_k
 -1, so with `use_beam_search` the model's defaults for those do not apply and an unset temperature
@@ -13,8 +14,10 @@ means 0; an explicit non-zero temperature is a 400.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 from fleet.api.protocol import INT32_MAX, SamplingRequest
@@ -58,8 +61,12 @@ OPENAI_DEFAULTS: Mapping[str, Any] = {
     "add_generation_prompt": True,
     "continue_final_message": False,
 }
-COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for completions
-CHAT_MAX_TOKENS = INT32_MAX  # chat's: whatever room the context leaves (the engine clamps it)
+# Each endpoint's own defaults: max_tokens is OpenAI's 16 for completions; for chat, whatever room
+# the context leaves (the engine clamps it).
+ENDPOINT_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
+    "completions": {"max_tokens": 16},
+    "chat": {"max_tokens": INT32_MAX},
+}
 BEAM_DEFAULTS: Mapping[str, Any] = {"temperature": 0.0}  # what beam search needs, for an unset field
 BEAM_IGNORES_MODEL_DEFAULT = frozenset({"temperature", "top_p", "top_k"})
 NO_LIMITS = Limits(n=128, best_of=128, prompts=1 << 20, prompt_chars=1 << 40)
@@ -67,28 +74,31 @@ NO_LIMITS = Limits(n=128, best_of=128, prompts=1 << 20, prompt_chars=1 << 40)
 Prompt = str | list[int] | protocol.Chat
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Defaults:
-    """What an unset field means for one request to one model."""
+    """What an unset field means for one request: `table` maps each field to its default."""
 
-    model: SamplingDefaults
-    endpoint: Mapping[str, Any] = field(default_factory=dict)  # e.g. max_tokens
+    table: Mapping[str, Any]
     beam: bool = False
 
-    def pick(self, name: str, user: Any, *, openai: Any = None) -> Any:
-        """The one precedence rule: user value -> model default -> endpoint default -> OpenAI's
-        (`openai` gives a default that depends on other fields, as best_of's on n)."""
+    def pick(self, name: str, user: Any, default: Any = None) -> Any:
+        """The one precedence rule: the user's value, else the table's (`default` where the table
+        has none: a default that depends on other fields, as best_of's on n)."""
         if user is not None:
             return user
-        if not (self.beam and name in BEAM_IGNORES_MODEL_DEFAULT):
-            model = getattr(self.model, name, None)
-            if model is not None:
-                return model
-        if name in self.endpoint:
-            return self.endpoint[name]
-        if self.beam and name in BEAM_DEFAULTS:
-            return BEAM_DEFAULTS[name]
-        return openai if openai is not None else OPENAI_DEFAULTS[name]
+        value = self.table.get(name)
+        return default if value is None else value
+
+
+@functools.lru_cache(maxsize=256)
+def defaults_table(model: SamplingDefaults, endpoint: str, beam: bool) -> Mapping[str, Any]:
+    """Every field's default for one model, endpoint and kind of sampling, merged once (not per
+    request: reading a pydantic model costs microseconds), highest first: the model's defaults from
+    fleet.toml (less those beam search cannot use), the endpoint's, beam search's, OpenAI's."""
+    table = {**OPENAI_DEFAULTS, **(BEAM_DEFAULTS if beam else {}), **ENDPOINT_DEFAULTS[endpoint]}
+    table.update((name, value) for name, value in model.model_dump().items()
+                 if value is not None and not (beam and name in BEAM_IGNORES_MODEL_DEFAULT))
+    return MappingProxyType(table)
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,7 @@ def plan(
     stream: bool = d.pick("stream", req.stream)
     check_stream_options(stream, req.stream_options is not None)
     n: int = d.pick("n", req.n)
-    best_of: int = d.pick("best_of", req.best_of, openai=n)
+    best_of: int = d.pick("best_of", req.best_of, n)
     temperature: float = d.pick("temperature", req.temperature)
     top_p: float = d.pick("top_p", req.top_p)
     top_k: int = d.pick("top_k", req.top_k)
@@ -186,7 +196,7 @@ def plan(
     )
 
 
-def for_request(req: SamplingRequest, model: SamplingDefaults, endpoint: Mapping[str, Any]) -> Defaults:
-    """The defaults of one request: the model's, the endpoint's, and whether it is beam search."""
-    beam = Defaults(model, endpoint).pick("use_beam_search", req.use_beam_search)
-    return Defaults(model, endpoint, beam=bool(beam))
+def for_request(req: SamplingRequest, model: SamplingDefaults, endpoint: str) -> Defaults:
+    """The defaults of one request to `endpoint` ("completions" or "chat") of a model."""
+    beam = bool(req.use_beam_search if req.use_beam_search is not None else OPENAI_DEFAULTS["use_beam_search"])
+    return Defaults(defaults_table(model, endpoint, beam), beam)

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -152,3 +153,18 @@ def gpu_rows(placement: Placement) -> list[tuple[int, list[str], float]]:
     """Per GPU: the models on it and their summed memory fraction."""
     by_gpu: dict[int, list[tuple[str, float]]] = defaultdict(list, placement.gpus)
     return [(g, [n for n, _ in by_gpu[g]], round(sum(f for _, f in by_gpu[g]), 3)) for g in sorted(by_gpu)]
+
+
+def cpu_bindings(models: Sequence[ModelConfig], cores: Sequence[int], env: Mapping[str, str]) -> dict[str, str]:
+    """Disjoint core sets for several CPU engines (vLLM would pin every one to the same cores),
+    unless `env` binds them already."""
+    cpu = [m for m in models if m.on_cpu]
+    if len(cpu) < 2 or "VLLM_CPU_OMP_THREADS_BIND" in env:
+        return {}
+    cores = sorted(cores)
+    share = max(1, len(cores) // len(cpu))
+    bindings = {}
+    for i, m in enumerate(cpu):
+        mine = cores[i * share:(i + 1) * share] if len(cores) >= len(cpu) else [cores[i % len(cores)]]
+        bindings[m.name] = ",".join(map(str, mine))
+    return bindings

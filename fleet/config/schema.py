@@ -7,13 +7,14 @@ then the TOML file (`FleetConfig.from_data`).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG = Path("fleet.toml")
@@ -47,6 +48,45 @@ class GatewayConfig(_Strict):
     engine_timeout: float = Field(
         300.0, gt=0, description="seconds an engine may stay silent during a request before it is a 504"
     )
+    header_timeout: float = Field(
+        5.0, gt=0, description="seconds a client has to send a request's headers, from its first byte (then 408)"
+    )
+    body_timeout: float = Field(5.0, gt=0, description="the longest pause between two reads of a request's body")
+    max_connections: Int | None = Field(
+        None, ge=1, description="client connections at once; default and ceiling: what the open-files limit allows"
+    )
+    max_connections_per_client: Int | None = Field(
+        None, ge=1, description="connections from one client address; default: half of max_connections"
+    )
+    tls_certfile: str | None = Field(None, description="PEM certificate (chain) to serve HTTPS with; with tls_keyfile")
+    tls_keyfile: str | None = Field(None, description="the certificate's unencrypted PEM private key; with tls_certfile")
+
+    @field_validator("tls_certfile", "tls_keyfile")
+    @classmethod
+    def _tls_file_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"file not found: {path}")
+        return None if path is None else str(Path(path).expanduser())  # uvicorn does not expand `~`
+
+    @model_validator(mode="after")
+    def _tls_both_or_neither(self) -> GatewayConfig:
+        """Both TLS files or neither, and they load as a certificate and its key: a pair that does
+        not would otherwise only fail inside uvicorn, after the engines started."""
+        cert, key = self.tls_certfile, self.tls_keyfile
+        if (cert is None) != (key is None):
+            given, missing = ("tls_certfile", "tls_keyfile") if key is None else ("tls_keyfile", "tls_certfile")
+            raise ValueError(f"{given} is set but {missing} is not: TLS needs both files, or neither")
+        if cert is not None and key is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_passphrase)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise ValueError(f"tls_certfile {cert} with tls_keyfile {key}: not a certificate and its key: {e}") from None
+        return self
+
+
+def _no_passphrase() -> str:
+    """OpenSSL's password callback: never prompt on the terminal for an encrypted key."""
+    raise ValueError("the key is encrypted; fleet needs an unencrypted tls_keyfile")
 
 
 class ApiKey(_Strict):
@@ -57,11 +97,15 @@ class ApiKey(_Strict):
 
 
 class AuthConfig(_Strict):
-    """API keys. With none configured the gateway is open (bind it to loopback)."""
+    """API keys. With none configured the gateway is open: fleet refuses that on a non-loopback
+    address unless `open` says it is meant (gateway.auth.check_exposure)."""
 
     keys: list[ApiKey] = Field(default_factory=list)
     keys_env: str | None = Field("FLEET_API_KEYS", description="an environment variable of comma-separated keys")
     keys_file: str | None = Field(None, description="a file with one key per line, `key model1,model2` to limit it")
+    open: bool = Field(
+        False, description="serve a gateway that other machines can reach without keys, on purpose (refused otherwise)"
+    )
 
     @field_validator("keys", mode="before")
     @classmethod

@@ -38,6 +38,7 @@ from fleet.gateway.auth import Keys, require_key, scope_key
 from fleet.gateway.backend import Backend
 from fleet.gateway.bodies import decode_body, decoder, header, read_body
 from fleet.gateway.control import Control
+from fleet.gateway.guard import ConnectionCounts
 from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fleet.gateway.metrics import Metrics
 from fleet.gateway.openapi import JSON, openapi_json
@@ -166,6 +167,7 @@ def create_app(
     keys: Keys | None = None,
     gateway: GatewayConfig | None = None,
     restarts: Callable[[str], int] = lambda _: 0,
+    connections: ConnectionCounts | None = None,
 ) -> Litestar:
     """The gateway app over a fleet's backends (their lifecycles and clients are owned by the launcher)."""
     gateway = gateway or GatewayConfig()
@@ -178,7 +180,7 @@ def create_app(
             "started": int(time.time()),
             "control": control,
             "api_keys": keys or Keys([]),
-            "metrics": Metrics(lambda: backends, restarts),
+            "metrics": Metrics(lambda: backends, restarts, connections),
             "max_body_bytes": gateway.max_body_bytes,
         }),
         exception_handlers={

@@ -2,7 +2,8 @@
 
 A key either opens every model or only the models listed for it. `Authorization: Bearer <key>`
 is compared with every configured key in constant time (`hmac.compare_digest`), so timing does
-not tell how much of a guess was right. With no key configured, the gateway is open.
+not tell how much of a guess was right. With no key configured, the gateway is open, which
+`check_exposure` allows only on loopback or when `[auth] open = true` says so.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import hmac
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from litestar import Request
-from litestar.types import Scope
+if TYPE_CHECKING:  # the `fleet` command reads keys from here without loading Litestar
+    from litestar import Request
+    from litestar.types import Scope
 
 from fleet.config.schema import AuthConfig
 from fleet.errors import ConfigError, Forbidden, Unauthorized
+from fleet.wire.client import is_loopback
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,25 @@ def load_keys(cfg: AuthConfig) -> Keys:
             raise ConfigError(f"[auth] keys_file {path}: {e.strerror}") from None
         keys += [_parse_line(line, str(path)) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     return Keys(keys)
+
+
+def check_exposure(host: str, keys_enabled: bool, open: bool) -> str | None:
+    """A gateway other machines can reach needs keys, or `[auth] open = true` said on purpose
+    (`vllm serve` listens openly by default; fleet does not).
+
+    None on a loopback `host` (127.0.0.0/8, ::1, "localhost") or with keys; a non-loopback one
+    (the wildcards "0.0.0.0", "::" and "" included) without keys raises ConfigError naming the
+    address and both ways out, unless `open`: then the answer is the warning line to print."""
+    if keys_enabled or is_loopback(host):
+        return None
+    if open:
+        return (f'the gateway on "{host}" is open to the network without API keys ([auth] open = true): '
+                "anyone who can reach it may use every model")
+    raise ConfigError(
+        f'the gateway would listen on "{host}", an address other machines can reach, with no API key '
+        "configured: anyone could use every model. Either configure keys ([auth] keys or keys_file, or the "
+        "environment variable [auth] keys_env names, FLEET_API_KEYS by default), or set [auth] open = true "
+        "to serve it open on purpose (or listen on 127.0.0.1)")
 
 
 def _parse_line(line: str, where: str) -> Key:

@@ -40,6 +40,16 @@ class Backend:
         """What clients send as `model`."""
         return self.config.name
 
+    @property
+    def state(self) -> EngineState:
+        """The engine's state."""
+        return self.lifecycle.state
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for an engine slot."""
+        return self.admission.queued if self.admission else 0
+
     def generate(self, req: protocol.GenerateRequest) -> Batches:
         """The engine's frames for one request (api.answers.Engine)."""
         return self.client.generate(req)

@@ -13,7 +13,7 @@ import collections
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from fleet.gateway.status import EngineState
 
 if TYPE_CHECKING:
-    from fleet.gateway.backend import Backend
+    from fleet.gateway.guard import ConnectionCounts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -79,12 +79,28 @@ class BackendStats:
         return sum(n for t, n in self._recent if t >= now - TOKEN_RATE_WINDOW) / TOKEN_RATE_WINDOW
 
 
-class _FleetCollector(Collector):
-    """Per-model gauges and counters read from the backends when Prometheus scrapes."""
+class Counted(Protocol):
+    """What the collector reads of one model (fleet.gateway.backend.Backend)."""
 
-    def __init__(self, backends: Callable[[], Mapping[str, Backend]], restarts: Callable[[str], int]) -> None:
+    @property
+    def stats(self) -> BackendStats: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def state(self) -> EngineState: ...
+
+
+class _FleetCollector(Collector):
+    """Per-model gauges and counters read from the backends when Prometheus scrapes, and the
+    gateway's client connections."""
+
+    def __init__(self, backends: Callable[[], Mapping[str, Counted]], restarts: Callable[[str], int],
+                 connections: ConnectionCounts | None) -> None:
         self.backends = backends
         self.restarts = restarts
+        self.connections = connections
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         backends = self.backends()
@@ -100,21 +116,29 @@ class _FleetCollector(Collector):
             for (route, status), count in b.stats.responses.items():
                 requests.add_metric([name, route, str(status)], count)
             inflight.add_metric([name], b.stats.inflight)
-            queued.add_metric([name], b.admission.queued if b.admission else 0)
+            queued.add_metric([name], b.queued)
             prompt.add_metric([name], b.stats.prompt_tokens)
             completion.add_metric([name], b.stats.completion_tokens)
             for s in EngineState:
-                state.add_metric([name, s.value], 1.0 if b.lifecycle.state is s else 0.0)
+                state.add_metric([name, s.value], 1.0 if b.state is s else 0.0)
             restarts.add_metric([name], self.restarts(name))
         yield from (requests, inflight, queued, prompt, completion, state, restarts)
+        if self.connections is not None:
+            c = self.connections
+            yield GaugeMetricFamily("fleet_gateway_connections", "Client connections open", value=c.total + c.control)
+            yield CounterMetricFamily("fleet_gateway_connections_refused", "Client connections refused at the caps",
+                                      value=c.refused)
+            yield CounterMetricFamily("fleet_gateway_connections_timed_out",
+                                      "Client connections closed for headers or a body too slow", value=c.timed_out)
 
 
 class Metrics:
     """The gateway's registry: the collector above plus request latency and time to first token."""
 
-    def __init__(self, backends: Callable[[], Mapping[str, Backend]], restarts: Callable[[str], int] = lambda _: 0) -> None:
+    def __init__(self, backends: Callable[[], Mapping[str, Counted]], restarts: Callable[[str], int] = lambda _: 0,
+                 connections: ConnectionCounts | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_FleetCollector(backends, restarts))
+        self.registry.register(_FleetCollector(backends, restarts, connections))
         self.latency = Histogram("fleet_request_duration_seconds", "Time from request to last byte",
                                  ["model", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.ttft = Histogram("fleet_time_to_first_token_seconds", "Time from request to the first streamed token",

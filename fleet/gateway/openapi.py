@@ -11,20 +11,20 @@ What this module owns:
   which the openai SDK honours.
 
 Litestar's OpenAPI machinery is off (`openapi_config=None` in app.py): no plugin, no private hook.
-The document is built on its first request, not at start (~0.1 s of the gateway's start), then
-kept as the JSON it is served as. Open without a key, as before; /schema/openapi.json is not
+The document is built on its first request, not at start (~0.1 s of the gateway's start), from
+the app that serves it (its routes' docstrings), then kept in the app's state as the JSON it is
+served as. Open without a key, as before; /schema/openapi.json is not
 itself in the document.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
-from litestar import Response, get
+from litestar import Litestar, Request, Response, get
 
 from fleet import __version__
 from fleet.api.chat.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
@@ -69,23 +69,37 @@ STRUCTS = [CompletionRequest, CompletionResponse, CompletionChunk, ChatCompletio
 
 
 @get(PATH, sync_to_thread=False)
-def openapi_json() -> Response[bytes]:
+def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The gateway's OpenAPI document."""
-    return Response(_encoded(), media_type=OPENAPI_JSON)
+    return Response(encoded(request.app), media_type=OPENAPI_JSON)
 
 
-def document() -> dict[str, Any]:
+def document(app: Litestar) -> dict[str, Any]:
     """The document as GET /schema/openapi.json serves it (a fresh copy, decoded from those bytes)."""
-    doc: dict[str, Any] = msgspec.json.decode(_encoded())
+    doc: dict[str, Any] = msgspec.json.decode(encoded(app))
     return doc
 
 
-@functools.cache
-def _encoded() -> bytes:
-    return msgspec.json.encode(_build())
+def encoded(app: Litestar) -> bytes:
+    """The document of `app` as JSON, built on first use and kept in the app's state."""
+    body: bytes | None = app.state.get("openapi")
+    if body is None:
+        body = app.state["openapi"] = msgspec.json.encode(_build(_descriptions(app)))
+    return body
 
 
-def _build() -> dict[str, Any]:
+def _descriptions(app: Litestar) -> dict[str, str]:
+    """Each served route's description: its handler's docstring, by path."""
+    out: dict[str, str] = {}
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            doc = getattr(handler.fn, "__doc__", None)
+            if doc:
+                out.setdefault(route.path, inspect.cleandoc(doc))
+    return out
+
+
+def _build(described: Mapping[str, str]) -> dict[str, Any]:
     refs, schemas = msgspec.json.schema_components(STRUCTS, ref_template="#/components/schemas/{name}")
     ref: dict[type, dict[str, Any]] = dict(zip(STRUCTS, refs, strict=True))
     return {
@@ -93,23 +107,21 @@ def _build() -> dict[str, Any]:
         "info": {"title": "fleet", "version": __version__,
                  "description": "One OpenAI-compatible endpoint for a fleet of vLLM models."},
         "servers": [{"url": "/"}],
-        "paths": _paths(ref),
+        "paths": _paths(ref, described),
         "components": {"schemas": schemas},
     }
 
 
-def _paths(ref: Mapping[type, dict[str, Any]]) -> dict[str, Any]:
+def _paths(ref: Mapping[type, dict[str, Any]], described: Mapping[str, str]) -> dict[str, Any]:
     """Every route, in the order the app routes them."""
-    from fleet.gateway import app, control  # read on the first request: app.py imports this module
-
     error = ref[ErrorResponse]
     paths: dict[str, Any] = {
-        "/health": {"get": _operation("/health", "health", app.health, {
+        "/health": {"get": _operation("/health", "health", described.get("/health", ""), {
             200: _answer("the gateway is up; each model's engine state", ref[Health])})},
-        "/metrics": {"get": _operation("/metrics", "metrics", app.metrics, {
+        "/metrics": {"get": _operation("/metrics", "metrics", described.get("/metrics", ""), {
             200: _answer("Prometheus text exposition format", {"type": "string"}, METRICS_CONTENT_TYPE),
             **_errors(ERRORS, error)})},
-        "/v1/models": {"get": _operation("/v1/models", "list_models", app.list_models, {
+        "/v1/models": {"get": _operation("/v1/models", "list_models", described.get("/v1/models", ""), {
             200: _answer("the models this key may use", ref[ModelList]), **_errors(ERRORS, error)})},
     }
     for path, name, what, request, answer, answered, chunk in GENERATION:
@@ -119,24 +131,24 @@ def _paths(ref: Mapping[type, dict[str, Any]]) -> dict[str, Any]:
                                           body=ref[request])}
     stopping = {"type": "object", "required": ["stopping"], "properties": {"stopping": {"const": True}}}
     paths |= {
-        "/fleet/status": {"get": _operation("/fleet/status", "fleet_status", control.fleet_status, {
+        "/fleet/status": {"get": _operation("/fleet/status", "fleet_status", described.get("/fleet/status", ""), {
             200: _answer("the fleet's state, model by model", ref[FleetStatus]), **_errors(CONTROL_ERRORS, error)})},
-        "/fleet/reload": {"post": _operation("/fleet/reload", "fleet_reload", control.fleet_reload, {
+        "/fleet/reload": {"post": _operation("/fleet/reload", "fleet_reload", described.get("/fleet/reload", ""), {
             200: _answer("what the reload changed", ref[ReloadReport]), **_errors(CONTROL_ERRORS, error)})},
-        "/fleet/stop": {"post": _operation("/fleet/stop", "fleet_stop", control.fleet_stop, {
+        "/fleet/stop": {"post": _operation("/fleet/stop", "fleet_stop", described.get("/fleet/stop", ""), {
             202: _answer("the fleet is stopping", stopping), **_errors(CONTROL_ERRORS, error)})},
     }
     return paths
 
 
-def _operation(path: str, name: str, what: Any, answers: dict[int, dict[str, Any]],
+def _operation(path: str, name: str, what: str, answers: dict[int, dict[str, Any]],
                body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One operation. `what` is its description, or its handler (whose docstring is). The summary and
-    operationId are those Litestar derived from the handler's name: clients generated from them keep working."""
+    """One operation, described by `what`. The summary and operationId are those Litestar derived
+    from the handler's name: clients generated from them keep working."""
     summary = "".join(word.capitalize() for word in name.split("_"))
     operation: dict[str, Any] = {
         "summary": summary,
-        "description": what if isinstance(what, str) else inspect.cleandoc(what.fn.__doc__ or ""),
+        "description": what,
         "operationId": "".join(part[:1].upper() + part[1:] for part in path.split("/")) + summary,
     }
     if body is not None:

@@ -12,41 +12,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 
 from fleet.config.load import load_config
+from fleet.config.placement import cpu_bindings
 from fleet.config.schema import FleetConfig, ModelConfig
 from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
-from fleet.gateway.auth import load_keys
+from fleet.gateway.auth import check_exposure, load_keys
 from fleet.gateway.backend import Backend
+from fleet.gateway.guard import (
+    PER_ENGINE_RESERVE,
+    ConnectionCounts,
+    ConnectionLimits,
+    guarded_protocol,
+    raise_open_files_limit,
+)
 from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus, ReloadReport
 from fleet.run.process import SignalFreeServer, freeze_startup_heap
-from fleet.run.supervisor import EngineCommand, EngineProcess, engine_command
+from fleet.run.supervisor import EngineCommand, EngineProcess, backoff, engine_command
 
-
-def cpu_bindings(models: Sequence[ModelConfig], cores: Sequence[int]) -> dict[str, str]:
-    """Disjoint core sets for several CPU engines (vLLM would pin every one to the same cores)."""
-    cpu = [m for m in models if m.on_cpu]
-    if len(cpu) < 2 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return {}
-    cores = sorted(cores)
-    share = max(1, len(cores) // len(cpu))
-    bindings = {}
-    for i, m in enumerate(cpu):
-        mine = cores[i * share:(i + 1) * share] if len(cores) >= len(cpu) else [cores[i % len(cores)]]
-        bindings[m.name] = ",".join(map(str, mine))
-    return bindings
+log = logging.getLogger("fleet.run")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -85,13 +83,18 @@ class Fleet:
         self.engines: dict[str, EngineProcess] = {}
         self.backends: dict[str, Backend] = {}  # shared with the gateway: it routes on this
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._owner_deaths: dict[str, int] = {}  # owner tasks of a model that died in a row (_owner_ended)
         self.stopping = asyncio.Event()
         self.gateway_started = asyncio.Event()
         self.started_at = time.time()
         self._reload_lock = asyncio.Lock()
         self.token = secrets.token_urlsafe(32)  # engines refuse requests without it
+        self.connections = ConnectionCounts()  # the gateway's client connections (guard.py)
         self.keys = load_keys(config.auth)
-        bindings = cpu_bindings(config.models, sorted(os.sched_getaffinity(0)))
+        # a gateway other machines can reach, without keys: refused (ConfigError) unless [auth] open
+        if warning := check_exposure(config.gateway.host, self.keys.enabled, config.auth.open):
+            self.console.print(f"[bold yellow]warning[/bold yellow]: {warning}", highlight=False)
+        bindings = cpu_bindings(config.models, sorted(os.sched_getaffinity(0)), os.environ)
         for m in config.models:
             self._add(m, bindings.get(m.name))
 
@@ -112,23 +115,60 @@ class Fleet:
         self.backends[cfg.name] = Backend(cfg, engine.lifecycle, engine.client, admission=admission)
         return engine
 
-    def _start(self, name: str) -> None:
-        self.tasks[name] = asyncio.create_task(self.engines[name].run(), name=f"engine:{name}")
+    def _start(self, name: str, after: float = 0.0) -> None:
+        engine, began = self.engines[name], time.monotonic()
+        task = asyncio.create_task(engine.run(after=after), name=f"engine:{name}")
+        task.add_done_callback(lambda t: self._owner_ended(name, engine, t, began))
+        self.tasks[name] = task
+
+    def _owner_ended(self, name: str, engine: EngineProcess, task: asyncio.Task[None], began: float) -> None:
+        """An engine's owner task ended: as meant once the fleet stops or the engine was asked to stop
+        (reload, retire); otherwise a loud error, and a new owner after the restart backoff."""
+        error = None if task.cancelled() else task.exception()
+        meant = self.stopping.is_set() or engine.stop_requested or self.engines.get(name) is not engine
+        if meant and error is None:
+            return
+        what = "was cancelled" if task.cancelled() else f"died: {type(error).__name__}: {error}" if error else "ended"
+        log.error("%s: the engine's owner task %s", name, what, exc_info=error)
+        policy = self.config.supervisor
+        deaths = 0 if time.monotonic() - began > policy.restart_reset_after else self._owner_deaths.get(name, 0)
+        self._owner_deaths[name] = deaths + 1
+        again = "" if meant else f"; a new one in {backoff(policy, deaths):.1f}s"
+        self.console.print(f"[bold]fleet[/bold] {escape(name)}: [red]its supervisor {escape(what)}[/red]{again}",
+                           highlight=False)
+        if not meant:
+            self._start(name, after=backoff(policy, deaths))
+
+    @property
+    def connection_limits(self) -> ConnectionLimits:
+        """What clients may hold of the gateway: [gateway]'s timeouts, caps sized from the
+        open-files limit less what the engines' connections may need (guard.py)."""
+        gw = self.config.gateway
+        engine_connections = sum(m.limits.max_concurrent + PER_ENGINE_RESERVE for m in self.config.models)
+        return ConnectionLimits.sized(header_timeout=gw.header_timeout, body_timeout=gw.body_timeout,
+                                      engine_connections=engine_connections, max_connections=gw.max_connections,
+                                      max_per_client=gw.max_connections_per_client)
 
     async def run(self) -> None:
         """Run until `stop()` (or a signal): engines and gateway, then a clean stop of everything."""
         started = time.monotonic()
         gw = self.config.gateway
+        limits = self.connection_limits
         sock = bind_socket(gw.host, gw.port)
         server = SignalFreeServer(
             uvicorn.Config(
                 create_app(self.backends, control=self, keys=self.keys, gateway=gw,
-                           restarts=lambda n: self.engines[n].total_restarts if n in self.engines else 0),
+                           restarts=lambda n: self.engines[n].total_restarts if n in self.engines else 0,
+                           connections=self.connections),
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=int(self.config.supervisor.drain_timeout),
                 lifespan="on",
                 ws="none",  # no websocket routes: skip importing a websocket implementation
+                ssl_certfile=gw.tls_certfile,  # both or neither (schema.py); uvicorn serves the socket with TLS
+                ssl_keyfile=gw.tls_keyfile,
+                http=guarded_protocol(limits, self.connections),
+                backlog=limits.backlog,
             )
         )
         gateway = asyncio.create_task(server.serve(sockets=[sock]), name="gateway")
@@ -141,13 +181,14 @@ class Fleet:
         if server.started:
             self.gateway_started.set()
             self.console.print(
-                f"[bold]fleet[/bold] gateway: listening on http://{gw.host}:{gw.port}/v1 "
+                f"[bold]fleet[/bold] gateway: listening on {'https' if gw.tls_certfile else 'http'}://{gw.host}:{gw.port}/v1 "
                 f"(started in {time.monotonic() - started:.2f}s); {len(self.engines)} engine(s) loading",
                 highlight=False,
             )
         try:
             await asyncio.wait({gateway, asyncio.create_task(self.stopping.wait())}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            failed = gateway.done() and not self.stopping.is_set()  # the gateway ended by itself: loud, not silent
             server.should_exit = True  # stop accepting; uvicorn drains open requests first
             with contextlib.suppress(BaseException):
                 await gateway
@@ -155,6 +196,10 @@ class Fleet:
             for e in self.engines.values():
                 e.request_stop()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        if failed:
+            error = None if gateway.cancelled() else gateway.exception()
+            log.error("the gateway stopped by itself; the fleet stopped with it", exc_info=error)
+            raise RuntimeError(f"the gateway stopped by itself ({error!r}); every engine was stopped") from error
 
     def stop(self) -> None:
         """Begin a clean stop (what SIGINT and SIGTERM do)."""
@@ -246,7 +291,13 @@ async def launch(config: FleetConfig, *, echo_logs: bool = True, config_path: Pa
                  overrides: dict[str, Any] | None = None, command: EngineCommand = engine_command) -> None:
     """`fleet launch`: run a fleet in the foreground until SIGINT/SIGTERM; SIGHUP reloads."""
     loader = (lambda: load_config(config_path, **(overrides or {}))) if config_path else None
+    open_files = raise_open_files_limit()
     fleet = Fleet(config, echo_logs=echo_logs, loader=loader, command=command)
+    limits = fleet.connection_limits
+    fleet.console.print(
+        f"[bold]fleet[/bold] gateway: at most {limits.max_connections} client connections "
+        f"({limits.max_per_client} per address) of {open_files} open files; headers within "
+        f"{limits.header_timeout:g}s, body pauses up to {limits.body_timeout:g}s", highlight=False)
     loop = asyncio.get_running_loop()
     signals = 0
 

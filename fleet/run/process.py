@@ -59,8 +59,13 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def descendants(pid: int) -> list[psutil.Process]:
-    """Every live descendant of a process."""
+def descendants(pid: int, *, strict: bool = False) -> list[psutil.Process]:
+    """Every live descendant of a process.
+
+    psutil reads /proc, which needs file descriptors: out of them (EMFILE), it raises a plain
+    OSError, not a psutil.Error. Then the walk found nothing it can vouch for: [] (a caller that
+    only takes note tries again later), or, with `strict`, the OSError (a caller that must know
+    the tree is gone)."""
     import psutil
 
     try:
@@ -68,19 +73,26 @@ def descendants(pid: int) -> list[psutil.Process]:
         return children
     except psutil.Error:
         return []
+    except OSError:
+        if strict:
+            raise
+        return []
 
 
 def reap_children(grace: float = 5.0) -> None:
     """Terminate this process's descendants (vLLM's helpers), killing those still alive after `grace`."""
     import psutil
 
-    family = descendants(os.getpid())
+    family = descendants(os.getpid())  # the engine's last act: best effort (OSError too), the launcher kills the rest
     for p in family:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):
             p.terminate()
-    _, alive = psutil.wait_procs(family, timeout=grace)
+    try:
+        _, alive = psutil.wait_procs(family, timeout=grace)
+    except OSError:
+        alive = family
     for p in alive:
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):
             p.kill()
 
 
@@ -103,24 +115,52 @@ async def stop_process_tree(
     whatever is left of the tree.
 
     `also`: descendants seen earlier. Once the engine died, those that left its group are orphans
-    that neither its group nor its process tree reaches any more."""
+    that neither its group nor its process tree reaches any more.
+
+    An OSError on the way (EMFILE: psutil cannot read /proc to walk the tree or to check a
+    process before signalling it) does not stop it half-way: it signals all it can (the group
+    needs no file descriptor), then raises the first such error, since a descendant may be left;
+    the caller decides whether to try again."""
     import psutil
 
-    family = descendants(proc.pid)
+    errors: list[OSError] = []
+
+    def walk() -> list[psutil.Process]:
+        try:
+            return descendants(proc.pid, strict=True)
+        except OSError as e:
+            errors.append(e)
+            return []
+
+    def signal_each(procs: list[psutil.Process], kill: bool) -> list[psutil.Process]:
+        """The processes it could signal (not those psutil could not check: no use waiting for them)."""
+        signalled = []
+        for p in procs:
+            try:
+                p.kill() if kill else p.terminate()
+                signalled.append(p)
+            except psutil.Error:  # gone already
+                pass
+            except OSError as e:
+                errors.append(e)
+        return signalled
+
+    family = walk()
     family += [p for p in also if p.pid not in {q.pid for q in family}]
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
-    for p in family:  # descendants that left the group
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
+    signal_each(family, kill=False)  # descendants that left the group
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(grace):
             await wait_exit(proc, until=now)
-    family += descendants(proc.pid)
+    family += walk()
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    for p in family:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    killed = signal_each(family, kill=True)
     await wait_exit(proc)
-    await asyncio.get_running_loop().run_in_executor(None, lambda: psutil.wait_procs(family, timeout=grace))
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, lambda: psutil.wait_procs(killed, timeout=grace))
+    except OSError as e:
+        errors.append(e)
+    if errors:
+        raise errors[0]

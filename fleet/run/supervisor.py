@@ -6,7 +6,8 @@ descendant that left it. Engines also ask the kernel for SIGTERM when the launch
 
 `EngineProcess.run` is the single owner of the engine process, its client and its `Lifecycle`
 (the states and transitions: lifecycle.py). Everything else sends it commands: `request_stop`
-(after draining, when asked), `request_kill` (now, no grace).
+(after draining, when asked), `request_kill` (now, no grace). It never dies silently (issue 16):
+an unexpected error is logged ("fleet.run"), fails the engine and takes the restart path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 EngineCommand = Callable[[ModelConfig], Sequence[str]]
 HEALTH_POLL = 0.25  # while starting
 LOG_TAIL = 40
+KILL_RETRY, KILL_RETRY_MAX, STOP_ATTEMPTS = 0.1, 2.0, 6  # a kill again after an OSError: waits (doubling), tries if stopping
+log = logging.getLogger("fleet.run")
 
 
 def engine_command(cfg: ModelConfig) -> list[str]:
@@ -85,6 +89,7 @@ class EngineProcess:
         self.ready_at: float | None = None
         self.restarts = 0  # in a row; what max_restarts counts
         self.total_restarts = 0
+        self._errors = 0  # unexpected supervisor errors in a row: the backoff of their restarts
         self._stop = asyncio.Event()
         self._kill = asyncio.Event()
         self._drain: Callable[[], Awaitable[None]] | None = None
@@ -98,6 +103,11 @@ class EngineProcess:
         """The engine's process id while it runs."""
         return self.proc.pid if self.proc and self.proc.returncode is None else None
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether it was asked to stop (or killed): then its owner task is meant to end."""
+        return self._stop.is_set()
+
     def request_stop(self, drain: Callable[[], Awaitable[None]] | None = None, timeout: float = 0.0) -> None:
         """Command: stop the engine; first wait for `drain()` (its requests finishing), at most `timeout` s."""
         if not self._stop.is_set():
@@ -109,20 +119,35 @@ class EngineProcess:
         self._kill.set()
         self._stop.set()
 
-    async def run(self) -> None:
-        """Start, supervise and restart the engine until asked to stop; then stop it."""
+    async def run(self, *, after: float = 0.0) -> None:
+        """Start, supervise and restart the engine until asked to stop; then stop it. It can run again
+        (the launcher restarts an owner task that died) `after` s later; what is left is stopped first."""
         try:
+            await self._terminate()  # nothing to do unless an earlier run ended half-way
+            await self._stop_within(after)
             while not self._stop.is_set():
-                if await self._start():
-                    await self._until_stop_or(self._wait_ready())
-                    if self.lifecycle.state is EngineState.READY:
-                        await self._until_stop_or(self._watch())
+                unexpected = False
+                try:
+                    if await self._start():
+                        await self._until_stop_or(self._wait_ready())
+                        if self.lifecycle.state is EngineState.READY:
+                            await self._until_stop_or(self._watch())
+                except Exception as e:  # not CancelledError: a cancel ends the run, and stops the engine
+                    self._unexpected(e)
+                    unexpected = True
                 if self._stop.is_set():
                     break
-                if not await self._restart_after_backoff():
+                if not await self._restart_after_backoff(unexpected):
                     await self._stop.wait()
         finally:
             await self._terminate()
+
+    async def _stop_within(self, seconds: float) -> bool:
+        """Wait `seconds`, less if a stop is requested meanwhile; True if it was."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        return self._stop.is_set()
 
     async def _until_stop_or(self, work: Awaitable[None]) -> None:
         await _first_of(work, self._stop)
@@ -141,7 +166,7 @@ class EngineProcess:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cfg.gpus))
         self.started_at, self.ready_at = time.monotonic(), None
         self.tail.clear()
-        self._family = {}
+        self._family, self.proc = {}, None  # the last tree is gone (_kill_tree): never signal its stale pid
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.command(self.cfg),
@@ -215,7 +240,7 @@ class EngineProcess:
                     self._fail(f"crashed (exit code {self.proc.returncode})")  # type: ignore[union-attr]
                     return
                 if self.ready_at and time.monotonic() - self.ready_at > self.policy.restart_reset_after:
-                    self.restarts = 0
+                    self.restarts = self._errors = 0
                 failures = 0 if await self.client.healthy(timeout=self.policy.health_interval) else failures + 1
                 if failures >= self.policy.health_failures:
                     self._fail(f"stopped answering /health ({failures} checks in a row)")
@@ -223,24 +248,50 @@ class EngineProcess:
         finally:
             exited.cancel()
 
-    async def _restart_after_backoff(self) -> bool:
-        """Kill what is left of the failed engine, wait the backoff; False once restarts are used up."""
-        if self.proc is not None:
-            await stop_process_tree(self.proc, grace=min(self.policy.stop_grace, 5.0), also=self._family.values())
-        if self.restarts >= self.policy.max_restarts:
+    async def _restart_after_backoff(self, unexpected: bool = False) -> bool:
+        """Kill what is left of the failed engine, wait the backoff; False once restarts are used up.
+        An unexpected error (the launcher's, not the engine's) never uses them up; it backs off on its own."""
+        if not await self._kill_tree(min(self.policy.stop_grace, 5.0)):
+            return True  # a stop came first: _terminate takes over
+        if not unexpected and self.restarts >= self.policy.max_restarts:
             self.say(f"[red]stays failed[/red] after {self.restarts} restart(s) in a row")
             return False
-        delay = backoff(self.policy, self.restarts)
-        self.lifecycle.to(EngineState.RESTARTING, f"restart {self.restarts + 1} in {delay:.1f}s")
-        self.say(f"restarting in {delay:.1f}s (restart {self.restarts + 1} of at most {self.policy.max_restarts})")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await self._stop.wait()
-        if self._stop.is_set():
+        self._errors += unexpected
+        delay = backoff(self.policy, self._errors - 1 if unexpected else self.restarts)
+        which = "after a supervisor error" if unexpected else f"restart {self.restarts + 1} of at most {self.policy.max_restarts}"
+        self.lifecycle.to(EngineState.RESTARTING, f"restart in {delay:.1f}s ({which})")
+        self.say(f"restarting in {delay:.1f}s ({which})")
+        if await self._stop_within(delay):
             return True
-        self.restarts += 1
+        self.restarts += not unexpected
         self.total_restarts += 1
         return True
+
+    async def _kill_tree(self, grace: float, *, attempts: int = 0, now: asyncio.Event | None = None) -> bool:
+        """stop_process_tree, again after a short backoff while it raises OSError (logged): `attempts` times or
+        (0) until a stop, so that no new engine starts while the old tree may hold its port. True: it is gone."""
+        tries = 0
+        while self.proc is not None:
+            try:
+                await stop_process_tree(self.proc, grace=grace, also=self._family.values(), now=now)
+                return True
+            except OSError as e:
+                tries += 1
+                log.error("%s: could not make sure the engine's processes are gone (try %d): %s", self.cfg.name, tries, e, exc_info=e if tries == 1 else None)
+                self.say(f"[red]could not make sure its processes are gone[/red] (try {tries}): {escape(str(e))}")
+                if tries == attempts:
+                    return False
+                delay = min(KILL_RETRY * 2 ** (tries - 1), KILL_RETRY_MAX)  # stopping: not cut short by the stop
+                if await (asyncio.sleep(delay, False) if attempts else self._stop_within(delay)):
+                    return False  # a stop came: _terminate takes over
+        return True
+
+    def _unexpected(self, error: Exception) -> None:
+        """An error nothing below handled: logged with its traceback; the engine FAILED with it as the reason."""
+        what = f"{type(error).__name__}: {error}"
+        log.error("%s: unexpected error supervising the engine (%s)", self.cfg.name, self.lifecycle.state.value, exc_info=error)
+        self.say(f"[red]unexpected error[/red] supervising the engine: {escape(what)} (traceback logged)")
+        self._fail(f"supervisor error: {what}")
 
     def _fail(self, reason: str) -> None:
         if self.lifecycle.state in (EngineState.STARTING, EngineState.READY):
@@ -249,21 +300,31 @@ class EngineProcess:
             self.say(f"[red]failed[/red]: {escape(reason)}; last log lines:\n{last}")
 
     async def _terminate(self) -> None:
-        if self.lifecycle.state in (EngineState.STOPPED, EngineState.STOPPING):
+        """Drain (if asked), stop the tree, always end in STOPPED (also from a run that ended in STOPPING):
+        after STOP_ATTEMPTS a tree is given up loudly (engines die with the launcher: PR_SET_PDEATHSIG)."""
+        if self.lifecycle.state is EngineState.STOPPED:
             return
         if self._drain is not None and self.lifecycle.state is EngineState.READY:
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(self._drain_timeout):
                     await self._until_kill_or(self._drain())
-        self.lifecycle.to(EngineState.STOPPING)
+            except TimeoutError:
+                pass  # drained enough
+            except Exception:
+                log.exception("%s: draining failed; stopping the engine anyway", self.cfg.name)
+        if self.lifecycle.state is not EngineState.STOPPING:
+            self.lifecycle.to(EngineState.STOPPING)
         if self.proc is not None:
             grace = 0.0 if self._kill.is_set() else self.policy.stop_grace
-            await stop_process_tree(self.proc, grace=grace, also=self._family.values(), now=self._kill)
+            if not await self._kill_tree(grace, attempts=STOP_ATTEMPTS, now=self._kill):
+                log.error("%s: gave up making sure engine pid %d and its processes are gone", self.cfg.name, self.proc.pid)
+                self.say(f"[red]gave up[/red] making sure pid {self.proc.pid} and its processes are gone; they die with the launcher")
             if self._reader is not None:
                 await asyncio.wait({self._reader}, timeout=5)
         await self.client.close()
         if self._log_file:
             self._log_file.close()
+            self._log_file = None
         self.lifecycle.to(EngineState.STOPPED)
         self.say("stopped")
 
@@ -273,11 +334,16 @@ class EngineProcess:
 
 
 async def _first_of(work: Awaitable[None], event: asyncio.Event) -> None:
-    """Await `work` until it ends or `event` is set, whichever comes first; cancel the other."""
+    """Await `work` until it ends or `event` is set, whichever comes first; cancel the other. An
+    error of `work` is raised here (issue 16: it was dropped); a cancel of this call cancels it."""
     task = asyncio.ensure_future(work)
     waiter = asyncio.ensure_future(event.wait())
-    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    for t in (task, waiter):
-        if not t.done():
-            t.cancel()
-    await asyncio.gather(task, waiter, return_exceptions=True)
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, waiter):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, waiter, return_exceptions=True)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise error

@@ -1,12 +1,17 @@
 """The gateway's client for one engine's internal protocol, on fleet.wire.http1's pooled
-connections; and `connect_host`, the one rule for reaching a server from the address it listens on."""
+connections; and `connect_host`, the one rule for reaching a server from the address it listens on
+(with `is_loopback`, `url_of` and, for a gateway serving TLS, `pinned_tls_context`)."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
+import ssl
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
-from fleet.errors import EngineFailure, EngineTimeout
+from fleet.errors import ConfigError, EngineFailure, EngineTimeout
 from fleet.wire import http1, protocol
 
 _info_decoder = protocol.decoder(protocol.EngineInfo)
@@ -17,10 +22,50 @@ def connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
 
 
-def url_of(host: str, port: int) -> str:
-    """http://HOST:PORT for a server listening on `host` (IPv6 addresses in brackets)."""
-    reach = connect_host(host)
-    return f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
+def url_of(host: str, port: int, *, tls: bool = False) -> str:
+    """http(s)://HOST:PORT for a server listening on `host` (IPv6 addresses in brackets)."""
+    reach, scheme = connect_host(host), "https" if tls else "http"
+    return f"{scheme}://[{reach}]:{port}" if ":" in reach else f"{scheme}://{reach}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host`: "localhost", 127.0.0.0/8 or ::1 (also written
+    as ::ffff:127.x.y.z). A wildcard ("0.0.0.0", "::", "") or any other name is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def pinned_tls_context(certfile: str, host: str) -> ssl.SSLContext:
+    """A TLS client context for the gateway's own machine that trusts one certificate: the first of
+    `certfile` (the gateway's own; not a CA of the chain after it), so only a server that holds its
+    key gets through.
+
+    The host name is checked unless `host` is a loopback address. The CLI reaches the gateway as
+    127.0.0.1 or ::1 (its wildcard address, or its loopback one), names that a certificate made for
+    the machine's public name does not list; connecting as "localhost" would only help certificates
+    that list localhost. With that one certificate as the only trust anchor, the name check adds
+    nothing on loopback, so it is off there alone."""
+    path = Path(certfile).expanduser()
+    try:
+        found = _PEM_CERTIFICATE.search(path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"[gateway] tls_certfile {path}: {e.strerror}") from None
+    if found is None:
+        raise ConfigError(f"[gateway] tls_certfile {path}: no PEM certificate in it")
+    context = ssl.create_default_context(cadata=found.group().decode("ascii"))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a CA-issued certificate is trusted by itself
+    context.check_hostname = not is_loopback(host)
+    return context
 
 
 class EngineClient:

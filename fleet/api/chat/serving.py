@@ -21,14 +21,13 @@ from fleet.api.chat.protocol import (
     ChatTokenLogprob,
     TopLogprob,
 )
-from fleet.api.planning import CHAT_MAX_TOKENS, NO_LIMITS, Plan, for_request, plan
+from fleet.api.planning import NO_LIMITS, Plan, for_request, plan
 from fleet.api.protocol import Usage
 from fleet.api.rules import chat_top_logprobs, check_tools, structured_output, text_messages
 from fleet.config.schema import Limits, SamplingDefaults
 from fleet.wire import protocol
 
 _json = msgspec.json.Encoder()
-ENDPOINT_DEFAULTS = {"max_tokens": CHAT_MAX_TOKENS}
 
 
 def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults, limits: Limits = NO_LIMITS) -> Plan:
@@ -37,7 +36,7 @@ def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults, limits: Li
     messages = text_messages(req.messages)
     schema, json_object = structured_output(req.response_format)
     logprobs = chat_top_logprobs(req.logprobs, req.top_logprobs)
-    d = for_request(req, defaults, ENDPOINT_DEFAULTS)
+    d = for_request(req, defaults, "chat")
     chat = protocol.Chat(
         messages=messages,
         add_generation_prompt=d.pick("add_generation_prompt", req.add_generation_prompt),

@@ -16,21 +16,20 @@ from fleet.api.completions.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from fleet.api.planning import COMPLETIONS_MAX_TOKENS, NO_LIMITS, Plan, Prompt, for_request, plan
+from fleet.api.planning import NO_LIMITS, Plan, Prompt, for_request, plan
 from fleet.api.protocol import Usage
 from fleet.api.rules import check_suffix, prompt_list
 from fleet.config.schema import Limits, SamplingDefaults
 from fleet.wire import protocol
 
 _json = msgspec.json.Encoder()
-ENDPOINT_DEFAULTS = {"max_tokens": COMPLETIONS_MAX_TOKENS}
 
 
 def plan_completion(req: CompletionRequest, defaults: SamplingDefaults, limits: Limits = NO_LIMITS) -> Plan:
     """Apply defaults and every rule to a completions request."""
     prompts: list[Prompt] = list(prompt_list(req.prompt))
     check_suffix(req.suffix)
-    d = for_request(req, defaults, ENDPOINT_DEFAULTS)
+    d = for_request(req, defaults, "completions")
     echo: bool = d.pick("echo", req.echo)
     return plan(
         req, d, prompts,
