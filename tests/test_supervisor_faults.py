@@ -12,6 +12,7 @@ transitions and on the launcher's log records, never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import logging
@@ -326,38 +327,77 @@ def test_an_owner_task_that_dies_is_reported_and_restarted_and_the_model_serves_
     print(f"\nowner task died: ready again {transitions.at[-1] - transitions.at[4]:.2f}s later")
 
 
-def test_a_gateway_that_stops_by_itself_stops_the_fleet_loudly(monkeypatch: pytest.MonkeyPatch,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
-    """The launcher's other task: a gateway that ends while nobody asked is a loud error (logged,
-    raised to `fleet launch`, which exits non-zero), and every engine is stopped with it."""
+def test_a_gateway_server_that_ends_by_itself_is_reported_and_started_again(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The launcher's other task: a gateway server that ends while nobody asked is a loud error
+    (logged with its traceback) and is started again; the engines never notice."""
     from fleet.config.load import parse_config
     from fleet.run.launcher import Fleet
     from fleet.run.process import SignalFreeServer
 
     serve = SignalFreeServer.serve
     engines: list[EngineProcess] = []
+    calls = 0
 
-    async def serve_then_fail(self: SignalFreeServer, sockets: Any = None) -> None:
+    async def serve_then_fail_once(self: SignalFreeServer, sockets: Any = None) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return await serve(self, sockets)
         task = asyncio.ensure_future(serve(self, sockets))
         async with asyncio.timeout(60):
-            while not engines:  # noqa: ASYNC110 - the fleet registers its engine after the gateway started
-                await asyncio.sleep(0.01)
             await engines[0].lifecycle.wait_for(EngineState.READY)
         self.should_exit = True
         await task
         raise RuntimeError("the server broke")
 
-    monkeypatch.setattr(SignalFreeServer, "serve", serve_then_fail)
+    monkeypatch.setattr(SignalFreeServer, "serve", serve_then_fail_once)
+    port = free_port()
+    config = parse_config({"gateway": {"port": port}, "models": [{"name": "m", "source": "fake", "port": free_port()}]})
+    console = io.StringIO()
+
+    async def scenario() -> None:
+        fleet = Fleet(config, command=fake_command, echo_logs=False, console=Console(file=console))
+        engines.append(fleet.engines["m"])
+        running = asyncio.create_task(fleet.run())
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http, asyncio.timeout(60):
+            while calls < 2:  # noqa: ASYNC110 - the launcher's second server is what is awaited
+                await asyncio.sleep(0.05)
+            while True:  # the new server listens soon after it was started
+                with contextlib.suppress(httpx.HTTPError):
+                    r = await http.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
+                    break
+                await asyncio.sleep(0.05)
+        assert r.status_code == 200, r.text
+        assert fleet.engines["m"].total_restarts == 0 and fleet.engines["m"].lifecycle.state is EngineState.READY
+        fleet.stop()
+        await running
+
+    with caplog.at_level(logging.ERROR, logger="fleet.run"):
+        asyncio.run(scenario())
+    assert any("ended by itself" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert "its server ended by itself" in console.getvalue()
+
+
+def test_a_gateway_that_cannot_start_stops_the_fleet_loudly(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from fleet.config.load import parse_config
+    from fleet.run.launcher import Fleet
+    from fleet.run.process import SignalFreeServer
+
+    async def cannot_start(self: SignalFreeServer, sockets: Any = None) -> None:
+        raise RuntimeError("no server today")
+
+    monkeypatch.setattr(SignalFreeServer, "serve", cannot_start)
     config = parse_config({"gateway": {"port": free_port()},
                            "models": [{"name": "m", "source": "fake", "port": free_port()}]})
 
     async def scenario() -> None:
         fleet = Fleet(config, command=fake_command, echo_logs=False, console=Console(file=io.StringIO()))
-        engines.append(fleet.engines["m"])
-        with pytest.raises(RuntimeError, match="the gateway stopped by itself"):
+        with pytest.raises(RuntimeError, match="the gateway stopped"):
             await fleet.run()
         assert fleet.engines["m"].lifecycle.state is EngineState.STOPPED and fleet.engines["m"].pid is None
 
     with caplog.at_level(logging.ERROR, logger="fleet.run"):
         asyncio.run(scenario())
-    assert any("the gateway stopped by itself" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert any("the gateway stopped" in r.getMessage() and r.exc_info for r in caplog.records)

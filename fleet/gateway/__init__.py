@@ -1,6 +1,7 @@
 """The gateway: the Litestar app and everything about one HTTP request around the API work.
 
-`app` builds the app and its routes; `bodies` reads request bodies; `auth` checks API keys;
+`app` builds the app and its routes; `guard` bounds what clients may hold (connections, time to
+send a request); `bodies` reads request bodies; `auth` checks API keys;
 `admission` queues requests per model; `tracking` is one request's bookkeeping; `backend` is one
 model as the gateway sees it and `routing` the pure choice of one; `metrics` counts;
 `control` serves `fleet status / reload / stop`; `status` is the schema of fleet's own

@@ -16,13 +16,11 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from rich.console import Console
 from rich.markup import escape
 
@@ -33,34 +31,13 @@ from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
 from fleet.gateway.auth import check_exposure, load_keys
 from fleet.gateway.backend import Backend
-from fleet.gateway.guard import (
-    PER_ENGINE_RESERVE,
-    ConnectionCounts,
-    ConnectionLimits,
-    guarded_protocol,
-    raise_open_files_limit,
-)
+from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionCounts, ConnectionLimits, raise_open_files_limit
 from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus, ReloadReport
-from fleet.run.process import SignalFreeServer, freeze_startup_heap
+from fleet.run.gateway_server import GatewayServer
+from fleet.run.process import freeze_startup_heap
 from fleet.run.supervisor import EngineCommand, EngineProcess, backoff, engine_command
 
 log = logging.getLogger("fleet.run")
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind the gateway's socket before any engine starts, so a taken port fails fast."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio only sets TCP_NODELAY on accepted sockets whose proto is
-    # IPPROTO_TCP; with 0 Nagle holds back every response write after the first (~40 ms per request).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise OSError(f"the gateway cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.set_inheritable(False)
-    return sock
 
 
 class Fleet:
@@ -153,33 +130,19 @@ class Fleet:
         """Run until `stop()` (or a signal): engines and gateway, then a clean stop of everything."""
         started = time.monotonic()
         gw = self.config.gateway
-        limits = self.connection_limits
-        sock = bind_socket(gw.host, gw.port)
-        server = SignalFreeServer(
-            uvicorn.Config(
-                create_app(self.backends, control=self, keys=self.keys, gateway=gw,
-                           restarts=lambda n: self.engines[n].total_restarts if n in self.engines else 0,
-                           connections=self.connections),
-                log_level="warning",
-                access_log=False,
-                timeout_graceful_shutdown=int(self.config.supervisor.drain_timeout),
-                lifespan="on",
-                ws="none",  # no websocket routes: skip importing a websocket implementation
-                ssl_certfile=gw.tls_certfile,  # both or neither (schema.py); uvicorn serves the socket with TLS
-                ssl_keyfile=gw.tls_keyfile,
-                http=guarded_protocol(limits, self.connections),
-                backlog=limits.backlog,
-            )
-        )
-        gateway = asyncio.create_task(server.serve(sockets=[sock]), name="gateway")
-        while not server.started and not gateway.done():  # noqa: ASYNC110 - uvicorn has a `started` flag, no event
-            await asyncio.sleep(0.01)
+        app = create_app(self.backends, control=self, keys=self.keys, gateway=gw,
+                         restarts=lambda n: self.engines[n].total_restarts if n in self.engines else 0,
+                         connections=self.connections)
+        server = GatewayServer(app, gw, self.connection_limits, self.connections, console=self.console,
+                               drain_timeout=self.config.supervisor.drain_timeout, started=self.gateway_started)
+        gateway = asyncio.create_task(server.run(), name="gateway")
+        await asyncio.wait({gateway, asyncio.ensure_future(self.gateway_started.wait())},
+                           return_when=asyncio.FIRST_COMPLETED)
         # Engines after the gateway: their start-up work in this process (spawning, the first
         # health polls, importing the engine client) would otherwise delay the gateway's start.
-        for name in self.engines:
-            self._start(name)
-        if server.started:
-            self.gateway_started.set()
+        if self.gateway_started.is_set():
+            for name in self.engines:
+                self._start(name)
             self.console.print(
                 f"[bold]fleet[/bold] gateway: listening on {'https' if gw.tls_certfile else 'http'}://{gw.host}:{gw.port}/v1 "
                 f"(started in {time.monotonic() - started:.2f}s); {len(self.engines)} engine(s) loading",
@@ -188,18 +151,17 @@ class Fleet:
         try:
             await asyncio.wait({gateway, asyncio.create_task(self.stopping.wait())}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            failed = gateway.done() and not self.stopping.is_set()  # the gateway ended by itself: loud, not silent
-            server.should_exit = True  # stop accepting; uvicorn drains open requests first
+            failed = gateway.done() and not self.stopping.is_set()  # the gateway could not run: loud, not silent
+            server.request_stop()  # stop accepting; uvicorn drains open requests first
             with contextlib.suppress(BaseException):
                 await gateway
-            sock.close()
             for e in self.engines.values():
                 e.request_stop()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         if failed:
             error = None if gateway.cancelled() else gateway.exception()
-            log.error("the gateway stopped by itself; the fleet stopped with it", exc_info=error)
-            raise RuntimeError(f"the gateway stopped by itself ({error!r}); every engine was stopped") from error
+            log.error("the gateway stopped; the fleet stopped with it", exc_info=error)
+            raise RuntimeError(f"the gateway stopped ({error!r}); every engine was stopped") from error
 
     def stop(self) -> None:
         """Begin a clean stop (what SIGINT and SIGTERM do)."""
