@@ -101,7 +101,14 @@ SLOW_HEADERS = _answer(408, "Request Timeout", "the request's headers did not ar
 
 
 class ConnectionCounts:
-    """Open client connections, in all and per address; one per gateway, shared by its connections."""
+    """Open client connections, in all and per address, and their deadlines; one per gateway,
+    shared by its connections.
+
+    Deadlines are not timers: a connection only writes when its current phase must end, and one
+    sweep every `SWEEP` seconds (at most, a quarter of the shortest timeout) closes those past it.
+    A timer per request phase cost ~0.15 ms of added latency per request on a 2-core VM (uvloop's
+    timers are libuv handles); a deadline is an attribute write.
+    """
 
     def __init__(self) -> None:
         self.total = 0
@@ -109,16 +116,30 @@ class ConnectionCounts:
         self.by_client: collections.Counter[str] = collections.Counter()
         self.refused = 0
         self.timed_out = 0
+        self.watched: set[Any] = set()  # connections with a deadline (GuardedProtocol)
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def watch(self, conn: Any, loop: asyncio.AbstractEventLoop, every: float) -> None:
+        """Keep `conn` in the sweep; the first one starts it."""
+        self.watched.add(conn)
+        if self._sweep is None or self._sweep.cancelled():
+            self._sweep = loop.call_later(every, self._sweep_once, loop, every)
+
+    def _sweep_once(self, loop: asyncio.AbstractEventLoop, every: float) -> None:
+        now = loop.time()
+        for conn in [c for c in self.watched if c.deadline is not None and c.deadline <= now]:
+            conn.late()
+        self._sweep = loop.call_later(every, self._sweep_once, loop, every) if self.watched else None
 
 
 def guarded_protocol(limits: ConnectionLimits, counts: ConnectionCounts) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with `limits` enforced (pass it as uvicorn.Config's `http`)."""
+    every = min(0.5, max(0.05, min(limits.header_timeout, limits.body_timeout) / 4))
 
     class GuardedProtocol(HttpToolsProtocol):
         _address: str | None = None
-        _timer: asyncio.TimerHandle | None = None
+        deadline: float | None = None  # when the current phase (headers, a pause in the body) must end
         _in_headers = False
-        _in_body = False
         _control_only = False
         _refused = False
 
@@ -139,7 +160,8 @@ def guarded_protocol(limits: ConnectionLimits, counts: ConnectionCounts) -> type
             self._address = address
             counts.by_client[address] += 1
             self._in_headers = True  # the first request's headers are due from now
-            self._arm(limits.header_timeout, self._headers_late)
+            self.deadline = self.loop.time() + limits.header_timeout
+            counts.watch(self, self.loop, every)
 
         def _refuse(self, answer: bytes) -> None:
             self._refused = True
@@ -148,7 +170,8 @@ def guarded_protocol(limits: ConnectionLimits, counts: ConnectionCounts) -> type
             self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self.deadline = None
+            counts.watched.discard(self)
             if self._address is not None:
                 if self._control_only:
                     counts.control -= 1
@@ -164,50 +187,37 @@ def guarded_protocol(limits: ConnectionLimits, counts: ConnectionCounts) -> type
             super().on_message_begin()
             if not self._in_headers:  # a later request on a kept-alive connection: its first byte is here
                 self._in_headers = True
-                self._arm(limits.header_timeout, self._headers_late)
+                self.deadline = self.loop.time() + limits.header_timeout
 
         def on_headers_complete(self) -> None:
             self._in_headers = False
             if self._control_only and not self.url.startswith(CONTROL_PATHS):
-                self._disarm()
+                self.deadline = None
                 self._refuse(BUSY)
                 return
-            self._in_body = True
-            self._arm(limits.body_timeout, self._body_late)
+            self.deadline = self.loop.time() + limits.body_timeout
             super().on_headers_complete()
 
         def on_body(self, body: bytes) -> None:
             if self._refused:
                 return
-            self._arm(limits.body_timeout, self._body_late)  # a pause between reads is what is bounded
+            self.deadline = self.loop.time() + limits.body_timeout  # a pause between reads is what is bounded
             super().on_body(body)
 
         def on_message_complete(self) -> None:
-            self._in_body = False
-            self._disarm()
+            self.deadline = None
             if not self._refused:
                 super().on_message_complete()
 
-        def _arm(self, delay: float, then: Any) -> None:
-            self._disarm()
-            self._timer = self.loop.call_later(delay, then)
-
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _headers_late(self) -> None:
-            self._timer = None
-            if self._in_headers and not self.transport.is_closing():
-                counts.timed_out += 1
+        def late(self) -> None:
+            """The current phase ran past its deadline (the sweep calls this): headers late get
+            408; a stalled body gets the connection closed (the handler sees the client leave)."""
+            self.deadline = None
+            if self.transport.is_closing():
+                return
+            counts.timed_out += 1
+            if self._in_headers:
                 self.transport.write(SLOW_HEADERS)
-                self.transport.close()
-
-        def _body_late(self) -> None:
-            self._timer = None
-            if self._in_body and not self.transport.is_closing():
-                counts.timed_out += 1
-                self.transport.close()  # the handler sees the client leave (http.disconnect)
+            self.transport.close()
 
     return GuardedProtocol
