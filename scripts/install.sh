@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The tests make TLS certificates with the openssl command line.
+command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
 stamp=.venv/.fleet-install-stamp
 want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -42,8 +42,7 @@ def test_url_of_puts_ipv6_addresses_in_brackets() -> None:
 
 @pytest.fixture
 def v6_fleet(cache_dir: Path) -> Iterator[InProcessFleet]:
-    if not ipv6_loopback():
-        pytest.skip("this machine has no IPv6 loopback")
+    assert ipv6_loopback(), "this machine has no IPv6 loopback (::1): the test needs it"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         gateway_port = s.getsockname()[1]
