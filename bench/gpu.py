@@ -2,7 +2,13 @@
 model, same settings, same load, one after the other in the order `--systems` names them.
 
     PYTHONPATH=/root/site:. python3 bench/gpu.py --model /root/models/smollm2-135m-instruct --out $OUT \
-        [--systems fleet,vllm,litellm,offline] [--litellm-path /root/litellm]
+        [--systems fleet,vllm,litellm,offline] [--litellm-path /root/litellm] \
+        [--together --memory 0.4 --rounds 2] [--referee] [--profile 256]
+
+Throughput counts tokens (bench/loadgen.py's `chunk_tokens`: each chunk's continuous usage), not
+SSE chunks: a server that falls behind merges several steps into one chunk. `--referee` runs vLLM's
+own `vllm bench serve` against each server too (bench/referee.py), and the ratios of both are
+printed and saved.
 
 Each system gets the whole GPU in turn (two vLLM engines starting at once on one GPU stalled in
 vLLM 0.24's start-up); LiteLLM is measured in front of the same `vllm serve` just measured
@@ -31,7 +37,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.loadgen import closed_loop, closed_window, completion_target, summarize
+from bench.loadgen import closed_loop, closed_window, closed_window_procs, completion_target, summarize
+from bench.referee import Load, referee
 from bench.systems import litellm_config
 
 PROMPTS = [f"Write a short story about a robot number {i} who learns to paint." for i in range(64)]
@@ -44,9 +51,10 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> float:
             raise RuntimeError(f"exited with {proc.returncode}")
         try:
             r = httpx.get(url, timeout=2)
-            if r.status_code == 200 and ('"starting"' not in r.text):
-                return time.monotonic() - start
-        except httpx.HTTPError:
+            models = r.json().get("models") if r.headers.get("content-type", "").startswith("application/json") else None
+            if r.status_code == 200 and (not models or all(state == "ready" for state in models.values())):
+                return time.monotonic() - start  # fleet: every model ready, not only the gateway
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(1)
     raise TimeoutError(url)
@@ -101,27 +109,38 @@ def profile(pids: dict[str, int], seconds: int, out: Path, tag: str) -> list[sub
 
 
 def run_points(base: str, model: str, concurrencies: list[int], max_tokens: int, front_pid: int,
-               profile_at: set[int] = frozenset(), out: Path = Path("."), tag: str = "", window: float = 12.0) -> list[dict]:
+               profile_at: set[int] = frozenset(), out: Path = Path("."), tag: str = "", window: float = 12.0,
+               client_procs: int = 1) -> list[dict]:
+    """Each concurrency's point; with `client_procs` > 1 the clients run in that many processes
+    (one Python process receiving ~35,000 chunks/s can be the limit itself)."""
     front = psutil.Process(front_pid)
+    me = psutil.Process()
     points = []
     for c in concurrencies:
         target = completion_target(base, model, PROMPTS, max_tokens, stream=True)
         asyncio.run(closed_loop(target, min(c, 16), min(c, 16)))  # warm-up
         spies = profile(python_processes(front_pid), int(window) + 3, out, f"{tag}-c{c}") if c in profile_at else []
-        cpu0 = front.cpu_times()
-        if window:  # steady state: tokens received within the window, after every client streams
+        cpu0, mine0 = front.cpu_times(), me.cpu_times()
+        if window and client_procs > 1:
+            run = closed_window_procs(target, c, window, client_procs, ramp=3, streaming_clients=c, ramp_max=60)
+        elif window:  # steady state: tokens received within the window, after every client streams
             run = asyncio.run(closed_window(target, c, window, ramp=3, streaming_clients=c, ramp_max=60))
         else:
             run = asyncio.run(closed_loop(target, c, max(64, 4 * c), max_duration=120))
-        cpu1 = front.cpu_times()
+        cpu1, mine1 = front.cpu_times(), me.cpu_times()
         for spy in spies:
             spy.wait()
         s = summarize(run)
         s["front_cpu_s"] = round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2)
         s["front_rss_mb"] = round(front.memory_info().rss / 2**20, 1)
+        # the load generator's own CPU over ramp + window (a client near a whole core is the limit)
+        s["client_cpu_s"] = run.extra.get("client_cpu_s") or round(
+            (mine1.user + mine1.system) - (mine0.user + mine0.system), 2)
+        s["client_procs"] = client_procs
         points.append(s)
-        print(f"  c={c}: {s['req_per_s']} req/s, {s['output_tok_per_s']} tok/s, ttft p50 "
-              f"{(s['ttft_ms'] or {}).get('p50')} ms, errors {s['errors']}, front cpu {s['front_cpu_s']} s", flush=True)
+        print(f"  c={c}: {s['req_per_s']} req/s, {s['output_tok_per_s']} tok/s ({s.get('tokens_per_chunk')} per chunk, "
+              f"completed-only {s.get('completed_tok_per_s')}), ttft p50 {(s['ttft_ms'] or {}).get('p50')} ms, "
+              f"errors {s['errors']}, front cpu {s['front_cpu_s']} s, client cpu {s['client_cpu_s']} s", flush=True)
     return points
 
 
@@ -173,16 +192,30 @@ def run_order(systems: list[str]) -> list[str]:
     return list(dict.fromkeys("vllm" if s == "litellm" else s for s in systems if s in (*known, "litellm")))
 
 
+def rounds_order(servers: list[str], rounds: int) -> list[list[str]]:
+    """The order servers are measured in each round: as named, then reversed, and so on (ABBA),
+    so a system measured first (or last) in one round is measured last (or first) in the next."""
+    return [servers if k % 2 == 0 else servers[::-1] for k in range(rounds)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpu-bench"))
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--memory", type=float, default=0.8)
-    ap.add_argument("--profile", default="", help="concurrencies at which to py-spy every Python process (PY_SPY=path)")
+    ap.add_argument("--memory", type=float, default=0.8, help="gpu_memory_utilization of each engine")
+    ap.add_argument("--profile", default="", help="concurrencies at which to py-spy every Python process (PY_SPY=path), round 1")
     ap.add_argument("--systems", default="fleet,vllm,litellm,offline")
     ap.add_argument("--window", type=float, default=12.0, help="seconds measured per point (0: 4c requests)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of every server's points, the order reversed each round")
+    ap.add_argument("--together", action="store_true",
+                    help="start every server once (one after the other, each with --memory) and keep them all up for the "
+                         "rounds; otherwise each server has the GPU to itself in turn, one round")
+    ap.add_argument("--client-procs", default="1", help="client processes per point; several (1,4) are measured in turn")
+    ap.add_argument("--referee", action="store_true", help="also run `vllm bench serve` against each server (bench/referee.py)")
+    ap.add_argument("--referee-input-len", type=int, default=32)
+    ap.add_argument("--offline-concurrency", default="", help="the offline engine's points (default: --concurrency)")
     ap.add_argument("--litellm-python", default=sys.executable, help="the interpreter that runs LiteLLM")
     ap.add_argument("--litellm-path", default="", help="LiteLLM's own package directory (first on its PYTHONPATH)")
     ns = ap.parse_args()
@@ -194,63 +227,125 @@ def main() -> None:
         card = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()
     except FileNotFoundError:
         card = "no NVIDIA GPU"
-    results: dict = {"card": card,
-                     "model": ns.model, "max_tokens": ns.max_tokens, "window_s": ns.window, "systems": {}}
+    results: dict = {"card": card, "model": ns.model, "max_tokens": ns.max_tokens, "window_s": ns.window,
+                     "together": ns.together, "systems": {}, "rounds": []}
     env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}
+    loads = [Load(c, max(32, 4 * c), ns.referee_input_len, ns.max_tokens) for c in conc]
 
-    def measure(name: str, proc: subprocess.Popen, base: str, engine_log: Path | None = None) -> None:
-        results["systems"][name] = {"ready_s": proc.ready_s,  # type: ignore[attr-defined]
-                                    "max_num_batched_tokens": scheduler_tokens(engine_log) if engine_log else None,
-                                    "points": run_points(base, "m", conc, ns.max_tokens, proc.pid, profile_at, ns.out, name, ns.window)}
+    def save() -> None:
+        (ns.out / "gpu.json").write_text(json.dumps(results, indent=2))
 
-    def run_fleet() -> None:
+    def measure(name: str, proc: subprocess.Popen, base: str, k: int, engine_log: Path | None = None) -> None:
+        tag = name if k == 0 else f"{name}-r{k + 1}"
+        entry = {"ready_s": proc.ready_s,  # type: ignore[attr-defined]
+                 "max_num_batched_tokens": scheduler_tokens(engine_log) if engine_log else None, "points": []}
+        for n in (int(x) for x in ns.client_procs.split(",")):
+            if n > 1:
+                print(f"  ({n} client processes)", flush=True)
+            entry["points"] += run_points(base, "m", conc, ns.max_tokens, proc.pid, profile_at if k == 0 else set(),
+                                          ns.out, tag, ns.window, n)
+        if ns.referee:
+            entry["referee"] = referee(base, "m", ns.model, loads, env=env, log=ns.out / "vllm-bench.log")
+            for p in entry["referee"]:
+                print(f"  referee c={p['concurrency']}: {p['output_throughput']:.0f} tok/s, {p['completed']} done, "
+                      f"{p['failed']} failed, TTFT p50 {p['median_ttft_ms']:.1f} ms", flush=True)
+        if k == 0:
+            results["systems"][name] = entry
+        results["rounds"].append({"round": k + 1, "system": name, **entry})
+        save()
+
+    def start_fleet(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, str, Path]:
         toml = ns.out / "fleet.toml"
         toml.write_text(f'[gateway]\nport = 8000\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\ngpus = [0]\nport = 5001\n'
                         f"max_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n")
         argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
         logs = ns.out / "fleet-engine-logs"
-        with started("fleet", argv, "http://127.0.0.1:8000/health", {**env, "FLEET_LOG_DIR": str(logs)}, ns.out) as proc:
-            measure("fleet", proc, "http://127.0.0.1:8000", logs / "m.log")
+        proc = stack.enter_context(started("fleet", argv, "http://127.0.0.1:8000/health",
+                                           {**env, "FLEET_LOG_DIR": str(logs)}, ns.out))
+        return proc, "http://127.0.0.1:8000", logs / "m.log"
 
-    def run_vllm() -> None:  # vllm serve, then LiteLLM in front of that same server
+    def start_vllm(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, str, Path]:
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ns.model, "--served-model-name", "m",
                 "--port", "8100", "--max-model-len", "2048", "--gpu-memory-utilization", str(ns.memory)]
-        with started("vllm", argv, "http://127.0.0.1:8100/health", env, ns.out) as vllm:
-            if "vllm" in systems:
-                measure("vllm", vllm, "http://127.0.0.1:8100", ns.out / "vllm.log")
-            if "litellm" in systems:
-                cfg = ns.out / "litellm.yaml"
-                cfg.write_text(litellm_config("http://127.0.0.1:8100", "m", name="m"))
-                lenv = {**env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
-                if ns.litellm_path:
-                    lenv["PYTHONPATH"] = ns.litellm_path
-                argv = [ns.litellm_python, "-m", "litellm.proxy.proxy_cli", "--config", str(cfg), "--host", "127.0.0.1",
-                        "--port", "8200"]
-                with started("litellm", argv, "http://127.0.0.1:8200/health/liveliness", lenv, ns.out) as proc:
-                    measure("litellm", proc, "http://127.0.0.1:8200")
+        proc = stack.enter_context(started("vllm", argv, "http://127.0.0.1:8100/health", env, ns.out))
+        return proc, "http://127.0.0.1:8100", ns.out / "vllm.log"
 
-    def run_offline() -> None:
+    def start_litellm(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, str, None]:
+        cfg = ns.out / "litellm.yaml"
+        cfg.write_text(litellm_config("http://127.0.0.1:8100", "m", name="m"))
+        lenv = {**env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+        if ns.litellm_path:
+            lenv["PYTHONPATH"] = ns.litellm_path
+        argv = [ns.litellm_python, "-m", "litellm.proxy.proxy_cli", "--config", str(cfg), "--host", "127.0.0.1",
+                "--port", "8200"]
+        proc = stack.enter_context(started("litellm", argv, "http://127.0.0.1:8200/health/liveliness", lenv, ns.out))
+        return proc, "http://127.0.0.1:8200", None
+
+    starters = {"fleet": start_fleet, "vllm": start_vllm, "litellm": start_litellm}
+    servers = [s for s in systems if s in starters]
+    if "litellm" in servers and "vllm" not in servers:  # LiteLLM is measured in front of vllm serve
+        servers.insert(servers.index("litellm"), "vllm")
+    if ns.together:
+        with contextlib.ExitStack() as stack:
+            running = {}
+            for name in run_order(servers):  # one after the other: two engines starting at once stalled
+                running[name] = starters[name](stack)
+            for k, order in enumerate(rounds_order(servers, ns.rounds)):
+                for name in order:
+                    print(f"round {k + 1}: {name}", flush=True)
+                    proc, base, log = running[name]
+                    if name != "vllm" or "vllm" in systems:
+                        measure(name, proc, base, k, log)
+    else:
+        for name in run_order(servers):
+            if name == "litellm":
+                continue
+            with contextlib.ExitStack() as stack:
+                proc, base, log = starters[name](stack)
+                if name != "vllm" or "vllm" in systems:
+                    measure(name, proc, base, 0, log)
+                if name == "vllm" and "litellm" in systems:
+                    lproc, lbase, _ = start_litellm(stack)
+                    measure("litellm", lproc, lbase, 0)
+    if "offline" in systems:
         print("offline: LLM engine, no server", flush=True)
-        results["systems"]["offline"] = offline(ns, conc, env)
+        oconc = [int(x) for x in (ns.offline_concurrency or ns.concurrency).split(",")]
+        results["systems"]["offline"] = offline(ns, oconc, env)
+        save()
+    report(results)
+    save()
 
-    runners = {"fleet": run_fleet, "vllm": run_vllm, "offline": run_offline}
-    for name in run_order(systems):
-        runners[name]()
 
-    def tok(name: str) -> dict[str, float]:
-        return {str(p["concurrency"]): p["output_tok_per_s"] for p in results["systems"].get(name, {}).get("points", [])}
+def report(results: dict) -> None:
+    """Ratios of output tokens/s, pooled per system over its rounds; the referee's beside them."""
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
 
-    ratios = {}
-    for a, b in [("fleet", "vllm"), ("fleet", "litellm"), ("fleet", "offline"), ("vllm", "offline"), ("litellm", "offline")]:
-        ta, tb = tok(a), tok(b)
-        if ta and tb:
-            ratios[f"{a}/{b}"] = {c: round(ta[c] / tb[c], 3) for c in ta if tb.get(c)}
-            print(f"{a} / {b} output tok/s:", ratios[f"{a}/{b}"], flush=True)
+    def per_round(name: str, key: str, field_: str) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for r in results["rounds"] or [{"system": n, **s} for n, s in results["systems"].items()]:
+            if r["system"] == name:
+                for p in r.get(key) or []:
+                    n = p.get("client_procs") or 1
+                    out.setdefault(str(p["concurrency"]) + (f"/{n}procs" if n > 1 else ""), []).append(p[field_])
+        if not out and name == "offline" and key == "points":
+            out = {str(p["concurrency"]): [p["output_tok_per_s"]] for p in results["systems"].get("offline", {}).get("points", [])}
+        return out
+
+    ratios: dict = {}
+    for key, field_ in (("points", "output_tok_per_s"), ("referee", "output_throughput")):
+        for a, b in [("fleet", "vllm"), ("fleet", "litellm"), ("fleet", "offline"), ("vllm", "offline")]:
+            ta, tb = per_round(a, key, field_), per_round(b, "points" if b == "offline" else key,
+                                                           "output_tok_per_s" if b == "offline" else field_)
+            both = {c: round(mean(ta[c]) / mean(tb[c]), 3) for c in ta if tb.get(c) and mean(tb[c])}
+            if both:
+                label = f"{a}/{b}" + (" (vllm bench serve)" if key == "referee" else "")
+                ratios[label] = both
+                print(f"{label} output tok/s:", both, flush=True)
     results["ratios"] = ratios
-    limits = {name: s["max_num_batched_tokens"] for name, s in results["systems"].items() if s.get("max_num_batched_tokens")}
+    limits = {name: s.get("max_num_batched_tokens") for name, s in results["systems"].items() if s.get("max_num_batched_tokens")}
     if len(set(limits.values())) > 1:
         print(f"WARNING: the engines ran with different scheduler limits (tokens per step): {limits}", flush=True)
-    (ns.out / "gpu.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -58,9 +58,9 @@ def completion_target(
         body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
         if ignore_eos:
             body["ignore_eos"] = True
-        if stream:
+        if stream:  # usage in every chunk: tokens are counted, not chunks (see chunk_tokens)
             body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
+            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         bodies.append(_json_encode(body))
     return Target(f"{base_url}/v1/completions", tuple(bodies), "openai", stream)
 
@@ -93,15 +93,50 @@ class Sample:
 
 
 class Progress:
-    """Text chunks received so far by every request of a run (a windowed run snapshots it)."""
+    """What every request of a run received so far (a windowed run snapshots it)."""
 
-    chunks = 0
+    chunks = 0  # SSE chunks that carried text
+    tokens = 0  # output tokens in them, counted as `counted_by` says
     first_tokens = 0  # requests that received their first text chunk
+    counted_by: set[str]
+
+    def __init__(self) -> None:
+        self.counted_by = set()
+
+
+def chunk_tokens(event: dict[str, Any], seen: dict[int, int]) -> tuple[int, str]:
+    """The output tokens one streamed chunk carries, and how they were counted.
+
+    A server that falls behind merges several engine steps into one chunk (vLLM's output collector
+    does), so one chunk is not one token. In order of preference: the chunk's continuous usage
+    (`stream_options.continuous_usage_stats`: its choice's completion tokens so far, minus what that
+    choice had before), its logprob entries (one per token), and only then one per text chunk.
+    `seen` keeps each choice's running count between chunks.
+    """
+    choices = event.get("choices") or []
+    usage = event.get("usage")
+    if usage and choices and usage.get("completion_tokens") is not None:
+        index = choices[0].get("index", 0)
+        so_far = usage["completion_tokens"]
+        new = so_far - seen.get(index, 0)
+        seen[index] = so_far
+        return new, "continuous_usage"
+    tokens, text = 0, False
+    for choice in choices:
+        logprobs = choice.get("logprobs")
+        if logprobs:
+            entries = logprobs.get("tokens") if "tokens" in logprobs else logprobs.get("content")
+            tokens += len(entries or [])
+        text = text or bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+    if tokens:
+        return tokens, "logprobs"
+    return (1, "chunks") if text else (0, "chunks")
 
 
 async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample, progress: Progress | None = None) -> None:
-    chunks = 0
+    counted = 0
     usage_tokens = None
+    seen: dict[int, int] = {}
     async for line in resp.content:
         if not line.startswith(b"data: "):
             continue
@@ -112,17 +147,23 @@ async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample, 
         if "error" in event:
             raise RuntimeError(f"error event: {str(event['error'])[:200]}")
         choices = event.get("choices") or []
-        if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
-            chunks += 1
+        if not choices:  # the final usage chunk: the request's own count
+            if usage := event.get("usage"):
+                usage_tokens = usage.get("completion_tokens")
+            continue
+        tokens, how = chunk_tokens(event, seen)
+        if tokens == 0:
+            continue
+        counted += tokens
+        if progress is not None:
+            progress.chunks += 1
+            progress.tokens += tokens
+            progress.counted_by.add(how)
+        if sample.ttft is None:
+            sample.ttft = time.perf_counter() - start
             if progress is not None:
-                progress.chunks += 1
-            if sample.ttft is None:
-                sample.ttft = time.perf_counter() - start
-                if progress is not None:
-                    progress.first_tokens += 1
-        if usage := event.get("usage"):
-            usage_tokens = usage.get("completion_tokens")
-    sample.tokens = usage_tokens if usage_tokens is not None else chunks
+                progress.first_tokens += 1
+    sample.tokens = usage_tokens if usage_tokens is not None else counted
 
 
 def _read_frames(body: bytes) -> int:
@@ -224,8 +265,8 @@ async def closed_window(
     With `streaming_clients`, the ramp also lasts until that many requests have received their
     first token (the server is past the prefill burst and decoding), but at most `ramp_max`.
 
-    Streamed targets only. What counts: text chunks (= output tokens: one per engine step and
-    request) received inside the window, and requests that both started and finished inside it.
+    Streamed targets only. What counts: output tokens received inside the window (`chunk_tokens`:
+    a chunk may carry several), and requests that both started and finished inside it.
     When the window closes every request still running is cancelled (its connection closes, the
     server aborts it), so a point takes ramp + window seconds however slow the server is.
     """
@@ -248,18 +289,46 @@ async def closed_window(
             while progress.first_tokens < streaming_clients and time.perf_counter() - ramp_start < ramp_max:
                 await asyncio.sleep(0.1)
             ramp = time.perf_counter() - ramp_start
-            t0, chunks0 = time.perf_counter(), progress.chunks
+            t0, chunks0, tokens0 = time.perf_counter(), progress.chunks, progress.tokens
             await asyncio.sleep(window)
-            t1, chunks1 = time.perf_counter(), progress.chunks
+            t1, chunks1, tokens1 = time.perf_counter(), progress.chunks, progress.tokens
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     inside = [x for x in samples if x.start >= t0 and x.start + x.latency <= t1]
     run = RunResult(inside, t1 - t0, len(inside), "window", concurrency=concurrency)
-    run.extra = {"window_chunks": chunks1 - chunks0, "ramp_s": round(ramp, 2), "started": counter,
-                 "errors_any_time": sum(1 for x in samples if not x.ok)}
+    run.extra = {"window_tokens": tokens1 - tokens0, "window_chunks": chunks1 - chunks0, "ramp_s": round(ramp, 2),
+                 "started": counter, "errors_any_time": sum(1 for x in samples if not x.ok),
+                 "counted_by": sorted(progress.counted_by)}
     return run
+
+
+def _window_in_process(args: tuple[Target, int, float, dict[str, Any]]) -> tuple[RunResult, float]:
+    import resource
+
+    target, concurrency, window, kw = args
+    run = asyncio.run(closed_window(target, concurrency, window, **kw))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return run, usage.ru_utime + usage.ru_stime
+
+
+def closed_window_procs(target: Target, concurrency: int, window: float, procs: int, **kw: Any) -> RunResult:
+    """`closed_window` split over `procs` client processes (concurrency / procs clients each, the
+    same ramp and window), merged: for servers fast enough that one Python client process would be
+    the limit. `extra["client_cpu_s"]` is each client process's CPU time."""
+    import multiprocessing
+
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    jobs = [(target, n, window, {**kw, "streaming_clients": min(n, kw.get("streaming_clients", n))}) for n in shares if n]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        done = pool.map(_window_in_process, jobs)
+    runs = [run for run, _ in done]
+    merged = merge_runs(runs)
+    merged.wall = sum(r.wall for r in runs) / len(runs)  # side by side, not one after the other
+    merged.concurrency = concurrency
+    merged.extra["client_cpu_s"] = [round(cpu, 2) for _, cpu in done]
+    return merged
 
 
 async def open_loop(
@@ -308,9 +377,10 @@ def merge_runs(runs: Sequence[RunResult]) -> RunResult:
     merged = RunResult([s for r in runs for s in r.samples], sum(r.wall for r in runs), sum(r.offered for r in runs),
                        first.mode, concurrency=first.concurrency, rate=first.rate)
     if first.mode == "window":
-        merged.extra = {"window_chunks": sum(r.extra["window_chunks"] for r in runs), "ramp_s": first.extra["ramp_s"],
-                        "started": sum(r.extra["started"] for r in runs),
-                        "errors_any_time": sum(r.extra["errors_any_time"] for r in runs)}
+        merged.extra = {key: sum(r.extra[key] for r in runs)
+                        for key in ("window_tokens", "window_chunks", "started", "errors_any_time")}
+        merged.extra["ramp_s"] = first.extra["ramp_s"]
+        merged.extra["counted_by"] = sorted({how for r in runs for how in r.extra["counted_by"]})
     return merged
 
 
@@ -331,8 +401,9 @@ def summarize(run: RunResult, *, cdf: bool = False) -> dict[str, Any]:
     lat = [s.latency * 1e3 for s in ok]
     ttft = [s.ttft * 1e3 for s in ok if s.ttft is not None]
     tokens = sum(s.tokens for s in ok)
+    completed_tokens = tokens  # of requests that started and ended inside the window: a floor
     if run.mode == "window":  # every token received in the window, finished request or not
-        tokens = run.extra["window_chunks"]
+        tokens = run.extra["window_tokens"]
     errors = [s.error for s in run.samples if not s.ok]
     out: dict[str, Any] = {
         "mode": run.mode,
@@ -356,8 +427,11 @@ def summarize(run: RunResult, *, cdf: bool = False) -> dict[str, Any]:
         else:
             out[name] = None
     if run.mode == "window":
+        chunks = run.extra["window_chunks"]
         out.update({"window_s": round(run.wall, 3), "ramp_s": run.extra["ramp_s"], "started": run.extra["started"],
-                    "errors": run.extra["errors_any_time"]})
+                    "errors": run.extra["errors_any_time"], "counted_by": run.extra["counted_by"],
+                    "window_chunks": chunks, "tokens_per_chunk": round(tokens / chunks, 3) if chunks else None,
+                    "completed_tok_per_s": round(completed_tokens / run.wall, 2) if run.wall > 0 else 0.0})
     if run.mode == "open":
         lag = [s.lag * 1e3 for s in ok]
         out["client_lag_ms"] = {"p50": round(percentile(lag, 50), 3), "p99": round(percentile(lag, 99), 3)} if lag else None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import Server, free_port, wait_http
+from fleet.config.placement import cpu_dtype, cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -40,6 +41,14 @@ class EngineSettings:
     max_num_seqs: int = 128  # vLLM's CPU default for its API server and for AsyncLLM
     max_num_batched_tokens: int = 2048
     enforce_eager: bool = True
+    # given to every system alike: fleet's choice for "auto" on this processor (vllm serve's own
+    # "auto" would take the model's bfloat16 even where the processor cannot multiply it natively)
+    dtype: str = field(default_factory=lambda: cpu_dtype("auto", cpu_flags())[0])
+    preload: tuple[str, ...] = ()  # LD_PRELOAD for every process of the system (tcmalloc, libiomp5)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"LD_PRELOAD": ":".join(self.preload)} if self.preload else {}
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -109,11 +118,12 @@ async def vllm_serve(env: Env, model_dir: str, port: int | None = None) -> Async
         "--served-model-name", MODEL_NAME, "--max-model-len", str(e.max_model_len),
         "--kv-cache-memory-bytes", str(e.kv_cache_bytes), "--max-num-seqs", str(e.max_num_seqs),
         "--max-num-batched-tokens", str(e.max_num_batched_tokens), "--disable-log-stats",
-        "--uvicorn-log-level", "warning",
+        "--uvicorn-log-level", "warning", "--dtype", e.dtype,
     ]
     if e.enforce_eager:
         argv.append("--enforce-eager")
-    async with _started(Server("vllm-serve", argv, env.log("vllm-serve"), {**_cpu_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning"})) as server:
+    menv = {**_cpu_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning", **e.env}
+    async with _started(Server("vllm-serve", argv, env.log("vllm-serve"), menv)) as server:
         ready = await wait_http(f"http://127.0.0.1:{port}/health", server, env.start_timeout, interval=0.2)
         yield Running("vllm", f"http://127.0.0.1:{port}", MODEL_NAME, server.pid, [server.pid], ready, ready)
 
@@ -168,7 +178,8 @@ def fleet_toml(gateway_port: int, engine_port: int, source: str, e: EngineSettin
         "[gateway]", 'host = "127.0.0.1"', f"port = {gateway_port}", "",
         "[[models]]", f'name = "{MODEL_NAME}"', f"source = {json.dumps(source)}", "gpus = []",
         f"port = {engine_port}", f"max_model_len = {e.max_model_len}", f"kv_cache_gib = {e.kv_cache_gib}",
-        f"enforce_eager = {'true' if e.enforce_eager else 'false'}", f"engine_args = {{ {args} }}", "",
+        f"enforce_eager = {'true' if e.enforce_eager else 'false'}", f"dtype = {json.dumps(e.dtype)}",
+        f"engine_args = {{ {args} }}", "",
     ])
 
 
@@ -178,7 +189,7 @@ async def _fleet(env: Env, name: str, argv_tail: list[str], argv_head: list[str]
     cfg = env.workdir / f"{name}.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(toml)
-    menv = {**_cpu_env(), "FLEET_LOG_DIR": str(env.workdir / "logs" / f"{name}-engines")}
+    menv = {**_cpu_env(), "FLEET_LOG_DIR": str(env.workdir / "logs" / f"{name}-engines"), **env.engine.env}
     async with _started(Server(name, [*argv_head, "--config", str(cfg), *argv_tail], env.log(name), menv)) as server:
         base = f"http://127.0.0.1:{gateway_port}"
         start = await wait_http(f"{base}/health", server, 30, interval=0.005)

@@ -38,6 +38,11 @@ def _load(config_path: Path, **overrides: object) -> FleetConfig:
         sys.exit(2)
 
 
+def table_console() -> Console:
+    """Where tables go: the terminal's width, or unbounded when piped (one line per row for grep)."""
+    return Console() if sys.stdout.isatty() else Console(width=10_000)
+
+
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run the launcher (and the gateway in it) on uvloop when installed, as the engines do: its C
     transports make every request cheaper; fall back to asyncio."""
@@ -86,20 +91,25 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
 @CONFIG_OPTION
 def check(config_path: Path) -> None:
     """Validate the fleet file and the machine; print where each model will run."""
-    from fleet.config.placement import check_placement, gpu_rows
+    from fleet.config.placement import check_placement, engine_dtype, gpu_rows
 
     config = _load(config_path)
     placement = check_placement(config, config_path)
     _check_exposure(config, placement)
-    console = Console()
-    table = Table(title=f"{config_path}: gateway on {config.gateway.host}:{config.gateway.port}")
-    for col in ("model", "source", "source state", "GPUs", "TP", "port", "memory", "eager"):
-        table.add_column(col, overflow="fold")
+    console = table_console()
+    console.print(f"{config_path}: gateway on {config.gateway.host}:{config.gateway.port}", highlight=False, soft_wrap=True)
+    table = Table()
+    for col in ("model", "source", "source state", "GPUs", "TP", "port", "memory", "dtype", "eager"):
+        table.add_column(col, overflow="fold", no_wrap=col != "source")  # a name is never broken
+    dtypes = {m.name: engine_dtype(m) for m in config.models}
     for m in config.models:
         memory = f"{m.kv_cache_gib or m.kv_cache_bytes / GIB:g} GiB KV" if m.kv_cache_bytes else f"{m.memory_fraction:.2f}"
         table.add_row(m.name, m.source, placement.sources[m.name].value, "CPU" if m.on_cpu else ",".join(map(str, m.gpus)),
-                      str(m.tensor_parallel_size), str(m.port), memory, str(m.eager).lower())
+                      str(m.tensor_parallel_size), str(m.port), memory, dtypes[m.name][0], str(m.eager).lower())
     console.print(table)
+    for m in config.models:
+        if m.on_cpu and m.dtype == "auto":
+            click.echo(f"{m.name}: {dtypes[m.name][0]} ({dtypes[m.name][1]})")
     if placement.gpus:
         gpus = Table(title="GPUs")
         for col in ("GPU", "models", "memory fraction"):
@@ -221,7 +231,7 @@ def status(config_path: Path, host: str | None, port: int | None, as_json: bool)
         state = m.state.value + (f" ({m.reason})" if m.reason and m.state is not EngineState.READY else "")
         table.add_row(m.model, state, ",".join(map(str, m.gpus)) or "CPU", str(m.port), str(m.pid or "-"),
                       uptime, str(m.restarts), str(m.inflight), str(m.requests), f"{m.tokens_per_s:.1f}")
-    Console().print(table)
+    table_console().print(table)
 
 
 @main.command()

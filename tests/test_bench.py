@@ -7,6 +7,7 @@ from), that the numbers are sane, and that every process the harness started is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -139,3 +140,151 @@ def test_gpu_bench_records_the_scheduler_limit_each_engine_logged(tmp_path: Path
     log.write_bytes(b"INFO no scheduler line yet\n")
     assert scheduler_tokens(log) is None
     assert scheduler_tokens(tmp_path / "missing.log") is None
+
+
+# --- counting tokens, not chunks ---------------------------------------------------------------
+
+# One streamed answer of 10 tokens that a server behind on its reads sent as 4 merged chunks.
+MERGED = [("Hel", 2), ("lo wor", 3), ("ld", 1), ("!!!!", 4)]
+
+
+def _merged_events(how: str, final_usage: bool = True) -> list[dict]:
+    events, so_far = [], 0
+    for text, tokens in MERGED:
+        so_far += tokens
+        choice: dict = {"index": 0, "text": text, "finish_reason": None}
+        event: dict = {"id": "cmpl-1", "object": "text_completion", "choices": [choice], "usage": None}
+        if how == "continuous_usage":
+            event["usage"] = {"prompt_tokens": 5, "completion_tokens": so_far, "total_tokens": 5 + so_far}
+        elif how == "logprobs":
+            choice["logprobs"] = {"tokens": ["t"] * tokens, "token_logprobs": [-0.1] * tokens,
+                                  "top_logprobs": None, "text_offset": [0] * tokens}
+        events.append(event)
+    if final_usage:
+        events.append({"id": "cmpl-1", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 10,
+                                                                 "total_tokens": 15}})
+    return events
+
+
+async def _serve_sse(events: list[dict], pause: float = 0.0):
+    """An aiohttp server on loopback that streams `events` (then [DONE]) for every POST."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in events:
+            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            if pause:
+                await asyncio.sleep(pause)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("final_usage", [True, False])
+@pytest.mark.parametrize("how", ["continuous_usage", "logprobs"])
+def test_loadgen_counts_the_tokens_of_merged_chunks_not_the_chunks(how: str, final_usage: bool) -> None:
+    async def main() -> tuple[loadgen.Sample, loadgen.Progress]:
+        runner, base = await _serve_sse(_merged_events(how, final_usage))
+        try:
+            target = loadgen.completion_target(base, "m", ["hi"], 10, stream=True)
+            progress = loadgen.Progress()
+            async with loadgen._session(1) as session:
+                sample = await loadgen.send(session, target, 10, 0, progress)
+            return sample, progress
+        finally:
+            await runner.cleanup()
+
+    sample, progress = asyncio.run(main())
+    assert sample.ok, sample.error
+    assert (progress.chunks, progress.tokens, sample.tokens) == (4, 10, 10)
+    assert progress.counted_by == {how}
+
+
+def test_loadgen_falls_back_to_one_token_per_chunk_and_says_so() -> None:
+    events = _merged_events("plain")
+    tokens = [loadgen.chunk_tokens(e, {}) for e in events[:-1]]
+    assert tokens == [(1, "chunks")] * 4
+    assert loadgen.chunk_tokens({"choices": [{"index": 0, "text": ""}]}, {}) == (0, "chunks")
+
+
+def test_loadgen_keeps_one_running_count_per_choice() -> None:
+    seen: dict[int, int] = {}
+    def usage(index: int, so_far: int) -> dict:
+        return {"choices": [{"index": index, "text": "x"}], "usage": {"completion_tokens": so_far}}
+    counts = [loadgen.chunk_tokens(usage(i, n), seen)[0] for i, n in [(0, 2), (1, 3), (0, 5), (1, 4)]]
+    assert counts == [2, 3, 3, 1]
+
+
+def test_window_counts_tokens_received_inside_it_from_merged_chunks() -> None:
+    async def main() -> loadgen.RunResult:
+        runner, base = await _serve_sse(_merged_events("continuous_usage"), pause=0.02)
+        try:
+            target = loadgen.completion_target(base, "m", ["hi"], 10, stream=True)
+            return await loadgen.closed_window(target, 4, 1.0, ramp=0.1)
+        finally:
+            await runner.cleanup()
+
+    s = loadgen.summarize(asyncio.run(main()))
+    assert s["counted_by"] == ["continuous_usage"]
+    assert s["window_chunks"] > 0
+    assert s["output_tokens"] > s["window_chunks"]  # 2.5 tokens per chunk on average, not one
+    assert s["output_tok_per_s"] >= s["completed_tok_per_s"] > 0  # running requests count too
+    assert s["tokens_per_request"] == [10]
+
+
+def test_gpu_bench_reverses_the_order_every_round_and_pools_rounds_in_its_ratios() -> None:
+    from bench.gpu import report, rounds_order
+
+    assert rounds_order(["fleet", "vllm"], 3) == [["fleet", "vllm"], ["vllm", "fleet"], ["fleet", "vllm"]]
+
+    def entry(system: str, k: int, tok: float, ref: float) -> dict:
+        return {"round": k, "system": system, "points": [{"concurrency": 256, "output_tok_per_s": tok}],
+                "referee": [{"concurrency": 256, "output_throughput": ref}]}
+
+    results = {"systems": {"offline": {"points": [{"concurrency": 256, "output_tok_per_s": 100.0}]}},
+               "rounds": [entry("fleet", 1, 90, 80), entry("vllm", 1, 60, 40), entry("vllm", 2, 40, 40),
+                          entry("fleet", 2, 90, 80)]}
+    report(results)
+    assert results["ratios"]["fleet/vllm"] == {"256": 1.8}  # 90 / mean(60, 40)
+    assert results["ratios"]["fleet/vllm (vllm bench serve)"] == {"256": 2.0}
+    assert results["ratios"]["fleet/offline"] == {"256": 0.9}
+
+
+def test_window_split_over_client_processes_adds_their_tokens() -> None:
+    import threading
+
+    ready, box = threading.Event(), {}
+
+    def serve() -> None:
+        async def main() -> None:
+            box["runner"], box["base"] = await _serve_sse(_merged_events("continuous_usage"), pause=0.02)
+            box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            ready.set()
+            await box["stop"].wait()
+            await box["runner"].cleanup()
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        target = loadgen.completion_target(box["base"], "m", ["hi"], 10, stream=True)
+        run = loadgen.closed_window_procs(target, 4, 1.0, 2, ramp=0.1)
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        thread.join(10)
+    s = loadgen.summarize(run)
+    assert len(run.extra["client_cpu_s"]) == 2 and run.concurrency == 4
+    assert s["output_tokens"] > s["window_chunks"] > 0 and s["tokens_per_request"] == [10]
+    assert 0.9 < s["window_s"] < 1.5  # side by side: one window long, not two

@@ -15,7 +15,7 @@ from litestar.testing import TestClient
 
 from fleet.errors import BodyTooLarge
 from fleet.gateway.app import create_app
-from fleet.gateway.bodies import read_body
+from fleet.wire.asgi import read_body
 
 # --- decoding the request body --------------------------------------------------------------
 

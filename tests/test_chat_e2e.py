@@ -48,6 +48,18 @@ def test_chat_stream_opens_with_role_then_content_then_usage(tiny: openai.OpenAI
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
 
 
+
+def test_chat_continuous_usage_opens_with_zero_completion_tokens_then_counts_up(tiny: openai.OpenAI) -> None:
+    kw = dict(model="tiny-a", messages=HELLO, max_tokens=6, temperature=0, extra_body=NO_EOS)
+    chunks = list(tiny.chat.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))
+    *deltas, final = chunks
+    assert deltas[0].choices[0].delta.role == "assistant" and deltas[0].usage.completion_tokens == 0
+    counts = [c.usage.completion_tokens for c in deltas]
+    assert counts == sorted(counts) and counts[-1] == 6
+    assert {c.usage.prompt_tokens for c in deltas} == {final.usage.prompt_tokens}
+    assert final.usage.completion_tokens == 6
+
 def test_chat_n_and_seed(tiny: openai.OpenAI) -> None:
     kw = dict(model="tiny-b", messages=HELLO, max_tokens=6, temperature=1.0, n=3, seed=9, extra_body=NO_EOS)
     a, b = tiny.chat.completions.create(**kw), tiny.chat.completions.create(**kw)

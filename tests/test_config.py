@@ -16,6 +16,7 @@ import pytest
 from fleet.config.schema import CPU_KV_CACHE_GIB, GIB, FleetConfig, SamplingDefaults
 
 from fleet.config.load import load_config, parse_config
+from fleet.config.placement import cpu_dtype, cpu_flags, engine_dtype
 from fleet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -390,9 +391,38 @@ def test_fleet_check_lists_models(tmp_path: Path) -> None:
     assert f"gateway on 127.0.0.1:{gw}" in out.stdout
     rows = table_rows(out.stdout.split("└")[0])  # the models table (the GPUs table follows it)
     assert [r["model"] for r in rows] == ["tiny-cpu", "big-gpu"]
-    cpu, gpu = ({k: r[k] for k in ("source", "GPUs", "TP", "port", "eager")} for r in rows)
-    assert cpu == {"source": "default", "GPUs": "CPU", "TP": "1", "port": str(p1), "eager": "true"}
-    assert gpu == {"source": "org/big", "GPUs": "2,3", "TP": "2", "port": str(p2), "eager": "false"}
+    cpu, gpu = ({k: r[k] for k in ("source", "GPUs", "TP", "port", "dtype", "eager")} for r in rows)
+    chosen, why = cpu_dtype("auto", cpu_flags())
+    assert cpu == {"source": "default", "GPUs": "CPU", "TP": "1", "port": str(p1), "dtype": chosen, "eager": "true"}
+    assert gpu == {"source": "org/big", "GPUs": "2,3", "TP": "2", "port": str(p2), "dtype": "auto", "eager": "false"}
+    assert f"tiny-cpu: {chosen} ({why})" in " ".join(out.stdout.split())
+
+
+def test_cpu_dtype_auto_is_bfloat16_only_where_the_cpu_multiplies_it_natively() -> None:
+    avx2 = {"sse4_2", "avx", "avx2", "fma"}
+    assert cpu_dtype("auto", avx2)[0] == "float32"
+    assert "no native bfloat16" in cpu_dtype("auto", avx2)[1]
+    assert cpu_dtype("auto", avx2 | {"avx512f", "avx512_bf16"}) == (
+        "bfloat16", "auto: this CPU multiplies bfloat16 natively (avx512_bf16)")
+    assert cpu_dtype("auto", avx2 | {"amx_tile", "amx_bf16", "avx512_bf16"})[0] == "bfloat16"
+    assert cpu_dtype("bfloat16", avx2) == ("bfloat16", "set in the fleet file")  # the file wins
+    assert cpu_dtype("float32", {"amx_bf16"})[0] == "float32"
+
+
+def test_engine_dtype_leaves_auto_to_vllm_on_gpus(tmp_path: Path) -> None:
+    cfg = parse_config({"models": [{"name": "g", "source": "org/m", "gpus": [0], "port": 5001},
+                                   {"name": "c", "source": "org/m", "port": 5002}]}, tmp_path / "fleet.toml")
+    gpu, cpu = cfg.models
+    assert engine_dtype(gpu, {"avx2"})[0] == "auto"
+    assert engine_dtype(cpu, {"avx2"})[0] == "float32"
+    assert engine_dtype(cpu, {"amx_bf16"})[0] == "bfloat16"
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 amx_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx2", "amx_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
 def test_fleet_check_bad_file_exits_2_with_the_message(tmp_path: Path) -> None:

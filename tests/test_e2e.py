@@ -75,6 +75,27 @@ def test_streaming_matches_non_streaming_and_ends_with_usage(tiny: openai.OpenAI
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
 
 
+def test_continuous_usage_stats_puts_each_choices_tokens_so_far_in_every_chunk(tiny: openai.OpenAI) -> None:
+    kw = dict(model="tiny-a", prompt=["Hello world", "Hi"], max_tokens=6, n=2, temperature=1.0, seed=3,
+              extra_body={"ignore_eos": True})
+    chunks = list(tiny.completions.create(
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))
+    *deltas, final = chunks
+    last: dict[int, int] = {}
+    prompt_tokens = {}
+    for c in deltas:  # vLLM's rule: the choice's completion tokens so far, its prompt's tokens
+        (choice,) = c.choices
+        assert c.usage.completion_tokens > last.get(choice.index, 0)
+        last[choice.index] = c.usage.completion_tokens
+        prompt_tokens[choice.index // 2] = c.usage.prompt_tokens
+        assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    assert last == {0: 6, 1: 6, 2: 6, 3: 6}
+    assert final.choices == [] and final.usage.completion_tokens == 24
+    assert final.usage.prompt_tokens == sum(prompt_tokens.values())  # each prompt once, as vLLM counts
+    plain = list(tiny.completions.create(stream=True, stream_options={"continuous_usage_stats": True}, **kw))
+    assert all(c.usage is None for c in plain)  # without include_usage it does nothing (vLLM's rule)
+
+
 def test_raw_stream_ends_with_done(fleets: Fleets, tiny: openai.OpenAI) -> None:
     url = fleets.ready("tiny").url + "/v1/completions"
     body = {"model": "tiny-b", "prompt": "Hi", "max_tokens": 3, "stream": True}

@@ -37,3 +37,54 @@ def test_a_client_that_asks_for_logprobs_gets_them_per_token() -> None:
     delta = service().delta(output(), per_token=True)
     assert delta.logprobs == [protocol.TokenLogprob(" a", -0.5, [(" a", -0.5)])]
     assert delta.cumulative_logprob == -0.5
+
+
+def test_engine_closes_a_requests_frames_when_the_gateway_drops_its_connection() -> None:
+    """The gateway closing a /generate connection mid-stream closes the frames (aborting in vLLM)."""
+    import asyncio
+    import socket
+
+    import uvicorn
+
+    from fleet.engine.server import create_engine_app
+    from fleet.wire import protocol
+
+    async def main() -> tuple[bytes, bool]:
+        closed = asyncio.Event()
+
+        class Service:
+            healthy = True
+            info = protocol.EngineInfo("m", 16, 10, 0, "x", "cpu")
+
+            async def frames(self, req: protocol.GenerateRequest):  # noqa: ANN202
+                try:
+                    for k in range(10_000):
+                        yield protocol.encode_frame(protocol.Delta(index=0, text=f"t{k}", token_ids=[k]))
+                        await asyncio.sleep(0.01)
+                finally:
+                    closed.set()
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_engine_app(Service(), token="t"), log_level="warning"))  # type: ignore[arg-type]
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = protocol.encode(protocol.GenerateRequest(request_id="r", prompt="x"))
+            writer.write(b"POST /generate HTTP/1.1\r\nhost: x\r\nauthorization: Bearer t\r\n"
+                         b"content-length: %d\r\n\r\n" % len(body) + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.read(64)  # the first frames
+            writer.close()
+            await asyncio.wait_for(closed.wait(), 5)
+            return head, closed.is_set()
+        finally:
+            server.should_exit = True
+            await serving
+
+    head, closed = asyncio.run(main())
+    assert head.startswith(b"HTTP/1.1 200") and protocol.CONTENT_TYPE.encode() in head
+    assert closed

@@ -28,15 +28,16 @@ from conftest import ROOT, FakeFleets, fleet_toml, free_port
 from fake_engine import CRASH_EXIT_CODE, fake_command
 from rich.console import Console
 
-from fleet.wire import protocol
-from fleet.config.schema import ModelConfig, SupervisorConfig
 from fleet.config.load import parse_config
+from fleet.config.placement import engine_dtype
+from fleet.config.schema import ModelConfig, SupervisorConfig
 from fleet.errors import EngineFailure
-from fleet.run.supervisor import EngineProcess
-from fleet.run.launcher import Fleet
-from fleet.run.process import stop_process_tree
 from fleet.gateway.status import EngineState
+from fleet.run.launcher import Fleet
 from fleet.run.lifecycle import Lifecycle
+from fleet.run.process import stop_process_tree
+from fleet.run.supervisor import EngineProcess
+from fleet.wire import protocol
 
 S = EngineState
 
@@ -183,6 +184,8 @@ def test_engine_becomes_ready_when_health_turns_200() -> None:
             assert await states.reach(S.READY, S.FAILED) is S.READY
             assert states.at[S.READY] - states.at[S.STARTING] >= 1.0
             assert "ready" in out.getvalue()
+            chosen, why = engine_dtype(engine.cfg)
+            assert f"CPU, {chosen} ({why})" in out.getvalue()  # the start line says the dtype and why
             frames = await generate(engine)
             assert isinstance(frames[-1], protocol.Done)
         assert states.seen == [S.STARTING, S.READY, S.STOPPING, S.STOPPED]

@@ -91,7 +91,13 @@ def test_stream_options_null_without_stream_is_fine() -> None:
 
 def test_include_usage_is_accepted_with_stream() -> None:
     p = plan(stream=True, stream_options={"include_usage": True})
-    assert (p.stream, p.include_usage) == (True, True)
+    assert (p.stream, p.include_usage, p.continuous_usage) == (True, True, False)
+
+
+def test_continuous_usage_stats_needs_include_usage() -> None:
+    both = {"include_usage": True, "continuous_usage_stats": True}
+    assert plan(stream=True, stream_options=both).continuous_usage is True
+    assert plan(stream=True, stream_options={"continuous_usage_stats": True}).continuous_usage is False
 
 
 def test_empty_stop_string_is_invalid() -> None:

@@ -137,6 +137,11 @@ class PromptResult:
                 raise frame_error(frame)
         return None
 
+    def usage_so_far(self, completion_tokens: int) -> Usage:
+        """One choice's usage while it streams (the prompt is known from the first frame on)."""
+        prompt_tokens = len(self.prompt.token_ids) if self.prompt else 0
+        return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+
     def add(self, delta: protocol.Delta) -> None:
         """Collect a Delta into its candidate."""
         cand = self.candidates.get(delta.index)
@@ -189,8 +194,10 @@ def usage(results: list[PromptResult], plan: Plan) -> Usage:
 class Shaper(Protocol):
     """Turns engine deltas into one API's stream events (SSE bytes, one or more events)."""
 
-    def delta(self, index: int, frame: protocol.Delta, prompt: protocol.Prompt | None, prompt_index: int) -> bytes:
-        """The event(s) for one Delta of choice `index`."""
+    def delta(
+        self, index: int, frame: protocol.Delta, prompt: protocol.Prompt | None, prompt_index: int, usage: Usage | None
+    ) -> bytes:
+        """The event(s) for one Delta of choice `index`; `usage` (continuous usage) goes in each of them."""
 
     def usage(self, usage: Usage) -> bytes:
         """The final usage event (stream_options.include_usage)."""
@@ -258,6 +265,7 @@ async def _stream_body(
 ) -> AsyncGenerator[bytes, None]:
     """The SSE body: one write per batch of frames (all its events), an error event on failure."""
     results = [PromptResult() for _ in plan.prompts]
+    sent = [0] * (len(plan.prompts) * plan.n) if plan.continuous_usage else None  # tokens per choice so far
     failed: FleetError | None = None
     try:
         async for p, batch in batches:
@@ -265,7 +273,11 @@ async def _stream_body(
             try:
                 for frame in batch:
                     if (delta := result.fold(frame, engine)) is not None:
-                        events.append(shaper.delta(p * plan.n + delta.index, delta, result.prompt, p))
+                        index, usage_so_far = p * plan.n + delta.index, None
+                        if sent is not None:
+                            sent[index] += len(delta.token_ids)
+                            usage_so_far = result.usage_so_far(sent[index])
+                        events.append(shaper.delta(index, delta, result.prompt, p, usage_so_far))
             except FleetError as e:
                 failed = e
             if events:

@@ -113,6 +113,7 @@ class Plan:
     logprobs: int | None
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # usage in every chunk (vLLM's stream_options.continuous_usage_stats)
 
 
 def plan(
@@ -181,6 +182,8 @@ def plan(
         cumulative_logprob=best_of > n and not d.beam,
         prompt_logprobs=prompt_logprobs,
     )
+    options = req.stream_options
+    include_usage: bool = d.pick("include_usage", options.include_usage if options else None)
     beam = None
     if kind is SamplingType.BEAM:
         beam = protocol.BeamSearch(width=best_of, length_penalty=length_penalty, early_stopping=early_stopping)
@@ -192,7 +195,8 @@ def plan(
         echo=echo,
         logprobs=logprobs,
         stream=stream,
-        include_usage=d.pick("include_usage", req.stream_options.include_usage if req.stream_options else None),
+        include_usage=include_usage,
+        continuous_usage=include_usage and bool(options and options.continuous_usage_stats),
     )
 
 

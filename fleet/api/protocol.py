@@ -30,6 +30,8 @@ Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
+    # vLLM's extension: every chunk also carries usage, its choice's tokens so far (with include_usage)
+    continuous_usage_stats: bool | None = None
 
 
 class SamplingRequest(msgspec.Struct, kw_only=True):

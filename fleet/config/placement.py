@@ -2,7 +2,8 @@
 
 `fleet check` prints the placement; `fleet launch` runs the same checks and refuses to start
 on an error. The file-only rules (names, ports, GPU sharing) live in config.py; these need the
-machine: the GPUs it has, the ports other processes hold, the model sources on disk.
+machine: the GPUs it has, the ports other processes hold, the model sources on disk, and the
+processor's features (which dtype a CPU engine runs in).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import shutil
 import socket
 import subprocess
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
 
 from fleet.config.schema import FleetConfig, ModelConfig
@@ -168,3 +170,39 @@ def cpu_bindings(models: Sequence[ModelConfig], cores: Sequence[int], env: Mappi
         mine = cores[i * share:(i + 1) * share] if len(cores) >= len(cpu) else [cores[i % len(cores)]]
         bindings[m.name] = ",".join(map(str, mine))
     return bindings
+
+
+# CPU features with which a processor multiplies bfloat16 natively (oneDNN uses them; without them
+# vLLM's CPU build falls back to torch's own linear, ~3x slower than float32 at batch 16)
+BF16_NATIVE = ("amx_bf16", "avx512_bf16")
+
+
+@cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The feature flags of this machine's processor (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_dtype(requested: str, flags: Collection[str]) -> tuple[str, str]:
+    """The dtype a CPU engine runs in, and why: `dtype = "auto"` takes bfloat16 where the processor
+    multiplies it natively and float32 elsewhere; any other value is the file's choice."""
+    if requested != "auto":
+        return requested, "set in the fleet file"
+    if native := [f for f in BF16_NATIVE if f in flags]:
+        return "bfloat16", f"auto: this CPU multiplies bfloat16 natively ({', '.join(native)})"
+    return "float32", "auto: this CPU has no native bfloat16 (no amx_bf16 or avx512_bf16), where float32 is faster"
+
+
+def engine_dtype(m: ModelConfig, flags: Collection[str] | None = None) -> tuple[str, str]:
+    """The dtype vLLM is given for a model, and why (on GPUs the file's value, "auto" included,
+    which vLLM resolves from the model's own config)."""
+    if not m.on_cpu:
+        return m.dtype, "vLLM's auto: the model's own dtype" if m.dtype == "auto" else "set in the fleet file"
+    return cpu_dtype(m.dtype, cpu_flags() if flags is None else flags)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleet.config.placement import engine_dtype
 from fleet.config.schema import ModelConfig
 from fleet.config.sources import resolve
 
@@ -30,7 +31,7 @@ def build_engine(cfg: ModelConfig) -> Any:
         max_model_len=cfg.max_model_len,
         gpu_memory_utilization=cfg.memory_fraction,
         enforce_eager=cfg.eager,
-        dtype=cfg.dtype,
+        dtype=engine_dtype(cfg)[0],
         disable_log_stats=True,
         max_logprobs=MAX_LOGPROBS,
     )

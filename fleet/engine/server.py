@@ -16,21 +16,25 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from litestar import Litestar, Request, Response, get, post
-from litestar.exceptions import NotAuthorizedException
-from litestar.response import Stream
+from litestar import Litestar, Request, Response, asgi, get
+from litestar.exceptions import MethodNotAllowedException, NotAuthorizedException
+from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Send
 
 from fleet.config.schema import ModelConfig
 from fleet.engine.args import build_engine
 from fleet.engine.service import EngineService
+from fleet.errors import ClientDisconnected
 from fleet.run.process import SignalFreeServer, die_with_parent, reap_children
 from fleet.wire import protocol
+from fleet.wire.asgi import header, read_body, unless_disconnected
 
 _request_decoder = protocol.decoder(protocol.GenerateRequest)
+MAX_REQUEST_BYTES = 64 << 20  # the gateway checked the client's body already; this bounds a wrong peer
+FRAMES_START: HTTPResponseStartEvent = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", protocol.CONTENT_TYPE.encode())]}
 
 
 def create_engine_app(service: EngineService, token: str | None = None) -> Litestar:
@@ -54,12 +58,33 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
     def info() -> Response[bytes]:
         return Response(info_body, media_type="application/msgpack")
 
-    @post("/generate", status_code=200, before_request=require_token)
-    async def generate(request: Request[Any, Any, Any]) -> Stream:
-        req = _request_decoder.decode(await request.body())
-        return Stream(service.frames(req), media_type=protocol.CONTENT_TYPE)
+    async def generate(scope: HTTPScope, receive: Receive, send: Send) -> None:
+        """The frames of one request, sent to the ASGI server as they come (a plain ASGI route:
+        Litestar's streaming response ran each body in an anyio task group beside a disconnect
+        listener, a fifth of this loop's time at 256 streams on an H200). The gateway closing the
+        connection cancels the stream, and closing the frames aborts the request in vLLM."""
+        if scope["method"] != "POST":
+            raise MethodNotAllowedException(headers={"Allow": "POST"})
+        if expected is not None and not hmac.compare_digest((header(scope, b"authorization") or "").encode(), expected):
+            raise NotAuthorizedException("this engine answers only its fleet's gateway")
+        req = _request_decoder.decode(await read_body(scope, receive, MAX_REQUEST_BYTES))
+        frames = service.frames(req)
+        try:
+            await unless_disconnected(receive, _send_frames(frames, send))
+        except ClientDisconnected:
+            pass  # nobody left to answer
+        finally:
+            await frames.aclose()
 
-    return Litestar([health, info, generate], openapi_config=None, logging_config=None)
+    route = asgi("/generate", name="generate", is_mount=False, copy_scope=False)(generate)
+    return Litestar([health, info, route], openapi_config=None, logging_config=None)
+
+
+async def _send_frames(frames: AsyncIterator[bytes], send: Send) -> None:
+    await send(FRAMES_START)
+    async for chunk in frames:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def serve(cfg: ModelConfig) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fleet.errors import InvalidRequest
@@ -143,7 +143,7 @@ class EngineService:
             [(self.token_text(t, lp), lp.logprob) for t, lp in top],
         )
 
-    async def frames(self, req: protocol.GenerateRequest) -> AsyncIterator[bytes]:
+    async def frames(self, req: protocol.GenerateRequest) -> AsyncGenerator[bytes, None]:
         """The /generate response body: Prompt, Deltas, then Done or Error."""
         try:
             ids = self.prompt_ids(req)

@@ -36,7 +36,7 @@ from fleet.errors import BodyTooLarge, FleetError
 from fleet.gateway import control as control_routes
 from fleet.gateway.auth import Keys, require_key, scope_key
 from fleet.gateway.backend import Backend
-from fleet.gateway.bodies import decode_body, decoder, header, read_body
+from fleet.gateway.bodies import decode_body, decoder
 from fleet.gateway.control import Control
 from fleet.gateway.guard import ConnectionCounts
 from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -44,7 +44,8 @@ from fleet.gateway.metrics import Metrics
 from fleet.gateway.openapi import JSON, openapi_json
 from fleet.gateway.routing import route
 from fleet.gateway.status import Health
-from fleet.gateway.tracking import Tracked, unless_disconnected
+from fleet.gateway.tracking import Tracked
+from fleet.wire.asgi import header, read_body, unless_disconnected
 
 log = logging.getLogger("fleet.gateway")
 _json = msgspec.json.Encoder()

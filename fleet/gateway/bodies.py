@@ -13,9 +13,8 @@ import re
 from typing import TypeVar
 
 import msgspec
-from litestar.types import Receive, Scope
 
-from fleet.errors import BodyTooLarge, ClientDisconnected, FleetError, InvalidRequest
+from fleet.errors import FleetError, InvalidRequest
 
 T = TypeVar("T")
 _AT = re.compile(r" - at `\$\.?(.*)`$")
@@ -25,34 +24,6 @@ _MISSING = re.compile(r"^Object missing required field `([^`]+)`")
 def decoder(schema: type[T]) -> msgspec.json.Decoder[T]:
     """The lax JSON decoder for one request schema (built once per route)."""
     return msgspec.json.Decoder(schema, strict=False)
-
-
-def header(scope: Scope, name: bytes) -> str | None:
-    """One request header by its lower-case name (ASGI servers lower-case them), or None."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body; BodyTooLarge past `limit` bytes, declared or sent."""
-    declared = header(scope, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(limit)
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        chunk = message.get("body", b"") if message["type"] == "http.request" else b""
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(limit)
-        if not message.get("more_body", False):
-            return b"".join((*chunks, chunk)) if chunks else chunk  # usually one message: no copy
-        chunks.append(chunk)
 
 
 def decode_body(body: bytes, schema: msgspec.json.Decoder[T]) -> T:

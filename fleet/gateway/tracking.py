@@ -12,15 +12,14 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TypeVar
 
 from litestar.types import HTTPResponseStartEvent, Receive, Send
 
 from fleet.errors import CLIENT_CLOSED, ClientDisconnected, FleetError
 from fleet.gateway.backend import Backend
 from fleet.gateway.metrics import Metrics
+from fleet.wire.asgi import unless_disconnected
 
-T = TypeVar("T")
 SSE_START: HTTPResponseStartEvent = {"type": "http.response.start", "status": 200, "headers": [
     (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
 ]}
@@ -118,32 +117,3 @@ class Tracked:
                 self.first_token()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`, but cancel it and raise ClientDisconnected if the client goes away first.
-
-    The work runs in the handler's own task; one watcher task waits for `http.disconnect` and
-    cancels it (cheaper per request than running both as tasks under `asyncio.wait`).
-    """
-    handler = asyncio.current_task()
-    assert handler is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        handler.cancel()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if gone:
-            handler.uncancel()
-            raise ClientDisconnected() from None
-        raise
-    finally:
-        watcher.cancel()

@@ -26,6 +26,7 @@ from typing import IO, TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 
+from fleet.config.placement import engine_dtype
 from fleet.config.schema import ModelConfig, SupervisorConfig
 from fleet.config.sources import cache_dir
 from fleet.gateway.status import EngineState
@@ -180,7 +181,8 @@ class EngineProcess:
             self._fail(f"could not start the engine process: {e}")
             return False
         self._reader = asyncio.create_task(self._read_output(self.proc))
-        where = "CPU" if self.cfg.on_cpu else f"GPUs {self.cfg.gpus}"
+        dtype, why = engine_dtype(self.cfg)
+        where = f"CPU, {dtype} ({why})" if self.cfg.on_cpu else f"GPUs {self.cfg.gpus}"
         self.say(f"starting (pid {self.proc.pid}, {where}, port {self.cfg.port}, log {path})")
         return True
 

@@ -96,19 +96,22 @@ class ChatShaper:
         self.created = answers.created()
         self.opened: set[int] = set()
 
-    def _event(self, choice: ChatChunkChoice) -> bytes:
-        return answers.sse(_json.encode(ChatCompletionChunk(self.id, self.created, self.model, [choice])))
+    def _event(self, choice: ChatChunkChoice, usage: Usage | None) -> bytes:
+        return answers.sse(_json.encode(ChatCompletionChunk(self.id, self.created, self.model, [choice], usage)))
 
-    def delta(self, index: int, frame: protocol.Delta, prompt: protocol.Prompt | None, prompt_index: int) -> bytes:
+    def delta(
+        self, index: int, frame: protocol.Delta, prompt: protocol.Prompt | None, prompt_index: int, usage: Usage | None
+    ) -> bytes:
         out = b""
         if index not in self.opened:
             self.opened.add(index)
-            out = self._event(ChatChunkChoice(index, ChatDelta(role="assistant", content=""), None, None))
+            opening = None if usage is None else Usage(usage.prompt_tokens, 0, usage.prompt_tokens)
+            out = self._event(ChatChunkChoice(index, ChatDelta(role="assistant", content=""), None, None), opening)
         logprobs = None
         if self.plan.logprobs is not None:
             logprobs = chat_logprobs(frame.logprobs or [], self.plan.logprobs)
         reason = finish_reason(frame.finish_reason)
-        return out + self._event(ChatChunkChoice(index, ChatDelta(content=frame.text), logprobs, reason))
+        return out + self._event(ChatChunkChoice(index, ChatDelta(content=frame.text), logprobs, reason), usage)
 
     def usage(self, usage: Usage) -> bytes:
         return answers.sse(_json.encode(ChatCompletionChunk(self.id, self.created, self.model, [], usage)))

@@ -105,7 +105,9 @@ class CompletionShaper:
         self.created = answers.created()
         self.choices: dict[int, _ChoiceState] = {}
 
-    def delta(self, index: int, frame: protocol.Delta, prompt: protocol.Prompt | None, prompt_index: int) -> bytes:
+    def delta(
+        self, index: int, frame: protocol.Delta, prompt: protocol.Prompt | None, prompt_index: int, usage: Usage | None
+    ) -> bytes:
         state = self.choices.get(index)
         if state is None:
             state = self.choices[index] = _ChoiceState()
@@ -121,7 +123,7 @@ class CompletionShaper:
             if logprobs.tokens:
                 state.offset = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
         choice = CompletionChoice(index, text, logprobs, finish_reason(frame.finish_reason))
-        return answers.sse(_json.encode(CompletionChunk(self.id, self.created, self.model, [choice])))
+        return answers.sse(_json.encode(CompletionChunk(self.id, self.created, self.model, [choice], usage)))
 
     def usage(self, usage: Usage) -> bytes:
         return answers.sse(_json.encode(CompletionChunk(self.id, self.created, self.model, [], usage)))
