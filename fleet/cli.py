@@ -104,8 +104,10 @@ def check(config_path: Path) -> None:
     dtypes = {m.name: engine_dtype(m) for m in config.models}
     for m in config.models:
         memory = f"{m.kv_cache_gib or m.kv_cache_bytes / GIB:g} GiB KV" if m.kv_cache_bytes else f"{m.memory_fraction:.2f}"
-        table.add_row(m.name, m.source, placement.sources[m.name].value, "CPU" if m.on_cpu else ",".join(map(str, m.gpus)),
-                      str(m.tensor_parallel_size), str(m.port), memory, dtypes[m.name][0], str(m.eager).lower())
+        for r in m.replica_configs():  # one row per engine: a replica's own GPUs and port
+            table.add_row(r.replica_name, m.source, placement.sources[m.name].value,
+                          "CPU" if r.on_cpu else ",".join(map(str, r.gpus)), str(r.tensor_parallel_size), str(r.port),
+                          memory, dtypes[m.name][0], str(m.eager).lower())
     console.print(table)
     for m in config.models:
         if m.on_cpu and m.dtype == "auto":
@@ -229,7 +231,7 @@ def status(config_path: Path, host: str | None, port: int | None, as_json: bool)
     for m in body.models:
         uptime = "-" if m.uptime_s is None else f"{m.uptime_s:.0f}s"
         state = m.state.value + (f" ({m.reason})" if m.reason and m.state is not EngineState.READY else "")
-        table.add_row(m.model, state, ",".join(map(str, m.gpus)) or "CPU", str(m.port), str(m.pid or "-"),
+        table.add_row(m.replica, state, ",".join(map(str, m.gpus)) or "CPU", str(m.port), str(m.pid or "-"),
                       uptime, str(m.restarts), str(m.inflight), str(m.requests), f"{m.tokens_per_s:.1f}")
     table_console().print(table)
 

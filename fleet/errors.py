@@ -96,6 +96,11 @@ class EngineFailure(FleetError):
         super().__init__(message, status=502, code="engine_error")
 
 
+class EngineUnreachable(EngineFailure):
+    """No connection to the engine could be opened: nothing of the request was sent, so another
+    replica may take it (the only failure after which a POST is ever sent again)."""
+
+
 class ModelNotReady(FleetError):
     """The model's engine is loading, restarting or failed (HTTP 503 with Retry-After)."""
 

@@ -38,6 +38,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive TCP ports nothing listens on right now (a model's replicas)."""
+    for _ in range(100):
+        first = free_port()
+        if first + n <= 65536 and all(port_free(first + k) for k in range(1, n)):
+            return first
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def toml_value(v: Any) -> str:
     """A Python value as TOML (enough for fleet files: scalars, lists, flat tables)."""
     if isinstance(v, dict):
@@ -316,7 +334,8 @@ class FakeFleets:
         config = fake_config(*models, **tables)
         fleet = InProcessFleet(config, fake_command, console=console)
         self.started.append(fleet)
-        for name in [m.name for m in config.models] if ready is None else ready:
+        engines = [r.replica_name for m in config.models for r in m.replica_configs()]
+        for name in engines if ready is None else ready:
             state = fleet.wait_state(name, "ready", "failed", timeout=timeout)
             assert state == "ready", f"{name} {state}; its last log lines:\n" + "\n".join(fleet.fleet.engines[name].tail)
         return fleet

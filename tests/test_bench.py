@@ -262,6 +262,8 @@ def test_gpu_bench_reverses_the_order_every_round_and_pools_rounds_in_its_ratios
 
 
 def test_window_split_over_client_processes_adds_their_tokens() -> None:
+    """Run in a child interpreter: a multiprocessing pool in the test process would leave it a
+    resource tracker that later tests' process-group clean-ups kill."""
     import threading
 
     ready, box = threading.Event(), {}
@@ -277,14 +279,26 @@ def test_window_split_over_client_processes_adds_their_tokens() -> None:
 
     thread = threading.Thread(target=serve)
     thread.start()
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from bench import loadgen\n"
+        "if __name__ == '__main__':\n"
+        "    target = loadgen.completion_target(BASE, 'm', ['hi'], 10, stream=True)\n"
+        "    run = loadgen.closed_window_procs(target, 4, 1.0, 2, ramp=0.1)\n"
+        "    print(json.dumps({'summary': loadgen.summarize(run), 'cpu': run.extra['client_cpu_s'],"
+        " 'concurrency': run.concurrency}))\n"
+    )
     try:
         assert ready.wait(10)
-        target = loadgen.completion_target(box["base"], "m", ["hi"], 10, stream=True)
-        run = loadgen.closed_window_procs(target, 4, 1.0, 2, ramp=0.1)
+        out = subprocess.run([sys.executable, "-c", script.replace("BASE", repr(box["base"]))],
+                             capture_output=True, text=True, timeout=60)
     finally:
         box["loop"].call_soon_threadsafe(box["stop"].set)
         thread.join(10)
-    s = loadgen.summarize(run)
-    assert len(run.extra["client_cpu_s"]) == 2 and run.concurrency == 4
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    s = result["summary"]
+    assert len(result["cpu"]) == 2 and result["concurrency"] == 4
     assert s["output_tokens"] > s["window_chunks"] > 0 and s["tokens_per_request"] == [10]
     assert 0.9 < s["window_s"] < 1.5  # side by side: one window long, not two

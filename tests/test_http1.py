@@ -485,3 +485,51 @@ def test_a_connection_lost_before_the_request_is_written_fails_at_once_instead_o
             await pool.close()
 
     run(main())
+
+
+def test_nothing_listening_is_not_sent_so_another_replica_may_take_it() -> None:
+    async def main() -> None:
+        async with Server(echo_forever) as server:
+            port = server.port
+        pool = http1.Pool("127.0.0.1", port, idle_limit=protocol.CLIENT_IDLE_LIMIT)
+        with pytest.raises(http1.NotSent):  # refused: no byte left, the only failure a POST may retry after
+            await pool.request("POST", "/generate", b"x")
+
+    run(main())
+
+
+def test_an_idle_connection_whose_server_process_died_is_never_written_to() -> None:
+    """The server process is SIGKILLed while the connection idles in the pool: the next POST must
+    not be written to it (it would fail after leaving, and could not be sent elsewhere); it opens a
+    new connection instead, which is refused before any byte leaves."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    server = ("import socket, sys\n"
+              "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); print(s.getsockname()[1], flush=True)\n"
+              "c, _ = s.accept(); c.recv(65536)\n"
+              "c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok'); sys.stdin.read()\n")
+
+    async def main() -> None:
+        child = subprocess.Popen([sys.executable, "-c", server], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(child.stdout.readline())  # type: ignore[union-attr]
+            pool = http1.Pool("127.0.0.1", port, idle_limit=protocol.CLIENT_IDLE_LIMIT)
+            response = await pool.request("GET", "/")
+            assert await response.body() == b"ok"
+            response.release()
+            assert pool.idle == 1
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(10)
+            with pytest.raises(http1.NotSent):  # at once, before this loop has read the FIN
+                await pool.request("POST", "/generate", b"x")
+            assert pool.idle == 0
+        finally:
+            child.kill()
+            child.wait(10)
+            child.stdin.close()  # type: ignore[union-attr]
+            child.stdout.close()  # type: ignore[union-attr]
+
+    run(main())

@@ -92,13 +92,18 @@ def check_fleet(config: FleetConfig, path: Path) -> None:
         if m.name in seen_names:
             problems.append(f'{where}, field "name": duplicate name, also models[{seen_names[m.name]}]')
         seen_names.setdefault(m.name, i)
-        if m.port == config.gateway.port:
-            problems.append(f'{where}, field "port": {m.port} is the gateway\'s port')
-        elif m.port in seen_ports:
-            problems.append(f'{where}, field "port": {m.port} is also the port of model "{seen_ports[m.port]}"')
-        seen_ports.setdefault(m.port, m.name)
-        for g in m.gpus:
-            sharers.setdefault(g, []).append((i, m))
+        for r in m.replica_configs():  # every rule per replica: its own port and GPUs
+            field = "port" if r.replica == 0 else "replicas"
+            what = "" if r.replica == 0 else f" (replica {r.replica}'s port)"
+            if r.port > 65535:
+                problems.append(f'{where}, field "{field}": {r.port}{what} is not a port')
+            elif r.port == config.gateway.port:
+                problems.append(f'{where}, field "{field}": {r.port}{what} is the gateway\'s port')
+            elif r.port in seen_ports:
+                problems.append(f'{where}, field "{field}": {r.port}{what} is also the port of model "{seen_ports[r.port]}"')
+            seen_ports.setdefault(r.port, r.replica_name)
+            for g in r.gpus:
+                sharers.setdefault(g, []).append((i, r))
     problems += check_gpu_sharing(sharers)
     if problems:
         raise ConfigError("\n".join([f"{path}: invalid fleet file", *("  " + p for p in problems)]))

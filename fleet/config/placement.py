@@ -131,20 +131,23 @@ def check_placement(config: FleetConfig, path: Path | str, *, gpus: list[int] | 
         if state is SourceState.MISSING:
             out.errors.append(f'{where}, field "source": {why}')
         heads = attention_heads(m)
-        if heads is not None and heads % m.tensor_parallel_size:
+        tp = m.replica_configs()[0].tensor_parallel_size  # every replica has the same share of GPUs
+        if heads is not None and heads % tp:
             out.errors.append(
-                f'{where}, field "gpus": tensor parallel size {m.tensor_parallel_size} (one per GPU) must divide '
+                f'{where}, field "gpus": tensor parallel size {tp} (one per GPU of a replica) must divide '
                 f"the model's {heads} attention heads"
             )
-        for g in m.gpus:
-            out.gpus.setdefault(g, []).append((m.name, m.memory_fraction))
-            if have is not None and g not in have:
-                found = ", ".join(map(str, have)) or "none"
-                out.errors.append(f'{where}, field "gpus": this machine has no GPU {g} (GPUs: {found})')
+        for r in m.replica_configs():
+            for g in r.gpus:
+                out.gpus.setdefault(g, []).append((r.replica_name, r.memory_fraction))
+                if have is not None and g not in have:
+                    found = ", ".join(map(str, have)) or "none"
+                    out.errors.append(f'{where}, field "gpus": this machine has no GPU {g} (GPUs: {found})')
+            if probe_ports and port_in_use(r.host, r.port):
+                field = "port" if r.replica == 0 else "replicas"
+                out.errors.append(f'{where}, field "{field}": {r.host}:{r.port} is already in use by another process')
         if m.gpus and have is None:
             out.warnings.append(f'{where}: cannot tell which GPUs this machine has (no nvidia-smi)')
-        if probe_ports and port_in_use(m.host, m.port):
-            out.errors.append(f'{where}, field "port": {m.host}:{m.port} is already in use by another process')
     gw = config.gateway
     if probe_ports and port_in_use(gw.host, gw.port):
         out.errors.append(f'{path}: [gateway], field "port": {gw.host}:{gw.port} is already in use by another process')
@@ -160,7 +163,7 @@ def gpu_rows(placement: Placement) -> list[tuple[int, list[str], float]]:
 def cpu_bindings(models: Sequence[ModelConfig], cores: Sequence[int], env: Mapping[str, str]) -> dict[str, str]:
     """Disjoint core sets for several CPU engines (vLLM would pin every one to the same cores),
     unless `env` binds them already."""
-    cpu = [m for m in models if m.on_cpu]
+    cpu = [r for m in models if m.on_cpu for r in m.replica_configs()]  # one core set per engine
     if len(cpu) < 2 or "VLLM_CPU_OMP_THREADS_BIND" in env:
         return {}
     cores = sorted(cores)
@@ -168,7 +171,7 @@ def cpu_bindings(models: Sequence[ModelConfig], cores: Sequence[int], env: Mappi
     bindings = {}
     for i, m in enumerate(cpu):
         mine = cores[i * share:(i + 1) * share] if len(cores) >= len(cpu) else [cores[i % len(cores)]]
-        bindings[m.name] = ",".join(map(str, mine))
+        bindings[m.replica_name] = ",".join(map(str, mine))
     return bindings
 
 

@@ -12,9 +12,18 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG = Path("fleet.toml")
@@ -162,7 +171,7 @@ class SamplingDefaults(_Strict):
 
 
 class ModelConfig(_Strict):
-    """One model of the fleet: one vLLM engine process."""
+    """One model of the fleet: one vLLM engine process per replica."""
 
     name: str = Field(min_length=1, description="what clients send as `model`")
     source: str = Field(
@@ -195,6 +204,40 @@ class ModelConfig(_Strict):
         None, description="a Jinja chat template file, for a model whose tokenizer has none (or to replace it)"
     )
     start_timeout: float = Field(600.0, gt=0, description="seconds until a loading engine counts as failed")
+    replicas: Int = Field(
+        1, ge=1, le=64,
+        description="identical engines behind this one name: `gpus` split evenly among them, ports `port`, `port`+1, ...",
+    )
+    routing: Literal["least-loaded", "prefix", "session"] = Field(
+        "least-loaded",
+        description="which replica takes a request: the least loaded; the same prompt prefix to the same replica "
+        "(prefix cache hits, load-bounded); or the same session (`user` or `session_header`) to the same replica",
+    )
+    session_header: str | None = Field(
+        None, min_length=1, description="routing = \"session\": the request header that names the session (else `user`)"
+    )
+    replica: Int = Field(0, ge=0, exclude=True, description="set by fleet: which copy of the model this is")
+
+    @field_validator("replicas")
+    @classmethod
+    def _gpus_split_evenly_among_replicas(cls, replicas: int, info: ValidationInfo) -> int:
+        gpus = info.data.get("gpus") or []
+        if len(gpus) % replicas:
+            raise ValueError(f"{len(gpus)} GPUs cannot be split evenly among {replicas} replicas")
+        return replicas
+
+    def replica_configs(self) -> list[ModelConfig]:
+        """One config per replica: its share of the GPUs and its own port (the first is the model's)."""
+        if self.replicas == 1:
+            return [self]
+        share = len(self.gpus) // self.replicas
+        return [self.model_copy(update={"gpus": self.gpus[k * share:(k + 1) * share], "port": self.port + k, "replica": k})
+                for k in range(self.replicas)]
+
+    @property
+    def replica_name(self) -> str:
+        """This engine's name in logs, status and metrics: the model's, with `.k` for replica k of several."""
+        return self.name if self.replicas == 1 else f"{self.name}.{self.replica}"
 
     @field_validator("gpus")
     @classmethod

@@ -58,6 +58,11 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
     def info() -> Response[bytes]:
         return Response(info_body, media_type="application/msgpack")
 
+    @get("/stats", sync_to_thread=False)
+    def stats() -> dict[str, int]:
+        """This engine's own count of the requests it took (JSON; a count only, open like /health)."""
+        return {"requests": service.requests}
+
     async def generate(scope: HTTPScope, receive: Receive, send: Send) -> None:
         """The frames of one request, sent to the ASGI server as they come (a plain ASGI route:
         Litestar's streaming response ran each body in an anyio task group beside a disconnect
@@ -77,7 +82,7 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
             await frames.aclose()
 
     route = asgi("/generate", name="generate", is_mount=False, copy_scope=False)(generate)
-    return Litestar([health, info, route], openapi_config=None, logging_config=None)
+    return Litestar([health, info, stats, route], openapi_config=None, logging_config=None)
 
 
 async def _send_frames(frames: AsyncIterator[bytes], send: Send) -> None:

@@ -15,6 +15,8 @@ log = logging.getLogger("fleet.engine")
 class EngineService:
     """Turns protocol requests into vLLM calls and vLLM outputs into protocol frames."""
 
+    requests = 0  # /generate requests this engine took (GET /stats): which replica served what
+
     def __init__(self, engine: Any, name: str, chat_template: str | None = None) -> None:
         from vllm import __version__ as vllm_version
 
@@ -145,6 +147,7 @@ class EngineService:
 
     async def frames(self, req: protocol.GenerateRequest) -> AsyncGenerator[bytes, None]:
         """The /generate response body: Prompt, Deltas, then Done or Error."""
+        self.requests += 1
         try:
             ids = self.prompt_ids(req)
         except InvalidRequest as e:

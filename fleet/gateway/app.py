@@ -25,6 +25,7 @@ from litestar.handlers import ASGIRouteHandler
 from litestar.response.base import ASGIResponse
 from litestar.types import HTTPScope, Receive, Send
 
+from fleet.api.answers import Engine
 from fleet.api.chat import serving as chat
 from fleet.api.chat.protocol import ChatCompletionRequest
 from fleet.api.completions import serving as completions
@@ -124,19 +125,24 @@ def generation_route(path: str, name: str, schema: type[CompletionRequest | Chat
         Keys.allow(key, data.model)
         backend = route(state.backends, data.model)
         planned = plan(data, backend.config.defaults, backend.config.limits)
-        await _run(receive, send, state, backend, planned, data.model, api, route_name)
+        engine: Engine = backend
+        if backend.config.routing == "session":  # the same session to the same replica
+            named = header(scope, backend.config.session_header.lower().encode()) if backend.config.session_header else None
+            session = named or data.user
+            engine = backend.keyed(session.encode() if session else None)
+        await _run(receive, send, state, backend, engine, planned, data.model, api, route_name)
 
     handle.__name__ = handle.__qualname__ = name
     return asgi(path, name=name, is_mount=False, copy_scope=False)(handle)
 
 
 class _Api(Protocol):
-    async def complete(self, backend: Backend, plan: Plan, model: str) -> bytes: ...
-    async def stream(self, backend: Backend, plan: Plan, model: str) -> AsyncGenerator[bytes, None]: ...
+    async def complete(self, engine: Engine, plan: Plan, model: str) -> bytes: ...
+    async def stream(self, engine: Engine, plan: Plan, model: str) -> AsyncGenerator[bytes, None]: ...
 
 
-async def _run(receive: Receive, send: Send, state: State, backend: Backend, plan: Plan, model: str, api: _Api,
-               route_name: str) -> None:
+async def _run(receive: Receive, send: Send, state: State, backend: Backend, engine: Engine, plan: Plan, model: str,
+               api: _Api, route_name: str) -> None:
     """Run a planned request in its bookkeeping (slot, in-flight count, metrics, disconnects); send the answer.
 
     The answer goes to the ASGI server as is: the body is already encoded, and Litestar's response
@@ -146,10 +152,10 @@ async def _run(receive: Receive, send: Send, state: State, backend: Backend, pla
     """
     tracked = Tracked(backend, route_name, state.metrics)
     if plan.stream:
-        await tracked.send_stream(lambda: api.stream(backend, plan, model), send, receive)
+        await tracked.send_stream(lambda: api.stream(engine, plan, model), send, receive)
         return
     async with tracked:
-        body = await unless_disconnected(receive, api.complete(backend, plan, model))
+        body = await unless_disconnected(receive, api.complete(engine, plan, model))
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,18 +1,29 @@
-"""One model as the gateway sees it: its settings, its engine's state, its client, its counts and
-its admission queue. The launcher builds these and owns what they point to; the gateway reads them."""
+"""One model as the gateway sees it: its settings, its replicas (each an engine with its state,
+client and counts), its admission queue. The launcher builds these and owns what they point to
+(the engines, their lifecycles); the gateway reads them, and picks a replica per engine request
+with the model's routing policy (policies.py)."""
 
 from __future__ import annotations
 
+import collections
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from fleet.api.answers import Batches
 from fleet.config.schema import ModelConfig
+from fleet.errors import EngineUnreachable, ModelNotReady
 from fleet.gateway.admission import Admission
 from fleet.gateway.metrics import BackendStats
+from fleet.gateway.policies import Choice, Outcome, Policy, ReplicaLoad, choose, failover, prefix_key
 from fleet.gateway.status import EngineState
 from fleet.wire import protocol
 from fleet.wire.client import EngineClient
+
+# when no replica serves, the model shows the state closest to serving
+_STATE_ORDER = (EngineState.READY, EngineState.RESTARTING, EngineState.STARTING, EngineState.STOPPING,
+                EngineState.FAILED, EngineState.STOPPED)
 
 
 class EngineView(Protocol):
@@ -26,14 +37,47 @@ class EngineView(Protocol):
 
 
 @dataclass
-class Backend:
-    """One model: its config, its engine's lifecycle (owned by the launcher), its client."""
+class Replica:
+    """One engine of a model: its name in status and metrics, its state, its client, its counts
+    (engine requests in flight and done, tokens) and how requests were routed to it."""
 
-    config: ModelConfig
+    name: str
     lifecycle: EngineView
     client: EngineClient
     stats: BackendStats = field(default_factory=BackendStats)
+    failures: int = 0  # engine requests that failed in a row (a success resets it)
+    routed: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def load(self, index: int) -> ReplicaLoad:
+        return ReplicaLoad(index, self.lifecycle.state.serving, self.stats.inflight, 0, self.failures)
+
+
+@dataclass
+class ModelState:
+    """A model's state over its replicas: serving when any replica serves."""
+
+    replicas: Sequence[Replica]
+
+    @property
+    def state(self) -> EngineState:
+        states = {r.lifecycle.state for r in self.replicas}
+        return next((s for s in _STATE_ORDER if s in states), EngineState.STOPPED)
+
+    @property
+    def reason(self) -> str:
+        state = self.state
+        return next((r.lifecycle.reason for r in self.replicas if r.lifecycle.state is state and r.lifecycle.reason), "")
+
+
+@dataclass
+class Backend:
+    """One model: its config, its replicas, its counts and admission."""
+
+    config: ModelConfig
+    replicas: list[Replica]
+    stats: BackendStats = field(default_factory=BackendStats)
     admission: Admission | None = None
+    rng: random.Random = field(default_factory=random.Random)
 
     @property
     def name(self) -> str:
@@ -41,8 +85,12 @@ class Backend:
         return self.config.name
 
     @property
+    def lifecycle(self) -> ModelState:
+        """The model's state over its replicas."""
+        return ModelState(self.replicas)
+
+    @property
     def state(self) -> EngineState:
-        """The engine's state."""
         return self.lifecycle.state
 
     @property
@@ -50,10 +98,73 @@ class Backend:
         """Requests waiting for an engine slot."""
         return self.admission.queued if self.admission else 0
 
-    def generate(self, req: protocol.GenerateRequest) -> Batches:
-        """The engine's frames for one request (api.answers.Engine)."""
-        return self.client.generate(req)
+    def keyed(self, key: bytes | None) -> Keyed:
+        """This model as an engine whose requests carry a session key (routing = "session")."""
+        return Keyed(self, key)
+
+    def generate(self, req: protocol.GenerateRequest, key: bytes | None = None) -> Batches:
+        """The frames of one engine request from the replica the policy picks (api.answers.Engine)."""
+        return self._generate(req, key)
+
+    async def _generate(self, req: protocol.GenerateRequest, key: bytes | None) -> Batches:
+        policy = Policy(self.config.routing)
+        if policy is Policy.PREFIX and key is None:
+            key = affinity_key(req.prompt)
+        # one replica: always it (its client reports its failures, as before replicas existed)
+        choice = choose(policy, self._loads(), key, self.rng) if len(self.replicas) > 1 else Choice(0, Outcome.LEAST_LOADED)
+        tried: set[int] = set()
+        while True:
+            if choice is None:
+                raise ModelNotReady(f"model {self.name!r} has no replica that serves; retry later", retry_after=5)
+            replica = self.replicas[choice.index]
+            replica.routed[choice.outcome] += 1
+            replica.stats.begin()
+            try:
+                async for batch in replica.client.generate(req):
+                    if isinstance(batch[-1], protocol.Done):
+                        replica.stats.add_tokens(batch[-1].completion_tokens, batch[-1].prompt_tokens)
+                    yield batch
+                replica.failures = 0
+                return
+            except EngineUnreachable:
+                # nothing was sent (no connection opened): another replica may take it
+                replica.failures += 1
+                tried.add(choice.index)
+                choice = failover(self._loads(), tried, self.rng)
+                if choice is None:
+                    raise
+            except BaseException:
+                replica.failures += 1
+                raise
+            finally:
+                replica.stats.end()
+
+    def _loads(self) -> list[ReplicaLoad]:
+        return [r.load(i) for i, r in enumerate(self.replicas)]
 
     def count_tokens(self, completion: int, prompt: int) -> None:
         """Tokens of one finished engine request (api.answers.Engine)."""
         self.stats.add_tokens(completion, prompt)
+
+
+@dataclass
+class Keyed:
+    """A backend whose engine requests carry one session key."""
+
+    backend: Backend
+    key: bytes | None
+
+    def generate(self, req: protocol.GenerateRequest) -> Batches:
+        return self.backend.generate(req, self.key)
+
+    def count_tokens(self, completion: int, prompt: int) -> None:
+        self.backend.count_tokens(completion, prompt)
+
+
+def affinity_key(prompt: str | list[int] | protocol.Chat) -> bytes:
+    """A prompt's prefix-routing key: its leading text, a chat's messages in order, or its token ids."""
+    if isinstance(prompt, str):
+        return prefix_key(prompt)
+    if isinstance(prompt, protocol.Chat):
+        return prefix_key("".join(f"<{m.role}>{m.content}" for m in prompt.messages))
+    return b"ids:" + b",".join(str(t).encode() for t in prompt[:64])

@@ -41,9 +41,10 @@ class GatewayStatus(msgspec.Struct):
 
 
 class ModelStatus(msgspec.Struct):
-    """One model's row of `fleet status`."""
+    """One engine's row of `fleet status`: a model's, or one replica's of a model that has several."""
 
     model: str
+    replica: str  # the engine's name: the model's, or "<model>.<k>" for replica k
     state: EngineState
     reason: str
     gpus: list[int]
@@ -52,8 +53,9 @@ class ModelStatus(msgspec.Struct):
     uptime_s: float | None  # while ready
     restarts: int
     inflight: int
-    requests: int
+    requests: int  # engine requests sent to this replica (one per prompt)
     tokens_per_s: float
+    routed: dict[str, int] = {}  # why requests came here: least_loaded, affinity, spilled, failed_over
 
 
 class FleetStatus(msgspec.Struct):

@@ -30,7 +30,7 @@ from fleet.config.schema import FleetConfig, ModelConfig
 from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
 from fleet.gateway.auth import check_exposure, load_keys
-from fleet.gateway.backend import Backend
+from fleet.gateway.backend import Backend, Replica
 from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionCounts, ConnectionLimits, raise_open_files_limit
 from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus, ReloadReport
 from fleet.run.gateway_server import GatewayServer
@@ -73,24 +73,30 @@ class Fleet:
             self.console.print(f"[bold yellow]warning[/bold yellow]: {warning}", highlight=False)
         bindings = cpu_bindings(config.models, sorted(os.sched_getaffinity(0)), os.environ)
         for m in config.models:
-            self._add(m, bindings.get(m.name))
+            self._add(m, bindings)
 
-    def _add(self, cfg: ModelConfig, binding: str | None = None) -> EngineProcess:
-        engine = EngineProcess(
-            cfg,
-            command=self.command,
-            env={"VLLM_CPU_OMP_THREADS_BIND": binding} if binding else None,
-            console=self.console,
-            echo_logs=self.echo_logs,
-            policy=self.config.supervisor,
-            token=self.token,
-            engine_timeout=self.config.gateway.engine_timeout,
-        )
-        self.engines[cfg.name] = engine
+    def _add(self, cfg: ModelConfig, bindings: dict[str, str] | None = None) -> list[str]:
+        """A model's engines (one per replica, named by `replica_name`) and its backend; the
+        engines' names, to start them."""
+        replicas = []
+        for rc in cfg.replica_configs():
+            binding = (bindings or {}).get(rc.replica_name)
+            engine = EngineProcess(
+                rc,
+                command=self.command,
+                env={"VLLM_CPU_OMP_THREADS_BIND": binding} if binding else None,
+                console=self.console,
+                echo_logs=self.echo_logs,
+                policy=self.config.supervisor,
+                token=self.token,
+                engine_timeout=self.config.gateway.engine_timeout,
+            )
+            self.engines[rc.replica_name] = engine
+            replicas.append(Replica(rc.replica_name, engine.lifecycle, engine.client))
         limits = cfg.limits
-        admission = Admission(cfg.name, limits.max_concurrent, limits.max_queued, limits.queue_timeout)
-        self.backends[cfg.name] = Backend(cfg, engine.lifecycle, engine.client, admission=admission)
-        return engine
+        admission = Admission(cfg.name, limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
+        self.backends[cfg.name] = Backend(cfg, replicas, admission=admission)
+        return [r.name for r in replicas]
 
     def _start(self, name: str, after: float = 0.0) -> None:
         engine, began = self.engines[name], time.monotonic()
@@ -116,6 +122,11 @@ class Fleet:
         if not meant:
             self._start(name, after=backoff(policy, deaths))
 
+    def restarts_of(self, model: str) -> int:
+        """Restarts of a model's engines, all replicas together (for /metrics)."""
+        backend = self.backends.get(model)
+        return sum(self.engines[r.name].total_restarts for r in backend.replicas if r.name in self.engines) if backend else 0
+
     @property
     def connection_limits(self) -> ConnectionLimits:
         """What clients may hold of the gateway: [gateway]'s timeouts, caps sized from the
@@ -131,7 +142,7 @@ class Fleet:
         started = time.monotonic()
         gw = self.config.gateway
         app = create_app(self.backends, control=self, keys=self.keys, gateway=gw,
-                         restarts=lambda n: self.engines[n].total_restarts if n in self.engines else 0,
+                         restarts=self.restarts_of,
                          connections=self.connections)
         server = GatewayServer(app, gw, self.connection_limits, self.connections, console=self.console,
                                drain_timeout=self.config.supervisor.drain_timeout, started=self.gateway_started)
@@ -201,50 +212,61 @@ class Fleet:
                 *(self._retire(n) for n in report.removed), *(self._replace(fresh[n]) for n in report.changed)
             )
             for name in report.added:
-                self._add(fresh[name])
-                self._start(name)
+                for engine_name in self._add(fresh[name]):
+                    self._start(engine_name)
             return report
 
-    async def _drain_and_stop(self, backend: Backend, engine: EngineProcess, task: asyncio.Task[None]) -> None:
-        engine.request_stop(drain=backend.stats.drained, timeout=self.config.supervisor.drain_timeout)
-        await task
+    async def _drain_and_stop(self, backend: Backend, engines: list[tuple[EngineProcess, asyncio.Task[None]]]) -> None:
+        for engine, _ in engines:
+            engine.request_stop(drain=backend.stats.drained, timeout=self.config.supervisor.drain_timeout)
+        await asyncio.gather(*(task for _, task in engines))
+
+    def _take_engines(self, backend: Backend) -> list[tuple[EngineProcess, asyncio.Task[None]]]:
+        """A model's engines and their owner tasks, out of the fleet's books."""
+        return [(self.engines.pop(r.name), self.tasks.pop(r.name)) for r in backend.replicas]
 
     async def _retire(self, name: str) -> None:
-        """A removed model: out of routing at once (404), its requests finish, then its engine stops."""
+        """A removed model: out of routing at once (404), its requests finish, then its engines stop."""
         backend = self.backends.pop(name)
-        await self._drain_and_stop(backend, self.engines.pop(name), self.tasks.pop(name))
+        await self._drain_and_stop(backend, self._take_engines(backend))
 
     async def _replace(self, cfg: ModelConfig) -> None:
-        """A changed model: new requests get 503 while the old engine drains and the new one starts."""
-        name = cfg.name
-        old = self.backends[name], self.engines[name], self.tasks.pop(name)
-        self._add(cfg)  # routing now sees the new engine, not started yet
-        await self._drain_and_stop(*old)
-        self._start(name)
+        """A changed model: new requests get 503 while the old engines drain and the new ones start."""
+        old = self.backends[cfg.name]
+        engines = self._take_engines(old)
+        names = self._add(cfg)  # routing now sees the new engines, not started yet
+        await self._drain_and_stop(old, engines)
+        for name in names:
+            self._start(name)
 
     # --- status ---------------------------------------------------------------------------
 
     def status(self) -> FleetStatus:
-        """What `fleet status` shows: the gateway and one row per model."""
+        """What `fleet status` shows: the gateway and one row per engine (per replica)."""
         now = time.monotonic()
         rows = []
-        for name, engine in self.engines.items():
-            backend = self.backends.get(name)
-            lc = engine.lifecycle
-            ready = engine.ready_at is not None and lc.state is EngineState.READY
-            rows.append(ModelStatus(
-                model=name,
-                state=lc.state,
-                reason=lc.reason,
-                gpus=list(engine.cfg.gpus),
-                port=engine.cfg.port,
-                pid=engine.pid,
-                uptime_s=round(now - engine.ready_at, 1) if ready and engine.ready_at is not None else None,
-                restarts=engine.total_restarts,
-                inflight=backend.stats.inflight if backend else 0,
-                requests=backend.stats.requests if backend else 0,
-                tokens_per_s=round(backend.stats.tokens_per_second(), 1) if backend else 0.0,
-            ))
+        for backend in self.backends.values():
+            for replica in backend.replicas:
+                engine = self.engines.get(replica.name)
+                if engine is None:
+                    continue
+                lc = engine.lifecycle
+                ready = engine.ready_at is not None and lc.state is EngineState.READY
+                rows.append(ModelStatus(
+                    model=backend.name,
+                    replica=replica.name,
+                    state=lc.state,
+                    reason=lc.reason,
+                    gpus=list(engine.cfg.gpus),
+                    port=engine.cfg.port,
+                    pid=engine.pid,
+                    uptime_s=round(now - engine.ready_at, 1) if ready and engine.ready_at is not None else None,
+                    restarts=engine.total_restarts,
+                    inflight=replica.stats.inflight,
+                    requests=replica.stats.requests,
+                    tokens_per_s=round(replica.stats.tokens_per_second(), 1),
+                    routed=dict(replica.routed),
+                ))
         gw = self.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self.started_at)), rows)
 

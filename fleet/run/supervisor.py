@@ -77,7 +77,8 @@ class EngineProcess:
         engine_timeout: float = 300.0,
     ) -> None:
         self.cfg = cfg
-        self.lifecycle = Lifecycle(cfg.name)
+        self.name = cfg.replica_name  # the engine's name in logs and status: "<model>.<k>" for replica k
+        self.lifecycle = Lifecycle(self.name)
         self.client = EngineClient(cfg.name, cfg.host, cfg.port, token=token, timeout=engine_timeout)
         self.command = command
         self.env = {**(env or {}), **({TOKEN_ENV: token} if token else {})}
@@ -158,7 +159,7 @@ class EngineProcess:
 
     async def _start(self) -> bool:
         self.lifecycle.to(EngineState.STARTING)
-        path = log_dir() / f"{self.cfg.name}.log"
+        path = log_dir() / f"{self.name}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         if self._log_file is None:
             # held across restarts and closed when the engine stops; once per engine, a local append
@@ -194,7 +195,7 @@ class EngineProcess:
             if self._log_file:
                 self._log_file.write(line + "\n")
             if self.echo_logs:
-                self.console.print(f"[dim]{escape(self.cfg.name)} |[/dim] {escape(line)}", highlight=False)
+                self.console.print(f"[dim]{escape(self.name)} |[/dim] {escape(line)}", highlight=False)
 
     async def _exited(self) -> None:
         assert self.proc is not None
@@ -279,7 +280,7 @@ class EngineProcess:
                 return True
             except OSError as e:
                 tries += 1
-                log.error("%s: could not make sure the engine's processes are gone (try %d): %s", self.cfg.name, tries, e, exc_info=e if tries == 1 else None)
+                log.error("%s: could not make sure the engine's processes are gone (try %d): %s", self.name, tries, e, exc_info=e if tries == 1 else None)
                 self.say(f"[red]could not make sure its processes are gone[/red] (try {tries}): {escape(str(e))}")
                 if tries == attempts:
                     return False
@@ -291,7 +292,7 @@ class EngineProcess:
     def _unexpected(self, error: Exception) -> None:
         """An error nothing below handled: logged with its traceback; the engine FAILED with it as the reason."""
         what = f"{type(error).__name__}: {error}"
-        log.error("%s: unexpected error supervising the engine (%s)", self.cfg.name, self.lifecycle.state.value, exc_info=error)
+        log.error("%s: unexpected error supervising the engine (%s)", self.name, self.lifecycle.state.value, exc_info=error)
         self.say(f"[red]unexpected error[/red] supervising the engine: {escape(what)} (traceback logged)")
         self._fail(f"supervisor error: {what}")
 
@@ -313,13 +314,13 @@ class EngineProcess:
             except TimeoutError:
                 pass  # drained enough
             except Exception:
-                log.exception("%s: draining failed; stopping the engine anyway", self.cfg.name)
+                log.exception("%s: draining failed; stopping the engine anyway", self.name)
         if self.lifecycle.state is not EngineState.STOPPING:
             self.lifecycle.to(EngineState.STOPPING)
         if self.proc is not None:
             grace = 0.0 if self._kill.is_set() else self.policy.stop_grace
             if not await self._kill_tree(grace, attempts=STOP_ATTEMPTS, now=self._kill):
-                log.error("%s: gave up making sure engine pid %d and its processes are gone", self.cfg.name, self.proc.pid)
+                log.error("%s: gave up making sure engine pid %d and its processes are gone", self.name, self.proc.pid)
                 self.say(f"[red]gave up[/red] making sure pid {self.proc.pid} and its processes are gone; they die with the launcher")
             if self._reader is not None:
                 await asyncio.wait({self._reader}, timeout=5)
@@ -332,7 +333,7 @@ class EngineProcess:
 
     def say(self, message: str) -> None:
         """A launcher status line about this engine."""
-        self.console.print(f"[bold]fleet[/bold] {escape(self.cfg.name)}: {message}", highlight=False)
+        self.console.print(f"[bold]fleet[/bold] {escape(self.name)}: {message}", highlight=False)
 
 
 async def _first_of(work: Awaitable[None], event: asyncio.Event) -> None:

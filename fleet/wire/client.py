@@ -11,7 +11,7 @@ import ssl
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
-from fleet.errors import ConfigError, EngineFailure, EngineTimeout
+from fleet.errors import ConfigError, EngineFailure, EngineTimeout, EngineUnreachable
 from fleet.wire import http1, protocol
 
 _info_decoder = protocol.decoder(protocol.EngineInfo)
@@ -144,6 +144,8 @@ class EngineClient:
 
     def _failure(self, e: OSError) -> EngineFailure | EngineTimeout:
         """What a connection error or a silence means for the request."""
+        if isinstance(e, http1.NotSent):
+            return EngineUnreachable(f"engine for model {self.name!r} is unreachable: {e}")
         if isinstance(e, TimeoutError):
             return EngineTimeout(f"engine for model {self.name!r} sent nothing for {self.timeout:.0f}s")
         return EngineFailure(f"engine for model {self.name!r} is unreachable: {e}")

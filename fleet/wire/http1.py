@@ -18,6 +18,7 @@ byte for `read_timeout` during a response).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterable
 
@@ -29,6 +30,10 @@ import httptools
 HIGH_WATER = 256 * 1024
 
 
+
+
+class NotSent(ConnectionError):
+    """No connection could be opened: no byte of the request left this process."""
 
 class Response:
     """One response as it arrives: `status` once `Pool.request` returns, the body by `read()`."""
@@ -301,7 +306,7 @@ class Pool:
             conn, _ = self._idle.popitem()
             if conn.closed or conn.transport is None or conn.transport.is_closing():
                 continue
-            if now - conn.idle_since > self.idle_limit:
+            if now - conn.idle_since > self.idle_limit or not _established(conn.transport):
                 conn.finish(abort=True)
                 continue
             self._busy.add(conn)
@@ -314,7 +319,9 @@ class Pool:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
         except TimeoutError:
-            raise ConnectionError(f"no connection within {self.connect_timeout:.0f}s") from None
+            raise NotSent(f"no connection within {self.connect_timeout:.0f}s") from None
+        except OSError as e:  # refused, unreachable: the request's bytes went nowhere
+            raise NotSent(str(e)) from e
         self._busy.add(conn)
         return conn
 
@@ -325,3 +332,23 @@ class Pool:
     def _forget(self, conn: _Connection) -> None:
         self._busy.discard(conn)
         self._idle.pop(conn, None)
+
+
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
+
+
+def _established(transport: asyncio.BaseTransport) -> bool:
+    """Whether the kernel still holds an idle connection as open both ways. A server process that
+    died closed its end at once (FIN or RST is already queued here) even when this loop has not read
+    that yet; a POST written to such a connection would fail after it left, and could never be sent
+    elsewhere, while a fresh connection is refused before any byte leaves (NotSent). One getsockopt."""
+    if not hasattr(socket, "TCP_INFO"):
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED)
+    except OSError:
+        return False
+

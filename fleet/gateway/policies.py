@@ -1,0 +1,137 @@
+"""Which replica of a model takes a request: pure functions over the replicas' live state.
+
+Each policy gets a snapshot (`ReplicaLoad` per replica: serving or not, requests in flight and
+queued, recent failures) and returns a `Choice` (which replica, and why) or None when no replica
+serves. Nothing here keeps state between requests: no round-robin counter (one shared across models
+skews them all), no load counters of its own (counters that a health check resets lie); the caller
+reads the live counts of each replica's owner. Randomness comes in as an argument, so tests are exact.
+
+- `least_loaded`: fewest requests in flight plus queued; with more than `SAMPLED_ABOVE` replicas,
+  the better of two picked at random (the power of two choices: nearly as even, and no herd onto
+  the one replica that just looked least loaded to every gateway task at once).
+- `bounded_affinity`: requests with the same key (a prompt's leading part, `prefix_key`) go to the
+  same replica so vLLM's prefix cache hits, unless that replica holds more than `bound` times the
+  mean load; then the key's next replica takes it. Every key has its own order of replicas
+  (rendezvous hashing), so a spilled or missed key lands anywhere, not always on one replica, and a
+  replica leaving moves only its own keys. This is consistent hashing with bounded loads (Mirrokni,
+  Thorup and Zadimoghaddam, 2018) on a rendezvous ring.
+- `sticky`: the `session` policy: the same key (the request's `user`, or a header the fleet file
+  names) stays on one replica while it serves, whatever the load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+SAMPLED_ABOVE = 4  # replicas; up to this many, least_loaded looks at all of them
+PREFIX_CHARS = 256  # a prompt's leading characters that make its affinity key
+LOAD_BOUND = 1.25  # bounded_affinity: at most this times the mean load (+1) per replica
+
+
+class Policy(StrEnum):
+    """A model's routing policy in fleet.toml."""
+
+    LEAST_LOADED = "least-loaded"
+    PREFIX = "prefix"
+    SESSION = "session"
+
+
+class Outcome(StrEnum):
+    """Why a replica was chosen (counted per replica in /metrics)."""
+
+    LEAST_LOADED = "least_loaded"
+    AFFINITY = "affinity"  # the key's own replica
+    SPILLED = "spilled"  # the key's replica was over the load bound (or not serving)
+    FAILED_OVER = "failed_over"  # a retry after a replica refused the request
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """One replica as the policy sees it at the moment of the decision."""
+
+    index: int
+    serving: bool
+    in_flight: int = 0
+    queued: int = 0
+    recent_failures: int = 0
+
+    @property
+    def load(self) -> int:
+        return self.in_flight + self.queued
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    outcome: Outcome
+
+
+def least_loaded(replicas: Sequence[ReplicaLoad], rng: random.Random) -> Choice | None:
+    """The serving replica with the least load (then the fewest recent failures), ties at random;
+    with many replicas, the better of two sampled at random."""
+    serving = [r for r in replicas if r.serving]
+    if not serving:
+        return None
+    if len(serving) > SAMPLED_ABOVE:
+        serving = rng.sample(serving, 2)
+    best = min((r.load, r.recent_failures) for r in serving)
+    tied = [r for r in serving if (r.load, r.recent_failures) == best]
+    return Choice(rng.choice(tied).index, Outcome.LEAST_LOADED)
+
+
+def preference(key: bytes, replicas: Sequence[ReplicaLoad]) -> list[ReplicaLoad]:
+    """The replicas in `key`'s own order (rendezvous hashing: highest hash of key and replica first)."""
+    def weight(r: ReplicaLoad) -> bytes:
+        return hashlib.blake2b(key + r.index.to_bytes(4, "little"), digest_size=8).digest()
+
+    return sorted(replicas, key=weight, reverse=True)
+
+
+def bounded_affinity(replicas: Sequence[ReplicaLoad], key: bytes, bound: float = LOAD_BOUND) -> Choice | None:
+    """The first serving replica in `key`'s order whose load is under the bound:
+    ceil(bound x (total load + 1) / serving replicas)."""
+    serving = [r for r in replicas if r.serving]
+    if not serving:
+        return None
+    cap = math.ceil(bound * (sum(r.load for r in serving) + 1) / len(serving))
+    order = preference(key, replicas)
+    first = True
+    for r in order:
+        if r.serving and r.load < cap:
+            return Choice(r.index, Outcome.AFFINITY if first else Outcome.SPILLED)
+        first = False
+    return None  # unreachable: the least loaded serving replica is always under the cap
+
+
+def sticky(replicas: Sequence[ReplicaLoad], key: bytes) -> Choice | None:
+    """The first serving replica in `key`'s order, whatever its load."""
+    for k, r in enumerate(preference(key, replicas)):
+        if r.serving:
+            return Choice(r.index, Outcome.AFFINITY if k == 0 else Outcome.SPILLED)
+    return None
+
+
+def prefix_key(text: str, chars: int = PREFIX_CHARS) -> bytes:
+    """The affinity key of a prompt (or a chat's messages joined): its leading characters."""
+    return text[:chars].encode("utf-8", "surrogatepass")
+
+
+def choose(policy: Policy, replicas: Sequence[ReplicaLoad], key: bytes | None, rng: random.Random) -> Choice | None:
+    """The replica for one request under `policy`; without a key, least loaded."""
+    if key is None or policy is Policy.LEAST_LOADED:
+        return least_loaded(replicas, rng)
+    if policy is Policy.PREFIX:
+        return bounded_affinity(replicas, key)
+    return sticky(replicas, key)
+
+
+def failover(replicas: Sequence[ReplicaLoad], tried: set[int], rng: random.Random) -> Choice | None:
+    """Another serving replica for a request that `tried` refused before any work began."""
+    left = [r for r in replicas if r.index not in tried]
+    choice = least_loaded(left, rng)
+    return None if choice is None else Choice(choice.index, Outcome.FAILED_OVER)
