@@ -12,27 +12,16 @@ from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
-from conftest import TINY, FleetProcess, fleet_toml, free_port, free_ports
+from conftest import TINY, FleetProcess, free_ports, running_fleet
 
 
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_model: Path) -> Iterator[FleetProcess]:
-    tmp = tmp_path_factory.mktemp("replicas")
-    port, engines = free_port(), free_ports(2)
-    model = {"name": "tiny", "source": str(tiny_model), "port": engines, "replicas": 2, "routing": "prefix", **TINY}
-    (tmp / "fleet.toml").write_text(fleet_toml([model], port))
-    fleet = FleetProcess(tmp / "fleet.toml", port, tmp / "launcher.log")
-    try:
-        wait_replicas(fleet, "ready", timeout=600)
+    model = {"name": "tiny", "source": str(tiny_model), "port": free_ports(2), "replicas": 2, "routing": "prefix", **TINY}
+    with running_fleet([model], tmp_path_factory.mktemp("replicas"), ready_timeout=600) as fleet:
+        wait_replicas(fleet, "ready", timeout=600)  # the model is ready with one replica; both, here
         yield fleet
-    finally:
-        family = fleet.descendants()
-        fleet.stop()
-        for p in family:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
 
 
 def status(fleet: FleetProcess) -> dict[str, dict]:
