@@ -24,6 +24,43 @@ if TYPE_CHECKING:
 # after the gateway listens (its import was ~0.09 s of the gateway's start on the H200 host).
 
 STOP_GRACE = 15.0
+LINE_LIMIT = 1 << 20  # the longest output line read whole (vLLM prints its config on one line)
+
+
+class OutputPipe:
+    """A child's stdout and stderr as one pipe, read line by line, closed by its owner.
+
+    Not asyncio's own PIPE: that read end belongs to the subprocess transport, which closes it
+    only at EOF, and a vLLM helper that inherited the write end keeps it open after the engine
+    died; the read end was then left to the garbage collector (an unclosed file). Here the owner
+    makes the pipe before the spawn (`write_end` goes to the child), `attach`es the read end to
+    the loop after it, and `close`s it when done: `reader` then ends at once.
+    """
+
+    def __init__(self) -> None:
+        self._read_end, self.write_end = os.pipe()
+        self.reader = asyncio.StreamReader(limit=LINE_LIMIT)
+        self._transport: asyncio.ReadTransport | None = None
+
+    async def attach(self) -> None:
+        """After the spawn: drop this process's copy of the write end; read the other end on the loop."""
+        os.close(self.write_end)
+        self.write_end = -1
+        loop = asyncio.get_running_loop()
+        pipe = os.fdopen(self._read_end, "rb", buffering=0)
+        self._read_end = -1
+        self._transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(self.reader), pipe)
+
+    def close(self) -> None:
+        """Close both ends (whatever is still open here); the reader sees EOF."""
+        for fd in (self._read_end, self.write_end):
+            if fd >= 0:
+                os.close(fd)
+        self._read_end = self.write_end = -1
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        self.reader.feed_eof()
 
 
 class SignalFreeServer(uvicorn.Server):

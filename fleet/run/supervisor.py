@@ -31,7 +31,7 @@ from fleet.config.schema import ModelConfig, SupervisorConfig
 from fleet.config.sources import cache_dir
 from fleet.gateway.status import EngineState
 from fleet.run.lifecycle import Lifecycle
-from fleet.run.process import STOP_GRACE, descendants, stop_process_tree, wait_exit
+from fleet.run.process import STOP_GRACE, OutputPipe, descendants, stop_process_tree, wait_exit
 from fleet.wire.client import EngineClient
 from fleet.wire.protocol import TOKEN_ENV
 
@@ -97,6 +97,7 @@ class EngineProcess:
         self._drain: Callable[[], Awaitable[None]] | None = None
         self._drain_timeout = 0.0
         self._log_file: IO[str] | None = None
+        self._output: OutputPipe | None = None
         self._reader: asyncio.Task[None] | None = None
         self._family: dict[int, psutil.Process] = {}  # descendants seen while the engine ran
 
@@ -167,29 +168,32 @@ class EngineProcess:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cfg.gpus))
         self.started_at, self.ready_at = time.monotonic(), None
+        await self._close_output(1)  # the last engine's
         self.tail.clear()
         self._family, self.proc = {}, None  # the last tree is gone (_kill_tree): never signal its stale pid
+        self._output = output = OutputPipe()
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.command(self.cfg),
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
+                stdout=output.write_end,
                 stderr=asyncio.subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
             )
         except OSError as e:
+            output.close()
             self._fail(f"could not start the engine process: {e}")
             return False
-        self._reader = asyncio.create_task(self._read_output(self.proc))
+        await output.attach()
+        self._reader = asyncio.create_task(self._read_output(output.reader))
         dtype, why = engine_dtype(self.cfg)
         where = f"CPU, {dtype} ({why})" if self.cfg.on_cpu else f"GPUs {self.cfg.gpus}"
         self.say(f"starting (pid {self.proc.pid}, {where}, port {self.cfg.port}, log {path})")
         return True
 
-    async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        async for raw in proc.stdout:
+    async def _read_output(self, output: asyncio.StreamReader) -> None:
+        async for raw in output:
             line = raw.decode(errors="replace").rstrip()
             self.tail.append(line)
             if self._log_file:
@@ -202,6 +206,17 @@ class EngineProcess:
         await wait_exit(self.proc)
         if self._reader is not None:  # vLLM's helpers may hold the pipe open: don't wait forever
             await asyncio.wait({self._reader}, timeout=1)  # the reader goes on; this only delays FAILED
+
+    async def _close_output(self, wait: float) -> None:
+        """Read the engine's output to its end for at most `wait` s (vLLM's helpers may hold it open), then close it."""
+        if self._reader is not None:
+            await asyncio.wait({self._reader}, timeout=wait)
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)  # EOF now: it ends
+            self._reader = None
 
     def _remember_family(self) -> None:
         """Note the engine's descendants: once it died, those that left its group can't be found."""
@@ -322,8 +337,7 @@ class EngineProcess:
             if not await self._kill_tree(grace, attempts=STOP_ATTEMPTS, now=self._kill):
                 log.error("%s: gave up making sure engine pid %d and its processes are gone", self.name, self.proc.pid)
                 self.say(f"[red]gave up[/red] making sure pid {self.proc.pid} and its processes are gone; they die with the launcher")
-            if self._reader is not None:
-                await asyncio.wait({self._reader}, timeout=5)
+        await self._close_output(5)
         await self.client.close()
         if self._log_file:
             self._log_file.close()
