@@ -34,6 +34,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive loopback ports nothing listens on right now (a model's replicas)."""
+    for _ in range(100):
+        first = free_port()
+        if first + n <= 65536 and all(_free(first + k) for k in range(1, n)):
+            return first
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 class Server:
     """One server process (and everything it spawns), logging to a file."""
 

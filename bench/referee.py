@@ -9,6 +9,9 @@ named, and prints the ratios:
     python bench/referee.py --systems fleet,vllm --dtype float32,bfloat16 --concurrency 1,16 \
         --rounds 2 --out /tmp/referee [--preload]
 
+`fleet-Nr` is fleet with N replicas of the model (each engine on its share of the cores):
+`--systems fleet-2r,fleet` compares 2 replicas with 1.
+
 Its settings follow the issue that asked for it: random prompts of `--input-len` tokens,
 `--output-len` tokens out with `--ignore-eos`, streaming /v1/completions, closed loop at
 `--max-concurrency c`. bench/gpu.py calls `referee()` too (`--referee`).
@@ -125,14 +128,15 @@ def _full_path(soname: str) -> str:
 async def _system(name: str, env: Any, model_dir: str) -> AsyncIterator[Any]:
     from bench import systems
 
-    if name == "fleet":
-        async with systems.fleet_launch(env, source=model_dir, wait_ready=True) as running:
+    if name == "fleet" or name.startswith("fleet-") and name.endswith("r"):  # fleet-2r: two replicas
+        replicas = 1 if name == "fleet" else int(name[len("fleet-"):-1])
+        async with systems.fleet_launch(env, source=model_dir, wait_ready=True, replicas=replicas) as running:
             yield running
     elif name == "vllm":
         async with systems.vllm_serve(env, model_dir) as running:
             yield running
     else:
-        raise ValueError(f"unknown system {name!r} (fleet, vllm)")
+        raise ValueError(f"unknown system {name!r} (fleet, fleet-2r, vllm)")
 
 
 async def _measure(name: str, env: Any, model_dir: str, loads: Sequence[Load], log: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import Server, free_port, wait_http
+from bench.procs import Server, free_port, free_ports, wait_http
 from fleet.config.placement import cpu_dtype, cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,8 +170,10 @@ async def litellm_proxy(env: Env, upstream_base: str, upstream_model: str, port:
         yield Running(name, f"http://127.0.0.1:{port}", MODEL_NAME, server.pid, [server.pid], ready, ready)
 
 
-def fleet_toml(gateway_port: int, engine_port: int, source: str, e: EngineSettings, extra_args: dict[str, Any] | None = None) -> str:
-    """The generated fleet file: one CPU model with the shared engine settings."""
+def fleet_toml(gateway_port: int, engine_port: int, source: str, e: EngineSettings, extra_args: dict[str, Any] | None = None,
+               replicas: int = 1, routing: str = "least-loaded") -> str:
+    """The generated fleet file: one CPU model with the shared engine settings (`replicas` engines,
+    ports upward from `engine_port`, each on its share of the cores)."""
     engine_args = {"max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens, **(extra_args or {})}
     args = ", ".join(f"{k} = {json.dumps(v)}" for k, v in engine_args.items())
     return "\n".join([
@@ -179,7 +181,7 @@ def fleet_toml(gateway_port: int, engine_port: int, source: str, e: EngineSettin
         "[[models]]", f'name = "{MODEL_NAME}"', f"source = {json.dumps(source)}", "gpus = []",
         f"port = {engine_port}", f"max_model_len = {e.max_model_len}", f"kv_cache_gib = {e.kv_cache_gib}",
         f"enforce_eager = {'true' if e.enforce_eager else 'false'}", f"dtype = {json.dumps(e.dtype)}",
-        f"engine_args = {{ {args} }}", "",
+        f"engine_args = {{ {args} }}", f"replicas = {replicas}", f'routing = "{routing}"', "",
     ])
 
 
@@ -218,8 +220,8 @@ async def _wait_models_ready(base: str, server: Server, timeout: float) -> float
             if not server.alive():
                 raise RuntimeError(f"{server.name} exited:\n{server.tail()}")
             with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
-                async with session.get(f"{base}/health") as r:
-                    states = (await r.json()).get("models", {})
+                async with session.get(f"{base}/fleet/status") as r:  # every replica's engine, not only the model's
+                    states = {row["replica"]: row["state"] for row in (await r.json()).get("models", [])}
                     if any(s == "failed" for s in states.values()):
                         raise RuntimeError(f"{server.name}: an engine failed: {states}\n{server.tail()}")
                     if states and all(s == "ready" for s in states.values()):
@@ -229,14 +231,16 @@ async def _wait_models_ready(base: str, server: Server, timeout: float) -> float
 
 
 @contextlib.asynccontextmanager
-async def fleet_launch(env: Env, source: str = "default", wait_ready: bool = False) -> AsyncIterator[Running]:
+async def fleet_launch(env: Env, source: str = "default", wait_ready: bool = False, replicas: int = 1,
+                       routing: str = "least-loaded") -> AsyncIterator[Running]:
     """`fleet launch` (the real CLI) over a generated fleet.toml with fleet's vLLM engine.
 
     Yields once the gateway answers; then `wait_fleet_ready` (or wait_ready=True) for the model.
     """
-    gp, ep = free_port(), free_port()
-    toml = fleet_toml(gp, ep, source, env.engine)
-    async with _fleet(env, "fleet", ["--no-engine-logs"], [env.fleet_bin, "launch"], toml, gp, ep, wait_ready) as running:
+    gp, ep = free_port(), free_ports(replicas)
+    toml = fleet_toml(gp, ep, source, env.engine, replicas=replicas, routing=routing)
+    name = "fleet" if replicas == 1 else f"fleet-{replicas}r"
+    async with _fleet(env, name, ["--no-engine-logs"], [env.fleet_bin, "launch"], toml, gp, ep, wait_ready) as running:
         yield running
 
 

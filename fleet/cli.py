@@ -8,7 +8,7 @@ import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -105,8 +105,9 @@ def check(config_path: Path) -> None:
     for m in config.models:
         memory = f"{m.kv_cache_gib or m.kv_cache_bytes / GIB:g} GiB KV" if m.kv_cache_bytes else f"{m.memory_fraction:.2f}"
         for r in m.replica_configs():  # one row per engine: a replica's own GPUs and port
+            where = f"attached: {r.url}" if r.url else str(r.port)  # an attached engine's GPUs are its machine's
             table.add_row(r.replica_name, m.source, placement.sources[m.name].value,
-                          "CPU" if r.on_cpu else ",".join(map(str, r.gpus)), str(r.tensor_parallel_size), str(r.port),
+                          "CPU" if r.on_cpu else ",".join(map(str, r.gpus)), str(r.tensor_parallel_size), where,
                           memory, dtypes[m.name][0], str(m.eager).lower())
     console.print(table)
     for m in config.models:
@@ -177,13 +178,14 @@ def _admin_headers(config_path: Path) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def _control(method: str, path: str, config_path: Path, host: str | None, port: int | None) -> bytes:
+def _control(method: str, path: str, config_path: Path, host: str | None, port: int | None,
+             timeout: float = 120) -> bytes:
     import httpx
 
     base, verify = _gateway_url(config_path, host, port)
     url = base + path
     try:
-        r = httpx.request(method, url, timeout=120, verify=verify, headers=_admin_headers(config_path))
+        r = httpx.request(method, url, timeout=timeout, verify=verify, headers=_admin_headers(config_path))
     except httpx.HTTPError as e:
         click.echo(f"error: no fleet answers at {url}: {e}", err=True)
         sys.exit(1)
@@ -231,7 +233,8 @@ def status(config_path: Path, host: str | None, port: int | None, as_json: bool)
     for m in body.models:
         uptime = "-" if m.uptime_s is None else f"{m.uptime_s:.0f}s"
         state = m.state.value + (f" ({m.reason})" if m.reason and m.state is not EngineState.READY else "")
-        table.add_row(m.replica, state, ",".join(map(str, m.gpus)) or "CPU", str(m.port), str(m.pid or "-"),
+        pid = f"attached: {m.url}" if m.url else str(m.pid or "-")
+        table.add_row(m.replica, state, ",".join(map(str, m.gpus)) or "CPU", str(m.port), pid,
                       uptime, str(m.restarts), str(m.inflight), str(m.requests), f"{m.tokens_per_s:.1f}")
     table_console().print(table)
 
@@ -244,7 +247,11 @@ def reload(config_path: Path, host: str | None, port: int | None) -> None:
 
     from fleet.gateway.status import ReloadReport
 
-    report = msgspec.json.decode(_control("POST", "/fleet/reload", config_path, host, port), type=ReloadReport)
+    # a rolling reload starts a model's new replicas one after another: wait as long as that may take
+    config = _load(config_path)
+    longest = 120 + sum(m.replicas * (m.start_timeout + config.supervisor.drain_timeout) for m in config.models)
+    report = msgspec.json.decode(_control("POST", "/fleet/reload", config_path, host, port, timeout=longest),
+                                 type=ReloadReport)
     for key in ("added", "removed", "changed", "unchanged"):
         click.echo(f"{key}: {', '.join(getattr(report, key)) or '-'}")
     for w in report.warnings:
@@ -257,6 +264,58 @@ def stop(config_path: Path, host: str | None, port: int | None) -> None:
     """Stop the running fleet (in-flight requests finish first)."""
     _control("POST", "/fleet/stop", config_path, host, port)
     click.echo("stopping")
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--model", "model_name", required=True, help="The model (its name in the fleet file).")
+@click.option("--replica", type=int, default=None,
+              help="Which of its replicas (0, 1, ...); default: its only attached one, or its only one.")
+def engine(config_path: Path, model_name: str, replica: int | None) -> None:
+    """Run one engine of the fleet in the foreground, exactly as `fleet launch` would: for a replica
+    with a `url`, on its own machine. It accepts only the fleet's token ($FLEET_ENGINE_TOKEN or
+    [gateway] engine_token_file)."""
+    from fleet.config.placement import SourceState, engine_dtype, port_in_use, source_state
+    from fleet.config.schema import ENGINE_TOKEN_ENV, shared_engine_token
+    from fleet.run.supervisor import engine_command
+
+    config = _load(config_path)
+    model = config.model(model_name)
+    if model is None:
+        _fail(f"{config_path}: no model named {model_name!r} (models: {', '.join(m.name for m in config.models)})")
+    replicas = model.replica_configs()
+    if replica is None:
+        attached = [r for r in replicas if r.attached]
+        if len(attached) != 1 and len(replicas) != 1:
+            _fail(f"{config_path}: model {model_name!r} has {len(replicas)} replicas: say which with --replica")
+        replica = attached[0].replica if len(attached) == 1 else 0
+    if not 0 <= replica < len(replicas):
+        _fail(f"{config_path}: model {model_name!r} has replicas 0 to {len(replicas) - 1}, not {replica}")
+    cfg = replicas[replica]
+    try:
+        token = shared_engine_token(config.gateway, os.environ)
+    except ValueError as e:
+        _fail(f"{config_path}: {e}")
+    if token is None:
+        _fail(f"no engine token: set {ENGINE_TOKEN_ENV} or [gateway] engine_token_file, as for the gateway "
+              "(an engine on the network answers only its fleet)")
+    state, why = source_state(model)
+    if state is SourceState.MISSING:
+        _fail(f'{config_path}: model "{model_name}", field "source": {why}')
+    if port_in_use(cfg.host, cfg.port):
+        _fail(f"{cfg.host}:{cfg.port} is already in use by another process")
+    where = f"CPU, {engine_dtype(cfg)[0]}" if cfg.on_cpu else f"GPUs {cfg.gpus}"
+    reached = f"; the gateway reaches it at {cfg.url}" if cfg.url else ""
+    click.echo(f"fleet engine {cfg.replica_name}: starting on {cfg.host}:{cfg.port} ({where}){reached}", err=True)
+    env = {**os.environ, ENGINE_TOKEN_ENV: token, "PYTHONUNBUFFERED": "1",
+           "CUDA_VISIBLE_DEVICES": ",".join(map(str, cfg.gpus))}
+    command = engine_command(cfg)
+    os.execve(command[0], command, env)  # the engine itself, in this process: signals reach it directly
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
 
 
 @main.command()

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,39 +26,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
 
 from tiny_model import CHAT_TEMPLATE, write_tiny_model  # noqa: E402
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.procs import free_port, free_ports  # noqa: E402, F401  (one copy, shared with the benchmarks; tests import both from here)
 
 
-def free_ports(n: int) -> int:
-    """The first of `n` consecutive TCP ports nothing listens on right now (a model's replicas)."""
-    for _ in range(100):
-        first = free_port()
-        if first + n <= 65536 and all(port_free(first + k) for k in range(1, n)):
-            return first
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    """Poll `check` until it holds; fail with `what` at the deadline (for what has no readiness signal)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {what}")
+        time.sleep(0.02)
 
 
 def toml_value(v: Any) -> str:
-    """A Python value as TOML (enough for fleet files: scalars, lists, flat tables)."""
+    """A Python value as TOML (enough for fleet files: scalars, lists, inline tables)."""
     if isinstance(v, dict):
         return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(v)
 
 

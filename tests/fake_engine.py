@@ -77,7 +77,7 @@ _request_decoder = protocol.decoder(protocol.GenerateRequest)
 
 def fake_command(cfg: ModelConfig) -> list[str]:
     """The launcher's engine command for a fake engine (use as `Fleet(config, command=fake_command)`)."""
-    return [sys.executable, str(FAKE_ENGINE), "--model-json", cfg.model_dump_json()]
+    return [sys.executable, str(FAKE_ENGINE), "--model-json", cfg.engine_json()]
 
 
 # --- deterministic generation (tests import these to compute what to expect) ----------------

@@ -10,14 +10,13 @@ One fleet per module (fake engines start in about a second):
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from conftest import FakeFleets, InProcessFleet
+from conftest import FakeFleets, InProcessFleet, wait_until
 from fake_engine import expected_text, token_logprob
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -53,15 +52,6 @@ def sdk(fleet: InProcessFleet) -> Iterator[openai.OpenAI]:
 def engine_stats(fleet: InProcessFleet, name: str) -> dict[str, Any]:
     """The fake engine's own counters (GET /fake/stats on its port)."""
     return httpx.get(f"http://127.0.0.1:{fleet.config.model(name).port}/fake/stats", timeout=5).json()
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """Poll `check` until it holds; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what}")
-        time.sleep(0.02)
 
 
 def sse_data(lines: Iterator[str]) -> list[str]:

@@ -28,6 +28,7 @@ ALLOWED = {
     (S.FAILED, S.STOPPING),
     (S.RESTARTING, S.STOPPING),
     (S.FAILED, S.STOPPED),  # a failed engine whose process is already gone
+    (S.FAILED, S.READY),  # an attached engine that answers again (fleet never restarts it)
     (S.STOPPING, S.STOPPED),
 }
 ALL_PAIRS = list(itertools.product(EngineState, EngineState))

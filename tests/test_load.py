@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
-from conftest import FakeFleets, InProcessFleet
+from conftest import FakeFleets, InProcessFleet, wait_until
 from fake_engine import expected_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,11 +335,15 @@ def test_an_engine_dying_under_load_answers_every_client_and_comes_back(fleet: I
             error = json.loads(text)["error"]
             assert error["code"] == ("engine_error" if status == 502 else "model_not_ready"), error
     assert not any(inflight(fleet).values())
+
+    def restarts() -> int:
+        return {row["model"]: row["restarts"] for row in httpx.get(f"{fleet.url}/fleet/status").json()["models"]}["crashy"]
+
+    wait_until(lambda: restarts() == 1, "the crash was noticed and the engine restarted")  # not READY from before it
     assert fleet.wait_state("crashy", "ready", timeout=30) == "ready"
     r = httpx.post(f"{fleet.url}/v1/completions", json={"model": "crashy", "prompt": "hi", "max_tokens": 2}, timeout=10)
     assert r.status_code == 200, r.text
-    restarts = {row["model"]: row["restarts"] for row in httpx.get(f"{fleet.url}/fleet/status").json()["models"]}
-    assert restarts["crashy"] == 1
+    assert restarts() == 1
     settle(fleet, list(MODELS))
 
 

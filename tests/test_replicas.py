@@ -5,14 +5,20 @@ test_replicas_e2e.py.)"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import concurrent.futures
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 from typing import Any
 
 import httpx
 import pytest
-from conftest import FakeFleets, InProcessFleet, free_ports
+from conftest import FakeFleets, InProcessFleet, fake_config, free_ports, wait_until
 
 from fleet.config.load import parse_config
 from fleet.errors import ConfigError
@@ -28,9 +34,9 @@ def engine_requests(fleet: InProcessFleet, port: int) -> int:
     return int(httpx.get(f"http://127.0.0.1:{port}/fake/stats", timeout=5).json()["requests"])
 
 
-def two_replicas(fake_fleet: FakeFleets, **model: Any) -> tuple[InProcessFleet, int]:
+def two_replicas(fake_fleet: FakeFleets, supervisor: dict[str, Any] | None = None, **model: Any) -> tuple[InProcessFleet, int]:
     port = free_ports(2)
-    return fake_fleet({"name": "m", "replicas": 2, "port": port, **model}), port
+    return fake_fleet({"name": "m", "replicas": 2, "port": port, **model}, **({"supervisor": supervisor} if supervisor else {})), port
 
 
 def test_replicas_split_gpus_evenly_and_take_ports_upward() -> None:
@@ -123,3 +129,233 @@ def test_status_and_metrics_show_each_replica(fake_fleet: FakeFleets) -> None:
     assert 'fleet_replica_requests_total{model="m",replica="m.0"}' in metrics
     assert 'fleet_replica_state{model="m",replica="m.1",state="ready"} 1.0' in metrics
     assert 'fleet_replica_routed_total{model="m",outcome="least_loaded",replica="m.0"}' in metrics
+
+
+# --- placements, attached engines, rolling reload ------------------------------------------------
+
+FAST = {"restart_backoff": 0.2, "restart_backoff_max": 0.4, "max_restarts": 1, "health_interval": 0.2,
+        "health_failures": 2, "stop_grace": 3.0, "drain_timeout": 10.0}
+
+
+def test_placements_give_each_replica_its_own_gpus_port_host_or_url() -> None:
+    (m,) = parse_config({"models": [{"name": "m", "source": "x", "placements": [
+        {"gpus": [0, 1], "port": 6000}, {"gpus": [3], "port": 7000, "host": "0.0.0.0"},
+        {"url": "http://10.0.0.2:6000", "gpus": [0]}]}]}).models
+    assert m.replicas == 3 and m.port == 6000
+    assert [(r.replica_name, r.gpus, r.host, r.port, r.attached, r.address) for r in m.replica_configs()] == [
+        ("m.0", [0, 1], "127.0.0.1", 6000, False, ("127.0.0.1", 6000)),
+        ("m.1", [3], "0.0.0.0", 7000, False, ("0.0.0.0", 7000)),
+        ("m.2", [0], "10.0.0.2", 6000, True, ("10.0.0.2", 6000))]  # another machine's GPU 0 and port: not ours
+    (one,) = parse_config({"models": [{"name": "a", "source": "x", "url": "http://10.0.0.3:5000"}]}).models
+    assert (one.port, one.host, one.attached, one.replica_name) == (5000, "10.0.0.3", True, "a")
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"placements": [{"gpus": [0]}]}, r'field "placements.0": Value error, a placement gives a port'),
+    ({"placements": [{"url": "https://h:1"}]}, r"not http://HOST:PORT"),
+    ({"placements": [{"url": "http://tok@h:1"}]}, r"its token never goes in the URL"),
+    ({"placements": [{"url": "http://h:1", "port": 2}]}, r"port 2 is not the port of url"),
+    ({"placements": [{"port": 6000}], "gpus": [0]}, r"each placement lists its own gpus"),
+    ({"placements": [{"port": 6000}, {"port": 6001}], "replicas": 3}, r"replicas = 3 but 2 placements"),
+    ({"url": "http://h:1", "replicas": 2}, r"list placements for several"),
+    ({"placements": [{"port": 6000}, {"port": 6000}]}, r'field "placements\[1\].port": 6000 is also the port of model "m.0"'),
+    ({"placements": [{"url": "http://h:1"}, {"url": "http://h:1"}]}, r'field "placements\[1\].url": http://h:1 is also'),
+])
+def test_a_placement_that_cannot_work_is_refused_naming_the_field(model: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"models": [{"name": "m", "source": "x", **model}]})
+
+
+def test_each_engine_reads_its_own_replica_as_a_one_engine_config() -> None:
+    (m,) = parse_config({"models": [{"name": "m", "source": "x", "gpus": [0, 1, 2, 3], "port": 6000, "replicas": 2}]}).models
+    from fleet.config.schema import ModelConfig
+
+    engine = ModelConfig.model_validate_json(m.replica_configs()[1].engine_json())  # what `python -m fleet.engine` reads
+    assert (engine.gpus, engine.port, engine.replicas, engine.tensor_parallel_size) == ([2, 3], 6001, 1, 2)
+
+
+def test_an_attached_engine_needs_the_shared_engine_token(tmp_path: Any) -> None:
+    from fleet.config.placement import check_placement
+    from fleet.config.schema import shared_engine_token
+
+    raw = {"models": [{"name": "m", "source": "default", "placements": [{"port": free_ports(1)}, {"url": "http://10.9.9.9:6001"}]}]}
+    config = parse_config(raw)
+    errors = check_placement(config, "f.toml", gpus=[], env={}).errors
+    assert any("attached engine (url) needs the fleet's shared engine token" in e for e in errors), errors
+    assert not [e for e in check_placement(config, "f.toml", gpus=[], env={"FLEET_ENGINE_TOKEN": "t"}).errors if "token" in e]
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\nignored\n")
+    with_file = parse_config({**raw, "gateway": {"engine_token_file": str(token_file)}})
+    assert shared_engine_token(with_file.gateway, {}) == "s3cret"
+    assert shared_engine_token(with_file.gateway, {"FLEET_ENGINE_TOKEN": "env"}) == "env"  # the environment wins
+    token_file.write_text("\n")
+    assert any("its first line is empty" in e for e in check_placement(with_file, "f.toml", gpus=[], env={}).errors)
+
+
+def stream_requests(fleet: InProcessFleet, stop: threading.Event, answers: list[int], pause: float = 0.02) -> None:
+    """One client sending requests back to back until `stop`: each answer's status in `answers`."""
+    while not stop.is_set():
+        try:
+            answers.append(complete(fleet, "steady").status_code)
+        except httpx.HTTPError:
+            answers.append(-1)
+        time.sleep(pause)
+
+
+@pytest.mark.parametrize("ports", ["same", "new"])
+def test_rolling_reload_replaces_one_replica_at_a_time_and_fails_no_request(fake_fleet: FakeFleets, ports: str) -> None:
+    """Same ports (or the CPU's cores): each old replica leaves, then its successor starts. New ports
+    and GPUs: each successor is ready before its predecessor leaves. (The fake engines use no GPU;
+    the ids only place them.)"""
+    gpus = {} if ports == "same" else {"gpus": [0, 1]}
+    fleet, port = two_replicas(fake_fleet, engine_args={"fake_token_delay": 0.02}, supervisor=FAST, **gpus)
+    new_port = port if ports == "same" else free_ports(2)
+    gpus = {} if ports == "same" else {"gpus": [2, 3]}
+    pids = {name: fleet.fleet.engines[name].pid for name in ("m.0", "m.1")}
+    serving: list[int] = []  # replicas serving at every change of any engine's state during the reload
+    fleet.fleet.console.print = lambda *a, **k: serving.append(  # type: ignore[method-assign]
+        sum(r.lifecycle.state.serving for r in fleet.fleet.backends["m"].replicas))
+    stop, answers = threading.Event(), []
+    clients = [threading.Thread(target=stream_requests, args=(fleet, stop, answers)) for _ in range(3)]
+    for c in clients:
+        c.start()
+    try:
+        new = fake_config({"name": "m", "replicas": 2, "port": new_port, "engine_args": {"fake_word": "NEW"}, **gpus},
+                          supervisor=FAST)
+        report = fleet.call(fleet.fleet.reload(new.model_copy(update={"gateway": fleet.config.gateway})), timeout=120)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(30)
+    assert report.changed == ["m"] and report.warnings == []
+    assert [(r.replica, r.port) for r in fleet.fleet.status().models] == [("m.0", new_port), ("m.1", new_port + 1)]
+    assert len(answers) > 20 and set(answers) == {200}, collections.Counter(answers)
+    assert min(serving) >= (1 if ports == "same" else 2), serving  # never without a serving copy (new ports: two)
+    assert all(fleet.fleet.engines[name].pid not in (None, pids[name]) for name in pids)
+    assert all(complete(fleet, f"after {i}").json()["choices"][0]["text"].split()[0].startswith("NEW") for i in range(6))
+
+
+def test_rolling_reload_stops_at_a_successor_that_fails_and_the_rest_keep_serving(fake_fleet: FakeFleets) -> None:
+    fleet, port = two_replicas(fake_fleet, supervisor=FAST)
+    old_pid = fleet.fleet.engines["m.1"].pid
+    new = fake_config({"name": "m", "replicas": 2, "port": port, "engine_args": {"fake_exit_at_start": 3}}, supervisor=FAST)
+    report = fleet.call(fleet.fleet.reload(new.model_copy(update={"gateway": fleet.config.gateway})), timeout=120)
+    assert len(report.warnings) == 1 and "stopped at replica 0" in report.warnings[0] and "m.1 kept" in report.warnings[0]
+    assert fleet.fleet.engines["m.1"].pid == old_pid  # never touched
+    assert all(complete(fleet, f"still {i}").status_code == 200 for i in range(5))
+
+
+def test_admission_resize_keeps_running_requests_and_frees_queued_ones() -> None:
+    from fleet.gateway.admission import Admission
+
+    async def scenario() -> None:
+        gate = Admission("m", max_concurrent=1, max_queued=5)
+        async with gate.slot():
+            second = gate.slot()
+            waiting = asyncio.ensure_future(second.__aenter__())
+            await asyncio.sleep(0)
+            assert gate.queued == 1 and not waiting.done()
+            gate.resize(2, 5, 60.0)  # a reload that doubled the replicas
+            await asyncio.wait_for(waiting, 1)
+            assert gate.running == 2 and gate.queued == 0
+            await second.__aexit__(None, None, None)
+        assert gate.running == 0
+
+    asyncio.run(scenario())
+
+
+def start_outside_engine(name: str, port: int, token: str) -> subprocess.Popen[bytes]:
+    """A fake engine that no fleet starts (as `fleet engine` would run one on another machine)."""
+    from fake_engine import fake_command
+
+    cfg = parse_config({"models": [{"name": name, "source": "fake", "port": port}]}).models[0]
+    return subprocess.Popen(fake_command(cfg), env={**os.environ, "FLEET_ENGINE_TOKEN": token},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_an_attached_engine_serves_leaves_rotation_while_it_is_down_and_rejoins(
+    fake_fleet: FakeFleets, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEET_ENGINE_TOKEN", "shared-secret")
+    own, outside = free_ports(1), free_ports(1)
+    engine = start_outside_engine("m", outside, "shared-secret")
+    try:
+        fleet = fake_fleet({"name": "m", "placements": [{"port": own}, {"url": f"http://127.0.0.1:{outside}"}]},
+                           supervisor=FAST)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            assert set(pool.map(lambda i: complete(fleet, f"p{i}").status_code, range(18))) == {200}
+        assert engine_requests(fleet, outside) > 0 and engine_requests(fleet, own) > 0
+        engine.kill()
+        engine.wait()
+        answers = [complete(fleet, f"down {i}").status_code for i in range(10)]
+        assert answers == [200] * 10  # refused connections fail over; then it is out of rotation
+        assert fleet.wait_state("m.1", "failed", timeout=10) == "failed"
+        assert "out of rotation" in fleet.fleet.engines["m.1"].lifecycle.reason
+        engine = start_outside_engine("m", outside, "shared-secret")  # back: fleet never restarted it itself
+        assert fleet.wait_state("m.1", "ready", timeout=30) == "ready"
+        assert fleet.fleet.engines["m.1"].total_restarts == 0
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            assert set(pool.map(lambda i: complete(fleet, f"again {i}").status_code, range(18))) == {200}
+        assert engine_requests(fleet, outside) > 0
+    finally:
+        engine.kill()
+        engine.wait()
+
+
+def test_an_attached_engine_with_another_token_never_joins(fake_fleet: FakeFleets, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_ENGINE_TOKEN", "shared-secret")
+    own, outside = free_ports(1), free_ports(1)
+    engine = start_outside_engine("m", outside, "some-other-token")
+    try:
+        fleet = fake_fleet({"name": "m", "placements": [{"port": own}, {"url": f"http://127.0.0.1:{outside}"}]},
+                           supervisor=FAST, ready=["m.0"])
+        stats = f"http://127.0.0.1:{outside}/fake/stats"
+        wait_until(lambda: httpx.get(stats, timeout=5).json()["refused"] >= 2, "the gateway's checks were refused")
+        assert all(complete(fleet, f"p{i}").status_code == 200 for i in range(6))
+        assert fleet.state("m.1") == "starting" and engine_requests(fleet, outside) == 0
+    finally:
+        engine.kill()
+        engine.wait()
+
+
+def test_an_engine_keeps_to_the_cores_it_is_bound_to() -> None:
+    from fleet.run.process import bound_cores
+
+    assert bound_cores("0-3,8") == {0, 1, 2, 3, 8}
+    assert bound_cores("0-1|2-3") == {0, 1, 2, 3}  # tensor parallel ranks: all of them
+    assert bound_cores("auto") is bound_cores("nobind") is bound_cores("") is None
+    probe = "import os; from fleet.run.process import keep_to_bound_cores; keep_to_bound_cores(); print(sorted(os.sched_getaffinity(0)))"
+    last = max(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(last)},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"[{last}]"
+
+
+def fleet_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    from conftest import ROOT
+
+    base = {k: v for k, v in os.environ.items() if k != "FLEET_ENGINE_TOKEN"}
+    return subprocess.run([str(ROOT / ".venv/bin/fleet"), *args], capture_output=True, text=True, timeout=60,
+                          env={**base, **(env or {})})
+
+
+def test_fleet_check_shows_each_placement_and_fleet_engine_refuses_what_cannot_work(tmp_path: Any) -> None:
+    from conftest import fleet_toml
+
+    own = free_ports(1)
+    config = tmp_path / "fleet.toml"
+    config.write_text(fleet_toml([{"name": "m", "source": "default", "placements": [
+        {"port": own}, {"url": "http://10.1.2.3:7001", "gpus": [0]}, {"url": "http://10.1.2.4:7001"}]}], free_ports(1)))
+    refused = fleet_cli("check", "--config", str(config))
+    assert refused.returncode == 2 and "needs the fleet's shared engine token" in refused.stderr
+    ok = fleet_cli("check", "--config", str(config), env={"FLEET_ENGINE_TOKEN": "t"})
+    assert ok.returncode == 0, ok.stderr
+    assert "attached: http://10.1.2.3:7001" in ok.stdout and "m.2" in ok.stdout
+    no_token = fleet_cli("engine", "--config", str(config), "--model", "m", "--replica", "1")
+    assert no_token.returncode == 2 and "no engine token" in no_token.stderr
+    which = fleet_cli("engine", "--config", str(config), "--model", "m", env={"FLEET_ENGINE_TOKEN": "t"})
+    assert which.returncode == 2 and "has 3 replicas: say which with --replica" in which.stderr
+    unknown = fleet_cli("engine", "--config", str(config), "--model", "nope", env={"FLEET_ENGINE_TOKEN": "t"})
+    assert unknown.returncode == 2 and "no model named 'nope'" in unknown.stderr
+    beyond = fleet_cli("engine", "--config", str(config), "--model", "m", "--replica", "3", env={"FLEET_ENGINE_TOKEN": "t"})
+    assert beyond.returncode == 2 and "replicas 0 to 2, not 3" in beyond.stderr

@@ -12,27 +12,17 @@ import os
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import psutil
-from conftest import FakeFleets, ROOT, fake_config, fake_launcher_command, free_port
+from conftest import ROOT, FakeFleets, fake_config, fake_launcher_command, free_port, wait_until
 from rich.console import Console
 
 FAST = {"restart_backoff": 0.2, "restart_backoff_max": 0.4, "max_restarts": 2, "health_interval": 0.2,
         "stop_grace": 3.0, "drain_timeout": 10.0}
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what}")
-        time.sleep(0.02)
 
 
 def fake(name: str, **engine_args: Any) -> dict[str, Any]:

@@ -81,11 +81,20 @@ def check_gpu_sharing(sharers: dict[int, list[tuple[int, ModelConfig]]]) -> list
     return problems
 
 
+def replica_field(m: ModelConfig, replica: int, name: str) -> str:
+    """The field of fleet.toml that sets a replica's `name` (port, gpus, url): its placement's, the
+    model's own for the first, else `replicas` (whose count placed it)."""
+    if m.placements:
+        return f"placements[{replica}].{name}"
+    return name if replica == 0 or name != "port" else "replicas"
+
+
 def check_fleet(config: FleetConfig, path: Path) -> None:
     """Cross-model rules: unique names and ports, no port equal to the gateway's, no shared GPU."""
     problems: list[str] = []
     seen_names: dict[str, int] = {}
     seen_ports: dict[int, str] = {}
+    seen_urls: dict[str, str] = {}
     sharers: dict[int, list[tuple[int, ModelConfig]]] = {}
     for i, m in enumerate(config.models):
         where = f'model "{m.name}" (models[{i}])'
@@ -93,8 +102,14 @@ def check_fleet(config: FleetConfig, path: Path) -> None:
             problems.append(f'{where}, field "name": duplicate name, also models[{seen_names[m.name]}]')
         seen_names.setdefault(m.name, i)
         for r in m.replica_configs():  # every rule per replica: its own port and GPUs
-            field = "port" if r.replica == 0 else "replicas"
-            what = "" if r.replica == 0 else f" (replica {r.replica}'s port)"
+            field = replica_field(m, r.replica, "port")
+            what = "" if r.replica == 0 or m.placements else f" (replica {r.replica}'s port)"
+            if r.attached:  # another machine's engine: its URL is its own, the rest is that machine's
+                if r.url in seen_urls:
+                    problems.append(f'{where}, field "{replica_field(m, r.replica, "url")}": {r.url} is also the url of '
+                                    f'"{seen_urls[r.url]}"')
+                seen_urls.setdefault(r.url or "", r.replica_name)
+                continue
             if r.port > 65535:
                 problems.append(f'{where}, field "{field}": {r.port}{what} is not a port')
             elif r.port == config.gateway.port:

@@ -20,7 +20,8 @@ from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
-from fleet.config.schema import FleetConfig, ModelConfig
+from fleet.config.load import replica_field
+from fleet.config.schema import ENGINE_TOKEN_ENV, FleetConfig, ModelConfig, shared_engine_token
 from fleet.config.sources import DEFAULT_NAME, SourceKind, cache_dir, classify, default_gguf
 
 
@@ -120,7 +121,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def check_placement(config: FleetConfig, path: Path | str, *, gpus: list[int] | None = None,
-                    probe_ports: bool = True) -> Placement:
+                    probe_ports: bool = True, env: Mapping[str, str] | None = None) -> Placement:
     """Every machine-dependent rule; `gpus` overrides what nvidia-smi reports (tests)."""
     out = Placement()
     have = gpus if gpus is not None else visible_gpus()
@@ -131,22 +132,33 @@ def check_placement(config: FleetConfig, path: Path | str, *, gpus: list[int] | 
         if state is SourceState.MISSING:
             out.errors.append(f'{where}, field "source": {why}')
         heads = attention_heads(m)
-        tp = m.replica_configs()[0].tensor_parallel_size  # every replica has the same share of GPUs
-        if heads is not None and heads % tp:
-            out.errors.append(
-                f'{where}, field "gpus": tensor parallel size {tp} (one per GPU of a replica) must divide '
-                f"the model's {heads} attention heads"
-            )
-        for r in m.replica_configs():
+        local = [r for r in m.replica_configs() if not r.attached]  # an attached engine's machine is its own
+        for tp in sorted({r.tensor_parallel_size for r in local}):
+            if heads is not None and heads % tp:
+                out.errors.append(
+                    f'{where}, field "gpus": tensor parallel size {tp} (one per GPU of a replica) must divide '
+                    f"the model's {heads} attention heads"
+                )
+        for r in local:
             for g in r.gpus:
                 out.gpus.setdefault(g, []).append((r.replica_name, r.memory_fraction))
                 if have is not None and g not in have:
                     found = ", ".join(map(str, have)) or "none"
-                    out.errors.append(f'{where}, field "gpus": this machine has no GPU {g} (GPUs: {found})')
+                    out.errors.append(f'{where}, field "{replica_field(m, r.replica, "gpus")}": this machine has no '
+                                      f"GPU {g} (GPUs: {found})")
             if probe_ports and port_in_use(r.host, r.port):
-                field = "port" if r.replica == 0 else "replicas"
-                out.errors.append(f'{where}, field "{field}": {r.host}:{r.port} is already in use by another process')
-        if m.gpus and have is None:
+                out.errors.append(f'{where}, field "{replica_field(m, r.replica, "port")}": {r.host}:{r.port} is already '
+                                  "in use by another process")
+        if len(local) < m.replicas:
+            try:
+                token = shared_engine_token(config.gateway, os.environ if env is None else env)
+            except ValueError as e:
+                out.errors.append(f"{path}: {e}")
+                token = ""
+            if token is None:
+                out.errors.append(f"{where}: an attached engine (url) needs the fleet's shared engine token: set "
+                                  f"{ENGINE_TOKEN_ENV} or [gateway] engine_token_file, the same for `fleet engine`")
+        if any(r.gpus for r in local) and have is None:
             out.warnings.append(f'{where}: cannot tell which GPUs this machine has (no nvidia-smi)')
     gw = config.gateway
     if probe_ports and port_in_use(gw.host, gw.port):
@@ -163,7 +175,7 @@ def gpu_rows(placement: Placement) -> list[tuple[int, list[str], float]]:
 def cpu_bindings(models: Sequence[ModelConfig], cores: Sequence[int], env: Mapping[str, str]) -> dict[str, str]:
     """Disjoint core sets for several CPU engines (vLLM would pin every one to the same cores),
     unless `env` binds them already."""
-    cpu = [r for m in models if m.on_cpu for r in m.replica_configs()]  # one core set per engine
+    cpu = [r for m in models for r in m.replica_configs() if r.on_cpu and not r.attached]  # one core set per engine
     if len(cpu) < 2 or "VLLM_CPU_OMP_THREADS_BIND" in env:
         return {}
     cores = sorted(cores)

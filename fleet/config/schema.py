@@ -7,14 +7,17 @@ then the TOML file (`FleetConfig.from_data`).
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -31,6 +34,7 @@ CPU_MEMORY_FRACTION = 0.3  # of one NUMA node: vLLM's CPU backend fails to start
 CPU_KV_CACHE_GIB = 1.0  # an explicit size also skips vLLM's warm-up pass: a faster start
 GIB = 1 << 30
 MAX_SHARED_FRACTION = 0.95  # of one GPU, summed over the models that share it
+ENGINE_TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # the token engines accept, which the gateway presents
 
 
 def _not_bool(value: Any) -> Any:
@@ -69,8 +73,12 @@ class GatewayConfig(_Strict):
     )
     tls_certfile: str | None = Field(None, description="PEM certificate (chain) to serve HTTPS with; with tls_keyfile")
     tls_keyfile: str | None = Field(None, description="the certificate's unencrypted PEM private key; with tls_certfile")
+    engine_token_file: str | None = Field(
+        None, description=f"a file whose first line is the token engines accept (${ENGINE_TOKEN_ENV} wins); "
+        "needed for attached engines, the same file for `fleet engine`; default: a new random token per launch",
+    )
 
-    @field_validator("tls_certfile", "tls_keyfile")
+    @field_validator("tls_certfile", "tls_keyfile", "engine_token_file")
     @classmethod
     def _tls_file_exists(cls, path: str | None) -> str | None:
         if path is not None and not Path(path).expanduser().is_file():
@@ -91,6 +99,23 @@ class GatewayConfig(_Strict):
             except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
                 raise ValueError(f"tls_certfile {cert} with tls_keyfile {key}: not a certificate and its key: {e}") from None
         return self
+
+
+def shared_engine_token(gateway: GatewayConfig, env: Mapping[str, str]) -> str | None:
+    """The token the gateway and every engine share, when one is set: $FLEET_ENGINE_TOKEN, else
+    the first line of [gateway] engine_token_file (ValueError: unreadable or empty). None: the
+    launcher makes a random one, which only the engines it starts get."""
+    if token := env.get(ENGINE_TOKEN_ENV, "").strip():
+        return token
+    if gateway.engine_token_file is None:
+        return None
+    try:
+        token = Path(gateway.engine_token_file).read_text().partition("\n")[0].strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"[gateway] engine_token_file {gateway.engine_token_file}: cannot read it: {e}") from None
+    if not token:
+        raise ValueError(f"[gateway] engine_token_file {gateway.engine_token_file}: its first line is empty")
+    return token
 
 
 def _no_passphrase() -> str:
@@ -170,6 +195,45 @@ class SamplingDefaults(_Strict):
         return top_k
 
 
+def url_address(url: str) -> tuple[str, int]:
+    """The host and port of an attached engine's `http://HOST:PORT` (ValueError otherwise)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{url}: {e}") from None
+    if parts.scheme != "http" or not parts.hostname or port is None or parts.path not in ("", "/") or parts.query \
+            or parts.username or parts.password:
+        raise ValueError(f"{url}: not http://HOST:PORT (an engine speaks plain HTTP; its token never goes in the URL)")
+    return parts.hostname, port
+
+
+def _engine_url(url: str) -> str:
+    url_address(url)
+    return url
+
+
+EngineUrl = Annotated[str, AfterValidator(_engine_url)]  # http://HOST:PORT, checked by url_address
+
+
+class Placement(_Strict):
+    """Where one replica runs: its GPUs, port and listen address; or `url`, an engine that fleet
+    does not start (`fleet engine` runs it on its own machine, listening on `host`)."""
+
+    gpus: list[Int] = Field(default_factory=list, description="CUDA device ids; empty = CPU")
+    port: Int | None = Field(None, ge=1, le=65535, description="the engine's port (an attached engine: the URL's)")
+    host: str | None = Field(None, description="the engine's listen address; default: the model's (attached: the URL's host)")
+    url: EngineUrl | None = Field(None, description="http://HOST:PORT of an engine fleet does not start, only routes to")
+
+    @model_validator(mode="after")
+    def _port_is_the_urls(self) -> Placement:
+        if self.url is None and self.port is None:
+            raise ValueError("a placement gives a port (an engine fleet starts) or a url (one it does not)")
+        if self.url is not None and self.port is not None and self.port != url_address(self.url)[1]:
+            raise ValueError(f"port {self.port} is not the port of url {self.url}")
+        return self
+
+
 class ModelConfig(_Strict):
     """One model of the fleet: one vLLM engine process per replica."""
 
@@ -216,7 +280,41 @@ class ModelConfig(_Strict):
     session_header: str | None = Field(
         None, min_length=1, description="routing = \"session\": the request header that names the session (else `user`)"
     )
+    placements: list[Placement] = Field(
+        default_factory=list,
+        description="one entry per replica (gpus, port, host, or url): instead of `replicas` with `gpus` split evenly",
+    )
+    url: EngineUrl | None = Field(
+        None, description="http://HOST:PORT of an engine fleet does not start (`fleet engine` runs it elsewhere)"
+    )
     replica: Int = Field(0, ge=0, exclude=True, description="set by fleet: which copy of the model this is")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _placements_give_replicas_and_port(cls, data: Any) -> Any:
+        """With `placements`, `replicas` is their count and `port` the first one's; with `url`, the port
+        and (unless given) the listen address are the URL's."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        url = data.get("url")
+        if isinstance(url, str):
+            with contextlib.suppress(ValueError):  # an invalid URL: the field's own message
+                host, port = url_address(url)
+                data.setdefault("port", port)
+                data.setdefault("host", host)
+        placements = data.get("placements")
+        if isinstance(placements, list) and placements:
+            data.setdefault("replicas", len(placements))
+            first = placements[0]
+            if isinstance(first, dict) and "port" not in data:
+                first_port = first.get("port")
+                if first_port is None and isinstance(first.get("url"), str):
+                    with contextlib.suppress(ValueError):
+                        first_port = url_address(first["url"])[1]
+                if first_port is not None:
+                    data["port"] = first_port
+        return data
 
     @field_validator("replicas")
     @classmethod
@@ -226,13 +324,49 @@ class ModelConfig(_Strict):
             raise ValueError(f"{len(gpus)} GPUs cannot be split evenly among {replicas} replicas")
         return replicas
 
+    @model_validator(mode="after")
+    def _replicas_fit_their_placements(self) -> ModelConfig:
+        if self.placements:
+            if self.replicas != len(self.placements):
+                raise ValueError(f"replicas = {self.replicas} but {len(self.placements)} placements are listed")
+            if self.gpus:
+                raise ValueError("with placements, each placement lists its own gpus (not the model)")
+            if self.url is not None:
+                raise ValueError("with placements, each placement gives its own url (not the model)")
+        elif self.url is not None:
+            if self.replicas != 1:
+                raise ValueError("a model with a url is one attached engine: list placements for several")
+            if self.port != url_address(self.url)[1]:
+                raise ValueError(f"port {self.port} is not the port of url {self.url}")
+        return self
+
     def replica_configs(self) -> list[ModelConfig]:
-        """One config per replica: its share of the GPUs and its own port (the first is the model's)."""
+        """One config per replica: its placement's GPUs, port, host and url; or, from `replicas`, its share
+        of the GPUs and its own port (the first is the model's)."""
+        if self.placements:
+            return [self.model_copy(update={"gpus": p.gpus, "port": p.port or url_address(p.url or "")[1],
+                                            "host": p.host or (url_address(p.url)[0] if p.url else self.host),
+                                            "url": p.url, "replica": k, "placements": []})
+                    for k, p in enumerate(self.placements)]
         if self.replicas == 1:
             return [self]
         share = len(self.gpus) // self.replicas
         return [self.model_copy(update={"gpus": self.gpus[k * share:(k + 1) * share], "port": self.port + k, "replica": k})
                 for k in range(self.replicas)]
+
+    def engine_json(self) -> str:
+        """This replica's settings as its engine process reads them: one engine, no replicas."""
+        return self.model_copy(update={"replicas": 1, "placements": [], "url": None}).model_dump_json()
+
+    @property
+    def attached(self) -> bool:
+        """An engine that fleet routes to but does not start (`url`)."""
+        return self.url is not None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the gateway reaches this engine: the url's host and port, else its listen address."""
+        return url_address(self.url) if self.url is not None else (self.host, self.port)
 
     @property
     def replica_name(self) -> str:

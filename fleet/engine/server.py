@@ -60,8 +60,10 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
 
     @get("/stats", sync_to_thread=False)
     def stats() -> dict[str, int]:
-        """This engine's own count of the requests it took (JSON; a count only, open like /health)."""
-        return {"requests": service.requests}
+        """This engine's own counts (JSON; counts only, open like /health): the requests it took, the
+        prompt tokens of those that finished and how many of them its prefix cache held."""
+        return {"requests": service.requests, "prompt_tokens": service.prompt_tokens,
+                "cached_tokens": service.cached_tokens}
 
     async def generate(scope: HTTPScope, receive: Receive, send: Send) -> None:
         """The frames of one request, sent to the ASGI server as they come (a plain ASGI route:

@@ -16,6 +16,8 @@ class EngineService:
     """Turns protocol requests into vLLM calls and vLLM outputs into protocol frames."""
 
     requests = 0  # /generate requests this engine took (GET /stats): which replica served what
+    prompt_tokens = 0  # of the requests that finished, and of those the prefix cache had (GET /stats)
+    cached_tokens = 0
 
     def __init__(self, engine: Any, name: str, chat_template: str | None = None) -> None:
         from vllm import __version__ as vllm_version
@@ -161,10 +163,11 @@ class EngineService:
             return
         params = self.sampling_params(req.sampling, self.max_model_len - len(ids), req.final_only)
         per_token = req.sampling.logprobs is not None  # not for best_of's ranking alone
-        completion_tokens = 0
+        completion_tokens = cached = 0
         first = True
         try:
             async for out in self.engine.generate({"prompt_token_ids": ids}, params, req.request_id):
+                cached = out.num_cached_tokens or cached  # known from the first step on
                 frames = bytearray()
                 if first:
                     first = False
@@ -181,7 +184,10 @@ class EngineService:
             log.exception("request %s failed", req.request_id)
             yield protocol.encode_frame(protocol.Error(f"engine error: {type(e).__name__}: {e}", status=500))
             return
-        yield protocol.encode_frame(protocol.Done(prompt_tokens=len(ids), completion_tokens=completion_tokens))
+        self.prompt_tokens += len(ids)
+        self.cached_tokens += cached
+        yield protocol.encode_frame(protocol.Done(prompt_tokens=len(ids), completion_tokens=completion_tokens,
+                                                  cached_tokens=cached))
 
     def delta(self, out: Any, per_token: bool) -> protocol.Delta:
         """One choice's new output (vLLM's CompletionOutput) as a Delta frame. Per-token logprobs

@@ -73,6 +73,15 @@ class Admission:
             self._durations.append(time.monotonic() - started)
             self._release()
 
+    def resize(self, max_concurrent: int, max_queued: int, queue_timeout: float) -> None:
+        """New bounds (a reload): requests running or queued keep their place; freed slots go to the queue."""
+        self.max_concurrent, self.max_queued, self.queue_timeout = max_concurrent, max_queued, queue_timeout
+        while self.running < self.max_concurrent and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.running += 1
+                waiter.set_result(None)
+
     def _release(self) -> None:
         """Hand the slot to the first live waiter (running stays the same), or free it."""
         while self._waiters:

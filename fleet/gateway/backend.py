@@ -36,7 +36,7 @@ class EngineView(Protocol):
     def reason(self) -> str: ...
 
 
-@dataclass
+@dataclass(eq=False)  # a replica is itself: `in` and `==` by identity
 class Replica:
     """One engine of a model: its name in status and metrics, its state, its client, its counts
     (engine requests in flight and done, tokens) and how requests were routed to it."""
@@ -44,12 +44,13 @@ class Replica:
     name: str
     lifecycle: EngineView
     client: EngineClient
+    slot: int = 0  # its number among the model's replicas (prefix and session keys hash on it)
     stats: BackendStats = field(default_factory=BackendStats)
     failures: int = 0  # engine requests that failed in a row (a success resets it)
     routed: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def load(self, index: int) -> ReplicaLoad:
-        return ReplicaLoad(index, self.lifecycle.state.serving, self.stats.inflight, 0, self.failures)
+        return ReplicaLoad(index, self.lifecycle.state.serving, self.stats.inflight, 0, self.failures, self.slot)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Backend:
             key = affinity_key(req.prompt)
         # one replica: always it (its client reports its failures, as before replicas existed)
         choice = choose(policy, self._loads(), key, self.rng) if len(self.replicas) > 1 else Choice(0, Outcome.LEAST_LOADED)
-        tried: set[int] = set()
+        tried: list[Replica] = []  # by identity: a rolling reload may change the list meanwhile
         while True:
             if choice is None:
                 raise ModelNotReady(f"model {self.name!r} has no replica that serves; retry later", retry_after=5)
@@ -129,8 +130,8 @@ class Backend:
             except EngineUnreachable:
                 # nothing was sent (no connection opened): another replica may take it
                 replica.failures += 1
-                tried.add(choice.index)
-                choice = failover(self._loads(), tried, self.rng)
+                tried.append(replica)
+                choice = failover(self._loads(), {i for i, r in enumerate(self.replicas) if r in tried}, self.rng)
                 if choice is None:
                     raise
             except BaseException:

@@ -59,6 +59,7 @@ class ReplicaLoad:
     in_flight: int = 0
     queued: int = 0
     recent_failures: int = 0
+    slot: int | None = None  # the replica's own number (its name's k): keys stay put when a reload reorders the list
 
     @property
     def load(self) -> int:
@@ -87,7 +88,8 @@ def least_loaded(replicas: Sequence[ReplicaLoad], rng: random.Random) -> Choice 
 def preference(key: bytes, replicas: Sequence[ReplicaLoad]) -> list[ReplicaLoad]:
     """The replicas in `key`'s own order (rendezvous hashing: highest hash of key and replica first)."""
     def weight(r: ReplicaLoad) -> bytes:
-        return hashlib.blake2b(key + r.index.to_bytes(4, "little"), digest_size=8).digest()
+        slot = r.index if r.slot is None else r.slot
+        return hashlib.blake2b(key + slot.to_bytes(4, "little"), digest_size=8).digest()
 
     return sorted(replicas, key=weight, reverse=True)
 

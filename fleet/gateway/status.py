@@ -56,6 +56,7 @@ class ModelStatus(msgspec.Struct):
     requests: int  # engine requests sent to this replica (one per prompt)
     tokens_per_s: float
     routed: dict[str, int] = {}  # why requests came here: least_loaded, affinity, spilled, failed_over
+    url: str | None = None  # an attached engine's (fleet did not start it: no pid)
 
 
 class FleetStatus(msgspec.Struct):

@@ -26,18 +26,22 @@ from rich.markup import escape
 
 from fleet.config.load import load_config
 from fleet.config.placement import cpu_bindings
-from fleet.config.schema import FleetConfig, ModelConfig
+from fleet.config.schema import FleetConfig, ModelConfig, shared_engine_token
 from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
 from fleet.gateway.auth import check_exposure, load_keys
 from fleet.gateway.backend import Backend, Replica
 from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionCounts, ConnectionLimits, raise_open_files_limit
 from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus, ReloadReport
+from fleet.run.attached import AttachedEngine
 from fleet.run.gateway_server import GatewayServer
+from fleet.run.lifecycle import Lifecycle
 from fleet.run.process import freeze_startup_heap
 from fleet.run.supervisor import EngineCommand, EngineProcess, backoff, engine_command
 
 log = logging.getLogger("fleet.run")
+Engine = EngineProcess | AttachedEngine  # one replica's owner: an engine started here, or one attached by url
+Taken = tuple[Replica, Engine, "asyncio.Task[None]"]  # a replica out of the fleet's books, still to be stopped
 
 
 class Fleet:
@@ -57,7 +61,7 @@ class Fleet:
         self.echo_logs = echo_logs
         self.loader = loader  # re-reads the fleet file for reload; None: reload needs a config
         self.console = console or Console(stderr=True, soft_wrap=True)
-        self.engines: dict[str, EngineProcess] = {}
+        self.engines: dict[str, Engine] = {}
         self.backends: dict[str, Backend] = {}  # shared with the gateway: it routes on this
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._owner_deaths: dict[str, int] = {}  # owner tasks of a model that died in a row (_owner_ended)
@@ -65,7 +69,8 @@ class Fleet:
         self.gateway_started = asyncio.Event()
         self.started_at = time.time()
         self._reload_lock = asyncio.Lock()
-        self.token = secrets.token_urlsafe(32)  # engines refuse requests without it
+        # engines refuse requests without it; shared with attached engines only when set (fleet check says so)
+        self.token = shared_engine_token(config.gateway, os.environ) or secrets.token_urlsafe(32)
         self.connections = ConnectionCounts()  # the gateway's client connections (guard.py)
         self.keys = load_keys(config.auth)
         # a gateway other machines can reach, without keys: refused (ConfigError) unless [auth] open
@@ -78,25 +83,33 @@ class Fleet:
     def _add(self, cfg: ModelConfig, bindings: dict[str, str] | None = None) -> list[str]:
         """A model's engines (one per replica, named by `replica_name`) and its backend; the
         engines' names, to start them."""
-        replicas = []
-        for rc in cfg.replica_configs():
-            binding = (bindings or {}).get(rc.replica_name)
-            engine = EngineProcess(
-                rc,
-                command=self.command,
-                env={"VLLM_CPU_OMP_THREADS_BIND": binding} if binding else None,
-                console=self.console,
-                echo_logs=self.echo_logs,
-                policy=self.config.supervisor,
-                token=self.token,
-                engine_timeout=self.config.gateway.engine_timeout,
-            )
-            self.engines[rc.replica_name] = engine
-            replicas.append(Replica(rc.replica_name, engine.lifecycle, engine.client))
-        limits = cfg.limits
-        admission = Admission(cfg.name, limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
-        self.backends[cfg.name] = Backend(cfg, replicas, admission=admission)
+        replicas = [self._replica(rc, bindings) for rc in cfg.replica_configs()]
+        self.backends[cfg.name] = Backend(cfg, replicas, admission=self._admission(cfg))
         return [r.name for r in replicas]
+
+    def _replica(self, rc: ModelConfig, bindings: dict[str, str] | None = None) -> Replica:
+        """One replica's engine (started here, or attached by url), in the fleet's books; its routing view."""
+        binding = (bindings or {}).get(rc.replica_name)
+        engine: Engine = AttachedEngine(
+            rc, console=self.console, policy=self.config.supervisor, token=self.token,
+            engine_timeout=self.config.gateway.engine_timeout,
+        ) if rc.attached else EngineProcess(
+            rc,
+            command=self.command,
+            env={"VLLM_CPU_OMP_THREADS_BIND": binding} if binding else None,
+            console=self.console,
+            echo_logs=self.echo_logs,
+            policy=self.config.supervisor,
+            token=self.token,
+            engine_timeout=self.config.gateway.engine_timeout,
+        )
+        self.engines[rc.replica_name] = engine
+        return Replica(rc.replica_name, engine.lifecycle, engine.client, slot=rc.replica)
+
+    @staticmethod
+    def _admission(cfg: ModelConfig) -> Admission:
+        limits = cfg.limits
+        return Admission(cfg.name, limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
 
     def _start(self, name: str, after: float = 0.0) -> None:
         engine, began = self.engines[name], time.monotonic()
@@ -104,7 +117,7 @@ class Fleet:
         task.add_done_callback(lambda t: self._owner_ended(name, engine, t, began))
         self.tasks[name] = task
 
-    def _owner_ended(self, name: str, engine: EngineProcess, task: asyncio.Task[None], began: float) -> None:
+    def _owner_ended(self, name: str, engine: Engine, task: asyncio.Task[None], began: float) -> None:
         """An engine's owner task ended: as meant once the fleet stops or the engine was asked to stop
         (reload, retire); otherwise a loud error, and a new owner after the restart backoff."""
         error = None if task.cancelled() else task.exception()
@@ -208,36 +221,69 @@ class Fleet:
             self.console.print(
                 f"[bold]fleet[/bold]: reload: +{report.added} -{report.removed} ~{report.changed}", highlight=False
             )
-            await asyncio.gather(
-                *(self._retire(n) for n in report.removed), *(self._replace(fresh[n]) for n in report.changed)
+            # new engines get the core sets they would get at launch (an unbound CPU engine would
+            # spread onto the cores of the others: process.keep_to_bound_cores says what that costs)
+            bindings = cpu_bindings(new.models, sorted(os.sched_getaffinity(0)), os.environ)
+            stopped = await asyncio.gather(
+                *(self._replace(fresh[n], bindings) for n in report.changed), *(self._retire(n) for n in report.removed)
             )
+            report.warnings += [w for w in stopped if w]
             for name in report.added:
-                for engine_name in self._add(fresh[name]):
+                for engine_name in self._add(fresh[name], bindings):
                     self._start(engine_name)
             return report
 
-    async def _drain_and_stop(self, backend: Backend, engines: list[tuple[EngineProcess, asyncio.Task[None]]]) -> None:
-        for engine, _ in engines:
-            engine.request_stop(drain=backend.stats.drained, timeout=self.config.supervisor.drain_timeout)
-        await asyncio.gather(*(task for _, task in engines))
+    def _take(self, replica: Replica) -> Taken:
+        """A replica's engine and owner task, out of the fleet's books (its successor may take its name)."""
+        return replica, self.engines.pop(replica.name), self.tasks.pop(replica.name)
 
-    def _take_engines(self, backend: Backend) -> list[tuple[EngineProcess, asyncio.Task[None]]]:
-        """A model's engines and their owner tasks, out of the fleet's books."""
-        return [(self.engines.pop(r.name), self.tasks.pop(r.name)) for r in backend.replicas]
+    async def _drain_and_stop(self, taken: list[Taken]) -> None:
+        """Replicas already out of routing: their requests finish (at most drain_timeout), then their engines stop."""
+        for replica, engine, _ in taken:
+            engine.request_stop(drain=replica.stats.drained, timeout=self.config.supervisor.drain_timeout)
+        await asyncio.gather(*(task for _, _, task in taken))
 
     async def _retire(self, name: str) -> None:
         """A removed model: out of routing at once (404), its requests finish, then its engines stop."""
         backend = self.backends.pop(name)
-        await self._drain_and_stop(backend, self._take_engines(backend))
+        await self._drain_and_stop([self._take(r) for r in backend.replicas])
 
-    async def _replace(self, cfg: ModelConfig) -> None:
-        """A changed model: new requests get 503 while the old engines drain and the new ones start."""
-        old = self.backends[cfg.name]
-        engines = self._take_engines(old)
-        names = self._add(cfg)  # routing now sees the new engines, not started yet
-        await self._drain_and_stop(old, engines)
-        for name in names:
-            self._start(name)
+    async def _replace(self, cfg: ModelConfig, bindings: dict[str, str] | None = None) -> str | None:
+        """A changed model, rolled one replica at a time so that it never loses all its copies at
+        once: each successor starts and is ready before its predecessor leaves routing, drains and
+        stops; where the two would share a port, a GPU or the CPU (_clash), the predecessor leaves first (then only a
+        model with one replica has a gap). A successor that fails stops the roll: the replicas not
+        reached yet keep their settings and serve (the returned warning says so)."""
+        backend = self.backends[cfg.name]
+        before = list(backend.replicas)
+        after = cfg.replica_configs()
+        backend.config = cfg  # what the gateway plans requests with, from now on
+        if backend.admission is not None:
+            limits = cfg.limits
+            backend.admission.resize(limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
+        for k in range(max(len(before), len(after))):
+            old = self._take(before[k]) if k < len(before) else None
+            if old is not None and (k >= len(after) or _clash(old[1].cfg, after[k])):
+                backend.replicas.remove(old[0])  # it leaves first: gone for good, or in its successor's way
+                await self._drain_and_stop([old])
+                old = None
+            if k >= len(after):
+                continue
+            new = self._replica(after[k], bindings)
+            backend.replicas.append(new)
+            self._start(new.name)
+            state = await _settled(self.engines[new.name].lifecycle, cfg.start_timeout)
+            if old is not None:  # both ran at once: the one that is not ready goes
+                goes, stays = (old, new) if state is EngineState.READY else (self._take(new), old[0])
+                backend.replicas.remove(goes[0])
+                await self._drain_and_stop([goes])
+                if stays is old[0]:  # back in the books: it serves on with its old settings
+                    self.engines[old[0].name], self.tasks[old[0].name] = old[1], old[2]
+            if state is not EngineState.READY:
+                kept = [r.name for r in before[k:] if r in backend.replicas]
+                return (f"{cfg.name}: the rolling reload stopped at replica {k} ({new.lifecycle.reason or state.value}); "
+                        f"{', '.join(kept) or 'no replica'} kept the previous settings")
+        return None
 
     # --- status ---------------------------------------------------------------------------
 
@@ -266,9 +312,38 @@ class Fleet:
                     requests=replica.stats.requests,
                     tokens_per_s=round(replica.stats.tokens_per_second(), 1),
                     routed=dict(replica.routed),
+                    url=engine.cfg.url,
                 ))
         gw = self.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self.started_at)), rows)
+
+
+async def _settled(lifecycle: Lifecycle, within: float) -> EngineState:
+    """READY, or the first FAILED or STOPPED an engine reaches (seen by a listener: a FAILED that
+    turns RESTARTING at once still counts); STARTING if neither came `within` s."""
+    done: asyncio.Future[EngineState] = asyncio.get_running_loop().create_future()
+
+    def listen(lc: Lifecycle, _old: EngineState, _reason: str) -> None:
+        if lc.state in (EngineState.READY, EngineState.FAILED, EngineState.STOPPED) and not done.done():
+            done.set_result(lc.state)
+
+    lifecycle.listeners.append(listen)
+    try:
+        async with asyncio.timeout(within):
+            return await done
+    except TimeoutError:
+        return lifecycle.state
+    finally:
+        lifecycle.listeners.remove(listen)
+
+
+def _clash(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether two engines cannot run at once: the same port on this machine, a GPU in common, or
+    both on this machine's CPU (a successor gets its predecessor's cores: two engines on one core
+    set crawl, and moving onto cores where vLLM's threads spin can stall a process for minutes)."""
+    if old.attached or new.attached:
+        return old.url == new.url
+    return old.port == new.port or bool(set(old.gpus) & set(new.gpus)) or (old.on_cpu and new.on_cpu)
 
 
 async def launch(config: FleetConfig, *, echo_logs: bool = True, config_path: Path | None = None,

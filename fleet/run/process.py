@@ -12,7 +12,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -87,6 +87,31 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def bound_cores(spec: str) -> set[int] | None:
+    """The cores a `VLLM_CPU_OMP_THREADS_BIND` value names ("0-3,8", or "0-3|4-7" for tensor
+    parallel ranks: all of them); None for "auto", "nobind" or anything else."""
+    cores: set[int] = set()
+    for part in spec.replace("|", ",").split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            return None
+        cores.update(range(int(first), int(last if dash else first) + 1))
+    return cores or None
+
+
+def keep_to_bound_cores(env: Mapping[str, str] = os.environ) -> None:
+    """Run this process (and what it spawns) on the cores its engine is bound to, before torch loads.
+
+    MKL, as torch loads, pins the process to each core it may use in turn to count them; on a
+    2-core VM a restarted replica hung for minutes in that probe, moving onto the core where the
+    other replica's threads spun (sched_setaffinity never returned). Kept to its own cores, the
+    probe never leaves them, and vLLM's own processes stay off the other engines' cores."""
+    cores = bound_cores(env.get("VLLM_CPU_OMP_THREADS_BIND", ""))
+    if cores and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):  # a core this process may not use: leave it as it was
+            os.sched_setaffinity(0, cores & os.sched_getaffinity(0) or cores)
 
 
 def die_with_parent() -> None:

@@ -30,7 +30,7 @@ from fleet.config.placement import engine_dtype
 from fleet.config.schema import ModelConfig, SupervisorConfig
 from fleet.config.sources import cache_dir
 from fleet.gateway.status import EngineState
-from fleet.run.lifecycle import Lifecycle
+from fleet.run.lifecycle import Commands, Lifecycle
 from fleet.run.process import STOP_GRACE, OutputPipe, descendants, stop_process_tree, wait_exit
 from fleet.wire.client import EngineClient
 from fleet.wire.protocol import TOKEN_ENV
@@ -47,7 +47,7 @@ log = logging.getLogger("fleet.run")
 
 def engine_command(cfg: ModelConfig) -> list[str]:
     """The real engine: `python -m fleet.engine` with the model's settings."""
-    return [sys.executable, "-m", "fleet.engine", "--model-json", cfg.model_dump_json()]
+    return [sys.executable, "-m", "fleet.engine", "--model-json", cfg.engine_json()]
 
 
 def log_dir() -> Path:
@@ -61,8 +61,8 @@ def backoff(policy: SupervisorConfig, restarts: int) -> float:
     return min(policy.restart_backoff * factor, policy.restart_backoff_max)
 
 
-class EngineProcess:
-    """One model's engine process and the single task that owns its lifecycle."""
+class EngineProcess(Commands):
+    """One model's engine process and the single task that owns its lifecycle (a kill: SIGKILL)."""
 
     def __init__(
         self,
@@ -76,6 +76,7 @@ class EngineProcess:
         token: str | None = None,
         engine_timeout: float = 300.0,
     ) -> None:
+        super().__init__()
         self.cfg = cfg
         self.name = cfg.replica_name  # the engine's name in logs and status: "<model>.<k>" for replica k
         self.lifecycle = Lifecycle(self.name)
@@ -92,10 +93,6 @@ class EngineProcess:
         self.restarts = 0  # in a row; what max_restarts counts
         self.total_restarts = 0
         self._errors = 0  # unexpected supervisor errors in a row: the backoff of their restarts
-        self._stop = asyncio.Event()
-        self._kill = asyncio.Event()
-        self._drain: Callable[[], Awaitable[None]] | None = None
-        self._drain_timeout = 0.0
         self._log_file: IO[str] | None = None
         self._output: OutputPipe | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -105,22 +102,6 @@ class EngineProcess:
     def pid(self) -> int | None:
         """The engine's process id while it runs."""
         return self.proc.pid if self.proc and self.proc.returncode is None else None
-
-    @property
-    def stop_requested(self) -> bool:
-        """Whether it was asked to stop (or killed): then its owner task is meant to end."""
-        return self._stop.is_set()
-
-    def request_stop(self, drain: Callable[[], Awaitable[None]] | None = None, timeout: float = 0.0) -> None:
-        """Command: stop the engine; first wait for `drain()` (its requests finishing), at most `timeout` s."""
-        if not self._stop.is_set():
-            self._drain, self._drain_timeout = drain, timeout
-        self._stop.set()
-
-    def request_kill(self) -> None:
-        """Command: stop the engine now, with SIGKILL, not waiting for a drain or a grace period."""
-        self._kill.set()
-        self._stop.set()
 
     async def run(self, *, after: float = 0.0) -> None:
         """Start, supervise and restart the engine until asked to stop; then stop it. It can run again

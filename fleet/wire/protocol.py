@@ -18,10 +18,12 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from fleet.config.schema import ENGINE_TOKEN_ENV
+
 CONTENT_TYPE = "application/vnd.fleet.frames"
 REQUEST_TYPE = "application/msgpack"
 FRAME_HEADER = struct.Struct(">I")
-TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # the launcher sets it for the engine; the gateway presents it
+TOKEN_ENV = ENGINE_TOKEN_ENV  # the launcher sets it for the engine; the gateway presents it
 
 # Keep-alive contract: the engine's server closes a connection idle for ENGINE_KEEP_ALIVE seconds;
 # the gateway's client never reuses one idle for CLIENT_IDLE_LIMIT or longer, so it never sends a
@@ -131,6 +133,7 @@ class Done(_Message, tag="done"):
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of the prompt's, found in vLLM's prefix cache
 
 
 class Error(_Message, tag="error"):
