@@ -52,8 +52,9 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> float:
         try:
             r = httpx.get(url, timeout=2)
             models = r.json().get("models") if r.headers.get("content-type", "").startswith("application/json") else None
-            if r.status_code == 200 and (not models or all(state == "ready" for state in models.values())):
-                return time.monotonic() - start  # fleet: every model ready, not only the gateway
+            states = [row["state"] for row in models] if isinstance(models, list) else list((models or {}).values())
+            if r.status_code == 200 and all(state == "ready" for state in states):
+                return time.monotonic() - start  # fleet: every engine ready (/fleet/status: every replica)
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(1)
@@ -188,7 +189,7 @@ def scheduler_tokens(log: Path) -> int | None:
 def run_order(systems: list[str]) -> list[str]:
     """The servers to start, in the order named (the first after a machine's start tends to measure
     low at c=1, so runs in both orders tell that apart); LiteLLM runs in front of vllm serve."""
-    known = ("fleet", "vllm", "offline")
+    known = ("fleet", "fleet-2r", "vllm", "offline")
     return list(dict.fromkeys("vllm" if s == "litellm" else s for s in systems if s in (*known, "litellm")))
 
 
@@ -205,6 +206,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--memory", type=float, default=0.8, help="gpu_memory_utilization of each engine")
+    ap.add_argument("--kv-cache-gib", type=float, default=0.0, help="fleet's engines: this KV cache (skips vLLM's profiling)")
+    ap.add_argument("--replica-gpus", default="0", help="fleet-2r: the GPUs its replicas take in turn (0: both on GPU 0)")
     ap.add_argument("--profile", default="", help="concurrencies at which to py-spy every Python process (PY_SPY=path), round 1")
     ap.add_argument("--systems", default="fleet,vllm,litellm,offline")
     ap.add_argument("--window", type=float, default=12.0, help="seconds measured per point (0: 4c requests)")
@@ -254,15 +257,21 @@ def main() -> None:
         results["rounds"].append({"round": k + 1, "system": name, **entry})
         save()
 
-    def start_fleet(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, str, Path]:
-        toml = ns.out / "fleet.toml"
-        toml.write_text(f'[gateway]\nport = 8000\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\ngpus = [0]\nport = 5001\n'
-                        f"max_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n")
+    def start_fleet(stack: contextlib.ExitStack, replicas: int = 1) -> tuple[subprocess.Popen, str, Path]:
+        """fleet over one model; with replicas, that many engines on the GPUs of --replica-gpus (in turn)."""
+        name, port = ("fleet", 8000) if replicas == 1 else (f"fleet-{replicas}r", 8300)
+        gpus = [int(g) for g in ns.replica_gpus.split(",")]
+        kv = f"kv_cache_gib = {ns.kv_cache_gib}\n" if ns.kv_cache_gib else ""
+        places = ", ".join(f"{{ gpus = [{gpus[k % len(gpus)]}], port = {5001 + 100 * (port // 100 - 80) + k} }}"
+                           for k in range(replicas))
+        toml = ns.out / f"{name}.toml"
+        toml.write_text(f'[gateway]\nport = {port}\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\n'
+                        f"placements = [{places}]\nmax_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n{kv}")
         argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
-        logs = ns.out / "fleet-engine-logs"
-        proc = stack.enter_context(started("fleet", argv, "http://127.0.0.1:8000/health",
+        logs = ns.out / f"{name}-engine-logs"
+        proc = stack.enter_context(started(name, argv, f"http://127.0.0.1:{port}/fleet/status",
                                            {**env, "FLEET_LOG_DIR": str(logs)}, ns.out))
-        return proc, "http://127.0.0.1:8000", logs / "m.log"
+        return proc, f"http://127.0.0.1:{port}", logs / ("m.log" if replicas == 1 else "m.0.log")
 
     def start_vllm(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, str, Path]:
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ns.model, "--served-model-name", "m",
@@ -281,7 +290,8 @@ def main() -> None:
         proc = stack.enter_context(started("litellm", argv, "http://127.0.0.1:8200/health/liveliness", lenv, ns.out))
         return proc, "http://127.0.0.1:8200", None
 
-    starters = {"fleet": start_fleet, "vllm": start_vllm, "litellm": start_litellm}
+    starters = {"fleet": start_fleet, "fleet-2r": lambda stack: start_fleet(stack, 2), "vllm": start_vllm,
+                "litellm": start_litellm}
     servers = [s for s in systems if s in starters]
     if "litellm" in servers and "vllm" not in servers:  # LiteLLM is measured in front of vllm serve
         servers.insert(servers.index("litellm"), "vllm")
