@@ -97,8 +97,10 @@ class EngineFailure(FleetError):
 
 
 class EngineUnreachable(EngineFailure):
-    """No connection to the engine could be opened: nothing of the request was sent, so another
-    replica may take it (the only failure after which a POST is ever sent again)."""
+    """The engine never began the request: no connection could be opened, or the connection ended
+    before the first byte of its answer (an engine sends its response head before it starts any
+    work: fleet/engine/server.py). Another replica may take it; the only failure after which a
+    POST is ever sent again, and to each replica at most once."""
 
 
 class ModelNotReady(FleetError):

@@ -269,15 +269,30 @@ def start_outside_engine(name: str, port: int, token: str) -> subprocess.Popen[b
     from fake_engine import fake_command
 
     cfg = parse_config({"models": [{"name": name, "source": "fake", "port": port}]}).models[0]
-    return subprocess.Popen(fake_command(cfg), env={**os.environ, "FLEET_ENGINE_TOKEN": token},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine = subprocess.Popen(fake_command(cfg), env={**os.environ, "FLEET_ENGINE_TOKEN": token},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:  # its port taken before the fleet picks free ports for itself
+        wait_until(listening, "the outside engine listens")
+    except BaseException:
+        engine.kill()
+        engine.wait()
+        raise
+    return engine
 
 
 def test_an_attached_engine_serves_leaves_rotation_while_it_is_down_and_rejoins(
     fake_fleet: FakeFleets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FLEET_ENGINE_TOKEN", "shared-secret")
-    own, outside = free_ports(1), free_ports(1)
+    own = free_ports(2)
+    outside = own + 1
     engine = start_outside_engine("m", outside, "shared-secret")
     try:
         fleet = fake_fleet({"name": "m", "placements": [{"port": own}, {"url": f"http://127.0.0.1:{outside}"}]},
@@ -304,7 +319,8 @@ def test_an_attached_engine_serves_leaves_rotation_while_it_is_down_and_rejoins(
 
 def test_an_attached_engine_with_another_token_never_joins(fake_fleet: FakeFleets, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEET_ENGINE_TOKEN", "shared-secret")
-    own, outside = free_ports(1), free_ports(1)
+    own = free_ports(2)
+    outside = own + 1
     engine = start_outside_engine("m", outside, "some-other-token")
     try:
         fleet = fake_fleet({"name": "m", "placements": [{"port": own}, {"url": f"http://127.0.0.1:{outside}"}]},

@@ -175,7 +175,8 @@ def test_an_engine_started_with_fleet_engine_serves_and_stopping_it_routes_aroun
     cores = sorted(os.sched_getaffinity(0))
     mine, theirs = cores[:max(1, len(cores) // 2)], cores[len(cores) // 2:] or cores
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
-    own, outside = free_ports(1), free_ports(1)
+    own = free_ports(2)
+    outside = own + 1
     model = {"name": "tiny", "source": str(tiny_model), **TINY,
              "placements": [{"port": own}, {"url": f"http://127.0.0.1:{outside}"}]}
     config = tmp_path / "fleet.toml"

@@ -88,6 +88,9 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
 
 
 async def _send_frames(frames: AsyncIterator[bytes], send: Send) -> None:
+    # The head goes out before the first step of `frames` starts any work: the gateway counts on it.
+    # A connection that ends before a byte of the answer is a request this engine never began, which
+    # the gateway then gives to another replica (errors.EngineUnreachable).
     await send(FRAMES_START)
     async for chunk in frames:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})

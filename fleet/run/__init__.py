@@ -1,6 +1,6 @@
 """Processes and their owners: `launcher` runs a fleet (engines plus the gateway, reloads, stop),
 `supervisor` owns one engine process, `attached` one engine on another machine (watched, never
-started), `gateway_server` the gateway's socket and server,
+started), `owner` what both owners share, `gateway_server` the gateway's socket and server,
 `lifecycle` is the state machine an engine's owner keeps, and `process` the process-tree
 mechanics (also used by the engine process itself).
 

@@ -21,11 +21,10 @@ from rich.markup import escape
 from fleet.config.schema import ModelConfig, SupervisorConfig
 from fleet.errors import EngineFailure
 from fleet.gateway.status import EngineState
-from fleet.run.lifecycle import Commands, Lifecycle
-from fleet.wire.client import EngineClient
+from fleet.run.owner import EngineOwner
 
 
-class AttachedEngine(Commands):
+class AttachedEngine(EngineOwner):
     """One replica at a `url`, health-checked; the single task that owns its lifecycle (a stop or
     kill only takes it out of the fleet)."""
 
@@ -38,16 +37,8 @@ class AttachedEngine(Commands):
         token: str | None = None,
         engine_timeout: float = 300.0,
     ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.name = cfg.replica_name
-        self.lifecycle = Lifecycle(self.name)
-        host, port = cfg.address
-        self.client = EngineClient(cfg.name, host, port, token=token, timeout=engine_timeout)
-        self.console = console or Console(stderr=True, soft_wrap=True)
-        self.policy = policy or SupervisorConfig()
-        self.ready_at: float | None = None
-        self.total_restarts = 0  # fleet never restarts it
+        super().__init__(cfg, console=console, policy=policy or SupervisorConfig(), token=token,
+                         engine_timeout=engine_timeout)  # total_restarts stays 0: fleet never restarts it
         self.pid: int | None = None  # on another machine
 
     async def run(self, *, after: float = 0.0) -> None:
@@ -110,6 +101,3 @@ class AttachedEngine(Commands):
         self.lifecycle.to(EngineState.STOPPED)
         await self.client.close()
         self.say("left the fleet (the engine itself goes on)")
-
-    def say(self, message: str) -> None:
-        self.console.print(f"[bold]fleet[/bold] {escape(self.name)}: {message}", highlight=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleet.errors import InvalidTransition
@@ -65,29 +65,3 @@ class Lifecycle:
             await self._changed.wait()
         return self.state
 
-
-class Commands:
-    """What others may tell an engine's owner task, set here and read by the owner alone: stop
-    (after draining its requests, when given), or kill (now, no drain, no grace)."""
-
-    def __init__(self) -> None:
-        self._stop = asyncio.Event()
-        self._kill = asyncio.Event()
-        self._drain: Callable[[], Awaitable[None]] | None = None
-        self._drain_timeout = 0.0
-
-    @property
-    def stop_requested(self) -> bool:
-        """Whether it was asked to stop (or killed): then its owner task is meant to end."""
-        return self._stop.is_set()
-
-    def request_stop(self, drain: Callable[[], Awaitable[None]] | None = None, timeout: float = 0.0) -> None:
-        """Command: stop; first wait for `drain()` (its requests finishing), at most `timeout` s."""
-        if not self._stop.is_set():
-            self._drain, self._drain_timeout = drain, timeout
-        self._stop.set()
-
-    def request_kill(self) -> None:
-        """Command: stop now, not waiting for a drain or a grace period."""
-        self._kill.set()
-        self._stop.set()

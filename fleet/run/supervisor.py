@@ -30,9 +30,8 @@ from fleet.config.placement import engine_dtype
 from fleet.config.schema import ModelConfig, SupervisorConfig
 from fleet.config.sources import cache_dir
 from fleet.gateway.status import EngineState
-from fleet.run.lifecycle import Commands, Lifecycle
+from fleet.run.owner import EngineOwner
 from fleet.run.process import STOP_GRACE, OutputPipe, descendants, stop_process_tree, wait_exit
-from fleet.wire.client import EngineClient
 from fleet.wire.protocol import TOKEN_ENV
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ def backoff(policy: SupervisorConfig, restarts: int) -> float:
     return min(policy.restart_backoff * factor, policy.restart_backoff_max)
 
 
-class EngineProcess(Commands):
+class EngineProcess(EngineOwner):
     """One model's engine process and the single task that owns its lifecycle (a kill: SIGKILL)."""
 
     def __init__(
@@ -76,22 +75,15 @@ class EngineProcess(Commands):
         token: str | None = None,
         engine_timeout: float = 300.0,
     ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.name = cfg.replica_name  # the engine's name in logs and status: "<model>.<k>" for replica k
-        self.lifecycle = Lifecycle(self.name)
-        self.client = EngineClient(cfg.name, cfg.host, cfg.port, token=token, timeout=engine_timeout)
+        super().__init__(cfg, console=console, policy=policy or SupervisorConfig(stop_grace=STOP_GRACE), token=token,
+                         engine_timeout=engine_timeout)
         self.command = command
         self.env = {**(env or {}), **({TOKEN_ENV: token} if token else {})}
-        self.console = console or Console(stderr=True, soft_wrap=True)
         self.echo_logs = echo_logs
-        self.policy = policy or SupervisorConfig(stop_grace=STOP_GRACE)
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
-        self.ready_at: float | None = None
         self.restarts = 0  # in a row; what max_restarts counts
-        self.total_restarts = 0
         self._errors = 0  # unexpected supervisor errors in a row: the backoff of their restarts
         self._log_file: IO[str] | None = None
         self._output: OutputPipe | None = None
@@ -325,11 +317,6 @@ class EngineProcess(Commands):
             self._log_file = None
         self.lifecycle.to(EngineState.STOPPED)
         self.say("stopped")
-
-    def say(self, message: str) -> None:
-        """A launcher status line about this engine."""
-        self.console.print(f"[bold]fleet[/bold] {escape(self.name)}: {message}", highlight=False)
-
 
 async def _first_of(work: Awaitable[None], event: asyncio.Event) -> None:
     """Await `work` until it ends or `event` is set, whichever comes first; cancel the other. An

@@ -146,6 +146,8 @@ class EngineClient:
         """What a connection error or a silence means for the request."""
         if isinstance(e, http1.NotSent):
             return EngineUnreachable(f"engine for model {self.name!r} is unreachable: {e}")
+        if isinstance(e, http1.Unanswered):  # the engine answers before it works: this one never began
+            return EngineUnreachable(f"engine for model {self.name!r} closed the connection before answering: {e}")
         if isinstance(e, TimeoutError):
             return EngineTimeout(f"engine for model {self.name!r} sent nothing for {self.timeout:.0f}s")
         return EngineFailure(f"engine for model {self.name!r} is unreachable: {e}")

@@ -10,9 +10,10 @@ from the parser's callbacks to the caller; the connection goes back to the pool 
 has ended, or is closed if the caller leaves before that (which is how an engine request is
 aborted).
 
-Failures are built-in types, so callers need no names from here: `ConnectionError` (refused,
-reset, closed early, not HTTP), `TimeoutError` (no connection within `connect_timeout`, or no
-byte for `read_timeout` during a response).
+Failures are built-in types: `ConnectionError` (refused, reset, closed early, not HTTP; its
+subclasses `NotSent`, no connection was opened, and `Unanswered`, the connection ended before any
+byte of the response), `TimeoutError` (no connection within `connect_timeout`, or no byte for
+`read_timeout` during a response).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ HIGH_WATER = 256 * 1024
 
 class NotSent(ConnectionError):
     """No connection could be opened: no byte of the request left this process."""
+
+
+class Unanswered(ConnectionError):
+    """The connection ended (reset, closed) before any byte of the response arrived."""
 
 class Response:
     """One response as it arrives: `status` once `Pool.request` returns, the body by `read()`."""
@@ -254,9 +259,9 @@ class Pool:
         """Send one request; return once the response's status line and headers arrived.
 
         A GET sent on a reused connection that closes before any byte of the response is sent
-        again once, on a new connection (the server may have closed it as idle). A POST never is:
-        /generate is not idempotent, and a request that made the engine die must not be sent to it
-        again; pooled connections are retired before the server's keep-alive timeout instead.
+        again once, on a new connection (the server may have closed it as idle). A POST never is
+        here; it fails with `Unanswered` then, and the caller decides (an engine sends its response
+        head before it begins work, so a replica that answered nothing never started it).
         """
         data = self._head(method, path, content_type, len(body)) + body
         may_retry, fresh = method == "GET", False
@@ -271,11 +276,13 @@ class Pool:
                     if response._error is not None:
                         raise response._error
                     await response._wait()
-            except ConnectionError:
+            except ConnectionError as e:
                 conn.finish(abort=True)
                 if may_retry and reused and conn.received == 0:
                     may_retry, fresh = False, True
                     continue
+                if conn.received == 0 and not isinstance(e, NotSent):
+                    raise Unanswered(str(e)) from e
                 raise
             except BaseException:  # cancelled or timed out while waiting: leave the exchange
                 conn.finish(abort=True)
