@@ -264,74 +264,79 @@ def test_admission_resize_keeps_running_requests_and_frees_queued_ones() -> None
     asyncio.run(scenario())
 
 
-def start_outside_engine(name: str, port: int, token: str) -> subprocess.Popen[bytes]:
-    """A fake engine that no fleet starts (as `fleet engine` would run one on another machine)."""
-    from fake_engine import fake_command
+class OutsideEngines:
+    """Fake engines that no fleet starts (as `fleet engine` runs one on another machine), each
+    listening before `start` returns; all of them killed when the block ends."""
 
-    cfg = parse_config({"models": [{"name": name, "source": "fake", "port": port}]}).models[0]
-    engine = subprocess.Popen(fake_command(cfg), env={**os.environ, "FLEET_ENGINE_TOKEN": token},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
 
-    def listening() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+    def start(self, port: int, token: str, name: str = "m") -> subprocess.Popen[bytes]:
+        from fake_engine import fake_command
 
-    try:  # its port taken before the fleet picks free ports for itself
-        wait_until(listening, "the outside engine listens")
-    except BaseException:
-        engine.kill()
-        engine.wait()
-        raise
-    return engine
+        cfg = parse_config({"models": [{"name": name, "source": "fake", "port": port}]}).models[0]
+        engine = subprocess.Popen(fake_command(cfg), env={**os.environ, "FLEET_ENGINE_TOKEN": token},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.started.append(engine)
+
+        def listening() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(listening, "the outside engine listens")  # its port taken before the fleet picks its own
+        return engine
+
+    def __enter__(self) -> OutsideEngines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for engine in self.started:
+            engine.kill()
+            engine.wait()
+
+
+def attached_fleet(fake_fleet: FakeFleets, monkeypatch: pytest.MonkeyPatch, outside: OutsideEngines, token: str,
+                   **kw: Any) -> tuple[InProcessFleet, int, int]:
+    """A fleet of two replicas of "m": its own engine and one outside it at a url (started with `token`)."""
+    monkeypatch.setenv("FLEET_ENGINE_TOKEN", "shared-secret")
+    own = free_ports(2)
+    outside.start(own + 1, token)
+    fleet = fake_fleet({"name": "m", "placements": [{"port": own}, {"url": f"http://127.0.0.1:{own + 1}"}]},
+                       supervisor=FAST, **kw)
+    return fleet, own, own + 1
 
 
 def test_an_attached_engine_serves_leaves_rotation_while_it_is_down_and_rejoins(
     fake_fleet: FakeFleets, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FLEET_ENGINE_TOKEN", "shared-secret")
-    own = free_ports(2)
-    outside = own + 1
-    engine = start_outside_engine("m", outside, "shared-secret")
-    try:
-        fleet = fake_fleet({"name": "m", "placements": [{"port": own}, {"url": f"http://127.0.0.1:{outside}"}]},
-                           supervisor=FAST)
+    with OutsideEngines() as engines:
+        fleet, own, outside = attached_fleet(fake_fleet, monkeypatch, engines, "shared-secret")
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             assert set(pool.map(lambda i: complete(fleet, f"p{i}").status_code, range(18))) == {200}
         assert engine_requests(fleet, outside) > 0 and engine_requests(fleet, own) > 0
-        engine.kill()
-        engine.wait()
+        engines.started[0].kill()
+        engines.started[0].wait()
         answers = [complete(fleet, f"down {i}").status_code for i in range(10)]
         assert answers == [200] * 10  # refused connections fail over; then it is out of rotation
         assert fleet.wait_state("m.1", "failed", timeout=10) == "failed"
         assert "out of rotation" in fleet.fleet.engines["m.1"].lifecycle.reason
-        engine = start_outside_engine("m", outside, "shared-secret")  # back: fleet never restarted it itself
+        engines.start(outside, "shared-secret")  # back: fleet never restarted it itself
         assert fleet.wait_state("m.1", "ready", timeout=30) == "ready"
         assert fleet.fleet.engines["m.1"].total_restarts == 0
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             assert set(pool.map(lambda i: complete(fleet, f"again {i}").status_code, range(18))) == {200}
         assert engine_requests(fleet, outside) > 0
-    finally:
-        engine.kill()
-        engine.wait()
 
 
 def test_an_attached_engine_with_another_token_never_joins(fake_fleet: FakeFleets, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLEET_ENGINE_TOKEN", "shared-secret")
-    own = free_ports(2)
-    outside = own + 1
-    engine = start_outside_engine("m", outside, "some-other-token")
-    try:
-        fleet = fake_fleet({"name": "m", "placements": [{"port": own}, {"url": f"http://127.0.0.1:{outside}"}]},
-                           supervisor=FAST, ready=["m.0"])
+    with OutsideEngines() as engines:
+        fleet, _, outside = attached_fleet(fake_fleet, monkeypatch, engines, "some-other-token", ready=["m.0"])
         stats = f"http://127.0.0.1:{outside}/fake/stats"
         wait_until(lambda: httpx.get(stats, timeout=5).json()["refused"] >= 2, "the gateway's checks were refused")
         assert all(complete(fleet, f"p{i}").status_code == 200 for i in range(6))
         assert fleet.state("m.1") == "starting" and engine_requests(fleet, outside) == 0
-    finally:
-        engine.kill()
-        engine.wait()
 
 
 def test_an_engine_keeps_to_the_cores_it_is_bound_to() -> None:
