@@ -40,9 +40,9 @@ def serve(kind: str, port: int) -> None:
     from litestar.types import ASGIApp, Receive, Scope, Send
 
     from bench.stub_openai import answer
+    from fleet.api.completions.protocol import CompletionRequest
     from fleet.gateway.bodies import decode_body, decoder
     from fleet.wire.asgi import read_body
-    from fleet.api.completions.protocol import CompletionRequest
 
     body_of = decoder(CompletionRequest)  # fleet's own body reading and decoding
 

@@ -29,11 +29,11 @@ if str(ROOT) not in sys.path:
 
 from bench.null_engine import null_command
 from bench.procs import free_port
-from fleet.gateway.app import create_app
 from fleet.cli import run_loop
 from fleet.config.load import parse_config
-from fleet.run.launcher import Fleet
+from fleet.gateway.app import create_app
 from fleet.gateway.status import EngineState
+from fleet.run.launcher import Fleet
 
 
 def _scope(body: bytes) -> dict[str, Any]:

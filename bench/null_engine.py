@@ -22,8 +22,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `fleet` and `bench` impor
     sys.path.insert(0, str(ROOT))
 
 from bench import tinyhttp
+from fleet.config.model import ModelConfig
 from fleet.wire import protocol
-from fleet.config.schema import ModelConfig
 
 NULL_ENGINE = Path(__file__).resolve()
 TOKEN_ID = 1000

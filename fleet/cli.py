@@ -16,7 +16,8 @@ from rich.table import Table
 
 from fleet import __version__
 from fleet.config.load import load_config
-from fleet.config.schema import DEFAULT_CONFIG, GIB, FleetConfig
+from fleet.config.model import GIB
+from fleet.config.schema import DEFAULT_CONFIG, FleetConfig
 from fleet.errors import ConfigError
 
 CONFIG_OPTION = click.option(
@@ -69,7 +70,7 @@ def main() -> None:
 def launch(config_path: Path, host: str | None, port: int | None, engine_logs: bool) -> None:
     """Start one vLLM engine per model and the gateway; Ctrl-C stops everything."""
     from fleet.config.placement import check_placement
-    from fleet.run.launcher import launch as run_launch
+    from fleet.run.foreground import launch as run_launch
 
     config = _load(config_path, host=host, port=port)
     if not config.models:

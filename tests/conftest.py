@@ -193,7 +193,7 @@ def fake_launcher_command(tmp_path: Path, config: Path) -> list[str]:
         from fake_engine import fake_command
         from fleet.cli import run_loop
         from fleet.config.load import load_config
-        from fleet.run.launcher import launch
+        from fleet.run.foreground import launch
         run_loop(launch(load_config({str(config)!r}), echo_logs=False, config_path={str(config)!r},
                         command=fake_command))
     """))

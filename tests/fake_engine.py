@@ -63,8 +63,8 @@ from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
 from litestar.response import Stream
 
+from fleet.config.model import ModelConfig
 from fleet.wire import protocol
-from fleet.config.schema import ModelConfig
 
 FAKE_ENGINE = Path(__file__).resolve()
 TOKEN_ID_BASE = 1000

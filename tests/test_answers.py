@@ -15,7 +15,7 @@ from fleet.api.answers import Candidate, best, engine_requests
 from fleet.api.completions.protocol import CompletionRequest
 from fleet.api.completions.serving import completion_logprobs, plan_completion
 from fleet.api.planning import Plan
-from fleet.config.schema import SamplingDefaults
+from fleet.config.model import SamplingDefaults
 from fleet.wire import protocol
 
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from fleet.config.schema import CPU_KV_CACHE_GIB, GIB, FleetConfig, SamplingDefaults
-
 from fleet.config.load import load_config, parse_config
+from fleet.config.model import CPU_KV_CACHE_GIB, GIB, SamplingDefaults
 from fleet.config.placement import cpu_dtype, cpu_flags, engine_dtype
+from fleet.config.schema import FleetConfig
 from fleet.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import free_port
 
-from fleet.config.schema import ModelConfig
+from fleet.config.model import ModelConfig
 from fleet.engine.args import MAX_LOGPROBS, build_engine
 
 

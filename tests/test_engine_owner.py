@@ -12,7 +12,8 @@ import pytest
 from conftest import free_port
 from fake_engine import fake_command
 
-from fleet.config.schema import ModelConfig, SupervisorConfig
+from fleet.config.model import ModelConfig
+from fleet.config.schema import SupervisorConfig
 from fleet.gateway.metrics import BackendStats
 from fleet.gateway.status import EngineState
 from fleet.run.supervisor import EngineProcess

@@ -20,7 +20,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from conftest import FakeFleets, ROOT, fake_config, fake_launcher_command, fleet_toml, free_port
+from conftest import ROOT, FakeFleets, fake_config, fake_launcher_command, fleet_toml, free_port
 from rich.console import Console
 
 from fleet.config.load import parse_config

@@ -40,18 +40,18 @@ import msgspec
 import pytest
 import requests
 import schemathesis
+from conftest import InProcessFleet, free_port
+from fake_engine import fake_command
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from conftest import InProcessFleet, free_port
-from fake_engine import fake_command
-from fleet.gateway.app import create_app
-from fleet.gateway.openapi import document
-from fleet.config.load import parse_config
-from fleet.api.protocol import ErrorResponse
 from fleet.api.chat.protocol import ChatCompletionChunk
 from fleet.api.completions.protocol import CompletionChunk
+from fleet.api.protocol import ErrorResponse
+from fleet.config.load import parse_config
+from fleet.gateway.app import create_app
+from fleet.gateway.openapi import document
 
 EXAMPLES = int(os.environ.get("FLEET_FUZZ_EXAMPLES", "250"))
 TIMEOUT = 10  # seconds any one request may take: far above what a fake engine needs

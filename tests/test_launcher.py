@@ -29,8 +29,9 @@ from fake_engine import CRASH_EXIT_CODE, fake_command
 from rich.console import Console
 
 from fleet.config.load import parse_config
+from fleet.config.model import ModelConfig
 from fleet.config.placement import engine_dtype
-from fleet.config.schema import ModelConfig, SupervisorConfig
+from fleet.config.schema import SupervisorConfig
 from fleet.errors import EngineFailure
 from fleet.gateway.status import EngineState
 from fleet.run.launcher import Fleet
@@ -501,7 +502,7 @@ def test_the_launcher_and_gateway_import_neither_the_engine_stack_nor_unused_hea
     quarter of a second of its start, and psutil until engines are watched. (Litestar's default
     pydantic and attrs plugins are imported: ~0.05 s, the price of no private Litestar hook.)"""
     heavy = ("torch", "vllm", "ray", "aiohttp", "psutil")
-    code = ("import sys, fleet.cli, fleet.run.launcher; from fleet.gateway.app import create_app; create_app({}); "
+    code = ("import sys, fleet.cli, fleet.run.launcher, fleet.run.foreground; from fleet.gateway.app import create_app; create_app({}); "
             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "", f"imported at start: {out.stdout.strip()}"

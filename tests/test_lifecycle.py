@@ -6,11 +6,9 @@ import itertools
 
 import pytest
 
-from fleet.run.lifecycle import TRANSITIONS, Lifecycle
-
-from fleet.gateway.status import EngineState
-
 from fleet.errors import InvalidTransition
+from fleet.gateway.status import EngineState
+from fleet.run.lifecycle import TRANSITIONS, Lifecycle
 
 S = EngineState
 

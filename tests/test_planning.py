@@ -17,7 +17,7 @@ from fleet.api.completions.protocol import CompletionRequest
 from fleet.api.completions.serving import plan_completion
 from fleet.api.planning import Plan
 from fleet.api.rules import SamplingType, sampling_type
-from fleet.config.schema import SamplingDefaults
+from fleet.config.model import SamplingDefaults
 from fleet.errors import InvalidRequest
 from fleet.wire import protocol
 

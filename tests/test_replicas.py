@@ -168,7 +168,7 @@ def test_a_placement_that_cannot_work_is_refused_naming_the_field(model: dict[st
 
 def test_each_engine_reads_its_own_replica_as_a_one_engine_config() -> None:
     (m,) = parse_config({"models": [{"name": "m", "source": "x", "gpus": [0, 1, 2, 3], "port": 6000, "replicas": 2}]}).models
-    from fleet.config.schema import ModelConfig
+    from fleet.config.model import ModelConfig
 
     engine = ModelConfig.model_validate_json(m.replica_configs()[1].engine_json())  # what `python -m fleet.engine` reads
     assert (engine.gpus, engine.port, engine.replicas, engine.tensor_parallel_size) == ([2, 3], 6001, 1, 2)

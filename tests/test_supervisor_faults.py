@@ -33,7 +33,8 @@ from rich.console import Console
 from test_launcher import alive, family, kill_all, wait_gone
 
 import fleet.run.supervisor as supervisor
-from fleet.config.schema import ModelConfig, SupervisorConfig
+from fleet.config.model import ModelConfig
+from fleet.config.schema import SupervisorConfig
 from fleet.gateway.status import EngineState
 from fleet.run.supervisor import EngineProcess
 

@@ -35,7 +35,7 @@ from fleet.api.rules import (
     sampling_type,
     stop_sequences,
 )
-from fleet.config.schema import Limits, SamplingDefaults
+from fleet.config.model import Limits, SamplingDefaults
 from fleet.errors import InvalidRequest
 from fleet.wire import protocol
 

@@ -14,7 +14,7 @@ import msgspec
 
 from fleet.api.chat.protocol import ChatMessageIn, ResponseFormat
 from fleet.api.protocol import INT32_MAX
-from fleet.config.schema import Limits
+from fleet.config.model import Limits
 from fleet.errors import InvalidRequest
 from fleet.wire import protocol
 

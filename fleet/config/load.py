@@ -9,7 +9,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fleet.config.schema import DEFAULT_CONFIG, MAX_SHARED_FRACTION, FleetConfig, ModelConfig
+from fleet.config.model import ModelConfig
+from fleet.config.schema import DEFAULT_CONFIG, MAX_SHARED_FRACTION, FleetConfig
 from fleet.errors import ConfigError
 
 

@@ -21,7 +21,8 @@ from functools import cache
 from pathlib import Path
 
 from fleet.config.load import replica_field
-from fleet.config.schema import ENGINE_TOKEN_ENV, FleetConfig, ModelConfig, shared_engine_token
+from fleet.config.model import ModelConfig
+from fleet.config.schema import ENGINE_TOKEN_ENV, FleetConfig, shared_engine_token
 from fleet.config.sources import DEFAULT_NAME, SourceKind, cache_dir, classify, default_gguf
 
 
@@ -164,6 +165,16 @@ def check_placement(config: FleetConfig, path: Path | str, *, gpus: list[int] | 
     if probe_ports and port_in_use(gw.host, gw.port):
         out.errors.append(f'{path}: [gateway], field "port": {gw.host}:{gw.port} is already in use by another process')
     return out
+
+
+def can_run_together(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether two engines of this machine can run at once (a rolling reload's predecessor and
+    successor): not on the same port, not on a GPU in common, not both on the CPU (a successor gets
+    its predecessor's cores: two engines on one core set crawl, and moving onto cores where vLLM's
+    threads spin can stall a process for minutes); attached engines unless at the same url."""
+    if old.attached or new.attached:
+        return old.url != new.url
+    return old.port != new.port and not set(old.gpus) & set(new.gpus) and not (old.on_cpu and new.on_cpu)
 
 
 def gpu_rows(placement: Placement) -> list[tuple[int, list[str], float]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleet.config.model import ModelConfig
 from fleet.config.placement import engine_dtype
-from fleet.config.schema import ModelConfig
 from fleet.config.sources import resolve
 
 MAX_LOGPROBS = 40  # beam search asks for 2 * width alternatives per step

@@ -24,7 +24,8 @@ from litestar import Litestar, Request, Response, asgi, get
 from litestar.exceptions import MethodNotAllowedException, NotAuthorizedException
 from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Send
 
-from fleet.config.schema import ModelConfig
+from fleet.config.model import ModelConfig
+from fleet.config.schema import ENGINE_TOKEN_ENV
 from fleet.engine.args import build_engine
 from fleet.engine.service import EngineService
 from fleet.errors import ClientDisconnected
@@ -107,7 +108,7 @@ async def serve(cfg: ModelConfig) -> None:
     template = Path(cfg.chat_template).expanduser().read_text() if cfg.chat_template else None  # noqa: ASYNC240
     service = EngineService(engine, cfg.name, template)
     server = SignalFreeServer(
-        uvicorn.Config(create_engine_app(service, os.environ.get(protocol.TOKEN_ENV)), host=cfg.host, port=cfg.port,
+        uvicorn.Config(create_engine_app(service, os.environ.get(ENGINE_TOKEN_ENV)), host=cfg.host, port=cfg.port,
                        log_level="warning", access_log=False,
                        timeout_keep_alive=protocol.ENGINE_KEEP_ALIVE)
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fleet.api.answers import Batches
-from fleet.config.schema import ModelConfig
+from fleet.config.model import ModelConfig
 from fleet.errors import EngineUnreachable, ModelNotReady
 from fleet.gateway.admission import Admission
 from fleet.gateway.metrics import BackendStats

@@ -1,8 +1,8 @@
 """Processes and their owners: `launcher` runs a fleet (engines plus the gateway, reloads, stop),
-`supervisor` owns one engine process, `attached` one engine on another machine (watched, never
-started), `owner` what both owners share, `gateway_server` the gateway's socket and server,
-`lifecycle` is the state machine an engine's owner keeps, and `process` the process-tree
-mechanics (also used by the engine process itself).
+`foreground` runs it for `fleet launch` (signals), `supervisor` owns one engine process,
+`attached` one engine on another machine (watched, never started), `owner` what both share,
+`gateway_server` the gateway's socket and server, `lifecycle` the state machine an engine's owner
+keeps, and `process` the process-tree mechanics (also used by the engine process itself).
 
 May import: fleet.gateway, fleet.wire, fleet.config, fleet.errors. Never the engine package.
 """

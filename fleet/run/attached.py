@@ -18,7 +18,8 @@ import time
 from rich.console import Console
 from rich.markup import escape
 
-from fleet.config.schema import ModelConfig, SupervisorConfig
+from fleet.config.model import ModelConfig
+from fleet.config.schema import SupervisorConfig
 from fleet.errors import EngineFailure
 from fleet.gateway.status import EngineState
 from fleet.run.owner import EngineOwner

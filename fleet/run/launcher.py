@@ -1,11 +1,11 @@
-"""`fleet launch`: every engine at once, the gateway over them, reloads, and a clean stop.
+"""A running fleet: every engine at once, the gateway over them, reloads, and a clean stop.
 
-A `Fleet` owns one `EngineProcess` (supervisor.py) per model and the gateway server, in one
-event loop. Signal handlers only set events; the main coroutine acts on them:
-SIGINT/SIGTERM stop (a second one forces), SIGHUP reloads fleet.toml.
+A `Fleet` owns one engine owner per replica (`EngineProcess`, supervisor.py; `AttachedEngine`,
+attached.py, for an engine at a url) and the gateway server, in one event loop; foreground.py
+turns signals into its commands.
 
 Reload applies only the difference: new models start, removed ones stop taking requests, drain
-and stop, changed ones drain and restart with their new settings; untouched models never notice.
+and stop, changed ones roll one replica at a time; untouched models never notice.
 """
 
 from __future__ import annotations
@@ -15,28 +15,23 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
-from fleet.config.load import load_config
-from fleet.config.placement import cpu_bindings
-from fleet.config.schema import FleetConfig, ModelConfig, shared_engine_token
+from fleet.config.model import ModelConfig
+from fleet.config.placement import can_run_together, cpu_bindings
+from fleet.config.schema import FleetConfig, shared_engine_token
 from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
 from fleet.gateway.auth import check_exposure, load_keys
 from fleet.gateway.backend import Backend, Replica
-from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionCounts, ConnectionLimits, raise_open_files_limit
+from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionCounts, ConnectionLimits
 from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus, ReloadReport
 from fleet.run.attached import AttachedEngine
 from fleet.run.gateway_server import GatewayServer
-from fleet.run.lifecycle import Lifecycle
-from fleet.run.process import freeze_startup_heap
 from fleet.run.supervisor import EngineCommand, EngineProcess, backoff, engine_command
 
 log = logging.getLogger("fleet.run")
@@ -251,7 +246,7 @@ class Fleet:
     async def _replace(self, cfg: ModelConfig, bindings: dict[str, str] | None = None) -> str | None:
         """A changed model, rolled one replica at a time so that it never loses all its copies at
         once: each successor starts and is ready before its predecessor leaves routing, drains and
-        stops; where the two would share a port, a GPU or the CPU (_clash), the predecessor leaves first (then only a
+        stops; where the two cannot run at once (placement.can_run_together), the predecessor leaves first (then only a
         model with one replica has a gap). A successor that fails stops the roll: the replicas not
         reached yet keep their settings and serve (the returned warning says so)."""
         backend = self.backends[cfg.name]
@@ -263,7 +258,7 @@ class Fleet:
             backend.admission.resize(limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
         for k in range(max(len(before), len(after))):
             old = self._take(before[k]) if k < len(before) else None
-            if old is not None and (k >= len(after) or _clash(old[1].cfg, after[k])):
+            if old is not None and (k >= len(after) or not can_run_together(old[1].cfg, after[k])):
                 backend.replicas.remove(old[0])  # it leaves first: gone for good, or in its successor's way
                 await self._drain_and_stop([old])
                 old = None
@@ -272,7 +267,7 @@ class Fleet:
             new = self._replica(after[k], bindings)
             backend.replicas.append(new)
             self._start(new.name)
-            state = await _settled(self.engines[new.name].lifecycle, cfg.start_timeout)
+            state = await self.engines[new.name].lifecycle.settled(cfg.start_timeout)
             if old is not None:  # both ran at once: the one that is not ready goes
                 goes, stays = (old, new) if state is EngineState.READY else (self._take(new), old[0])
                 backend.replicas.remove(goes[0])
@@ -316,78 +311,3 @@ class Fleet:
                 ))
         gw = self.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self.started_at)), rows)
-
-
-async def _settled(lifecycle: Lifecycle, within: float) -> EngineState:
-    """READY, or the first FAILED or STOPPED an engine reaches (seen by a listener: a FAILED that
-    turns RESTARTING at once still counts); STARTING if neither came `within` s."""
-    done: asyncio.Future[EngineState] = asyncio.get_running_loop().create_future()
-
-    def listen(lc: Lifecycle, _old: EngineState, _reason: str) -> None:
-        if lc.state in (EngineState.READY, EngineState.FAILED, EngineState.STOPPED) and not done.done():
-            done.set_result(lc.state)
-
-    lifecycle.listeners.append(listen)
-    try:
-        async with asyncio.timeout(within):
-            return await done
-    except TimeoutError:
-        return lifecycle.state
-    finally:
-        lifecycle.listeners.remove(listen)
-
-
-def _clash(old: ModelConfig, new: ModelConfig) -> bool:
-    """Whether two engines cannot run at once: the same port on this machine, a GPU in common, or
-    both on this machine's CPU (a successor gets its predecessor's cores: two engines on one core
-    set crawl, and moving onto cores where vLLM's threads spin can stall a process for minutes)."""
-    if old.attached or new.attached:
-        return old.url == new.url
-    return old.port == new.port or bool(set(old.gpus) & set(new.gpus)) or (old.on_cpu and new.on_cpu)
-
-
-async def launch(config: FleetConfig, *, echo_logs: bool = True, config_path: Path | None = None,
-                 overrides: dict[str, Any] | None = None, command: EngineCommand = engine_command) -> None:
-    """`fleet launch`: run a fleet in the foreground until SIGINT/SIGTERM; SIGHUP reloads."""
-    loader = (lambda: load_config(config_path, **(overrides or {}))) if config_path else None
-    open_files = raise_open_files_limit()
-    fleet = Fleet(config, echo_logs=echo_logs, loader=loader, command=command)
-    limits = fleet.connection_limits
-    fleet.console.print(
-        f"[bold]fleet[/bold] gateway: at most {limits.max_connections} client connections "
-        f"({limits.max_per_client} per address) of {open_files} open files; headers within "
-        f"{limits.header_timeout:g}s, body pauses up to {limits.body_timeout:g}s", highlight=False)
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_stop_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            fleet.console.print("[bold]fleet[/bold]: stopping; Ctrl-C again to force", highlight=False)
-            fleet.stop()
-        else:
-            fleet.kill()
-
-    def on_hangup() -> None:
-        task = asyncio.ensure_future(fleet.reload())
-        task.add_done_callback(report_reload)
-
-    def report_reload(task: asyncio.Future[ReloadReport]) -> None:
-        if (error := task.exception()) is not None:
-            fleet.console.print(f"[red]reload failed[/red]: {error}")
-
-    async def settle_heap() -> None:
-        await fleet.gateway_started.wait()
-        freeze_startup_heap()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_stop_signal)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    settled = asyncio.create_task(settle_heap())
-    try:
-        await fleet.run()
-    finally:
-        settled.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)

@@ -65,3 +65,20 @@ class Lifecycle:
             await self._changed.wait()
         return self.state
 
+    async def settled(self, within: float) -> EngineState:
+        """READY, or the first FAILED or STOPPED it reaches (seen by a listener: a FAILED that turns
+        RESTARTING at once still counts); the state it is in if neither came `within` s."""
+        done: asyncio.Future[EngineState] = asyncio.get_running_loop().create_future()
+
+        def listen(lc: Lifecycle, _old: EngineState, _reason: str) -> None:
+            if lc.state in (EngineState.READY, EngineState.FAILED, EngineState.STOPPED) and not done.done():
+                done.set_result(lc.state)
+
+        self.listeners.append(listen)
+        try:
+            async with asyncio.timeout(within):
+                return await done
+        except TimeoutError:
+            return self.state
+        finally:
+            self.listeners.remove(listen)

@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from rich.console import Console
 from rich.markup import escape
 
-from fleet.config.schema import ModelConfig, SupervisorConfig
+from fleet.config.model import ModelConfig
+from fleet.config.schema import SupervisorConfig
 from fleet.run.lifecycle import Lifecycle
 from fleet.wire.client import EngineClient
 

@@ -26,13 +26,13 @@ from typing import IO, TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 
+from fleet.config.model import ModelConfig
 from fleet.config.placement import engine_dtype
-from fleet.config.schema import ModelConfig, SupervisorConfig
+from fleet.config.schema import ENGINE_TOKEN_ENV, SupervisorConfig
 from fleet.config.sources import cache_dir
 from fleet.gateway.status import EngineState
 from fleet.run.owner import EngineOwner
 from fleet.run.process import STOP_GRACE, OutputPipe, descendants, stop_process_tree, wait_exit
-from fleet.wire.protocol import TOKEN_ENV
 
 if TYPE_CHECKING:
     import psutil
@@ -78,7 +78,7 @@ class EngineProcess(EngineOwner):
         super().__init__(cfg, console=console, policy=policy or SupervisorConfig(stop_grace=STOP_GRACE), token=token,
                          engine_timeout=engine_timeout)
         self.command = command
-        self.env = {**(env or {}), **({TOKEN_ENV: token} if token else {})}
+        self.env = {**(env or {}), **({ENGINE_TOKEN_ENV: token} if token else {})}
         self.echo_logs = echo_logs
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
         self.proc: asyncio.subprocess.Process | None = None

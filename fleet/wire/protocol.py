@@ -1,7 +1,7 @@
 """The internal protocol between the gateway and an engine: the only module both sides share.
 
 HTTP/1.1 on the engine's port, msgpack bodies, the launcher's token as a bearer token
-(`TOKEN_ENV` hands it to the engine):
+(`config.schema.ENGINE_TOKEN_ENV` hands it to the engine):
 
 - ``GET /health``: 200 when ready, 503 while loading or after a fatal engine error.
 - ``GET /info``: `EngineInfo`.
@@ -18,12 +18,9 @@ from typing import Literal, TypeVar
 
 import msgspec
 
-from fleet.config.schema import ENGINE_TOKEN_ENV
-
 CONTENT_TYPE = "application/vnd.fleet.frames"
 REQUEST_TYPE = "application/msgpack"
 FRAME_HEADER = struct.Struct(">I")
-TOKEN_ENV = ENGINE_TOKEN_ENV  # the launcher sets it for the engine; the gateway presents it
 
 # Keep-alive contract: the engine's server closes a connection idle for ENGINE_KEEP_ALIVE seconds;
 # the gateway's client never reuses one idle for CLIENT_IDLE_LIMIT or longer, so it never sends a

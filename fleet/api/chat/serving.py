@@ -24,7 +24,7 @@ from fleet.api.chat.protocol import (
 from fleet.api.planning import NO_LIMITS, Plan, for_request, plan
 from fleet.api.protocol import Usage
 from fleet.api.rules import chat_top_logprobs, check_tools, structured_output, text_messages
-from fleet.config.schema import Limits, SamplingDefaults
+from fleet.config.model import Limits, SamplingDefaults
 from fleet.wire import protocol
 
 _json = msgspec.json.Encoder()

@@ -19,7 +19,7 @@ from fleet.api.completions.protocol import (
 from fleet.api.planning import NO_LIMITS, Plan, Prompt, for_request, plan
 from fleet.api.protocol import Usage
 from fleet.api.rules import check_suffix, prompt_list
-from fleet.config.schema import Limits, SamplingDefaults
+from fleet.config.model import Limits, SamplingDefaults
 from fleet.wire import protocol
 
 _json = msgspec.json.Encoder()
