@@ -3,7 +3,7 @@
     python bench/fleet_runner.py --config fleet.toml --engine null      # bench/null_engine.py
     python bench/fleet_runner.py --config fleet.toml --engine vllm      # fleet.engine (= fleet launch)
 
-It calls `fleet.run.launcher.launch(config, command=...)` on the event loop `fleet launch` uses
+It calls `fleet.run.foreground.launch(config, command=...)` on the event loop `fleet launch` uses
 (`fleet.cli.run_loop`); with ``--engine vllm`` it is `fleet launch --config ... --no-engine-logs`,
 minus the CLI's placement report.
 """
@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 from bench.null_engine import null_command
 from fleet.cli import run_loop
 from fleet.config.load import load_config
-from fleet.run.launcher import launch
+from fleet.run.foreground import launch
 from fleet.run.supervisor import engine_command
 
 

@@ -336,9 +336,9 @@ async def sample_self(path: Path, interval: float, collect: bool) -> None:
 
 
 async def serve(config_path: Path, engine: str, samples: Path | None, interval: float, collect: bool) -> None:
-    """`fleet launch` (fleet.run.launcher.launch) with the engine command of the soak, sampling itself."""
+    """`fleet launch` (fleet.run.foreground.launch) with the engine command of the soak, sampling itself."""
     from fleet.config.load import load_config
-    from fleet.run.launcher import launch
+    from fleet.run.foreground import launch
     from fleet.run.supervisor import engine_command
 
     if engine == "fake":

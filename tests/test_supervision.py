@@ -124,7 +124,7 @@ def test_status_reports_every_model(fake_fleet: FakeFleets) -> None:
 
 
 def run_fleet_script(tmp_path: Path, models: list[dict[str, Any]]) -> tuple[subprocess.Popen, Path, int]:
-    """A launcher in its own process (fleet.launcher.launch with fake engines), as `fleet launch` runs it."""
+    """A launcher in its own process (fleet.run.foreground.launch with fake engines), as `fleet launch` runs it."""
     port = free_port()
     cfg_path = tmp_path / "fleet.toml"
     from conftest import fleet_toml
