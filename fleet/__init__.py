@@ -10,6 +10,7 @@ The package, by role (each subpackage's docstring says what it owns and what it 
     config/     fleet.toml: schema, file rules, placement checks, model sources
     errors.py   every error type fleet reports
     engine/     the engine process (vLLM); started as `python -m fleet.engine`, imported by no other part
+    cluster/    engines on a Ray cluster ([cluster]): imported by cli alone, and only then; imports ray
 
 Imports point one way: cli -> run -> gateway -> api -> wire -> config -> errors. The engine
 imports only wire, config, errors and run.process; nothing imports the engine.

@@ -8,7 +8,7 @@ import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -19,6 +19,9 @@ from fleet.config.load import load_config
 from fleet.config.model import GIB
 from fleet.config.schema import DEFAULT_CONFIG, FleetConfig
 from fleet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fleet.cluster.connect import RayCluster
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -76,16 +79,46 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
     if not config.models:
         click.echo(f"error: {config_path}: no [[models]] to serve", err=True)
         sys.exit(2)
-    _report(check_placement(config, config_path))
+    placement = check_placement(config, config_path)
+    cluster = _join_cluster(config, placement, echo_logs=engine_logs)
+    _report(placement)
     try:
         run_loop(run_launch(config, echo_logs=engine_logs, config_path=config_path,
-                            overrides={"host": host, "port": port}))
+                            overrides={"host": host, "port": port}, backend=cluster))
     except ConfigError as e:  # refused before anything started: keys, an exposed gateway without them
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (OSError, RuntimeError) as e:  # a taken port; a gateway that stopped by itself (logged with its traceback)
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _join_cluster(config: FleetConfig, placement: object, *, echo_logs: bool = True) -> RayCluster | None:
+    """With [cluster]: join it (ray.init) and add to the placement's findings whether every replica
+    fits on its nodes now; None without [cluster] (then Ray is never imported)."""
+    from fleet.config.placement import Placement
+
+    assert isinstance(placement, Placement)
+    if config.cluster is None:
+        return None
+    from fleet.cluster.connect import RayCluster
+    from fleet.cluster.placement import fit, replica_ask
+
+    try:
+        cluster = RayCluster(config.cluster, echo_logs=echo_logs)
+    except ConfigError as e:
+        placement.errors.append(str(e))
+        return None
+    asks = [replica_ask(r, config.cluster.engine_cpus) for m in config.models for r in m.replica_configs() if not r.attached]
+    nodes = cluster.nodes()
+    found = fit(asks, nodes)
+    placement.cluster = [(a.name, found.nodes.get(a.name, [])) for a in asks]
+    placement.nodes = {n.node_id: n.address for n in nodes}
+    placement.errors += [f"[cluster] {config.cluster.address}: {p}" for p in found.problems]
+    return cluster
 
 
 @main.command()
@@ -97,6 +130,8 @@ def check(config_path: Path) -> None:
     config = _load(config_path)
     placement = check_placement(config, config_path)
     _check_exposure(config, placement)
+    if (cluster := _join_cluster(config, placement, echo_logs=False)) is not None:
+        cluster.close()
     console = table_console()
     console.print(f"{config_path}: gateway on {config.gateway.host}:{config.gateway.port}", highlight=False, soft_wrap=True)
     table = Table()
@@ -107,13 +142,20 @@ def check(config_path: Path) -> None:
         memory = f"{m.kv_cache_gib or m.kv_cache_bytes / GIB:g} GiB KV" if m.kv_cache_bytes else f"{m.memory_fraction:.2f}"
         for r in m.replica_configs():  # one row per engine: a replica's own GPUs and port
             where = f"attached: {r.url}" if r.url else str(r.port)  # an attached engine's GPUs are its machine's
-            table.add_row(r.replica_name, m.source, placement.sources[m.name].value,
-                          "CPU" if r.on_cpu else ",".join(map(str, r.gpus)), str(r.tensor_parallel_size), where,
+            devices = "CPU" if r.on_cpu else f"{len(r.gpus)} on a node" if r.gpu_count else ",".join(map(str, r.gpus))
+            table.add_row(r.replica_name, m.source, placement.sources[m.name].value, devices, str(r.tensor_parallel_size), where,
                           memory, dtypes[m.name][0], str(m.eager).lower())
     console.print(table)
     for m in config.models:
         if m.on_cpu and m.dtype == "auto":
             click.echo(f"{m.name}: {dtypes[m.name][0]} ({dtypes[m.name][1]})")
+    if placement.cluster:
+        rooms = Table(title=f"cluster {config.cluster.address if config.cluster else ''}: where Ray has room now")
+        for col in ("replica", "node"):
+            rooms.add_column(col, no_wrap=True)
+        for name, ids in placement.cluster:
+            rooms.add_row(name, ", ".join(f"{placement.nodes.get(n, '?')} ({n[:8]})" for n in ids) or "no room")
+        console.print(rooms)
     if placement.gpus:
         gpus = Table(title="GPUs")
         for col in ("GPU", "models", "memory fraction"):
@@ -228,14 +270,17 @@ def status(config_path: Path, host: str | None, port: int | None, as_json: bool)
     body = msgspec.json.decode(raw, type=FleetStatus)
     gw = body.gateway
     table = Table(title=f"fleet on {gw.host}:{gw.port} (pid {gw.pid})")
-    cols = ("model", "state", "GPUs", "port", "pid", "uptime", "restarts", "in flight", "requests", "tokens/s")
+    on_nodes = any(m.node for m in body.models)  # a cluster's: which node each replica is on
+    cols = ("model", "state", *(("node",) if on_nodes else ()), "GPUs", "port", "pid", "uptime", "restarts",
+            "in flight", "requests", "tokens/s")
     for col in cols:
         table.add_column(col, overflow="fold")
     for m in body.models:
         uptime = "-" if m.uptime_s is None else f"{m.uptime_s:.0f}s"
         state = m.state.value + (f" ({m.reason})" if m.reason and m.state is not EngineState.READY else "")
         pid = f"attached: {m.url}" if m.url else str(m.pid or "-")
-        table.add_row(m.replica, state, ",".join(map(str, m.gpus)) or "CPU", str(m.port), pid,
+        node = (m.node or "-",) if on_nodes else ()
+        table.add_row(m.replica, state, *node, ",".join(map(str, m.gpus)) or "CPU", str(m.port), pid,
                       uptime, str(m.restarts), str(m.inflight), str(m.requests), f"{m.tokens_per_s:.1f}")
     table_console().print(table)
 

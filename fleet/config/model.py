@@ -98,8 +98,11 @@ class ModelConfig(Strict):
         min_length=1,
         description='Hugging Face id, local directory, `.gguf` file, or "default" (the packaged model)',
     )
-    gpus: list[Int] = Field(default_factory=list, description="CUDA device ids; empty = CPU")
-    port: Int = Field(ge=1, le=65535, description="the engine's port")
+    gpus: list[Int] = Field(
+        default_factory=list,
+        description="CUDA device ids, empty = CPU; on a [cluster], a count (`gpus = 2`: Ray picks a node's GPUs)",
+    )
+    port: Int = Field(ge=1, le=65535, description="the engine's port (on a cluster: on its node)")
     host: str = Field("127.0.0.1", description="the engine's listen address")
     max_model_len: Int | None = Field(None, ge=1)
     gpu_memory_utilization: float | None = Field(
@@ -143,7 +146,26 @@ class ModelConfig(Strict):
     url: EngineUrl | None = Field(
         None, description="http://HOST:PORT of an engine fleet does not start (`fleet engine` runs it elsewhere)"
     )
+    pipeline_parallel_size: Int = Field(
+        1, ge=1, description="pipeline stages: a replica's GPUs are pipeline_parallel_size x tensor_parallel_size"
+    )
+    multi_node: bool = Field(
+        False, description="on a [cluster]: a replica's GPUs may span nodes, through vLLM's Ray executor "
+        "(else each replica is packed on one node)",
+    )
     replica: Int = Field(0, ge=0, exclude=True, description="set by fleet: which copy of the model this is")
+    gpu_count: bool = Field(False, exclude=True, description="set by fleet: `gpus` was given as a count (a cluster's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpus_as_a_count(cls, data: Any) -> Any:
+        """`gpus = N` (a cluster's form): N GPUs that Ray picks on a node, kept as the ids 0..N-1 of
+        the replica's own view (which is what CUDA_VISIBLE_DEVICES gives its engine there)."""
+        if isinstance(data, dict) and isinstance(data.get("gpus"), int) and not isinstance(data["gpus"], bool):
+            if data["gpus"] < 0:
+                raise ValueError("gpus: a count of GPUs is >= 0")
+            data = {**data, "gpus": list(range(data["gpus"])), "gpu_count": True}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -207,8 +229,8 @@ class ModelConfig(Strict):
         if self.replicas == 1:
             return [self]
         share = len(self.gpus) // self.replicas
-        return [self.model_copy(update={"gpus": self.gpus[k * share:(k + 1) * share], "port": self.port + k, "replica": k})
-                for k in range(self.replicas)]
+        gpus = [list(range(share)) if self.gpu_count else self.gpus[k * share:(k + 1) * share] for k in range(self.replicas)]
+        return [self.model_copy(update={"gpus": gpus[k], "port": self.port + k, "replica": k}) for k in range(self.replicas)]
 
     def engine_json(self) -> str:
         """This replica's settings as its engine process reads them: one engine, no replicas."""
@@ -252,8 +274,8 @@ class ModelConfig(Strict):
 
     @property
     def tensor_parallel_size(self) -> int:
-        """One shard per GPU."""
-        return max(1, len(self.gpus))
+        """Shards per pipeline stage: a replica's GPUs divided among its stages."""
+        return max(1, len(self.gpus) // self.pipeline_parallel_size)
 
     @property
     def memory_fraction(self) -> float:

@@ -41,6 +41,8 @@ class Placement:
     gpus: dict[int, list[tuple[str, float]]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    cluster: list[tuple[str, list[str]]] = field(default_factory=list)  # on a cluster: replica -> node ids it fits on
+    nodes: dict[str, str] = field(default_factory=dict)  # the cluster's node ids -> addresses
 
 
 def source_state(m: ModelConfig) -> tuple[SourceState, str | None]:
@@ -133,8 +135,9 @@ def check_placement(config: FleetConfig, path: Path | str, *, gpus: list[int] | 
         if state is SourceState.MISSING:
             out.errors.append(f'{where}, field "source": {why}')
         heads = attention_heads(m)
-        local = [r for r in m.replica_configs() if not r.attached]  # an attached engine's machine is its own
-        for tp in sorted({r.tensor_parallel_size for r in local}):
+        started = [r for r in m.replica_configs() if not r.attached]  # an attached engine's machine is its own
+        local = [] if config.cluster else started  # a cluster's run on its nodes (the cluster's check: cli)
+        for tp in sorted({r.tensor_parallel_size for r in started}):
             if heads is not None and heads % tp:
                 out.errors.append(
                     f'{where}, field "gpus": tensor parallel size {tp} (one per GPU of a replica) must divide '
@@ -150,7 +153,7 @@ def check_placement(config: FleetConfig, path: Path | str, *, gpus: list[int] | 
             if probe_ports and port_in_use(r.host, r.port):
                 out.errors.append(f'{where}, field "{replica_field(m, r.replica, "port")}": {r.host}:{r.port} is already '
                                   "in use by another process")
-        if len(local) < m.replicas:
+        if len(started) < m.replicas:
             try:
                 token = shared_engine_token(config.gateway, os.environ if env is None else env)
             except ValueError as e:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -24,6 +24,8 @@ from fleet.config.model import ModelConfig
 DEFAULT_CONFIG = Path("fleet.toml")
 MAX_SHARED_FRACTION = 0.95  # of one GPU, summed over the models that share it
 ENGINE_TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # the token engines accept, which the gateway presents
+PLACEMENT_GROUP_ENV = "FLEET_RAY_PLACEMENT_GROUP"  # a replica across a cluster's nodes: its placement group's name
+RAY_NAMESPACE_ENV = "FLEET_RAY_NAMESPACE"  # ... and the Ray namespace it is named in
 
 
 class GatewayConfig(Strict):
@@ -136,6 +138,19 @@ class SupervisorConfig(Strict):
     drain_timeout: float = Field(30.0, gt=0, description="how long in-flight requests may finish at shutdown/reload")
 
 
+class ClusterConfig(Strict):
+    """Engines on a cluster instead of this machine (docs/cluster.md): each replica a Ray actor that
+    runs its engine on a node Ray picks. Absent: local processes, and Ray is never imported."""
+
+    backend: Literal["ray"] = Field("ray", description="the cluster system; Ray is the one there is")
+    address: str = Field(
+        "auto", min_length=1,
+        description='the Ray cluster: "auto" (the one `ray start` runs on this machine), HOST:PORT of its head, or ray://HOST:10001',
+    )
+    namespace: str = Field("fleet", min_length=1, description="the Ray namespace of the fleet's actors")
+    engine_cpus: float = Field(1.0, gt=0, description="CPUs each engine asks of its node (beside its GPUs)")
+
+
 _TOML_DATA: ContextVar[Mapping[str, Any]] = ContextVar("fleet_toml_data", default=MappingProxyType({}))
 
 
@@ -159,6 +174,7 @@ class FleetConfig(BaseSettings):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    cluster: ClusterConfig | None = Field(None, description="engines on a Ray cluster (absent: on this machine)")
     models: list[ModelConfig] = Field(default_factory=list)
 
     @classmethod

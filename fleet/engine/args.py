@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from fleet.config.model import ModelConfig
 from fleet.config.placement import engine_dtype
+from fleet.config.schema import PLACEMENT_GROUP_ENV, RAY_NAMESPACE_ENV
 from fleet.config.sources import resolve
 
 MAX_LOGPROBS = 40  # beam search asks for 2 * width alternatives per step
 
 
-def build_engine(cfg: ModelConfig) -> Any:
-    """Resolve the source and start vLLM's AsyncLLM for one model, with `vllm serve`'s defaults.
-
-    vLLM picks scheduler defaults by usage context: `vllm serve` is OPENAI_API_SERVER (on an
-    H100/H200: 1024 sequences at once, 8192 batched tokens), while AsyncLLM's own default,
-    ENGINE_CONTEXT, falls back to 128 sequences and 2048 tokens on every device. fleet serves the
-    same OpenAI API, so its engine gets the same defaults; `engine_args` in fleet.toml still wins.
-    """
-    from vllm import AsyncEngineArgs
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    model = resolve(cfg.source)
+def engine_arguments(cfg: ModelConfig, model: str) -> dict[str, Any]:
+    """vLLM's AsyncEngineArgs for one replica of `cfg`, `model` its resolved source: fleet.toml's
+    settings, then its `engine_args` over them. A replica across a cluster's nodes (`multi_node`)
+    runs its GPU workers through vLLM's Ray executor."""
     args: dict[str, Any] = dict(
         model=model,
         served_model_name=cfg.name,
         tensor_parallel_size=cfg.tensor_parallel_size,
+        pipeline_parallel_size=cfg.pipeline_parallel_size,
         max_model_len=cfg.max_model_len,
         gpu_memory_utilization=cfg.memory_fraction,
         enforce_eager=cfg.eager,
@@ -37,5 +32,41 @@ def build_engine(cfg: ModelConfig) -> Any:
     )
     if cfg.kv_cache_bytes is not None:
         args["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+    if cfg.multi_node and len(cfg.gpus) > 1:
+        args["distributed_executor_backend"] = "ray"
     args.update(cfg.engine_args)
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER)
+    return args
+
+
+def build_engine(cfg: ModelConfig, env: Mapping[str, str] = os.environ) -> Any:
+    """Resolve the source and start vLLM's AsyncLLM for one model, with `vllm serve`'s defaults.
+
+    vLLM picks scheduler defaults by usage context: `vllm serve` is OPENAI_API_SERVER (on an
+    H100/H200: 1024 sequences at once, 8192 batched tokens), while AsyncLLM's own default,
+    ENGINE_CONTEXT, falls back to 128 sequences and 2048 tokens on every device. fleet serves the
+    same OpenAI API, so its engine gets the same defaults; `engine_args` in fleet.toml still wins.
+
+    A replica across nodes finds its placement group by the name in $FLEET_RAY_PLACEMENT_GROUP
+    (the launcher made it, one GPU per bundle; the engine runs in its first bundle) and hands it
+    to vLLM, whose Ray executor starts a worker in each bundle.
+    """
+    from vllm import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_args = AsyncEngineArgs(**engine_arguments(cfg, resolve(cfg.source)))
+    context = UsageContext.OPENAI_API_SERVER
+    if group := env.get(PLACEMENT_GROUP_ENV):
+        vllm_config = engine_args.create_engine_config(usage_context=context)
+        vllm_config.parallel_config.placement_group = placement_group(group, env)
+        return AsyncLLM.from_vllm_config(vllm_config, usage_context=context)
+    return AsyncLLM.from_engine_args(engine_args, usage_context=context)
+
+
+def placement_group(name: str, env: Mapping[str, str]) -> Any:
+    """The Ray placement group the launcher made for this replica (RAY_ADDRESS: its cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=env.get("RAY_ADDRESS"), namespace=env.get(RAY_NAMESPACE_ENV), log_to_driver=False)
+    return ray.util.get_placement_group(name)

@@ -57,6 +57,7 @@ class ModelStatus(msgspec.Struct):
     tokens_per_s: float
     routed: dict[str, int] = {}  # why requests came here: least_loaded, affinity, spilled, failed_over
     url: str | None = None  # an attached engine's (fleet did not start it: no pid)
+    node: str | None = None  # on a cluster: the node it runs on (its pid is that node's)
 
 
 class FleetStatus(msgspec.Struct):

@@ -2,7 +2,9 @@
 `foreground` runs it for `fleet launch` (signals), `supervisor` owns one engine process,
 `attached` one engine on another machine (watched, never started), `owner` what both share,
 `gateway_server` the gateway's socket and server, `lifecycle` the state machine an engine's owner
-keeps, and `process` the process-tree mechanics (also used by the engine process itself).
+keeps, and `process` the process-tree mechanics (also used by the engine process itself). A
+cluster's replica owner (fleet.cluster.owner.RayEngine, an `EngineProcess`) comes from the
+`EngineBackend` the launcher is given; run never imports fleet.cluster.
 
 May import: fleet.gateway, fleet.wire, fleet.config, fleet.errors. Never the engine package.
 """

@@ -16,14 +16,15 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from rich.console import Console
 from rich.markup import escape
 
 from fleet.config.model import ModelConfig
 from fleet.config.placement import can_run_together, cpu_bindings
-from fleet.config.schema import FleetConfig, shared_engine_token
+from fleet.config.schema import FleetConfig, SupervisorConfig, shared_engine_token
 from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
 from fleet.gateway.auth import check_exposure, load_keys
@@ -39,6 +40,15 @@ Engine = EngineProcess | AttachedEngine  # one replica's owner: an engine starte
 Taken = tuple[Replica, Engine, "asyncio.Task[None]"]  # a replica out of the fleet's books, still to be stopped
 
 
+class EngineBackend(Protocol):
+    """Where the engines a fleet starts run when not as this machine's processes: a cluster
+    (fleet.cluster.connect.RayCluster) makes each replica's owner, an `EngineProcess` whose engine
+    runs on a node."""
+
+    def engine(self, cfg: ModelConfig, *, console: Console | None, echo_logs: bool, policy: SupervisorConfig,
+               token: str | None, engine_timeout: float) -> EngineProcess: ...
+
+
 class Fleet:
     """A running fleet: engine processes plus the gateway over them."""
 
@@ -50,8 +60,10 @@ class Fleet:
         console: Console | None = None,
         echo_logs: bool = True,
         loader: Callable[[], FleetConfig] | None = None,
+        backend: EngineBackend | None = None,
     ) -> None:
         self.config = config
+        self.backend = backend  # None: engines are this machine's processes
         self.command = command
         self.echo_logs = echo_logs
         self.loader = loader  # re-reads the fleet file for reload; None: reload needs a config
@@ -71,7 +83,7 @@ class Fleet:
         # a gateway other machines can reach, without keys: refused (ConfigError) unless [auth] open
         if warning := check_exposure(config.gateway.host, self.keys.enabled, config.auth.open):
             self.console.print(f"[bold yellow]warning[/bold yellow]: {warning}", highlight=False)
-        bindings = cpu_bindings(config.models, sorted(os.sched_getaffinity(0)), os.environ)
+        bindings = self._bindings(config.models)
         for m in config.models:
             self._add(m, bindings)
 
@@ -82,13 +94,21 @@ class Fleet:
         self.backends[cfg.name] = Backend(cfg, replicas, admission=self._admission(cfg))
         return [r.name for r in replicas]
 
+    def _bindings(self, models: Sequence[ModelConfig]) -> dict[str, str]:
+        """Core sets for this machine's CPU engines (none for a cluster's: each node binds its own)."""
+        return {} if self.backend else cpu_bindings(models, sorted(os.sched_getaffinity(0)), os.environ)
+
     def _replica(self, rc: ModelConfig, bindings: dict[str, str] | None = None) -> Replica:
-        """One replica's engine (started here, or attached by url), in the fleet's books; its routing view."""
+        """One replica's engine (started here or on the cluster, or attached by url), in the fleet's
+        books; its routing view."""
         binding = (bindings or {}).get(rc.replica_name)
+        timeout = self.config.gateway.engine_timeout
         engine: Engine = AttachedEngine(
-            rc, console=self.console, policy=self.config.supervisor, token=self.token,
-            engine_timeout=self.config.gateway.engine_timeout,
-        ) if rc.attached else EngineProcess(
+            rc, console=self.console, policy=self.config.supervisor, token=self.token, engine_timeout=timeout,
+        ) if rc.attached else self.backend.engine(
+            rc, console=self.console, echo_logs=self.echo_logs, policy=self.config.supervisor, token=self.token,
+            engine_timeout=timeout,
+        ) if self.backend else EngineProcess(
             rc,
             command=self.command,
             env={"VLLM_CPU_OMP_THREADS_BIND": binding} if binding else None,
@@ -218,7 +238,7 @@ class Fleet:
             )
             # new engines get the core sets they would get at launch (an unbound CPU engine would
             # spread onto the cores of the others: process.keep_to_bound_cores says what that costs)
-            bindings = cpu_bindings(new.models, sorted(os.sched_getaffinity(0)), os.environ)
+            bindings = self._bindings(new.models)
             stopped = await asyncio.gather(
                 *(self._replace(fresh[n], bindings) for n in report.changed), *(self._retire(n) for n in report.removed)
             )
@@ -258,7 +278,10 @@ class Fleet:
             backend.admission.resize(limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
         for k in range(max(len(before), len(after))):
             old = self._take(before[k]) if k < len(before) else None
-            if old is not None and (k >= len(after) or not can_run_together(old[1].cfg, after[k])):
+            # on a cluster the successor may need what its predecessor holds: Ray would hold it back
+            together = (old is not None and k < len(after) and self.backend is None
+                        and can_run_together(old[1].cfg, after[k]))
+            if old is not None and not together:
                 backend.replicas.remove(old[0])  # it leaves first: gone for good, or in its successor's way
                 await self._drain_and_stop([old])
                 old = None
@@ -298,8 +321,8 @@ class Fleet:
                     replica=replica.name,
                     state=lc.state,
                     reason=lc.reason,
-                    gpus=list(engine.cfg.gpus),
-                    port=engine.cfg.port,
+                    gpus=list(engine.gpus),
+                    port=engine.port,
                     pid=engine.pid,
                     uptime_s=round(now - engine.ready_at, 1) if ready and engine.ready_at is not None else None,
                     restarts=engine.total_restarts,
@@ -308,6 +331,7 @@ class Fleet:
                     tokens_per_s=round(replica.stats.tokens_per_second(), 1),
                     routed=dict(replica.routed),
                     url=engine.cfg.url,
+                    node=engine.node,
                 ))
         gw = self.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self.started_at)), rows)

@@ -59,6 +59,10 @@ class EngineOwner(Commands):
         self.policy = policy
         self.ready_at: float | None = None
         self.total_restarts = 0
+        # where it runs, for status: the file's port and GPUs, unless a cluster placed it (then its node's)
+        self.node: str | None = None
+        self.port = port
+        self.gpus = list(cfg.gpus)
 
     def say(self, message: str) -> None:
         """A launcher status line about this engine."""

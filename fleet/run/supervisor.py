@@ -174,6 +174,19 @@ class EngineProcess(EngineOwner):
             if self.echo_logs:
                 self.console.print(f"[dim]{escape(self.name)} |[/dim] {escape(line)}", highlight=False)
 
+    @property
+    def has_engine(self) -> bool:
+        """Whether an engine (or what is left of one) may still run: then a stop has work to do."""
+        return self.proc is not None
+
+    def _address(self) -> str:
+        """HOST:PORT the engine listens on."""
+        return f"{self.cfg.host}:{self.cfg.port}"
+
+    def _ending(self) -> str:
+        """How the engine ended, once `_exited` returned."""
+        return f"exit code {self.proc.returncode if self.proc else None}"
+
     async def _exited(self) -> None:
         assert self.proc is not None
         await wait_exit(self.proc)
@@ -207,12 +220,12 @@ class EngineProcess(EngineOwner):
                     return
                 self._remember_family()
                 if exited.done():
-                    self._fail(f"exited with code {self.proc.returncode} before it was ready")  # type: ignore[union-attr]
+                    self._fail(f"exited ({self._ending()}) before it was ready")
                     return
                 if await self.client.healthy(timeout=1.0):
                     self.lifecycle.to(EngineState.READY)
                     self.ready_at = time.monotonic()
-                    self.say(f"[green]ready[/green] in {self.ready_at - self.started_at:.1f}s on {self.cfg.host}:{self.cfg.port}")
+                    self.say(f"[green]ready[/green] in {self.ready_at - self.started_at:.1f}s on {self._address()}")
                     return
                 await asyncio.wait({exited}, timeout=HEALTH_POLL)
             self._fail(f"not ready after {self.cfg.start_timeout:.0f}s (start_timeout)")
@@ -228,7 +241,7 @@ class EngineProcess(EngineOwner):
                 self._remember_family()
                 await asyncio.wait({exited}, timeout=self.policy.health_interval)
                 if exited.done():
-                    self._fail(f"crashed (exit code {self.proc.returncode})")  # type: ignore[union-attr]
+                    self._fail(f"crashed ({self._ending()})")
                     return
                 if self.ready_at and time.monotonic() - self.ready_at > self.policy.restart_reset_after:
                     self.restarts = self._errors = 0
@@ -305,11 +318,12 @@ class EngineProcess(EngineOwner):
                 log.exception("%s: draining failed; stopping the engine anyway", self.name)
         if self.lifecycle.state is not EngineState.STOPPING:
             self.lifecycle.to(EngineState.STOPPING)
-        if self.proc is not None:
+        if self.has_engine:
             grace = 0.0 if self._kill.is_set() else self.policy.stop_grace
             if not await self._kill_tree(grace, attempts=STOP_ATTEMPTS, now=self._kill):
-                log.error("%s: gave up making sure engine pid %d and its processes are gone", self.name, self.proc.pid)
-                self.say(f"[red]gave up[/red] making sure pid {self.proc.pid} and its processes are gone; they die with the launcher")
+                pid = self.proc.pid if self.proc else None
+                log.error("%s: gave up making sure engine pid %s and its processes are gone", self.name, pid)
+                self.say(f"[red]gave up[/red] making sure pid {pid} and its processes are gone; they die with the launcher")
         await self._close_output(5)
         await self.client.close()
         if self._log_file:

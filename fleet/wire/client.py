@@ -77,9 +77,18 @@ class EngineClient:
         self.name = name
         self.url = url_of(host, port)
         self.timeout = timeout  # the longest silence from the engine during a request
-        headers = [("Authorization", f"Bearer {token}")] if token else []
-        self._pool = http1.Pool(connect_host(host), port, headers=headers, read_timeout=timeout,
-                                idle_limit=protocol.CLIENT_IDLE_LIMIT)
+        self._headers = [("Authorization", f"Bearer {token}")] if token else []
+        self._pool = self._pool_for(host, port)
+
+    def _pool_for(self, host: str, port: int) -> http1.Pool:
+        return http1.Pool(connect_host(host), port, headers=self._headers, read_timeout=self.timeout,
+                          idle_limit=protocol.CLIENT_IDLE_LIMIT)
+
+    async def move_to(self, host: str, port: int) -> None:
+        """From now on, reach the engine at (host, port) (a cluster's replica, placed anew on a
+        restart); connections to the old address close."""
+        old, self._pool, self.url = self._pool, self._pool_for(host, port), url_of(host, port)
+        await old.close()
 
     async def close(self) -> None:
         """Close pooled connections (and any request still running on one)."""

@@ -1,0 +1,64 @@
+"""The launcher's connection to a Ray cluster: `RayCluster`, the job that owns every replica's
+actor (none is detached: when this job ends, by a stop or a SIGKILL, Ray ends its actors, and
+their engines with them), and what `fleet check` asks of the cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from rich.console import Console
+
+from fleet.cluster.host import EngineHost
+from fleet.cluster.owner import RayEngine
+from fleet.cluster.placement import NodeRoom
+from fleet.config.model import ModelConfig
+from fleet.config.schema import ClusterConfig, SupervisorConfig
+from fleet.errors import ConfigError
+
+
+class RayCluster:
+    """This process's place in the cluster (ray.init), and the replicas' owners it makes."""
+
+    def __init__(self, config: ClusterConfig, *, echo_logs: bool = True) -> None:
+        import ray
+
+        self.config = config
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each engine's lines, not "[repeated 2x across cluster]"
+        try:
+            ray.init(address=config.address, namespace=config.namespace, log_to_driver=echo_logs,
+                               logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ConfigError(f"[cluster] address {config.address!r}: no Ray cluster there ({e}); start one with "
+                              "`ray start --head` (docs/cluster.md)") from None
+        self.gcs_address: str = ray.get_runtime_context().gcs_address
+        self.host: Any = ray.remote(EngineHost)  # the actor class: options per replica (owner.py)
+
+    def engine(self, cfg: ModelConfig, *, console: Console | None = None, echo_logs: bool = True,
+               policy: SupervisorConfig | None = None, token: str | None = None,
+               engine_timeout: float = 300.0) -> RayEngine:
+        """The owner of one replica on the cluster (launcher.Fleet starts its task)."""
+        return RayEngine(cfg, cluster=self, console=console, echo_logs=echo_logs, policy=policy, token=token,
+                         engine_timeout=engine_timeout)
+
+    def nodes(self) -> list[NodeRoom]:
+        """The live nodes and what each has free now."""
+        import ray
+        from ray._private.state import available_resources_per_node
+
+        free = available_resources_per_node()
+        rooms = []
+        for n in ray.nodes():
+            if not n.get("Alive"):
+                continue
+            have = free.get(n["NodeID"], {})
+            rooms.append(NodeRoom(n["NodeID"], n["NodeManagerAddress"], have.get("CPU", 0.0), have.get("GPU", 0.0),
+                                  dict(n.get("Resources", {}))))
+        return rooms
+
+    def close(self) -> None:
+        """Leave the cluster: Ray ends what this job still owns."""
+        import ray
+
+        ray.shutdown()
