@@ -162,8 +162,10 @@ def test_gateway_port_of_wrong_type() -> None:
 
 
 def test_gpus_of_wrong_type() -> None:
-    msg = config_error({"models": [model(gpus=0)]})
+    msg = config_error({"models": [model(gpus="0")]})
     assert_names(msg, 'model "small" (models[0])', 'field "gpus"', "valid list")
+    msg = config_error({"models": [model(gpus=0)]})  # a count: a cluster's form (test_cluster.py)
+    assert_names(msg, 'model "small" (models[0])', 'field "gpus"', "only a fleet on a [cluster]", "gpus = []")
 
 
 def test_boolean_port_is_a_type_error() -> None:

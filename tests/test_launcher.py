@@ -250,7 +250,7 @@ def test_engine_that_crashes_after_ready_fails() -> None:
             with pytest.raises(EngineFailure):
                 await generate(engine)
             assert await states.reach(S.FAILED) is S.FAILED
-            assert engine.lifecycle.reason == f"crashed (exit code {CRASH_EXIT_CODE})"
+            assert engine.lifecycle.reason == f"crashed (exited with code {CRASH_EXIT_CODE})"
             assert "crashing on request 1" in out.getvalue()
         assert states.seen == [S.STARTING, S.READY, S.FAILED, S.STOPPING, S.STOPPED]
 
@@ -399,7 +399,7 @@ def test_engine_that_crashes_while_its_child_lives_on_still_fails() -> None:
             with pytest.raises(EngineFailure):
                 await generate(engine)
             assert await states.reach(S.FAILED, timeout=10) is S.FAILED
-            assert engine.lifecycle.reason == f"crashed (exit code {CRASH_EXIT_CODE})"
+            assert engine.lifecycle.reason == f"crashed (exited with code {CRASH_EXIT_CODE})"
 
     try:
         asyncio.run(scenario())

@@ -25,7 +25,7 @@ from rich.markup import escape
 from fleet.cluster.host import Where
 from fleet.cluster.placement import Ask, replica_ask
 from fleet.config.model import ModelConfig
-from fleet.config.schema import PLACEMENT_GROUP_ENV, RAY_NAMESPACE_ENV, SupervisorConfig
+from fleet.config.schema import PLACEMENT_GROUP_ENV, SupervisorConfig
 from fleet.gateway.status import EngineState
 from fleet.run.supervisor import EngineProcess
 
@@ -107,8 +107,7 @@ class RayEngine(EngineProcess):
             await self.group.ready()
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self.group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-            env |= {PLACEMENT_GROUP_ENV: name, RAY_NAMESPACE_ENV: self.cluster.config.namespace,
-                    "RAY_ADDRESS": self.cluster.gcs_address}
+            env |= {PLACEMENT_GROUP_ENV: self.group.id.hex(), "RAY_ADDRESS": self.cluster.gcs_address}
         else:
             options["scheduling_strategy"] = "SPREAD"  # a model's replicas on different nodes where there is room
         self.actor = self.cluster.host.options(**options).remote()
@@ -153,7 +152,7 @@ class RayEngine(EngineProcess):
         except RayError as e:
             self._end = f"its Ray actor died: {_first_line(e)}"
             return
-        self._end = f"exit code {code}"
+        self._end = f"exited with code {code}"
         with contextlib.suppress(RayError):
             self.tail.extend(await self.actor.last_lines.remote())
 

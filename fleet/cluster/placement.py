@@ -36,10 +36,10 @@ class Ask:
 
 
 def replica_ask(cfg: ModelConfig, engine_cpus: float) -> Ask:
-    """One replica's ask: an actor with its CPUs and GPUs; with `multi_node` and several GPUs, a
-    placement group of one GPU per bundle (the engine's CPUs in the first), packed."""
+    """One replica's ask: an actor with its CPUs and GPUs; with `multi_node`, a placement group of
+    one GPU per bundle (the engine's CPUs in the first), packed."""
     gpus = len(cfg.gpus)
-    if cfg.multi_node and gpus > 1:
+    if cfg.multi_node and gpus:
         bundles = ({"CPU": engine_cpus, "GPU": 1.0}, *({"GPU": 1.0} for _ in range(gpus - 1)))
         return Ask(cfg.replica_name, cfg.name, engine_cpus, 0, bundles)
     return Ask(cfg.replica_name, cfg.name, engine_cpus, gpus)

@@ -110,7 +110,7 @@ def check_cluster_fields(m: ModelConfig, on_cluster: bool) -> list[tuple[str, st
         if m.multi_node and not m.gpus:
             problems.append(("multi_node", "a replica across nodes runs on GPUs (vLLM's Ray executor): give gpus"))
     else:
-        if m.gpu_count and m.gpus:
+        if m.gpu_count:
             problems.append(("gpus", f"gpus = {len(m.gpus)} is a count, which only a fleet on a [cluster] takes; "
                                      f"on one machine list the GPU ids, e.g. gpus = {list(range(len(m.gpus)))}"))
         if m.multi_node:

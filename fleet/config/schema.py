@@ -24,8 +24,7 @@ from fleet.config.model import ModelConfig
 DEFAULT_CONFIG = Path("fleet.toml")
 MAX_SHARED_FRACTION = 0.95  # of one GPU, summed over the models that share it
 ENGINE_TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # the token engines accept, which the gateway presents
-PLACEMENT_GROUP_ENV = "FLEET_RAY_PLACEMENT_GROUP"  # a replica across a cluster's nodes: its placement group's name
-RAY_NAMESPACE_ENV = "FLEET_RAY_NAMESPACE"  # ... and the Ray namespace it is named in
+PLACEMENT_GROUP_ENV = "FLEET_RAY_PLACEMENT_GROUP"  # a replica across a cluster's nodes: its placement group's id
 
 
 class GatewayConfig(Strict):

@@ -8,7 +8,7 @@ from typing import Any
 
 from fleet.config.model import ModelConfig
 from fleet.config.placement import engine_dtype
-from fleet.config.schema import PLACEMENT_GROUP_ENV, RAY_NAMESPACE_ENV
+from fleet.config.schema import PLACEMENT_GROUP_ENV
 from fleet.config.sources import resolve
 
 MAX_LOGPROBS = 40  # beam search asks for 2 * width alternatives per step
@@ -32,7 +32,7 @@ def engine_arguments(cfg: ModelConfig, model: str) -> dict[str, Any]:
     )
     if cfg.kv_cache_bytes is not None:
         args["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
-    if cfg.multi_node and len(cfg.gpus) > 1:
+    if cfg.multi_node and cfg.gpus:
         args["distributed_executor_backend"] = "ray"
     args.update(cfg.engine_args)
     return args
@@ -46,9 +46,9 @@ def build_engine(cfg: ModelConfig, env: Mapping[str, str] = os.environ) -> Any:
     ENGINE_CONTEXT, falls back to 128 sequences and 2048 tokens on every device. fleet serves the
     same OpenAI API, so its engine gets the same defaults; `engine_args` in fleet.toml still wins.
 
-    A replica across nodes finds its placement group by the name in $FLEET_RAY_PLACEMENT_GROUP
-    (the launcher made it, one GPU per bundle; the engine runs in its first bundle) and hands it
-    to vLLM, whose Ray executor starts a worker in each bundle.
+    A replica across nodes finds its placement group by the id in $FLEET_RAY_PLACEMENT_GROUP (the
+    launcher made it, one GPU per bundle; the engine runs in its first bundle) and hands it to
+    vLLM, whose Ray executor starts a worker in each bundle.
     """
     from vllm import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
@@ -58,15 +58,16 @@ def build_engine(cfg: ModelConfig, env: Mapping[str, str] = os.environ) -> Any:
     context = UsageContext.OPENAI_API_SERVER
     if group := env.get(PLACEMENT_GROUP_ENV):
         vllm_config = engine_args.create_engine_config(usage_context=context)
-        vllm_config.parallel_config.placement_group = placement_group(group, env)
+        vllm_config.parallel_config.placement_group = placement_group(group)
         return AsyncLLM.from_vllm_config(vllm_config, usage_context=context)
     return AsyncLLM.from_engine_args(engine_args, usage_context=context)
 
 
-def placement_group(name: str, env: Mapping[str, str]) -> Any:
-    """The Ray placement group the launcher made for this replica (RAY_ADDRESS: its cluster)."""
-    import ray
+def placement_group(group_id: str, bundles: list[dict[str, float]] | None = None) -> Any:
+    """The Ray placement group with id `group_id` (hex), the one the launcher made for this replica,
+    as vLLM takes it. This process never joins the cluster itself: vLLM forks its EngineCore from
+    here, and a forked Ray connection hangs; the EngineCore joins (RAY_ADDRESS) and reads the rest."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
 
-    if not ray.is_initialized():
-        ray.init(address=env.get("RAY_ADDRESS"), namespace=env.get(RAY_NAMESPACE_ENV), log_to_driver=False)
-    return ray.util.get_placement_group(name)
+    return PlacementGroup(PlacementGroupID.from_hex(group_id), bundle_cache=bundles)

@@ -184,8 +184,8 @@ class EngineProcess(EngineOwner):
         return f"{self.cfg.host}:{self.cfg.port}"
 
     def _ending(self) -> str:
-        """How the engine ended, once `_exited` returned."""
-        return f"exit code {self.proc.returncode if self.proc else None}"
+        """How the engine ended, once `_exited` returned: "exited with code N"."""
+        return f"exited with code {self.proc.returncode if self.proc else None}"
 
     async def _exited(self) -> None:
         assert self.proc is not None
@@ -220,7 +220,7 @@ class EngineProcess(EngineOwner):
                     return
                 self._remember_family()
                 if exited.done():
-                    self._fail(f"exited ({self._ending()}) before it was ready")
+                    self._fail(f"{self._ending()} before it was ready")
                     return
                 if await self.client.healthy(timeout=1.0):
                     self.lifecycle.to(EngineState.READY)
