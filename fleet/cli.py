@@ -269,20 +269,72 @@ def status(config_path: Path, host: str | None, port: int | None, as_json: bool)
         return
     body = msgspec.json.decode(raw, type=FleetStatus)
     gw = body.gateway
-    table = Table(title=f"fleet on {gw.host}:{gw.port} (pid {gw.pid})")
-    on_nodes = any(m.node for m in body.models)  # a cluster's: which node each replica is on
-    cols = ("model", "state", *(("node",) if on_nodes else ()), "GPUs", "port", "pid", "uptime", "restarts",
-            "in flight", "requests", "tokens/s")
-    for col in cols:
-        table.add_column(col, overflow="fold")
+    console = table_console()
+    plain = not sys.stdout.isatty()
+    headers, rows = status_rows(body, EngineState.READY)
+    if not plain:
+        console.print(f"fleet on {gw.host}:{gw.port} (pid {gw.pid})", highlight=False, soft_wrap=True)
+    console.print(status_table(headers, rows, width=console.width, plain=plain))
+
+
+# `fleet status` columns: header, and how soon it goes when the terminal is narrow (0: never)
+STATUS_COLUMNS = (("model", 0), ("state", 0), ("node", 7), ("GPUs", 5), ("port", 4), ("pid", 6), ("up", 8),
+                  ("restarts", 9), ("in flight", 2), ("requests", 3), ("tok/s", 1))
+STATE_FIT = 24  # the state column folds its reason: this much of it counts when fitting the terminal
+
+
+def status_rows(body: Any, ready: Any) -> tuple[list[str], list[list[str]]]:
+    """`fleet status`'s headers and one row of text per engine (`node` only on a cluster)."""
+    on_nodes = any(m.node for m in body.models)
+    headers = [h for h, _ in STATUS_COLUMNS if h != "node" or on_nodes]
+    rows = []
     for m in body.models:
-        uptime = "-" if m.uptime_s is None else f"{m.uptime_s:.0f}s"
-        state = m.state.value + (f" ({m.reason})" if m.reason and m.state is not EngineState.READY else "")
-        pid = f"attached: {m.url}" if m.url else str(m.pid or "-")
-        node = (m.node or "-",) if on_nodes else ()
-        table.add_row(m.replica, state, *node, ",".join(map(str, m.gpus)) or "CPU", str(m.port), pid,
-                      uptime, str(m.restarts), str(m.inflight), str(m.requests), f"{m.tokens_per_s:.1f}")
-    table_console().print(table)
+        cells = {
+            "model": m.replica,
+            "state": m.state.value + (f" ({m.reason})" if m.reason and m.state is not ready else ""),
+            "node": m.node or "-",
+            "GPUs": ",".join(map(str, m.gpus)) or "CPU",
+            "port": str(m.port),
+            "pid": f"attached: {m.url}" if m.url else str(m.pid or "-"),
+            "up": "-" if m.uptime_s is None else f"{m.uptime_s:.0f}s",
+            "restarts": str(m.restarts),
+            "in flight": str(m.inflight),
+            "requests": str(m.requests),
+            "tok/s": f"{m.tokens_per_s:.1f}",
+        }
+        rows.append([cells[h] for h in headers])
+    return headers, rows
+
+
+def fit_columns(headers: list[str], rows: list[list[str]], width: int) -> list[int]:
+    """The columns a box table of `rows` can show in `width` characters without breaking a cell:
+    all that fit, the least needed going first (STATUS_COLUMNS' order)."""
+    drop = {h: d for h, d in STATUS_COLUMNS}
+    keep = list(range(len(headers)))
+
+    def need() -> int:
+        widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in keep] if rows else map(len, headers)
+        return sum(min(w, STATE_FIT) if headers[i] == "state" else w for i, w in zip(keep, widths, strict=True)) \
+            + 3 * len(keep) + 1
+
+    for name in sorted((h for h in headers if drop.get(h)), key=lambda h: drop[h]):
+        if need() <= width:
+            break
+        keep.remove(headers.index(name))
+    return keep
+
+
+def status_table(headers: list[str], rows: list[list[str]], *, width: int, plain: bool) -> Table:
+    """A box table that fits the terminal (columns dropped by need; no name is ever broken), or, for a
+    pipe, plain rows: every column, one line per engine, for grep and awk."""
+    keep = list(range(len(headers))) if plain else fit_columns(headers, rows, width)
+    table = Table(box=None, show_edge=False, pad_edge=False, header_style="") if plain else Table()
+    for i in keep:
+        table.add_column(headers[i].upper().replace(" ", "_") if plain else headers[i],
+                         no_wrap=plain or headers[i] != "state", overflow="fold")
+    for r in rows:
+        table.add_row(*(r[i] for i in keep))
+    return table
 
 
 @main.command()

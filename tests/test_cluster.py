@@ -5,9 +5,13 @@ replica across nodes (issue 19). The real cluster: test_cluster_e2e.py."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ROOT, free_port
 
 from fleet.cluster.placement import Ask, NodeRoom, fit, replica_ask
 from fleet.config.load import parse_config
@@ -149,3 +153,15 @@ def test_fit_counts_what_earlier_replicas_took() -> None:
     asks = [Ask("a", "a", 1, 1), Ask("b", "b", 1, 1), Ask("c", "c", 1, 1)]
     found = fit(asks, [node("x", 8, 1), node("y", 8, 1)])
     assert len(found.nodes) == 2 and len(found.problems) == 1
+
+
+def test_fleet_check_refuses_a_cluster_address_where_nothing_answers_at_once(tmp_path: Path) -> None:
+    """ray.init alone would retry for minutes there."""
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'[cluster]\naddress = "127.0.0.1:{free_port()}"\n\n[[models]]\nname = "m"\nsource = "default"\n'
+                      "port = 7001\n")
+    began = time.monotonic()
+    out = subprocess.run([str(ROOT / ".venv/bin/fleet"), "check", "--config", str(config)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and time.monotonic() - began < 30, out.stderr
+    assert "[cluster] address '127.0.0.1:" in out.stderr and "nothing answers" in out.stderr, out.stderr

@@ -77,6 +77,8 @@ def family(fleet: FleetProcess) -> list[psutil.Process]:
     """Every engine's process and its children (vLLM's) and its host actor's worker, wherever it runs."""
     procs = []
     for row in status(fleet).values():
+        if row["pid"] is None:  # not placed yet: no process of its own
+            continue
         engine = psutil.Process(row["pid"])
         procs += [engine, engine.parent(), *engine.children(recursive=True)]
     return procs
@@ -124,6 +126,12 @@ def test_two_replicas_land_on_different_nodes_and_both_serve(on_cluster: FleetPr
     assert all(a.usage is not None and a.usage.completion_tokens == 4 for a in answers)
     served = {name: row["requests"] for name, row in status(on_cluster).items()}
     assert all(n > 0 for n in served.values()) and sum(served.values()) >= 16, served
+    config = next(Path(a) for a in on_cluster.proc.args if str(a).endswith(".toml"))  # type: ignore[union-attr]
+    table = subprocess.run([str(ROOT / ".venv/bin/fleet"), "status", "--config", str(config)], capture_output=True,
+                           text=True, timeout=60)
+    lines = {line.split()[0]: line for line in table.stdout.splitlines()[1:]}  # a pipe: one plain line per replica
+    assert table.returncode == 0 and table.stdout.split()[2] == "NODE", table.stdout + table.stderr
+    assert all(rows[name]["node"] in lines[name] for name in rows), table.stdout  # fleet status shows each node
 
 
 def test_a_replica_whose_actor_is_killed_is_placed_anew_and_new_requests_see_no_error(on_cluster: FleetProcess) -> None:
@@ -139,20 +147,21 @@ def test_a_replica_whose_actor_is_killed_is_placed_anew_and_new_requests_see_no_
         killed_at = time.monotonic()
         actor.kill()  # SIGKILL: as the out-of-memory killer, or a node lost
         wait_until(lambda: status(on_cluster)[victim]["state"] != "ready", "the fleet saw it die", timeout=30)
-        wait_until(lambda: status(on_cluster)[victim]["state"] == "ready", "it was placed anew", timeout=300)
-        rejoined = len(steady.results)
-        wait_until(lambda: len(steady.results) >= rejoined + 6, "requests after it rejoined", timeout=60)
+        wait_until(lambda: status(on_cluster)[victim]["pid"] not in (None, engine.pid), "it was placed anew",
+                   timeout=120)
+        placed = len(steady.results)
+        wait_until(lambda: len(steady.results) >= placed + 6, "requests while it loads again", timeout=60)
     assert steady.failed(began_after=killed_at) == [], steady.failed(began_after=killed_at)
     after = status(on_cluster)[victim]
-    assert after["restarts"] == 1 and after["pid"] not in (None, engine.pid)
-    assert "crashed (its Ray actor died" in on_cluster.log()
+    assert after["restarts"] == 1 and "crashed (its Ray actor died" in on_cluster.log()
+    host = psutil.Process(after["pid"]).parent()  # a new actor runs the new engine (its readiness: test_launcher's)
+    assert host.pid != actor.pid and "EngineHost" in " ".join(host.cmdline())
     wait_until(lambda: gone([engine, *engine_tree]), "the old engine and vLLM's processes died with its actor", timeout=60)
     assert len(engine_hosts()) == 2
 
 
 def test_fleet_stop_leaves_no_actor_and_no_engine_process(on_cluster: FleetProcess) -> None:
-    """Last of the shared fleet: it stops it."""
-    wait_replicas(on_cluster, "ready", timeout=300)
+    """Last of the shared fleet: it stops it, one replica serving and the other (placed anew above) loading."""
     procs = family(on_cluster)
     assert len(engine_hosts()) == 2
     config = next(Path(a) for a in on_cluster.proc.args if str(a).endswith(".toml"))  # type: ignore[union-attr]

@@ -112,6 +112,16 @@ def test_reload_adds_removes_and_changes_models_while_an_untouched_model_streams
     assert complete(f.url, "added").status_code == 200
 
 
+def test_reload_keeps_the_engines_where_they_run_and_says_a_new_cluster_table_needs_a_restart(fake_fleet: FakeFleets) -> None:
+    a = fake("a")
+    f = fake_fleet(a, supervisor=FAST)
+    new = fake_config(a, supervisor=FAST, cluster={"address": "10.0.0.1:6379"})
+    new = new.model_copy(update={"gateway": f.config.gateway})
+    report = f.call(f.fleet.reload(new))
+    assert "[cluster] changed: restart the fleet to apply it" in report.warnings
+    assert f.fleet.config.cluster is None and f.fleet.backend is None  # still this machine's engines
+
+
 def test_status_reports_every_model(fake_fleet: FakeFleets) -> None:
     f = fake_fleet(fake("a"), fake("b", fake_hang_at_start=True), ready=["a"], supervisor=FAST)
     complete(f.url, "a")

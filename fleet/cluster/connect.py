@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from rich.console import Console
@@ -17,6 +18,30 @@ from fleet.config.model import ModelConfig
 from fleet.config.schema import ClusterConfig, SupervisorConfig
 from fleet.errors import ConfigError
 
+CONNECT_TIMEOUT = 5.0
+
+
+def check_reachable(address: str) -> None:
+    """ConfigError, at once, unless something answers at the cluster's head (ray.init itself would
+    retry for minutes at an address where nothing listens, or at a stale "auto" one)."""
+    if address.startswith("ray://"):
+        return  # Ray Client: its own connect fails fast enough
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        target = canonicalize_bootstrap_address(address)
+    except (ValueError, ConnectionError) as e:
+        raise ConfigError(f"[cluster] address {address!r}: {e}") from None
+    if target is None:
+        raise ConfigError(f"[cluster] address {address!r}: no Ray cluster found on this machine; start one with "
+                          "`ray start --head` (docs/cluster.md)")
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"[cluster] address {address!r}: nothing answers at {target} ({e}); is `ray start --head` "
+                          "running there? (docs/cluster.md)") from None
+
 
 class RayCluster:
     """This process's place in the cluster (ray.init), and the replicas' owners it makes."""
@@ -26,6 +51,7 @@ class RayCluster:
 
         self.config = config
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each engine's lines, not "[repeated 2x across cluster]"
+        check_reachable(config.address)
         try:
             ray.init(address=config.address, namespace=config.namespace, log_to_driver=echo_logs,
                                logging_level=logging.WARNING)

@@ -26,7 +26,7 @@ import msgspec
 
 from fleet.config.model import ModelConfig
 from fleet.config.placement import port_in_use
-from fleet.run.process import STOP_GRACE, OutputPipe, stop_process_tree, wait_exit
+from fleet.run.process import PARENT_DEATH_SIGNAL_ENV, STOP_GRACE, OutputPipe, stop_process_tree, wait_exit
 from fleet.run.supervisor import log_dir
 
 LOG_TAIL = 40
@@ -80,7 +80,8 @@ class EngineHost:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "fleet.engine", "--model-json", cfg.engine_json(),
             stdin=asyncio.subprocess.DEVNULL, stdout=output.write_end, stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1", PARENT_DEATH_SIGNAL_ENV: "SIGKILL"},
+            start_new_session=True,
         )
         await output.attach()
         self._reader = asyncio.create_task(self._read(output.reader, name))

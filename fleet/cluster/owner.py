@@ -17,7 +17,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,14 +25,19 @@ from rich.markup import escape
 from fleet.cluster.host import Where
 from fleet.cluster.placement import Ask, replica_ask
 from fleet.config.model import ModelConfig
-from fleet.config.schema import PLACEMENT_GROUP_ENV, SupervisorConfig
+from fleet.config.schema import PLACEMENT_GROUP_ENV, ClusterConfig, SupervisorConfig
 from fleet.gateway.status import EngineState
 from fleet.run.supervisor import EngineProcess
 
-if TYPE_CHECKING:
-    from fleet.cluster.connect import RayCluster
-
 T = TypeVar("T")
+
+
+class Cluster(Protocol):
+    """What a replica's owner needs of the cluster it joined (connect.RayCluster)."""
+
+    config: ClusterConfig
+    gcs_address: str  # where an engine's own Ray processes join it (a replica across nodes)
+    host: Any  # the EngineHost actor class
 
 
 class Unplaced(Exception):
@@ -43,7 +48,7 @@ class RayEngine(EngineProcess):
     """One replica's engine on the cluster, and the single task that owns it (a kill: the actor
     goes at once, and the engine with it)."""
 
-    def __init__(self, cfg: ModelConfig, *, cluster: RayCluster, console: Console | None = None,
+    def __init__(self, cfg: ModelConfig, *, cluster: Cluster, console: Console | None = None,
                  echo_logs: bool = True, policy: SupervisorConfig | None = None, token: str | None = None,
                  engine_timeout: float = 300.0) -> None:
         super().__init__(cfg, console=console, echo_logs=echo_logs, policy=policy, token=token,
@@ -86,7 +91,9 @@ class RayEngine(EngineProcess):
                 self._fail(str(e))
             return False
         self.where = where
-        self.node, self.port, self.gpus = f"{where.node} ({where.node_id[:8]})", where.port, where.gpus
+        # a replica across nodes: vLLM's workers hold its GPUs, on their nodes; status keeps the file's count
+        self.node, self.port = f"{where.node} ({where.node_id[:8]})", where.port
+        self.gpus = where.gpus or list(self.cfg.gpus)
         await self.client.move_to(where.host, where.port)
         self._exit = self.actor.wait.remote()
         dtype = "" if self.cfg.gpus else " on the CPU"

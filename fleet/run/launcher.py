@@ -230,9 +230,11 @@ class Fleet:
             report.unchanged = [n for n in fresh if n in old and fresh[n] == old[n]]
             if new.gateway != self.config.gateway:
                 report.warnings.append("[gateway] changed: restart the fleet to apply it")
+            if new.cluster != self.config.cluster:
+                report.warnings.append("[cluster] changed: restart the fleet to apply it")
             if new.supervisor != self.config.supervisor:
                 report.warnings.append("[supervisor] changed: applies to engines started from now on")
-            self.config = new.model_copy(update={"gateway": self.config.gateway})
+            self.config = new.model_copy(update={"gateway": self.config.gateway, "cluster": self.config.cluster})
             self.console.print(
                 f"[bold]fleet[/bold]: reload: +{report.added} -{report.removed} ~{report.changed}", highlight=False
             )

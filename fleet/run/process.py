@@ -114,11 +114,18 @@ def keep_to_bound_cores(env: Mapping[str, str] = os.environ) -> None:
             os.sched_setaffinity(0, cores & os.sched_getaffinity(0) or cores)
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent dies, even by SIGKILL."""
+PARENT_DEATH_SIGNAL_ENV = "FLEET_PARENT_DEATH_SIGNAL"  # "SIGKILL": an engine whose parent's death is the end
+
+
+def die_with_parent(env: Mapping[str, str] = os.environ) -> None:
+    """Ask Linux to signal this process when its parent dies, even by SIGKILL: SIGTERM (a clean
+    stop), or what $FLEET_PARENT_DEATH_SIGNAL names. A cluster's engine asks for SIGKILL: its host
+    actor died, Ray kills it anyway, and a clean stop would take requests it cannot finish; its
+    node's reaper (fleet.cluster.reaper) then stops the rest of its tree."""
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        sig = signal.Signals[env.get(PARENT_DEATH_SIGNAL_ENV, "SIGTERM")]
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 def descendants(pid: int, *, strict: bool = False) -> list[psutil.Process]:
