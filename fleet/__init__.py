@@ -3,6 +3,7 @@
 The package, by role (each subpackage's docstring says what it owns and what it may import):
 
     cli.py      the `fleet` command
+    terminal.py what the command prints as tables (fit to the terminal, plain rows for a pipe)
     run/        processes and their owner: launcher, supervisor, lifecycle, process trees
     gateway/    the HTTP server: Litestar app, bodies, keys, admission, tracking, metrics, control
     api/        OpenAI's API without HTTP: schemas, sampling rules, planning, answers per endpoint

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from fleet import __version__
@@ -19,6 +18,7 @@ from fleet.config.load import load_config
 from fleet.config.model import GIB
 from fleet.config.schema import DEFAULT_CONFIG, FleetConfig
 from fleet.errors import ConfigError
+from fleet.terminal import table_console
 
 if TYPE_CHECKING:
     from fleet.cluster.connect import RayCluster
@@ -40,11 +40,6 @@ def _load(config_path: Path, **overrides: object) -> FleetConfig:
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-
-
-def table_console() -> Console:
-    """Where tables go: the terminal's width, or unbounded when piped (one line per row for grep)."""
-    return Console() if sys.stdout.isatty() else Console(width=10_000)
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -97,28 +92,16 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
 
 
 def _join_cluster(config: FleetConfig, placement: object, *, echo_logs: bool = True) -> RayCluster | None:
-    """With [cluster]: join it (ray.init) and add to the placement's findings whether every replica
-    fits on its nodes now; None without [cluster] (then Ray is never imported)."""
+    """With [cluster]: join it, adding to the placement's findings where every replica fits
+    (fleet.cluster.connect.join); None without [cluster], and then Ray is never imported."""
     from fleet.config.placement import Placement
 
     assert isinstance(placement, Placement)
     if config.cluster is None:
         return None
-    from fleet.cluster.connect import RayCluster
-    from fleet.cluster.placement import fit, replica_ask
+    from fleet.cluster.connect import join
 
-    try:
-        cluster = RayCluster(config.cluster, echo_logs=echo_logs)
-    except ConfigError as e:
-        placement.errors.append(str(e))
-        return None
-    asks = [replica_ask(r, config.cluster.engine_cpus) for m in config.models for r in m.replica_configs() if not r.attached]
-    nodes = cluster.nodes()
-    found = fit(asks, nodes)
-    placement.cluster = [(a.name, found.nodes.get(a.name, [])) for a in asks]
-    placement.nodes = {n.node_id: n.address for n in nodes}
-    placement.errors += [f"[cluster] {config.cluster.address}: {p}" for p in found.problems]
-    return cluster
+    return join(config, config.cluster, placement, echo_logs=echo_logs)
 
 
 @main.command()
@@ -261,7 +244,8 @@ def status(config_path: Path, host: str | None, port: int | None, as_json: bool)
     """Ask the running fleet how each model is doing."""
     import msgspec
 
-    from fleet.gateway.status import EngineState, FleetStatus
+    from fleet.gateway.status import FleetStatus
+    from fleet.terminal import status_rows, status_table
 
     raw = _control("GET", "/fleet/status", config_path, host, port)
     if as_json:
@@ -271,70 +255,10 @@ def status(config_path: Path, host: str | None, port: int | None, as_json: bool)
     gw = body.gateway
     console = table_console()
     plain = not sys.stdout.isatty()
-    headers, rows = status_rows(body, EngineState.READY)
+    headers, rows = status_rows(body)
     if not plain:
         console.print(f"fleet on {gw.host}:{gw.port} (pid {gw.pid})", highlight=False, soft_wrap=True)
     console.print(status_table(headers, rows, width=console.width, plain=plain))
-
-
-# `fleet status` columns: header, and how soon it goes when the terminal is narrow (0: never)
-STATUS_COLUMNS = (("model", 0), ("state", 0), ("node", 7), ("GPUs", 5), ("port", 4), ("pid", 6), ("up", 8),
-                  ("restarts", 9), ("in flight", 2), ("requests", 3), ("tok/s", 1))
-STATE_FIT = 24  # the state column folds its reason: this much of it counts when fitting the terminal
-
-
-def status_rows(body: Any, ready: Any) -> tuple[list[str], list[list[str]]]:
-    """`fleet status`'s headers and one row of text per engine (`node` only on a cluster)."""
-    on_nodes = any(m.node for m in body.models)
-    headers = [h for h, _ in STATUS_COLUMNS if h != "node" or on_nodes]
-    rows = []
-    for m in body.models:
-        cells = {
-            "model": m.replica,
-            "state": m.state.value + (f" ({m.reason})" if m.reason and m.state is not ready else ""),
-            "node": m.node or "-",
-            "GPUs": ",".join(map(str, m.gpus)) or "CPU",
-            "port": str(m.port),
-            "pid": f"attached: {m.url}" if m.url else str(m.pid or "-"),
-            "up": "-" if m.uptime_s is None else f"{m.uptime_s:.0f}s",
-            "restarts": str(m.restarts),
-            "in flight": str(m.inflight),
-            "requests": str(m.requests),
-            "tok/s": f"{m.tokens_per_s:.1f}",
-        }
-        rows.append([cells[h] for h in headers])
-    return headers, rows
-
-
-def fit_columns(headers: list[str], rows: list[list[str]], width: int) -> list[int]:
-    """The columns a box table of `rows` can show in `width` characters without breaking a cell:
-    all that fit, the least needed going first (STATUS_COLUMNS' order)."""
-    drop = {h: d for h, d in STATUS_COLUMNS}
-    keep = list(range(len(headers)))
-
-    def need() -> int:
-        widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in keep] if rows else map(len, headers)
-        return sum(min(w, STATE_FIT) if headers[i] == "state" else w for i, w in zip(keep, widths, strict=True)) \
-            + 3 * len(keep) + 1
-
-    for name in sorted((h for h in headers if drop.get(h)), key=lambda h: drop[h]):
-        if need() <= width:
-            break
-        keep.remove(headers.index(name))
-    return keep
-
-
-def status_table(headers: list[str], rows: list[list[str]], *, width: int, plain: bool) -> Table:
-    """A box table that fits the terminal (columns dropped by need; no name is ever broken), or, for a
-    pipe, plain rows: every column, one line per engine, for grep and awk."""
-    keep = list(range(len(headers))) if plain else fit_columns(headers, rows, width)
-    table = Table(box=None, show_edge=False, pad_edge=False, header_style="") if plain else Table()
-    for i in keep:
-        table.add_column(headers[i].upper().replace(" ", "_") if plain else headers[i],
-                         no_wrap=plain or headers[i] != "state", overflow="fold")
-    for r in rows:
-        table.add_row(*(r[i] for i in keep))
-    return table
 
 
 @main.command()

@@ -8,7 +8,7 @@ import io
 
 from rich.console import Console
 
-from fleet.cli import status_rows, status_table
+from fleet.terminal import status_rows, status_table
 from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus
 
 
@@ -29,7 +29,7 @@ BODY = FleetStatus(GatewayStatus("127.0.0.1", 8000, 1, 0), [
 def render(width: int, plain: bool) -> list[str]:
     out = io.StringIO()
     console = Console(file=out, width=width, force_terminal=False, color_system=None)
-    headers, rows = status_rows(BODY, EngineState.READY)
+    headers, rows = status_rows(BODY)
     console.print(status_table(headers, rows, width=width, plain=plain))
     return out.getvalue().splitlines()
 
@@ -62,5 +62,5 @@ def test_piped_output_is_one_plain_line_per_engine_that_grep_finds() -> None:
 
 def test_a_cluster_status_has_a_node_column() -> None:
     body = FleetStatus(BODY.gateway, [row("m.0", node="gpu-a (1a2b3c4d)"), row("m.1", node="gpu-b (5e6f7a8b)")])
-    headers, rows = status_rows(body, EngineState.READY)
+    headers, rows = status_rows(body)
     assert headers[:3] == ["model", "state", "node"] and rows[1][2] == "gpu-b (5e6f7a8b)"

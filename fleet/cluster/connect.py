@@ -13,9 +13,10 @@ from rich.console import Console
 
 from fleet.cluster.host import EngineHost
 from fleet.cluster.owner import RayEngine
-from fleet.cluster.placement import NodeRoom
+from fleet.cluster.placement import NodeRoom, fit, replica_ask
 from fleet.config.model import ModelConfig
-from fleet.config.schema import ClusterConfig, SupervisorConfig
+from fleet.config.placement import Placement
+from fleet.config.schema import ClusterConfig, FleetConfig, SupervisorConfig
 from fleet.errors import ConfigError
 
 CONNECT_TIMEOUT = 5.0
@@ -88,3 +89,21 @@ class RayCluster:
         import ray
 
         ray.shutdown()
+
+
+def join(config: FleetConfig, cluster: ClusterConfig, placement: Placement, *, echo_logs: bool = True) -> RayCluster | None:
+    """Join the fleet's cluster and add to `placement` (what `fleet check` and `fleet launch` report
+    before anything starts) where each replica fits on its nodes now, or why it does not; None,
+    with the reason among the errors, when there is no cluster to join."""
+    try:
+        joined = RayCluster(cluster, echo_logs=echo_logs)
+    except ConfigError as e:
+        placement.errors.append(str(e))
+        return None
+    asks = [replica_ask(r, cluster.engine_cpus) for m in config.models for r in m.replica_configs() if not r.attached]
+    nodes = joined.nodes()
+    found = fit(asks, nodes)
+    placement.cluster = [(a.name, found.nodes.get(a.name, [])) for a in asks]
+    placement.nodes = {n.node_id: n.address for n in nodes}
+    placement.errors += [f"[cluster] {cluster.address}: {p}" for p in found.problems]
+    return joined

@@ -81,9 +81,7 @@ class RayEngine(EngineProcess):
         self.started_at, self.ready_at = time.monotonic(), None
         self.tail.clear()
         self.where, self._end = None, ""
-        what = f"{self.ask.gpus} GPU(s)" if self.ask.gpus else f"{len(self.ask.bundles)} GPUs across nodes" \
-            if self.ask.spans_nodes else "CPU"
-        self.say(f"placing on the cluster ({what}, {self.ask.cpus:g} CPU)")
+        self.say(f"placing on the cluster: {self._asked()}")
         try:
             where = await self._in_time(self._place())
         except Unplaced as e:
