@@ -84,7 +84,8 @@ async def measure(requests: int, stream: bool, profile: bool, max_tokens: int = 
             if time.monotonic() > deadline:
                 raise RuntimeError("the null engine did not become ready in 60 s")
             await asyncio.sleep(0.05)
-        app = create_app(fleet.backends, keys=fleet.keys, gateway=cfg.gateway)
+        # as `fleet launch` builds it: with its control, so with the status page's request log
+        app = create_app(fleet.backends, control=fleet, keys=fleet.keys, gateway=cfg.gateway, ui=cfg.ui)
         body = (b'{"model":"m","prompt":"hello there","max_tokens":%d,"temperature":0%s}'
                 % (max_tokens, b',"stream":true' if stream else b""))
         for _ in range(min(1000, requests)):

@@ -5,7 +5,8 @@ The package, by role (each subpackage's docstring says what it owns and what it 
     cli.py      the `fleet` command
     terminal.py what the command prints as tables (fit to the terminal, plain rows for a pipe)
     run/        processes and their owner: launcher, supervisor, lifecycle, process trees
-    gateway/    the HTTP server: Litestar app, bodies, keys, admission, tracking, metrics, control
+    gateway/    the HTTP server: Litestar app, bodies, keys, admission, tracking, metrics, control,
+                and the status page at /ui (gateway/ui/)
     api/        OpenAI's API without HTTP: schemas, sampling rules, planning, answers per endpoint
     wire/       the internal protocol to the engines, its client and HTTP/1.1 transport
     config/     fleet.toml: schema, file rules, placement checks, model sources

@@ -74,6 +74,14 @@ class ModelNotFound(FleetError):
         super().__init__(message, status=404, type="invalid_request_error", param="model", code="model_not_found")
 
 
+class EngineNotFound(FleetError):
+    """No engine (replica) of the fleet has that name: a status page action (HTTP 404)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no engine named {name!r} in the fleet", status=404, type="invalid_request_error",
+                         param="engine", code="engine_not_found")
+
+
 class TooManyRequests(FleetError):
     """The model's queue is full (HTTP 429 with Retry-After)."""
 

@@ -4,8 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# The tests make TLS certificates with the openssl command line.
-command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
+# The tests make TLS certificates with the openssl command line, and drive the status page in
+# Debian's Chromium (Playwright uses it as it is: no browser download).
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
 stamp=.venv/.fleet-install-stamp
 want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

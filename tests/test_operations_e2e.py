@@ -1,7 +1,9 @@
-"""Operating a real fleet (vLLM CPU engines, the real CLI): crash -> restart, reload, SIGKILL, stop.
+"""Operating a real fleet (vLLM CPU engines, the real CLI): crash -> restart, reload, SIGKILL, stop,
+and the status page watching it all in a real browser (Debian's Chromium through Playwright).
 
 The tests run in file order against one fleet of tiny models; a client keeps streaming from
-the untouched model the whole time and must never see an error.
+the untouched model the whole time and must never see an error. The page is opened once, before
+the crash, and never reloaded: what it shows comes over its one event stream.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import httpx
 import openai
 import psutil
 import pytest
-from conftest import ROOT, TINY, FleetProcess, fleet_toml, free_port
+from conftest import ROOT, TINY, Browser, FleetProcess, fleet_toml, free_port
 
 pytestmark = pytest.mark.e2e
-SUPERVISOR = "[supervisor]\nrestart_backoff = 0.5\nhealth_interval = 0.5\n\n"
+ADMIN = "ops-admin"
+SUPERVISOR = f"[supervisor]\nrestart_backoff = 0.5\nhealth_interval = 0.5\n\n[ui]\nadmin_key = \"{ADMIN}\"\n\n"
 
 
 class Steady:
@@ -79,6 +82,33 @@ def ops(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_model: P
                 p.kill()
 
 
+@pytest.fixture(scope="module")
+def page(ops: FleetProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    browser = Browser(ops.url, tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+def engine_row(page: Browser, engine: str) -> dict[str, str]:
+    """What the page's engines table shows for one engine, by column."""
+    cells: dict[str, str] = page.page.evaluate("""(name) => {
+        const row = document.querySelector(`#engines tr[data-engine="${name}"]`);
+        if (!row) return {};
+        const heads = [...document.querySelectorAll('#engines thead th')].map((th) => th.textContent);
+        return Object.fromEntries([...row.cells].map((td, i) => [heads[i], td.textContent]));
+    }""", engine)
+    return cells
+
+
+def shown_changes(page: Browser, engine: str) -> list[str]:
+    """The states the page's state-change table shows an engine went to, oldest first."""
+    went: list[str] = page.page.evaluate("""(name) => [...document.querySelectorAll(
+        `#changes tbody tr[data-engine="${name}"]`)].map((tr) => tr.dataset.to).reverse()""", engine)
+    return went
+
+
 def status(fleet: FleetProcess) -> dict[str, dict]:
     return {m["model"]: m for m in httpx.get(f"{fleet.url}/fleet/status", timeout=10).json()["models"]}
 
@@ -91,7 +121,19 @@ def wait_for(check, what: str, timeout: float = 300) -> None:  # noqa: ANN001
         time.sleep(0.25)
 
 
-def test_killed_engine_restarts_and_other_models_see_no_error(ops: FleetProcess) -> None:
+def test_the_status_page_loads_without_console_errors_and_shows_every_engine(ops: FleetProcess, page: Browser) -> None:
+    page.page.wait_for_selector("#connection[data-state=live]")
+    page.page.wait_for_selector('#engines tr[data-engine="ops-b"]')
+    for name in ("ops-a", "ops-b"):
+        row = engine_row(page, name)
+        assert row["Model"] == name and row["State"].startswith("ready") and row["PID"] == str(status(ops)[name]["pid"])
+        assert row["Where"].startswith("CPU · port ")
+    assert shown_changes(page, "ops-a")[-2:] == ["starting", "ready"]
+    assert '[ui]\nadmin_key = "********"' in page.page.inner_text("#config")
+    assert page.errors == []
+
+
+def test_killed_engine_restarts_and_other_models_see_no_error(ops: FleetProcess, page: Browser) -> None:
     steady = Steady(ops.url, "ops-b")
     try:
         wait_for(lambda: steady.streams >= 2, "the steady client is streaming")
@@ -109,6 +151,63 @@ def test_killed_engine_restarts_and_other_models_see_no_error(ops: FleetProcess)
     finally:
         steady.stop()
     assert steady.errors == [] and steady.streams > 2
+    # the open page showed it all as it happened, without being reloaded
+    page.page.wait_for_function("""() => {
+        const row = document.querySelector('#engines tr[data-engine="ops-a"]');
+        return row && row.cells[6].textContent === "1" && row.cells[2].textContent.startsWith("ready");
+    }""")
+    went = shown_changes(page, "ops-a")
+    assert went[went.index("failed"):] == ["failed", "restarting", "starting", "ready"]
+    assert engine_row(page, "ops-a")["PID"] == str(row["pid"])
+    assert page.page.evaluate("window.notReloaded") is True
+
+
+def test_a_request_appears_in_the_status_page_s_recent_list(ops: FleetProcess, page: Browser) -> None:
+    listed = """() => [...document.querySelectorAll('#requests tbody tr[data-model="ops-a"]')]
+        .filter((tr) => tr.cells[4].textContent === "200" && tr.cells[6].textContent === "7").length"""
+    before = page.page.evaluate(listed)
+    with openai.OpenAI(base_url=ops.url + "/v1", api_key="x", max_retries=0) as sdk:
+        answer = sdk.completions.create(model="ops-a", prompt="Hello", max_tokens=7, extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == 7
+    page.page.wait_for_function(f"() => ({listed})() === {before + 1}")
+    row = page.page.evaluate("""() => [...document.querySelector('#requests tbody tr[data-model="ops-a"]').cells]
+        .map((td) => td.textContent)""")
+    assert row[2] == "ops-a" and row[3] == "completions" and row[5] == str(answer.usage.prompt_tokens)
+
+
+def test_restart_from_the_page_needs_the_admin_key_and_the_log_view_follows(ops: FleetProcess, page: Browser) -> None:
+    p = page.page
+    p.select_option("#log-engine", "ops-a")
+    assert p.is_checked("#follow")
+    victim = status(ops)["ops-a"]["pid"]
+    p.click('#engines tr[data-engine="ops-a"] button:has-text("Restart")')
+    p.wait_for_function("""() => document.querySelector('#message').textContent.includes('refused (401)')""")
+    assert status(ops)["ops-a"]["pid"] == victim and status(ops)["ops-a"]["state"] == "ready"
+    p.fill("#key", ADMIN)
+    p.press("#key", "Enter")
+    p.wait_for_selector("#connection[data-state=live]")
+    lines_before = p.inner_text("#log").count("\n")
+    p.click('#engines tr[data-engine="ops-a"] button:has-text("Restart")')
+    p.wait_for_function("""() => document.querySelector('#message').textContent === 'restart ops-a: done'""")
+    p.wait_for_function(f"""() => {{
+        const row = document.querySelector('#engines tr[data-engine="ops-a"]');
+        return row.cells[2].textContent.startsWith("ready") && row.cells[4].textContent !== "{victim}";
+    }}""", timeout=300_000)
+    went = shown_changes(page, "ops-a")
+    assert went[-3:] == ["stopping", "starting", "ready"]
+    assert status(ops)["ops-a"]["pid"] != victim and not psutil.pid_exists(victim)
+    # the log view followed the new engine's lines to the end
+    log = p.inner_text("#log")
+    assert log.index("fleet: restarting, as asked") < log.rindex("fleet: ready in")
+    assert log.count("\n") > lines_before + 5
+    assert p.evaluate("(() => { const l = document.querySelector('#log'); "
+                      "return l.scrollHeight - l.scrollTop - l.clientHeight < 2; })()")
+    assert p.evaluate("window.notReloaded") is True
+    # the only console errors: the refused restart's answer, as Chromium logs any 4xx
+    assert [e for e in page.errors if "401" not in e] == []
+    if shot := os.environ.get("FLEET_UI_SCREENSHOT"):
+        p.set_viewport_size({"width": 1400, "height": 900})
+        p.screenshot(path=shot, full_page=True)
 
 
 def reload(config: Path, models: list[dict], port: int) -> str:
@@ -120,7 +219,7 @@ def reload(config: Path, models: list[dict], port: int) -> str:
 
 
 def test_reload_adds_changes_and_removes_models_while_a_client_streams_from_another(
-    ops: FleetProcess, tiny_model: Path
+    ops: FleetProcess, tiny_model: Path, page: Browser
 ) -> None:
     steady = Steady(ops.url, "ops-b")
     try:
@@ -130,6 +229,7 @@ def test_reload_adds_changes_and_removes_models_while_a_client_streams_from_anot
         added = {"name": "ops-c", "source": str(tiny_model), "port": free_port(), **TINY}
         out = reload(config, [changed, b, added], ops.port)
         assert "added: ops-c" in out and "changed: ops-a" in out and "unchanged: ops-b" in out
+        page.page.wait_for_selector('#engines tr[data-engine="ops-c"]')  # the open page follows the reload
         wait_for(lambda: all(status(ops).get(n, {}).get("state") == "ready" for n in ("ops-a", "ops-c")),
                  "ops-a restarted with its new settings and ops-c started")
         long = httpx.post(f"{ops.url}/v1/completions", json={"model": "ops-a", "prompt": [5] * 300, "max_tokens": 2},
@@ -141,6 +241,7 @@ def test_reload_adds_changes_and_removes_models_while_a_client_streams_from_anot
         assert "removed: ops-c" in out
         gone = httpx.post(f"{ops.url}/v1/completions", json={"model": "ops-c", "prompt": "x"}, timeout=30)
         assert gone.status_code == 404
+        page.page.wait_for_selector('#engines tr[data-engine="ops-c"]', state="detached")
     finally:
         steady.stop()
     assert steady.errors == [] and steady.streams > 0

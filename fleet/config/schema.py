@@ -137,6 +137,24 @@ class SupervisorConfig(Strict):
     drain_timeout: float = Field(30.0, gt=0, description="how long in-flight requests may finish at shutdown/reload")
 
 
+class UiConfig(Strict):
+    """The status page at the gateway's /ui (docs/operations.md): who may act on it, what it shows."""
+
+    enabled: bool = Field(True, description="serve the status page at /ui")
+    admin_key: SecretStr | None = Field(
+        None, min_length=1, description="the key the page's actions (reload, restart, drain) need; none: read-only")
+    admin_key_env: str | None = Field(
+        "FLEET_ADMIN_KEY", description="an environment variable holding the admin key (wins over admin_key)")
+    show_prompts: bool = Field(
+        False, description="show the start of each prompt in the page's recent requests (off: no prompt text)")
+
+    def admin_secret(self, env: Mapping[str, str]) -> bytes | None:
+        """The admin key in effect: $admin_key_env's value, else admin_key; None: the page is read-only."""
+        if self.admin_key_env and (value := env.get(self.admin_key_env, "").strip()):
+            return value.encode()
+        return self.admin_key.get_secret_value().encode() if self.admin_key else None
+
+
 class ClusterConfig(Strict):
     """Engines on a cluster instead of this machine (docs/cluster.md): each replica a Ray actor that
     runs its engine on a node Ray picks. Absent: local processes, and Ray is never imported."""
@@ -174,6 +192,7 @@ class FleetConfig(BaseSettings):
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cluster: ClusterConfig | None = Field(None, description="engines on a Ray cluster (absent: on this machine)")
+    ui: UiConfig = Field(default_factory=UiConfig)
     models: list[ModelConfig] = Field(default_factory=list)
 
     @classmethod

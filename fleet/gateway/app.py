@@ -12,6 +12,7 @@ Litestar's routing and exception handlers. The OpenAPI document is fleet's own (
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -32,7 +33,7 @@ from fleet.api.completions import serving as completions
 from fleet.api.completions.protocol import CompletionRequest
 from fleet.api.planning import Plan
 from fleet.api.protocol import ErrorResponse, ModelCard, ModelList
-from fleet.config.schema import GatewayConfig
+from fleet.config.schema import GatewayConfig, UiConfig
 from fleet.errors import BodyTooLarge, FleetError
 from fleet.gateway import control as control_routes
 from fleet.gateway.auth import Keys, require_key, scope_key
@@ -43,9 +44,13 @@ from fleet.gateway.guard import ConnectionCounts
 from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fleet.gateway.metrics import Metrics
 from fleet.gateway.openapi import JSON, openapi_json
+from fleet.gateway.recent import Recent, Trace, prompt_preview
 from fleet.gateway.routing import route
 from fleet.gateway.status import Health
 from fleet.gateway.tracking import Tracked
+from fleet.gateway.ui import routes as ui_routes
+from fleet.gateway.ui.gpus import Gpus, engines_on_gpus
+from fleet.gateway.ui.history import History
 from fleet.wire.asgi import header, read_body, unless_disconnected
 
 log = logging.getLogger("fleet.gateway")
@@ -124,13 +129,20 @@ def generation_route(path: str, name: str, schema: type[CompletionRequest | Chat
         data = decode_body(await read_body(scope, receive, state.max_body_bytes), body_of)
         Keys.allow(key, data.model)
         backend = route(state.backends, data.model)
-        planned = plan(data, backend.config.defaults, backend.config.limits)
+        try:
+            planned = plan(data, backend.config.defaults, backend.config.limits)
+        except FleetError as e:  # refused before it ran: the status page lists it too
+            if (recent := state.recent) is not None:
+                recent.add(Trace(at=time.time(), model=data.model, route=route_name, status=e.status,
+                                 prompt=shown_prompt(data) if state.show_prompts else None))
+            raise
         engine: Engine = backend
         if backend.config.routing == "session":  # the same session to the same replica
             named = header(scope, backend.config.session_header.lower().encode()) if backend.config.session_header else None
             session = named or data.user
             engine = backend.keyed(session.encode() if session else None)
-        await _run(receive, send, state, backend, engine, planned, data.model, api, route_name)
+        prompt = shown_prompt(data) if state.show_prompts else None
+        await _run(receive, send, state, backend, engine, planned, data.model, api, route_name, prompt)
 
     handle.__name__ = handle.__qualname__ = name
     return asgi(path, name=name, is_mount=False, copy_scope=False)(handle)
@@ -141,8 +153,19 @@ class _Api(Protocol):
     async def stream(self, engine: Engine, plan: Plan, model: str) -> AsyncGenerator[bytes, None]: ...
 
 
+def shown_prompt(data: CompletionRequest | ChatCompletionRequest) -> str:
+    """What the status page shows of a request's prompt ([ui] show_prompts): a completion's
+    prompt, a chat's last message."""
+    if isinstance(data, CompletionRequest):
+        return prompt_preview(data.prompt)
+    content = data.messages[-1].content
+    if isinstance(content, list):
+        content = " ".join(part.text or "" for part in content)
+    return prompt_preview(content or "")
+
+
 async def _run(receive: Receive, send: Send, state: State, backend: Backend, engine: Engine, plan: Plan, model: str,
-               api: _Api, route_name: str) -> None:
+               api: _Api, route_name: str, prompt: str | None = None) -> None:
     """Run a planned request in its bookkeeping (slot, in-flight count, metrics, disconnects); send the answer.
 
     The answer goes to the ASGI server as is: the body is already encoded, and Litestar's response
@@ -150,7 +173,7 @@ async def _run(receive: Receive, send: Send, state: State, backend: Backend, eng
     CPU a request takes on a slow 2-core VM. Errors before the first byte are raised, and leave as
     plain HTTP errors through the app's exception handlers.
     """
-    tracked = Tracked(backend, route_name, state.metrics)
+    tracked = Tracked(backend, route_name, state.metrics, state.recent, prompt)
     if plan.stream:
         await tracked.send_stream(lambda: api.stream(engine, plan, model), send, receive)
         return
@@ -175,13 +198,28 @@ def create_app(
     gateway: GatewayConfig | None = None,
     restarts: Callable[[str], int] = lambda _: 0,
     connections: ConnectionCounts | None = None,
+    ui: UiConfig | None = None,
+    admin_key: bytes | None = None,
 ) -> Litestar:
-    """The gateway app over a fleet's backends (their lifecycles and clients are owned by the launcher)."""
-    gateway = gateway or GatewayConfig()
+    """The gateway app over a fleet's backends (their lifecycles and clients are owned by the launcher).
+    With `ui` enabled (and a launcher: `control`) it serves the status page too, `admin_key` opening its actions."""
+    gateway, ui = gateway or GatewayConfig(), ui or UiConfig()
+    with_ui = ui.enabled and control is not None
+    history = History(lambda: backends, Gpus(lambda: engines_on_gpus(control))) if with_ui and control else None
+    sampler: list[asyncio.Task[None]] = []
+
+    def start_sampling() -> None:
+        if history is not None:
+            sampler.append(asyncio.create_task(history.run(), name="ui-history"))
+
+    async def stop_sampling() -> None:
+        for task in sampler:
+            task.cancel()
+        await asyncio.gather(*sampler, return_exceptions=True)
 
     app = Litestar(
         route_handlers=[health, metrics, list_models, completions_route, chat_completions, *control_routes.ROUTES,
-                        openapi_json],
+                        openapi_json, *(ui_routes.ROUTES if with_ui else ())],
         state=State({
             "backends": backends,
             "started": int(time.time()),
@@ -189,7 +227,13 @@ def create_app(
             "api_keys": keys or Keys([]),
             "metrics": Metrics(lambda: backends, restarts, connections),
             "max_body_bytes": gateway.max_body_bytes,
+            "recent": Recent() if with_ui else None,
+            "show_prompts": with_ui and ui.show_prompts,
+            "ui_history": history,
+            "ui_admin": admin_key if with_ui else None,
         }),
+        on_startup=[start_sampling],
+        on_shutdown=[stop_sampling],
         exception_handlers={
             FleetError: _fleet_error_handler,
             HTTPException: _http_error_handler,

@@ -13,10 +13,11 @@ from typing import Protocol
 
 from fleet.api.answers import Batches
 from fleet.config.model import ModelConfig
-from fleet.errors import EngineUnreachable, ModelNotReady
+from fleet.errors import EngineUnreachable, FleetError, ModelNotReady
 from fleet.gateway.admission import Admission
 from fleet.gateway.metrics import BackendStats
 from fleet.gateway.policies import Choice, Outcome, Policy, ReplicaLoad, choose, failover, prefix_key
+from fleet.gateway.recent import TRACE
 from fleet.gateway.status import EngineState
 from fleet.wire import protocol
 from fleet.wire.client import EngineClient
@@ -48,9 +49,11 @@ class Replica:
     stats: BackendStats = field(default_factory=BackendStats)
     failures: int = 0  # engine requests that failed in a row (a success resets it)
     routed: collections.Counter[str] = field(default_factory=collections.Counter)
+    draining: bool = False  # takes no new requests (the status page's drain); those in flight go on
 
     def load(self, index: int) -> ReplicaLoad:
-        return ReplicaLoad(index, self.lifecycle.state.serving, self.stats.inflight, 0, self.failures, self.slot)
+        serving = self.lifecycle.state.serving and not self.draining
+        return ReplicaLoad(index, serving, self.stats.inflight, 0, self.failures, self.slot)
 
 
 @dataclass
@@ -120,21 +123,34 @@ class Backend:
             replica = self.replicas[choice.index]
             replica.routed[choice.outcome] += 1
             replica.stats.begin()
+            trace = TRACE.get()
+            if trace is not None:
+                trace.served_by(replica.name)
             try:
                 async for batch in replica.client.generate(req):
                     if isinstance(batch[-1], protocol.Done):
-                        replica.stats.add_tokens(batch[-1].completion_tokens, batch[-1].prompt_tokens)
+                        done = batch[-1]
+                        replica.stats.add_tokens(done.completion_tokens, done.prompt_tokens)
+                        if trace is not None:
+                            trace.prompt_tokens += done.prompt_tokens
+                            trace.completion_tokens += done.completion_tokens
                     yield batch
                 replica.failures = 0
                 return
             except EngineUnreachable:
                 # nothing was sent (no connection opened): another replica may take it
                 replica.failures += 1
+                replica.stats.errors += 1
                 tried.append(replica)
                 choice = failover(self._loads(), {i for i, r in enumerate(self.replicas) if r in tried}, self.rng)
                 if choice is None:
                     raise
-            except BaseException:
+            except Exception as e:
+                replica.failures += 1
+                if not isinstance(e, FleetError) or e.status >= 500:  # a refused request is not the replica's failure
+                    replica.stats.errors += 1
+                raise
+            except BaseException:  # the client went away: not the replica's failure
                 replica.failures += 1
                 raise
             finally:

@@ -6,6 +6,7 @@ the gateway's own machine (loopback addresses); anyone else gets 403.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any, Protocol
 
@@ -13,19 +14,47 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 
+from fleet.config.schema import FleetConfig
 from fleet.errors import ConfigError, Forbidden, InvalidRequest
 from fleet.gateway.auth import require_admin
-from fleet.gateway.status import FleetStatus, ReloadReport
+from fleet.gateway.status import Change, FleetStatus, LogLine, ReloadReport
 
 _json = msgspec.json.Encoder()
 
 
+class JournalView(Protocol):
+    """The engines' recent lines and state changes, numbered fleet-wide (fleet.run.journal.Journal)."""
+
+    @property
+    def seq(self) -> int: ...
+    def lines_after(self, seq: int) -> list[LogLine]: ...
+    def changes_after(self, seq: int) -> list[Change]: ...
+    async def wait(self, after: int) -> None: ...
+
+
 class Control(Protocol):
-    """What the control routes need from the launcher's Fleet."""
+    """What the control routes and the status page need from the launcher's Fleet."""
 
     def status(self) -> FleetStatus: ...
     async def reload(self) -> ReloadReport: ...
     def stop(self) -> None: ...
+
+    @property
+    def config(self) -> FleetConfig: ...  # the configuration in effect (a reload replaces it)
+
+    @property
+    def journal(self) -> JournalView: ...
+
+    @property
+    def stopping(self) -> asyncio.Event: ...  # set once the fleet stops: open streams end, so the gateway can
+
+    def restart(self, engine: str) -> None:
+        """Restart one engine (replica) now: EngineNotFound, or InvalidRequest for an attached one."""
+        ...
+
+    def drain(self, engine: str, draining: bool) -> None:
+        """Stop (or resume) routing new requests to one engine; those in flight go on."""
+        ...
 
 
 def check_local(request: Request[Any, Any, Any]) -> None:
@@ -39,36 +68,40 @@ def check_local(request: Request[Any, Any, Any]) -> None:
     raise Forbidden("fleet control routes answer only clients on the gateway's machine")
 
 
-def _control(state: State) -> Control:
+def control_of(state: State) -> Control:
     control: Control | None = state.get("control")
     if control is None:
         raise InvalidRequest("this gateway runs without a launcher: no fleet control")
     return control
 
 
+async def reload_fleet(control: Control) -> ReloadReport:
+    """Re-read fleet.toml and apply the difference; a file that is refused changes nothing (400)."""
+    try:
+        return await control.reload()
+    except ConfigError as e:
+        raise InvalidRequest(f"reload refused, nothing changed: {e}") from None
+
+
 @get("/fleet/status", sync_to_thread=False, before_request=require_admin)
 def fleet_status(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """Every model's state, pid, uptime, restarts, requests in flight and token rate."""
     check_local(request)
-    return Response(_json.encode(_control(state).status()), media_type="application/json")
+    return Response(_json.encode(control_of(state).status()), media_type="application/json")
 
 
 @post("/fleet/reload", status_code=200, before_request=require_admin)
 async def fleet_reload(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """Re-read fleet.toml and apply the difference."""
     check_local(request)
-    try:
-        report = await _control(state).reload()
-    except ConfigError as e:
-        raise InvalidRequest(f"reload refused, nothing changed: {e}") from None
-    return Response(_json.encode(report), media_type="application/json")
+    return Response(_json.encode(await reload_fleet(control_of(state))), media_type="application/json")
 
 
 @post("/fleet/stop", status_code=202, sync_to_thread=False, before_request=require_admin)
 def fleet_stop(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """Stop the fleet (as SIGTERM does)."""
     check_local(request)
-    _control(state).stop()
+    control_of(state).stop()
     return Response(b'{"stopping": true}', media_type="application/json", status_code=202)
 
 

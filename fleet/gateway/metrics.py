@@ -35,6 +35,7 @@ class BackendStats:
 
     inflight: int = 0
     requests: int = 0
+    errors: int = 0  # a replica's engine requests that failed (the engine's or the connection's fault)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     responses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)

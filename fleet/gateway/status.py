@@ -58,11 +58,36 @@ class ModelStatus(msgspec.Struct):
     routed: dict[str, int] = {}  # why requests came here: least_loaded, affinity, spilled, failed_over
     url: str | None = None  # an attached engine's (fleet did not start it: no pid)
     node: str | None = None  # on a cluster: the node it runs on (its pid is that node's)
+    since_s: float = 0.0  # in its state for this long
+    queued: int = 0  # the model's requests waiting for a slot (all its replicas share the queue)
+    errors: int = 0  # engine requests that failed on this replica
+    draining: bool = False  # takes no new requests (the status page's drain); those in flight go on
+    attached: bool = False  # started elsewhere and only watched: fleet cannot restart it
 
 
 class FleetStatus(msgspec.Struct):
     gateway: GatewayStatus
     models: list[ModelStatus]
+
+
+class LogLine(msgspec.Struct, array_like=True):
+    """One line an engine wrote (or the launcher wrote about it), numbered fleet-wide."""
+
+    seq: int
+    engine: str  # the replica's name
+    at: float  # Unix time
+    text: str
+
+
+class Change(msgspec.Struct):
+    """One engine's state change, numbered fleet-wide (with the log lines)."""
+
+    seq: int
+    engine: str
+    at: float
+    old: EngineState
+    new: EngineState
+    reason: str
 
 
 class ReloadReport(msgspec.Struct):

@@ -18,6 +18,7 @@ from litestar.types import HTTPResponseStartEvent, Receive, Send
 from fleet.errors import CLIENT_CLOSED, ClientDisconnected, FleetError
 from fleet.gateway.backend import Backend
 from fleet.gateway.metrics import Metrics
+from fleet.gateway.recent import TRACE, Recent, Trace
 from fleet.wire.asgi import unless_disconnected
 
 SSE_START: HTTPResponseStartEvent = {"type": "http.response.start", "status": 200, "headers": [
@@ -39,11 +40,16 @@ def status_of(exc: BaseException | None) -> int:
 class Tracked:
     """Async context for one request to one backend; leave it exactly once."""
 
-    def __init__(self, backend: Backend, route: str, metrics: Metrics | None) -> None:
-        self.backend, self.route, self.metrics = backend, route, metrics
+    def __init__(self, backend: Backend, route: str, metrics: Metrics | None, recent: Recent | None = None,
+                 prompt: str | None = None) -> None:
+        self.backend, self.route, self.metrics, self.recent = backend, route, metrics, recent
         self.started = time.perf_counter()
         self._slot: contextlib.AbstractAsyncContextManager[None] | None = None
         self._done = False
+        self.trace: Trace | None = None
+        if recent is not None:  # the request's task notes the replica and tokens here (backend.py)
+            self.trace = Trace(at=time.time(), model=backend.name, route=route, prompt=prompt)
+            TRACE.set(self.trace)
 
     async def __aenter__(self) -> Tracked:
         if self.backend.admission is not None:
@@ -68,14 +74,21 @@ class Tracked:
         self._record(exc)
 
     def _record(self, exc: BaseException | None) -> None:
-        self.backend.stats.count(self.route, status_of(exc))
+        status, took = status_of(exc), time.perf_counter() - self.started
+        self.backend.stats.count(self.route, status)
         if self.metrics is not None:
-            self.metrics.latency.labels(self.backend.name, self.route).observe(time.perf_counter() - self.started)
+            self.metrics.latency.labels(self.backend.name, self.route).observe(took)
+        if self.trace is not None and self.recent is not None:
+            self.trace.status, self.trace.duration_ms = status, round(took * 1000, 1)
+            self.recent.add(self.trace)
 
     def first_token(self) -> None:
         """The first streamed bytes left for the client."""
+        took = time.perf_counter() - self.started
         if self.metrics is not None:
-            self.metrics.ttft.labels(self.backend.name, self.route).observe(time.perf_counter() - self.started)
+            self.metrics.ttft.labels(self.backend.name, self.route).observe(took)
+        if self.trace is not None:
+            self.trace.ttft_ms = round(took * 1000, 1)
 
     async def send_stream(self, opening: Callable[[], Awaitable[AsyncGenerator[bytes, None]]], send: Send,
                           receive: Receive) -> None:

@@ -25,6 +25,7 @@ from rich.markup import escape
 from fleet.config.model import ModelConfig
 from fleet.config.placement import can_run_together, cpu_bindings
 from fleet.config.schema import FleetConfig, SupervisorConfig, shared_engine_token
+from fleet.errors import EngineNotFound, InvalidRequest
 from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
 from fleet.gateway.auth import check_exposure, load_keys
@@ -33,6 +34,7 @@ from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionCounts, Connection
 from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus, ReloadReport
 from fleet.run.attached import AttachedEngine
 from fleet.run.gateway_server import GatewayServer
+from fleet.run.journal import Journal
 from fleet.run.supervisor import EngineCommand, EngineProcess, backoff, engine_command
 
 log = logging.getLogger("fleet.run")
@@ -79,6 +81,7 @@ class Fleet:
         # engines refuse requests without it; shared with attached engines only when set (fleet check says so)
         self.token = shared_engine_token(config.gateway, os.environ) or secrets.token_urlsafe(32)
         self.connections = ConnectionCounts()  # the gateway's client connections (guard.py)
+        self.journal = Journal()  # the engines' lines and state changes, for the status page
         self.keys = load_keys(config.auth)
         # a gateway other machines can reach, without keys: refused (ConfigError) unless [auth] open
         if warning := check_exposure(config.gateway.host, self.keys.enabled, config.auth.open):
@@ -118,6 +121,7 @@ class Fleet:
             token=self.token,
             engine_timeout=self.config.gateway.engine_timeout,
         )
+        engine.keep_journal(self.journal)
         self.engines[rc.replica_name] = engine
         return Replica(rc.replica_name, engine.lifecycle, engine.client, slot=rc.replica)
 
@@ -170,8 +174,8 @@ class Fleet:
         started = time.monotonic()
         gw = self.config.gateway
         app = create_app(self.backends, control=self, keys=self.keys, gateway=gw,
-                         restarts=self.restarts_of,
-                         connections=self.connections)
+                         restarts=self.restarts_of, connections=self.connections,
+                         ui=self.config.ui, admin_key=self.config.ui.admin_secret(os.environ))
         server = GatewayServer(app, gw, self.connection_limits, self.connections, console=self.console,
                                drain_timeout=self.config.supervisor.drain_timeout, started=self.gateway_started)
         gateway = asyncio.create_task(server.run(), name="gateway")
@@ -232,9 +236,12 @@ class Fleet:
                 report.warnings.append("[gateway] changed: restart the fleet to apply it")
             if new.cluster != self.config.cluster:
                 report.warnings.append("[cluster] changed: restart the fleet to apply it")
+            if new.ui != self.config.ui:
+                report.warnings.append("[ui] changed: restart the fleet to apply it")
             if new.supervisor != self.config.supervisor:
                 report.warnings.append("[supervisor] changed: applies to engines started from now on")
-            self.config = new.model_copy(update={"gateway": self.config.gateway, "cluster": self.config.cluster})
+            self.config = new.model_copy(
+                update={"gateway": self.config.gateway, "cluster": self.config.cluster, "ui": self.config.ui})
             self.console.print(
                 f"[bold]fleet[/bold]: reload: +{report.added} -{report.removed} ~{report.changed}", highlight=False
             )
@@ -305,6 +312,30 @@ class Fleet:
                         f"{', '.join(kept) or 'no replica'} kept the previous settings")
         return None
 
+    # --- the status page's actions ----------------------------------------------------------
+
+    def _replica_named(self, name: str) -> tuple[Replica, Engine]:
+        for backend in self.backends.values():
+            for replica in backend.replicas:
+                if replica.name == name and name in self.engines:
+                    return replica, self.engines[name]
+        raise EngineNotFound(name)
+
+    def restart(self, engine: str) -> None:
+        """Restart one engine now (its owner stops it with its grace and starts it anew)."""
+        _, owner = self._replica_named(engine)
+        if isinstance(owner, AttachedEngine):
+            raise InvalidRequest(f"{engine} runs at {owner.cfg.url}, started elsewhere: restart it there",
+                                 param="engine")
+        self.console.print(f"[bold]fleet[/bold] {escape(engine)}: restart asked (status page)", highlight=False)
+        owner.request_restart()
+
+    def drain(self, engine: str, draining: bool) -> None:
+        """Route no new request to one engine (or again, `draining` False); those in flight go on."""
+        replica, owner = self._replica_named(engine)
+        replica.draining = draining
+        owner.say("draining: no new requests" if draining else "taking requests again")
+
     # --- status ---------------------------------------------------------------------------
 
     def status(self) -> FleetStatus:
@@ -334,6 +365,11 @@ class Fleet:
                     routed=dict(replica.routed),
                     url=engine.cfg.url,
                     node=engine.node,
+                    since_s=round(time.monotonic() - lc.since, 1),
+                    queued=backend.queued,
+                    errors=replica.stats.errors,
+                    draining=replica.draining,
+                    attached=isinstance(engine, AttachedEngine),
                 ))
         gw = self.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self.started_at)), rows)

@@ -6,6 +6,7 @@
     FAILED ──backoff──> RESTARTING ──> STARTING      (FAILED stays after max_restarts in a row)
     FAILED ──health 200──> READY                      (an attached engine, which fleet never restarts)
     any live state ──stop──> STOPPING ──> STOPPED
+    any live state ──restart asked──> STOPPING ──> STARTING    (the status page's restart)
 
 Only `Lifecycle.to` changes a state; it refuses a transition the table does not list and
 notifies listeners (the console display, waiters) on every change. The states themselves are
@@ -29,7 +30,7 @@ TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.READY: frozenset({S.FAILED, S.STOPPING}),
     S.FAILED: frozenset({S.RESTARTING, S.STOPPING, S.STOPPED, S.READY}),
     S.RESTARTING: frozenset({S.STARTING, S.STOPPING}),
-    S.STOPPING: frozenset({S.STOPPED}),
+    S.STOPPING: frozenset({S.STOPPED, S.STARTING}),
 }
 
 Listener = Callable[["Lifecycle", EngineState, str], None]

@@ -9,20 +9,25 @@ from collections.abc import Awaitable, Callable
 
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from fleet.config.model import ModelConfig
 from fleet.config.schema import SupervisorConfig
+from fleet.run.journal import Journal
 from fleet.run.lifecycle import Lifecycle
 from fleet.wire.client import EngineClient
 
 
 class Commands:
     """What others may tell an engine's owner task, set here and read by the owner alone: stop
-    (after draining its requests, when given), or kill (now, no drain, no grace)."""
+    (after draining its requests, when given), kill (now, no drain, no grace), or restart (stop
+    the engine with its grace and start it anew, at once)."""
 
     def __init__(self) -> None:
         self._stop = asyncio.Event()
         self._kill = asyncio.Event()
+        self._restart = False
+        self._wake = asyncio.Event()  # set by every command: the owner looks at what it was asked
         self._drain: Callable[[], Awaitable[None]] | None = None
         self._drain_timeout = 0.0
 
@@ -36,11 +41,27 @@ class Commands:
         if not self._stop.is_set():
             self._drain, self._drain_timeout = drain, timeout
         self._stop.set()
+        self._wake.set()
 
     def request_kill(self) -> None:
         """Command: stop now, not waiting for a drain or a grace period."""
         self._kill.set()
         self._stop.set()
+        self._wake.set()
+
+    def request_restart(self) -> None:
+        """Command: stop the engine (SIGTERM, then SIGKILL after the grace) and start it anew now,
+        whatever its state: a failed engine that used up its restarts too."""
+        self._restart = True
+        self._wake.set()
+
+    def _restart_asked(self) -> bool:
+        """Whether a restart was asked (and no stop): the owner takes it, once."""
+        if not self._restart or self._stop.is_set():
+            return False
+        self._restart = False
+        self._wake.clear()
+        return True
 
 
 class EngineOwner(Commands):
@@ -63,7 +84,15 @@ class EngineOwner(Commands):
         self.node: str | None = None
         self.port = port
         self.gpus = list(cfg.gpus)
+        self.journal: Journal | None = None  # the fleet's (the launcher sets it): its lines and state changes
+
+    def keep_journal(self, journal: Journal) -> None:
+        """Write this engine's output, the launcher's lines about it and its state changes to `journal`."""
+        self.journal = journal
+        self.lifecycle.listeners.append(journal.transition)
 
     def say(self, message: str) -> None:
-        """A launcher status line about this engine."""
+        """A launcher status line about this engine (rich markup), on the console and in the journal."""
         self.console.print(f"[bold]fleet[/bold] {escape(self.name)}: {message}", highlight=False)
+        if self.journal is not None:
+            self.journal.line(self.name, "fleet: " + Text.from_markup(message).plain)

@@ -113,20 +113,36 @@ class EngineProcess(EngineOwner):
                     unexpected = True
                 if self._stop.is_set():
                     break
-                if not await self._restart_after_backoff(unexpected):
-                    await self._stop.wait()
+                if self._restart_asked():
+                    await self._restart_now()
+                elif not await self._restart_after_backoff(unexpected):
+                    await self._wake.wait()  # failed for good: until a stop, or a restart asked
+                    if self._restart_asked():
+                        await self._restart_now()
         finally:
             await self._terminate()
 
-    async def _stop_within(self, seconds: float) -> bool:
-        """Wait `seconds`, less if a stop is requested meanwhile; True if it was."""
+    async def _stop_within(self, seconds: float, *, or_restart: bool = False) -> bool:
+        """Wait `seconds`, less if a stop (or, `or_restart`, any command) comes meanwhile; True if a stop did."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self._stop.wait()
+                await (self._wake if or_restart else self._stop).wait()
         return self._stop.is_set()
 
     async def _until_stop_or(self, work: Awaitable[None]) -> None:
-        await _first_of(work, self._stop)
+        """Await `work` until it ends or a command comes (a stop, a restart)."""
+        await _first_of(work, self._wake)
+
+    async def _restart_now(self) -> None:
+        """A restart was asked: the engine (what is left of it) stops with its grace, and the run loop
+        starts it anew at once (STOPPING -> STARTING), with its restarts in a row forgiven."""
+        self.say("restarting, as asked")
+        if self.lifecycle.state is not EngineState.STOPPING:
+            self.lifecycle.to(EngineState.STOPPING, "restart asked")
+        if self.has_engine:
+            await self._kill_tree(self.policy.stop_grace, attempts=STOP_ATTEMPTS, now=self._kill)
+        self.restarts = self._errors = 0
+        self.total_restarts += 1
 
     async def _until_kill_or(self, work: Awaitable[None]) -> None:
         await _first_of(work, self._kill)
@@ -171,6 +187,8 @@ class EngineProcess(EngineOwner):
             self.tail.append(line)
             if self._log_file:
                 self._log_file.write(line + "\n")
+            if self.journal is not None:
+                self.journal.line(self.name, line)
             if self.echo_logs:
                 self.console.print(f"[dim]{escape(self.name)} |[/dim] {escape(line)}", highlight=False)
 
@@ -265,8 +283,9 @@ class EngineProcess(EngineOwner):
         which = "after a supervisor error" if unexpected else f"restart {self.restarts + 1} of at most {self.policy.max_restarts}"
         self.lifecycle.to(EngineState.RESTARTING, f"restart in {delay:.1f}s ({which})")
         self.say(f"restarting in {delay:.1f}s ({which})")
-        if await self._stop_within(delay):
+        if await self._stop_within(delay, or_restart=True):
             return True
+        self._restart_asked()  # one asked meanwhile: this is it (the engine is already gone)
         self.restarts += not unexpected
         self.total_restarts += 1
         return True
