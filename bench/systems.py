@@ -106,8 +106,9 @@ async def _started(server: Server) -> AsyncIterator[Server]:
 
 
 @contextlib.asynccontextmanager
-async def vllm_serve(env: Env, model_dir: str, port: int | None = None) -> AsyncIterator[Running]:
-    """vLLM's own OpenAI server (what `vllm serve` runs) with the shared engine settings."""
+async def vllm_serve(env: Env, model_dir: str, port: int | None = None, task: str = "generate") -> AsyncIterator[Running]:
+    """vLLM's own OpenAI server (what `vllm serve` runs) with the shared engine settings; `task`
+    "embed": its pooling runner, converting the model as fleet's `task = "embed"` does."""
     port = port or free_port()
     e = env.engine
     # `vllm serve` itself looks up the version of a package named "vllm", which the CPU build
@@ -122,6 +123,8 @@ async def vllm_serve(env: Env, model_dir: str, port: int | None = None) -> Async
     ]
     if e.enforce_eager:
         argv.append("--enforce-eager")
+    if task == "embed":
+        argv += ["--runner", "pooling", "--convert", "embed"]
     menv = {**_cpu_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning", **e.env}
     async with _started(Server("vllm-serve", argv, env.log("vllm-serve"), menv)) as server:
         ready = await wait_http(f"http://127.0.0.1:{port}/health", server, env.start_timeout, interval=0.2)
@@ -171,7 +174,7 @@ async def litellm_proxy(env: Env, upstream_base: str, upstream_model: str, port:
 
 
 def fleet_toml(gateway_port: int, engine_port: int, source: str, e: EngineSettings, extra_args: dict[str, Any] | None = None,
-               replicas: int = 1, routing: str = "least-loaded") -> str:
+               replicas: int = 1, routing: str = "least-loaded", task: str = "generate") -> str:
     """The generated fleet file: one CPU model with the shared engine settings (`replicas` engines,
     ports upward from `engine_port`, each on its share of the cores)."""
     engine_args = {"max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens, **(extra_args or {})}
@@ -181,7 +184,7 @@ def fleet_toml(gateway_port: int, engine_port: int, source: str, e: EngineSettin
         "[[models]]", f'name = "{MODEL_NAME}"', f"source = {json.dumps(source)}", "gpus = []",
         f"port = {engine_port}", f"max_model_len = {e.max_model_len}", f"kv_cache_gib = {e.kv_cache_gib}",
         f"enforce_eager = {'true' if e.enforce_eager else 'false'}", f"dtype = {json.dumps(e.dtype)}",
-        f"engine_args = {{ {args} }}", f"replicas = {replicas}", f'routing = "{routing}"', "",
+        f"engine_args = {{ {args} }}", f"replicas = {replicas}", f'routing = "{routing}"', f'task = "{task}"', "",
     ])
 
 
@@ -232,13 +235,13 @@ async def _wait_models_ready(base: str, server: Server, timeout: float) -> float
 
 @contextlib.asynccontextmanager
 async def fleet_launch(env: Env, source: str = "default", wait_ready: bool = False, replicas: int = 1,
-                       routing: str = "least-loaded") -> AsyncIterator[Running]:
+                       routing: str = "least-loaded", task: str = "generate") -> AsyncIterator[Running]:
     """`fleet launch` (the real CLI) over a generated fleet.toml with fleet's vLLM engine.
 
     Yields once the gateway answers; then `wait_fleet_ready` (or wait_ready=True) for the model.
     """
     gp, ep = free_port(), free_ports(replicas)
-    toml = fleet_toml(gp, ep, source, env.engine, replicas=replicas, routing=routing)
+    toml = fleet_toml(gp, ep, source, env.engine, replicas=replicas, routing=routing, task=task)
     name = "fleet" if replicas == 1 else f"fleet-{replicas}r"
     async with _fleet(env, name, ["--no-engine-logs"], [env.fleet_bin, "launch"], toml, gp, ep, wait_ready) as running:
         yield running

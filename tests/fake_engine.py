@@ -49,6 +49,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,7 @@ class FakeEngine:
             model=self.cfg.name, max_model_len=self.max_model_len, vocab_size=32000,
             eos_token_id=2, vllm_version="fake", device="cpu",
             **({"chat_template": True} if "chat_template" in protocol.EngineInfo.__struct_fields__ else {}),
+            task=self.cfg.task,
         )
 
     def check(self, req: protocol.GenerateRequest) -> tuple[int, protocol.Error | None]:
@@ -293,7 +295,54 @@ def create_fake_app(engine: FakeEngine) -> Litestar:
         engine.requests += 1
         return Stream(engine.frames(req), media_type=protocol.CONTENT_TYPE)
 
-    return Litestar([health, info, stats, generate], openapi_config=None, logging_config=None)
+    def frames_of(*frames: protocol.Frame) -> Response[bytes]:
+        return Response(b"".join(protocol.encode_frame(f) for f in frames), media_type=protocol.CONTENT_TYPE)
+
+    @post("/tokenize", status_code=200, guards=[require_token])
+    async def tokenize(request: Request) -> Response[bytes]:
+        req = protocol.decoder(protocol.TokenizeRequest).decode(await request.body())
+        words = (prompt_text(req.prompt) or "").split()
+        ids = [word_id(w) for w in words]
+        return frames_of(protocol.Tokens(ids, engine.max_model_len, words if req.token_strs else None),
+                         protocol.Done(prompt_tokens=len(ids), completion_tokens=0))
+
+    @post("/detokenize", status_code=200, guards=[require_token])
+    async def detokenize(request: Request) -> Response[bytes]:
+        req = protocol.decoder(protocol.DetokenizeRequest).decode(await request.body())
+        return frames_of(protocol.Text(prompt_ids_text(req.ids)), protocol.Done(prompt_tokens=len(req.ids), completion_tokens=0))
+
+    @post("/embed", status_code=200, guards=[require_token])
+    async def embed(request: Request) -> Response[bytes]:
+        req = protocol.decoder(protocol.EmbedRequest).decode(await request.body())
+        engine.requests += 1
+        dims = int(engine.cfg.engine_args.get("fake_dimensions", 8))
+        if req.dimensions is not None and not engine.cfg.engine_args.get("fake_matryoshka"):
+            return frames_of(protocol.Error("this model does not support matryoshka representation", 400, "dimensions"))
+        out: list[protocol.Frame] = []
+        total = 0
+        for i, item in enumerate(req.inputs):
+            tokens = len(item.split()) if isinstance(item, str) else len(item)
+            total += tokens
+            out.append(protocol.Embedding(i, fake_vector(str(item), req.dimensions or dims), tokens))
+        return frames_of(*out, protocol.Done(prompt_tokens=total, completion_tokens=0))
+
+    return Litestar([health, info, stats, generate, tokenize, detokenize, embed], openapi_config=None,
+                    logging_config=None)
+
+
+def word_id(word: str) -> int:
+    """The fake tokenizer's id of a word."""
+    return zlib.crc32(word.encode()) % 32000
+
+
+def fake_vector(text: str, dims: int) -> bytes:
+    """A deterministic unit vector for a text: the same text, the same vector."""
+    import array
+    import math
+
+    values = [((zlib.crc32(f"{text}/{k}".encode()) % 2001) - 1000) / 1000 for k in range(dims)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return array.array("f", [v / norm for v in values]).tobytes()
 
 
 def spawn_child(mode: Any) -> subprocess.Popen[bytes]:

@@ -144,8 +144,11 @@ def test_a_replica_whose_actor_is_killed_is_placed_anew_and_new_requests_see_no_
     assert "EngineHost" in " ".join(actor.cmdline())  # the engine runs under its host actor
     with Steady(on_cluster.url) as steady:
         wait_until(lambda: len(steady.results) >= 6, "the stream is going")
-        killed_at = time.monotonic()
         actor.kill()  # SIGKILL: as the out-of-memory killer, or a node lost
+        # the engine dies with its actor (PDEATHSIG), a moment later: a request it took in that moment
+        # fails (its bytes were sent); every one begun after it died goes elsewhere
+        wait_until(lambda: gone([engine]), "the engine died with its actor", timeout=30)
+        killed_at = time.monotonic()
         wait_until(lambda: status(on_cluster)[victim]["state"] != "ready", "the fleet saw it die", timeout=30)
         wait_until(lambda: status(on_cluster)[victim]["pid"] not in (None, engine.pid), "it was placed anew",
                    timeout=120)

@@ -317,3 +317,18 @@ def test_min_tokens_beyond_the_room_the_context_leaves_is_400_naming_min_tokens(
         tiny.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "Hello"}],
                                      extra_body={"min_tokens": 600})
     assert e.value.body["param"] == "min_tokens" and "context" in e.value.body["message"]
+
+
+def test_a_repeated_prompt_reports_the_tokens_vllm_s_prefix_cache_held(tiny: openai.OpenAI) -> None:
+    prompt = [100 + (i * 37) % 400 for i in range(300)]  # no other test sends it: the first time, nothing is cached
+    first = tiny.completions.create(model="tiny-a", prompt=prompt, max_tokens=1)
+    assert first.usage is not None and first.usage.prompt_tokens == 300
+    assert first.usage.prompt_tokens_details is not None and first.usage.prompt_tokens_details.cached_tokens == 0
+    again = tiny.completions.create(model="tiny-a", prompt=prompt, max_tokens=1)
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert 128 <= again.usage.prompt_tokens_details.cached_tokens < 300  # whole blocks, the last token computed
+    chunks = list(tiny.completions.create(model="tiny-a", prompt=prompt, max_tokens=1, stream=True,
+                                          stream_options={"include_usage": True}))
+    final = chunks[-1].usage
+    assert final is not None and final.prompt_tokens_details is not None
+    assert final.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens_details.cached_tokens

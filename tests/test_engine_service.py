@@ -64,6 +64,8 @@ def test_engine_closes_a_requests_frames_when_the_gateway_drops_its_connection()
                 finally:
                     closed.set()
 
+            embed = tokenize = detokenize = frames
+
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -4,7 +4,8 @@ A fleet of fake engines (tests/fake_engine.py) runs in-process on free ports. Tw
 
 1. **Schemathesis** loads the document the gateway serves (``/schema/openapi.json``, written by
    fleet/gateway/openapi.py from the msgspec Structs) and sends what it generates to /v1/completions,
-   /v1/chat/completions, /v1/models, /health and /metrics: schema-valid and schema-invalid
+   /v1/chat/completions, /v1/models, /v1/models/{model}, /v1/embeddings, /tokenize, /detokenize,
+   /health and /metrics: schema-valid and schema-invalid
    bodies (positive and negative modes), boundary values (its coverage phase) and methods the
    document does not list. Every response must pass schemathesis' checks (no 5xx, a documented
    status, content type, headers and body) and two of ours: every error is OpenAI's envelope
@@ -55,7 +56,8 @@ from fleet.gateway.openapi import document
 
 EXAMPLES = int(os.environ.get("FLEET_FUZZ_EXAMPLES", "250"))
 TIMEOUT = 10  # seconds any one request may take: far above what a fake engine needs
-ROUTES = {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+ROUTES = {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
+          ("POST", "/v1/embeddings"), ("POST", "/tokenize"), ("POST", "/detokenize"),
           ("GET", "/health"), ("GET", "/metrics")}
 MIN_REQUESTS = 1000
 
@@ -63,6 +65,7 @@ MIN_REQUESTS = 1000
 LIMITS = {"max_tokens": 32, "n": 4, "best_of": 4, "prompts": 8, "prompt_chars": 20_000}
 MODELS: dict[str, dict[str, Any]] = {"alpha": {}, "beta": {"fake_word": "b"}}  # fuzzed, with LIMITS
 OPEN = "open"  # default limits (no max_tokens cap): the hand-written cases, as a fleet gets them by default
+EMBED = "vec"  # an embedding model (the fake's vectors), fuzzed through /v1/embeddings
 MAX_BODY = 8 << 20  # GatewayConfig's default max_body_bytes: what a fleet gets without saying
 
 
@@ -74,11 +77,12 @@ def fleet(cache_dir: Path) -> Iterator[InProcessFleet]:
             *({"name": name, "source": "fake", "port": free_port(), "engine_args": args, "limits": LIMITS}
               for name, args in MODELS.items()),
             {"name": OPEN, "source": "fake", "port": free_port()},
+            {"name": EMBED, "source": "fake", "port": free_port(), "task": "embed", "limits": LIMITS},
         ],
     })
     running = InProcessFleet(config, fake_command)
     try:
-        for name in [*MODELS, OPEN]:
+        for name in [*MODELS, OPEN, EMBED]:
             assert running.wait_state(name, "ready", "failed", timeout=60) == "ready", running.fleet.engines[name].tail
         yield running
     finally:
@@ -134,7 +138,7 @@ def flatmap_body(context: Any, body: Any) -> st.SearchStrategy[Any]:
     mode) is left as generated.
     """
     if isinstance(body, dict) and isinstance(body.get("model"), str):
-        return st.sampled_from([None, *MODELS, *MODELS]).map(
+        return st.sampled_from([None, *MODELS, *MODELS, EMBED]).map(
             lambda name: body if name is None else {**body, "model": name}
         )
     return st.just(body)
@@ -547,6 +551,6 @@ def test_a_non_json_content_type_is_still_read_as_json(http: httpx.Client) -> No
 
 def test_the_gateway_still_serves_after_all_of_this(http: httpx.Client, fleet: InProcessFleet) -> None:
     assert http.post("/v1/completions", json=completion(max_tokens=3)).json()["choices"][0]["text"] == " w0 w1 w2"
-    assert http.get("/health").json()["models"] == {name: "ready" for name in [*MODELS, OPEN]}
+    assert http.get("/health").json()["models"] == {name: "ready" for name in [*MODELS, OPEN, EMBED]}
     rows = http.get("/fleet/status").json()["models"]
     assert all(row["inflight"] == 0 for row in rows), rows

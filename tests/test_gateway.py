@@ -106,6 +106,15 @@ def test_models_lists_every_model_with_its_engine_state(http: httpx.Client, sdk:
     assert sorted(m.id for m in sdk.models.list()) == sorted(MODELS)
 
 
+def test_a_model_is_retrieved_by_name_as_in_the_list(http: httpx.Client, sdk: openai.OpenAI) -> None:
+    card = sdk.models.retrieve("loading")
+    assert card.id == "loading" and card.owned_by == "fleet" and card.model_extra["state"] == "starting"
+    assert http.get("/v1/models/alpha").json() == next(c for c in http.get("/v1/models").json()["data"] if c["id"] == "alpha")
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("org/gamma")  # a name may hold a slash: the whole rest of the path is the name
+    assert missing.value.body["param"] == "model" and "'org/gamma'" in missing.value.body["message"]
+
+
 def test_gateway_health_reports_each_engine_state(http: httpx.Client) -> None:
     r = http.get("/health")
     assert r.status_code == 200

@@ -28,6 +28,7 @@ ALLOWED = {
     (S.FAILED, S.STOPPED),  # a failed engine whose process is already gone
     (S.FAILED, S.READY),  # an attached engine that answers again (fleet never restarts it)
     (S.STOPPING, S.STOPPED),
+    (S.STOPPING, S.STARTING),  # a restart asked (the status page): stopped, then started at once
 }
 ALL_PAIRS = list(itertools.product(EngineState, EngineState))
 

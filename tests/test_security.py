@@ -55,7 +55,7 @@ def post(f: InProcessFleet, key: str | None, **body: Any) -> httpx.Response:
 
 def test_missing_and_wrong_keys_are_401_on_every_v1_route(fleet: InProcessFleet) -> None:
     for method, path in [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                         ("GET", "/metrics"), ("GET", "/fleet/status")]:
+                         ("GET", "/v1/models/alpha"), ("GET", "/metrics"), ("GET", "/fleet/status")]:
         for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "Basic sk-admin"}):
             r = httpx.request(method, fleet.url + path, json={"model": "alpha"}, headers=headers)
             assert r.status_code == 401, (path, headers, r.text)
@@ -80,6 +80,9 @@ def test_a_key_limited_to_some_models_gets_403_for_others_and_sees_only_its_mode
     assert post(fleet, "sk-file", model="alpha").status_code == 403
     sdk = openai.OpenAI(base_url=fleet.url + "/v1", api_key="sk-alpha", max_retries=0)
     assert [m.id for m in sdk.models.list().data] == ["alpha"]
+    assert sdk.models.retrieve("alpha").id == "alpha"
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk.models.retrieve("beta")
     with pytest.raises(openai.PermissionDeniedError):
         sdk.completions.create(model="beta", prompt="x")
     assert httpx.get(fleet.url + "/fleet/status", headers={"Authorization": "Bearer sk-alpha"}).status_code == 403
@@ -106,9 +109,15 @@ def test_engine_refuses_requests_without_the_fleet_token(fleet: InProcessFleet) 
         async def frames(self, req: protocol.GenerateRequest):  # noqa: ANN201
             yield protocol.encode_frame(protocol.Done(prompt_tokens=1, completion_tokens=0))
 
+        embed = tokenize = detokenize = frames
+
     with TestClient(create_engine_app(Service(), token="secret")) as client:  # type: ignore[arg-type]
         body = protocol.encode(protocol.GenerateRequest(request_id="r", prompt="x"))
         assert client.post("/generate", content=body).status_code == 401
+        for path, message in [("/embed", protocol.EmbedRequest(request_id="r", inputs=["x"])),
+                              ("/tokenize", protocol.TokenizeRequest("x")), ("/detokenize", protocol.DetokenizeRequest([1]))]:
+            assert client.post(path, content=protocol.encode(message)).status_code == 401
+            assert client.post(path, content=protocol.encode(message), headers={"Authorization": "Bearer secret"}).status_code == 200
         assert client.get("/info").status_code == 401
         assert client.get("/health").status_code == 200
         assert client.post("/generate", content=body, headers={"Authorization": "Bearer secret"}).status_code == 200

@@ -158,6 +158,18 @@ def test_samples_count_each_replicas_requests_per_minute(fleet: InProcessFleet, 
     assert tokens > 0 and abs(at - time.time()) < 10
 
 
+def test_a_request_the_engine_fails_counts_against_its_replica_and_its_error_share(
+    fake_fleet: FakeFleets, events: Callable[..., Events]
+) -> None:
+    f = fake_fleet({"name": "shaky", "engine_args": {"fake_error_mid_stream": 1}})
+    stream = events(f.url)
+    answer = complete(f.url, "shaky", stream=True)
+    assert answer.status_code == 200 and '"error"' in answer.text  # the error event, after the first token
+    _, sample = stream.until(lambda n, d: n == "sample" and d["points"].get("shaky", [0] * 6)[5] > 0, "the failure")
+    assert sample["points"]["shaky"][5] == 1.0
+    assert status_rows(f)["shaky"]["errors"] == 1
+
+
 # --- actions -------------------------------------------------------------------------------------
 
 
@@ -257,6 +269,15 @@ def test_with_api_keys_the_stream_needs_an_all_models_key_or_the_admin_key(
     assert act(f.url, "/ui/engines/solo/restart", key="sk-all").status_code == 401
 
 
+def test_an_engine_fleet_did_not_start_cannot_be_restarted_from_the_page(fake_fleet: FakeFleets) -> None:
+    port = free_port()  # nothing listens there: it stays failed, which does not matter here
+    f = fake_fleet({"name": "far", "url": f"http://127.0.0.1:{port}", "port": port}, ready=[], ui={"admin_key": ADMIN})
+    refused = act(f.url, "/ui/engines/far/restart")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "engine"
+    assert "started elsewhere" in refused.json()["error"]["message"]
+    assert status_rows(f)["far"]["attached"] is True
+
+
 def test_restart_brings_back_an_engine_that_used_up_its_restarts(fake_fleet: FakeFleets) -> None:
     f = fake_fleet({"name": "flaky", "engine_args": {"fake_exit_at_start": 3}}, ready=[],
                    supervisor={"restart_backoff": 0.05, "max_restarts": 1})
@@ -289,6 +310,32 @@ def test_the_page_reconnects_to_a_restarted_gateway_and_shows_the_new_fleet(fake
         assert page.evaluate("window.notReloaded") is True
         # while the gateway was down, the browser said each refused connection; nothing else went wrong
         assert [e for e in browser.errors if "ERR_CONNECTION_REFUSED" not in e] == []
+    finally:
+        browser.close()
+
+
+def test_the_page_fits_a_narrow_window_and_its_actions_are_reached_by_keyboard(
+    fleet: InProcessFleet, tmp_path: Path
+) -> None:
+    browser = Browser(fleet.url, tmp_path / "profile")
+    try:
+        page = browser.page
+        page.set_viewport_size({"width": 360, "height": 800})
+        page.wait_for_selector('#engines tr[data-engine="beta"]')
+        # the page never scrolls sideways: each wide table scrolls inside its own box
+        assert page.evaluate("document.documentElement.scrollWidth") <= 360
+        assert page.evaluate("document.querySelector('#engines').closest('.scroll').scrollWidth") > 360
+        # tables say what they hold: a caption, column headers, and each engine's name as its row's header
+        assert page.evaluate("""[...document.querySelectorAll('table')].every((t) => t.caption && t.tHead)""")
+        assert page.get_attribute('#engines tr[data-engine="beta"] th', "scope") == "row"
+        # Tab walks to every action; Enter on a focused button acts
+        reached = []
+        for _ in range(40):
+            page.keyboard.press("Tab")
+            reached.append(page.evaluate("(() => { const e = document.activeElement; "
+                                         "return (e.closest('tr')?.dataset.engine || '') + ':' + e.textContent; })()"))
+        assert {"alpha.0:Restart", "alpha.0:Drain", "beta:Restart", "beta:Drain"} <= set(reached)
+        assert browser.errors == []
     finally:
         browser.close()
 

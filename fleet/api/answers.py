@@ -21,7 +21,7 @@ from typing import Protocol
 import msgspec
 
 from fleet.api.planning import Plan
-from fleet.api.protocol import ErrorResponse, FinishReason, Usage
+from fleet.api.protocol import ErrorResponse, FinishReason, PromptTokensDetails, Usage
 from fleet.errors import EngineFailure, FleetError, InvalidRequest
 from fleet.wire import protocol
 
@@ -35,6 +35,10 @@ class Engine(Protocol):
 
     def generate(self, req: protocol.GenerateRequest) -> Batches:
         """The frames of one engine request, in batches as they arrive."""
+        ...
+
+    def call(self, path: str, req: msgspec.Struct) -> Batches:
+        """The frames of one request to another of the engine's frame routes (/embed, /tokenize, /detokenize)."""
         ...
 
     def count_tokens(self, completion: int, prompt: int) -> None:
@@ -121,6 +125,7 @@ class PromptResult:
     candidates: dict[int, Candidate] = field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
     def fold(self, frame: protocol.Frame, engine: Engine) -> protocol.Delta | None:
         """Take one frame in: a Delta is returned for the caller (collected or streamed), the
@@ -132,6 +137,7 @@ class PromptResult:
                 self.prompt = frame
             case protocol.Done(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens):
                 self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+                self.cached_tokens = frame.cached_tokens
                 engine.count_tokens(completion_tokens, prompt_tokens)
             case protocol.Error():
                 raise frame_error(frame)
@@ -180,12 +186,18 @@ async def collect(engine: Engine, plan: Plan, request_id: str) -> list[PromptRes
 
 def usage(results: list[PromptResult], plan: Plan) -> Usage:
     """Token counts; beam search counts the beams returned, as vLLM 0.2.7 did."""
-    prompt_tokens = sum(r.prompt_tokens for r in results)
     if plan.beam:
         completion_tokens = sum(c.tokens for r in results for c in r.chosen(plan))
     else:
         completion_tokens = sum(r.completion_tokens for r in results)
-    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+    return total_usage(results, completion_tokens)
+
+
+def total_usage(results: list[PromptResult], completion_tokens: int) -> Usage:
+    """A whole answer's usage, with the prompt tokens vLLM's prefix cache held."""
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    cached = PromptTokensDetails(sum(r.cached_tokens for r in results))
+    return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, cached)
 
 
 # --- streams ----------------------------------------------------------------------------------
@@ -289,9 +301,7 @@ async def _stream_body(
     if failed is not None:
         tail = error_event(failed)
     elif plan.include_usage:
-        prompt_tokens = sum(r.prompt_tokens for r in results)
-        completion_tokens = sum(r.completion_tokens for r in results)
-        tail = shaper.usage(Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens))
+        tail = shaper.usage(total_usage(results, sum(r.completion_tokens for r in results)))
     else:
         tail = b""
     yield tail + DONE_EVENT

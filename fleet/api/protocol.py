@@ -62,10 +62,15 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     early_stopping: bool | Literal["never"] | None = None
 
 
-class Usage(msgspec.Struct):
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int  # of the prompt's tokens, found in vLLM's prefix cache
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # in whole answers and a stream's final usage
 
 
 class ModelCard(msgspec.Struct):
@@ -74,6 +79,7 @@ class ModelCard(msgspec.Struct):
     owned_by: str
     state: str
     max_model_len: int | None = None
+    task: Literal["generate", "embed"] = "generate"  # what it serves: completions and chat, or embeddings
     object: str = "model"
 
 

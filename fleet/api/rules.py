@@ -28,30 +28,31 @@ class SamplingType(enum.Enum):
     RANDOM = "random"
 
 
-def prompt_list(prompt: str | list[Any]) -> list[str | list[int]]:
-    """A prompt is a string, strings, token ids, or lists of token ids; never empty."""
+def prompt_list(prompt: str | list[Any], param: str = "prompt") -> list[str | list[int]]:
+    """A prompt (an embeddings `input`: `param`) is a string, strings, token ids, or lists of
+    token ids; never empty."""
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
-        raise InvalidRequest("prompt must not be an empty list", param="prompt")
+        raise InvalidRequest(f"{param} must not be an empty list", param=param)
     if all(isinstance(p, str) for p in prompt):
         return list(prompt)
     if all(isinstance(p, int) for p in prompt):
-        return [_token_ids(prompt)]
+        return [_token_ids(prompt, param)]
     if all(isinstance(p, list) for p in prompt):
-        return [_token_ids(p) for p in prompt]
+        return [_token_ids(p, param) for p in prompt]
     raise InvalidRequest(
-        "prompt must be a string, a list of strings, a list of token ids or a list of "
+        f"{param} must be a string, a list of strings, a list of token ids or a list of "
         "token-id lists, not a mix",
-        param="prompt",
+        param=param,
     )
 
 
-def _token_ids(ids: list[int]) -> list[int]:
+def _token_ids(ids: list[int], param: str) -> list[int]:
     if not ids:
-        raise InvalidRequest("a token-id prompt must not be empty", param="prompt")
+        raise InvalidRequest(f"a token-id {param} must not be empty", param=param)
     if any(i < 0 for i in ids):
-        raise InvalidRequest("token ids must be >= 0", param="prompt")
+        raise InvalidRequest("token ids must be >= 0", param=param)
     return ids
 
 

@@ -90,7 +90,7 @@ class RayEngine(EngineProcess):
             return False
         self.where = where
         # a replica across nodes: vLLM's workers hold its GPUs, on their nodes; status keeps the file's count
-        self.node, self.port = f"{where.node} ({where.node_id[:8]})", where.port
+        self.node, self.host, self.port = f"{where.node} ({where.node_id[:8]})", where.host, where.port
         self.gpus = where.gpus or list(self.cfg.gpus)
         await self.client.move_to(where.host, where.port)
         self._exit = self.actor.wait.remote()

@@ -118,6 +118,9 @@ class ModelConfig(Strict):
         None, description="default: true on the CPU (much faster start), false on GPUs"
     )
     dtype: str = "auto"
+    task: Literal["generate", "embed"] = Field(
+        "generate", description='"embed": an embedding model (vLLM\'s pooling runner), served at /v1/embeddings only'
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="passed through to vLLM's AsyncEngineArgs"
     )

@@ -34,6 +34,9 @@ def engine_arguments(cfg: ModelConfig, model: str) -> dict[str, Any]:
         args["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
     if cfg.multi_node and cfg.gpus:
         args["distributed_executor_backend"] = "ray"
+    if cfg.task == "embed":  # vLLM's pooling runner; a generative model is converted to embed (last-token pooling)
+        args["runner"] = "pooling"
+        args["convert"] = "embed"
     args.update(cfg.engine_args)
     return args
 

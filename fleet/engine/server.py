@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.exceptions import MethodNotAllowedException, NotAuthorizedException
 from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Send
@@ -33,7 +34,6 @@ from fleet.run.process import SignalFreeServer, die_with_parent, reap_children
 from fleet.wire import protocol
 from fleet.wire.asgi import header, read_body, unless_disconnected
 
-_request_decoder = protocol.decoder(protocol.GenerateRequest)
 MAX_REQUEST_BYTES = 64 << 20  # the gateway checked the client's body already; this bounds a wrong peer
 FRAMES_START: HTTPResponseStartEvent = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", protocol.CONTENT_TYPE.encode())]}
 
@@ -66,26 +66,34 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
         return {"requests": service.requests, "prompt_tokens": service.prompt_tokens,
                 "cached_tokens": service.cached_tokens}
 
-    async def generate(scope: HTTPScope, receive: Receive, send: Send) -> None:
-        """The frames of one request, sent to the ASGI server as they come (a plain ASGI route:
-        Litestar's streaming response ran each body in an anyio task group beside a disconnect
-        listener, a fifth of this loop's time at 256 streams on an H200). The gateway closing the
-        connection cancels the stream, and closing the frames aborts the request in vLLM."""
-        if scope["method"] != "POST":
-            raise MethodNotAllowedException(headers={"Allow": "POST"})
-        if expected is not None and not hmac.compare_digest((header(scope, b"authorization") or "").encode(), expected):
-            raise NotAuthorizedException("this engine answers only its fleet's gateway")
-        req = _request_decoder.decode(await read_body(scope, receive, MAX_REQUEST_BYTES))
-        frames = service.frames(req)
-        try:
-            await unless_disconnected(receive, _send_frames(frames, send))
-        except ClientDisconnected:
-            pass  # nobody left to answer
-        finally:
-            await frames.aclose()
+    def frames_route(path: str, message: type[msgspec.Struct], answer: Callable[[Any], AsyncIterator[bytes]]) -> Any:
+        """A POST route whose answer is frames (wire/protocol.py), sent to the ASGI server as they come
+        (a plain ASGI route: Litestar's streaming response ran each body in an anyio task group beside
+        a disconnect listener, a fifth of this loop's time at 256 streams on an H200). The gateway
+        closing the connection cancels the stream, and closing the frames aborts the request in vLLM."""
+        decode = protocol.decoder(message).decode
 
-    route = asgi("/generate", name="generate", is_mount=False, copy_scope=False)(generate)
-    return Litestar([health, info, stats, route], openapi_config=None, logging_config=None)
+        async def handle(scope: HTTPScope, receive: Receive, send: Send) -> None:
+            if scope["method"] != "POST":
+                raise MethodNotAllowedException(headers={"Allow": "POST"})
+            if expected is not None and not hmac.compare_digest((header(scope, b"authorization") or "").encode(), expected):
+                raise NotAuthorizedException("this engine answers only its fleet's gateway")
+            frames = answer(decode(await read_body(scope, receive, MAX_REQUEST_BYTES)))
+            try:
+                await unless_disconnected(receive, _send_frames(frames, send))
+            except ClientDisconnected:
+                pass  # nobody left to answer
+            finally:
+                await frames.aclose()  # type: ignore[attr-defined]
+
+        handle.__name__ = path.strip("/")
+        return asgi(path, name=path.strip("/"), is_mount=False, copy_scope=False)(handle)
+
+    routes = [frames_route("/generate", protocol.GenerateRequest, service.frames),
+              frames_route("/embed", protocol.EmbedRequest, service.embed),
+              frames_route("/tokenize", protocol.TokenizeRequest, service.tokenize),
+              frames_route("/detokenize", protocol.DetokenizeRequest, service.detokenize)]
+    return Litestar([health, info, stats, *routes], openapi_config=None, logging_config=None)
 
 
 async def _send_frames(frames: AsyncIterator[bytes], send: Send) -> None:

@@ -37,6 +37,7 @@ class EngineService:
             vllm_version=vllm_version,
             device=str(engine.vllm_config.device_config.device_type),
             chat_template=self.chat_template is not None,
+            task="embed" if model_config.runner_type == "pooling" else "generate",
         )
 
     @property
@@ -188,6 +189,84 @@ class EngineService:
         self.cached_tokens += cached
         yield protocol.encode_frame(protocol.Done(prompt_tokens=len(ids), completion_tokens=completion_tokens,
                                                   cached_tokens=cached))
+
+    # --- tokens, and embeddings (a pooling engine) -------------------------------------------------
+
+    async def tokenize(self, req: protocol.TokenizeRequest) -> AsyncGenerator[bytes, None]:
+        """/tokenize: the prompt's token ids as /generate would take them (a chat through its template)."""
+        try:
+            if isinstance(req.prompt, protocol.Chat):
+                ids = self.tokenizer.encode(self.render_chat(req.prompt), add_special_tokens=False)
+            else:
+                ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        except InvalidRequest as e:
+            yield protocol.encode_frame(protocol.Error(e.message, status=400, param=e.param))
+            return
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.token_strs else None
+        yield protocol.encode_frame(protocol.Tokens(ids, self.max_model_len, strs)) + protocol.encode_frame(
+            protocol.Done(prompt_tokens=len(ids), completion_tokens=0))
+
+    async def detokenize(self, req: protocol.DetokenizeRequest) -> AsyncGenerator[bytes, None]:
+        """/detokenize: the text of token ids."""
+        if bad := [i for i in req.ids if not 0 <= i < self.vocab_size]:
+            yield protocol.encode_frame(protocol.Error(
+                f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})", status=400, param="tokens"))
+            return
+        yield protocol.encode_frame(protocol.Text(self.tokenizer.decode(req.ids))) + protocol.encode_frame(
+            protocol.Done(prompt_tokens=len(req.ids), completion_tokens=0))
+
+    async def embed(self, req: protocol.EmbedRequest) -> AsyncGenerator[bytes, None]:
+        """/embed: each input's embedding (vLLM's pooling runner), then Done with the tokens read."""
+        import asyncio
+
+        from vllm import PoolingParams
+
+        self.requests += 1
+        try:
+            prompts = []
+            for i, item in enumerate(req.inputs):
+                ids = self.tokenizer.encode(item) if isinstance(item, str) else item
+                if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
+                    raise InvalidRequest(f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})",
+                                         param="input")
+                if len(ids) > self.max_model_len:
+                    raise InvalidRequest(f"input {i} has {len(ids)} tokens, more than this model's context of "
+                                         f"{self.max_model_len}", param="input")
+                if not ids:
+                    raise InvalidRequest(f"input {i} is empty", param="input")
+                prompts.append(ids)
+            params = PoolingParams(task="embed", dimensions=req.dimensions)
+            try:
+                params.verify(self.engine.model_config)
+            except Exception as e:  # dimensions this model cannot give (vLLMValidationError: no Matryoshka embeddings)
+                raise InvalidRequest(str(e), param="dimensions") from None
+        except InvalidRequest as e:
+            yield protocol.encode_frame(protocol.Error(e.message, status=400, param=e.param))
+            return
+
+        async def one(index: int, ids: list[int]) -> Any:
+            last = None
+            async for out in self.engine.encode({"prompt_token_ids": ids}, params.clone(), f"{req.request_id}-{index}"):
+                last = out  # FINAL_ONLY: one output, when the input is read
+            return last
+
+        try:
+            outputs = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+        except ValueError as e:  # vLLM's request validation
+            yield protocol.encode_frame(protocol.Error(str(e), status=400, param="input"))
+            return
+        except Exception as e:  # reported to the gateway, never swallowed
+            log.exception("embedding request %s failed", req.request_id)
+            yield protocol.encode_frame(protocol.Error(f"engine error: {type(e).__name__}: {e}", status=500))
+            return
+        frames = bytearray()
+        for i, (ids, out) in enumerate(zip(prompts, outputs, strict=True)):
+            vector = out.outputs.data.float().cpu().numpy().astype("<f4").tobytes()
+            frames += protocol.encode_frame(protocol.Embedding(i, vector, len(ids)))
+        total = sum(len(ids) for ids in prompts)
+        self.prompt_tokens += total
+        frames += protocol.encode_frame(protocol.Done(prompt_tokens=total, completion_tokens=0))
+        yield bytes(frames)
 
     def delta(self, out: Any, per_token: bool) -> protocol.Delta:
         """One choice's new output (vLLM's CompletionOutput) as a Delta frame. Per-token logprobs

@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import msgspec
-from litestar import Litestar, Request, Response, asgi, get
+from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.handlers import ASGIRouteHandler
+from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 from litestar.types import HTTPScope, Receive, Send
 
@@ -31,10 +32,13 @@ from fleet.api.chat import serving as chat
 from fleet.api.chat.protocol import ChatCompletionRequest
 from fleet.api.completions import serving as completions
 from fleet.api.completions.protocol import CompletionRequest
-from fleet.api.planning import Plan
+from fleet.api.embeddings import serving as embeddings
+from fleet.api.embeddings.protocol import EmbeddingRequest
 from fleet.api.protocol import ErrorResponse, ModelCard, ModelList
+from fleet.api.tokens import serving as token_serving
+from fleet.api.tokens.protocol import DetokenizeRequest, TokenizeRequest
 from fleet.config.schema import GatewayConfig, UiConfig
-from fleet.errors import BodyTooLarge, FleetError
+from fleet.errors import BodyTooLarge, FleetError, InvalidRequest
 from fleet.gateway import control as control_routes
 from fleet.gateway.auth import Keys, require_key, scope_key
 from fleet.gateway.backend import Backend
@@ -45,7 +49,7 @@ from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fleet.gateway.metrics import Metrics
 from fleet.gateway.openapi import JSON, openapi_json
 from fleet.gateway.recent import Recent, Trace, prompt_preview
-from fleet.gateway.routing import route
+from fleet.gateway.routing import find, route
 from fleet.gateway.status import Health
 from fleet.gateway.tracking import Tracked
 from fleet.gateway.ui import routes as ui_routes
@@ -101,18 +105,41 @@ def list_models(request: Request[Any, Any, Any], state: State) -> Response[bytes
     """The fleet's models the caller may use, with the state of each engine."""
     backends: Mapping[str, Backend] = state.backends
     key = scope_key(request.scope)
-    cards = [
-        ModelCard(id=name, created=state.started, owned_by="fleet", state=b.lifecycle.state.value,
-                  max_model_len=b.config.max_model_len)
-        for name, b in backends.items()
-        if key is None or key.models is None or name in key.models
-    ]
+    cards = [model_card(name, b, state.started) for name, b in backends.items()
+             if key is None or key.models is None or name in key.models]
     return Response(_json.encode(ModelList(cards)), media_type=JSON)
 
 
-def generation_route(path: str, name: str, schema: type[CompletionRequest | ChatCompletionRequest],
-                     plan: Callable[..., Plan], api: _Api, route_name: str) -> ASGIRouteHandler:
-    """A POST route that reads its body as `schema`, routes it to its model, plans and runs it."""
+@get("/v1/models/{model:path}", sync_to_thread=False, before_request=require_key)
+def retrieve_model(request: Request[Any, Any, Any], state: State, model: FromPath[str]) -> Response[bytes]:
+    """One model of the fleet, as in the list: what it serves and the state of its engines."""
+    backends: Mapping[str, Backend] = state.backends
+    name = model.lstrip("/")  # a model's name may hold slashes ("org/model"): the rest of the path
+    Keys.allow(scope_key(request.scope), name)
+    return Response(_json.encode(model_card(name, find(backends, name), state.started)), media_type=JSON)
+
+
+def model_card(name: str, backend: Backend, created: int) -> ModelCard:
+    return ModelCard(id=name, created=created, owned_by="fleet", state=backend.lifecycle.state.value,
+                     max_model_len=backend.config.max_model_len, task=backend.config.task)
+
+
+WHAT_IT_SERVES = {"generate": "a generation model: it serves /v1/completions and /v1/chat/completions",
+                  "embed": "an embedding model: it serves /v1/embeddings"}
+
+
+def check_task(backend: Backend, task: str, path: str) -> None:
+    """A route for generation or for embeddings, and a model of that kind (400 naming `model`)."""
+    if backend.config.task != task:
+        raise InvalidRequest(f"model {backend.name!r} is {WHAT_IT_SERVES[backend.config.task]}, not {path}",
+                             param="model", code="wrong_model_type")
+
+
+def generation_route(path: str, name: str, schema: type[CompletionRequest | ChatCompletionRequest | EmbeddingRequest],
+                     plan: Callable[..., Planned], api: _Api, route_name: str,
+                     task: str = "generate") -> ASGIRouteHandler:
+    """A POST route that reads its body as `schema`, routes it to its model (one that does `task`),
+    plans and runs it."""
     body_of = decoder(schema)
 
     async def handle(scope: HTTPScope, receive: Receive, send: Send) -> None:
@@ -129,6 +156,7 @@ def generation_route(path: str, name: str, schema: type[CompletionRequest | Chat
         data = decode_body(await read_body(scope, receive, state.max_body_bytes), body_of)
         Keys.allow(key, data.model)
         backend = route(state.backends, data.model)
+        check_task(backend, task, path)
         try:
             planned = plan(data, backend.config.defaults, backend.config.limits)
         except FleetError as e:  # refused before it ran: the status page lists it too
@@ -148,23 +176,32 @@ def generation_route(path: str, name: str, schema: type[CompletionRequest | Chat
     return asgi(path, name=name, is_mount=False, copy_scope=False)(handle)
 
 
+class Planned(Protocol):
+    """A request planned by its endpoint (api/<endpoint>/serving.py): whether it streams, and the rest."""
+
+    @property
+    def stream(self) -> bool: ...
+
+
 class _Api(Protocol):
-    async def complete(self, engine: Engine, plan: Plan, model: str) -> bytes: ...
-    async def stream(self, engine: Engine, plan: Plan, model: str) -> AsyncGenerator[bytes, None]: ...
+    async def complete(self, engine: Engine, plan: Any, model: str) -> bytes: ...
+    def stream(self, engine: Engine, plan: Any, model: str) -> Any: ...
 
 
-def shown_prompt(data: CompletionRequest | ChatCompletionRequest) -> str:
+def shown_prompt(data: CompletionRequest | ChatCompletionRequest | EmbeddingRequest) -> str:
     """What the status page shows of a request's prompt ([ui] show_prompts): a completion's
-    prompt, a chat's last message."""
+    prompt, an embedding's input, a chat's last message."""
     if isinstance(data, CompletionRequest):
         return prompt_preview(data.prompt)
+    if isinstance(data, EmbeddingRequest):
+        return prompt_preview(data.input)
     content = data.messages[-1].content
     if isinstance(content, list):
         content = " ".join(part.text or "" for part in content)
     return prompt_preview(content or "")
 
 
-async def _run(receive: Receive, send: Send, state: State, backend: Backend, engine: Engine, plan: Plan, model: str,
+async def _run(receive: Receive, send: Send, state: State, backend: Backend, engine: Engine, plan: Any, model: str,
                api: _Api, route_name: str, prompt: str | None = None) -> None:
     """Run a planned request in its bookkeeping (slot, in-flight count, metrics, disconnects); send the answer.
 
@@ -188,6 +225,26 @@ completions_route = generation_route("/v1/completions", "completions", Completio
                                      completions, "completions")
 chat_completions = generation_route("/v1/chat/completions", "chat_completions", ChatCompletionRequest, chat.plan_chat,
                                     chat, "chat")
+embeddings_route = generation_route("/v1/embeddings", "embeddings", EmbeddingRequest, embeddings.plan_embeddings,
+                                    embeddings, "embeddings", task="embed")
+_tokenize_body, _detokenize_body = decoder(TokenizeRequest), decoder(DetokenizeRequest)
+
+
+@post("/tokenize", status_code=200, before_request=require_key)
+async def tokenize_route(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
+    """vLLM's /tokenize: a prompt's (or a chat's, through the model's template) token ids, as the
+    model's engine counts them; `count` is the `prompt_tokens` a request with it would report."""
+    data = decode_body(await request.body(), _tokenize_body)
+    Keys.allow(scope_key(request.scope), data.model)
+    return Response(await token_serving.tokenize(route(state.backends, data.model), data), media_type=JSON)
+
+
+@post("/detokenize", status_code=200, before_request=require_key)
+async def detokenize_route(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
+    """vLLM's /detokenize: the text of token ids."""
+    data = decode_body(await request.body(), _detokenize_body)
+    Keys.allow(scope_key(request.scope), data.model)
+    return Response(await token_serving.detokenize(route(state.backends, data.model), data), media_type=JSON)
 
 
 def create_app(
@@ -218,7 +275,8 @@ def create_app(
         await asyncio.gather(*sampler, return_exceptions=True)
 
     app = Litestar(
-        route_handlers=[health, metrics, list_models, completions_route, chat_completions, *control_routes.ROUTES,
+        route_handlers=[health, metrics, list_models, retrieve_model, completions_route, chat_completions,
+                        embeddings_route, tokenize_route, detokenize_route, *control_routes.ROUTES,
                         openapi_json, *(ui_routes.ROUTES if with_ui else ())],
         state=State({
             "backends": backends,

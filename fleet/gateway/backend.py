@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from fleet.api.answers import Batches
 from fleet.config.model import ModelConfig
 from fleet.errors import EngineUnreachable, FleetError, ModelNotReady
@@ -108,11 +110,15 @@ class Backend:
 
     def generate(self, req: protocol.GenerateRequest, key: bytes | None = None) -> Batches:
         """The frames of one engine request from the replica the policy picks (api.answers.Engine)."""
-        return self._generate(req, key)
+        return self._frames("/generate", req, key)
 
-    async def _generate(self, req: protocol.GenerateRequest, key: bytes | None) -> Batches:
+    def call(self, path: str, req: msgspec.Struct, key: bytes | None = None) -> Batches:
+        """The frames of a request to another engine route (/embed, /tokenize, /detokenize), routed alike."""
+        return self._frames(path, req, key)
+
+    async def _frames(self, path: str, req: msgspec.Struct, key: bytes | None) -> Batches:
         policy = Policy(self.config.routing)
-        if policy is Policy.PREFIX and key is None:
+        if policy is Policy.PREFIX and key is None and isinstance(req, protocol.GenerateRequest):
             key = affinity_key(req.prompt)
         # one replica: always it (its client reports its failures, as before replicas existed)
         choice = choose(policy, self._loads(), key, self.rng) if len(self.replicas) > 1 else Choice(0, Outcome.LEAST_LOADED)
@@ -127,13 +133,15 @@ class Backend:
             if trace is not None:
                 trace.served_by(replica.name)
             try:
-                async for batch in replica.client.generate(req):
-                    if isinstance(batch[-1], protocol.Done):
-                        done = batch[-1]
-                        replica.stats.add_tokens(done.completion_tokens, done.prompt_tokens)
+                async for batch in replica.client.frames(path, req):
+                    last = batch[-1]
+                    if isinstance(last, protocol.Done):
+                        replica.stats.add_tokens(last.completion_tokens, last.prompt_tokens)
                         if trace is not None:
-                            trace.prompt_tokens += done.prompt_tokens
-                            trace.completion_tokens += done.completion_tokens
+                            trace.prompt_tokens += last.prompt_tokens
+                            trace.completion_tokens += last.completion_tokens
+                    elif isinstance(last, protocol.Error) and last.status >= 500:  # the engine failed it
+                        replica.stats.errors += 1
                     yield batch
                 replica.failures = 0
                 return
@@ -173,6 +181,9 @@ class Keyed:
 
     def generate(self, req: protocol.GenerateRequest) -> Batches:
         return self.backend.generate(req, self.key)
+
+    def call(self, path: str, req: msgspec.Struct) -> Batches:
+        return self.backend.call(path, req, self.key)
 
     def count_tokens(self, completion: int, prompt: int) -> None:
         self.backend.count_tokens(completion, prompt)

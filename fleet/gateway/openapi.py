@@ -29,7 +29,9 @@ from litestar import Litestar, Request, Response, get
 from fleet import __version__
 from fleet.api.chat.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from fleet.api.completions.protocol import CompletionChunk, CompletionRequest, CompletionResponse
-from fleet.api.protocol import ErrorResponse, ModelList
+from fleet.api.embeddings.protocol import EmbeddingRequest, EmbeddingResponse
+from fleet.api.protocol import ErrorResponse, ModelCard, ModelList
+from fleet.api.tokens.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fleet.gateway.status import FleetStatus, Health, ReloadReport
 
@@ -64,8 +66,13 @@ GENERATION = [  # path, the name Litestar knew the route by, description, reques
      "OpenAI's chat completions: the engine renders the messages with the model's chat template.",
      ChatCompletionRequest, ChatCompletionResponse, "the chat completion", ChatCompletionChunk),
 ]
+TOKENS = [  # vLLM's routes: path, handler name, request, answer, its text
+    ("/tokenize", "tokenize_route", TokenizeRequest, TokenizeResponse, "the token ids (and their strings, when asked)"),
+    ("/detokenize", "detokenize_route", DetokenizeRequest, DetokenizeResponse, "the text"),
+]
 STRUCTS = [CompletionRequest, CompletionResponse, CompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-           ChatCompletionChunk, ModelList, Health, FleetStatus, ReloadReport, ErrorResponse]
+           ChatCompletionChunk, EmbeddingRequest, EmbeddingResponse, TokenizeRequest, TokenizeResponse,
+           DetokenizeRequest, DetokenizeResponse, ModelList, ModelCard, Health, FleetStatus, ReloadReport, ErrorResponse]
 
 
 @get(PATH, sync_to_thread=False)
@@ -123,12 +130,25 @@ def _paths(ref: Mapping[type, dict[str, Any]], described: Mapping[str, str]) -> 
             **_errors(ERRORS, error)})},
         "/v1/models": {"get": _operation("/v1/models", "list_models", described.get("/v1/models", ""), {
             200: _answer("the models this key may use", ref[ModelList]), **_errors(ERRORS, error)})},
+        "/v1/models/{model}": {"get": {
+            **_operation("/v1/models/{model}", "retrieve_model", described.get("/v1/models/{model:path}", ""), {
+                200: _answer("the model", ref[ModelCard]),
+                **_errors({status: ERRORS[status] for status in (401, 403, 404, 405)}, error)}),
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+                            "description": "the model's name (it may hold slashes)"}]}},
     }
     for path, name, what, request, answer, answered, chunk in GENERATION:
         ok = _answer(f"{answered}; with stream: true, server-sent events", ref[answer])
         ok["content"]["text/event-stream"] = {"schema": _events(ref[chunk], error)}
         paths[path] = {"post": _operation(path, name, what, {200: ok, **_errors(ERRORS, error, RETRY_AFTER)},
                                           body=ref[request])}
+    paths["/v1/embeddings"] = {"post": _operation(
+        "/v1/embeddings", "embeddings", "OpenAI's embeddings, from a model whose `task` is \"embed\" (vLLM's pooling runner).",
+        {200: _answer("the embeddings, in input order", ref[EmbeddingResponse]), **_errors(ERRORS, error, RETRY_AFTER)},
+        body=ref[EmbeddingRequest])}
+    for path, name, request, answer, answered in TOKENS:
+        paths[path] = {"post": _operation(path, name, described.get(path, ""), {
+            200: _answer(answered, ref[answer]), **_errors(ERRORS, error, RETRY_AFTER)}, body=ref[request])}
     stopping = {"type": "object", "required": ["stopping"], "properties": {"stopping": {"const": True}}}
     paths |= {
         "/fleet/status": {"get": _operation("/fleet/status", "fleet_status", described.get("/fleet/status", ""), {
@@ -149,7 +169,7 @@ def _operation(path: str, name: str, what: str, answers: dict[int, dict[str, Any
     operation: dict[str, Any] = {
         "summary": summary,
         "description": what,
-        "operationId": "".join(part[:1].upper() + part[1:] for part in path.split("/")) + summary,
+        "operationId": "".join(part[:1].upper() + part[1:] for part in path.replace("{", "").replace("}", "").split("/")) + summary,
     }
     if body is not None:
         operation["requestBody"] = {"content": {JSON: {"schema": body}}, "required": True}

@@ -11,12 +11,18 @@ from fleet.gateway.status import EngineState
 RETRY_AFTER = {EngineState.STARTING: 10, EngineState.RESTARTING: 10, EngineState.FAILED: 30}
 
 
-def route(backends: Mapping[str, Backend], model: str) -> Backend:
-    """The backend serving `model`; 404 if the fleet has no such model, 503 if it is not ready."""
+def find(backends: Mapping[str, Backend], model: str) -> Backend:
+    """The backend of `model`, whatever its state; 404 if the fleet has no such model."""
     backend = backends.get(model)
     if backend is None:
         known = ", ".join(sorted(backends)) or "none"
         raise ModelNotFound(f"the model {model!r} does not exist in this fleet (models: {known})")
+    return backend
+
+
+def route(backends: Mapping[str, Backend], model: str) -> Backend:
+    """The backend serving `model`; 404 if the fleet has no such model, 503 if it is not ready."""
+    backend = find(backends, model)
     state = backend.lifecycle.state
     if not state.serving:
         why = f": {backend.lifecycle.reason}" if backend.lifecycle.reason and state is EngineState.FAILED else ""

@@ -63,6 +63,7 @@ class ModelStatus(msgspec.Struct):
     errors: int = 0  # engine requests that failed on this replica
     draining: bool = False  # takes no new requests (the status page's drain); those in flight go on
     attached: bool = False  # started elsewhere and only watched: fleet cannot restart it
+    host: str = ""  # the address the engine listens on (on a cluster, its node's)
 
 
 class FleetStatus(msgspec.Struct):

@@ -370,6 +370,7 @@ class Fleet:
                     errors=replica.stats.errors,
                     draining=replica.draining,
                     attached=isinstance(engine, AttachedEngine),
+                    host=engine.host,
                 ))
         gw = self.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self.started_at)), rows)

@@ -80,9 +80,9 @@ class EngineOwner(Commands):
         self.policy = policy
         self.ready_at: float | None = None
         self.total_restarts = 0
-        # where it runs, for status: the file's port and GPUs, unless a cluster placed it (then its node's)
+        # where it runs, for status: the file's address and GPUs, unless a cluster placed it (then its node's)
         self.node: str | None = None
-        self.port = port
+        self.host, self.port = host, port
         self.gpus = list(cfg.gpus)
         self.journal: Journal | None = None  # the fleet's (the launcher sets it): its lines and state changes
 

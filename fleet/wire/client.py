@@ -11,6 +11,8 @@ import ssl
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
+import msgspec
+
 from fleet.errors import ConfigError, EngineFailure, EngineTimeout, EngineUnreachable
 from fleet.wire import http1, protocol
 
@@ -121,15 +123,20 @@ class EngineClient:
         response.release()
         return response.status, body
 
-    async def generate(self, req: protocol.GenerateRequest) -> AsyncGenerator[list[protocol.Frame], None]:
-        """Send one request; yield its frames in batches, as they arrive (the last batch ends with
-        Done or Error). Leaving early closes the connection (= abort).
+    def generate(self, req: protocol.GenerateRequest) -> AsyncGenerator[list[protocol.Frame], None]:
+        """Send one generation request; its frames in batches, as they arrive."""
+        return self.frames("/generate", req)
+
+    async def frames(self, path: str, req: msgspec.Struct) -> AsyncGenerator[list[protocol.Frame], None]:
+        """Send one request to one of the engine's frame routes (/generate, /embed, /tokenize,
+        /detokenize); yield its frames in batches, as they arrive (the last batch ends with Done or
+        Error). Leaving early closes the connection (= abort).
 
         Batches, not single frames: each step through an async generator costs more than handling
         the frame, and one read of the socket often holds many frames.
         """
         try:
-            response = await self._pool.request("POST", "/generate", protocol.encode(req), protocol.REQUEST_TYPE)
+            response = await self._pool.request("POST", path, protocol.encode(req), protocol.REQUEST_TYPE)
         except OSError as e:  # TimeoutError included
             raise self._failure(e) from None
         ended = False

@@ -9,6 +9,9 @@ HTTP/1.1 on the engine's port, msgpack bodies, the launcher's token as a bearer 
   4-byte big-endian length followed by one msgpack-encoded `Frame`. Per output index the
   engine sends `Delta` frames, then one `Done` (or an `Error`). Closing the connection
   aborts the request on the engine.
+- ``POST /embed`` (`EmbedRequest`: an `Embedding` per input, then `Done`), ``POST /tokenize``
+  (`TokenizeRequest`: `Tokens`, then `Done`), ``POST /detokenize`` (`DetokenizeRequest`: `Text`,
+  then `Done`): the same frames, so one client and one connection pool serve every route.
 """
 
 from __future__ import annotations
@@ -141,7 +144,50 @@ class Error(_Message, tag="error"):
     param: str | None = None
 
 
-Frame = Prompt | Delta | Done | Error
+class TokenizeRequest(_Message):
+    """A prompt (text or a conversation) to turn into token ids, as /generate would."""
+
+    prompt: str | Chat
+    add_special_tokens: bool = True  # a text prompt's BOS and the like (a chat's come from its template)
+    token_strs: bool = False  # also each token's own string
+
+
+class Tokens(_Message, tag="tokens"):
+    """/tokenize's answer (then Done with the count)."""
+
+    ids: list[int]
+    max_model_len: int
+    strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Message):
+    ids: list[int]
+
+
+class Text(_Message, tag="text"):
+    """/detokenize's answer."""
+
+    text: str
+
+
+class EmbedRequest(_Message):
+    """Inputs to embed with a pooling engine, each text or token ids; `dimensions` where the model
+    has matryoshka embeddings."""
+
+    request_id: str
+    inputs: list[str | list[int]]
+    dimensions: int | None = None
+
+
+class Embedding(_Message, tag="embedding"):
+    """One input's embedding: float32 values, little-endian (OpenAI's base64 form, before base64)."""
+
+    index: int
+    vector: bytes
+    tokens: int
+
+
+Frame = Prompt | Delta | Done | Error | Tokens | Text | Embedding
 
 
 class EngineInfo(_Message):
@@ -154,6 +200,7 @@ class EngineInfo(_Message):
     vllm_version: str
     device: str
     chat_template: bool = False  # whether /generate accepts a Chat prompt
+    task: str = "generate"  # or "embed": a pooling engine, which answers /embed and not /generate
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   key: sessionStorage.getItem("fleet-key") || "",
   canAct: false,
+  sampleEvery: 2,
   rows: new Map(),      // engine -> {tr, cells}
   points: new Map(),    // engine -> [Point]
   lines: new Map(),     // engine -> [text]
@@ -82,6 +83,9 @@ function engineRow(name) {
   cells.tokensValue = el("span");
   cells.tokensSpark = sparkline("tokens per second");
   cells.tokens.append(cells.tokensValue, cells.tokensSpark);
+  cells.errorCount = el("span");
+  cells.errorRate = el("span", null, "since");
+  cells.errors.append(cells.errorCount, " ", cells.errorRate);
   cells.requestsValue = el("span");
   cells.requestsSpark = sparkline("requests per minute");
   cells.requests.append(cells.requestsValue, cells.requestsSpark);
@@ -116,14 +120,15 @@ function showStatus(status) {
     c.stateText.dataset.state = m.state;
     c.since.textContent = "for " + duration(m.since_s) + (m.reason ? " · " + m.reason : "");
     const gpus = m.gpus.length ? "GPU " + m.gpus.join(",") : "CPU";
-    c.where.textContent = m.url ? m.url : m.node ? `${gpus} · ${m.node}` : `${gpus} · port ${m.port}`;
+    c.where.textContent = m.url ? m.url : `${gpus} · ${m.host}:${m.port}` + (m.node ? ` · ${m.node}` : "");
+    c.state.title = "since " + clock(Date.now() / 1000 - m.since_s);
     c.pid.textContent = m.pid ?? "–";
     c.uptime.textContent = duration(m.uptime_s);
     c.restarts.textContent = m.restarts;
     c.inflight.textContent = m.inflight;
     c.queued.textContent = m.queued;
     c.tokensValue.textContent = m.tokens_per_s.toFixed(1);
-    c.errors.textContent = m.errors;
+    c.errorCount.textContent = m.errors;
     c.restart.disabled = !state.canAct || m.attached;
     c.drain.disabled = !state.canAct;
     c.drain.textContent = m.draining ? "Resume" : "Drain";
@@ -155,6 +160,10 @@ function drawPoints(name) {
   drawSpark(row.cells.requestsSpark, points.map((p) => p[4]));
   const last = points[points.length - 1];
   row.cells.requestsValue.textContent = last ? last[4].toFixed(1) : "0.0";
+  // the error rate over the last minute: failed / ended engine requests, weighted by each sample's count
+  const minute = points.slice(-Math.round(60 / state.sampleEvery));
+  const ended = minute.reduce((n, p) => n + p[4], 0), failed = minute.reduce((n, p) => n + p[4] * p[5], 0);
+  row.cells.errorRate.textContent = ended > 0 ? `(${((100 * failed) / ended).toFixed(1)} % last min)` : "";
 }
 
 function showGpus(gpus) {
@@ -236,6 +245,7 @@ async function act(path, what) {
 const HANDLERS = {
   hello(h) {
     state.canAct = h.can_act;
+    state.sampleEvery = h.sample_every;
     $("where").textContent = `gateway ${h.gateway.host}:${h.gateway.port} · pid ${h.gateway.pid} · since ${clock(h.gateway.started)}`;
     $("config").textContent = h.config;
     // everything comes again after a reconnect: start the lists over

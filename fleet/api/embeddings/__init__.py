@@ -1,0 +1,1 @@
+"""/v1/embeddings: its schemas (`protocol`) and its planning and answer (`serving`)."""

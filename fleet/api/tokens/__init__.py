@@ -1,0 +1,1 @@
+"""/tokenize and /detokenize (vLLM's routes): their schemas (`protocol`) and answers (`serving`)."""
