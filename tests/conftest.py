@@ -425,7 +425,7 @@ def module_fake_fleet(cache_dir: Path) -> Iterator[FakeFleets]:
 # --- real fleets, shared by every end-to-end module ------------------------------------------
 # Two fleets start together the first time a test needs one (their engines load in parallel):
 # "tiny": two tiny random-weight models with different seeds, routed by name;
-# "default": the packaged default model, SmolLM2-135M-Instruct, in float32 (and as an embedding model): its greedy answers are
+# "default": the packaged default model, SmolLM2-135M-Instruct, in float32: its greedy answers are
 # then the same on every CPU (in bfloat16 they follow the CPU's kernels: an AMX Xeon answers the
 # capital of France with "L'Étoile, la Marseillaise...", an AVX2 EPYC with "Paris").
 
@@ -444,9 +444,6 @@ class Fleets:
         ])
         self.default = self._launch(tmp / "default", [
             {"name": "smollm2", "source": "default", "port": free_port(), "max_model_len": 2048, "dtype": "float32"},
-            # the same weights as an embedding model: vLLM's pooling runner converts it (last-token pooling)
-            {"name": "smollm2-embed", "source": "default", "task": "embed", "port": free_port(), "max_model_len": 512,
-             "dtype": "float32", "kv_cache_gib": 0.1},
         ])
         self._ready: set[str] = set()
 

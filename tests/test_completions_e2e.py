@@ -320,7 +320,7 @@ def test_min_tokens_beyond_the_room_the_context_leaves_is_400_naming_min_tokens(
 
 
 def test_a_repeated_prompt_reports_the_tokens_vllm_s_prefix_cache_held(tiny: openai.OpenAI) -> None:
-    prompt = [100 + (i * 37) % 400 for i in range(300)]  # no other test sends it: the first time, nothing is cached
+    prompt = [100 + (i * 37) % 300 for i in range(300)]  # no other test sends it: the first time, nothing is cached
     first = tiny.completions.create(model="tiny-a", prompt=prompt, max_tokens=1)
     assert first.usage is not None and first.usage.prompt_tokens == 300
     assert first.usage.prompt_tokens_details is not None and first.usage.prompt_tokens_details.cached_tokens == 0

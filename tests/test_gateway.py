@@ -186,7 +186,8 @@ def test_string_prompt_gives_one_choice_and_usage(sdk: openai.OpenAI) -> None:
 
 def test_usage_is_always_present_for_non_streamed_responses(http: httpx.Client) -> None:
     body = post(http, model="alpha", prompt=["a b", "c"], n=2, max_tokens=2).json()
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # the fake caches nothing
 
 
 def test_list_prompt_choices_are_ordered_prompt_index_times_n_plus_i(sdk: openai.OpenAI) -> None:
