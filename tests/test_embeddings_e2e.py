@@ -42,7 +42,7 @@ def embedder(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_mod
         family = fleet.descendants()
         yield fleet
     finally:
-        fleet.stop()
+        fleet.kill()  # the last test SIGKILLs the launcher itself; this is for a test that failed before it
         for p in family:
             with contextlib.suppress(psutil.Error):
                 p.kill()
@@ -120,3 +120,13 @@ def test_tokenize_then_detokenize_gives_the_text_back_and_counts_as_usage(fleets
                                                       "return_token_strs": True}, timeout=30).json()
     chat = default.chat.completions.create(model="smollm2", messages=messages, max_tokens=1)
     assert chat_tokens["count"] == chat.usage.prompt_tokens and len(chat_tokens["token_strs"]) == chat_tokens["count"]
+
+
+def test_a_sigkilled_launcher_takes_its_real_engines_with_it(embedder: FleetProcess) -> None:
+    """Last of the module (its fleet ends here): the launcher SIGKILLed, nothing it started lives on
+    (the engines set PR_SET_PDEATHSIG; vLLM's EngineCore and worker follow their engine)."""
+    family = embedder.descendants()
+    assert len(family) >= 3  # the engine, vLLM's EngineCore and its worker
+    embedder.proc.kill()
+    embedder.proc.wait(10)
+    assert psutil.wait_procs(family, timeout=60)[1] == []

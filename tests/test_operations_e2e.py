@@ -1,4 +1,4 @@
-"""Operating a real fleet (vLLM CPU engines, the real CLI): crash -> restart, reload, SIGKILL, stop,
+"""Operating a real fleet (vLLM CPU engines, the real CLI): crash -> restart, reload, stop,
 and the status page watching it all in a real browser (Debian's Chromium through Playwright).
 
 The tests run in file order against one fleet of tiny models; a client keeps streaming from
@@ -266,32 +266,3 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def runs_engine_core(fleet: FleetProcess) -> bool:
-    for p in fleet.descendants():
-        with contextlib.suppress(psutil.Error):
-            if "EngineCore" in " ".join(p.cmdline()):
-                return True
-    return False
-
-
-def test_sigkilled_launcher_takes_its_real_engines_with_it(tmp_path: Path, tiny_model: Path) -> None:
-    port = free_port()
-    (tmp_path / "fleet.toml").write_text(
-        fleet_toml([{"name": "lonely", "source": str(tiny_model), "port": free_port(), **TINY}], port))
-    fleet = FleetProcess(tmp_path / "fleet.toml", port, tmp_path / "launcher.log")
-    family: list[psutil.Process] = []
-    try:
-        # killed while its engine loads, once vLLM's own processes run (EngineCore and its worker): the
-        # tree is whole from then on, and loading to the end would only cost the suite time
-        wait_for(lambda: runs_engine_core(fleet), "vLLM's EngineCore runs", 300)
-        family = fleet.descendants()
-        fleet.proc.kill()
-        fleet.proc.wait(10)
-        assert psutil.wait_procs(family, timeout=60)[1] == []
-    finally:
-        fleet.kill()
-        for p in family:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
