@@ -21,7 +21,7 @@ A fleet of fake engines (tests/fake_engine.py) runs in-process on free ports. Tw
    every string field, deep nesting, bodies over max_body_bytes. Each must be a 4xx with a clear
    message in OpenAI's envelope; never a 5xx, never a hang (every client call has a timeout).
 
-Knobs: ``FLEET_FUZZ_EXAMPLES`` (Hypothesis examples per operation and mode, default 100) and
+Knobs: ``FLEET_FUZZ_EXAMPLES`` (Hypothesis examples per operation and mode, default 150) and
 ``FLEET_FUZZ_RANDOM=1`` (a fresh random seed instead of the fixed, CI-stable one).
 """
 
@@ -54,7 +54,7 @@ from fleet.config.load import parse_config
 from fleet.gateway.app import create_app
 from fleet.gateway.openapi import document
 
-EXAMPLES = int(os.environ.get("FLEET_FUZZ_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("FLEET_FUZZ_EXAMPLES", "150"))
 TIMEOUT = 10  # seconds any one request may take: far above what a fake engine needs
 ROUTES = {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
           ("POST", "/v1/embeddings"), ("POST", "/tokenize"), ("POST", "/detokenize"),
