@@ -121,7 +121,7 @@ def test_status_and_metrics_show_each_replica(fake_fleet: FakeFleets) -> None:
     fleet, port = two_replicas(fake_fleet)
     for i in range(4):
         assert complete(fleet, f"p{i}").status_code == 200
-    rows = fleet.fleet.status().models
+    rows = fleet.fleet.control.status().models
     assert [(r.model, r.replica, r.port) for r in rows] == [("m", "m.0", port), ("m", "m.1", port + 1)]
     assert sum(r.requests for r in rows) == 4
     assert sum(r.routed.get("least_loaded", 0) for r in rows) == 4
@@ -228,7 +228,7 @@ def test_rolling_reload_replaces_one_replica_at_a_time_and_fails_no_request(fake
         for c in clients:
             c.join(30)
     assert report.changed == ["m"] and report.warnings == []
-    assert [(r.replica, r.port) for r in fleet.fleet.status().models] == [("m.0", new_port), ("m.1", new_port + 1)]
+    assert [(r.replica, r.port) for r in fleet.fleet.control.status().models] == [("m.0", new_port), ("m.1", new_port + 1)]
     assert len(answers) > 20 and set(answers) == {200}, collections.Counter(answers)
     assert min(serving) >= (1 if ports == "same" else 2), serving  # never without a serving copy (new ports: two)
     assert all(fleet.fleet.engines[name].pid not in (None, pids[name]) for name in pids)
@@ -271,7 +271,9 @@ class OutsideEngines:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, port: int, token: str, name: str = "m") -> subprocess.Popen[bytes]:
+    def start(self, port: int, token: str, name: str = "m") -> subprocess.Popen[bytes] | None:
+        """The engine, listening on `port`; None if it exited first (the port was taken meanwhile:
+        free ports come from the ephemeral range, which the suite's own client connections use)."""
         from fake_engine import fake_command
 
         cfg = parse_config({"models": [{"name": name, "source": "fake", "port": port}]}).models[0]
@@ -279,14 +281,16 @@ class OutsideEngines:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.started.append(engine)
 
-        def listening() -> bool:
+        def listening_or_gone() -> bool:
+            if engine.poll() is not None:
+                return True
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        wait_until(listening, "the outside engine listens")  # its port taken before the fleet picks its own
-        return engine
+        wait_until(listening_or_gone, "the outside engine listens", timeout=60)  # before the fleet picks its own port
+        return engine if engine.poll() is None else None
 
     def __enter__(self) -> OutsideEngines:
         return self
@@ -302,7 +306,8 @@ def attached_fleet(fake_fleet: FakeFleets, monkeypatch: pytest.MonkeyPatch, outs
     """A fleet of two replicas of "m": its own engine and one outside it at a url (started with `token`)."""
     monkeypatch.setenv("FLEET_ENGINE_TOKEN", "shared-secret")
     own = free_ports(2)
-    outside.start(own + 1, token)
+    while outside.start(own + 1, token) is None:  # its port was taken before it bound it: two others
+        own = free_ports(2)
     fleet = fake_fleet({"name": "m", "placements": [{"port": own}, {"url": f"http://127.0.0.1:{own + 1}"}]},
                        supervisor=FAST, **kw)
     return fleet, own, own + 1
@@ -316,13 +321,13 @@ def test_an_attached_engine_serves_leaves_rotation_while_it_is_down_and_rejoins(
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             assert set(pool.map(lambda i: complete(fleet, f"p{i}").status_code, range(18))) == {200}
         assert engine_requests(fleet, outside) > 0 and engine_requests(fleet, own) > 0
-        engines.started[0].kill()
-        engines.started[0].wait()
+        engines.started[-1].kill()  # the one listening (a try whose port was taken exited)
+        engines.started[-1].wait()
         answers = [complete(fleet, f"down {i}").status_code for i in range(10)]
         assert answers == [200] * 10  # refused connections fail over; then it is out of rotation
         assert fleet.wait_state("m.1", "failed", timeout=10) == "failed"
         assert "out of rotation" in fleet.fleet.engines["m.1"].lifecycle.reason
-        engines.start(outside, "shared-secret")  # back: fleet never restarted it itself
+        assert engines.start(outside, "shared-secret") is not None  # back: fleet never restarted it itself
         assert fleet.wait_state("m.1", "ready", timeout=30) == "ready"
         assert fleet.fleet.engines["m.1"].total_restarts == 0
         with concurrent.futures.ThreadPoolExecutor(6) as pool:

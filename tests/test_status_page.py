@@ -290,7 +290,7 @@ def test_restart_brings_back_an_engine_that_used_up_its_restarts(fake_fleet: Fak
 
 
 async def _restart(f: InProcessFleet, name: str) -> None:
-    f.fleet.restart(name)
+    f.fleet.control.restart(name)
 
 
 def test_the_page_reconnects_to_a_restarted_gateway_and_shows_the_new_fleet(fake_fleet: FakeFleets, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ pays only for the two latency histograms.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fleet.gateway.status import EngineState
+from fleet.pulse import Pulse
 
 if TYPE_CHECKING:
     from fleet.gateway.guard import ConnectionCounts
@@ -40,7 +40,7 @@ class BackendStats:
     completion_tokens: int = 0
     responses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
     _recent: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
-    _idle: asyncio.Event | None = None  # set when the last request in flight ends
+    _idle: Pulse = field(default_factory=Pulse)  # beats when the last request in flight ends
 
     def begin(self) -> None:
         """A request for this model started."""
@@ -50,16 +50,12 @@ class BackendStats:
     def end(self) -> None:
         """A request for this model finished, however it ended."""
         self.inflight -= 1
-        if self.inflight == 0 and self._idle is not None:
-            self._idle.set()
-            self._idle = None
+        if self.inflight == 0:
+            self._idle.beat()
 
     async def drained(self) -> None:
         """Return once no request of this model is in flight (at once if none is)."""
-        while self.inflight > 0:
-            if self._idle is None:
-                self._idle = asyncio.Event()
-            await self._idle.wait()
+        await self._idle.until(lambda: self.inflight == 0)
 
     def count(self, route: str, status: int) -> None:
         """One answered request, by route and HTTP status."""

@@ -8,12 +8,12 @@ through the launcher (`Control.journal`), never the other way round.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 from typing import TYPE_CHECKING, TypeVar
 
 from fleet.gateway.status import Change, LogLine
+from fleet.pulse import Pulse
 
 if TYPE_CHECKING:
     from fleet.gateway.status import EngineState
@@ -31,7 +31,7 @@ class Journal:
         self.lines_kept = lines_kept
         self._lines: dict[str, collections.deque[LogLine]] = {}
         self._changes: collections.deque[Change] = collections.deque(maxlen=changes_kept)
-        self._changed: asyncio.Event | None = None
+        self._changed = Pulse()
 
     def line(self, engine: str, text: str) -> None:
         """One line of an engine's output (or of the launcher about it)."""
@@ -40,13 +40,13 @@ class Journal:
         if kept is None:
             kept = self._lines[engine] = collections.deque(maxlen=self.lines_kept)
         kept.append(LogLine(self.seq, engine, time.time(), text))
-        self._wake()
+        self._changed.beat()
 
     def transition(self, lifecycle: Lifecycle, old: EngineState, reason: str) -> None:
         """A `Lifecycle` listener: one state change."""
         self.seq += 1
         self._changes.append(Change(self.seq, lifecycle.name, time.time(), old, lifecycle.state, reason))
-        self._wake()
+        self._changed.beat()
 
     def lines_after(self, seq: int) -> list[LogLine]:
         """Every kept line numbered above `seq`, in order."""
@@ -60,15 +60,7 @@ class Journal:
 
     async def wait(self, after: int) -> None:
         """Return once something numbered above `after` is here."""
-        while self.seq <= after:
-            if self._changed is None:
-                self._changed = asyncio.Event()
-            await self._changed.wait()
-
-    def _wake(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        await self._changed.until(lambda: self.seq > after)
 
 
 Numbered = TypeVar("Numbered", LogLine, Change)

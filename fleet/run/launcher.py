@@ -25,14 +25,14 @@ from rich.markup import escape
 from fleet.config.model import ModelConfig
 from fleet.config.placement import can_run_together, cpu_bindings
 from fleet.config.schema import FleetConfig, SupervisorConfig, shared_engine_token
-from fleet.errors import EngineNotFound, InvalidRequest
 from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
 from fleet.gateway.auth import check_exposure, load_keys
 from fleet.gateway.backend import Backend, Replica
 from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionCounts, ConnectionLimits
-from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus, ReloadReport
+from fleet.gateway.status import EngineState, ReloadReport
 from fleet.run.attached import AttachedEngine
+from fleet.run.control import FleetControl
 from fleet.run.gateway_server import GatewayServer
 from fleet.run.journal import Journal
 from fleet.run.supervisor import EngineCommand, EngineProcess, backoff, engine_command
@@ -82,6 +82,7 @@ class Fleet:
         self.token = shared_engine_token(config.gateway, os.environ) or secrets.token_urlsafe(32)
         self.connections = ConnectionCounts()  # the gateway's client connections (guard.py)
         self.journal = Journal()  # the engines' lines and state changes, for the status page
+        self.control = FleetControl(self)  # what the gateway's control routes and status page ask
         self.keys = load_keys(config.auth)
         # a gateway other machines can reach, without keys: refused (ConfigError) unless [auth] open
         if warning := check_exposure(config.gateway.host, self.keys.enabled, config.auth.open):
@@ -173,7 +174,7 @@ class Fleet:
         """Run until `stop()` (or a signal): engines and gateway, then a clean stop of everything."""
         started = time.monotonic()
         gw = self.config.gateway
-        app = create_app(self.backends, control=self, keys=self.keys, gateway=gw,
+        app = create_app(self.backends, control=self.control, keys=self.keys, gateway=gw,
                          restarts=self.restarts_of, connections=self.connections,
                          ui=self.config.ui, admin_key=self.config.ui.admin_secret(os.environ))
         server = GatewayServer(app, gw, self.connection_limits, self.connections, console=self.console,
@@ -311,66 +312,3 @@ class Fleet:
                 return (f"{cfg.name}: the rolling reload stopped at replica {k} ({new.lifecycle.reason or state.value}); "
                         f"{', '.join(kept) or 'no replica'} kept the previous settings")
         return None
-
-    # --- the status page's actions ----------------------------------------------------------
-
-    def _replica_named(self, name: str) -> tuple[Replica, Engine]:
-        for backend in self.backends.values():
-            for replica in backend.replicas:
-                if replica.name == name and name in self.engines:
-                    return replica, self.engines[name]
-        raise EngineNotFound(name)
-
-    def restart(self, engine: str) -> None:
-        """Restart one engine now (its owner stops it with its grace and starts it anew)."""
-        _, owner = self._replica_named(engine)
-        if isinstance(owner, AttachedEngine):
-            raise InvalidRequest(f"{engine} runs at {owner.cfg.url}, started elsewhere: restart it there",
-                                 param="engine")
-        self.console.print(f"[bold]fleet[/bold] {escape(engine)}: restart asked (status page)", highlight=False)
-        owner.request_restart()
-
-    def drain(self, engine: str, draining: bool) -> None:
-        """Route no new request to one engine (or again, `draining` False); those in flight go on."""
-        replica, owner = self._replica_named(engine)
-        replica.draining = draining
-        owner.say("draining: no new requests" if draining else "taking requests again")
-
-    # --- status ---------------------------------------------------------------------------
-
-    def status(self) -> FleetStatus:
-        """What `fleet status` shows: the gateway and one row per engine (per replica)."""
-        now = time.monotonic()
-        rows = []
-        for backend in self.backends.values():
-            for replica in backend.replicas:
-                engine = self.engines.get(replica.name)
-                if engine is None:
-                    continue
-                lc = engine.lifecycle
-                ready = engine.ready_at is not None and lc.state is EngineState.READY
-                rows.append(ModelStatus(
-                    model=backend.name,
-                    replica=replica.name,
-                    state=lc.state,
-                    reason=lc.reason,
-                    gpus=list(engine.gpus),
-                    port=engine.port,
-                    pid=engine.pid,
-                    uptime_s=round(now - engine.ready_at, 1) if ready and engine.ready_at is not None else None,
-                    restarts=engine.total_restarts,
-                    inflight=replica.stats.inflight,
-                    requests=replica.stats.requests,
-                    tokens_per_s=round(replica.stats.tokens_per_second(), 1),
-                    routed=dict(replica.routed),
-                    url=engine.cfg.url,
-                    node=engine.node,
-                    since_s=round(time.monotonic() - lc.since, 1),
-                    queued=backend.queued,
-                    errors=replica.stats.errors,
-                    draining=replica.draining,
-                    attached=isinstance(engine, AttachedEngine),
-                    host=engine.host,
-                ))
-        gw = self.config.gateway
-        return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self.started_at)), rows)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from fleet.errors import InvalidTransition
 from fleet.gateway.status import EngineState
+from fleet.pulse import Pulse
 
 S = EngineState
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
@@ -45,7 +46,7 @@ class Lifecycle:
     since: float = field(default_factory=time.monotonic)
     reason: str = ""
     listeners: list[Listener] = field(default_factory=list)
-    _changed: asyncio.Event | None = field(default=None, repr=False)
+    _changed: Pulse = field(default_factory=Pulse, repr=False)
 
     def to(self, new: EngineState, reason: str = "") -> None:
         """Move to `new`, or raise InvalidTransition."""
@@ -54,16 +55,11 @@ class Lifecycle:
         old, self.state, self.since, self.reason = self.state, new, time.monotonic(), reason
         for listener in self.listeners:
             listener(self, old, reason)
-        if self._changed is not None:  # wake every waiter; each looks at the new state
-            self._changed.set()
-            self._changed = None
+        self._changed.beat()
 
     async def wait_for(self, *states: EngineState) -> EngineState:
         """Wait until the state is one of `states` (at once if it is already); returns it."""
-        while self.state not in states:
-            if self._changed is None:
-                self._changed = asyncio.Event()
-            await self._changed.wait()
+        await self._changed.until(lambda: self.state in states)
         return self.state
 
     async def settled(self, within: float) -> EngineState:

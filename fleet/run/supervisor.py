@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -31,15 +31,16 @@ from fleet.config.placement import engine_dtype
 from fleet.config.schema import ENGINE_TOKEN_ENV, SupervisorConfig
 from fleet.config.sources import cache_dir
 from fleet.gateway.status import EngineState
+from fleet.run.journal import Journal
+from fleet.run.output import EngineOutput
 from fleet.run.owner import EngineOwner
-from fleet.run.process import STOP_GRACE, OutputPipe, descendants, stop_process_tree, wait_exit
+from fleet.run.process import STOP_GRACE, descendants, stop_process_tree, wait_exit
 
 if TYPE_CHECKING:
     import psutil
 
 EngineCommand = Callable[[ModelConfig], Sequence[str]]
 HEALTH_POLL = 0.25  # while starting
-LOG_TAIL = 40
 KILL_RETRY, KILL_RETRY_MAX, STOP_ATTEMPTS = 0.1, 2.0, 6  # a kill again after an OSError: waits (doubling), tries if stopping
 log = logging.getLogger("fleet.run")
 
@@ -80,20 +81,26 @@ class EngineProcess(EngineOwner):
         self.command = command
         self.env = {**(env or {}), **({ENGINE_TOKEN_ENV: token} if token else {})}
         self.echo_logs = echo_logs
-        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
+        self.output = EngineOutput(self.name, log_dir() / f"{self.name}.log", console=self.console, echo=echo_logs)
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self.restarts = 0  # in a row; what max_restarts counts
         self._errors = 0  # unexpected supervisor errors in a row: the backoff of their restarts
-        self._log_file: IO[str] | None = None
-        self._output: OutputPipe | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._family: dict[int, psutil.Process] = {}  # descendants seen while the engine ran
 
     @property
     def pid(self) -> int | None:
         """The engine's process id while it runs."""
         return self.proc.pid if self.proc and self.proc.returncode is None else None
+
+    @property
+    def tail(self) -> collections.deque[str]:
+        """The engine's last output lines."""
+        return self.output.tail
+
+    def keep_journal(self, journal: Journal) -> None:
+        super().keep_journal(journal)
+        self.output.journal = journal
 
     async def run(self, *, after: float = 0.0) -> None:
         """Start, supervise and restart the engine until asked to stop; then stop it. It can run again
@@ -149,18 +156,11 @@ class EngineProcess(EngineOwner):
 
     async def _start(self) -> bool:
         self.lifecycle.to(EngineState.STARTING)
-        path = log_dir() / f"{self.name}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if self._log_file is None:
-            # held across restarts and closed when the engine stops; once per engine, a local append
-            self._log_file = open(path, "a", buffering=1)  # noqa: ASYNC230, SIM115
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cfg.gpus))
         self.started_at, self.ready_at = time.monotonic(), None
-        await self._close_output(1)  # the last engine's
-        self.tail.clear()
+        output = await self.output.new_pipe()  # the last engine's output read and closed
         self._family, self.proc = {}, None  # the last tree is gone (_kill_tree): never signal its stale pid
-        self._output = output = OutputPipe()
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.command(self.cfg),
@@ -174,23 +174,11 @@ class EngineProcess(EngineOwner):
             output.close()
             self._fail(f"could not start the engine process: {e}")
             return False
-        await output.attach()
-        self._reader = asyncio.create_task(self._read_output(output.reader))
+        await self.output.read()
         dtype, why = engine_dtype(self.cfg)
         where = f"CPU, {dtype} ({why})" if self.cfg.on_cpu else f"GPUs {self.cfg.gpus}"
-        self.say(f"starting (pid {self.proc.pid}, {where}, port {self.cfg.port}, log {path})")
+        self.say(f"starting (pid {self.proc.pid}, {where}, port {self.cfg.port}, log {self.output.path})")
         return True
-
-    async def _read_output(self, output: asyncio.StreamReader) -> None:
-        async for raw in output:
-            line = raw.decode(errors="replace").rstrip()
-            self.tail.append(line)
-            if self._log_file:
-                self._log_file.write(line + "\n")
-            if self.journal is not None:
-                self.journal.line(self.name, line)
-            if self.echo_logs:
-                self.console.print(f"[dim]{escape(self.name)} |[/dim] {escape(line)}", highlight=False)
 
     @property
     def has_engine(self) -> bool:
@@ -208,19 +196,7 @@ class EngineProcess(EngineOwner):
     async def _exited(self) -> None:
         assert self.proc is not None
         await wait_exit(self.proc)
-        if self._reader is not None:  # vLLM's helpers may hold the pipe open: don't wait forever
-            await asyncio.wait({self._reader}, timeout=1)  # the reader goes on; this only delays FAILED
-
-    async def _close_output(self, wait: float) -> None:
-        """Read the engine's output to its end for at most `wait` s (vLLM's helpers may hold it open), then close it."""
-        if self._reader is not None:
-            await asyncio.wait({self._reader}, timeout=wait)
-        if self._output is not None:
-            self._output.close()
-            self._output = None
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)  # EOF now: it ends
-            self._reader = None
+        await self.output.read_to_end(1)  # vLLM's helpers may hold the pipe open; this only delays FAILED
 
     def _remember_family(self) -> None:
         """Note the engine's descendants: once it died, those that left its group can't be found."""
@@ -343,11 +319,8 @@ class EngineProcess(EngineOwner):
                 pid = self.proc.pid if self.proc else None
                 log.error("%s: gave up making sure engine pid %s and its processes are gone", self.name, pid)
                 self.say(f"[red]gave up[/red] making sure pid {pid} and its processes are gone; they die with the launcher")
-        await self._close_output(5)
+        await self.output.close()
         await self.client.close()
-        if self._log_file:
-            self._log_file.close()
-            self._log_file = None
         self.lifecycle.to(EngineState.STOPPED)
         self.say("stopped")
 

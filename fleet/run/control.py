@@ -1,0 +1,112 @@
+"""The launcher's side of the gateway's `Control` (fleet.gateway.control): what `fleet status`,
+`fleet reload`, `fleet stop` and the status page ask of a running fleet, answered from its books.
+
+`FleetControl` reads the `Fleet`'s models, replicas and engine owners and sends the owners
+commands (restart, drain); it owns nothing itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import TYPE_CHECKING
+
+from rich.markup import escape
+
+from fleet.errors import EngineNotFound, InvalidRequest
+from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus, ReloadReport
+from fleet.run.attached import AttachedEngine
+
+if TYPE_CHECKING:
+    from fleet.config.schema import FleetConfig
+    from fleet.gateway.backend import Replica
+    from fleet.run.journal import Journal
+    from fleet.run.launcher import Engine, Fleet
+
+
+class FleetControl:
+    """One running `Fleet` as the gateway's control routes and status page see it."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    @property
+    def config(self) -> FleetConfig:
+        return self._fleet.config
+
+    @property
+    def journal(self) -> Journal:
+        return self._fleet.journal
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        return self._fleet.stopping
+
+    async def reload(self) -> ReloadReport:
+        """Re-read the fleet file and apply the difference."""
+        return await self._fleet.reload()
+
+    def stop(self) -> None:
+        """Begin a clean stop."""
+        self._fleet.stop()
+
+    def restart(self, engine: str) -> None:
+        """Restart one engine now (its owner stops it with its grace and starts it anew)."""
+        _, owner = self._replica_named(engine)
+        if isinstance(owner, AttachedEngine):
+            raise InvalidRequest(f"{engine} runs at {owner.cfg.url}, started elsewhere: restart it there",
+                                 param="engine")
+        self._fleet.console.print(f"[bold]fleet[/bold] {escape(engine)}: restart asked (status page)", highlight=False)
+        owner.request_restart()
+
+    def drain(self, engine: str, draining: bool) -> None:
+        """Route no new request to one engine (or again, `draining` False); those in flight go on."""
+        replica, owner = self._replica_named(engine)
+        replica.draining = draining
+        owner.say("draining: no new requests" if draining else "taking requests again")
+
+    def _replica_named(self, name: str) -> tuple[Replica, Engine]:
+        engines = self._fleet.engines
+        for backend in self._fleet.backends.values():
+            for replica in backend.replicas:
+                if replica.name == name and name in engines:
+                    return replica, engines[name]
+        raise EngineNotFound(name)
+
+    def status(self) -> FleetStatus:
+        """What `fleet status` shows: the gateway and one row per engine (per replica)."""
+        now = time.monotonic()
+        rows = []
+        for backend in self._fleet.backends.values():
+            for replica in backend.replicas:
+                engine = self._fleet.engines.get(replica.name)
+                if engine is None:
+                    continue
+                lc = engine.lifecycle
+                ready = engine.ready_at is not None and lc.state is EngineState.READY
+                rows.append(ModelStatus(
+                    model=backend.name,
+                    replica=replica.name,
+                    state=lc.state,
+                    reason=lc.reason,
+                    gpus=list(engine.gpus),
+                    port=engine.port,
+                    pid=engine.pid,
+                    uptime_s=round(now - engine.ready_at, 1) if ready and engine.ready_at is not None else None,
+                    restarts=engine.total_restarts,
+                    inflight=replica.stats.inflight,
+                    requests=replica.stats.requests,
+                    tokens_per_s=round(replica.stats.tokens_per_second(), 1),
+                    routed=dict(replica.routed),
+                    url=engine.cfg.url,
+                    node=engine.node,
+                    since_s=round(now - lc.since, 1),
+                    queued=backend.queued,
+                    errors=replica.stats.errors,
+                    draining=replica.draining,
+                    attached=isinstance(engine, AttachedEngine),
+                    host=engine.host,
+                ))
+        gw = self._fleet.config.gateway
+        return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self._fleet.started_at)), rows)
