@@ -202,11 +202,13 @@ def running_fleet(models: Sequence[dict[str, Any]], tmp: Path, ready_timeout: fl
     config = tmp / "fleet.toml"
     config.write_text(fleet_toml(models, port, tables=tables))
     fleet = FleetProcess(config, port, tmp / "launcher.log")
+    launched: list[psutil.Process] = []
     try:
         fleet.wait_ready(ready_timeout)
+        launched = fleet.descendants()  # killed after, even if a test SIGKILLed the launcher (its children outlive it)
         yield fleet
     finally:
-        family = fleet.descendants()
+        family = launched + fleet.descendants()
         fleet.stop()
         for p in family:
             with contextlib.suppress(psutil.Error):

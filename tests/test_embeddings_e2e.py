@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import math
 import struct
-
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from conftest import TINY, Fleets, FleetProcess, fleet_toml, free_port
+from conftest import TINY, FleetProcess, Fleets, free_port, running_fleet
 
 pytestmark = pytest.mark.e2e
 EMBED = "tiny-embed"
@@ -31,21 +29,9 @@ HIDDEN = 128  # the tiny model's hidden size: its embeddings' length
 
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_model: Path) -> Iterator[FleetProcess]:
-    tmp = tmp_path_factory.mktemp("embed")
-    port = free_port()
-    (tmp / "fleet.toml").write_text(fleet_toml([{"name": EMBED, "source": str(tiny_model), "task": "embed",
-                                                 "port": free_port(), **TINY}], port))
-    fleet = FleetProcess(tmp / "fleet.toml", port, tmp / "launcher.log")
-    family: list[psutil.Process] = []
-    try:
-        fleet.wait_ready(600)
-        family = fleet.descendants()
-        yield fleet
-    finally:
-        fleet.kill()  # the last test SIGKILLs the launcher itself; this is for a test that failed before it
-        for p in family:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+    model = {"name": EMBED, "source": str(tiny_model), "task": "embed", "port": free_port(), **TINY}
+    with running_fleet([model], tmp_path_factory.mktemp("embed"), ready_timeout=600) as fleet:
+        yield fleet  # the module's last test SIGKILLs the launcher: running_fleet still stops the engines
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ the crash, and never reloaded: what it shows comes over its one event stream.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from conftest import ROOT, TINY, Browser, FleetProcess, fleet_toml, free_port
+from conftest import ROOT, TINY, Browser, FleetProcess, fleet_toml, free_port, running_fleet
 
 pytestmark = pytest.mark.e2e
 ADMIN = "ops-admin"
@@ -64,22 +63,10 @@ class Steady:
 
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_model: Path) -> Iterator[FleetProcess]:
-    tmp = tmp_path_factory.mktemp("ops")
-    port = free_port()
     models = [{"name": n, "source": str(tiny_model), "port": free_port(), **TINY} for n in ("ops-a", "ops-b")]
-    (tmp / "fleet.toml").write_text(SUPERVISOR + fleet_toml(models, port))
-    fleet = FleetProcess(tmp / "fleet.toml", port, tmp / "launcher.log")
-    fleet.models = models  # type: ignore[attr-defined]
-    family: list[psutil.Process] = []
-    try:
-        fleet.wait_ready(600)
-        family = fleet.descendants()
+    with running_fleet(models, tmp_path_factory.mktemp("ops"), ready_timeout=600, tables=SUPERVISOR) as fleet:
+        fleet.models = models  # type: ignore[attr-defined]
         yield fleet
-    finally:
-        fleet.stop()
-        for p in family + fleet.descendants():
-            with contextlib.suppress(psutil.Error):
-                p.kill()
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +202,7 @@ def test_restart_from_the_page_needs_the_admin_key_and_the_log_view_follows(ops:
 
 
 def reload(config: Path, models: list[dict], port: int) -> str:
-    config.write_text(SUPERVISOR + fleet_toml(models, port))
+    config.write_text(fleet_toml(models, port, tables=SUPERVISOR))
     out = subprocess.run([str(ROOT / ".venv/bin/fleet"), "reload", "--config", str(config)], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
