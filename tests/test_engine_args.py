@@ -15,7 +15,7 @@ import pytest
 from conftest import free_port
 
 from fleet.config.model import ModelConfig
-from fleet.engine.args import MAX_LOGPROBS, build_engine
+from fleet.engine.args import MAX_LOGPROBS, build_engine, worker_in_engine_core
 
 
 @pytest.fixture
@@ -49,3 +49,18 @@ def test_engine_args_from_fleet_toml_win_over_the_defaults(built: dict[str, Any]
                       engine_args={"max_num_seqs": 64, "max_num_batched_tokens": 4096})
     build_engine(cfg)
     assert (built["engine_args"].max_num_seqs, built["engine_args"].max_num_batched_tokens) == (64, 4096)
+
+
+@pytest.mark.parametrize(("fields", "bind", "expected"), [
+    ({}, "0", True),  # a CPU engine fleet bound to its own cores: its worker runs in the EngineCore
+    ({}, "2-3", True),
+    ({}, "", False),  # vLLM's cores to choose ("auto"): vLLM's own worker process, as `vllm serve`
+    ({}, "auto", False),
+    ({"gpus": [0]}, "0", False),  # a GPU engine: vLLM's default executor
+    ({"pipeline_parallel_size": 2}, "0-1", False),  # several workers (pipeline stages)
+])
+def test_a_cpu_engine_on_its_own_cores_runs_its_worker_in_the_engine_core(
+    fields: dict[str, Any], bind: str, expected: bool
+) -> None:
+    cfg = ModelConfig(name="m", source="default", port=8001, **fields)
+    assert worker_in_engine_core(cfg, {"VLLM_CPU_OMP_THREADS_BIND": bind} if bind else {}) is expected

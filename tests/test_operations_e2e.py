@@ -120,6 +120,16 @@ def test_the_status_page_loads_without_console_errors_and_shows_every_engine(ops
     assert page.errors == []
 
 
+def test_each_cpu_engine_on_its_own_cores_runs_its_model_worker_in_its_engine_core(ops: FleetProcess) -> None:
+    """fleet binds each of the two CPU engines to its own core, so vLLM's worker runs inside the
+    EngineCore (engine/args.py: worker_in_engine_core): no worker process of its own."""
+    for name in ("ops-a", "ops-b"):
+        engine = psutil.Process(status(ops)[name]["pid"])
+        names = [p.name() for p in engine.children(recursive=True)]  # also multiprocessing's resource tracker
+        assert names.count("VLLM::EngineCore") == 1 and not [n for n in names if "Worker" in n], (name, names)
+        assert engine.cpu_affinity() == [int(c) for c in engine.environ()["VLLM_CPU_OMP_THREADS_BIND"].split(",")]
+
+
 def test_killed_engine_restarts_and_other_models_see_no_error(ops: FleetProcess, page: Browser) -> None:
     steady = Steady(ops.url, "ops-b")
     try:

@@ -27,7 +27,7 @@ from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Send
 
 from fleet.config.model import ModelConfig
 from fleet.config.schema import ENGINE_TOKEN_ENV
-from fleet.engine.args import build_engine
+from fleet.engine.args import build_engine, worker_in_engine_core
 from fleet.engine.service import EngineService
 from fleet.errors import ClientDisconnected
 from fleet.run.process import SignalFreeServer, die_with_parent, reap_children
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ModelConfig.model_validate_json(ns.model_json)
     if cfg.on_cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if worker_in_engine_core(cfg, os.environ):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     run: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
