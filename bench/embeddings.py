@@ -2,6 +2,9 @@
 an embedding model by vLLM's pooling runner in both), the same inputs, in one run.
 
     python bench/embeddings.py --batch 1,8,32 --concurrency 4 --requests 64 --rounds 2 --out /tmp/emb
+    # on a CUDA GPU (the offline kit's vLLM), each system alone on GPU 0 in turn:
+    PYTHONPATH=/root/site:. python3 bench/embeddings.py --gpu /root/models/smollm2-135m-instruct \
+        --batch 1,8,32 --concurrency 16 --requests 800 --rounds 2 --out $OUT
 
 Each point is a closed loop of `--concurrency` clients sending `--requests` POST /v1/embeddings in
 all, each with `--batch` inputs (the same short sentences for both systems, ~12 tokens each); it
@@ -88,8 +91,50 @@ async def system(name: str, env: systems.Env, model_dir: str) -> AsyncIterator[s
 async def measure(name: str, env: systems.Env, model_dir: str, batches: Sequence[int], concurrency: int,
                   requests: int) -> list[dict[str, Any]]:
     async with system(name, env, model_dir) as running:
-        await point(running.base_url, running.model, max(batches), concurrency, concurrency * 2)  # warm-up
-        return [await point(running.base_url, running.model, b, concurrency, requests) for b in batches]
+        return await points(running.base_url, running.model, batches, concurrency, requests)
+
+
+async def points(base_url: str, model: str, batches: Sequence[int], concurrency: int, requests: int) -> list[dict[str, Any]]:
+    """A warm-up, then one point per batch size."""
+    await point(base_url, model, max(batches), concurrency, concurrency * 2)
+    return [await point(base_url, model, b, concurrency, requests) for b in batches]
+
+
+def measure_gpu(name: str, model_dir: str, memory: float, out: Path, batches: Sequence[int], concurrency: int,
+                requests: int) -> list[dict[str, Any]]:
+    """One system alone on GPU 0 (bench/gpu.py's way of starting and stopping it), the model as an embedding model."""
+    import os
+
+    from bench.gpu import started
+
+    env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    if name == "fleet":
+        toml = out / "fleet-embed.toml"
+        toml.write_text(f'[gateway]\nport = 8000\n\n[[models]]\nname = "m"\nsource = "{model_dir}"\ntask = "embed"\n'
+                        f"placements = [{{ gpus = [0], port = 5001 }}]\nmax_model_len = 2048\n"
+                        f"gpu_memory_utilization = {memory}\n")
+        argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
+        health, base = "http://127.0.0.1:8000/fleet/status", "http://127.0.0.1:8000"
+        env["FLEET_LOG_DIR"] = str(out / "fleet-engine-logs")
+    elif name == "vllm":
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+                "--served-model-name", "m", "--port", "8100", "--max-model-len", "2048",
+                "--gpu-memory-utilization", str(memory), "--runner", "pooling", "--convert", "embed"]
+        health, base = "http://127.0.0.1:8100/health", "http://127.0.0.1:8100"
+    else:
+        raise SystemExit(f"unknown system {name!r}: fleet or vllm")
+    with started(name, argv, health, env, out):
+        return asyncio.run(points(base, "m", batches, concurrency, requests))
+
+
+def gpu_name() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout.strip()
+    except FileNotFoundError:
+        return "no NVIDIA GPU"
 
 
 def main() -> None:
@@ -100,10 +145,15 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64, help="requests per point")
     p.add_argument("--rounds", type=int, default=2, help="each round reverses the order of the systems")
     p.add_argument("--out", type=Path, default=Path("/tmp/fleet-bench-embeddings"))
+    p.add_argument("--gpu", default="", help="a model folder: run on CUDA GPU 0 instead (the offline kit's vLLM)")
+    p.add_argument("--memory", type=float, default=0.8, help="--gpu: gpu_memory_utilization")
     ns = p.parse_args()
-    from bench.run import model_dir as default_model_dir
+    if ns.gpu:
+        model_dir = ns.gpu
+    else:
+        from bench.run import model_dir as default_model_dir
 
-    model_dir = default_model_dir(sys.executable)
+        model_dir = default_model_dir(sys.executable)
     names = ns.systems.split(",")
     batches = [int(b) for b in ns.batch.split(",")]
     runs: list[dict[str, Any]] = []
@@ -111,14 +161,18 @@ def main() -> None:
         order = names if k % 2 == 0 else names[::-1]
         run: dict[str, Any] = {"order": order, "systems": {}}
         for name in order:
-            env = systems.Env(ns.out / f"r{k + 1}")
-            run["systems"][name] = asyncio.run(measure(name, env, model_dir, batches, ns.concurrency, ns.requests))
+            if ns.gpu:
+                run["systems"][name] = measure_gpu(name, model_dir, ns.memory, ns.out / f"r{k + 1}", batches,
+                                                   ns.concurrency, ns.requests)
+            else:
+                env = systems.Env(ns.out / f"r{k + 1}")
+                run["systems"][name] = asyncio.run(measure(name, env, model_dir, batches, ns.concurrency, ns.requests))
             print(f"round {k + 1} {name}: " + ", ".join(f"b={x['batch']} {x['inputs_per_s']}/s" for x in run["systems"][name]),
                   flush=True)
         runs.append(run)
     ns.out.mkdir(parents=True, exist_ok=True)
-    (ns.out / "embeddings.json").write_text(json.dumps({"cpu": systems.describe(systems.Env(ns.out)), "runs": runs},
-                                                       indent=1))
+    where = {"gpu": gpu_name(), "model": model_dir} if ns.gpu else {"cpu": systems.describe(systems.Env(ns.out))}
+    (ns.out / "embeddings.json").write_text(json.dumps({**where, "runs": runs}, indent=1))
     if {"fleet", "vllm"} <= set(names):
         print("\nbatch | fleet inputs/s (rounds) | vllm serve inputs/s (rounds) | fleet / vllm serve per round")
         for i, b in enumerate(batches):
