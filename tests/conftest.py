@@ -77,7 +77,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class FleetProcess:
     """`fleet launch` as a real subprocess; stop() sends SIGTERM and waits."""
 
-    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+    def __init__(self, config_path: Path, port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -86,7 +86,7 @@ class FleetProcess:
             [str(ROOT / ".venv/bin/fleet"), "launch", "--config", str(config_path), "--no-engine-logs"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
     def log(self) -> str:
@@ -444,17 +444,20 @@ class Fleets:
             {"name": "tiny-a", "source": str(tiny_a), "port": free_port(), **TINY},
             {"name": "tiny-b", "source": str(tiny_b), "port": free_port(), "chat_template": str(template), **TINY},
         ])
+        # the default model's one engine on every core, given (so it starts with its worker in its
+        # EngineCore: engine/args.py); the embedding module's engine keeps vLLM's own "auto" way
+        every_core = ",".join(map(str, sorted(os.sched_getaffinity(0))))
         self.default = self._launch(tmp / "default", [
             {"name": "smollm2", "source": "default", "port": free_port(), "max_model_len": 2048, "dtype": "float32"},
-        ])
+        ], env={"VLLM_CPU_OMP_THREADS_BIND": every_core})
         self._ready: set[str] = set()
 
     @staticmethod
-    def _launch(tmp: Path, models: list[dict]) -> FleetProcess:
+    def _launch(tmp: Path, models: list[dict], env: dict[str, str] | None = None) -> FleetProcess:
         tmp.mkdir(parents=True)
         port = free_port()
         (tmp / "fleet.toml").write_text(fleet_toml(models, port))
-        return FleetProcess(tmp / "fleet.toml", port, tmp / "launcher.log")
+        return FleetProcess(tmp / "fleet.toml", port, tmp / "launcher.log", env=env)
 
     def ready(self, which: str) -> FleetProcess:
         fleet: FleetProcess = getattr(self, which)
