@@ -1,8 +1,9 @@
 """The launcher's side of the gateway's `Control` (fleet.gateway.control): what `fleet status`,
 `fleet reload`, `fleet stop` and the status page ask of a running fleet, answered from its books.
 
-`FleetControl` reads the `Fleet`'s models, replicas and engine owners and sends the owners
-commands (restart, drain); it owns nothing itself.
+`FleetControl` reads the launcher's books (`Books`: the `Fleet`'s models, replicas and engine
+owners) and sends the owners commands (restart, drain); it owns nothing itself. The launcher
+imports it, never the other way round.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from rich.markup import escape
 
@@ -19,16 +20,32 @@ from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelS
 from fleet.run.attached import AttachedEngine
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from fleet.config.schema import FleetConfig
-    from fleet.gateway.backend import Replica
+    from fleet.gateway.backend import Backend, Replica
     from fleet.run.journal import Journal
-    from fleet.run.launcher import Engine, Fleet
+    from fleet.run.supervisor import EngineProcess
+
+class Books(Protocol):
+    """What `FleetControl` reads of the launcher's `Fleet`, and the two commands it passes on."""
+
+    config: FleetConfig
+    journal: Journal
+    stopping: asyncio.Event
+    console: Console
+    started_at: float
+    engines: dict[str, EngineProcess | AttachedEngine]
+    backends: dict[str, Backend]
+
+    async def reload(self) -> ReloadReport: ...
+    def stop(self) -> None: ...
 
 
 class FleetControl:
     """One running `Fleet` as the gateway's control routes and status page see it."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Books) -> None:
         self._fleet = fleet
 
     @property
@@ -66,7 +83,7 @@ class FleetControl:
         replica.draining = draining
         owner.say("draining: no new requests" if draining else "taking requests again")
 
-    def _replica_named(self, name: str) -> tuple[Replica, Engine]:
+    def _replica_named(self, name: str) -> tuple[Replica, EngineProcess | AttachedEngine]:
         engines = self._fleet.engines
         for backend in self._fleet.backends.values():
             for replica in backend.replicas:
