@@ -10,27 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from rich.console import Console
 from rich.markup import escape
 
 from fleet.run.process import OutputPipe
 
-if TYPE_CHECKING:
-    from fleet.run.journal import Journal
-
 LOG_TAIL = 40  # lines kept for a failure's message
 
 
 class EngineOutput:
-    """An engine's stdout and stderr: each line to its log file, its journal and (when echoing) the console."""
+    """An engine's stdout and stderr: each line to its log file, `each_line` (the owner's journal)
+    and (when echoing) the console."""
 
-    def __init__(self, name: str, path: Path, *, console: Console, echo: bool) -> None:
+    def __init__(self, name: str, path: Path, *, console: Console, echo: bool, each_line: Callable[[str], None]) -> None:
         self.name, self.path = name, path
-        self.console, self.echo = console, echo
-        self.journal: Journal | None = None  # the fleet's, once the launcher gives it
+        self.console, self.echo, self.each_line = console, echo, each_line
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
         self._file: IO[str] | None = None
         self._pipe: OutputPipe | None = None
@@ -59,8 +57,7 @@ class EngineOutput:
             self.tail.append(line)
             if self._file:
                 self._file.write(line + "\n")
-            if self.journal is not None:
-                self.journal.line(self.name, line)
+            self.each_line(line)
             if self.echo:
                 self.console.print(f"[dim]{escape(self.name)} |[/dim] {escape(line)}", highlight=False)
 

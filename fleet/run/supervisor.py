@@ -31,7 +31,6 @@ from fleet.config.placement import engine_dtype
 from fleet.config.schema import ENGINE_TOKEN_ENV, SupervisorConfig
 from fleet.config.sources import cache_dir
 from fleet.gateway.status import EngineState
-from fleet.run.journal import Journal
 from fleet.run.output import EngineOutput
 from fleet.run.owner import EngineOwner
 from fleet.run.process import STOP_GRACE, descendants, stop_process_tree, wait_exit
@@ -81,7 +80,8 @@ class EngineProcess(EngineOwner):
         self.command = command
         self.env = {**(env or {}), **({ENGINE_TOKEN_ENV: token} if token else {})}
         self.echo_logs = echo_logs
-        self.output = EngineOutput(self.name, log_dir() / f"{self.name}.log", console=self.console, echo=echo_logs)
+        self.output = EngineOutput(self.name, log_dir() / f"{self.name}.log", console=self.console, echo=echo_logs,
+                                   each_line=self._journal_line)
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self.restarts = 0  # in a row; what max_restarts counts
@@ -98,9 +98,10 @@ class EngineProcess(EngineOwner):
         """The engine's last output lines."""
         return self.output.tail
 
-    def keep_journal(self, journal: Journal) -> None:
-        super().keep_journal(journal)
-        self.output.journal = journal
+    def _journal_line(self, line: str) -> None:
+        """One line of the engine's own output, into the fleet's journal (once the launcher gave it)."""
+        if self.journal is not None:
+            self.journal.line(self.name, line)
 
     async def run(self, *, after: float = 0.0) -> None:
         """Start, supervise and restart the engine until asked to stop; then stop it. It can run again
