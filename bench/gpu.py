@@ -215,6 +215,9 @@ def main() -> None:
     ap.add_argument("--together", action="store_true",
                     help="start every server once (one after the other, each with --memory) and keep them all up for the "
                          "rounds; otherwise each server has the GPU to itself in turn, one round")
+    ap.add_argument("--interleave", action="store_true",
+                    help="with --together: measure one concurrency at a time, the systems taking turns at it for every "
+                         "round, before the next concurrency (paired rounds seconds apart)")
     ap.add_argument("--client-procs", default="1", help="client processes per point; several (1,4) are measured in turn")
     ap.add_argument("--referee", action="store_true", help="also run `vllm bench serve` against each server (bench/referee.py)")
     ap.add_argument("--referee-input-len", type=int, default=32)
@@ -238,23 +241,34 @@ def main() -> None:
     def save() -> None:
         (ns.out / "gpu.json").write_text(json.dumps(results, indent=2))
 
-    def measure(name: str, proc: subprocess.Popen, base: str, k: int, engine_log: Path | None = None) -> None:
+    entries: dict[tuple[int, str], dict] = {}
+
+    def measure(name: str, proc: subprocess.Popen, base: str, k: int, engine_log: Path | None = None,
+                at: list[int] | None = None) -> None:
+        """Round k's points of one system (all of --concurrency, or those `at`), added to its entry."""
         tag = name if k == 0 else f"{name}-r{k + 1}"
-        entry = {"ready_s": proc.ready_s,  # type: ignore[attr-defined]
-                 "max_num_batched_tokens": scheduler_tokens(engine_log) if engine_log else None, "points": []}
+        points = at or conc
+        entry = entries.get((k, name))
+        if entry is None:
+            entry = entries[(k, name)] = {
+                "round": k + 1, "system": name, "first": rounds_order(servers, ns.rounds)[k][0],
+                "ready_s": proc.ready_s,  # type: ignore[attr-defined]
+                "max_num_batched_tokens": scheduler_tokens(engine_log) if engine_log else None, "points": []}
+            if k == 0:
+                results["systems"][name] = entry
+            results["rounds"].append(entry)
         for n in (int(x) for x in ns.client_procs.split(",")):
             if n > 1:
                 print(f"  ({n} client processes)", flush=True)
-            entry["points"] += run_points(base, "m", conc, ns.max_tokens, proc.pid, profile_at if k == 0 else set(),
+            entry["points"] += run_points(base, "m", points, ns.max_tokens, proc.pid, profile_at if k == 0 else set(),
                                           ns.out, tag, ns.window, n)
         if ns.referee:
-            entry["referee"] = referee(base, "m", ns.model, loads, env=env, log=ns.out / "vllm-bench.log")
-            for p in entry["referee"]:
+            done = referee(base, "m", ns.model, [load for load in loads if load.concurrency in points], env=env,
+                           log=ns.out / "vllm-bench.log")
+            entry.setdefault("referee", []).extend(done)
+            for p in done:
                 print(f"  referee c={p['concurrency']}: {p['output_throughput']:.0f} tok/s, {p['completed']} done, "
                       f"{p['failed']} failed, TTFT p50 {p['median_ttft_ms']:.1f} ms", flush=True)
-        if k == 0:
-            results["systems"][name] = entry
-        results["rounds"].append({"round": k + 1, "system": name, **entry})
         save()
 
     def start_fleet(stack: contextlib.ExitStack, replicas: int = 1) -> tuple[subprocess.Popen, str, Path]:
@@ -300,12 +314,15 @@ def main() -> None:
             running = {}
             for name in run_order(servers):  # one after the other: two engines starting at once stalled
                 running[name] = starters[name](stack)
-            for k, order in enumerate(rounds_order(servers, ns.rounds)):
-                for name in order:
-                    print(f"round {k + 1}: {name}", flush=True)
-                    proc, base, log = running[name]
-                    if name != "vllm" or "vllm" in systems:
-                        measure(name, proc, base, k, log)
+            measured = [s for s in servers if s != "vllm" or "vllm" in systems]
+            # --interleave: each concurrency in turn, the systems taking turns at it round after round
+            # (seconds apart, so a machine's slow drift falls on both); else each round all points
+            for at in ([[c] for c in conc] if ns.interleave else [conc]):
+                for k, order in enumerate(rounds_order(servers, ns.rounds)):
+                    for name in (n for n in order if n in measured):
+                        print(f"round {k + 1}: {name}" + (f" c={at[0]}" if ns.interleave else ""), flush=True)
+                        proc, base, log = running[name]
+                        measure(name, proc, base, k, log, at)
     else:
         for name in run_order(servers):
             if name == "litellm":
@@ -324,6 +341,28 @@ def main() -> None:
         save()
     report(results)
     save()
+
+
+def paired_ratios(rounds: list[dict], a: str, b: str, key: str = "points",
+                  field_: str = "output_tok_per_s") -> dict[str, dict[str, list[float]]]:
+    """a / b at each concurrency, one ratio per round (the two systems measured in the same round),
+    grouped by the system the round measured first: {"16": {"a first": [...], "b first": [...]}}."""
+    by_round: dict[int, dict[str, dict[int, float]]] = {}
+    firsts: dict[int, str] = {}
+    for r in rounds:
+        if r["system"] in (a, b):
+            firsts[r["round"]] = r.get("first", "")
+            values = by_round.setdefault(r["round"], {}).setdefault(r["system"], {})
+            for p in r.get(key) or []:
+                if (p.get("client_procs") or 1) == 1:
+                    values[p["concurrency"]] = p[field_]
+    out: dict[str, dict[str, list[float]]] = {}
+    for k in sorted(by_round):
+        pa, pb = by_round[k].get(a, {}), by_round[k].get(b, {})
+        for c in sorted(set(pa) & set(pb)):
+            if pb[c]:
+                out.setdefault(str(c), {}).setdefault(f"{firsts[k]} first", []).append(round(pa[c] / pb[c], 3))
+    return out
 
 
 def report(results: dict) -> None:
@@ -353,6 +392,11 @@ def report(results: dict) -> None:
                 ratios[label] = both
                 print(f"{label} output tok/s:", both, flush=True)
     results["ratios"] = ratios
+    for key, field_ in (("points", "output_tok_per_s"), ("referee", "output_throughput")):
+        if paired := paired_ratios(results["rounds"], "fleet", "vllm", key, field_):
+            label = "fleet/vllm per round" + (" (vllm bench serve)" if key == "referee" else "")
+            results.setdefault("paired", {})[label] = paired
+            print(f"{label}, by the system measured first:", paired, flush=True)
     limits = {name: s.get("max_num_batched_tokens") for name, s in results["systems"].items() if s.get("max_num_batched_tokens")}
     if len(set(limits.values())) > 1:
         print(f"WARNING: the engines ran with different scheduler limits (tokens per step): {limits}", flush=True)

@@ -261,6 +261,23 @@ def test_gpu_bench_reverses_the_order_every_round_and_pools_rounds_in_its_ratios
     assert results["ratios"]["fleet/offline"] == {"256": 0.9}
 
 
+def test_gpu_bench_pairs_each_rounds_ratio_by_the_system_measured_first() -> None:
+    from bench.gpu import paired_ratios
+
+    def entry(system: str, k: int, first: str, tok: dict[int, float]) -> dict:
+        return {"round": k, "system": system, "first": first,
+                "points": [{"concurrency": c, "output_tok_per_s": t} for c, t in tok.items()]}
+
+    rounds = [entry("fleet", 1, "fleet", {1: 100, 16: 800}), entry("vllm", 1, "fleet", {1: 80, 16: 1000}),
+              entry("vllm", 2, "vllm", {1: 100, 16: 800}), entry("fleet", 2, "vllm", {1: 110, 16: 800}),
+              entry("fleet", 3, "fleet", {1: 90}), entry("vllm", 3, "fleet", {1: 100}),
+              entry("offline", 1, "fleet", {1: 1})]
+    assert paired_ratios(rounds, "fleet", "vllm") == {
+        "1": {"fleet first": [1.25, 0.9], "vllm first": [1.1]},
+        "16": {"fleet first": [0.8], "vllm first": [1.0]},
+    }
+
+
 def test_window_split_over_client_processes_adds_their_tokens() -> None:
     """Run in a child interpreter: a multiprocessing pool in the test process would leave it a
     resource tracker that later tests' process-group clean-ups kill."""

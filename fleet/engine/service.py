@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from fleet.engine.encoding import encoder
 from fleet.errors import InvalidRequest
 from fleet.wire import protocol
 
@@ -25,6 +26,7 @@ class EngineService:
         self.engine = engine
         self.name = name
         self.tokenizer = engine.get_tokenizer()
+        self.encode = encoder(self.tokenizer)  # text -> ids on the request's path (encoding.py)
         self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
         model_config = engine.model_config
         self.max_model_len: int = model_config.max_model_len
@@ -49,9 +51,9 @@ class EngineService:
         """The prompt as token ids, checked against the vocabulary and the context length."""
         ids: list[int]
         if isinstance(req.prompt, str):
-            ids = self.tokenizer.encode(req.prompt)
+            ids = self.encode(req.prompt, True)
         elif isinstance(req.prompt, protocol.Chat):
-            ids = self.tokenizer.encode(self.render_chat(req.prompt), add_special_tokens=False)
+            ids = self.encode(self.render_chat(req.prompt), False)
         else:
             ids = req.prompt
             if bad := [i for i in ids if i >= self.vocab_size]:
@@ -196,9 +198,9 @@ class EngineService:
         """/tokenize: the prompt's token ids as /generate would take them (a chat through its template)."""
         try:
             if isinstance(req.prompt, protocol.Chat):
-                ids = self.tokenizer.encode(self.render_chat(req.prompt), add_special_tokens=False)
+                ids = self.encode(self.render_chat(req.prompt), False)
             else:
-                ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+                ids = self.encode(req.prompt, req.add_special_tokens)
         except InvalidRequest as e:
             yield protocol.encode_frame(protocol.Error(e.message, status=400, param=e.param))
             return
@@ -225,7 +227,7 @@ class EngineService:
         try:
             prompts = []
             for i, item in enumerate(req.inputs):
-                ids = self.tokenizer.encode(item) if isinstance(item, str) else item
+                ids = self.encode(item, True) if isinstance(item, str) else item
                 if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
                     raise InvalidRequest(f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})",
                                          param="input")
