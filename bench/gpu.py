@@ -174,6 +174,44 @@ def offline(ns: argparse.Namespace, conc: list[int], env: dict[str, str]) -> dic
     return {"ready_s": data["load_s"], "points": data["points"]}
 
 
+class OfflineTurns:
+    """bench/offline.py loaded once and kept up beside the servers, measured a point at a time
+    (`--interleave`): its turns alternate with theirs, so a machine's drift falls on both."""
+
+    def __init__(self, ns: argparse.Namespace, env: dict[str, str]) -> None:
+        spec = {"prompts": PROMPTS, "max_tokens": ns.max_tokens, "window": ns.window or 12.0, "ramp": 3, "ramp_max": 60,
+                "engine": {"max_model_len": 2048, "gpu_memory_utilization": ns.memory}, "points": [], "turns": True}
+        self.log = open(ns.out / "offline.log", "w")  # noqa: SIM115 - closed in close()
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "offline.py"), "--model", ns.model, "--spec", json.dumps(spec),
+             "--out", str(ns.out / "offline.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+            env={**env, "CUDA_VISIBLE_DEVICES": "0"}, text=True, start_new_session=True)
+        self._answer("ready")
+        self.ready_s = round(time.monotonic() - started, 1)
+        print(f"offline: ready in {self.ready_s:.0f}s", flush=True)
+
+    def _answer(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.write(line)
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"offline.py exited ({self.proc.wait()}) before '{prefix}': see offline.log")
+
+    def point(self, concurrency: int) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"concurrency": concurrency}) + "\n")
+        self.proc.stdin.flush()
+        p: dict = json.loads(self._answer("point "))
+        print(f"  c={concurrency}: {p['output_tok_per_s']} tok/s", flush=True)
+        return p
+
+    def close(self) -> None:
+        stop(self.proc)
+        self.log.close()
+
+
 SCHEDULER_LINE = re.compile(rb"max_num_batched_tokens=(\d+)")
 
 
@@ -257,6 +295,10 @@ def main() -> None:
             if k == 0:
                 results["systems"][name] = entry
             results["rounds"].append(entry)
+        if name == "offline":
+            entry["points"] += [turns.point(c) for c in points]
+            save()
+            return
         for n in (int(x) for x in ns.client_procs.split(",")):
             if n > 1:
                 print(f"  ({n} client processes)", flush=True)
@@ -315,6 +357,11 @@ def main() -> None:
             for name in run_order(servers):  # one after the other: two engines starting at once stalled
                 running[name] = starters[name](stack)
             measured = [s for s in servers if s != "vllm" or "vllm" in systems]
+            if "offline" in systems and ns.interleave:  # kept up too, taking its turns at each point
+                turns = stack.enter_context(contextlib.closing(OfflineTurns(ns, env)))
+                running["offline"] = (turns, "", None)  # type: ignore[assignment]
+                servers.append("offline")
+                measured.append("offline")
             # --interleave: each concurrency in turn, the systems taking turns at it round after round
             # (seconds apart, so a machine's slow drift falls on both); else each round all points
             for at in ([[c] for c in conc] if ns.interleave else [conc]):
@@ -334,7 +381,7 @@ def main() -> None:
                 if name == "vllm" and "litellm" in systems:
                     lproc, lbase, _ = start_litellm(stack)
                     measure("litellm", lproc, lbase, 0)
-    if "offline" in systems:
+    if "offline" in systems and not (ns.together and ns.interleave):
         print("offline: LLM engine, no server", flush=True)
         oconc = [int(x) for x in (ns.offline_concurrency or ns.concurrency).split(",")]
         results["systems"]["offline"] = offline(ns, oconc, env)
@@ -392,9 +439,10 @@ def report(results: dict) -> None:
                 ratios[label] = both
                 print(f"{label} output tok/s:", both, flush=True)
     results["ratios"] = ratios
-    for key, field_ in (("points", "output_tok_per_s"), ("referee", "output_throughput")):
-        if paired := paired_ratios(results["rounds"], "fleet", "vllm", key, field_):
-            label = "fleet/vllm per round" + (" (vllm bench serve)" if key == "referee" else "")
+    for a, b, key, field_ in (("fleet", "vllm", "points", "output_tok_per_s"), ("fleet", "offline", "points", "output_tok_per_s"),
+                              ("fleet", "vllm", "referee", "output_throughput")):
+        if paired := paired_ratios(results["rounds"], a, b, key, field_):
+            label = f"{a}/{b} per round" + (" (vllm bench serve)" if key == "referee" else "")
             results.setdefault("paired", {})[label] = paired
             print(f"{label}, by the system measured first:", paired, flush=True)
     limits = {name: s.get("max_num_batched_tokens") for name, s in results["systems"].items() if s.get("max_num_batched_tokens")}

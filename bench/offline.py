@@ -11,6 +11,9 @@ The spec gives the prompts, max_tokens, the engine settings and the load points
 - Without: each point runs its requests in waves of `concurrency` prompts (one `LLM.generate`
   call per wave); all requests of a wave finish together, which is what a closed loop of
   `concurrency` clients keeps in flight.
+- With ``turns`` (bench/gpu.py --interleave): loaded once, then one windowed point per line
+  ``{"concurrency": c}`` on stdin, answered by a line ``point <JSON>`` on stdout, so that the
+  offline engine takes its turns between a server's points, as the servers take theirs.
 Run by bench/run.py in a subprocess (vLLM spawns processes: the `__main__` guard is required).
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +51,12 @@ def main() -> None:
     prompts: list[str] = spec["prompts"]
     llm.generate(prompts[:4], params, use_tqdm=False)  # warm-up, as the servers get
 
+    if spec.get("turns"):  # bench/gpu.py --interleave: one point per line on stdin, each answered on stdout
+        print("ready", flush=True)
+        for line in sys.stdin:
+            point = {**spec, "points": [[json.loads(line)["concurrency"], 0]]}
+            print("point " + json.dumps(windowed(llm, params, prompts, point)[0]), flush=True)
+        return
     if spec.get("window"):
         points = windowed(llm, params, prompts, spec)
         ns.out.write_text(json.dumps({"load_s": round(load_s, 1), "points": points}))
