@@ -1,8 +1,9 @@
 """The engine process: one vLLM AsyncLLM serving fleet's internal protocol.
 
 `server` is the process (HTTP app, start, stop), `service` turns protocol requests into vLLM
-calls and outputs into frames, `args` builds vLLM's engine arguments, `beam` runs classic beam
-search step-wise. Started as ``python -m fleet.engine``; nothing else imports this package.
+calls and outputs into frames, `encoding` turns prompt text into token ids, `args` builds vLLM's
+engine arguments, `beam` runs classic beam search step-wise. Started as
+``python -m fleet.engine``; nothing else imports this package.
 
 May import: fleet.wire.protocol, fleet.config, fleet.errors, fleet.run.process, torch and vllm.
 """
