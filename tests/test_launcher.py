@@ -349,6 +349,42 @@ def test_stop_process_tree_sigkills_a_tree_that_ignores_sigterm_after_the_grace(
     asyncio.run(scenario())
 
 
+REAPING_ENGINE = """
+import json, os, signal, subprocess, sys, time
+import psutil
+from fleet.run.process import ignores_sigterm, reap_children
+# a helper as multiprocessing's resource tracker is: SIGTERM ignored, it ends when its pipe closes
+tracker = subprocess.Popen([sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                            "print('ready', flush=True); sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+tracker.stdout.readline()
+began = time.monotonic()
+reap_children(grace=5.0)
+print(json.dumps({"took": time.monotonic() - began, "plain_alive": psutil.pid_exists(plain.pid), "tracker_alive": tracker.poll() is None,
+                  "tracker": tracker.pid, "ignores": [ignores_sigterm(tracker.pid), ignores_sigterm(os.getpid())]}), flush=True)
+os._exit(0)
+"""
+
+
+def test_an_engines_last_act_ends_its_helpers_without_waiting_out_one_that_ignores_sigterm() -> None:
+    """reap_children terminates the engine's helpers, but a helper that ignores SIGTERM (multiprocessing's
+    resource tracker) is not waited for: it cost every engine stop the whole grace. It ends by itself
+    once the engine has exited."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", REAPING_ENGINE], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["took"] < 2.0, seen  # not the 5 s grace
+    assert not seen["plain_alive"]  # terminated (and reaped) as before
+    assert seen["tracker_alive"] and seen["ignores"] == [True, False]
+    helper = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        helper.append(psutil.Process(seen["tracker"]))
+    assert wait_gone(helper) == []  # its pipe closed with the engine
+
+
 def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace() -> None:
     async def scenario() -> None:
         cfg = model(fake_ignore_sigterm=True, fake_spawn_child=True)

@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         run(serve(cfg))
     finally:
         reap_children()  # whatever of vLLM's helpers did not exit with it
+    # Stopped cleanly: the engine is shut down and its helpers are gone. What is left, the
+    # interpreter's own teardown of torch and vLLM, took ~3.5 s of every stop on a CPU engine.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

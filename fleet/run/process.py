@@ -148,11 +148,28 @@ def descendants(pid: int, *, strict: bool = False) -> list[psutil.Process]:
         return []
 
 
+def ignores_sigterm(pid: int) -> bool:
+    """True if the process ignores SIGTERM (the SigIgn mask in /proc/PID/status), as
+    multiprocessing's resource tracker does: it ends by itself once the last process holding its
+    pipe exits, after unlinking what they leaked."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next((line.split()[1] for line in f if line.startswith("SigIgn:")), "0")
+    except OSError:
+        return False
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+
 def reap_children(grace: float = 5.0) -> None:
-    """Terminate this process's descendants (vLLM's helpers), killing those still alive after `grace`."""
+    """Terminate this process's descendants (vLLM's helpers), killing those still alive after `grace`.
+
+    A helper that ignores SIGTERM (multiprocessing's resource tracker) is left to end by itself
+    when this process exits: waiting for it here cost every engine stop the whole grace, and
+    killing it would leave behind the shared memory it exists to clean up."""
     import psutil
 
     family = descendants(os.getpid())  # the engine's last act: best effort (OSError too), the launcher kills the rest
+    family = [p for p in family if not ignores_sigterm(p.pid)]
     for p in family:
         with contextlib.suppress(psutil.Error, OSError):
             p.terminate()
