@@ -90,3 +90,30 @@ def test_engine_closes_a_requests_frames_when_the_gateway_drops_its_connection()
     head, closed = asyncio.run(main())
     assert head.startswith(b"HTTP/1.1 200") and protocol.CONTENT_TYPE.encode() in head
     assert closed
+
+
+def test_once_stopping_the_engine_drops_vllms_report_that_its_engine_core_died_and_nothing_else() -> None:
+    """The launcher's SIGTERM reaches the whole process group, so vLLM's EngineCore quits beside the
+    engine and vLLM logs "output_handler failed" with an EngineDeadError traceback: expected then,
+    dropped; before the stop, and any other error, still logged."""
+    import logging
+    import sys
+
+    from fleet.engine.server import ExpectedEngineDeath
+
+    class EngineDeadError(Exception):  # vLLM's, by name (vllm.v1.engine.exceptions)
+        pass
+
+    def record(error: Exception) -> logging.LogRecord:
+        try:
+            raise error
+        except Exception:
+            return logging.LogRecord("vllm.v1.engine.async_llm", logging.ERROR, __file__, 1,
+                                     "AsyncLLM output_handler failed.", None, sys.exc_info())
+
+    quiet = ExpectedEngineDeath()
+    assert quiet.filter(record(EngineDeadError()))  # a real death while serving is reported
+    quiet.stopping = True
+    assert not quiet.filter(record(EngineDeadError()))
+    assert quiet.filter(record(RuntimeError("something else")))
+    assert quiet.filter(logging.LogRecord("vllm", logging.INFO, __file__, 1, "shutdown", None, None))

@@ -248,9 +248,10 @@ def test_reload_adds_changes_and_removes_models_while_a_client_streams_from_anot
     assert steady.errors == [] and steady.streams > 0
 
 
-def test_stop_leaves_no_process(ops: FleetProcess) -> None:
+def test_stop_leaves_no_process(ops: FleetProcess, cache_dir: Path) -> None:
     family = ops.descendants()
     assert len(family) >= 4  # two engines, each with vLLM's own processes
+    logs = {log: log.stat().st_size for log in (cache_dir / "logs").glob("ops-*.log")}
     began = time.monotonic()
     out = subprocess.run([str(ROOT / ".venv/bin/fleet"), "stop", "--port", str(ops.port)], capture_output=True,
                          text=True, timeout=30)
@@ -259,6 +260,9 @@ def test_stop_leaves_no_process(ops: FleetProcess) -> None:
     # each engine ends as soon as vLLM has shut down: no wait for the resource tracker (which ignores
     # SIGTERM) nor the interpreter's teardown of torch; both engines took 11-15 s before
     assert time.monotonic() - began < 8
+    # the EngineCore got the group's SIGTERM too: vLLM's "engine core died" report is not logged then
+    stopping = {log.name: log.read_bytes()[size:] for log, size in logs.items()}
+    assert stopping and not [name for name, text in stopping.items() if b"EngineDeadError" in text], stopping
     assert psutil.wait_procs(family, timeout=30)[1] == []
 
 

@@ -106,6 +106,21 @@ async def _send_frames(frames: AsyncIterator[bytes], send: Send) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+VLLM_OUTPUT_LOGGER = "vllm.v1.engine.async_llm"  # logs "output_handler failed" when its EngineCore is gone
+
+
+class ExpectedEngineDeath(logging.Filter):
+    """Once this engine is stopping, drops vLLM's report (with its traceback) that the EngineCore
+    died: the launcher's SIGTERM reaches the engine's whole process group, so the EngineCore quits
+    beside this process, as asked. Until then every record passes."""
+
+    stopping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[0] if record.exc_info else None
+        return not (self.stopping and error is not None and error.__name__ == "EngineDeadError")
+
+
 async def serve(cfg: ModelConfig) -> None:
     """Build the engine, then serve the protocol until SIGTERM/SIGINT."""
     import uvicorn
@@ -121,8 +136,15 @@ async def serve(cfg: ModelConfig) -> None:
                        timeout_keep_alive=protocol.ENGINE_KEEP_ALIVE)
     )
     loop = asyncio.get_running_loop()
+    quiet = ExpectedEngineDeath()
+
+    def stop() -> None:
+        server.should_exit = True
+        quiet.stopping = True
+
+    logging.getLogger(VLLM_OUTPUT_LOGGER).addFilter(quiet)
     for sig in (signal.SIGTERM, signal.SIGINT):  # SIGTERM also comes when the launcher dies
-        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        loop.add_signal_handler(sig, stop)
     print(f"fleet engine {cfg.name}: model loaded in {time.monotonic() - started:.1f}s, serving on {cfg.host}:{cfg.port}", flush=True)
     try:
         await server.serve()
