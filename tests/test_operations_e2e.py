@@ -259,7 +259,7 @@ def test_stop_leaves_no_process(ops: FleetProcess, cache_dir: Path) -> None:
     assert ops.proc.wait(120) == 0
     # each engine ends as soon as vLLM has shut down: no wait for the resource tracker (which ignores
     # SIGTERM) nor the interpreter's teardown of torch; both engines took 11-15 s before
-    assert time.monotonic() - began < 8
+    assert time.monotonic() - began < 10  # ~2 s, ~7 s when vLLM force-kills a stalled EngineCore
     # the EngineCore got the group's SIGTERM too: vLLM's "engine core died" report is not logged then
     stopping = {log.name: log.read_bytes()[size:] for log, size in logs.items()}
     assert stopping and not [name for name, text in stopping.items() if b"EngineDeadError" in text], stopping
