@@ -159,10 +159,15 @@ def started(name: str, argv: list[str], health: str, env: dict[str, str], out: P
             stop(proc)
 
 
+def offline_spec(ns: argparse.Namespace, **extra: object) -> dict:
+    """bench/offline.py's spec: the servers' prompts, tokens, windows and engine settings."""
+    return {"prompts": PROMPTS, "max_tokens": ns.max_tokens, "window": ns.window or 12.0, "ramp": 3, "ramp_max": 60,
+            "engine": {"max_model_len": 2048, "gpu_memory_utilization": ns.memory}, **extra}
+
+
 def offline(ns: argparse.Namespace, conc: list[int], env: dict[str, str]) -> dict:
     """bench/offline.py on the GPU: the engine's ceiling, measured over the same windows."""
-    spec = {"prompts": PROMPTS, "max_tokens": ns.max_tokens, "window": ns.window or 12.0, "ramp": 3, "ramp_max": 60,
-            "engine": {"max_model_len": 2048, "gpu_memory_utilization": ns.memory}, "points": [[c, 0] for c in conc]}
+    spec = offline_spec(ns, points=[[c, 0] for c in conc])
     result = ns.out / "offline.json"
     with open(ns.out / "offline.log", "w") as log:
         subprocess.run([sys.executable, str(ROOT / "bench" / "offline.py"), "--model", ns.model, "--spec", json.dumps(spec),
@@ -179,8 +184,7 @@ class OfflineTurns:
     (`--interleave`): its turns alternate with theirs, so a machine's drift falls on both."""
 
     def __init__(self, ns: argparse.Namespace, env: dict[str, str]) -> None:
-        spec = {"prompts": PROMPTS, "max_tokens": ns.max_tokens, "window": ns.window or 12.0, "ramp": 3, "ramp_max": 60,
-                "engine": {"max_model_len": 2048, "gpu_memory_utilization": ns.memory}, "points": [], "turns": True}
+        spec = offline_spec(ns, points=[], turns=True)
         self.log = open(ns.out / "offline.log", "w")  # noqa: SIM115 - closed in close()
         started = time.monotonic()
         self.proc = subprocess.Popen(
