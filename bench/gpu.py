@@ -3,7 +3,7 @@ model, same settings, same load, one after the other in the order `--systems` na
 
     PYTHONPATH=/root/site:. python3 bench/gpu.py --model /root/models/smollm2-135m-instruct --out $OUT \
         [--systems fleet,vllm,litellm,offline] [--litellm-path /root/litellm] \
-        [--together --memory 0.4 --rounds 2] [--referee] [--profile 256]
+        [--together --memory 0.4 --rounds 2] [--referee] [--profile 256] [--stream-interval 4]
 
 Throughput counts tokens (bench/loadgen.py's `chunk_tokens`: each chunk's continuous usage), not
 SSE chunks: a server that falls behind merges several steps into one chunk. `--referee` runs vLLM's
@@ -231,7 +231,7 @@ def scheduler_tokens(log: Path) -> int | None:
 def run_order(systems: list[str]) -> list[str]:
     """The servers to start, in the order named (the first after a machine's start tends to measure
     low at c=1, so runs in both orders tell that apart); LiteLLM runs in front of vllm serve."""
-    known = ("fleet", "fleet-2r", "vllm", "offline")
+    known = ("fleet", "fleet-2r", "fleet-si", "vllm", "offline")
     return list(dict.fromkeys("vllm" if s == "litellm" else s for s in systems if s in (*known, "litellm")))
 
 
@@ -250,6 +250,8 @@ def main() -> None:
     ap.add_argument("--memory", type=float, default=0.8, help="gpu_memory_utilization of each engine")
     ap.add_argument("--kv-cache-gib", type=float, default=0.0, help="fleet's engines: this KV cache (skips vLLM's profiling)")
     ap.add_argument("--replica-gpus", default="0", help="fleet-2r: the GPUs its replicas take in turn (0: both on GPU 0)")
+    ap.add_argument("--stream-interval", type=int, default=4,
+                    help="fleet-si: fleet whose engine sends a stream's tokens every this many steps (vLLM's stream_interval)")
     ap.add_argument("--profile", default="", help="concurrencies at which to py-spy every Python process (PY_SPY=path), round 1")
     ap.add_argument("--systems", default="fleet,vllm,litellm,offline")
     ap.add_argument("--window", type=float, default=12.0, help="seconds measured per point (0: 4c requests)")
@@ -317,16 +319,20 @@ def main() -> None:
                       f"{p['failed']} failed, TTFT p50 {p['median_ttft_ms']:.1f} ms", flush=True)
         save()
 
-    def start_fleet(stack: contextlib.ExitStack, replicas: int = 1) -> tuple[subprocess.Popen, str, Path]:
-        """fleet over one model; with replicas, that many engines on the GPUs of --replica-gpus (in turn)."""
+    def start_fleet(stack: contextlib.ExitStack, replicas: int = 1, stream_interval: int = 1) -> tuple[subprocess.Popen, str, Path]:
+        """fleet over one model; with replicas, that many engines on the GPUs of --replica-gpus (in turn);
+        with a stream interval, the opt-in of vLLM's `stream_interval` in the model's engine_args."""
         name, port = ("fleet", 8000) if replicas == 1 else (f"fleet-{replicas}r", 8300)
+        if stream_interval > 1:
+            name, port = "fleet-si", 8400
         gpus = [int(g) for g in ns.replica_gpus.split(",")]
         kv = f"kv_cache_gib = {ns.kv_cache_gib}\n" if ns.kv_cache_gib else ""
         places = ", ".join(f"{{ gpus = [{gpus[k % len(gpus)]}], port = {5001 + 100 * (port // 100 - 80) + k} }}"
                            for k in range(replicas))
         toml = ns.out / f"{name}.toml"
         toml.write_text(f'[gateway]\nport = {port}\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\n'
-                        f"placements = [{places}]\nmax_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n{kv}")
+                        f"placements = [{places}]\nmax_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n{kv}"
+                        + (f"engine_args = {{ stream_interval = {stream_interval} }}\n" if stream_interval > 1 else ""))
         argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
         logs = ns.out / f"{name}-engine-logs"
         proc = stack.enter_context(started(name, argv, f"http://127.0.0.1:{port}/fleet/status",
@@ -350,7 +356,8 @@ def main() -> None:
         proc = stack.enter_context(started("litellm", argv, "http://127.0.0.1:8200/health/liveliness", lenv, ns.out))
         return proc, "http://127.0.0.1:8200", None
 
-    starters = {"fleet": start_fleet, "fleet-2r": lambda stack: start_fleet(stack, 2), "vllm": start_vllm,
+    starters = {"fleet": start_fleet, "fleet-2r": lambda stack: start_fleet(stack, 2),
+                "fleet-si": lambda stack: start_fleet(stack, stream_interval=ns.stream_interval), "vllm": start_vllm,
                 "litellm": start_litellm}
     servers = [s for s in systems if s in starters]
     if "litellm" in servers and "vllm" not in servers:  # LiteLLM is measured in front of vllm serve
@@ -434,7 +441,8 @@ def report(results: dict) -> None:
 
     ratios: dict = {}
     for key, field_ in (("points", "output_tok_per_s"), ("referee", "output_throughput")):
-        for a, b in [("fleet", "vllm"), ("fleet", "litellm"), ("fleet", "offline"), ("vllm", "offline")]:
+        for a, b in [("fleet", "vllm"), ("fleet", "litellm"), ("fleet", "offline"), ("vllm", "offline"),
+                     ("fleet-si", "offline"), ("fleet-si", "fleet")]:
             ta, tb = per_round(a, key, field_), per_round(b, "points" if b == "offline" else key,
                                                            "output_tok_per_s" if b == "offline" else field_)
             both = {c: round(mean(ta[c]) / mean(tb[c]), 3) for c in ta if tb.get(c) and mean(tb[c])}
@@ -444,7 +452,8 @@ def report(results: dict) -> None:
                 print(f"{label} output tok/s:", both, flush=True)
     results["ratios"] = ratios
     for a, b, key, field_ in (("fleet", "vllm", "points", "output_tok_per_s"), ("fleet", "offline", "points", "output_tok_per_s"),
-                              ("fleet", "vllm", "referee", "output_throughput")):
+                              ("fleet", "vllm", "referee", "output_throughput"), ("fleet-si", "offline", "points", "output_tok_per_s"),
+                              ("fleet-si", "fleet", "points", "output_tok_per_s")):
         if paired := paired_ratios(results["rounds"], a, b, key, field_):
             label = f"{a}/{b} per round" + (" (vllm bench serve)" if key == "referee" else "")
             results.setdefault("paired", {})[label] = paired

@@ -1,6 +1,7 @@
 """Request bodies before any model sees them (fleet.gateway.bodies): read under the size limit
 (BodyTooLarge, a 413, beyond it), decoded straight into the route's schema, and every way a body
-can be wrong a 400 that names the field; and the methods the generation routes answer.
+can be wrong a 400 that names the field; the methods the generation routes answer; and how a
+streamed answer's body is sent (fleet.wire.asgi.send_chunks, both servers' hot routes).
 
 Bodies go through the real app with no models (`create_app({})`): a body that decodes is a 404.
 """
@@ -15,7 +16,7 @@ from litestar.testing import TestClient
 
 from fleet.errors import BodyTooLarge
 from fleet.gateway.app import create_app
-from fleet.wire.asgi import read_body
+from fleet.wire.asgi import LastChunk, read_body, send_chunks
 
 # --- decoding the request body --------------------------------------------------------------
 
@@ -138,6 +139,49 @@ def test_read_body_stops_at_the_limit_declared_or_sent() -> None:
     with pytest.raises(BodyTooLarge):  # refused before any byte is read
         read([], 100, [(b"content-length", b"101")])
     assert read([{"type": "http.request", "body": b"x" * 100}], 100) == b"x" * 100
+
+
+# --- sending a streamed answer ------------------------------------------------------------------
+
+
+def sent(chunks: list[bytes], on_first: Any = None) -> list[tuple[bytes, bool]]:
+    """The (body, more_body) messages `send_chunks` gives the server for `chunks`; the source fails
+    if it is read past its chunks' end."""
+    messages: list[tuple[bytes, bool]] = []
+
+    async def source() -> Any:
+        for chunk in chunks:
+            yield chunk
+        if chunks and type(chunks[-1]) is LastChunk:
+            raise AssertionError("read past the answer's last chunk")
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append((message["body"], message["more_body"]))
+
+    async def main() -> None:
+        it = source()
+        try:
+            await send_chunks(it, send, on_first)
+        finally:
+            await it.aclose()
+
+    asyncio.run(main())
+    return messages
+
+
+def test_the_last_chunk_carries_the_end_of_the_body_and_nothing_is_read_after_it() -> None:
+    assert sent([b"a", LastChunk(b"b")]) == [(b"a", True), (b"b", False)]
+
+
+def test_the_body_ends_by_itself_when_the_chunks_end_unmarked() -> None:
+    assert sent([b"a", b"b"]) == [(b"a", True), (b"b", True), (b"", False)]
+    assert sent([]) == [(b"", False)]
+
+
+def test_on_first_is_called_once_as_the_first_chunk_leaves() -> None:
+    calls: list[int] = []
+    assert len(sent([b"a", b"b", LastChunk(b"c")], lambda: calls.append(1))) == 3
+    assert calls == [1]
 
 
 # --- methods ----------------------------------------------------------------------------------

@@ -39,6 +39,44 @@ def test_a_client_that_asks_for_logprobs_gets_them_per_token() -> None:
     assert delta.cumulative_logprob == -0.5
 
 
+def test_the_finishing_step_leaves_with_done_as_the_answers_last_chunk_after_vllm_ended_the_request() -> None:
+    """The finishing step's frames and Done go out together, marked last (the response ends with
+    them); vLLM's generate is run to its end, not closed early (closing it aborts the request)."""
+    import asyncio
+
+    from fleet.wire.asgi import LastChunk
+
+    ends: list[str] = []
+
+    class Engine:
+        async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
+            try:
+                for k, finished in ((1, False), (2, True)):
+                    yield SimpleNamespace(outputs=[output(index=0, text=f"t{k}", token_ids=[k], logprobs=None,
+                                                          finish_reason="length" if finished else None)],
+                                          finished=finished, num_cached_tokens=0, prompt_logprobs=None)
+                ends.append("ran to its end")
+            except GeneratorExit:
+                ends.append("closed early")
+                raise
+
+    s = service()
+    s.engine, s.vocab_size, s.max_model_len = Engine(), 100, 64
+
+    async def answer() -> list[bytes]:
+        req = protocol.GenerateRequest(request_id="r", prompt=[1, 2], sampling=protocol.SamplingParams(max_tokens=2))
+        return [chunk async for chunk in s.frames(req)]
+
+    chunks = asyncio.run(answer())
+    frames = [protocol.FrameSplitter().feed(c) for c in chunks]
+    assert [type(c) is LastChunk for c in chunks] == [False, True]
+    assert [type(f).__name__ for f in frames[0]] == ["Prompt", "Delta"]
+    last_delta, done = frames[1]
+    assert last_delta.text == "t2" and last_delta.finish_reason == "length"
+    assert done == protocol.Done(prompt_tokens=2, completion_tokens=2, cached_tokens=0)
+    assert ends == ["ran to its end"]
+
+
 def test_engine_closes_a_requests_frames_when_the_gateway_drops_its_connection() -> None:
     """The gateway closing a /generate connection mid-stream closes the frames (aborting in vLLM)."""
     import asyncio

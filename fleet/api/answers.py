@@ -24,6 +24,7 @@ from fleet.api.planning import Plan
 from fleet.api.protocol import ErrorResponse, FinishReason, PromptTokensDetails, Usage
 from fleet.errors import EngineFailure, FleetError, InvalidRequest
 from fleet.wire import protocol
+from fleet.wire.asgi import LastChunk
 
 _json = msgspec.json.Encoder()
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -304,4 +305,4 @@ async def _stream_body(
         tail = shaper.usage(total_usage(results, sum(r.completion_tokens for r in results)))
     else:
         tail = b""
-    yield tail + DONE_EVENT
+    yield LastChunk(tail + DONE_EVENT)

@@ -116,6 +116,7 @@ class BeamSearchRun:
             prompt_logprobs=prompt_logprobs,
             detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
+            skip_clone=True,  # one step of one beam: made for that request alone
         )
 
     async def expand(self, beam_index: int, beam: Beam, prompt_logprobs: int | None) -> tuple[int, Any]:

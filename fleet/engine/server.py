@@ -32,7 +32,7 @@ from fleet.engine.service import EngineService
 from fleet.errors import ClientDisconnected
 from fleet.run.process import SignalFreeServer, die_with_parent, reap_children
 from fleet.wire import protocol
-from fleet.wire.asgi import header, read_body, unless_disconnected
+from fleet.wire.asgi import header, read_body, send_chunks, unless_disconnected
 
 MAX_REQUEST_BYTES = 64 << 20  # the gateway checked the client's body already; this bounds a wrong peer
 FRAMES_START: HTTPResponseStartEvent = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", protocol.CONTENT_TYPE.encode())]}
@@ -101,9 +101,7 @@ async def _send_frames(frames: AsyncIterator[bytes], send: Send) -> None:
     # A connection that ends before a byte of the answer is a request this engine never began, which
     # the gateway then gives to another replica (errors.EngineUnreachable).
     await send(FRAMES_START)
-    async for chunk in frames:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send_chunks(frames, send)
 
 
 VLLM_OUTPUT_LOGGER = "vllm.v1.engine.async_llm"  # logs "output_handler failed" when its EngineCore is gone
@@ -132,7 +130,7 @@ async def serve(cfg: ModelConfig) -> None:
     service = EngineService(engine, cfg.name, template)
     server = SignalFreeServer(
         uvicorn.Config(create_engine_app(service, os.environ.get(ENGINE_TOKEN_ENV)), host=cfg.host, port=cfg.port,
-                       log_level="warning", access_log=False,
+                       log_level="warning", access_log=False, proxy_headers=False,  # its one client: the gateway
                        timeout_keep_alive=protocol.ENGINE_KEEP_ALIVE)
     )
     loop = asyncio.get_running_loop()

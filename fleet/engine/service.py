@@ -9,6 +9,7 @@ from typing import Any
 from fleet.engine.encoding import encoder
 from fleet.errors import InvalidRequest
 from fleet.wire import protocol
+from fleet.wire.asgi import LastChunk
 
 log = logging.getLogger("fleet.engine")
 
@@ -129,6 +130,7 @@ class EngineService:
             prompt_logprobs=s.prompt_logprobs,
             structured_outputs=structured,
             output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
+            skip_clone=True,  # made for this request alone: vLLM need not deep-copy it (its own server does the same)
         )
 
     def token_text(self, token_id: int, logprob: Any) -> str:
@@ -168,6 +170,7 @@ class EngineService:
         per_token = req.sampling.logprobs is not None  # not for best_of's ranking alone
         completion_tokens = cached = 0
         first = True
+        last = b""  # the finishing step's frames: they go out with Done, as the answer's last chunk
         try:
             async for out in self.engine.generate({"prompt_token_ids": ids}, params, req.request_id):
                 cached = out.num_cached_tokens or cached  # known from the first step on
@@ -178,7 +181,9 @@ class EngineService:
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
                     frames += protocol.encode_frame(self.delta(c, per_token))
-                if frames:
+                if out.finished:  # vLLM's generate ends right after its finished output, without waiting
+                    last = bytes(frames)
+                elif frames:
                     yield bytes(frames)
         except ValueError as e:  # vLLM's request validation
             yield protocol.encode_frame(protocol.Error(str(e), status=400))
@@ -189,8 +194,8 @@ class EngineService:
             return
         self.prompt_tokens += len(ids)
         self.cached_tokens += cached
-        yield protocol.encode_frame(protocol.Done(prompt_tokens=len(ids), completion_tokens=completion_tokens,
-                                                  cached_tokens=cached))
+        yield LastChunk(last + protocol.encode_frame(protocol.Done(
+            prompt_tokens=len(ids), completion_tokens=completion_tokens, cached_tokens=cached)))
 
     # --- tokens, and embeddings (a pooling engine) -------------------------------------------------
 
@@ -205,8 +210,8 @@ class EngineService:
             yield protocol.encode_frame(protocol.Error(e.message, status=400, param=e.param))
             return
         strs = self.tokenizer.convert_ids_to_tokens(ids) if req.token_strs else None
-        yield protocol.encode_frame(protocol.Tokens(ids, self.max_model_len, strs)) + protocol.encode_frame(
-            protocol.Done(prompt_tokens=len(ids), completion_tokens=0))
+        yield LastChunk(protocol.encode_frame(protocol.Tokens(ids, self.max_model_len, strs)) + protocol.encode_frame(
+            protocol.Done(prompt_tokens=len(ids), completion_tokens=0)))
 
     async def detokenize(self, req: protocol.DetokenizeRequest) -> AsyncGenerator[bytes, None]:
         """/detokenize: the text of token ids."""
@@ -214,8 +219,8 @@ class EngineService:
             yield protocol.encode_frame(protocol.Error(
                 f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})", status=400, param="tokens"))
             return
-        yield protocol.encode_frame(protocol.Text(self.tokenizer.decode(req.ids))) + protocol.encode_frame(
-            protocol.Done(prompt_tokens=len(req.ids), completion_tokens=0))
+        yield LastChunk(protocol.encode_frame(protocol.Text(self.tokenizer.decode(req.ids))) + protocol.encode_frame(
+            protocol.Done(prompt_tokens=len(req.ids), completion_tokens=0)))
 
     async def embed(self, req: protocol.EmbedRequest) -> AsyncGenerator[bytes, None]:
         """/embed: each input's embedding (vLLM's pooling runner), then Done with the tokens read."""
@@ -268,7 +273,7 @@ class EngineService:
         total = sum(len(ids) for ids in prompts)
         self.prompt_tokens += total
         frames += protocol.encode_frame(protocol.Done(prompt_tokens=total, completion_tokens=0))
-        yield bytes(frames)
+        yield LastChunk(frames)
 
     def delta(self, out: Any, per_token: bool) -> protocol.Delta:
         """One choice's new output (vLLM's CompletionOutput) as a Delta frame. Per-token logprobs

@@ -19,7 +19,7 @@ from fleet.errors import CLIENT_CLOSED, ClientDisconnected, FleetError
 from fleet.gateway.backend import Backend
 from fleet.gateway.metrics import Metrics
 from fleet.gateway.recent import TRACE, Recent, Trace
-from fleet.wire.asgi import unless_disconnected
+from fleet.wire.asgi import send_chunks, unless_disconnected
 
 SSE_START: HTTPResponseStartEvent = {"type": "http.response.start", "status": 200, "headers": [
     (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
@@ -123,10 +123,4 @@ class Tracked:
 
     async def _send_events(self, events: AsyncIterator[bytes], send: Send) -> None:
         await send(SSE_START)
-        first = True
-        async for chunk in events:
-            if first:
-                first = False
-                self.first_token()
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send_chunks(events, send, self.first_token)
