@@ -426,8 +426,8 @@ def module_fake_fleet(cache_dir: Path) -> Iterator[FakeFleets]:
 
 # --- real fleets, shared by every end-to-end module ------------------------------------------
 # Two fleets start together the first time a test needs one (their engines load in parallel):
-# "tiny": two tiny random-weight models with different seeds, routed by name, and tiny-a's weights
-# again as "tiny-si", streamed three tokens at a time (vLLM's stream_interval, an opt-in);
+# "tiny": two tiny random-weight models with different seeds, routed by name (tiny-b streams three
+# tokens at a time after its first: vLLM's stream_interval, an opt-in through engine_args);
 # "default": the packaged default model, SmolLM2-135M-Instruct, in float32: its greedy answers are
 # then the same on every CPU (in bfloat16 they follow the CPU's kernels: an AMX Xeon answers the
 # capital of France with "L'Étoile, la Marseillaise...", an AVX2 EPYC with "Paris").
@@ -443,9 +443,8 @@ class Fleets:
         template.write_text(CHAT_TEMPLATE)
         self.tiny = self._launch(tmp / "tiny", [
             {"name": "tiny-a", "source": str(tiny_a), "port": free_port(), **TINY},
-            {"name": "tiny-b", "source": str(tiny_b), "port": free_port(), "chat_template": str(template), **TINY},
-            {"name": "tiny-si", "source": str(tiny_a), "port": free_port(), "engine_args": {"stream_interval": 3},
-             **TINY},
+            {"name": "tiny-b", "source": str(tiny_b), "port": free_port(), "chat_template": str(template),
+             "engine_args": {"stream_interval": 3}, **TINY},
         ])
         # the default model's one engine on every core, given (so it starts with its worker in its
         # EngineCore: engine/args.py); the embedding module's engine keeps vLLM's own "auto" way
