@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,20 +28,47 @@ CLEAN_ENV = {"FLEET_API_KEYS", "LITELLM_MASTER_KEY", "OPENAI_API_KEY"}  # every 
 _running: list[Server] = []
 
 
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Ports are handed out for servers that bind them later (an engine binds its port once its model is
+# loaded, tens of seconds on). They come from below the kernel's ephemeral range, which outgoing
+# connections and every bind to port 0 (vLLM's own ZMQ ports among them) draw from, so that nothing
+# takes one meanwhile; and never the same one twice in one process. From 20000 up: Ray's workers
+# take ports from 10002 to 19999 (the cluster tests run a real Ray cluster).
+_given: set[int] = set()
+_rng = random.Random()
+LOWEST_PORT = 20000
 
 
-def free_ports(n: int) -> int:
-    """The first of `n` consecutive loopback ports nothing listens on right now (a model's replicas)."""
-    for _ in range(100):
-        first = free_port()
-        if first + n <= 65536 and all(_free(first + k) for k in range(1, n)):
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # the usual Linux default; elsewhere the range is higher still
+
+
+def free_ports(n: int = 1) -> int:
+    """The first of `n` consecutive loopback ports nothing listens on, none handed out before, all
+    below the ephemeral range (where no outgoing connection or port-0 bind can take them)."""
+    top = _ephemeral_low() - n
+    if top - LOWEST_PORT < 1000:  # an ephemeral range reaching this low: fall back to the kernel's choice
+        for _ in range(100):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                first = s.getsockname()[1]
+            if first + n <= 65536 and all(_free(first + k) for k in range(1, n)):
+                return first
+        raise RuntimeError(f"no {n} consecutive free ports")
+    for _ in range(1000):
+        first = _rng.randrange(LOWEST_PORT, top)
+        ports = range(first, first + n)
+        if _given.isdisjoint(ports) and all(_free(p) for p in ports):
+            _given.update(ports)
             return first
-    raise RuntimeError(f"no {n} consecutive free ports")
+    raise RuntimeError(f"no {n} consecutive free ports below {top + n}")
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on, kept free for a server that binds it later (free_ports)."""
+    return free_ports(1)
 
 
 def _free(port: int) -> bool:

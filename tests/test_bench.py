@@ -319,3 +319,16 @@ def test_window_split_over_client_processes_adds_their_tokens() -> None:
     assert len(result["cpu"]) == 2 and result["concurrency"] == 4
     assert s["output_tokens"] > s["window_chunks"] > 0 and s["tokens_per_request"] == [10]
     assert 0.9 < s["window_s"] < 1.5  # side by side: one window long, not two
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_are_never_handed_out_twice() -> None:
+    """A port handed to a server that binds it only once its model is loaded must stay free meanwhile:
+    outgoing connections and port-0 binds (vLLM's ZMQ ports) draw from the ephemeral range, so the
+    ports come from below it (and above Ray's worker ports), each once."""
+    from bench import procs
+
+    low = procs._ephemeral_low()
+    ports = [procs.free_port() for _ in range(200)]
+    first = procs.free_ports(4)
+    assert len(set(ports)) == len(ports) and not set(ports) & set(range(first, first + 4))
+    assert all(procs.LOWEST_PORT <= p < low for p in [*ports, first + 3])
