@@ -9,6 +9,27 @@ stream that already started reports them with the same envelope (api/answers.py)
 from __future__ import annotations
 
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request", as a metrics label
+MAX_MESSAGE = 2048  # characters of an error message; what a client sent is never echoed unbounded
+SHOWN = 64  # characters of one client-sent value an error message quotes
+
+
+def shown(value: str, limit: int = SHOWN) -> str:
+    """A client-sent value as an error message quotes it: repr'd, and cut to `limit` characters
+    with its length said (a 10,000-character model name is not echoed whole)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value):,} characters)"
+
+
+def listed(items: list[int], limit: int = 5) -> str:
+    """A few of `items`, then how many more: "100000, 100001 and 99,998 more"."""
+    head = ", ".join(map(str, items[:limit]))
+    return head if len(items) <= limit else f"{head} and {len(items) - limit:,} more"
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    """A message cut to `limit` characters, saying so."""
+    return message if len(message) <= limit else f"{message[:limit]}... ({len(message):,} characters in all)"
 
 
 class ConfigError(Exception):
@@ -25,6 +46,7 @@ class FleetError(Exception):
     def __init__(self, message: str, *, status: int = 500, type: str = "server_error", param: str | None = None,
                  code: str | None = None, retry_after: int | None = None,
                  headers: dict[str, str] | None = None) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
         self.status = status
@@ -78,7 +100,7 @@ class EngineNotFound(FleetError):
     """No engine (replica) of the fleet has that name: a status page action (HTTP 404)."""
 
     def __init__(self, name: str) -> None:
-        super().__init__(f"no engine named {name!r} in the fleet", status=404, type="invalid_request_error",
+        super().__init__(f"no engine named {shown(name)} in the fleet", status=404, type="invalid_request_error",
                          param="engine", code="engine_not_found")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -234,6 +235,60 @@ def test_out_of_vocabulary_token_id_is_400(tiny: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         tiny.completions.create(model="tiny-a", prompt=[1, 99999], max_tokens=2)
     assert e.value.body["param"] == "prompt"
+
+
+TOKEN_ID_FIELDS = [
+    ("logit_bias", lambda ids: {str(i): 1 for i in ids}),
+    ("stop_token_ids", list),
+    ("allowed_token_ids", list),
+]
+
+
+def replica_errors(url: str, replica: str) -> int:
+    return next(r["errors"] for r in httpx.get(f"{url}/fleet/status", timeout=10).json()["models"]
+                if r["replica"] == replica)
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("field", "shape"), TOKEN_ID_FIELDS, ids=[f for f, _ in TOKEN_ID_FIELDS])
+def test_out_of_vocabulary_ids_in_a_token_id_field_are_a_400_naming_it_and_no_replica_error(
+        fleets, field: str, shape, stream: bool, route: str) -> None:
+    url = fleets.ready("tiny").url
+    before = replica_errors(url, "tiny-a")
+    body = {"model": "tiny-a", "max_tokens": 4, "stream": stream, field: shape([100000, 5])}
+    body |= {"prompt": "hello"} if route == "completions" else {"messages": [{"role": "user", "content": "hello"}]}
+    r = httpx.post(f"{url}/v1/{'chat/' if route == 'chat' else ''}completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and error["type"] == "invalid_request_error"
+    assert "token id 100000 is out of the vocabulary" in error["message"]
+    assert replica_errors(url, "tiny-a") == before  # a client's mistake is not the replica's
+
+
+def test_a_hundred_thousand_bad_token_ids_get_a_short_message(fleets) -> None:
+    url = fleets.ready("tiny").url
+    bias = {str(100000 + i): 1 for i in range(100_000)}
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-a", "prompt": "hello", "max_tokens": 4,
+                                                  "logit_bias": bias}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+    assert "100,000 token ids (100000, 100001, 100002, 100003, 100004 and 99,995 more)" in r.json()["error"]["message"]
+    assert len(r.content) < 1000
+
+
+def test_allowed_token_ids_are_the_only_tokens_sampled(tiny: openai.OpenAI, ref: Reference) -> None:
+    token = ref.encode(" Paris")[0]
+    r = tiny.completions.create(model="tiny-a", prompt="Hello", max_tokens=6, temperature=1.0, seed=1,
+                                extra_body={**NO_EOS, "allowed_token_ids": [token]})
+    assert r.choices[0].text == ref.decode([token] * 6)
+
+
+def test_bad_words_are_never_generated(tiny: openai.OpenAI, ref: Reference) -> None:
+    kw = dict(model="tiny-a", prompt="Hello", max_tokens=6, temperature=0, logprobs=0)
+    plain = tiny.completions.create(**kw, extra_body=NO_EOS).choices[0]
+    first = plain.logprobs.tokens[0]
+    banned = tiny.completions.create(**kw, extra_body={**NO_EOS, "bad_words": [first.strip() or first]}).choices[0]
+    assert banned.logprobs.tokens[0] != first
 
 
 def test_unset_max_tokens_defaults_to_16_and_shrinks_to_the_context(tiny: openai.OpenAI) -> None:

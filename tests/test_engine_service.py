@@ -155,3 +155,36 @@ def test_once_stopping_the_engine_drops_vllms_report_that_its_engine_core_died_a
     assert not quiet.filter(record(EngineDeadError()))
     assert quiet.filter(record(RuntimeError("something else")))
     assert quiet.filter(logging.LogRecord("vllm", logging.INFO, __file__, 1, "shutdown", None, None))
+
+
+def test_vllms_validation_error_is_a_short_400_naming_its_parameter_without_the_rejected_values() -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    from fleet.engine.service import refused
+
+    error = VLLMValidationError("token_id(s) in logit_bias contain out-of-vocab token ids", parameter="logit_bias",
+                                value=list(range(100_000)))
+    frame = refused(error)
+    assert frame == protocol.Error("token_id(s) in logit_bias contain out-of-vocab token ids", status=400,
+                                   param="logit_bias")
+    assert refused(ValueError("bad")) == protocol.Error("bad", status=400)
+    assert refused(RuntimeError("engine died")) is None
+
+
+def test_an_engine_failure_is_a_bounded_500() -> None:
+    frame = EngineService.failure(RuntimeError("x" * 100_000), "r")
+    assert frame.status == 500 and len(frame.message) < 1200
+
+
+def test_token_ids_outside_the_vocabulary_are_named_a_few_then_counted() -> None:
+    import pytest
+
+    from fleet.errors import InvalidRequest
+
+    s = service()
+    s.vocab_size = 512
+    with pytest.raises(InvalidRequest) as e:
+        s.check_sampling_ids(protocol.SamplingParams(stop_token_ids=[5, *range(1000, 1010)]))
+    assert e.value.param == "stop_token_ids"
+    assert e.value.message == "10 token ids (1000, 1001, 1002, 1003, 1004 and 5 more) are out of the vocabulary (size 512)"
+    s.check_sampling_ids(protocol.SamplingParams(logit_bias={511: 1.0}, allowed_token_ids=[0, 511]))

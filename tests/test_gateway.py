@@ -132,6 +132,18 @@ def test_unknown_model_is_404_model_not_found(http: httpx.Client, sdk: openai.Op
     assert info.value.code == "model_not_found"
 
 
+def test_an_unknown_model_name_is_echoed_bounded(http: httpx.Client) -> None:
+    error = assert_openai_error(post(http, model="m" * 10_000, prompt="hi"), 404, param="model",
+                                code="model_not_found", type="invalid_request_error")
+    assert "(10,000 characters)" in error["message"] and len(error["message"]) < 300
+
+
+def test_n_beyond_the_models_cap_is_refused_by_the_documented_cap(http: httpx.Client) -> None:
+    error = assert_openai_error(post(http, model="alpha", prompt="hi", n=10_000, temperature=1), 400, param="n",
+                                code=None, type="invalid_request_error")
+    assert error["message"] == "n is at most 16 for this model, got 10000"
+
+
 def test_model_still_starting_is_503_with_retry_after(http: httpx.Client, sdk: openai.OpenAI) -> None:
     r = post(http, model="loading", prompt="hi")
     error = assert_openai_error(r, 503, param="model", code="model_not_ready", type="service_unavailable")

@@ -8,7 +8,9 @@ The attackers connect from other loopback addresses (127.0.0.2...), the normal c
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import json
 import os
 import resource
 import selectors
@@ -246,4 +248,80 @@ def test_a_body_that_stalls_longer_than_body_timeout_is_cut_off(launcher: Launch
             pass
         took = time.monotonic() - began
     assert HEADER_TIMEOUT - 0.1 <= took < HEADER_TIMEOUT + 3, f"closed after {took:.2f}s"
+    assert launcher.complete() == 200
+
+
+# --- headers and framing ------------------------------------------------------------------------
+
+MAX_HEADER_BYTES = 64 << 10  # [gateway] max_header_bytes' default
+REQUEST = (b'{"model": "m", "prompt": "hi", "max_tokens": 2}')
+
+
+def exchange(port: int, head: bytes, body: bytes = b"", send_whole: bool = True) -> bytes:
+    """Send a raw request; everything the gateway answers until it closes the connection (or 10 s)."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(10)
+        with contextlib.suppress(OSError):  # the gateway may close while the rest is still being sent
+            s.sendall(head + body)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while data := s.recv(65536):
+                answer += data
+        return answer
+
+
+def envelope(answer: bytes) -> tuple[str, dict[str, str], dict]:
+    """The status line, headers and JSON error of a raw answer."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return lines[0], headers, json.loads(body)["error"]
+
+
+def head_with(extra: bytes) -> bytes:
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n%b\r\n" % (len(REQUEST), extra))
+
+
+def test_headers_larger_than_max_header_bytes_get_431_in_the_envelope_and_the_connection_closed(
+        launcher: Launcher) -> None:
+    port = int(launcher.url.rsplit(":", 1)[1])
+    fits = exchange(port, head_with(b"x-big: " + b"a" * (MAX_HEADER_BYTES - 1024) + b"\r\n"), REQUEST)
+    assert fits.startswith(b"HTTP/1.1 200"), fits[:200]
+    for too_large in (b"x-big: " + b"a" * (20 << 20) + b"\r\n",  # one header of 20 MB, never read whole
+                      b"".join(b"x-h%d: %b\r\n" % (i, b"a" * 1000) for i in range(80))):  # 80 KB in many
+        status, headers, error = envelope(exchange(port, head_with(too_large), REQUEST))
+        assert status == "HTTP/1.1 431 Request Header Fields Too Large"
+        assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+        assert error["code"] == "request_headers_too_large" and "max_header_bytes (65536 bytes)" in error["message"]
+    assert launcher.complete() == 200
+
+
+def test_a_burst_of_oversized_headers_leaves_the_gateways_memory_where_it_was(launcher: Launcher) -> None:
+    port = int(launcher.url.rsplit(":", 1)[1])
+    gateway = psutil.Process(launcher.proc.pid)
+    for _ in range(20):  # warm: the allocator's pools as normal requests leave them
+        assert launcher.complete() == 200
+    before = gateway.memory_info().rss
+    header = head_with(b"x-big: " + b"a" * (18 << 20) + b"\r\n")  # 4 x 18 MB = 72 MB of headers at once
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: exchange(port, header, REQUEST), range(8)))
+    assert all(a.startswith(b"HTTP/1.1 431") for a in answers), [a[:40] for a in answers]
+    assert launcher.complete() == 200
+    after = gateway.memory_info().rss
+    print(f"gateway RSS {before / 2**20:.1f} MB before, {after / 2**20:.1f} MB after 8 requests with 18 MB headers")
+    assert after - before < 8 << 20, f"RSS grew {(after - before) / 2**20:.1f} MB"
+
+
+@pytest.mark.parametrize("framing", [
+    b"content-length: abc\r\n",
+    b"content-length: 5\r\ntransfer-encoding: chunked\r\n",
+], ids=["content-length-not-a-number", "content-length-and-chunked"])
+def test_broken_framing_is_a_400_in_the_envelope_and_the_connection_closed(launcher: Launcher, framing: bytes) -> None:
+    port = int(launcher.url.rsplit(":", 1)[1])
+    status, headers, error = envelope(exchange(
+        port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n", b"hello"))
+    assert status == "HTTP/1.1 400 Bad Request"
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert error["code"] == "invalid_http_request" and error["type"] == "invalid_request_error"
     assert launcher.complete() == 200

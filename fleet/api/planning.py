@@ -23,7 +23,10 @@ from typing import Any, Literal
 from fleet.api.protocol import INT32_MAX, SamplingRequest
 from fleet.api.rules import (
     SamplingType,
+    allowed_tokens,
+    bad_word_list,
     check_beam_search,
+    check_beam_search_fields,
     check_best_of,
     check_greedy,
     check_limits,
@@ -148,6 +151,7 @@ def plan(
     kind = sampling_type(d.beam, temperature)
     if kind is SamplingType.BEAM:
         check_beam_search(best_of, temperature, top_p, top_k, early_stopping)
+        check_beam_search_fields(req.logit_bias, req.allowed_token_ids, req.bad_words)
         if stream:  # beams are only final at the end (vLLM 0.2.7 never streamed them either)
             raise InvalidRequest("use_beam_search cannot be used with stream: true", param="use_beam_search")
     else:
@@ -171,6 +175,8 @@ def plan(
         seed=req.seed,
         stop=stop_sequences(req.stop),
         stop_token_ids=req.stop_token_ids or [],
+        allowed_token_ids=allowed_tokens(req.allowed_token_ids),
+        bad_words=bad_word_list(req.bad_words),
         presence_penalty=d.pick("presence_penalty", req.presence_penalty),
         frequency_penalty=d.pick("frequency_penalty", req.frequency_penalty),
         repetition_penalty=d.pick("repetition_penalty", req.repetition_penalty),

@@ -40,7 +40,7 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     model: str
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
-    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    n: PosInt | None = None  # its cap is the model's [models.limits] n (rules.check_limits names it)
     presence_penalty: Penalty | None = None
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     stop: str | list[str] | None = None
@@ -49,7 +49,7 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     user: str | None = None
-    best_of: Annotated[int, Meta(ge=1, le=128)] | None = None
+    best_of: PosInt | None = None  # likewise, limits.best_of
     # vLLM extensions (sent through the SDK's extra_body)
     top_k: Annotated[int, Meta(le=INT32_MAX)] | None = None
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
@@ -57,6 +57,8 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     min_tokens: NonNegInt | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[NonNegInt] | None = None
+    allowed_token_ids: list[NonNegInt] | None = None  # only these tokens may be sampled
+    bad_words: list[str] | None = None  # words that are never generated
     use_beam_search: bool | None = None
     length_penalty: Annotated[float, Meta(ge=-10.0, le=10.0)] | None = None
     early_stopping: bool | Literal["never"] | None = None

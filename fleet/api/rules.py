@@ -100,6 +100,14 @@ def check_beam_search(
         )
 
 
+def check_beam_search_fields(logit_bias: object, allowed_token_ids: object, bad_words: object) -> None:
+    """Beam search ranks hypotheses by the model's own logprobs: fields that would change which
+    tokens may come are refused rather than silently ignored."""
+    for name, value in (("logit_bias", logit_bias), ("allowed_token_ids", allowed_token_ids), ("bad_words", bad_words)):
+        if value:
+            raise InvalidRequest(f"{name} cannot be used with use_beam_search", param=name)
+
+
 def check_not_beam_search(early_stopping: bool | str | None, length_penalty: float | None) -> None:
     """Without beam search, early_stopping must be false and length_penalty 1."""
     if early_stopping not in (None, False):
@@ -134,6 +142,21 @@ def stop_sequences(stop: str | list[str] | None) -> list[str]:
     if any(s == "" for s in stops):
         raise InvalidRequest("stop sequences must not be empty strings", param="stop")
     return stops
+
+
+def allowed_tokens(ids: list[int] | None) -> list[int] | None:
+    """allowed_token_ids, when given, allows at least one token (vLLM refuses an empty list)."""
+    if ids is not None and not ids:
+        raise InvalidRequest("allowed_token_ids must not be empty: it lists the only tokens that may be sampled",
+                             param="allowed_token_ids")
+    return ids
+
+
+def bad_word_list(words: list[str] | None) -> list[str]:
+    """bad_words are non-empty strings."""
+    if any(not w for w in words or ()):
+        raise InvalidRequest("bad_words must not be empty strings", param="bad_words")
+    return list(words or ())
 
 
 def logit_bias_by_token_id(bias: dict[str, float] | None) -> dict[int, float] | None:

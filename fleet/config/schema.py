@@ -22,6 +22,7 @@ from fleet.config.fields import Int, Strict
 from fleet.config.model import ModelConfig
 
 DEFAULT_CONFIG = Path("fleet.toml")
+DEFAULT_MAX_HEADER_BYTES = 64 << 10  # nginx's large_client_header_buffers (4 x 8k) and Envoy's 60 KiB, about
 MAX_SHARED_FRACTION = 0.95  # of one GPU, summed over the models that share it
 ENGINE_TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # the token engines accept, which the gateway presents
 PLACEMENT_GROUP_ENV = "FLEET_RAY_PLACEMENT_GROUP"  # a replica across a cluster's nodes: its placement group's id
@@ -33,6 +34,9 @@ class GatewayConfig(Strict):
     host: str = "127.0.0.1"
     port: Int = Field(8000, ge=1, le=65535)
     max_body_bytes: Int = Field(8 << 20, ge=1024, description="larger request bodies get 413")
+    max_header_bytes: Int = Field(
+        DEFAULT_MAX_HEADER_BYTES, ge=1024, description="a request's target and headers together; larger get 431"
+    )
     engine_timeout: float = Field(
         300.0, gt=0, description="seconds an engine may stay silent during a request before it is a 504"
     )

@@ -41,6 +41,8 @@ class Model(Protocol):
 
     def prompt_frame(self, ids: list[int], prompt_logprobs: Any, echo: bool) -> protocol.Prompt: ...
 
+    def failure(self, error: Exception, request_id: str, param: str | None = None) -> protocol.Error: ...
+
 
 @dataclass
 class Beam:
@@ -194,8 +196,8 @@ async def beam_search_frames(service: Model, req: protocol.GenerateRequest, prom
     search = BeamSearchRun(service, req, prompt)
     try:
         finished, prompt_frame = await search.run()
-    except ValueError as e:
-        yield protocol.encode_frame(protocol.Error(str(e), status=400))
+    except Exception as e:  # vLLM's refusal a 400, anything else a 500 (service.failure)
+        yield protocol.encode_frame(service.failure(e, req.request_id))
         return
     chunk = bytearray(protocol.encode_frame(prompt_frame))
     for i, beam in enumerate(finished):

@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 from fleet.engine.encoding import encoder
-from fleet.errors import InvalidRequest
+from fleet.errors import InvalidRequest, bounded, listed
 from fleet.wire import protocol
 from fleet.wire.asgi import LastChunk
 
 log = logging.getLogger("fleet.engine")
+
+
+@functools.cache
+def _client_errors() -> tuple[type[Exception], ...]:
+    """The exceptions with which vLLM refuses a request (a 4xx): ValueError, and its
+    VLLMClientError family where this vLLM has it (VLLMValidationError is one, not a ValueError)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
+def refused(error: Exception) -> protocol.Error | None:
+    """vLLM's refusal of a request as a 400 frame naming the field it names; None for any other error.
+    The message is vLLM's own, without the rejected value (its str() appends every bad id) and
+    bounded: a client's mistake is a short 400, never a 502 that counts against the replica."""
+    if not isinstance(error, _client_errors()):
+        return None
+    message = str(error.args[0]) if error.args else type(error).__name__
+    return protocol.Error(bounded(message, 1024), status=400, param=getattr(error, "parameter", None))
 
 
 class EngineService:
@@ -57,8 +79,7 @@ class EngineService:
             ids = self.encode(self.render_chat(req.prompt), False)
         else:
             ids = req.prompt
-            if bad := [i for i in ids if i >= self.vocab_size]:
-                raise InvalidRequest(f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})", param="prompt")
+            self.check_in_vocabulary(ids, "prompt")
         room = self.max_model_len - len(ids)
         if room <= 0:
             raise InvalidRequest(
@@ -79,6 +100,20 @@ class EngineService:
                 param="min_tokens",
             )
         return ids
+
+    def check_in_vocabulary(self, ids: Iterable[int], param: str) -> None:
+        """Token ids this model has: else a 400 naming the field, a few of the ids and how many."""
+        if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
+            which = f"token id {bad[0]} is" if len(bad) == 1 else f"{len(bad):,} token ids ({listed(bad)}) are"
+            raise InvalidRequest(f"{which} out of the vocabulary (size {self.vocab_size})", param=param)
+
+    def check_sampling_ids(self, s: protocol.SamplingParams) -> None:
+        """Every field of the sampling parameters that carries token ids, checked before vLLM sees them."""
+        if s.logit_bias:
+            self.check_in_vocabulary(s.logit_bias, "logit_bias")
+        self.check_in_vocabulary(s.stop_token_ids, "stop_token_ids")
+        if s.allowed_token_ids is not None:
+            self.check_in_vocabulary(s.allowed_token_ids, "allowed_token_ids")
 
     def render_chat(self, chat: protocol.Chat) -> str:
         """The conversation as prompt text, through the model's chat template."""
@@ -119,6 +154,8 @@ class EngineService:
             seed=s.seed,
             stop=s.stop or None,
             stop_token_ids=s.stop_token_ids or None,
+            allowed_token_ids=s.allowed_token_ids,
+            bad_words=s.bad_words or None,
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty,
@@ -157,6 +194,7 @@ class EngineService:
         self.requests += 1
         try:
             ids = self.prompt_ids(req)
+            self.check_sampling_ids(req.sampling)
         except InvalidRequest as e:
             yield protocol.encode_frame(protocol.Error(e.message, status=400, param=e.param))
             return
@@ -185,12 +223,8 @@ class EngineService:
                     last = bytes(frames)
                 elif frames:
                     yield bytes(frames)
-        except ValueError as e:  # vLLM's request validation
-            yield protocol.encode_frame(protocol.Error(str(e), status=400))
-            return
         except Exception as e:  # reported to the gateway, never swallowed
-            log.exception("request %s failed", req.request_id)
-            yield protocol.encode_frame(protocol.Error(f"engine error: {type(e).__name__}: {e}", status=500))
+            yield protocol.encode_frame(self.failure(e, req.request_id))
             return
         self.prompt_tokens += len(ids)
         self.cached_tokens += cached
@@ -215,9 +249,10 @@ class EngineService:
 
     async def detokenize(self, req: protocol.DetokenizeRequest) -> AsyncGenerator[bytes, None]:
         """/detokenize: the text of token ids."""
-        if bad := [i for i in req.ids if not 0 <= i < self.vocab_size]:
-            yield protocol.encode_frame(protocol.Error(
-                f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})", status=400, param="tokens"))
+        try:
+            self.check_in_vocabulary(req.ids, "tokens")
+        except InvalidRequest as e:
+            yield protocol.encode_frame(protocol.Error(e.message, status=400, param=e.param))
             return
         yield LastChunk(protocol.encode_frame(protocol.Text(self.tokenizer.decode(req.ids))) + protocol.encode_frame(
             protocol.Done(prompt_tokens=len(req.ids), completion_tokens=0)))
@@ -233,9 +268,7 @@ class EngineService:
             prompts = []
             for i, item in enumerate(req.inputs):
                 ids = self.encode(item, True) if isinstance(item, str) else item
-                if bad := [t for t in ids if not 0 <= t < self.vocab_size]:
-                    raise InvalidRequest(f"token id {bad[0]} is out of the vocabulary (size {self.vocab_size})",
-                                         param="input")
+                self.check_in_vocabulary(ids, "input")
                 if len(ids) > self.max_model_len:
                     raise InvalidRequest(f"input {i} has {len(ids)} tokens, more than this model's context of "
                                          f"{self.max_model_len}", param="input")
@@ -259,12 +292,8 @@ class EngineService:
 
         try:
             outputs = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
-        except ValueError as e:  # vLLM's request validation
-            yield protocol.encode_frame(protocol.Error(str(e), status=400, param="input"))
-            return
         except Exception as e:  # reported to the gateway, never swallowed
-            log.exception("embedding request %s failed", req.request_id)
-            yield protocol.encode_frame(protocol.Error(f"engine error: {type(e).__name__}: {e}", status=500))
+            yield protocol.encode_frame(self.failure(e, req.request_id, param="input"))
             return
         frames = bytearray()
         for i, (ids, out) in enumerate(zip(prompts, outputs, strict=True)):
@@ -274,6 +303,15 @@ class EngineService:
         self.prompt_tokens += total
         frames += protocol.encode_frame(protocol.Done(prompt_tokens=total, completion_tokens=0))
         yield LastChunk(frames)
+
+    @staticmethod
+    def failure(error: Exception, request_id: str, param: str | None = None) -> protocol.Error:
+        """The frame that ends a request vLLM failed: its refusal (a 400) as such, anything else a
+        500 logged with its traceback (the engine's fault, counted against the replica)."""
+        if (frame := refused(error)) is not None:
+            return frame if frame.param is not None or param is None else protocol.Error(frame.message, 400, param)
+        log.error("request %s failed", request_id, exc_info=error)
+        return protocol.Error(bounded(f"engine error: {type(error).__name__}: {error}", 1024), status=500)
 
     def delta(self, out: Any, per_token: bool) -> protocol.Delta:
         """One choice's new output (vLLM's CompletionOutput) as a Delta frame. Per-token logprobs

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the `fleet` command reads keys from here without loading Li
     from litestar.types import Scope
 
 from fleet.config.schema import AuthConfig
-from fleet.errors import ConfigError, Forbidden, Unauthorized
+from fleet.errors import ConfigError, Forbidden, Unauthorized, shown
 from fleet.wire.client import is_loopback
 
 
@@ -65,7 +65,7 @@ class Keys:
     def allow(key: Key | None, model: str) -> None:
         """Raise Forbidden when the key is limited to other models."""
         if key is not None and key.models is not None and model not in key.models:
-            raise Forbidden(f"this API key may not use model {model!r}", param="model", code="model_not_allowed")
+            raise Forbidden(f"this API key may not use model {shown(model)}", param="model", code="model_not_allowed")
 
 
 def load_keys(cfg: AuthConfig) -> Keys:

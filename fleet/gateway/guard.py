@@ -6,11 +6,19 @@ process runs out of file descriptors (then fleet's own engine links and health c
 
 - a request's headers must arrive whole within `header_timeout` seconds of its first byte (or of
   the connection's opening): a client that trickles them (slowloris) gets 408 and is closed;
+- a request's headers (its target and header lines) hold at most `max_header_bytes`: beyond, 431
+  and the connection closed, as soon as that much has arrived (httptools would otherwise buffer
+  a header of any size, and the body limit does not count headers);
 - a body may pause at most `body_timeout` seconds between two reads;
 - at most `max_connections` client connections at once, and `max_per_client` from one address:
   a connection beyond either is answered 503 at once and closed, while established ones go on;
   beyond the cap, `CONTROL_RESERVE` more from this machine's loopback address may still reach the
   control routes and /health (`fleet status` works during a flood).
+
+What uvicorn answers itself in plain text, a request whose framing cannot be parsed (a
+`Content-Length` that is not a number, both `Content-Length` and chunked encoding, a broken
+request line), is answered here in OpenAI's envelope too (400, `invalid_http_request`), and the
+connection closed: after a framing error nothing more on it can be read reliably.
 
 `ConnectionLimits.sized` derives the caps from the process's open-files limit, keeping descriptors
 aside for fleet's own links (engine connections, health checks, logs, pipes) and for a burst of
@@ -31,6 +39,7 @@ import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fleet.api.protocol import ErrorResponse
+from fleet.config.schema import DEFAULT_MAX_HEADER_BYTES
 from fleet.errors import FleetError
 
 log = logging.getLogger("fleet.gateway")
@@ -52,11 +61,12 @@ class ConnectionLimits:
     max_connections: int | None
     max_per_client: int | None
     backlog: int = 2048  # also the most connections the event loop accepts in one go
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 
     @classmethod
     def sized(cls, *, header_timeout: float, body_timeout: float, engine_connections: int,
               max_connections: int | None = None, max_per_client: int | None = None,
-              open_files: int | None = None) -> ConnectionLimits:
+              open_files: int | None = None, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> ConnectionLimits:
         """Caps from the open-files limit, less what fleet's own links may need
         (`engine_connections`: the most engine requests that may run at once, all models together)
         and a burst of accepted connections not yet refused (the event loop accepts up to `backlog`
@@ -68,7 +78,7 @@ class ConnectionLimits:
         allowed = max(16, room - backlog)
         total = min(max_connections or allowed, allowed)
         per_client = min(max_per_client or max(1, total // 2), total)
-        return cls(header_timeout, body_timeout, total, per_client, backlog)
+        return cls(header_timeout, body_timeout, total, per_client, backlog, max_header_bytes)
 
 
 def raise_open_files_limit() -> int:
@@ -98,6 +108,14 @@ BUSY = _answer(503, "Service Unavailable", "the gateway holds as many connection
 BUSY_CLIENT = _answer(503, "Service Unavailable", "this client address holds as many connections as one client may; "
                       "retry shortly", "too_many_connections_per_client")
 SLOW_HEADERS = _answer(408, "Request Timeout", "the request's headers did not arrive in time", "request_timeout")
+BAD_FRAMING = _answer(400, "Bad Request", "the request is not valid HTTP/1.1: its request line, headers or framing "
+                      "(Content-Length, Transfer-Encoding) cannot be parsed", "invalid_http_request")
+
+
+def headers_too_large(limit: int) -> bytes:
+    """431: the request's headers are larger than [gateway] max_header_bytes."""
+    return _answer(431, "Request Header Fields Too Large", f"the request's headers are larger than the gateway's "
+                   f"max_header_bytes ({limit} bytes)", "request_headers_too_large")
 
 
 class ConnectionCounts:
@@ -135,11 +153,14 @@ class ConnectionCounts:
 def guarded_protocol(limits: ConnectionLimits, counts: ConnectionCounts) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with `limits` enforced (pass it as uvicorn.Config's `http`)."""
     every = min(0.5, max(0.05, min(limits.header_timeout, limits.body_timeout) / 4))
+    header_limit = limits.max_header_bytes
+    too_large = headers_too_large(header_limit)
 
     class GuardedProtocol(HttpToolsProtocol):
         _address: str | None = None
         deadline: float | None = None  # when the current phase (headers, a pause in the body) must end
         _in_headers = False
+        _header_bytes = 0  # bytes read while the current request's headers were incomplete
         _control_only = False
         _refused = False
 
@@ -168,6 +189,7 @@ def guarded_protocol(limits: ConnectionLimits, counts: ConnectionCounts) -> type
             counts.refused += 1
             self.transport.write(answer)
             self.transport.close()
+            self.headers = []  # what a refused request's headers held goes now, not with the connection
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.deadline = None
@@ -183,8 +205,28 @@ def guarded_protocol(limits: ConnectionLimits, counts: ConnectionCounts) -> type
                 self._address = None
             super().connection_lost(exc)
 
+        def data_received(self, data: bytes) -> None:
+            """Feed the parser; count what arrives while a request's headers are incomplete, and
+            refuse them once that passes the limit (the reads in which headers end are counted
+            exactly instead, by on_headers_complete)."""
+            if self._refused:
+                return
+            counting = self._in_headers
+            super().data_received(data)
+            if counting and self._in_headers and not self._refused:
+                self._header_bytes += len(data)
+                if self._header_bytes > header_limit:
+                    self.deadline = None
+                    self._refuse(too_large)
+
+        def send_400_response(self, msg: str) -> None:
+            """A request uvicorn's parser could not read: OpenAI's envelope, not uvicorn's plain text."""
+            self.deadline = None
+            self._refuse(BAD_FRAMING)
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._header_bytes = 0
             if not self._in_headers:  # a later request on a kept-alive connection: its first byte is here
                 self._in_headers = True
                 self.deadline = self.loop.time() + limits.header_timeout
@@ -194,6 +236,10 @@ def guarded_protocol(limits: ConnectionLimits, counts: ConnectionCounts) -> type
             if self._control_only and not self.url.startswith(CONTROL_PATHS):
                 self.deadline = None
                 self._refuse(BUSY)
+                return
+            if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > header_limit:
+                self.deadline = None
+                self._refuse(too_large)
                 return
             self.deadline = self.loop.time() + limits.body_timeout
             super().on_headers_complete()

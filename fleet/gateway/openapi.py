@@ -46,6 +46,7 @@ ERRORS = {  # every error status the OpenAI routes document, each with the envel
     404: "no such model in the fleet",
     405: "method not allowed",
     413: "request body larger than max_body_bytes",
+    431: "request headers larger than max_header_bytes",
     429: "the model is at capacity; see Retry-After",
     502: "the engine failed while holding the request",
     503: "the model's engine is not ready; see Retry-After",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fleet.errors import ModelNotFound, ModelNotReady
+from fleet.errors import ModelNotFound, ModelNotReady, shown
 from fleet.gateway.backend import Backend
 from fleet.gateway.status import EngineState
 
@@ -16,7 +16,7 @@ def find(backends: Mapping[str, Backend], model: str) -> Backend:
     backend = backends.get(model)
     if backend is None:
         known = ", ".join(sorted(backends)) or "none"
-        raise ModelNotFound(f"the model {model!r} does not exist in this fleet (models: {known})")
+        raise ModelNotFound(f"the model {shown(model)} does not exist in this fleet (models: {known})")
     return backend
 
 

@@ -168,7 +168,8 @@ class Fleet:
         engine_connections = sum(m.limits.max_concurrent + PER_ENGINE_RESERVE for m in self.config.models)
         return ConnectionLimits.sized(header_timeout=gw.header_timeout, body_timeout=gw.body_timeout,
                                       engine_connections=engine_connections, max_connections=gw.max_connections,
-                                      max_per_client=gw.max_connections_per_client)
+                                      max_per_client=gw.max_connections_per_client,
+                                      max_header_bytes=gw.max_header_bytes)
 
     async def run(self) -> None:
         """Run until `stop()` (or a signal): engines and gateway, then a clean stop of everything."""

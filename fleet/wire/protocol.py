@@ -52,6 +52,8 @@ class SamplingParams(_Message):
     seed: int | None = None
     stop: list[str] = []
     stop_token_ids: list[int] = []
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] = []  # never generated
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
