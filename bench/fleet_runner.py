@@ -22,7 +22,7 @@ from bench.null_engine import null_command
 from fleet.cli import run_loop
 from fleet.config.load import load_config
 from fleet.run.foreground import launch
-from fleet.run.supervisor import engine_command
+from fleet.run.local import engine_command
 
 
 async def run(config_path: Path, engine: str, echo_logs: bool) -> None:

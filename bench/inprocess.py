@@ -32,7 +32,7 @@ from bench.procs import free_port
 from fleet.cli import run_loop
 from fleet.config.load import parse_config
 from fleet.gateway.app import create_app
-from fleet.gateway.status import EngineState
+from fleet.lifecycle import EngineState
 from fleet.run.launcher import Fleet
 
 
@@ -80,12 +80,12 @@ async def measure(requests: int, stream: bool, profile: bool, max_tokens: int = 
     try:
         await fleet.gateway_started.wait()
         deadline = time.monotonic() + 60
-        while fleet.backends["m"].lifecycle.state is not EngineState.READY:
+        while fleet.models["m"].state is not EngineState.READY:
             if time.monotonic() > deadline:
                 raise RuntimeError("the null engine did not become ready in 60 s")
             await asyncio.sleep(0.05)
         # as `fleet launch` builds it: with its control, so with the status page's request log
-        app = create_app(fleet.backends, control=fleet, keys=fleet.keys, gateway=cfg.gateway, ui=cfg.ui)
+        app = create_app(fleet.models, control=fleet, keys=fleet.keys, gateway=cfg.gateway, ui=cfg.ui)
         body = (b'{"model":"m","prompt":"hello there","max_tokens":%d,"temperature":0%s}'
                 % (max_tokens, b',"stream":true' if stream else b""))
         for _ in range(min(1000, requests)):

@@ -517,7 +517,7 @@ def machine() -> dict[str, Any]:
 
 def model_dir(python: str) -> str:
     """The packaged default model's folder (converted once by fleet), found in a subprocess (no torch here)."""
-    out = subprocess.run([python, "-c", "from fleet.config.sources import resolve; print(resolve('default'))"],
+    out = subprocess.run([python, "-c", "from fleet.sources import resolve; print(resolve('default'))"],
                          capture_output=True, text=True, timeout=900, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"cannot resolve the default model:\n{out.stderr[-2000:]}")
@@ -598,7 +598,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate-duration", type=float, help="seconds per fixed-rate point (default 3)")
     p.add_argument("--slo-ms", type=float, help="sustained: p99 from the scheduled send <= this (default 250)")
     p.add_argument("--overhead-stream", action="store_true", help="stream the fixed-rate and ramp requests")
-    p.add_argument("--model-dir", help="the converted default model (default: resolved through fleet.config.sources)")
+    p.add_argument("--model-dir", help="the converted default model (default: resolved through fleet.sources)")
     p.add_argument("--out", type=Path, help="where results.json/.md and plots go")
     p.add_argument("--workdir", type=Path, help="logs and generated configs (default bench/results/<time>)")
     p.add_argument("--no-plots", action="store_true")

@@ -339,7 +339,7 @@ async def serve(config_path: Path, engine: str, samples: Path | None, interval: 
     """`fleet launch` (fleet.run.foreground.launch) with the engine command of the soak, sampling itself."""
     from fleet.config.load import load_config
     from fleet.run.foreground import launch
-    from fleet.run.supervisor import engine_command
+    from fleet.run.local import engine_command
 
     if engine == "fake":
         sys.path.insert(0, str(ROOT / "tests"))

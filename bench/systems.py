@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import Server, free_port, free_ports, wait_http
-from fleet.config.placement import cpu_dtype, cpu_flags
+from fleet.machine.probe import cpu_dtype, cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

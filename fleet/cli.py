@@ -67,19 +67,19 @@ def main() -> None:
               help="Echo each engine's output, prefixed with its model name (always written to its log file).")
 def launch(config_path: Path, host: str | None, port: int | None, engine_logs: bool) -> None:
     """Start one vLLM engine per model and the gateway; Ctrl-C stops everything."""
-    from fleet.config.placement import check_placement
+    from fleet.machine.check import check_machine
     from fleet.run.foreground import launch as run_launch
 
     config = _load(config_path, host=host, port=port)
     if not config.models:
         click.echo(f"error: {config_path}: no [[models]] to serve", err=True)
         sys.exit(2)
-    placement = check_placement(config, config_path)
+    placement = check_machine(config, config_path)
     cluster = _join_cluster(config, placement, echo_logs=engine_logs)
     _report(placement)
     try:
         run_loop(run_launch(config, echo_logs=engine_logs, config_path=config_path,
-                            overrides={"host": host, "port": port}, backend=cluster))
+                            overrides={"host": host, "port": port}, runtimes=cluster))
     except ConfigError as e:  # refused before anything started: keys, an exposed gateway without them
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -94,9 +94,9 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
 def _join_cluster(config: FleetConfig, placement: object, *, echo_logs: bool = True) -> RayCluster | None:
     """With [cluster]: join it, adding to the placement's findings where every replica fits
     (fleet.cluster.connect.join); None without [cluster], and then Ray is never imported."""
-    from fleet.config.placement import Placement
+    from fleet.machine.check import CheckReport
 
-    assert isinstance(placement, Placement)
+    assert isinstance(placement, CheckReport)
     if config.cluster is None:
         return None
     from fleet.cluster.connect import join
@@ -108,10 +108,11 @@ def _join_cluster(config: FleetConfig, placement: object, *, echo_logs: bool = T
 @CONFIG_OPTION
 def check(config_path: Path) -> None:
     """Validate the fleet file and the machine; print where each model will run."""
-    from fleet.config.placement import check_placement, engine_dtype, gpu_rows
+    from fleet.machine.check import check_machine, gpu_rows
+    from fleet.machine.probe import engine_dtype
 
     config = _load(config_path)
-    placement = check_placement(config, config_path)
+    placement = check_machine(config, config_path)
     _check_exposure(config, placement)
     if (cluster := _join_cluster(config, placement, echo_logs=False)) is not None:
         cluster.close()
@@ -151,10 +152,10 @@ def check(config_path: Path) -> None:
 
 def _check_exposure(config: FleetConfig, placement: object) -> None:
     """What `fleet launch` will say about the gateway's exposure, among the placement's findings."""
-    from fleet.config.placement import Placement
     from fleet.gateway.auth import check_exposure, load_keys
+    from fleet.machine.check import CheckReport
 
-    assert isinstance(placement, Placement)
+    assert isinstance(placement, CheckReport)
     try:
         if warning := check_exposure(config.gateway.host, load_keys(config.auth).enabled, config.auth.open):
             placement.warnings.append(warning)
@@ -163,9 +164,9 @@ def _check_exposure(config: FleetConfig, placement: object) -> None:
 
 
 def _report(placement: object) -> None:
-    from fleet.config.placement import Placement
+    from fleet.machine.check import CheckReport
 
-    assert isinstance(placement, Placement)
+    assert isinstance(placement, CheckReport)
     for w in placement.warnings:
         click.echo(f"warning: {w}", err=True)
     if placement.errors:
@@ -297,9 +298,10 @@ def engine(config_path: Path, model_name: str, replica: int | None) -> None:
     """Run one engine of the fleet in the foreground, exactly as `fleet launch` would: for a replica
     with a `url`, on its own machine. It accepts only the fleet's token ($FLEET_ENGINE_TOKEN or
     [gateway] engine_token_file)."""
-    from fleet.config.placement import SourceState, engine_dtype, port_in_use, source_state
     from fleet.config.schema import ENGINE_TOKEN_ENV, shared_engine_token
-    from fleet.run.supervisor import engine_command
+    from fleet.machine.check import SourceState, source_state
+    from fleet.machine.probe import engine_dtype, port_in_use
+    from fleet.run.local import engine_command
 
     config = _load(config_path)
     model = config.model(model_name)
@@ -349,7 +351,7 @@ def logs(model: str, lines: int, follow: bool) -> None:
     import collections
     import time
 
-    from fleet.run.supervisor import log_dir
+    from fleet.run.local import log_dir
 
     path = log_dir() / f"{model}.log"
     if not path.is_file():

@@ -3,7 +3,7 @@
 The owner calls `beat()` after each change; a waiter calls `until(check)`, which returns once
 `check()` holds (at once if it already does). Each beat wakes every waiter and each looks again,
 so no change is missed and nobody polls. Used where one object owns a value that others wait on:
-an engine's state (run.lifecycle), a model's requests in flight (gateway.metrics), the journal's
+an engine's state (fleet.lifecycle), a model's requests in flight (gateway.metrics), the journal's
 newest number (run.journal).
 """
 

@@ -9,7 +9,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from fleet.gateway.status import EngineState, FleetStatus
+from fleet.gateway.status import FleetStatus
+from fleet.lifecycle import EngineState
 
 # `fleet status` columns: header, and how soon it goes when the terminal is narrow (0: never)
 STATUS_COLUMNS = (("model", 0), ("state", 0), ("node", 7), ("GPUs", 5), ("port", 4), ("pid", 6), ("up", 8),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine (vLLM for CUDA importable, e.g. the offline kit of ../shared/gpu with
 # PYTHONPATH=/root/site:.): one fleet with two models on GPU 0 -- the converted default model as a
-# local Hugging Face folder and the packaged GGUF file (converted by fleet.config.sources on this
+# local Hugging Face folder and the packaged GGUF file (converted by fleet.sources on this
 # machine) -- sharing the GPU with explicit memory fractions. Checks placement, nvidia-smi,
 # answers, status, and that `fleet stop` leaves no process. Writes everything to ${OUT:-/tmp/gpu-check}.
 set -uo pipefail

@@ -306,17 +306,17 @@ class InProcessFleet:
 
     def state(self, name: str) -> str:
         """The lifecycle state of one engine."""
-        return self.fleet.engines[name].lifecycle.state.value
+        return self.fleet.owners[name].lifecycle.state.value
 
     def wait_state(self, name: str, *states: str, timeout: float = 60) -> str:
         """Wait until the engine of `name` is in one of `states`, woken by its lifecycle's own event
         (`Lifecycle.wait_for`), not by polling. The engine is looked up now: a reload replaces it."""
-        from fleet.gateway.status import EngineState
+        from fleet.lifecycle import EngineState
 
         wanted = [EngineState(s) for s in states]
 
         async def reached() -> str | None:
-            lifecycle = self.fleet.engines[name].lifecycle
+            lifecycle = self.fleet.owners[name].lifecycle
             try:
                 return (await asyncio.wait_for(lifecycle.wait_for(*wanted), timeout)).value
             except TimeoutError:
@@ -330,7 +330,7 @@ class InProcessFleet:
         """Record every state the engine of `name` (as of now) enters from here on."""
 
         async def listen() -> Transitions:
-            return Transitions(self.fleet.engines[name].lifecycle)
+            return Transitions(self.fleet.owners[name].lifecycle)
 
         return self.call(listen())
 
@@ -343,6 +343,17 @@ class InProcessFleet:
             self.loop.close()
         if self.error:
             raise self.error
+
+
+def local_owner(cfg: Any, command: Any, *, console: Any = None, policy: Any = None, token: str | None = None,
+                engine_timeout: float = 300.0) -> Any:
+    """An engine owner (fleet.run.owner.EngineOwner) over a process of this machine started by
+    `command` (a fake engine's, or the real one), its output not echoed."""
+    from fleet.run.local import LocalProcess
+    from fleet.run.owner import EngineOwner
+
+    runtime = LocalProcess(cfg, command=command, echo_logs=False, console=console, token=token)
+    return EngineOwner(cfg, runtime, console=console, policy=policy, token=token, engine_timeout=engine_timeout)
 
 
 # --- fleets of fake engines, in-process ---------------------------------------------------------
@@ -382,7 +393,7 @@ class FakeFleets:
         engines = [r.replica_name for m in config.models for r in m.replica_configs()]
         for name in engines if ready is None else ready:
             state = fleet.wait_state(name, "ready", "failed", timeout=timeout)
-            assert state == "ready", f"{name} {state}; its last log lines:\n" + "\n".join(fleet.fleet.engines[name].tail)
+            assert state == "ready", f"{name} {state}; its last log lines:\n" + "\n".join(fleet.fleet.owners[name].tail)
         return fleet
 
     def stop_all(self) -> None:

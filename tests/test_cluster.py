@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, free_port
 
-from fleet.cluster.placement import Ask, NodeRoom, fit, replica_ask
+from fleet.cluster.asks import Ask, NodeRoom, fit, replica_ask
 from fleet.config.load import parse_config
 from fleet.config.model import ModelConfig
 from fleet.config.schema import FleetConfig

@@ -25,6 +25,7 @@ import openai
 import psutil
 import pytest
 import ray
+from rich.console import Console
 from conftest import (
     ROOT,
     TINY,
@@ -40,7 +41,7 @@ from conftest import (
 )
 from ray.cluster_utils import Cluster
 
-from fleet.config.schema import PLACEMENT_GROUP_ENV, ClusterConfig, SupervisorConfig
+from fleet.config.schema import PLACEMENT_GROUP_ENV, ClusterConfig
 
 BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
@@ -220,24 +221,23 @@ def test_a_replica_across_nodes_gets_a_placement_group_spanning_them_and_the_ray
     cfg = ModelConfig(name="wide", source=str(tiny_model), port=free_ports(1), gpus=[0, 1], gpu_count=True,
                       multi_node=True, start_timeout=60, **TINY)
     ray.shutdown()  # this process joins as the launcher would (and stays joined: the fixture leaves)
-    backend = RayCluster(ClusterConfig(address=cluster.address, namespace="fleet-tests"), echo_logs=False)
-    engine = backend.engine(cfg, echo_logs=False, token="t", policy=SupervisorConfig())
+    joined = RayCluster(ClusterConfig(address=cluster.address, namespace="fleet-tests"), echo_logs=False)
+    engine = joined.runtime(cfg, env={}, console=Console(), echo_logs=False, token="t")
 
     async def place() -> None:
-        engine.started_at = time.monotonic()
-        where = await engine._in_time(engine._place())
+        where = await engine._in_time(engine._place(), time.monotonic() + cfg.start_timeout, asyncio.Event())
         try:
             table = ray.util.placement_group_table(engine.group)
             assert [b for _, b in sorted(table["bundles"].items())] == [{"CPU": 1.0, "GPU": 1.0}, {"GPU": 1.0}]
             assert len(set(table["bundles_to_node_id"].values())) == 2  # one GPU on each node: it spans both
             assert where.node_id == table["bundles_to_node_id"][0]  # the engine runs in the first bundle
             env = psutil.Process(where.pid).environ()
-            assert env["RAY_ADDRESS"] == backend.gcs_address
+            assert env["RAY_ADDRESS"] == joined.gcs_address
             handed = placement_group(env[PLACEMENT_GROUP_ENV])  # what the engine hands to vLLM
             assert handed.id == engine.group.id and handed.bundle_specs == [{"CPU": 1.0, "GPU": 1.0}, {"GPU": 1.0}]
         finally:
             group = engine.group
-            await engine._kill_tree(1.0)
+            await engine.stop(1.0, None)
         assert ray.util.placement_group_table(group)["state"] == "REMOVED"
 
     asyncio.run(place())

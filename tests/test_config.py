@@ -15,7 +15,7 @@ import pytest
 
 from fleet.config.load import load_config, parse_config
 from fleet.config.model import CPU_KV_CACHE_GIB, GIB, SamplingDefaults
-from fleet.config.placement import cpu_dtype, cpu_flags, engine_dtype
+from fleet.machine.probe import cpu_dtype, cpu_flags, engine_dtype
 from fleet.config.schema import FleetConfig
 from fleet.errors import ConfigError
 
@@ -438,7 +438,7 @@ def test_fleet_check_bad_file_exits_2_with_the_message(tmp_path: Path) -> None:
 
 
 def test_several_cpu_engines_get_disjoint_cores_unless_the_environment_binds_them() -> None:
-    from fleet.config.placement import cpu_bindings
+    from fleet.machine.probe import cpu_bindings
 
     models = parse_config({"models": [{"name": n, "source": "default", "port": p}
                                       for n, p in (("a", 5001), ("b", 5002), ("c", 5003))]}).models

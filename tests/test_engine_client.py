@@ -58,7 +58,7 @@ def v6_fleet(cache_dir: Path) -> Iterator[InProcessFleet]:
 
 
 def test_an_engine_on_an_ipv6_address_becomes_ready_and_serves(v6_fleet: InProcessFleet) -> None:
-    assert v6_fleet.wait_state("v6", "ready", "failed", timeout=60) == "ready", v6_fleet.fleet.engines["v6"].tail
+    assert v6_fleet.wait_state("v6", "ready", "failed", timeout=60) == "ready", v6_fleet.fleet.owners["v6"].tail
     r = httpx.post(f"{v6_fleet.url}/v1/completions", json={"model": "v6", "prompt": "hi", "max_tokens": 3}, timeout=15)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3

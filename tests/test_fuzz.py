@@ -83,7 +83,7 @@ def fleet(cache_dir: Path) -> Iterator[InProcessFleet]:
     running = InProcessFleet(config, fake_command)
     try:
         for name in [*MODELS, OPEN, EMBED]:
-            assert running.wait_state(name, "ready", "failed", timeout=60) == "ready", running.fleet.engines[name].tail
+            assert running.wait_state(name, "ready", "failed", timeout=60) == "ready", running.fleet.owners[name].tail
         yield running
     finally:
         running.stop()

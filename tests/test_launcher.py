@@ -1,6 +1,6 @@
 """The launcher against fake engines: readiness, failures, stopping, no orphans, the CLI's errors.
 
-Most tests drive one `EngineProcess` on an event loop of their own and wait on its lifecycle's
+Most tests drive one `EngineOwner` on an event loop of their own and wait on its lifecycle's
 own notifications (a listener), never on sleeps. Every process a test starts is stopped, and
 anything still alive at the end is killed, even when the test fails. Restarts after a failure
 (backoff, max_restarts) are test_supervision.py's.
@@ -24,20 +24,20 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import ROOT, FakeFleets, fleet_toml, free_port
+from conftest import ROOT, FakeFleets, fleet_toml, free_port, local_owner
 from fake_engine import CRASH_EXIT_CODE, fake_command
 from rich.console import Console
 
 from fleet.config.load import parse_config
 from fleet.config.model import ModelConfig
-from fleet.config.placement import engine_dtype
+from fleet.machine.probe import engine_dtype
 from fleet.config.schema import SupervisorConfig
 from fleet.errors import EngineFailure
-from fleet.gateway.status import EngineState
+from fleet.lifecycle import EngineState
 from fleet.run.launcher import Fleet
-from fleet.run.lifecycle import Lifecycle
+from fleet.lifecycle import Lifecycle
 from fleet.run.process import stop_process_tree
-from fleet.run.supervisor import EngineProcess
+from fleet.run.owner import EngineOwner
 from fleet.wire import protocol
 
 S = EngineState
@@ -123,13 +123,11 @@ NO_RESTARTS = {"max_restarts": 0, "stop_grace": 5.0}
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: ModelConfig, **policy: Any) -> AsyncIterator[tuple[EngineProcess, States, io.StringIO]]:
-    """One EngineProcess run by its own task; always stopped (bounded), leftovers killed."""
+async def running(cfg: ModelConfig, **policy: Any) -> AsyncIterator[tuple[EngineOwner, States, io.StringIO]]:
+    """One EngineOwner run by its own task; always stopped (bounded), leftovers killed."""
     out = io.StringIO()
-    engine = EngineProcess(
-        cfg, command=fake_command, console=Console(file=out, width=400), echo_logs=False,
-        policy=SupervisorConfig(**{**NO_RESTARTS, **policy}),
-    )
+    engine = local_owner(cfg, fake_command, console=Console(file=out, width=400),
+                         policy=SupervisorConfig(**{**NO_RESTARTS, **policy}))
     states = States(engine.lifecycle)
     task = asyncio.create_task(engine.run())
     seen: list[psutil.Process] = []
@@ -146,15 +144,15 @@ async def running(cfg: ModelConfig, **policy: Any) -> AsyncIterator[tuple[Engine
         task.result()
 
 
-async def spawned(engine: EngineProcess) -> list[psutil.Process]:
+async def spawned(engine: EngineOwner) -> list[psutil.Process]:
     """Wait until the engine process exists; return its process tree."""
     async with asyncio.timeout(15):
-        while engine.proc is None:
+        while engine.runtime.proc is None:
             await asyncio.sleep(0.01)
-    return family(engine.proc.pid)
+    return family(engine.runtime.proc.pid)
 
 
-async def serving(engine: EngineProcess) -> list[psutil.Process]:
+async def serving(engine: EngineOwner) -> list[psutil.Process]:
     """Wait until the fake engine's server is up (its log says so); return its process tree."""
     async with asyncio.timeout(15):
         while not any("serving on" in line for line in engine.tail):
@@ -162,7 +160,7 @@ async def serving(engine: EngineProcess) -> list[psutil.Process]:
     return family(engine.pid)
 
 
-async def spawned_child(engine: EngineProcess) -> psutil.Process:
+async def spawned_child(engine: EngineOwner) -> psutil.Process:
     """The child a fake engine says it spawned (read from its log, which outlives the engine)."""
     async with asyncio.timeout(10):
         while not (lines := [line for line in engine.tail if "spawned child pid" in line]):
@@ -170,7 +168,7 @@ async def spawned_child(engine: EngineProcess) -> psutil.Process:
     return psutil.Process(int(lines[0].split("spawned child pid ")[1].split()[0]))
 
 
-async def generate(engine: EngineProcess) -> list[protocol.Frame]:
+async def generate(engine: EngineOwner) -> list[protocol.Frame]:
     """One short /generate through the gateway's own engine client."""
     req = protocol.GenerateRequest(request_id="r", prompt="hi", sampling=protocol.SamplingParams(max_tokens=2))
     return [f async for batch in engine.client.generate(req) for f in batch]
@@ -391,7 +389,7 @@ def test_engine_ignoring_sigterm_is_sigkilled_after_stop_grace() -> None:
         async with running(cfg, stop_grace=0.5) as (engine, states, _out):
             assert await states.reach(S.READY, S.FAILED) is S.READY
             procs = family(engine.pid)
-            proc = engine.proc
+            proc = engine.runtime.proc
             assert len(procs) == 2
             began = time.monotonic()
             engine.request_stop()
@@ -413,11 +411,11 @@ def test_no_process_the_fleet_started_survives_it(fake_fleet: FakeFleets) -> Non
     )
     procs: list[psutil.Process] = []
     try:
-        for e in fleet.fleet.engines.values():
+        for e in fleet.fleet.owners.values():
             procs += family(e.pid)
         assert len(procs) == 5  # three engines, two grandchildren
-        detached = family(fleet.fleet.engines["with-detached-child"].pid)[1]
-        assert os.getpgid(detached.pid) != fleet.fleet.engines["with-detached-child"].pid  # it left the group
+        detached = family(fleet.fleet.owners["with-detached-child"].pid)[1]
+        assert os.getpgid(detached.pid) != fleet.fleet.owners["with-detached-child"].pid  # it left the group
         fleet.stop()
         assert wait_gone(procs) == []
     finally:
@@ -489,8 +487,8 @@ def test_gateway_port_already_taken_raises_oserror_before_any_engine_starts(take
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(OSError, match=f"127.0.0.1:{taken_port}"):
         asyncio.run(fleet.run())
-    engine = fleet.engines["m"]
-    assert (engine.proc, engine.lifecycle.state) == (None, S.STOPPED)
+    engine = fleet.owners["m"]
+    assert (engine.runtime.proc, engine.lifecycle.state) == (None, S.STOPPED)
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
 
 

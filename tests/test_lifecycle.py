@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from fleet.errors import InvalidTransition
-from fleet.gateway.status import EngineState
-from fleet.run.lifecycle import TRANSITIONS, Lifecycle
+from fleet.lifecycle import EngineState
+from fleet.lifecycle import TRANSITIONS, Lifecycle
 
 S = EngineState
 

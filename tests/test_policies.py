@@ -1,33 +1,21 @@
-"""Replica routing policies (fleet/gateway/policies.py): pure functions, tested without processes."""
+"""Replica routing policies (fleet/gateway/routing/policies.py): pure functions, tested without processes."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
 
-from fleet.gateway.policies import (
-    Choice,
-    Outcome,
-    Policy,
-    ReplicaLoad,
-    bounded_affinity,
-    choose,
-    failover,
-    least_loaded,
-    prefix_key,
-    sticky,
-)
+from fleet.gateway.routing.policies import Choice, Outcome, Policy, ReplicaLoad, bounded_affinity, choose, failover, least_loaded, sticky
+from fleet.gateway.routing.keys import prefix_key
 
 
 def loads(*in_flight: int, down: tuple[int, ...] = ()) -> list[ReplicaLoad]:
-    return [ReplicaLoad(i, serving=i not in down, in_flight=n) for i, n in enumerate(in_flight)]
+    return [ReplicaLoad(i, serving=i not in down, load=n) for i, n in enumerate(in_flight)]
 
 
-def test_least_loaded_picks_the_replica_with_fewest_requests_in_flight_and_queued() -> None:
+def test_least_loaded_picks_the_replica_with_fewest_requests_in_flight() -> None:
     rng = random.Random(0)
     assert least_loaded(loads(3, 1, 2), rng) == Choice(1, Outcome.LEAST_LOADED)
-    queued = [ReplicaLoad(0, True, in_flight=1, queued=5), ReplicaLoad(1, True, in_flight=2)]
-    assert least_loaded(queued, rng).index == 1  # type: ignore[union-attr]
 
 
 def test_least_loaded_never_picks_a_replica_that_is_not_serving() -> None:

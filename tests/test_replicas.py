@@ -107,7 +107,7 @@ def test_killed_replica_costs_no_request_that_had_not_started_and_rejoins(fake_f
     home = 0 if engine_requests(fleet, port) == 1 else 1
     name = f"m.{home}"
     transitions = fleet.transitions(name)
-    os.kill(fleet.fleet.engines[name].pid, signal.SIGKILL)  # type: ignore[arg-type]
+    os.kill(fleet.fleet.owners[name].pid, signal.SIGKILL)  # type: ignore[arg-type]
     answers = [complete(fleet, f"after {i}", user="bob") for i in range(20)]
     assert [r.status_code for r in answers] == [200] * 20, [r.text for r in answers if r.status_code != 200]
     fleet.wait_state(name, "ready", timeout=60)
@@ -177,21 +177,21 @@ def test_each_engine_reads_its_own_replica_as_a_one_engine_config() -> None:
 
 
 def test_an_attached_engine_needs_the_shared_engine_token(tmp_path: Any) -> None:
-    from fleet.config.placement import check_placement
+    from fleet.machine.check import check_machine
     from fleet.config.schema import shared_engine_token
 
     raw = {"models": [{"name": "m", "source": "default", "placements": [{"port": free_ports(1)}, {"url": "http://10.9.9.9:6001"}]}]}
     config = parse_config(raw)
-    errors = check_placement(config, "f.toml", gpus=[], env={}).errors
+    errors = check_machine(config, "f.toml", gpus=[], env={}).errors
     assert any("attached engine (url) needs the fleet's shared engine token" in e for e in errors), errors
-    assert not [e for e in check_placement(config, "f.toml", gpus=[], env={"FLEET_ENGINE_TOKEN": "t"}).errors if "token" in e]
+    assert not [e for e in check_machine(config, "f.toml", gpus=[], env={"FLEET_ENGINE_TOKEN": "t"}).errors if "token" in e]
     token_file = tmp_path / "token"
     token_file.write_text("s3cret\nignored\n")
     with_file = parse_config({**raw, "gateway": {"engine_token_file": str(token_file)}})
     assert shared_engine_token(with_file.gateway, {}) == "s3cret"
     assert shared_engine_token(with_file.gateway, {"FLEET_ENGINE_TOKEN": "env"}) == "env"  # the environment wins
     token_file.write_text("\n")
-    assert any("its first line is empty" in e for e in check_placement(with_file, "f.toml", gpus=[], env={}).errors)
+    assert any("its first line is empty" in e for e in check_machine(with_file, "f.toml", gpus=[], env={}).errors)
 
 
 def stream_requests(fleet: InProcessFleet, stop: threading.Event, answers: list[int], pause: float = 0.02) -> None:
@@ -213,10 +213,10 @@ def test_rolling_reload_replaces_one_replica_at_a_time_and_fails_no_request(fake
     fleet, port = two_replicas(fake_fleet, engine_args={"fake_token_delay": 0.02}, supervisor=FAST, **gpus)
     new_port = port if ports == "same" else free_ports(2)
     gpus = {} if ports == "same" else {"gpus": [2, 3]}
-    pids = {name: fleet.fleet.engines[name].pid for name in ("m.0", "m.1")}
+    pids = {name: fleet.fleet.owners[name].pid for name in ("m.0", "m.1")}
     serving: list[int] = []  # replicas serving at every change of any engine's state during the reload
     fleet.fleet.console.print = lambda *a, **k: serving.append(  # type: ignore[method-assign]
-        sum(r.lifecycle.state.serving for r in fleet.fleet.backends["m"].replicas))
+        sum(r.lifecycle.state.serving for r in fleet.fleet.models["m"].replicas))
     stop, answers = threading.Event(), []
     clients = [threading.Thread(target=stream_requests, args=(fleet, stop, answers)) for _ in range(3)]
     for c in clients:
@@ -233,17 +233,17 @@ def test_rolling_reload_replaces_one_replica_at_a_time_and_fails_no_request(fake
     assert [(r.replica, r.port) for r in fleet.fleet.control.status().models] == [("m.0", new_port), ("m.1", new_port + 1)]
     assert len(answers) > 20 and set(answers) == {200}, collections.Counter(answers)
     assert min(serving) >= (1 if ports == "same" else 2), serving  # never without a serving copy (new ports: two)
-    assert all(fleet.fleet.engines[name].pid not in (None, pids[name]) for name in pids)
+    assert all(fleet.fleet.owners[name].pid not in (None, pids[name]) for name in pids)
     assert all(complete(fleet, f"after {i}").json()["choices"][0]["text"].split()[0].startswith("NEW") for i in range(6))
 
 
 def test_rolling_reload_stops_at_a_successor_that_fails_and_the_rest_keep_serving(fake_fleet: FakeFleets) -> None:
     fleet, port = two_replicas(fake_fleet, supervisor=FAST)
-    old_pid = fleet.fleet.engines["m.1"].pid
+    old_pid = fleet.fleet.owners["m.1"].pid
     new = fake_config({"name": "m", "replicas": 2, "port": port, "engine_args": {"fake_exit_at_start": 3}}, supervisor=FAST)
     report = fleet.call(fleet.fleet.reload(new.model_copy(update={"gateway": fleet.config.gateway})), timeout=120)
     assert len(report.warnings) == 1 and "stopped at replica 0" in report.warnings[0] and "m.1 kept" in report.warnings[0]
-    assert fleet.fleet.engines["m.1"].pid == old_pid  # never touched
+    assert fleet.fleet.owners["m.1"].pid == old_pid  # never touched
     assert all(complete(fleet, f"still {i}").status_code == 200 for i in range(5))
 
 
@@ -328,10 +328,10 @@ def test_an_attached_engine_serves_leaves_rotation_while_it_is_down_and_rejoins(
         answers = [complete(fleet, f"down {i}").status_code for i in range(10)]
         assert answers == [200] * 10  # refused connections fail over; then it is out of rotation
         assert fleet.wait_state("m.1", "failed", timeout=10) == "failed"
-        assert "out of rotation" in fleet.fleet.engines["m.1"].lifecycle.reason
+        assert "out of rotation" in fleet.fleet.owners["m.1"].lifecycle.reason
         assert engines.start(outside, "shared-secret") is not None  # back: fleet never restarted it itself
         assert fleet.wait_state("m.1", "ready", timeout=30) == "ready"
-        assert fleet.fleet.engines["m.1"].total_restarts == 0
+        assert fleet.fleet.owners["m.1"].total_restarts == 0
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             assert set(pool.map(lambda i: complete(fleet, f"again {i}").status_code, range(18))) == {200}
         assert engine_requests(fleet, outside) > 0

@@ -15,13 +15,14 @@ from conftest import Browser, FakeFleets, InProcessFleet, free_port
 
 from fleet.config.schema import FleetConfig
 from fleet.config.show import MASK, effective_toml
-from fleet.gateway.backend import Backend, Replica
+from fleet.gateway.model import ServedModel
+from fleet.gateway.routing.replicas import Replica
 from fleet.gateway.recent import Recent, Trace, prompt_preview
-from fleet.gateway.status import EngineState
+from fleet.lifecycle import EngineState
 from fleet.gateway.ui.gpus import Gpus
 from fleet.gateway.ui.history import History
 from fleet.run.journal import Journal
-from fleet.run.lifecycle import Lifecycle
+from fleet.lifecycle import Lifecycle
 
 ADMIN = "admin-secret"
 FAST = {"restart_backoff": 0.2, "health_interval": 0.2}
@@ -401,7 +402,7 @@ def test_history_samples_rates_and_error_shares_per_replica() -> None:
 
     cfg = ModelConfig(name="m", source="default", port=5001)
     replica = Replica("m", Lifecycle("m"), EngineClient("m", "127.0.0.1", 5001))
-    backend = Backend(cfg, [replica])
+    backend = ServedModel(cfg, [replica])
     history = History(lambda: {"m": backend})
     history.sample(now=100.0)
     for _ in range(10):

@@ -27,16 +27,16 @@ import psutil
 import psutil._common
 import psutil._pslinux
 import pytest
-from conftest import FakeFleets, Transitions, free_port
+from conftest import FakeFleets, Transitions, free_port, local_owner
 from fake_engine import fake_command
 from rich.console import Console
 from test_launcher import alive, family, kill_all, wait_gone
 
-import fleet.run.supervisor as supervisor
+import fleet.run.local as local
 from fleet.config.model import ModelConfig
 from fleet.config.schema import SupervisorConfig
-from fleet.gateway.status import EngineState
-from fleet.run.supervisor import EngineProcess
+from fleet.lifecycle import EngineState
+from fleet.run.owner import EngineOwner
 
 S = EngineState
 FAST = {"restart_backoff": 0.2, "restart_backoff_max": 0.4, "max_restarts": 2, "health_interval": 0.2,
@@ -156,7 +156,7 @@ def reasons(f: Any, name: str) -> list[tuple[str, str]]:
     seen: list[tuple[str, str]] = []
 
     async def listen() -> None:
-        f.fleet.engines[name].lifecycle.listeners.append(lambda lc, old, why: seen.append((lc.state.value, why)))
+        f.fleet.owners[name].lifecycle.listeners.append(lambda lc, old, why: seen.append((lc.state.value, why)))
 
     f.call(listen())
     return seen
@@ -177,8 +177,8 @@ def test_out_of_file_descriptors_in_the_tree_walk_and_health_checks_then_ready_a
     known gone."""
     caplog.set_level(logging.ERROR, logger="fleet.run")
     f = fake_fleet(fake("m", fake_spawn_child="detach"), supervisor=FAST, console=Console(file=out, width=400))
-    engine = f.fleet.engines["m"]
-    old, old_proc = family(engine.pid), engine.proc
+    engine = f.fleet.owners["m"]
+    old, old_proc = family(engine.pid), engine.runtime.proc
     assert len(old) == 2 and old_proc is not None  # the engine and a grandchild that left its process group
     transitions = f.transitions("m")
     fail_proc_reads(fault, monkeypatch)
@@ -212,11 +212,11 @@ def test_an_unexpected_error_while_supervising_is_logged_fails_the_model_and_sup
     never stays failed for them."""
     caplog.set_level(logging.ERROR, logger="fleet.run")
     f = fake_fleet(fake("m"), supervisor=FAST, console=Console(file=out, width=400))
-    engine = f.fleet.engines["m"]
+    engine = f.fleet.owners["m"]
     old = family(engine.pid)
     transitions = f.transitions("m")
     why = reasons(f, "m")
-    monkeypatch.setattr(supervisor, "descendants", fault.sync(supervisor.descendants, "/proc/<pid>/stat"))
+    monkeypatch.setattr(local, "descendants", fault.sync(local.descendants, "/proc/<pid>/stat"))
     monkeypatch.setattr("fleet.wire.client.EngineClient.healthy", fault.coro(engine.client.healthy.__func__, "/health"))
     try:
         fault.on = True
@@ -247,8 +247,8 @@ def test_the_stop_path_under_the_fault_still_reaches_stopped(
     (its group needs no file descriptor; a grandchild that left it waits for the fault to end)."""
     monkeypatch.setenv("FLEET_LOG_DIR", str(tmp_path / "logs"))
     cfg = ModelConfig(name="m", source="fake", port=free_port(), engine_args={"fake_spawn_child": "detach"})
-    engine = EngineProcess(cfg, command=fake_command, echo_logs=False, console=Console(file=out, width=400),
-                           policy=SupervisorConfig(stop_grace=3, health_interval=0.2))
+    engine = local_owner(cfg, fake_command, console=Console(file=out, width=400),
+                         policy=SupervisorConfig(stop_grace=3, health_interval=0.2))
     tree: list[psutil.Process] = []
 
     async def scenario() -> list[psutil.Process]:
@@ -256,7 +256,7 @@ def test_the_stop_path_under_the_fault_still_reaches_stopped(
         async with asyncio.timeout(30):
             assert await engine.lifecycle.wait_for(S.READY, S.FAILED) is S.READY
         tree.extend(family(engine.pid))
-        proc = engine.proc
+        proc = engine.runtime.proc
         assert len(tree) == 2 and proc is not None
         fail_proc_reads(fault, monkeypatch)
         if lasting == "a while":
@@ -298,11 +298,11 @@ def test_an_owner_task_that_dies_is_reported_and_restarted_and_the_model_serves_
     fake_fleet: FakeFleets, out: io.StringIO, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.ERROR, logger="fleet.run")
-    original = EngineProcess.run
+    original = EngineOwner.run
     runs = 0
     recorded: list[Transitions] = []
 
-    async def run_then_die(self: EngineProcess, **kwargs: Any) -> None:
+    async def run_then_die(self: EngineOwner, **kwargs: Any) -> None:
         """The first run dies once its engine is ready (its own clean-up runs, as a bug's would)."""
         nonlocal runs
         runs += 1
@@ -315,7 +315,7 @@ def test_an_owner_task_that_dies_is_reported_and_restarted_and_the_model_serves_
         await asyncio.gather(inner, return_exceptions=True)
         raise RuntimeError("the engine's owner task died (injected)")
 
-    monkeypatch.setattr(EngineProcess, "run", run_then_die)
+    monkeypatch.setattr(EngineOwner, "run", run_then_die)
     f = fake_fleet(fake("m"), supervisor=FAST, console=Console(file=out, width=400), ready=[])
     f.wait_state("m", "ready", timeout=30)
     transitions = recorded[0]
@@ -337,7 +337,7 @@ def test_a_gateway_server_that_ends_by_itself_is_reported_and_started_again(
     from fleet.run.process import SignalFreeServer
 
     serve = SignalFreeServer.serve
-    engines: list[EngineProcess] = []
+    engines: list[EngineOwner] = []
     calls = 0
 
     async def serve_then_fail_once(self: SignalFreeServer, sockets: Any = None) -> None:
@@ -359,7 +359,7 @@ def test_a_gateway_server_that_ends_by_itself_is_reported_and_started_again(
 
     async def scenario() -> None:
         fleet = Fleet(config, command=fake_command, echo_logs=False, console=Console(file=console))
-        engines.append(fleet.engines["m"])
+        engines.append(fleet.owners["m"])
         running = asyncio.create_task(fleet.run())
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http, asyncio.timeout(60):
             while calls < 2:  # noqa: ASYNC110 - the launcher's second server is what is awaited
@@ -370,7 +370,7 @@ def test_a_gateway_server_that_ends_by_itself_is_reported_and_started_again(
                     break
                 await asyncio.sleep(0.05)
         assert r.status_code == 200, r.text
-        assert fleet.engines["m"].total_restarts == 0 and fleet.engines["m"].lifecycle.state is EngineState.READY
+        assert fleet.owners["m"].total_restarts == 0 and fleet.owners["m"].lifecycle.state is EngineState.READY
         fleet.stop()
         await running
 
@@ -397,7 +397,7 @@ def test_a_gateway_that_cannot_start_stops_the_fleet_loudly(monkeypatch: pytest.
         fleet = Fleet(config, command=fake_command, echo_logs=False, console=Console(file=io.StringIO()))
         with pytest.raises(RuntimeError, match="the gateway stopped"):
             await fleet.run()
-        assert fleet.engines["m"].lifecycle.state is EngineState.STOPPED and fleet.engines["m"].pid is None
+        assert fleet.owners["m"].lifecycle.state is EngineState.STOPPED and fleet.owners["m"].pid is None
 
     with caplog.at_level(logging.ERROR, logger="fleet.run"):
         asyncio.run(scenario())

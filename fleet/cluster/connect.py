@@ -11,13 +11,13 @@ from typing import Any
 
 from rich.console import Console
 
+from fleet.cluster.asks import NodeRoom, fit, replica_ask
 from fleet.cluster.host import EngineHost
-from fleet.cluster.owner import RayEngine
-from fleet.cluster.placement import NodeRoom, fit, replica_ask
+from fleet.cluster.runtime import RayRuntime
 from fleet.config.model import ModelConfig
-from fleet.config.placement import Placement
-from fleet.config.schema import ClusterConfig, FleetConfig, SupervisorConfig
+from fleet.config.schema import ClusterConfig, FleetConfig
 from fleet.errors import ConfigError
+from fleet.machine.check import CheckReport
 
 CONNECT_TIMEOUT = 5.0
 
@@ -45,7 +45,10 @@ def check_reachable(address: str) -> None:
 
 
 class RayCluster:
-    """This process's place in the cluster (ray.init), and the replicas' owners it makes."""
+    """This process's place in the cluster (ray.init), and the replicas' runtimes it makes (a
+    fleet.run.runtime.Runtimes)."""
+
+    on_this_machine = False  # each node binds its own cores; a successor may need its predecessor's room
 
     def __init__(self, config: ClusterConfig, *, echo_logs: bool = True) -> None:
         import ray
@@ -60,14 +63,12 @@ class RayCluster:
             raise ConfigError(f"[cluster] address {config.address!r}: no Ray cluster there ({e}); start one with "
                               "`ray start --head` (docs/cluster.md)") from None
         self.gcs_address: str = ray.get_runtime_context().gcs_address
-        self.host: Any = ray.remote(EngineHost)  # the actor class: options per replica (owner.py)
+        self.host: Any = ray.remote(EngineHost)  # the actor class: options per replica (runtime.py)
 
-    def engine(self, cfg: ModelConfig, *, console: Console | None = None, echo_logs: bool = True,
-               policy: SupervisorConfig | None = None, token: str | None = None,
-               engine_timeout: float = 300.0) -> RayEngine:
-        """The owner of one replica on the cluster (launcher.Fleet starts its task)."""
-        return RayEngine(cfg, cluster=self, console=console, echo_logs=echo_logs, policy=policy, token=token,
-                         engine_timeout=engine_timeout)
+    def runtime(self, cfg: ModelConfig, *, env: dict[str, str], console: Console, echo_logs: bool,
+                token: str | None) -> RayRuntime:
+        """The runtime of one replica on the cluster (its output comes through Ray's log forwarding)."""
+        return RayRuntime(cfg, cluster=self, env=env, token=token)
 
     def nodes(self) -> list[NodeRoom]:
         """The live nodes and what each has free now."""
@@ -91,19 +92,19 @@ class RayCluster:
         ray.shutdown()
 
 
-def join(config: FleetConfig, cluster: ClusterConfig, placement: Placement, *, echo_logs: bool = True) -> RayCluster | None:
-    """Join the fleet's cluster and add to `placement` (what `fleet check` and `fleet launch` report
+def join(config: FleetConfig, cluster: ClusterConfig, report: CheckReport, *, echo_logs: bool = True) -> RayCluster | None:
+    """Join the fleet's cluster and add to `report` (what `fleet check` and `fleet launch` report
     before anything starts) where each replica fits on its nodes now, or why it does not; None,
     with the reason among the errors, when there is no cluster to join."""
     try:
         joined = RayCluster(cluster, echo_logs=echo_logs)
     except ConfigError as e:
-        placement.errors.append(str(e))
+        report.errors.append(str(e))
         return None
     asks = [replica_ask(r, cluster.engine_cpus) for m in config.models for r in m.replica_configs() if not r.attached]
     nodes = joined.nodes()
     found = fit(asks, nodes)
-    placement.cluster = [(a.name, found.nodes.get(a.name, [])) for a in asks]
-    placement.nodes = {n.node_id: n.address for n in nodes}
-    placement.errors += [f"[cluster] {cluster.address}: {p}" for p in found.problems]
+    report.cluster = [(a.name, found.nodes.get(a.name, [])) for a in asks]
+    report.nodes = {n.node_id: n.address for n in nodes}
+    report.errors += [f"[cluster] {cluster.address}: {p}" for p in found.problems]
     return joined

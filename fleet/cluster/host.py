@@ -4,7 +4,7 @@ process on the node Ray placed it on.
 It starts `python -m fleet.engine` as a child, listening on the node's address, and reports where
 (`Where`); it keeps the engine's last log lines, prints each one (Ray forwards an actor's output to
 the launcher's console), writes them to the node's log file, and stops the engine's process tree
-when told. It makes no decision: the launcher's `RayEngine` (owner.py) owns the replica.
+when told. It makes no decision: the replica's owner in the launcher, through its `RayRuntime` (runtime.py), does.
 
 The engine dies with it: the launcher's job owns the actor (never detached), so a launcher that
 dies takes the actor with it, and reaper.py then stops the engine's whole tree (Ray itself only
@@ -25,9 +25,9 @@ from typing import IO
 import msgspec
 
 from fleet.config.model import ModelConfig
-from fleet.config.placement import port_in_use
+from fleet.machine.probe import port_in_use
+from fleet.run.local import log_dir
 from fleet.run.process import PARENT_DEATH_SIGNAL_ENV, STOP_GRACE, OutputPipe, stop_process_tree, wait_exit
-from fleet.run.supervisor import log_dir
 
 LOG_TAIL = 40
 

@@ -5,6 +5,7 @@ does not start)."""
 from __future__ import annotations
 
 import contextlib
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -16,6 +17,14 @@ from fleet.config.fields import Int, Strict
 CPU_MEMORY_FRACTION = 0.3  # of one NUMA node: vLLM's CPU backend fails to start at 0.9
 CPU_KV_CACHE_GIB = 1.0  # an explicit size also skips vLLM's warm-up pass: a faster start
 GIB = 1 << 30
+
+
+class RoutingPolicy(StrEnum):
+    """A model's `routing`: which replica takes a request (the policies: fleet/gateway/routing/policies.py)."""
+
+    LEAST_LOADED = "least-loaded"
+    PREFIX = "prefix"  # the same prompt prefix to the same replica (prefix cache hits), load-bounded
+    SESSION = "session"  # the same session (`user` or `session_header`) to the same replica
 
 
 class Limits(Strict):
@@ -134,8 +143,8 @@ class ModelConfig(Strict):
         1, ge=1, le=64,
         description="identical engines behind this one name: `gpus` split evenly among them, ports `port`, `port`+1, ...",
     )
-    routing: Literal["least-loaded", "prefix", "session"] = Field(
-        "least-loaded",
+    routing: RoutingPolicy = Field(
+        RoutingPolicy.LEAST_LOADED,
         description="which replica takes a request: the least loaded; the same prompt prefix to the same replica "
         "(prefix cache hits, load-bounded); or the same session (`user` or `session_header`) to the same replica",
     )

@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from fleet.config.model import ModelConfig
-from fleet.config.placement import engine_dtype
 from fleet.config.schema import PLACEMENT_GROUP_ENV
-from fleet.config.sources import resolve
+from fleet.machine.probe import engine_dtype
 from fleet.run.process import bound_cores
+from fleet.sources import resolve
 
 MAX_LOGPROBS = 40  # beam search asks for 2 * width alternatives per step
 

@@ -41,15 +41,15 @@ from fleet.config.schema import GatewayConfig, UiConfig
 from fleet.errors import BodyTooLarge, FleetError, InvalidRequest
 from fleet.gateway import control as control_routes
 from fleet.gateway.auth import Keys, require_key, scope_key
-from fleet.gateway.backend import Backend
 from fleet.gateway.bodies import decode_body, decoder
 from fleet.gateway.control import Control
 from fleet.gateway.guard import ConnectionCounts
 from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fleet.gateway.metrics import Metrics
+from fleet.gateway.model import ServedModel
 from fleet.gateway.openapi import JSON, openapi_json
 from fleet.gateway.recent import Recent, Trace, prompt_preview
-from fleet.gateway.routing import find, route
+from fleet.gateway.routing.lookup import find, route
 from fleet.gateway.status import Health
 from fleet.gateway.tracking import Tracked
 from fleet.gateway.ui import routes as ui_routes
@@ -89,8 +89,8 @@ def _unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) -
 @get("/health", sync_to_thread=False)
 def health(state: State) -> Response[bytes]:
     """200 with each model's state; the gateway itself is up whenever it answers. Open without a key."""
-    backends: Mapping[str, Backend] = state.backends
-    body = Health("ok", {name: b.lifecycle.state.value for name, b in backends.items()})
+    models: Mapping[str, ServedModel] = state.models
+    body = Health("ok", {name: b.state.value for name, b in models.items()})
     return Response(_json.encode(body), media_type=JSON)
 
 
@@ -103,9 +103,9 @@ def metrics(state: State) -> Response[bytes]:
 @get("/v1/models", sync_to_thread=False, before_request=require_key)
 def list_models(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """The fleet's models the caller may use, with the state of each engine."""
-    backends: Mapping[str, Backend] = state.backends
+    models: Mapping[str, ServedModel] = state.models
     key = scope_key(request.scope)
-    cards = [model_card(name, b, state.started) for name, b in backends.items()
+    cards = [model_card(name, b, state.started) for name, b in models.items()
              if key is None or key.models is None or name in key.models]
     return Response(_json.encode(ModelList(cards)), media_type=JSON)
 
@@ -113,25 +113,25 @@ def list_models(request: Request[Any, Any, Any], state: State) -> Response[bytes
 @get("/v1/models/{model:path}", sync_to_thread=False, before_request=require_key)
 def retrieve_model(request: Request[Any, Any, Any], state: State, model: FromPath[str]) -> Response[bytes]:
     """One model of the fleet, as in the list: what it serves and the state of its engines."""
-    backends: Mapping[str, Backend] = state.backends
+    models: Mapping[str, ServedModel] = state.models
     name = model.lstrip("/")  # a model's name may hold slashes ("org/model"): the rest of the path
     Keys.allow(scope_key(request.scope), name)
-    return Response(_json.encode(model_card(name, find(backends, name), state.started)), media_type=JSON)
+    return Response(_json.encode(model_card(name, find(models, name), state.started)), media_type=JSON)
 
 
-def model_card(name: str, backend: Backend, created: int) -> ModelCard:
-    return ModelCard(id=name, created=created, owned_by="fleet", state=backend.lifecycle.state.value,
-                     max_model_len=backend.config.max_model_len, task=backend.config.task)
+def model_card(name: str, served: ServedModel, created: int) -> ModelCard:
+    return ModelCard(id=name, created=created, owned_by="fleet", state=served.state.value,
+                     max_model_len=served.config.max_model_len, task=served.config.task)
 
 
 WHAT_IT_SERVES = {"generate": "a generation model: it serves /v1/completions and /v1/chat/completions",
                   "embed": "an embedding model: it serves /v1/embeddings"}
 
 
-def check_task(backend: Backend, task: str, path: str) -> None:
+def check_task(served: ServedModel, task: str, path: str) -> None:
     """A route for generation or for embeddings, and a model of that kind (400 naming `model`)."""
-    if backend.config.task != task:
-        raise InvalidRequest(f"model {backend.name!r} is {WHAT_IT_SERVES[backend.config.task]}, not {path}",
+    if served.config.task != task:
+        raise InvalidRequest(f"model {served.name!r} is {WHAT_IT_SERVES[served.config.task]}, not {path}",
                              param="model", code="wrong_model_type")
 
 
@@ -155,22 +155,22 @@ def generation_route(path: str, name: str, schema: type[CompletionRequest | Chat
         key = keys.check(header(scope, b"authorization")) if keys.enabled else None
         data = decode_body(await read_body(scope, receive, state.max_body_bytes), body_of)
         Keys.allow(key, data.model)
-        backend = route(state.backends, data.model)
-        check_task(backend, task, path)
+        served = route(state.models, data.model)
+        check_task(served, task, path)
         try:
-            planned = plan(data, backend.config.defaults, backend.config.limits)
+            planned = plan(data, served.config.defaults, served.config.limits)
         except FleetError as e:  # refused before it ran: the status page lists it too
             if (recent := state.recent) is not None:
                 recent.add(Trace(at=time.time(), model=data.model, route=route_name, status=e.status,
                                  prompt=shown_prompt(data) if state.show_prompts else None))
             raise
-        engine: Engine = backend
-        if backend.config.routing == "session":  # the same session to the same replica
-            named = header(scope, backend.config.session_header.lower().encode()) if backend.config.session_header else None
+        engine: Engine = served
+        if served.config.routing == "session":  # the same session to the same replica
+            named = header(scope, served.config.session_header.lower().encode()) if served.config.session_header else None
             session = named or data.user
-            engine = backend.keyed(session.encode() if session else None)
+            engine = served.keyed(session.encode() if session else None)
         prompt = shown_prompt(data) if state.show_prompts else None
-        await _run(receive, send, state, backend, engine, planned, data.model, api, route_name, prompt)
+        await _run(receive, send, state, served, engine, planned, data.model, api, route_name, prompt)
 
     handle.__name__ = handle.__qualname__ = name
     return asgi(path, name=name, is_mount=False, copy_scope=False)(handle)
@@ -201,7 +201,7 @@ def shown_prompt(data: CompletionRequest | ChatCompletionRequest | EmbeddingRequ
     return prompt_preview(content or "")
 
 
-async def _run(receive: Receive, send: Send, state: State, backend: Backend, engine: Engine, plan: Any, model: str,
+async def _run(receive: Receive, send: Send, state: State, served: ServedModel, engine: Engine, plan: Any, model: str,
                api: _Api, route_name: str, prompt: str | None = None) -> None:
     """Run a planned request in its bookkeeping (slot, in-flight count, metrics, disconnects); send the answer.
 
@@ -210,7 +210,7 @@ async def _run(receive: Receive, send: Send, state: State, backend: Backend, eng
     CPU a request takes on a slow 2-core VM. Errors before the first byte are raised, and leave as
     plain HTTP errors through the app's exception handlers.
     """
-    tracked = Tracked(backend, route_name, state.metrics, state.recent, prompt)
+    tracked = Tracked(served, route_name, state.metrics, state.recent, prompt)
     if plan.stream:
         await tracked.send_stream(lambda: api.stream(engine, plan, model), send, receive)
         return
@@ -236,7 +236,7 @@ async def tokenize_route(request: Request[Any, Any, Any], state: State) -> Respo
     model's engine counts them; `count` is the `prompt_tokens` a request with it would report."""
     data = decode_body(await request.body(), _tokenize_body)
     Keys.allow(scope_key(request.scope), data.model)
-    return Response(await token_serving.tokenize(route(state.backends, data.model), data), media_type=JSON)
+    return Response(await token_serving.tokenize(route(state.models, data.model), data), media_type=JSON)
 
 
 @post("/detokenize", status_code=200, before_request=require_key)
@@ -244,11 +244,11 @@ async def detokenize_route(request: Request[Any, Any, Any], state: State) -> Res
     """vLLM's /detokenize: the text of token ids."""
     data = decode_body(await request.body(), _detokenize_body)
     Keys.allow(scope_key(request.scope), data.model)
-    return Response(await token_serving.detokenize(route(state.backends, data.model), data), media_type=JSON)
+    return Response(await token_serving.detokenize(route(state.models, data.model), data), media_type=JSON)
 
 
 def create_app(
-    backends: Mapping[str, Backend],
+    models: Mapping[str, ServedModel],
     control: Control | None = None,
     *,
     keys: Keys | None = None,
@@ -258,11 +258,11 @@ def create_app(
     ui: UiConfig | None = None,
     admin_key: bytes | None = None,
 ) -> Litestar:
-    """The gateway app over a fleet's backends (their lifecycles and clients are owned by the launcher).
+    """The gateway app over a fleet's models (their lifecycles and clients are owned by the launcher).
     With `ui` enabled (and a launcher: `control`) it serves the status page too, `admin_key` opening its actions."""
     gateway, ui = gateway or GatewayConfig(), ui or UiConfig()
     with_ui = ui.enabled and control is not None
-    history = History(lambda: backends, Gpus(lambda: engines_on_gpus(control))) if with_ui and control else None
+    history = History(lambda: models, Gpus(lambda: engines_on_gpus(control))) if with_ui and control else None
     sampler: list[asyncio.Task[None]] = []
 
     def start_sampling() -> None:
@@ -279,11 +279,11 @@ def create_app(
                         embeddings_route, tokenize_route, detokenize_route, *control_routes.ROUTES,
                         openapi_json, *(ui_routes.ROUTES if with_ui else ())],
         state=State({
-            "backends": backends,
+            "models": models,
             "started": int(time.time()),
             "control": control,
             "api_keys": keys or Keys([]),
-            "metrics": Metrics(lambda: backends, restarts, connections),
+            "metrics": Metrics(lambda: models, restarts, connections),
             "max_body_bytes": gateway.max_body_bytes,
             "recent": Recent() if with_ui else None,
             "show_prompts": with_ui and ui.show_prompts,

@@ -1,5 +1,6 @@
-"""What the gateway counts: per model (`BackendStats`), and `/metrics` in Prometheus' text format
-(prometheus-client), one registry per gateway.
+"""What the gateway counts: per model its client requests (`ModelCounts`), per replica its engine
+requests (`ReplicaCounts`), and `/metrics` in Prometheus' text format (prometheus-client), one
+registry per gateway.
 
 Counts that the gateway keeps anyway (requests in flight and queued, tokens, engine state and
 restarts, responses by status) are read at scrape time by a collector, so the request path
@@ -18,7 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fleet.gateway.status import EngineState
+from fleet.lifecycle import EngineState
 from fleet.pulse import Pulse
 
 if TYPE_CHECKING:
@@ -30,36 +31,31 @@ TOKEN_RATE_WINDOW = 10.0  # seconds over which `tokens_per_second` averages
 
 
 @dataclass
-class BackendStats:
-    """What the gateway counts per model: requests in flight (drained on reload), totals, token rate."""
+class Counts:
+    """Requests of one kind in flight and done, and the tokens they made: a model's client requests
+    (`ModelCounts`) or a replica's engine requests (`ReplicaCounts`)."""
 
     inflight: int = 0
     requests: int = 0
-    errors: int = 0  # a replica's engine requests that failed (the engine's or the connection's fault)
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    responses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
     _recent: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
     _idle: Pulse = field(default_factory=Pulse)  # beats when the last request in flight ends
 
     def begin(self) -> None:
-        """A request for this model started."""
+        """A request started."""
         self.inflight += 1
         self.requests += 1
 
     def end(self) -> None:
-        """A request for this model finished, however it ended."""
+        """A request finished, however it ended."""
         self.inflight -= 1
         if self.inflight == 0:
             self._idle.beat()
 
     async def drained(self) -> None:
-        """Return once no request of this model is in flight (at once if none is)."""
+        """Return once no request is in flight (at once if none is)."""
         await self._idle.until(lambda: self.inflight == 0)
-
-    def count(self, route: str, status: int) -> None:
-        """One answered request, by route and HTTP status."""
-        self.responses[(route, status)] += 1
 
     def add_tokens(self, n: int, prompt: int = 0) -> None:
         """Tokens of one finished engine request: completion (for the rate) and prompt."""
@@ -76,14 +72,34 @@ class BackendStats:
         return sum(n for t, n in self._recent if t >= now - TOKEN_RATE_WINDOW) / TOKEN_RATE_WINDOW
 
 
+@dataclass
+class ModelCounts(Counts):
+    """A model's client requests: one per HTTP request, whatever its prompts, and their answers by
+    route and HTTP status."""
+
+    responses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+
+    def count(self, route: str, status: int) -> None:
+        """One answered request, by route and HTTP status."""
+        self.responses[(route, status)] += 1
+
+
+@dataclass
+class ReplicaCounts(Counts):
+    """A replica's engine requests: one per prompt (a request with several prompts is several), and
+    those that failed (the engine's or the connection's fault, never a refused request)."""
+
+    errors: int = 0
+
+
 class ReplicaCounted(Protocol):
-    """What the collector reads of one replica (fleet.gateway.backend.Replica)."""
+    """What the collector reads of one replica (fleet.gateway.routing.replicas.Replica)."""
 
     @property
     def name(self) -> str: ...
 
     @property
-    def stats(self) -> BackendStats: ...
+    def stats(self) -> ReplicaCounts: ...
 
     @property
     def routed(self) -> collections.Counter[str]: ...
@@ -93,10 +109,10 @@ class ReplicaCounted(Protocol):
 
 
 class Counted(Protocol):
-    """What the collector reads of one model (fleet.gateway.backend.Backend)."""
+    """What the collector reads of one model (fleet.gateway.model.ServedModel)."""
 
     @property
-    def stats(self) -> BackendStats: ...
+    def stats(self) -> ModelCounts: ...
 
     @property
     def replicas(self) -> Sequence[ReplicaCounted]: ...
@@ -109,17 +125,17 @@ class Counted(Protocol):
 
 
 class _FleetCollector(Collector):
-    """Per-model gauges and counters read from the backends when Prometheus scrapes, and the
+    """Per-model gauges and counters read from the models when Prometheus scrapes, and the
     gateway's client connections."""
 
-    def __init__(self, backends: Callable[[], Mapping[str, Counted]], restarts: Callable[[str], int],
+    def __init__(self, models: Callable[[], Mapping[str, Counted]], restarts: Callable[[str], int],
                  connections: ConnectionCounts | None) -> None:
-        self.backends = backends
+        self.models = models
         self.restarts = restarts
         self.connections = connections
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        backends = self.backends()
+        models = self.models()
         requests = CounterMetricFamily("fleet_requests", "Requests by model, route and HTTP status",
                                        labels=["model", "route", "status"])
         inflight = GaugeMetricFamily("fleet_requests_in_flight", "Requests being served", labels=["model"])
@@ -138,7 +154,7 @@ class _FleetCollector(Collector):
                                     labels=["model", "replica", "state"])
         r_routed = CounterMetricFamily("fleet_replica_routed", "Routing outcomes per replica (least_loaded, affinity, "
                                        "spilled for load, failed_over)", labels=["model", "replica", "outcome"])
-        for name, b in backends.items():
+        for name, b in models.items():
             for r in b.replicas:
                 r_inflight.add_metric([name, r.name], r.stats.inflight)
                 r_requests.add_metric([name, r.name], r.stats.requests)
@@ -170,10 +186,10 @@ class _FleetCollector(Collector):
 class Metrics:
     """The gateway's registry: the collector above plus request latency and time to first token."""
 
-    def __init__(self, backends: Callable[[], Mapping[str, Counted]], restarts: Callable[[str], int] = lambda _: 0,
+    def __init__(self, models: Callable[[], Mapping[str, Counted]], restarts: Callable[[str], int] = lambda _: 0,
                  connections: ConnectionCounts | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_FleetCollector(backends, restarts, connections))
+        self.registry.register(_FleetCollector(models, restarts, connections))
         self.latency = Histogram("fleet_request_duration_seconds", "Time from request to last byte",
                                  ["model", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.ttft = Histogram("fleet_time_to_first_token_seconds", "Time from request to the first streamed token",

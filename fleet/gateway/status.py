@@ -1,31 +1,17 @@
 """fleet's own answers, as msgspec Structs: `/health`, and `/fleet/status` as the launcher builds
-it, the control route sends it and `fleet status` reads it back; and the engine states they report.
+it, the control route sends it and `fleet status` reads it back (the engine states they report:
+fleet/lifecycle.py).
 
 No Litestar here: the `fleet` command imports this module to read the status.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import Literal
 
 import msgspec
 
-
-class EngineState(enum.StrEnum):
-    """Where an engine is in its lifecycle (the transitions: fleet/run/lifecycle.py)."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    FAILED = "failed"
-    RESTARTING = "restarting"
-    STOPPING = "stopping"
-
-    @property
-    def serving(self) -> bool:
-        """Whether requests may be sent to an engine in this state."""
-        return self is EngineState.READY
+from fleet.lifecycle import EngineState
 
 
 class Health(msgspec.Struct):

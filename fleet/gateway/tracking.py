@@ -16,8 +16,8 @@ from types import TracebackType
 from litestar.types import HTTPResponseStartEvent, Receive, Send
 
 from fleet.errors import CLIENT_CLOSED, ClientDisconnected, FleetError
-from fleet.gateway.backend import Backend
 from fleet.gateway.metrics import Metrics
+from fleet.gateway.model import ServedModel
 from fleet.gateway.recent import TRACE, Recent, Trace
 from fleet.wire.asgi import send_chunks, unless_disconnected
 
@@ -38,29 +38,29 @@ def status_of(exc: BaseException | None) -> int:
 
 
 class Tracked:
-    """Async context for one request to one backend; leave it exactly once."""
+    """Async context for one request to one model; leave it exactly once."""
 
-    def __init__(self, backend: Backend, route: str, metrics: Metrics | None, recent: Recent | None = None,
+    def __init__(self, served: ServedModel, route: str, metrics: Metrics | None, recent: Recent | None = None,
                  prompt: str | None = None) -> None:
-        self.backend, self.route, self.metrics, self.recent = backend, route, metrics, recent
+        self.served, self.route, self.metrics, self.recent = served, route, metrics, recent
         self.started = time.perf_counter()
         self._slot: contextlib.AbstractAsyncContextManager[None] | None = None
         self._done = False
         self.trace: Trace | None = None
-        if recent is not None:  # the request's task notes the replica and tokens here (backend.py)
-            self.trace = Trace(at=time.time(), model=backend.name, route=route, prompt=prompt)
+        if recent is not None:  # the request's task notes the replica and tokens here (routing/replicas.py)
+            self.trace = Trace(at=time.time(), model=served.name, route=route, prompt=prompt)
             TRACE.set(self.trace)
 
     async def __aenter__(self) -> Tracked:
-        if self.backend.admission is not None:
-            slot = self.backend.admission.slot()
+        if self.served.admission is not None:
+            slot = self.served.admission.slot()
             try:
                 await slot.__aenter__()
             except BaseException as e:
                 self._record(e)
                 raise
             self._slot = slot
-        self.backend.stats.begin()
+        self.served.stats.begin()
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
@@ -68,16 +68,16 @@ class Tracked:
         if self._done:
             return
         self._done = True
-        self.backend.stats.end()
+        self.served.stats.end()
         if self._slot is not None:
             await self._slot.__aexit__(kind, exc, tb)
         self._record(exc)
 
     def _record(self, exc: BaseException | None) -> None:
         status, took = status_of(exc), time.perf_counter() - self.started
-        self.backend.stats.count(self.route, status)
+        self.served.stats.count(self.route, status)
         if self.metrics is not None:
-            self.metrics.latency.labels(self.backend.name, self.route).observe(took)
+            self.metrics.latency.labels(self.served.name, self.route).observe(took)
         if self.trace is not None and self.recent is not None:
             self.trace.status, self.trace.duration_ms = status, round(took * 1000, 1)
             self.recent.add(self.trace)
@@ -86,7 +86,7 @@ class Tracked:
         """The first streamed bytes left for the client."""
         took = time.perf_counter() - self.started
         if self.metrics is not None:
-            self.metrics.ttft.labels(self.backend.name, self.route).observe(took)
+            self.metrics.ttft.labels(self.served.name, self.route).observe(took)
         if self.trace is not None:
             self.trace.ttft_ms = round(took * 1000, 1)
 

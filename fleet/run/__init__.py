@@ -1,12 +1,13 @@
 """Processes and their owners: `launcher` runs a fleet (engines plus the gateway, reloads, stop),
-`foreground` runs it for `fleet launch` (signals), `supervisor` owns one engine process (`output`
-its output lines),
-`attached` one engine on another machine (watched, never started), `owner` what both share,
-`control` what the gateway's control routes and status page ask of a running fleet,
-`gateway_server` the gateway's socket and server, `lifecycle` the state machine an engine's owner
-keeps, and `process` the process-tree mechanics (also used by the engine process itself). A
-cluster's replica owner (fleet.cluster.owner.RayEngine, an `EngineProcess`) comes from the
-`EngineBackend` the launcher is given; run never imports fleet.cluster.
+`foreground` runs it for `fleet launch` (signals); `owner` is the one loop that owns one replica's
+engine (its lifecycle, health, restarts, drain, commands) over a `runtime` (the interface): a
+process of this machine (`local`, its output lines: `output`), or an engine started elsewhere and
+only watched (`attached`); a cluster's runtime (fleet.cluster.runtime.RayRuntime) comes from the
+`Runtimes` the launcher is given, and run never imports fleet.cluster. `control` answers what the
+gateway's control routes and status page ask of a running fleet, `gateway_server` owns the
+gateway's socket and server, `journal` keeps the engines' lines and state changes, and `process`
+holds the process-tree mechanics (also used by the engine process itself).
 
-May import: fleet.gateway, fleet.wire, fleet.config, fleet.errors. Never the engine package.
+May import: fleet.gateway, fleet.api, fleet.wire, fleet.machine, fleet.config, fleet.sources,
+fleet.lifecycle, fleet.errors, fleet.pulse. Never the engine package.
 """

@@ -1,73 +1,63 @@
-"""An attached engine: one that fleet routes to but does not start (a replica's `url`), run by
-`fleet engine` on its own machine.
+"""An attached engine (`Attached`): one that fleet routes to but does not start (a replica's
+`url`), run by `fleet engine` on its own machine.
 
-`AttachedEngine.run` is the single owner of its lifecycle and client, like `EngineProcess` for an
-engine the launcher starts, and takes the same commands (`request_stop`, `request_kill`). It only
-watches: READY once the engine answers /health and accepts the fleet's token at /info; FAILED,
-out of rotation, after `health_failures` unanswered checks in a row; READY again when it answers.
-It never starts, restarts or stops the engine itself: stopping it here only takes it out of the
-fleet, after its requests drained.
+Its owner (owner.py) only watches it: READY once the engine answers /health and accepts the
+fleet's token at /info; FAILED, out of rotation, after `health_failures` unanswered checks in a
+row; READY again when it answers. It is never started, restarted or stopped from here: stopping its
+owner only takes it out of the fleet, after its requests drained.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-
-from rich.console import Console
-from rich.markup import escape
+import collections
 
 from fleet.config.model import ModelConfig
-from fleet.config.schema import SupervisorConfig
 from fleet.errors import EngineFailure
-from fleet.gateway.status import EngineState
-from fleet.run.owner import EngineOwner
+from fleet.run.runtime import Address, Voice
+from fleet.wire.client import EngineClient
 
 
-class AttachedEngine(EngineOwner):
-    """One replica at a `url`, health-checked; the single task that owns its lifecycle (a stop or
-    kill only takes it out of the fleet)."""
+class Attached:
+    """An engine at a url, health-checked; nothing to start or stop."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        *,
-        console: Console | None = None,
-        policy: SupervisorConfig | None = None,
-        token: str | None = None,
-        engine_timeout: float = 300.0,
-    ) -> None:
-        super().__init__(cfg, console=console, policy=policy or SupervisorConfig(), token=token,
-                         engine_timeout=engine_timeout)  # total_restarts stays 0: fleet never restarts it
-        self.pid: int | None = None  # on another machine
+    restartable = False
 
-    async def run(self, *, after: float = 0.0) -> None:
-        """Watch the engine until asked to stop; then leave it running, out of this fleet."""
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(after):
-                    await self._stop.wait()
-            if self.lifecycle.state is EngineState.STOPPED:
-                self.lifecycle.to(EngineState.STARTING, f"waiting for the engine at {self.cfg.url} to answer")
-                self.say(f"attached: waiting for the engine at {self.cfg.url} (started with `fleet engine`)")
-            misses = 0
-            while not self._stop.is_set():
-                problem = await self._check()
-                misses = 0 if problem is None else misses + 1
-                self._apply(problem, misses)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.policy.health_interval):
-                        await self._stop.wait()
-        finally:
-            await self._leave()
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.tail: collections.deque[str] = collections.deque()  # its output is on its own machine
+        self._voice: Voice | None = None
 
-    async def _check(self) -> str | None:
+    pid = None  # on another machine
+    has_engine = False  # nothing of it here to stop
+
+    @property
+    def where(self) -> tuple[str | None, str, int, list[int]]:
+        host, port = self.cfg.address
+        return None, host, port, list(self.cfg.gpus)
+
+    def bind(self, voice: Voice) -> None:
+        self._voice = voice
+
+    async def start(self, deadline: float, stopping: asyncio.Event) -> Address | None:
+        if self._voice is not None:
+            self._voice.say(f"attached: waiting for the engine at {self.cfg.url} (started with `fleet engine`)")
+        return None
+
+    def notice(self) -> None:
+        pass
+
+    async def ended(self) -> str:
+        """Never: fleet cannot see an engine on another machine end, only stop answering."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def check(self, client: EngineClient, within: float) -> str | None:
         """None when the engine answers /health and takes the token at /info; else what is wrong."""
-        if not await self.client.healthy(timeout=self.policy.health_interval):
+        if not await client.healthy(timeout=within):
             return f"the engine at {self.cfg.url} does not answer /health"
         try:
-            info = await self.client.info()
+            info = await client.info()
         except EngineFailure as e:
             return f"{e} (is it started with this fleet's engine token?)"
         except (OSError, TimeoutError) as e:
@@ -76,29 +66,15 @@ class AttachedEngine(EngineOwner):
             return f"the engine at {self.cfg.url} serves model {info.model!r}, not {self.cfg.name!r}"
         return None
 
-    def _apply(self, problem: str | None, misses: int) -> None:
-        """The transitions of an engine fleet only watches (the table: lifecycle.py)."""
-        state = self.lifecycle.state
-        if problem is None and state in (EngineState.STARTING, EngineState.FAILED):
-            self.lifecycle.to(EngineState.READY)
-            self.ready_at = time.monotonic()
-            self.say(f"[green]ready[/green]: attached engine at {self.cfg.url}")
-        elif problem is not None and state is EngineState.READY and misses >= self.policy.health_failures:
-            self.lifecycle.to(EngineState.FAILED, f"{problem}: out of rotation until it does")
-            self.ready_at = None
-            self.say(f"[red]out of rotation[/red]: {escape(problem)} ({misses} checks in a row)")
-        elif problem is not None and state is EngineState.STARTING and misses == 1:
-            self.say(f"not ready yet: {escape(problem)}")
+    async def stop(self, grace: float, now: asyncio.Event | None) -> None:
+        pass
 
-    async def _leave(self) -> None:
-        if self.lifecycle.state is EngineState.STOPPED:
-            return
-        if self._drain is not None and self.lifecycle.state is EngineState.READY and not self._kill.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._drain_timeout):
-                    await self._drain()
-        if self.lifecycle.state is not EngineState.FAILED:
-            self.lifecycle.to(EngineState.STOPPING)
-        self.lifecycle.to(EngineState.STOPPED)
-        await self.client.close()
-        self.say("left the fleet (the engine itself goes on)")
+    async def close(self) -> None:
+        pass
+
+    def ready_line(self, took: float) -> str:
+        return f"[green]ready[/green]: attached engine at {self.cfg.url}"
+
+    @property
+    def gone_line(self) -> str:
+        return "left the fleet (the engine itself goes on)"

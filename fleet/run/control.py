@@ -16,16 +16,17 @@ from typing import TYPE_CHECKING, Protocol
 from rich.markup import escape
 
 from fleet.errors import EngineNotFound, InvalidRequest
-from fleet.gateway.status import EngineState, FleetStatus, GatewayStatus, ModelStatus, ReloadReport
-from fleet.run.attached import AttachedEngine
+from fleet.gateway.status import FleetStatus, GatewayStatus, ModelStatus, ReloadReport
+from fleet.lifecycle import EngineState
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from fleet.config.schema import FleetConfig
-    from fleet.gateway.backend import Backend, Replica
+    from fleet.gateway.model import ServedModel
+    from fleet.gateway.routing.replicas import Replica
     from fleet.run.journal import Journal
-    from fleet.run.supervisor import EngineProcess
+    from fleet.run.owner import EngineOwner
 
 class Books(Protocol):
     """What `FleetControl` reads of the launcher's `Fleet`, and the two commands it passes on."""
@@ -35,8 +36,8 @@ class Books(Protocol):
     stopping: asyncio.Event
     console: Console
     started_at: float
-    engines: dict[str, EngineProcess | AttachedEngine]
-    backends: dict[str, Backend]
+    owners: dict[str, EngineOwner]
+    models: dict[str, ServedModel]
 
     async def reload(self) -> ReloadReport: ...
     def stop(self) -> None: ...
@@ -71,7 +72,7 @@ class FleetControl:
     def restart(self, engine: str) -> None:
         """Restart one engine now (its owner stops it with its grace and starts it anew)."""
         _, owner = self._replica_named(engine)
-        if isinstance(owner, AttachedEngine):
+        if not owner.runtime.restartable:
             raise InvalidRequest(f"{engine} runs at {owner.cfg.url}, started elsewhere: restart it there",
                                  param="engine")
         self._fleet.console.print(f"[bold]fleet[/bold] {escape(engine)}: restart asked (status page)", highlight=False)
@@ -83,47 +84,48 @@ class FleetControl:
         replica.draining = draining
         owner.say("draining: no new requests" if draining else "taking requests again")
 
-    def _replica_named(self, name: str) -> tuple[Replica, EngineProcess | AttachedEngine]:
-        engines = self._fleet.engines
-        for backend in self._fleet.backends.values():
-            for replica in backend.replicas:
-                if replica.name == name and name in engines:
-                    return replica, engines[name]
+    def _replica_named(self, name: str) -> tuple[Replica, EngineOwner]:
+        owners = self._fleet.owners
+        for served in self._fleet.models.values():
+            for replica in served.replicas:
+                if replica.name == name and name in owners:
+                    return replica, owners[name]
         raise EngineNotFound(name)
 
     def status(self) -> FleetStatus:
         """What `fleet status` shows: the gateway and one row per engine (per replica)."""
         now = time.monotonic()
         rows = []
-        for backend in self._fleet.backends.values():
-            for replica in backend.replicas:
-                engine = self._fleet.engines.get(replica.name)
-                if engine is None:
+        for served in self._fleet.models.values():
+            for replica in served.replicas:
+                owner = self._fleet.owners.get(replica.name)
+                if owner is None:
                     continue
-                lc = engine.lifecycle
-                ready = engine.ready_at is not None and lc.state is EngineState.READY
+                lc = owner.lifecycle
+                ready = owner.ready_at is not None and lc.state is EngineState.READY
+                node, host, port, gpus = owner.runtime.where
                 rows.append(ModelStatus(
-                    model=backend.name,
+                    model=served.name,
                     replica=replica.name,
                     state=lc.state,
                     reason=lc.reason,
-                    gpus=list(engine.gpus),
-                    port=engine.port,
-                    pid=engine.pid,
-                    uptime_s=round(now - engine.ready_at, 1) if ready and engine.ready_at is not None else None,
-                    restarts=engine.total_restarts,
+                    gpus=gpus,
+                    port=port,
+                    pid=owner.pid,
+                    uptime_s=round(now - owner.ready_at, 1) if ready and owner.ready_at is not None else None,
+                    restarts=owner.total_restarts,
                     inflight=replica.stats.inflight,
                     requests=replica.stats.requests,
                     tokens_per_s=round(replica.stats.tokens_per_second(), 1),
                     routed=dict(replica.routed),
-                    url=engine.cfg.url,
-                    node=engine.node,
+                    url=owner.cfg.url,
+                    node=node,
                     since_s=round(now - lc.since, 1),
-                    queued=backend.queued,
+                    queued=served.queued,
                     errors=replica.stats.errors,
                     draining=replica.draining,
-                    attached=isinstance(engine, AttachedEngine),
-                    host=engine.host,
+                    attached=not owner.runtime.restartable,
+                    host=host,
                 ))
         gw = self._fleet.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self._fleet.started_at)), rows)

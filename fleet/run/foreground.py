@@ -12,19 +12,20 @@ from fleet.config.load import load_config
 from fleet.config.schema import FleetConfig
 from fleet.gateway.guard import raise_open_files_limit
 from fleet.gateway.status import ReloadReport
-from fleet.run.launcher import EngineBackend, Fleet
+from fleet.run.launcher import Fleet
+from fleet.run.local import EngineCommand, engine_command
 from fleet.run.process import freeze_startup_heap
-from fleet.run.supervisor import EngineCommand, engine_command
+from fleet.run.runtime import Runtimes
 
 
 async def launch(config: FleetConfig, *, echo_logs: bool = True, config_path: Path | None = None,
                  overrides: dict[str, Any] | None = None, command: EngineCommand = engine_command,
-                 backend: EngineBackend | None = None) -> None:
-    """`fleet launch`: run a fleet in the foreground until SIGINT/SIGTERM; SIGHUP reloads. With a
-    `backend` (a cluster), the engines it starts run there."""
+                 runtimes: Runtimes | None = None) -> None:
+    """`fleet launch`: run a fleet in the foreground until SIGINT/SIGTERM; SIGHUP reloads. With
+    `runtimes` (a cluster's), the engines it starts run there."""
     loader = (lambda: load_config(config_path, **(overrides or {}))) if config_path else None
     open_files = raise_open_files_limit()
-    fleet = Fleet(config, echo_logs=echo_logs, loader=loader, command=command, backend=backend)
+    fleet = Fleet(config, echo_logs=echo_logs, loader=loader, command=command, runtimes=runtimes)
     limits = fleet.connection_limits
     fleet.console.print(
         f"[bold]fleet[/bold] gateway: at most {limits.max_connections} client connections "

@@ -16,8 +16,7 @@ from fleet.gateway.status import Change, LogLine
 from fleet.pulse import Pulse
 
 if TYPE_CHECKING:
-    from fleet.gateway.status import EngineState
-    from fleet.run.lifecycle import Lifecycle
+    from fleet.lifecycle import EngineState, Lifecycle
 
 LINES_KEPT = 500  # per engine
 CHANGES_KEPT = 500  # fleet-wide

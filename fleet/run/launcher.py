@@ -1,7 +1,8 @@
 """A running fleet: every engine at once, the gateway over them, reloads, and a clean stop.
 
-A `Fleet` owns one engine owner per replica (`EngineProcess`, supervisor.py; `AttachedEngine`,
-attached.py, for an engine at a url) and the gateway server, in one event loop; foreground.py
+A `Fleet` owns one engine owner per replica (`EngineOwner`, owner.py, over the replica's runtime:
+a process of this machine, local.py; an engine on a cluster's node, from the `Runtimes` it is
+given; an engine at a url, attached.py) and the gateway server, in one event loop; foreground.py
 turns signals into its commands.
 
 Reload applies only the difference: new models start, removed ones stop taking requests, drain
@@ -17,38 +18,32 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 from rich.console import Console
 from rich.markup import escape
 
 from fleet.config.model import ModelConfig
-from fleet.config.placement import can_run_together, cpu_bindings
-from fleet.config.schema import FleetConfig, SupervisorConfig, shared_engine_token
+from fleet.config.schema import FleetConfig, shared_engine_token
 from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
 from fleet.gateway.auth import check_exposure, load_keys
-from fleet.gateway.backend import Backend, Replica
 from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionCounts, ConnectionLimits
-from fleet.gateway.status import EngineState, ReloadReport
-from fleet.run.attached import AttachedEngine
+from fleet.gateway.model import ServedModel
+from fleet.gateway.routing.replicas import Replica
+from fleet.gateway.status import ReloadReport
+from fleet.lifecycle import EngineState
+from fleet.machine.check import can_run_together
+from fleet.machine.probe import cpu_bindings
+from fleet.run.attached import Attached
 from fleet.run.control import FleetControl
 from fleet.run.gateway_server import GatewayServer
 from fleet.run.journal import Journal
-from fleet.run.supervisor import EngineCommand, EngineProcess, backoff, engine_command
+from fleet.run.local import EngineCommand, LocalRuntimes, engine_command
+from fleet.run.owner import EngineOwner, backoff
+from fleet.run.runtime import Runtime, Runtimes
 
 log = logging.getLogger("fleet.run")
-Engine = EngineProcess | AttachedEngine  # one replica's owner: an engine started here, or one attached by url
-Taken = tuple[Replica, Engine, "asyncio.Task[None]"]  # a replica out of the fleet's books, still to be stopped
-
-
-class EngineBackend(Protocol):
-    """Where the engines a fleet starts run when not as this machine's processes: a cluster
-    (fleet.cluster.connect.RayCluster) makes each replica's owner, an `EngineProcess` whose engine
-    runs on a node."""
-
-    def engine(self, cfg: ModelConfig, *, console: Console | None, echo_logs: bool, policy: SupervisorConfig,
-               token: str | None, engine_timeout: float) -> EngineProcess: ...
+Taken = tuple[Replica, EngineOwner, "asyncio.Task[None]"]  # a replica out of the fleet's books, still to be stopped
 
 
 class Fleet:
@@ -62,16 +57,15 @@ class Fleet:
         console: Console | None = None,
         echo_logs: bool = True,
         loader: Callable[[], FleetConfig] | None = None,
-        backend: EngineBackend | None = None,
+        runtimes: Runtimes | None = None,
     ) -> None:
         self.config = config
-        self.backend = backend  # None: engines are this machine's processes
-        self.command = command
+        self.runtimes = runtimes or LocalRuntimes(command)  # where the engines it starts run
         self.echo_logs = echo_logs
         self.loader = loader  # re-reads the fleet file for reload; None: reload needs a config
         self.console = console or Console(stderr=True, soft_wrap=True)
-        self.engines: dict[str, Engine] = {}
-        self.backends: dict[str, Backend] = {}  # shared with the gateway: it routes on this
+        self.owners: dict[str, EngineOwner] = {}  # by replica name
+        self.models: dict[str, ServedModel] = {}  # shared with the gateway: it routes on this
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._owner_deaths: dict[str, int] = {}  # owner tasks of a model that died in a row (_owner_ended)
         self.stopping = asyncio.Event()
@@ -92,39 +86,34 @@ class Fleet:
             self._add(m, bindings)
 
     def _add(self, cfg: ModelConfig, bindings: dict[str, str] | None = None) -> list[str]:
-        """A model's engines (one per replica, named by `replica_name`) and its backend; the
-        engines' names, to start them."""
+        """A model's engines (one owner per replica, named by `replica_name`) and the model as the
+        gateway serves it; the replicas' names, to start them."""
         replicas = [self._replica(rc, bindings) for rc in cfg.replica_configs()]
-        self.backends[cfg.name] = Backend(cfg, replicas, admission=self._admission(cfg))
+        self.models[cfg.name] = ServedModel(cfg, replicas, admission=self._admission(cfg))
         return [r.name for r in replicas]
 
     def _bindings(self, models: Sequence[ModelConfig]) -> dict[str, str]:
         """Core sets for this machine's CPU engines (none for a cluster's: each node binds its own)."""
-        return {} if self.backend else cpu_bindings(models, sorted(os.sched_getaffinity(0)), os.environ)
+        if not self.runtimes.on_this_machine:
+            return {}
+        return cpu_bindings(models, sorted(os.sched_getaffinity(0)), os.environ)
 
     def _replica(self, rc: ModelConfig, bindings: dict[str, str] | None = None) -> Replica:
-        """One replica's engine (started here or on the cluster, or attached by url), in the fleet's
-        books; its routing view."""
+        """One replica's engine owner (over the engine's runtime), in the fleet's books; its routing view."""
+        owner = EngineOwner(rc, self._runtime(rc, bindings), console=self.console, policy=self.config.supervisor,
+                            token=self.token, engine_timeout=self.config.gateway.engine_timeout)
+        owner.keep_journal(self.journal)
+        self.owners[rc.replica_name] = owner
+        return Replica(rc.replica_name, owner.lifecycle, owner.client, slot=rc.replica)
+
+    def _runtime(self, rc: ModelConfig, bindings: dict[str, str] | None) -> Runtime:
+        """How one replica's engine runs: attached (a url), or started by the fleet's runtimes
+        (this machine's CPU engines each on their own cores)."""
+        if rc.attached:
+            return Attached(rc)
         binding = (bindings or {}).get(rc.replica_name)
-        timeout = self.config.gateway.engine_timeout
-        engine: Engine = AttachedEngine(
-            rc, console=self.console, policy=self.config.supervisor, token=self.token, engine_timeout=timeout,
-        ) if rc.attached else self.backend.engine(
-            rc, console=self.console, echo_logs=self.echo_logs, policy=self.config.supervisor, token=self.token,
-            engine_timeout=timeout,
-        ) if self.backend else EngineProcess(
-            rc,
-            command=self.command,
-            env={"VLLM_CPU_OMP_THREADS_BIND": binding} if binding else None,
-            console=self.console,
-            echo_logs=self.echo_logs,
-            policy=self.config.supervisor,
-            token=self.token,
-            engine_timeout=self.config.gateway.engine_timeout,
-        )
-        engine.keep_journal(self.journal)
-        self.engines[rc.replica_name] = engine
-        return Replica(rc.replica_name, engine.lifecycle, engine.client, slot=rc.replica)
+        return self.runtimes.runtime(rc, env={"VLLM_CPU_OMP_THREADS_BIND": binding} if binding else {},
+                                     console=self.console, echo_logs=self.echo_logs, token=self.token)
 
     @staticmethod
     def _admission(cfg: ModelConfig) -> Admission:
@@ -132,16 +121,16 @@ class Fleet:
         return Admission(cfg.name, limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
 
     def _start(self, name: str, after: float = 0.0) -> None:
-        engine, began = self.engines[name], time.monotonic()
-        task = asyncio.create_task(engine.run(after=after), name=f"engine:{name}")
-        task.add_done_callback(lambda t: self._owner_ended(name, engine, t, began))
+        owner, began = self.owners[name], time.monotonic()
+        task = asyncio.create_task(owner.run(after=after), name=f"engine:{name}")
+        task.add_done_callback(lambda t: self._owner_ended(name, owner, t, began))
         self.tasks[name] = task
 
-    def _owner_ended(self, name: str, engine: Engine, task: asyncio.Task[None], began: float) -> None:
+    def _owner_ended(self, name: str, owner: EngineOwner, task: asyncio.Task[None], began: float) -> None:
         """An engine's owner task ended: as meant once the fleet stops or the engine was asked to stop
         (reload, retire); otherwise a loud error, and a new owner after the restart backoff."""
         error = None if task.cancelled() else task.exception()
-        meant = self.stopping.is_set() or engine.stop_requested or self.engines.get(name) is not engine
+        meant = self.stopping.is_set() or owner.stop_requested or self.owners.get(name) is not owner
         if meant and error is None:
             return
         what = "was cancelled" if task.cancelled() else f"died: {type(error).__name__}: {error}" if error else "ended"
@@ -157,8 +146,8 @@ class Fleet:
 
     def restarts_of(self, model: str) -> int:
         """Restarts of a model's engines, all replicas together (for /metrics)."""
-        backend = self.backends.get(model)
-        return sum(self.engines[r.name].total_restarts for r in backend.replicas if r.name in self.engines) if backend else 0
+        served = self.models.get(model)
+        return sum(self.owners[r.name].total_restarts for r in served.replicas if r.name in self.owners) if served else 0
 
     @property
     def connection_limits(self) -> ConnectionLimits:
@@ -175,7 +164,7 @@ class Fleet:
         """Run until `stop()` (or a signal): engines and gateway, then a clean stop of everything."""
         started = time.monotonic()
         gw = self.config.gateway
-        app = create_app(self.backends, control=self.control, keys=self.keys, gateway=gw,
+        app = create_app(self.models, control=self.control, keys=self.keys, gateway=gw,
                          restarts=self.restarts_of, connections=self.connections,
                          ui=self.config.ui, admin_key=self.config.ui.admin_secret(os.environ))
         server = GatewayServer(app, gw, self.connection_limits, self.connections, console=self.console,
@@ -186,11 +175,11 @@ class Fleet:
         # Engines after the gateway: their start-up work in this process (spawning, the first
         # health polls, importing the engine client) would otherwise delay the gateway's start.
         if self.gateway_started.is_set():
-            for name in self.engines:
+            for name in self.owners:
                 self._start(name)
             self.console.print(
                 f"[bold]fleet[/bold] gateway: listening on {'https' if gw.tls_certfile else 'http'}://{gw.host}:{gw.port}/v1 "
-                f"(started in {time.monotonic() - started:.2f}s); {len(self.engines)} engine(s) loading",
+                f"(started in {time.monotonic() - started:.2f}s); {len(self.owners)} engine(s) loading",
                 highlight=False,
             )
         try:
@@ -200,8 +189,8 @@ class Fleet:
             server.request_stop()  # stop accepting; uvicorn drains open requests first
             with contextlib.suppress(BaseException):
                 await gateway
-            for e in self.engines.values():
-                e.request_stop()
+            for owner in self.owners.values():
+                owner.request_stop()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         if failed:
             error = None if gateway.cancelled() else gateway.exception()
@@ -214,8 +203,8 @@ class Fleet:
 
     def kill(self) -> None:
         """A second Ctrl-C: kill engines without waiting for requests to drain."""
-        for e in self.engines.values():
-            e.request_kill()
+        for owner in self.owners.values():
+            owner.request_kill()
         self.stop()
 
     # --- reload ---------------------------------------------------------------------------
@@ -261,55 +250,55 @@ class Fleet:
 
     def _take(self, replica: Replica) -> Taken:
         """A replica's engine and owner task, out of the fleet's books (its successor may take its name)."""
-        return replica, self.engines.pop(replica.name), self.tasks.pop(replica.name)
+        return replica, self.owners.pop(replica.name), self.tasks.pop(replica.name)
 
     async def _drain_and_stop(self, taken: list[Taken]) -> None:
         """Replicas already out of routing: their requests finish (at most drain_timeout), then their engines stop."""
-        for replica, engine, _ in taken:
-            engine.request_stop(drain=replica.stats.drained, timeout=self.config.supervisor.drain_timeout)
+        for replica, owner, _ in taken:
+            owner.request_stop(drain=replica.stats.drained, timeout=self.config.supervisor.drain_timeout)
         await asyncio.gather(*(task for _, _, task in taken))
 
     async def _retire(self, name: str) -> None:
         """A removed model: out of routing at once (404), its requests finish, then its engines stop."""
-        backend = self.backends.pop(name)
-        await self._drain_and_stop([self._take(r) for r in backend.replicas])
+        served = self.models.pop(name)
+        await self._drain_and_stop([self._take(r) for r in served.replicas])
 
     async def _replace(self, cfg: ModelConfig, bindings: dict[str, str] | None = None) -> str | None:
         """A changed model, rolled one replica at a time so that it never loses all its copies at
         once: each successor starts and is ready before its predecessor leaves routing, drains and
-        stops; where the two cannot run at once (placement.can_run_together), the predecessor leaves first (then only a
+        stops; where the two cannot run at once (machine.check.can_run_together), the predecessor leaves first (then only a
         model with one replica has a gap). A successor that fails stops the roll: the replicas not
         reached yet keep their settings and serve (the returned warning says so)."""
-        backend = self.backends[cfg.name]
-        before = list(backend.replicas)
+        served = self.models[cfg.name]
+        before = list(served.replicas)
         after = cfg.replica_configs()
-        backend.config = cfg  # what the gateway plans requests with, from now on
-        if backend.admission is not None:
+        served.config = cfg  # what the gateway plans requests with, from now on
+        if served.admission is not None:
             limits = cfg.limits
-            backend.admission.resize(limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
+            served.admission.resize(limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
         for k in range(max(len(before), len(after))):
             old = self._take(before[k]) if k < len(before) else None
             # on a cluster the successor may need what its predecessor holds: Ray would hold it back
-            together = (old is not None and k < len(after) and self.backend is None
+            together = (old is not None and k < len(after) and self.runtimes.on_this_machine
                         and can_run_together(old[1].cfg, after[k]))
             if old is not None and not together:
-                backend.replicas.remove(old[0])  # it leaves first: gone for good, or in its successor's way
+                served.replicas.remove(old[0])  # it leaves first: gone for good, or in its successor's way
                 await self._drain_and_stop([old])
                 old = None
             if k >= len(after):
                 continue
             new = self._replica(after[k], bindings)
-            backend.replicas.append(new)
+            served.replicas.append(new)
             self._start(new.name)
-            state = await self.engines[new.name].lifecycle.settled(cfg.start_timeout)
+            state = await self.owners[new.name].lifecycle.settled(cfg.start_timeout)
             if old is not None:  # both ran at once: the one that is not ready goes
                 goes, stays = (old, new) if state is EngineState.READY else (self._take(new), old[0])
-                backend.replicas.remove(goes[0])
+                served.replicas.remove(goes[0])
                 await self._drain_and_stop([goes])
                 if stays is old[0]:  # back in the books: it serves on with its old settings
-                    self.engines[old[0].name], self.tasks[old[0].name] = old[1], old[2]
+                    self.owners[old[0].name], self.tasks[old[0].name] = old[1], old[2]
             if state is not EngineState.READY:
-                kept = [r.name for r in before[k:] if r in backend.replicas]
+                kept = [r.name for r in before[k:] if r in served.replicas]
                 return (f"{cfg.name}: the rolling reload stopped at replica {k} ({new.lifecycle.reason or state.value}); "
                         f"{', '.join(kept) or 'no replica'} kept the previous settings")
         return None

@@ -2,7 +2,7 @@
 the task that reads it, the last lines (a failure's message quotes them), and where every line
 goes (the file, the fleet's journal, the console).
 
-`EngineOutput` is owned by the engine's owner (supervisor.EngineProcess), which calls it at each
+`EngineOutput` is owned by the local runtime of an engine (local.LocalProcess), which its owner calls at each
 start and stop; nothing else writes to it.
 """
 

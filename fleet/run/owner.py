@@ -1,10 +1,30 @@
-"""What every engine owner shares (`supervisor.EngineProcess` for an engine it starts,
-`attached.AttachedEngine` for one it only watches): the commands others send it, its name,
-`Lifecycle`, client and status lines."""
+"""One replica's engine and the single task that owns it: `EngineOwner.run`.
+
+The owner keeps the engine's `Lifecycle` (the states and transitions: fleet/lifecycle.py), its
+client and its restart counts; everything else only sends it commands: `request_stop` (after
+draining, when asked), `request_kill` (now, no grace), `request_restart`. How the engine runs is its
+`Runtime` (runtime.py): a process of this machine, an engine on a Ray cluster's node, or one started
+elsewhere and only watched. The loop is the same for each:
+
+    start (STARTING) -> wait until it answers (READY) -> watch until it ends or stops answering
+    (FAILED) -> stop what is left, wait the backoff (RESTARTING) -> start again ...
+    until a stop: drain (when asked), stop the engine (STOPPING), STOPPED
+
+An engine fleet did not start (`restartable` False: attached) is never started, restarted or
+stopped: it is waited for, watched, out of rotation (FAILED) while it does not answer and back
+(READY) once it does; a stop only takes it out of the fleet.
+
+It never dies silently (issue 16): an unexpected error is logged ("fleet.run"), fails the engine
+and takes the restart path (with a backoff of its own: it never uses up `max_restarts`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 
 from rich.console import Console
@@ -13,9 +33,20 @@ from rich.text import Text
 
 from fleet.config.model import ModelConfig
 from fleet.config.schema import SupervisorConfig
+from fleet.lifecycle import EngineState, Lifecycle
 from fleet.run.journal import Journal
-from fleet.run.lifecycle import Lifecycle
+from fleet.run.runtime import Runtime, StartFailed
 from fleet.wire.client import EngineClient
+
+HEALTH_POLL = 0.25  # while an engine fleet started is loading (one it only watches: health_interval)
+KILL_RETRY, KILL_RETRY_MAX, STOP_ATTEMPTS = 0.1, 2.0, 6  # a stop again after an OSError: waits (doubling), tries if stopping
+log = logging.getLogger("fleet.run")
+
+
+def backoff(policy: SupervisorConfig, restarts: int) -> float:
+    """Seconds to wait before restart number `restarts + 1`: doubling, capped."""
+    factor: int = 2**restarts
+    return min(policy.restart_backoff * factor, policy.restart_backoff_max)
 
 
 class Commands:
@@ -65,26 +96,40 @@ class Commands:
 
 
 class EngineOwner(Commands):
-    """One replica's engine as its owner task keeps it: settings, name ("<model>.<k>" for replica
-    k), lifecycle, the gateway's client to it, and the launcher's console."""
+    """One replica's engine, its runtime, and the single task that owns its lifecycle."""
 
-    def __init__(self, cfg: ModelConfig, *, console: Console | None, policy: SupervisorConfig,
-                 token: str | None, engine_timeout: float) -> None:
+    def __init__(self, cfg: ModelConfig, runtime: Runtime, *, console: Console | None = None,
+                 policy: SupervisorConfig | None = None, token: str | None = None,
+                 engine_timeout: float = 300.0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.name = cfg.replica_name
+        self.name = cfg.replica_name  # "<model>.<k>" for replica k of several
+        self.runtime = runtime
         self.lifecycle = Lifecycle(self.name)
         host, port = cfg.address
         self.client = EngineClient(cfg.name, host, port, token=token, timeout=engine_timeout)
         self.console = console or Console(stderr=True, soft_wrap=True)
-        self.policy = policy
+        self.policy = policy or SupervisorConfig()
+        self.started_at = 0.0
         self.ready_at: float | None = None
+        self.restarts = 0  # in a row; what max_restarts counts
         self.total_restarts = 0
-        # where it runs, for status: the file's address and GPUs, unless a cluster placed it (then its node's)
-        self.node: str | None = None
-        self.host, self.port = host, port
-        self.gpus = list(cfg.gpus)
+        self._errors = 0  # unexpected owner errors in a row: the backoff of their restarts
         self.journal: Journal | None = None  # the fleet's (the launcher sets it): its lines and state changes
+        runtime.bind(self)
+
+    # --- what status reads -----------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.runtime.pid
+
+    @property
+    def tail(self) -> list[str]:
+        """The engine's last output lines."""
+        return list(self.runtime.tail)
+
+    # --- its voice -------------------------------------------------------------------------------
 
     def keep_journal(self, journal: Journal) -> None:
         """Write this engine's output, the launcher's lines about it and its state changes to `journal`."""
@@ -96,3 +141,241 @@ class EngineOwner(Commands):
         self.console.print(f"[bold]fleet[/bold] {escape(self.name)}: {message}", highlight=False)
         if self.journal is not None:
             self.journal.line(self.name, "fleet: " + Text.from_markup(message).plain)
+
+    def line(self, text: str) -> None:
+        """One line of the engine's own output, into the fleet's journal (once the launcher gave it)."""
+        if self.journal is not None:
+            self.journal.line(self.name, text)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def run(self, *, after: float = 0.0) -> None:
+        """Start, supervise and restart the engine until asked to stop; then stop it. It can run again
+        (the launcher restarts an owner task that died) `after` s later; what is left is stopped first."""
+        try:
+            await self._terminate()  # nothing to do unless an earlier run ended half-way
+            await self._stop_within(after)
+            while not self._stop.is_set():
+                unexpected = False
+                try:
+                    await self._serve()
+                except Exception as e:  # not CancelledError: a cancel ends the run, and stops the engine
+                    self._unexpected(e)
+                    unexpected = True
+                if self._stop.is_set():
+                    break
+                if self._restart_asked():
+                    await self._restart_now()
+                elif not self.runtime.restartable:  # watched again until it answers
+                    if unexpected:
+                        self._errors += 1
+                        await self._stop_within(backoff(self.policy, self._errors - 1))
+                elif not await self._restart_after_backoff(unexpected):
+                    await self._wake.wait()  # failed for good: until a stop, or a restart asked
+                    if self._restart_asked():
+                        await self._restart_now()
+        finally:
+            await self._terminate()
+
+    async def _serve(self) -> None:
+        """Start the engine (an attached one: only the first time), wait until it is ready, watch it
+        until it fails or a command comes."""
+        starts = self.runtime.restartable or self.lifecycle.state is EngineState.STOPPED
+        if starts and not await self._start():
+            return
+        await self._until_stop_or(self._wait_ready())
+        if self.lifecycle.state is EngineState.READY:
+            await self._until_stop_or(self._watch())
+
+    async def _start(self) -> bool:
+        waiting = "" if self.runtime.restartable else f"waiting for the engine at {self.cfg.url} to answer"
+        self.lifecycle.to(EngineState.STARTING, waiting)
+        self.started_at, self.ready_at = time.monotonic(), None
+        try:
+            moved = await self.runtime.start(self.started_at + self.cfg.start_timeout, self._stop)
+        except StartFailed as e:
+            if not self._stop.is_set():
+                self._fail(str(e))
+            return False
+        if moved is not None:
+            await self.client.move_to(*moved)
+        return True
+
+    async def _wait_ready(self) -> None:
+        """Poll until the engine answers as ready; fail at once if it ends, or at the start timeout
+        (an engine fleet only watches is waited for without one)."""
+        restartable = self.runtime.restartable
+        deadline = self.started_at + self.cfg.start_timeout if restartable else math.inf
+        poll = HEALTH_POLL if restartable else self.policy.health_interval
+        ended = asyncio.create_task(self.runtime.ended())
+        misses = 0
+        try:
+            while time.monotonic() < deadline:
+                if self._stop.is_set():  # not only the cancel: a cancel swallowed below must not keep it starting
+                    return
+                self.runtime.notice()
+                if ended.done():
+                    self._fail(f"{ended.result()} before it was ready")
+                    return
+                problem = await self.runtime.check(self.client, 1.0 if restartable else poll)
+                if problem is None:
+                    self.lifecycle.to(EngineState.READY)
+                    self.ready_at = time.monotonic()
+                    self.say(self.runtime.ready_line(self.ready_at - self.started_at))
+                    return
+                misses += 1
+                if not restartable and misses == 1 and self.lifecycle.state is EngineState.STARTING:
+                    self.say(f"not ready yet: {escape(problem)}")
+                await asyncio.wait({ended}, timeout=poll)
+            self._fail(f"not ready after {self.cfg.start_timeout:.0f}s (start_timeout)")
+        finally:
+            ended.cancel()
+
+    async def _watch(self) -> None:
+        """While ready: fail when the engine ends or does not answer `health_failures` checks in a row."""
+        ended = asyncio.create_task(self.runtime.ended())
+        misses = 0
+        try:
+            while not self._stop.is_set():  # as in _wait_ready: the stop ends it even if its cancel got lost
+                self.runtime.notice()
+                await asyncio.wait({ended}, timeout=self.policy.health_interval)
+                if ended.done():
+                    self._fail(f"crashed ({ended.result()})")
+                    return
+                if self.ready_at and time.monotonic() - self.ready_at > self.policy.restart_reset_after:
+                    self.restarts = self._errors = 0
+                problem = await self.runtime.check(self.client, self.policy.health_interval)
+                misses = 0 if problem is None else misses + 1
+                if misses < self.policy.health_failures:
+                    continue
+                if self.runtime.restartable:
+                    self._fail(f"stopped answering /health ({misses} checks in a row)")
+                else:
+                    self.lifecycle.to(EngineState.FAILED, f"{problem}: out of rotation until it does")
+                    self.ready_at = None
+                    self.say(f"[red]out of rotation[/red]: {escape(problem or '')} ({misses} checks in a row)")
+                return
+        finally:
+            ended.cancel()
+
+    async def _restart_after_backoff(self, unexpected: bool = False) -> bool:
+        """Stop what is left of the failed engine, wait the backoff; False once restarts are used up.
+        An unexpected error (the launcher's, not the engine's) never uses them up; it backs off on its own."""
+        if not await self._stop_engine(min(self.policy.stop_grace, 5.0)):
+            return True  # a stop came first: _terminate takes over
+        if not unexpected and self.restarts >= self.policy.max_restarts:
+            self.say(f"[red]stays failed[/red] after {self.restarts} restart(s) in a row")
+            return False
+        self._errors += unexpected
+        delay = backoff(self.policy, self._errors - 1 if unexpected else self.restarts)
+        which = "after a supervisor error" if unexpected else f"restart {self.restarts + 1} of at most {self.policy.max_restarts}"
+        self.lifecycle.to(EngineState.RESTARTING, f"restart in {delay:.1f}s ({which})")
+        self.say(f"restarting in {delay:.1f}s ({which})")
+        if await self._stop_within(delay, or_restart=True):
+            return True
+        self._restart_asked()  # one asked meanwhile: this is it (the engine is already gone)
+        self.restarts += not unexpected
+        self.total_restarts += 1
+        return True
+
+    async def _restart_now(self) -> None:
+        """A restart was asked: the engine (what is left of it) stops with its grace, and the run loop
+        starts it anew at once (STOPPING -> STARTING), with its restarts in a row forgiven."""
+        self.say("restarting, as asked")
+        if self.lifecycle.state is not EngineState.STOPPING:
+            self.lifecycle.to(EngineState.STOPPING, "restart asked")
+        if self.runtime.has_engine:
+            await self._stop_engine(self.policy.stop_grace, attempts=STOP_ATTEMPTS, now=self._kill)
+        self.restarts = self._errors = 0
+        self.total_restarts += 1
+
+    async def _stop_engine(self, grace: float, *, attempts: int = 0, now: asyncio.Event | None = None) -> bool:
+        """The runtime's stop, again after a short backoff while it raises OSError (logged): `attempts`
+        times or (0) until a stop, so that no new engine starts while the old one may hold its port.
+        True: it is gone."""
+        tries = 0
+        while self.runtime.has_engine:
+            try:
+                await self.runtime.stop(grace, now)
+                return True
+            except OSError as e:
+                tries += 1
+                log.error("%s: could not make sure the engine's processes are gone (try %d): %s", self.name, tries, e,
+                          exc_info=e if tries == 1 else None)
+                self.say(f"[red]could not make sure its processes are gone[/red] (try {tries}): {escape(str(e))}")
+                if tries == attempts:
+                    return False
+                delay = min(KILL_RETRY * 2 ** (tries - 1), KILL_RETRY_MAX)  # stopping: not cut short by the stop
+                if await (asyncio.sleep(delay, False) if attempts else self._stop_within(delay)):
+                    return False  # a stop came: _terminate takes over
+        return True
+
+    async def _terminate(self) -> None:
+        """Drain (if asked), stop the engine, always end in STOPPED (also from a run that ended in
+        STOPPING): after STOP_ATTEMPTS it is given up loudly (engines die with the launcher:
+        PR_SET_PDEATHSIG)."""
+        if self.lifecycle.state is EngineState.STOPPED:
+            return
+        if self._drain is not None and self.lifecycle.state is EngineState.READY:
+            try:
+                async with asyncio.timeout(self._drain_timeout):
+                    await _first_of(self._drain(), self._kill)
+            except TimeoutError:
+                pass  # drained enough
+            except Exception:
+                log.exception("%s: draining failed; stopping the engine anyway", self.name)
+        if self.lifecycle.state is not EngineState.STOPPING:
+            self.lifecycle.to(EngineState.STOPPING)
+        if self.runtime.has_engine:
+            grace = 0.0 if self._kill.is_set() else self.policy.stop_grace
+            if not await self._stop_engine(grace, attempts=STOP_ATTEMPTS, now=self._kill):
+                pid = self.pid
+                log.error("%s: gave up making sure engine pid %s and its processes are gone", self.name, pid)
+                self.say(f"[red]gave up[/red] making sure pid {pid} and its processes are gone; they die with the launcher")
+        await self.runtime.close()
+        await self.client.close()
+        self.lifecycle.to(EngineState.STOPPED)
+        self.say(self.runtime.gone_line)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    async def _stop_within(self, seconds: float, *, or_restart: bool = False) -> bool:
+        """Wait `seconds`, less if a stop (or, `or_restart`, any command) comes meanwhile; True if a stop did."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await (self._wake if or_restart else self._stop).wait()
+        return self._stop.is_set()
+
+    async def _until_stop_or(self, work: Awaitable[None]) -> None:
+        """Await `work` until it ends or a command comes (a stop, a restart)."""
+        await _first_of(work, self._wake)
+
+    def _unexpected(self, error: Exception) -> None:
+        """An error nothing below handled: logged with its traceback; the engine FAILED with it as the reason."""
+        what = f"{type(error).__name__}: {error}"
+        log.error("%s: unexpected error supervising the engine (%s)", self.name, self.lifecycle.state.value, exc_info=error)
+        self.say(f"[red]unexpected error[/red] supervising the engine: {escape(what)} (traceback logged)")
+        self._fail(f"supervisor error: {what}")
+
+    def _fail(self, reason: str) -> None:
+        if self.lifecycle.state in (EngineState.STARTING, EngineState.READY):
+            self.lifecycle.to(EngineState.FAILED, reason)
+            self.ready_at = None
+            last = "\n".join(f"    {escape(line)}" for line in self.tail[-15:])
+            self.say(f"[red]failed[/red]: {escape(reason)}" + (f"; last log lines:\n{last}" if last else ""))
+
+
+async def _first_of(work: Awaitable[None], event: asyncio.Event) -> None:
+    """Await `work` until it ends or `event` is set, whichever comes first; cancel the other. An
+    error of `work` is raised here (issue 16: it was dropped); a cancel of this call cancels it."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, waiter):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, waiter, return_exceptions=True)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        raise error

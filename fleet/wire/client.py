@@ -73,7 +73,7 @@ def pinned_tls_context(certfile: str, host: str) -> ssl.SSLContext:
 class EngineClient:
     """Talks to one engine listening on (host, port); `generate` yields frames until Done or Error.
 
-    Its owner (the engine's supervisor) closes it."""
+    Its owner (the engine's owner, fleet.run.owner) closes it."""
 
     def __init__(self, name: str, host: str, port: int, *, token: str | None = None, timeout: float = 300.0) -> None:
         self.name = name

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 
-from fleet.gateway.backend import Backend
+from fleet.gateway.model import ServedModel
 from fleet.gateway.ui.gpus import Gpu, Gpus
 
 EVERY = 2.0  # seconds between samples
@@ -43,9 +43,9 @@ class Sample(msgspec.Struct):
 class History:
     """The last `kept` points of every replica, and the last GPU reading."""
 
-    def __init__(self, backends: Callable[[], Mapping[str, Backend]], gpus: Gpus | None = None,
+    def __init__(self, models: Callable[[], Mapping[str, ServedModel]], gpus: Gpus | None = None,
                  kept: int = KEPT) -> None:
-        self.backends, self.gpus_reader, self.kept = backends, gpus or Gpus(), kept
+        self.models, self.gpus_reader, self.kept = models, gpus or Gpus(), kept
         self.points: dict[str, collections.deque[Point]] = {}
         self.gpus: list[Gpu] = []
         self.seq = 0  # samples taken
@@ -55,8 +55,8 @@ class History:
         """Read every replica's counters once; keep and return the points."""
         now = time.time() if now is None else now
         points: dict[str, Point] = {}
-        for backend in self.backends().values():
-            for replica in backend.replicas:
+        for served in self.models().values():
+            for replica in served.replicas:
                 stats = replica.stats
                 then, requests, errors = self._last.get(replica.name, (now, stats.requests, stats.errors))
                 span = now - then
@@ -65,7 +65,7 @@ class History:
                     at=round(now, 2),
                     tokens_per_s=round(stats.tokens_per_second(), 1),
                     inflight=stats.inflight,
-                    queued=backend.queued,
+                    queued=served.queued,
                     requests_per_min=round(done * 60 / span, 1) if span > 0 else 0.0,
                     error_share=round((stats.errors - errors) / done, 3) if done > 0 else 0.0,
                 )

@@ -117,7 +117,7 @@ def converted(gguf: Path, name: str) -> Path:
 def convert_gguf(gguf: Path, out: Path) -> None:
     """Run `dequantize` in a child process, so the engine process never holds torch/transformers
     state from the conversion (on a CUDA machine, vLLM 0.24 stalled starting after an in-process one)."""
-    done = subprocess.run([sys.executable, "-m", "fleet.config.sources", str(gguf), str(out)],
+    done = subprocess.run([sys.executable, "-m", "fleet.sources", str(gguf), str(out)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stdout.splitlines()[-20:])

@@ -1,15 +1,15 @@
 """Which replica of a model takes a request: pure functions over the replicas' live state.
 
-Each policy gets a snapshot (`ReplicaLoad` per replica: serving or not, requests in flight and
-queued, recent failures) and returns a `Choice` (which replica, and why) or None when no replica
+Each policy gets a snapshot (`ReplicaLoad` per replica: serving or not, engine requests in flight,
+recent failures) and returns a `Choice` (which replica, and why) or None when no replica
 serves. Nothing here keeps state between requests: no round-robin counter (one shared across models
 skews them all), no load counters of its own (counters that a health check resets lie); the caller
 reads the live counts of each replica's owner. Randomness comes in as an argument, so tests are exact.
 
-- `least_loaded`: fewest requests in flight plus queued; with more than `SAMPLED_ABOVE` replicas,
+- `least_loaded`: fewest engine requests in flight; with more than `SAMPLED_ABOVE` replicas,
   the better of two picked at random (the power of two choices: nearly as even, and no herd onto
   the one replica that just looked least loaded to every gateway task at once).
-- `bounded_affinity`: requests with the same key (a prompt's leading part, `prefix_key`) go to the
+- `bounded_affinity`: requests with the same key (a prompt's leading part, keys.affinity_key) go to the
   same replica so vLLM's prefix cache hits, unless that replica holds more than `bound` times the
   mean load; then the key's next replica takes it. Every key has its own order of replicas
   (rendezvous hashing), so a spilled or missed key lands anywhere, not always on one replica, and a
@@ -28,17 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fleet.config.model import RoutingPolicy as Policy  # the names, defined once with the fleet file's field
+
 SAMPLED_ABOVE = 4  # replicas; up to this many, least_loaded looks at all of them
-PREFIX_CHARS = 256  # a prompt's leading characters that make its affinity key
 LOAD_BOUND = 1.25  # bounded_affinity: at most this times the mean load (+1) per replica
-
-
-class Policy(StrEnum):
-    """A model's routing policy in fleet.toml."""
-
-    LEAST_LOADED = "least-loaded"
-    PREFIX = "prefix"
-    SESSION = "session"
 
 
 class Outcome(StrEnum):
@@ -56,14 +49,9 @@ class ReplicaLoad:
 
     index: int
     serving: bool
-    in_flight: int = 0
-    queued: int = 0
+    load: int = 0  # engine requests in flight (a model's queue is the model's, before any replica: admission.py)
     recent_failures: int = 0
     slot: int | None = None  # the replica's own number (its name's k): keys stay put when a reload reorders the list
-
-    @property
-    def load(self) -> int:
-        return self.in_flight + self.queued
 
 
 @dataclass(frozen=True)
@@ -116,11 +104,6 @@ def sticky(replicas: Sequence[ReplicaLoad], key: bytes) -> Choice | None:
         if r.serving:
             return Choice(r.index, Outcome.AFFINITY if k == 0 else Outcome.SPILLED)
     return None
-
-
-def prefix_key(text: str, chars: int = PREFIX_CHARS) -> bytes:
-    """The affinity key of a prompt (or a chat's messages joined): its leading characters."""
-    return text[:chars].encode("utf-8", "surrogatepass")
 
 
 def choose(policy: Policy, replicas: Sequence[ReplicaLoad], key: bytes | None, rng: random.Random) -> Choice | None:

@@ -1,4 +1,6 @@
-"""The engine lifecycle: the one table of allowed transitions, and the object that holds a state.
+"""An engine's lifecycle, in one place: its states, which of them serve, the transitions allowed
+between them, which one a model with several replicas shows, how long a client is told to wait in
+each, and `Lifecycle`, the object an engine's owner keeps its state in.
 
     STOPPED ──start──> STARTING ──health 200──> READY
                           │                       │
@@ -9,22 +11,48 @@
     any live state ──restart asked──> STOPPING ──> STARTING    (the status page's restart)
 
 Only `Lifecycle.to` changes a state; it refuses a transition the table does not list and
-notifies listeners (the console display, waiters) on every change. The states themselves are
-part of what the fleet reports (fleet.gateway.status.EngineState).
+notifies listeners (the console display, the journal, waiters) on every change. A new state is one
+member of `EngineState`, its row in `TRANSITIONS`, its place in `SHOWN_FIRST` and its retry hint,
+plus the code that causes it (the owner loop: fleet/run/owner.py).
+
+May import: fleet.errors, fleet.pulse. Everything else imports this: it is the bottom floor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from fleet.errors import InvalidTransition
-from fleet.gateway.status import EngineState
 from fleet.pulse import Pulse
 
+
+class EngineState(enum.StrEnum):
+    """Where an engine is in its lifecycle."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    RESTARTING = "restarting"
+    STOPPING = "stopping"
+
+    @property
+    def serving(self) -> bool:
+        """Whether requests may be sent to an engine in this state."""
+        return self in SERVING
+
+    @property
+    def retry_after(self) -> int:
+        """Seconds a client is told to wait (Retry-After) for a model in this state."""
+        return RETRY_AFTER.get(self, 5)
+
+
 S = EngineState
+SERVING = frozenset({S.READY})
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.STOPPED: frozenset({S.STARTING}),
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
@@ -33,6 +61,16 @@ TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.RESTARTING: frozenset({S.STARTING, S.STOPPING}),
     S.STOPPING: frozenset({S.STOPPED, S.STARTING}),
 }
+# A model with several replicas shows the state of the one closest to serving.
+SHOWN_FIRST = (S.READY, S.RESTARTING, S.STARTING, S.STOPPING, S.FAILED, S.STOPPED)
+RETRY_AFTER = {S.STARTING: 10, S.RESTARTING: 10, S.FAILED: 30}  # others: 5
+
+
+def closest_to_serving(states: Iterable[EngineState]) -> EngineState:
+    """The state a model shows over its replicas' states (STOPPED when it has none)."""
+    present = set(states)
+    return next((s for s in SHOWN_FIRST if s in present), S.STOPPED)
+
 
 Listener = Callable[["Lifecycle", EngineState, str], None]
 

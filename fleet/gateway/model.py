@@ -1,0 +1,82 @@
+"""One model as the gateway serves it (`ServedModel`): its settings, its replicas, its counts of
+client requests, its admission queue. The launcher builds these and owns what they point to (the
+engines' owners and lifecycles); the gateway reads them, and sends each engine request through
+routing (fleet/gateway/routing/)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import msgspec
+
+from fleet.api.answers import Batches
+from fleet.config.model import ModelConfig
+from fleet.gateway.admission import Admission
+from fleet.gateway.metrics import ModelCounts
+from fleet.gateway.routing.replicas import Replica, reason_of, routed, state_of
+from fleet.lifecycle import EngineState
+from fleet.wire import protocol
+
+
+@dataclass
+class ServedModel:
+    """One model: its config, its replicas, its counts and admission."""
+
+    config: ModelConfig
+    replicas: list[Replica]
+    stats: ModelCounts = field(default_factory=ModelCounts)
+    admission: Admission | None = None
+    rng: random.Random = field(default_factory=random.Random)
+
+    @property
+    def name(self) -> str:
+        """What clients send as `model`."""
+        return self.config.name
+
+    @property
+    def state(self) -> EngineState:
+        """The model's state over its replicas: the one closest to serving."""
+        return state_of(self.replicas)
+
+    @property
+    def reason(self) -> str:
+        return reason_of(self.replicas)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for an engine slot."""
+        return self.admission.queued if self.admission else 0
+
+    def keyed(self, key: bytes | None) -> Keyed:
+        """This model as the target of requests that carry a session key (routing = "session")."""
+        return Keyed(self, key)
+
+    def generate(self, req: protocol.GenerateRequest, key: bytes | None = None) -> Batches:
+        """The frames of one engine request from the replica routing picks (api.answers.FrameSource)."""
+        return routed(self.name, self.replicas, self.config.routing, self.rng, "/generate", req, key)
+
+    def call(self, path: str, req: msgspec.Struct, key: bytes | None = None) -> Batches:
+        """The frames of a request to another engine route (/embed, /tokenize, /detokenize), routed alike."""
+        return routed(self.name, self.replicas, self.config.routing, self.rng, path, req, key)
+
+    def count_tokens(self, completion: int, prompt: int) -> None:
+        """Tokens of one finished engine request (api.answers.FrameSource)."""
+        self.stats.add_tokens(completion, prompt)
+
+
+@dataclass
+class Keyed:
+    """A model whose engine requests carry one session key."""
+
+    model: ServedModel
+    key: bytes | None
+
+    def generate(self, req: protocol.GenerateRequest) -> Batches:
+        return self.model.generate(req, self.key)
+
+    def call(self, path: str, req: msgspec.Struct) -> Batches:
+        return self.model.call(path, req, self.key)
+
+    def count_tokens(self, completion: int, prompt: int) -> None:
+        self.model.count_tokens(completion, prompt)

@@ -1,0 +1,44 @@
+"""A model looked up by the name a request gives: 404 when the fleet has no such model, 503 with
+Retry-After while none of its replicas serves (the hint per state: fleet/lifecycle.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol, TypeVar
+
+from fleet.errors import ModelNotFound, ModelNotReady, shown
+from fleet.lifecycle import EngineState
+
+
+class Named(Protocol):
+    """What a lookup reads of a model (fleet.gateway.model.ServedModel)."""
+
+    @property
+    def state(self) -> EngineState: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+M = TypeVar("M", bound=Named)
+
+
+def find(models: Mapping[str, M], name: str) -> M:
+    """The model called `name`, whatever its state; 404 if the fleet has no such model."""
+    model = models.get(name)
+    if model is None:
+        known = ", ".join(sorted(models)) or "none"
+        raise ModelNotFound(f"the model {shown(name)} does not exist in this fleet (models: {known})")
+    return model
+
+
+def route(models: Mapping[str, M], name: str) -> M:
+    """The model called `name`, serving; 404 if the fleet has no such model, 503 if none of its
+    replicas serves."""
+    model = find(models, name)
+    state = model.state
+    if not state.serving:
+        why = f": {model.reason}" if model.reason and state is EngineState.FAILED else ""
+        raise ModelNotReady(f"model {name!r} is not ready (engine {state.value}{why}); retry later",
+                            retry_after=state.retry_after)
+    return model
