@@ -1,10 +1,13 @@
-"""The `fleet` command."""
+"""The `fleet` command: its commands, each a few lines over the parts that do the work (a running
+fleet is reached through fleet.remote).
+
+May import: fleet (every part: it is the top floor; cluster only for a fleet file with [cluster]).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -74,9 +77,9 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
     if not config.models:
         click.echo(f"error: {config_path}: no [[models]] to serve", err=True)
         sys.exit(2)
-    placement = check_machine(config, config_path)
-    cluster = _join_cluster(config, placement, echo_logs=engine_logs)
-    _report(placement)
+    report = check_machine(config, config_path)
+    cluster = _join_cluster(config, report, echo_logs=engine_logs)
+    _report(report)
     try:
         run_loop(run_launch(config, echo_logs=engine_logs, config_path=config_path,
                             overrides={"host": host, "port": port}, runtimes=cluster))
@@ -91,17 +94,17 @@ def launch(config_path: Path, host: str | None, port: int | None, engine_logs: b
             cluster.close()
 
 
-def _join_cluster(config: FleetConfig, placement: object, *, echo_logs: bool = True) -> RayCluster | None:
-    """With [cluster]: join it, adding to the placement's findings where every replica fits
+def _join_cluster(config: FleetConfig, report: object, *, echo_logs: bool = True) -> RayCluster | None:
+    """With [cluster]: join it, adding to the check report where every replica fits
     (fleet.cluster.connect.join); None without [cluster], and then Ray is never imported."""
     from fleet.machine.check import CheckReport
 
-    assert isinstance(placement, CheckReport)
+    assert isinstance(report, CheckReport)
     if config.cluster is None:
         return None
     from fleet.cluster.connect import join
 
-    return join(config, config.cluster, placement, echo_logs=echo_logs)
+    return join(config, config.cluster, report, echo_logs=echo_logs)
 
 
 @main.command()
@@ -112,9 +115,9 @@ def check(config_path: Path) -> None:
     from fleet.machine.probe import engine_dtype
 
     config = _load(config_path)
-    placement = check_machine(config, config_path)
-    _check_exposure(config, placement)
-    if (cluster := _join_cluster(config, placement, echo_logs=False)) is not None:
+    report = check_machine(config, config_path)
+    _check_exposure(config, report)
+    if (cluster := _join_cluster(config, report, echo_logs=False)) is not None:
         cluster.close()
     console = table_console()
     console.print(f"{config_path}: gateway on {config.gateway.host}:{config.gateway.port}", highlight=False, soft_wrap=True)
@@ -127,100 +130,66 @@ def check(config_path: Path) -> None:
         for r in m.replica_configs():  # one row per engine: a replica's own GPUs and port
             where = f"attached: {r.url}" if r.url else str(r.port)  # an attached engine's GPUs are its machine's
             devices = "CPU" if r.on_cpu else f"{len(r.gpus)} on a node" if r.gpu_count else ",".join(map(str, r.gpus))
-            table.add_row(r.replica_name, m.source, placement.sources[m.name].value, devices, str(r.tensor_parallel_size), where,
+            table.add_row(r.replica_name, m.source, report.sources[m.name].value, devices, str(r.tensor_parallel_size), where,
                           memory, dtypes[m.name][0], str(m.eager).lower())
     console.print(table)
     for m in config.models:
         if m.on_cpu and m.dtype == "auto":
             click.echo(f"{m.name}: {dtypes[m.name][0]} ({dtypes[m.name][1]})")
-    if placement.cluster:
+    if report.cluster:
         rooms = Table(title=f"cluster {config.cluster.address if config.cluster else ''}: where Ray has room now")
         for col in ("replica", "node"):
             rooms.add_column(col, no_wrap=True)
-        for name, ids in placement.cluster:
-            rooms.add_row(name, ", ".join(f"{placement.nodes.get(n, '?')} ({n[:8]})" for n in ids) or "no room")
+        for name, ids in report.cluster:
+            rooms.add_row(name, ", ".join(f"{report.nodes.get(n, '?')} ({n[:8]})" for n in ids) or "no room")
         console.print(rooms)
-    if placement.gpus:
+    if report.gpus:
         gpus = Table(title="GPUs")
         for col in ("GPU", "models", "memory fraction"):
             gpus.add_column(col)
-        for g, names, total in gpu_rows(placement):
+        for g, names, total in gpu_rows(report):
             gpus.add_row(str(g), ", ".join(names), f"{total:.2f}")
         console.print(gpus)
-    _report(placement)
+    _report(report)
 
 
-def _check_exposure(config: FleetConfig, placement: object) -> None:
-    """What `fleet launch` will say about the gateway's exposure, among the placement's findings."""
+def _check_exposure(config: FleetConfig, report: object) -> None:
+    """What `fleet launch` will say about the gateway's exposure, among the check report."""
     from fleet.gateway.auth import check_exposure, load_keys
     from fleet.machine.check import CheckReport
 
-    assert isinstance(placement, CheckReport)
+    assert isinstance(report, CheckReport)
     try:
         if warning := check_exposure(config.gateway.host, load_keys(config.auth).enabled, config.auth.open):
-            placement.warnings.append(warning)
+            report.warnings.append(warning)
     except ConfigError as e:
-        placement.errors.append(str(e))
+        report.errors.append(str(e))
 
 
-def _report(placement: object) -> None:
+def _report(report: object) -> None:
     from fleet.machine.check import CheckReport
 
-    assert isinstance(placement, CheckReport)
-    for w in placement.warnings:
+    assert isinstance(report, CheckReport)
+    for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
-    if placement.errors:
-        click.echo("error: the fleet cannot start:\n" + "\n".join(f"  {e}" for e in placement.errors), err=True)
+    if report.errors:
+        click.echo("error: the fleet cannot start:\n" + "\n".join(f"  {e}" for e in report.errors), err=True)
         sys.exit(2)
-
-
-def _gateway_url(config_path: Path, host: str | None, port: int | None) -> tuple[str, ssl.SSLContext | bool]:
-    """The running gateway's URL and how to verify it: https, trusting only its own certificate,
-    when the fleet file gives one (`fleet.wire.client.pinned_tls_context`)."""
-    from fleet.wire.client import connect_host, pinned_tls_context, url_of
-
-    gw = _load(config_path, host=host, port=port).gateway
-    if gw.tls_certfile is None:
-        return url_of(gw.host, gw.port), True
-    try:
-        return url_of(gw.host, gw.port, tls=True), pinned_tls_context(gw.tls_certfile, connect_host(gw.host))
-    except (ConfigError, ssl.SSLError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-
-
-def _admin_headers(config_path: Path) -> dict[str, str]:
-    """The control routes need a key that may use every model when the fleet has keys:
-    $FLEET_API_KEY, else the first such key of the fleet file's own key sources."""
-    key = os.environ.get("FLEET_API_KEY")
-    if not key:
-        from fleet.gateway.auth import load_keys
-
-        try:
-            keys = load_keys(_load(config_path).auth).keys
-        except ConfigError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        key = next((k.secret.decode() for k in keys if k.models is None), None)
-    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def _control(method: str, path: str, config_path: Path, host: str | None, port: int | None,
              timeout: float = 120) -> bytes:
-    import httpx
+    """One request to the running fleet's control routes (fleet.remote); its failure, the CLI's message."""
+    from fleet.remote import Remote, RemoteError
 
-    base, verify = _gateway_url(config_path, host, port)
-    url = base + path
     try:
-        r = httpx.request(method, url, timeout=timeout, verify=verify, headers=_admin_headers(config_path))
-    except httpx.HTTPError as e:
-        click.echo(f"error: no fleet answers at {url}: {e}", err=True)
+        return Remote.of(_load(config_path, host=host, port=port)).call(method, path, timeout=timeout)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except RemoteError as e:
+        click.echo(f"error: {e}", err=True)
         sys.exit(1)
-    if r.status_code >= 400:
-        body = r.json()
-        click.echo(f"error: {body.get('error', {}).get('message', body)}", err=True)
-        sys.exit(1)
-    return r.content
 
 
 GATEWAY_OPTIONS = [

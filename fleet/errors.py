@@ -4,6 +4,8 @@ A request error is a `FleetError`: its HTTP status, OpenAI's `type` and `code`, 
 names and any extra headers are arguments of the one base; each subclass only fixes them. The
 gateway turns them into OpenAI's envelope in one exception handler (gateway/app.py), and a
 stream that already started reports them with the same envelope (api/answers.py).
+
+May import: nothing of fleet (the ground floor).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ The owner calls `beat()` after each change; a waiter calls `until(check)`, which
 so no change is missed and nobody polls. Used where one object owns a value that others wait on:
 an engine's state (fleet.lifecycle), a model's requests in flight (gateway.metrics), the journal's
 newest number (run.journal).
+
+May import: nothing of fleet (the ground floor).
 """
 
 from __future__ import annotations

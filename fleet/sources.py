@@ -10,6 +10,8 @@ Conversion dequantizes the GGUF with transformers (``gguf`` installed) and write
 safetensors folder. It runs in the engine process, so the gateway never imports torch.
 Two processes converting the same file at once are safe: one holds a file lock and writes
 into a temporary folder that is renamed into place; the other waits and then reuses it.
+
+May import: nothing of fleet.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """What the `fleet` command prints as tables: a box table that fits the terminal's width (a name
 is never broken; the least needed columns go first), or plain rows when stdout is a pipe (one
-line per row, for grep and awk). `fleet status`'s columns are here; the command itself is cli.py."""
+line per row, for grep and awk). `fleet status`'s columns are here; the command itself is cli.py.
+
+May import: fleet.gateway.status, fleet.lifecycle.
+"""
 
 from __future__ import annotations
 

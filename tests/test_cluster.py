@@ -48,7 +48,7 @@ def test_without_cluster_table_a_fleet_has_no_cluster_and_gpu_ids_as_before() ->
 def test_cluster_table_defaults_to_the_local_ray_cluster() -> None:
     config = parse({"cluster": {}, "models": [model(gpus=2)]})
     assert config.cluster is not None
-    assert (config.cluster.backend, config.cluster.address, config.cluster.namespace) == ("ray", "auto", "fleet")
+    assert (config.cluster.system, config.cluster.address, config.cluster.namespace) == ("ray", "auto", "fleet")
 
 
 def test_on_a_cluster_gpus_is_a_count_split_among_replicas() -> None:

@@ -31,7 +31,7 @@ DONE_EVENT = b"data: [DONE]\n\n"
 Batches = AsyncGenerator[list[protocol.Frame], None]  # a generator: open_stream acloses the unread ones
 
 
-class Engine(Protocol):
+class FrameSource(Protocol):
     """What answering needs of a model's engine: its frames, and where to count tokens."""
 
     def generate(self, req: protocol.GenerateRequest) -> Batches:
@@ -128,7 +128,7 @@ class PromptResult:
     completion_tokens: int = 0
     cached_tokens: int = 0
 
-    def fold(self, frame: protocol.Frame, engine: Engine) -> protocol.Delta | None:
+    def fold(self, frame: protocol.Frame, source: FrameSource) -> protocol.Delta | None:
         """Take one frame in: a Delta is returned for the caller (collected or streamed), the
         Prompt and the token counts are kept, an Error is raised as the gateway's error."""
         match frame:
@@ -139,7 +139,7 @@ class PromptResult:
             case protocol.Done(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens):
                 self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
                 self.cached_tokens = frame.cached_tokens
-                engine.count_tokens(completion_tokens, prompt_tokens)
+                source.count_tokens(completion_tokens, prompt_tokens)
             case protocol.Error():
                 raise frame_error(frame)
         return None
@@ -165,23 +165,23 @@ class PromptResult:
 # --- whole answers ----------------------------------------------------------------------------
 
 
-async def run_prompt(engine: Engine, req: protocol.GenerateRequest) -> PromptResult:
+async def run_prompt(source: FrameSource, req: protocol.GenerateRequest) -> PromptResult:
     """Collect one engine request to its end."""
     result = PromptResult()
-    async for batch in engine.generate(req):
+    async for batch in source.generate(req):
         for frame in batch:
-            if (delta := result.fold(frame, engine)) is not None:
+            if (delta := result.fold(frame, source)) is not None:
                 result.add(delta)
     return result
 
 
-async def collect(engine: Engine, plan: Plan, request_id: str) -> list[PromptResult]:
+async def collect(source: FrameSource, plan: Plan, request_id: str) -> list[PromptResult]:
     """Run every prompt of the plan to its end, concurrently."""
     reqs = engine_requests(plan, request_id)
     if len(reqs) == 1:
-        return [await run_prompt(engine, reqs[0])]
+        return [await run_prompt(source, reqs[0])]
     async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(run_prompt(engine, r)) for r in reqs]
+        tasks = [tg.create_task(run_prompt(source, r)) for r in reqs]
     return [t.result() for t in tasks]
 
 
@@ -223,15 +223,15 @@ async def _first(gen: Batches) -> list[protocol.Frame]:
     return batch
 
 
-async def open_stream(engine: Engine, plan: Plan, shaper: Shaper, request_id: str) -> AsyncGenerator[bytes, None]:
+async def open_stream(source: FrameSource, plan: Plan, shaper: Shaper, request_id: str) -> AsyncGenerator[bytes, None]:
     """Start a streamed answer; raises before any byte is sent if the engine refuses the request."""
-    gens = [engine.generate(r) for r in engine_requests(plan, request_id)]
+    gens = [source.generate(r) for r in engine_requests(plan, request_id)]
     try:
         firsts = await asyncio.gather(*(_first(g) for g in gens))
     except BaseException:
         await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
         raise
-    return _stream_body(_merge([_prefixed(f, g) for f, g in zip(firsts, gens, strict=True)]), plan, shaper, engine)
+    return _stream_body(_merge([_prefixed(f, g) for f, g in zip(firsts, gens, strict=True)]), plan, shaper, source)
 
 
 async def _prefixed(first: list[protocol.Frame], gen: Batches) -> Batches:
@@ -274,7 +274,7 @@ async def _merge(gens: list[Batches]) -> AsyncIterator[tuple[int, list[protocol.
 
 
 async def _stream_body(
-    batches: AsyncIterator[tuple[int, list[protocol.Frame]]], plan: Plan, shaper: Shaper, engine: Engine
+    batches: AsyncIterator[tuple[int, list[protocol.Frame]]], plan: Plan, shaper: Shaper, source: FrameSource
 ) -> AsyncGenerator[bytes, None]:
     """The SSE body: one write per batch of frames (all its events), an error event on failure."""
     results = [PromptResult() for _ in plan.prompts]
@@ -285,7 +285,7 @@ async def _stream_body(
             result, events = results[p], []
             try:
                 for frame in batch:
-                    if (delta := result.fold(frame, engine)) is not None:
+                    if (delta := result.fold(frame, source)) is not None:
                         index, usage_so_far = p * plan.n + delta.index, None
                         if sent is not None:
                             sent[index] += len(delta.token_ids)

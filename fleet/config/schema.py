@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fleet.config.fields import Int, Strict
@@ -163,7 +163,10 @@ class ClusterConfig(Strict):
     """Engines on a cluster instead of this machine (docs/cluster.md): each replica a Ray actor that
     runs its engine on a node Ray picks. Absent: local processes, and Ray is never imported."""
 
-    backend: Literal["ray"] = Field("ray", description="the cluster system; Ray is the one there is")
+    system: Literal["ray"] = Field(
+        "ray", validation_alias=AliasChoices("system", "backend"),  # `backend`, its first name, still read
+        description="the cluster system; Ray is the one there is",
+    )
     address: str = Field(
         "auto", min_length=1,
         description='the Ray cluster: "auto" (the one `ray start` runs on this machine), HOST:PORT of its head, or ray://HOST:10001',

@@ -5,5 +5,6 @@ calls and outputs into frames, `encoding` turns prompt text into token ids, `arg
 engine arguments, `beam` runs classic beam search step-wise. Started as
 ``python -m fleet.engine``; nothing else imports this package.
 
-May import: fleet.wire.protocol, fleet.config, fleet.errors, fleet.run.process, torch and vllm.
+May import: fleet.wire, fleet.config, fleet.machine, fleet.sources, fleet.errors, fleet.run.process;
+torch and vllm.
 """

@@ -3,8 +3,9 @@
 Errors of every kind are `FleetError`s (fleet/errors.py) and leave through one handler that writes
 OpenAI's envelope ``{"error": {"message", "type", "param", "code"}}``.
 
-The two generation routes are Litestar ASGI handlers rather than typed ones: they read and decode
-their own body (bodies.py) and send their answer to the ASGI server themselves. Litestar's
+The routes to a model come from the endpoint folders' declarations (fleet.api.catalog.ENDPOINTS),
+one `endpoint_route` each. They are Litestar ASGI handlers rather than typed ones: they read and
+decode their own body (bodies.py) and send their answer to the ASGI server themselves. Litestar's
 typed-handler layers (the signature model, kwargs, the before-request hook, `Response`) were
 ~50-70 us of the ~350-400 us of gateway CPU a request took on a slow 2-core VM. The routes keep
 Litestar's routing and exception handlers. The OpenAPI document is fleet's own (openapi.py).
@@ -16,10 +17,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, asgi, get, post
+from litestar import Litestar, Request, Response, asgi, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.handlers import ASGIRouteHandler
@@ -27,16 +28,10 @@ from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 from litestar.types import HTTPScope, Receive, Send
 
-from fleet.api.answers import Engine
-from fleet.api.chat import serving as chat
-from fleet.api.chat.protocol import ChatCompletionRequest
-from fleet.api.completions import serving as completions
-from fleet.api.completions.protocol import CompletionRequest
-from fleet.api.embeddings import serving as embeddings
-from fleet.api.embeddings.protocol import EmbeddingRequest
+from fleet.api.answers import FrameSource
+from fleet.api.catalog import ENDPOINTS
+from fleet.api.endpoint import Endpoint
 from fleet.api.protocol import ErrorResponse, ModelCard, ModelList
-from fleet.api.tokens import serving as token_serving
-from fleet.api.tokens.protocol import DetokenizeRequest, TokenizeRequest
 from fleet.config.schema import GatewayConfig, UiConfig
 from fleet.errors import BodyTooLarge, FleetError, InvalidRequest
 from fleet.gateway import control as control_routes
@@ -49,6 +44,7 @@ from fleet.gateway.metrics import Metrics
 from fleet.gateway.model import ServedModel
 from fleet.gateway.openapi import JSON, openapi_json
 from fleet.gateway.recent import Recent, Trace, prompt_preview
+from fleet.gateway.routing.keys import session_key
 from fleet.gateway.routing.lookup import find, route
 from fleet.gateway.status import Health
 from fleet.gateway.tracking import Tracked
@@ -128,19 +124,18 @@ WHAT_IT_SERVES = {"generate": "a generation model: it serves /v1/completions and
                   "embed": "an embedding model: it serves /v1/embeddings"}
 
 
-def check_task(served: ServedModel, task: str, path: str) -> None:
-    """A route for generation or for embeddings, and a model of that kind (400 naming `model`)."""
-    if served.config.task != task:
-        raise InvalidRequest(f"model {served.name!r} is {WHAT_IT_SERVES[served.config.task]}, not {path}",
+def check_task(served: ServedModel, endpoint: Endpoint) -> None:
+    """An endpoint for generation or for embeddings, and a model of that kind (400 naming `model`)."""
+    if endpoint.task is not None and served.config.task != endpoint.task:
+        raise InvalidRequest(f"model {served.name!r} is {WHAT_IT_SERVES[served.config.task]}, not {endpoint.path}",
                              param="model", code="wrong_model_type")
 
 
-def generation_route(path: str, name: str, schema: type[CompletionRequest | ChatCompletionRequest | EmbeddingRequest],
-                     plan: Callable[..., Planned], api: _Api, route_name: str,
-                     task: str = "generate") -> ASGIRouteHandler:
-    """A POST route that reads its body as `schema`, routes it to its model (one that does `task`),
-    plans and runs it."""
-    body_of = decoder(schema)
+def endpoint_route(endpoint: Endpoint) -> ASGIRouteHandler:
+    """The POST route of an endpoint folder's declaration (fleet.api.catalog): it checks the key,
+    reads the body as the endpoint's request, finds the model (one that serves the endpoint's task),
+    plans the request and runs it (tracked endpoints inside the model's bookkeeping)."""
+    body_of = decoder(endpoint.request)
 
     async def handle(scope: HTTPScope, receive: Receive, send: Send) -> None:
         method = scope["method"]
@@ -153,98 +148,46 @@ def generation_route(path: str, name: str, schema: type[CompletionRequest | Chat
         keys: Keys = state.api_keys
         # The key before the body, as the other routes' hook: without a valid key, a 401 whatever the body.
         key = keys.check(header(scope, b"authorization")) if keys.enabled else None
-        data = decode_body(await read_body(scope, receive, state.max_body_bytes), body_of)
+        data: Any = decode_body(await read_body(scope, receive, state.max_body_bytes), body_of)
         Keys.allow(key, data.model)
         served = route(state.models, data.model)
-        check_task(served, task, path)
+        check_task(served, endpoint)
+        prompt = prompt_preview(endpoint.prompt(data)) if state.show_prompts and endpoint.prompt else None
         try:
-            planned = plan(data, served.config.defaults, served.config.limits)
+            planned = endpoint.plan(data, served.config.defaults, served.config.limits)
         except FleetError as e:  # refused before it ran: the status page lists it too
-            if (recent := state.recent) is not None:
-                recent.add(Trace(at=time.time(), model=data.model, route=route_name, status=e.status,
-                                 prompt=shown_prompt(data) if state.show_prompts else None))
+            if endpoint.tracked and (recent := state.recent) is not None:
+                recent.add(Trace(at=time.time(), model=data.model, route=endpoint.label, status=e.status, prompt=prompt))
             raise
-        engine: Engine = served
-        if served.config.routing == "session":  # the same session to the same replica
-            named = header(scope, served.config.session_header.lower().encode()) if served.config.session_header else None
-            session = named or data.user
-            engine = served.keyed(session.encode() if session else None)
-        prompt = shown_prompt(data) if state.show_prompts else None
-        await _run(receive, send, state, served, engine, planned, data.model, api, route_name, prompt)
+        session = session_key(scope, served.config, getattr(data, "user", None))
+        source: FrameSource = served if session is None else served.keyed(session)
+        if not endpoint.tracked:
+            await _send_json(send, await unless_disconnected(receive, endpoint.complete(source, planned, data.model)))
+            return
+        tracked = Tracked(served, endpoint.label, state.metrics, state.recent, prompt)
+        if endpoint.stream is not None and planned.stream:
+            stream = endpoint.stream
+            await tracked.send_stream(lambda: stream(source, planned, data.model), send, receive)
+            return
+        async with tracked:
+            body = await unless_disconnected(receive, endpoint.complete(source, planned, data.model))
+        await _send_json(send, body)
 
-    handle.__name__ = handle.__qualname__ = name
-    return asgi(path, name=name, is_mount=False, copy_scope=False)(handle)
-
-
-class Planned(Protocol):
-    """A request planned by its endpoint (api/<endpoint>/serving.py): whether it streams, and the rest."""
-
-    @property
-    def stream(self) -> bool: ...
-
-
-class _Api(Protocol):
-    async def complete(self, engine: Engine, plan: Any, model: str) -> bytes: ...
-    def stream(self, engine: Engine, plan: Any, model: str) -> Any: ...
+    handle.__name__ = handle.__qualname__ = endpoint.name
+    return asgi(endpoint.path, name=endpoint.name, is_mount=False, copy_scope=False)(handle)
 
 
-def shown_prompt(data: CompletionRequest | ChatCompletionRequest | EmbeddingRequest) -> str:
-    """What the status page shows of a request's prompt ([ui] show_prompts): a completion's
-    prompt, an embedding's input, a chat's last message."""
-    if isinstance(data, CompletionRequest):
-        return prompt_preview(data.prompt)
-    if isinstance(data, EmbeddingRequest):
-        return prompt_preview(data.input)
-    content = data.messages[-1].content
-    if isinstance(content, list):
-        content = " ".join(part.text or "" for part in content)
-    return prompt_preview(content or "")
-
-
-async def _run(receive: Receive, send: Send, state: State, served: ServedModel, engine: Engine, plan: Any, model: str,
-               api: _Api, route_name: str, prompt: str | None = None) -> None:
-    """Run a planned request in its bookkeeping (slot, in-flight count, metrics, disconnects); send the answer.
-
-    The answer goes to the ASGI server as is: the body is already encoded, and Litestar's response
-    objects (header containers, cookies, background tasks) cost ~30-40 us of the ~350 us of gateway
-    CPU a request takes on a slow 2-core VM. Errors before the first byte are raised, and leave as
-    plain HTTP errors through the app's exception handlers.
-    """
-    tracked = Tracked(served, route_name, state.metrics, state.recent, prompt)
-    if plan.stream:
-        await tracked.send_stream(lambda: api.stream(engine, plan, model), send, receive)
-        return
-    async with tracked:
-        body = await unless_disconnected(receive, api.complete(engine, plan, model))
+async def _send_json(send: Send, body: bytes) -> None:
+    """A whole answer, straight to the ASGI server: the body is already encoded, and Litestar's
+    response objects (header containers, cookies, background tasks) cost ~30-40 us of the ~350 us of
+    gateway CPU a request takes on a slow 2-core VM. Errors before this are raised, and leave as
+    plain HTTP errors through the app's exception handlers."""
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-completions_route = generation_route("/v1/completions", "completions", CompletionRequest, completions.plan_completion,
-                                     completions, "completions")
-chat_completions = generation_route("/v1/chat/completions", "chat_completions", ChatCompletionRequest, chat.plan_chat,
-                                    chat, "chat")
-embeddings_route = generation_route("/v1/embeddings", "embeddings", EmbeddingRequest, embeddings.plan_embeddings,
-                                    embeddings, "embeddings", task="embed")
-_tokenize_body, _detokenize_body = decoder(TokenizeRequest), decoder(DetokenizeRequest)
-
-
-@post("/tokenize", status_code=200, before_request=require_key)
-async def tokenize_route(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
-    """vLLM's /tokenize: a prompt's (or a chat's, through the model's template) token ids, as the
-    model's engine counts them; `count` is the `prompt_tokens` a request with it would report."""
-    data = decode_body(await request.body(), _tokenize_body)
-    Keys.allow(scope_key(request.scope), data.model)
-    return Response(await token_serving.tokenize(route(state.models, data.model), data), media_type=JSON)
-
-
-@post("/detokenize", status_code=200, before_request=require_key)
-async def detokenize_route(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
-    """vLLM's /detokenize: the text of token ids."""
-    data = decode_body(await request.body(), _detokenize_body)
-    Keys.allow(scope_key(request.scope), data.model)
-    return Response(await token_serving.detokenize(route(state.models, data.model), data), media_type=JSON)
+ENDPOINT_ROUTES = [endpoint_route(e) for e in ENDPOINTS]
 
 
 def create_app(
@@ -275,8 +218,7 @@ def create_app(
         await asyncio.gather(*sampler, return_exceptions=True)
 
     app = Litestar(
-        route_handlers=[health, metrics, list_models, retrieve_model, completions_route, chat_completions,
-                        embeddings_route, tokenize_route, detokenize_route, *control_routes.ROUTES,
+        route_handlers=[health, metrics, list_models, retrieve_model, *ENDPOINT_ROUTES, *control_routes.ROUTES,
                         openapi_json, *(ui_routes.ROUTES if with_ui else ())],
         state=State({
             "models": models,

@@ -2,8 +2,9 @@
 
 What this module owns:
 - the document's every entry: the routes app.py and control.py serve (paths, methods, summaries
-  and operationIds as Litestar once wrote them, descriptions from the handlers' docstrings),
-  their request bodies and their answers;
+  and operationIds as Litestar once wrote them, descriptions from the handlers' docstrings), their
+  request bodies and their answers; the routes to a model, from their endpoint folders'
+  declarations (fleet.api.catalog.ENDPOINTS: path, schemas, description);
 - its schemas, written by msgspec (`msgspec.json.schema_components`) from the very Structs the
   gateway decodes and encodes, so the document and the validation cannot drift apart;
 - what no signature says: OpenAI's error envelope on every error status, the generation routes'
@@ -27,11 +28,8 @@ import msgspec
 from litestar import Litestar, Request, Response, get
 
 from fleet import __version__
-from fleet.api.chat.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
-from fleet.api.completions.protocol import CompletionChunk, CompletionRequest, CompletionResponse
-from fleet.api.embeddings.protocol import EmbeddingRequest, EmbeddingResponse
+from fleet.api.catalog import ENDPOINTS
 from fleet.api.protocol import ErrorResponse, ModelCard, ModelList
-from fleet.api.tokens.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fleet.gateway.status import FleetStatus, Health, ReloadReport
 
@@ -59,21 +57,9 @@ CONTROL_ERRORS = {  # control.py's: Forbidden, InvalidRequest, and the keys' che
 }
 RETRY_AFTER = (429, 503)  # the SDK retries these after Retry-After seconds
 
-# The generation routes are ASGI handlers without docstrings (app.py says why): their text is here.
-GENERATION = [  # path, the name Litestar knew the route by, description, request, answer, its text, stream chunk
-    ("/v1/completions", "completions_route", "OpenAI's legacy completions: parse, route, plan, run.",
-     CompletionRequest, CompletionResponse, "the completion", CompletionChunk),
-    ("/v1/chat/completions", "chat_completions",
-     "OpenAI's chat completions: the engine renders the messages with the model's chat template.",
-     ChatCompletionRequest, ChatCompletionResponse, "the chat completion", ChatCompletionChunk),
-]
-TOKENS = [  # vLLM's routes: path, handler name, request, answer, its text
-    ("/tokenize", "tokenize_route", TokenizeRequest, TokenizeResponse, "the token ids (and their strings, when asked)"),
-    ("/detokenize", "detokenize_route", DetokenizeRequest, DetokenizeResponse, "the text"),
-]
-STRUCTS = [CompletionRequest, CompletionResponse, CompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-           ChatCompletionChunk, EmbeddingRequest, EmbeddingResponse, TokenizeRequest, TokenizeResponse,
-           DetokenizeRequest, DetokenizeResponse, ModelList, ModelCard, Health, FleetStatus, ReloadReport, ErrorResponse]
+STRUCTS: list[type] = list(dict.fromkeys([  # every schema the document refers to, each once
+    *(t for e in ENDPOINTS for t in (e.request, e.response, e.chunk) if t is not None),
+    ModelList, ModelCard, Health, FleetStatus, ReloadReport, ErrorResponse]))
 
 
 @get(PATH, sync_to_thread=False)
@@ -138,18 +124,12 @@ def _paths(ref: Mapping[type, dict[str, Any]], described: Mapping[str, str]) -> 
             "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
                             "description": "the model's name (it may hold slashes)"}]}},
     }
-    for path, name, what, request, answer, answered, chunk in GENERATION:
-        ok = _answer(f"{answered}; with stream: true, server-sent events", ref[answer])
-        ok["content"]["text/event-stream"] = {"schema": _events(ref[chunk], error)}
-        paths[path] = {"post": _operation(path, name, what, {200: ok, **_errors(ERRORS, error, RETRY_AFTER)},
-                                          body=ref[request])}
-    paths["/v1/embeddings"] = {"post": _operation(
-        "/v1/embeddings", "embeddings", "OpenAI's embeddings, from a model whose `task` is \"embed\" (vLLM's pooling runner).",
-        {200: _answer("the embeddings, in input order", ref[EmbeddingResponse]), **_errors(ERRORS, error, RETRY_AFTER)},
-        body=ref[EmbeddingRequest])}
-    for path, name, request, answer, answered in TOKENS:
-        paths[path] = {"post": _operation(path, name, described.get(path, ""), {
-            200: _answer(answered, ref[answer]), **_errors(ERRORS, error, RETRY_AFTER)}, body=ref[request])}
+    for e in ENDPOINTS:
+        ok = _answer(e.answered + ("; with stream: true, server-sent events" if e.chunk else ""), ref[e.response])
+        if e.chunk is not None:
+            ok["content"]["text/event-stream"] = {"schema": _events(ref[e.chunk], error)}
+        paths[e.path] = {"post": _operation(e.path, e.name, e.description, {
+            200: ok, **_errors(ERRORS, error, RETRY_AFTER)}, body=ref[e.request])}
     stopping = {"type": "object", "required": ["stopping"], "properties": {"stopping": {"const": True}}}
     paths |= {
         "/fleet/status": {"get": _operation("/fleet/status", "fleet_status", described.get("/fleet/status", ""), {

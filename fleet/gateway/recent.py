@@ -3,7 +3,7 @@ which route, the status, tokens, time to first token and duration (the prompt's 
 `[ui] show_prompts` says so).
 
 `Tracked` (tracking.py) opens one `Trace` per request and sets it as the request task's `TRACE`;
-the backend that runs it notes the replica and the tokens there; `Recent` keeps the last ones.
+the routed engine request (routing/replicas.py) notes the replica and the tokens there; `Recent` keeps the last ones.
 A request costs one small object and a deque append.
 """
 

@@ -128,9 +128,9 @@ def can_run_together(old: ModelConfig, new: ModelConfig) -> bool:
     return old.port != new.port and not set(old.gpus) & set(new.gpus) and not (old.on_cpu and new.on_cpu)
 
 
-def gpu_rows(placement: CheckReport) -> list[tuple[int, list[str], float]]:
+def gpu_rows(report: CheckReport) -> list[tuple[int, list[str], float]]:
     """Per GPU: the models on it and their summed memory fraction."""
-    by_gpu: dict[int, list[tuple[str, float]]] = defaultdict(list, placement.gpus)
+    by_gpu: dict[int, list[tuple[str, float]]] = defaultdict(list, report.gpus)
     return [(g, [n for n, _ in by_gpu[g]], round(sum(f for _, f in by_gpu[g]), 3)) for g in sorted(by_gpu)]
 
 

@@ -3,5 +3,5 @@ gateway's client for it (`client`), the HTTP/1.1 transport under it (`http1`, po
 `exchange`'s one-connection exchanges), and the plain-ASGI pieces both sides' hot routes use
 (`asgi`).
 
-May import: fleet.config, fleet.errors. Never torch, vllm or Litestar.
+May import: fleet.config, fleet.errors. Never torch, vllm or Litestar (`asgi` speaks plain ASGI).
 """

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 import msgspec
 
 from fleet.api import answers
-from fleet.api.answers import Engine, finish_reason
+from fleet.api.answers import FrameSource, finish_reason
 from fleet.api.chat.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -56,10 +56,10 @@ def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults, limits: Li
     return planned
 
 
-async def complete(engine: Engine, plan: Plan, model: str) -> bytes:
+async def complete(source: FrameSource, plan: Plan, model: str) -> bytes:
     """A whole chat.completion as JSON bytes."""
     request_id = answers.new_id("chatcmpl")
-    results = await answers.collect(engine, plan, request_id)
+    results = await answers.collect(source, plan, request_id)
     choices = [
         ChatChoice(
             index=p * plan.n + i,
@@ -117,7 +117,7 @@ class ChatShaper:
         return answers.sse(_json.encode(ChatCompletionChunk(self.id, self.created, self.model, [], usage)))
 
 
-async def stream(engine: Engine, plan: Plan, model: str) -> AsyncGenerator[bytes, None]:
+async def stream(source: FrameSource, plan: Plan, model: str) -> AsyncGenerator[bytes, None]:
     """A streamed chat.completion (SSE bytes); raises before streaming if the engine refuses."""
     request_id = answers.new_id("chatcmpl")
-    return await answers.open_stream(engine, plan, ChatShaper(plan, model, request_id), request_id)
+    return await answers.open_stream(source, plan, ChatShaper(plan, model, request_id), request_id)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import msgspec
 
 from fleet.api import answers
-from fleet.api.answers import Candidate, Engine, finish_reason
+from fleet.api.answers import Candidate, FrameSource, finish_reason
 from fleet.api.completions.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -42,10 +42,10 @@ def plan_completion(req: CompletionRequest, defaults: SamplingDefaults, limits: 
     )
 
 
-async def complete(engine: Engine, plan: Plan, model: str) -> bytes:
+async def complete(source: FrameSource, plan: Plan, model: str) -> bytes:
     """A whole, non-streamed text_completion as JSON bytes."""
     request_id = answers.new_id("cmpl")
-    results = await answers.collect(engine, plan, request_id)
+    results = await answers.collect(source, plan, request_id)
     choices: list[CompletionChoice] = []
     for p, (prompt, result) in enumerate(zip(plan.prompts, results, strict=True)):
         prompt_text = prompt_text_of(prompt, result.prompt)
@@ -129,7 +129,7 @@ class CompletionShaper:
         return answers.sse(_json.encode(CompletionChunk(self.id, self.created, self.model, [], usage)))
 
 
-async def stream(engine: Engine, plan: Plan, model: str) -> AsyncGenerator[bytes, None]:
+async def stream(source: FrameSource, plan: Plan, model: str) -> AsyncGenerator[bytes, None]:
     """A streamed text_completion (SSE bytes); raises before streaming if the engine refuses."""
     request_id = answers.new_id("cmpl")
-    return await answers.open_stream(engine, plan, CompletionShaper(plan, model, request_id), request_id)
+    return await answers.open_stream(source, plan, CompletionShaper(plan, model, request_id), request_id)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import msgspec
 
 from fleet.api import answers
-from fleet.api.answers import Engine
+from fleet.api.answers import FrameSource
 from fleet.api.embeddings.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from fleet.api.planning import NO_LIMITS
 from fleet.api.rules import check_limits, prompt_list
@@ -37,19 +37,19 @@ def plan_embeddings(req: EmbeddingRequest, _defaults: SamplingDefaults, limits: 
     return EmbedPlan(inputs, req.dimensions, req.encoding_format == "base64")
 
 
-async def complete(engine: Engine, plan: EmbedPlan, model: str) -> bytes:
+async def complete(source: FrameSource, plan: EmbedPlan, model: str) -> bytes:
     """The embeddings answer as JSON bytes."""
     req = protocol.EmbedRequest(answers.new_id("embd"), plan.inputs, plan.dimensions)
     vectors: dict[int, bytes] = {}
     prompt_tokens = 0
-    async for batch in engine.call("/embed", req):
+    async for batch in source.call("/embed", req):
         for frame in batch:
             match frame:
                 case protocol.Embedding():
                     vectors[frame.index] = frame.vector
                 case protocol.Done():
                     prompt_tokens = frame.prompt_tokens
-                    engine.count_tokens(0, prompt_tokens)
+                    source.count_tokens(0, prompt_tokens)
                 case protocol.Error():
                     raise answers.frame_error(frame)
     data = [Embedding(i, base64.b64encode(v).decode() if plan.base64 else floats(v)) for i, v in sorted(vectors.items())]
@@ -62,7 +62,3 @@ def floats(vector: bytes) -> list[float]:
     if sys.byteorder != "little":
         values.byteswap()
     return values.tolist()
-
-
-async def stream(engine: Engine, plan: EmbedPlan, model: str) -> None:  # never called: plan.stream is False
-    raise AssertionError("an embedding is never streamed")

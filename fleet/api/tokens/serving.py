@@ -7,7 +7,7 @@ from typing import TypeVar
 import msgspec
 
 from fleet.api import answers
-from fleet.api.answers import Engine
+from fleet.api.answers import FrameSource
 from fleet.api.rules import text_messages
 from fleet.api.tokens.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from fleet.errors import InvalidRequest
@@ -33,26 +33,31 @@ def engine_tokenize_request(req: TokenizeRequest) -> protocol.TokenizeRequest:
                                     token_strs=strs)
 
 
-async def tokenize(engine: Engine, req: TokenizeRequest) -> bytes:
+def plan_tokens(req: TokenizeRequest | DetokenizeRequest, _defaults: object, _limits: object) -> TokenizeRequest | DetokenizeRequest:
+    """Nothing to plan: the request goes to the engine as it is."""
+    return req
+
+
+async def tokenize(source: FrameSource, req: TokenizeRequest, model: str = "") -> bytes:
     """The prompt's tokens as the model's engine counts them for /v1/completions and chat."""
-    tokens = await _one(engine, "/tokenize", engine_tokenize_request(req), protocol.Tokens)
+    tokens = await _one(source, "/tokenize", engine_tokenize_request(req), protocol.Tokens)
     return _json.encode(TokenizeResponse(len(tokens.ids), tokens.max_model_len, tokens.ids, tokens.strs))
 
 
-async def detokenize(engine: Engine, req: DetokenizeRequest) -> bytes:
+async def detokenize(source: FrameSource, req: DetokenizeRequest, model: str = "") -> bytes:
     """The text of token ids."""
     if any(t < 0 for t in req.tokens):
         raise InvalidRequest("token ids must be >= 0", param="tokens")
-    text = await _one(engine, "/detokenize", protocol.DetokenizeRequest(req.tokens), protocol.Text)
+    text = await _one(source, "/detokenize", protocol.DetokenizeRequest(req.tokens), protocol.Text)
     return _json.encode(DetokenizeResponse(text.text))
 
 
 F = TypeVar("F", protocol.Tokens, protocol.Text)
 
 
-async def _one(engine: Engine, path: str, req: msgspec.Struct, kind: type[F]) -> F:
+async def _one(source: FrameSource, path: str, req: msgspec.Struct, kind: type[F]) -> F:
     found: F | None = None
-    async for batch in engine.call(path, req):
+    async for batch in source.call(path, req):
         for frame in batch:
             if isinstance(frame, protocol.Error):
                 raise answers.frame_error(frame)
