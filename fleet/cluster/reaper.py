@@ -8,58 +8,36 @@ workers), which would live on holding memory and GPUs. Nothing in the actor can 
 SIGKILL, so this watcher lives outside it: it detaches (a second fork, so that it is nobody's child
 that Ray would kill), notes the engine's descendants while it runs, and when the host process is
 gone sends SIGTERM to the engine's process group and those descendants, then SIGKILL after a
-grace period. When the engine's tree ends first (a normal stop), it just exits.
+grace period (the same stop as every engine's: fleet.run.process.Tree). When the engine's tree
+ends first (a normal stop), it just exits.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 import time
 
 import psutil
 
+from fleet.run.process import STOP_GRACE, Tree
+
 POLL = 0.2
-GRACE = 5.0
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists (not ours to signal)
-        pass
-    return True
-
-
-def _signal(pgid: int, tree: dict[int, psutil.Process], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-    for p in tree.values():
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(sig)
-
-
-def watch(host: int, engine: int, *, poll: float = POLL, grace: float = GRACE) -> None:
-    """Until the engine's group is gone: if the host process dies first, stop the engine's tree."""
+def watch(host: int, engine: int, *, poll: float = POLL, grace: float = STOP_GRACE) -> None:
+    """Until the engine's group is gone: if the host process dies first, stop the engine's tree
+    (process.Tree, as every engine stop: SIGTERM, then SIGKILL after `grace`)."""
     try:
         watched = psutil.Process(host)
     except psutil.NoSuchProcess:
         watched = None
-    tree: dict[int, psutil.Process] = {}
-    while _group_alive(engine):
-        with contextlib.suppress(psutil.Error):
-            for p in psutil.Process(engine).children(recursive=True):
-                tree.setdefault(p.pid, p)
+    tree = Tree(engine)
+    while tree.group_alive():
+        tree.note(engine)
+        tree.errors.clear()  # a walk that failed is tried again at the next poll
         if watched is None or not watched.is_running() or watched.status() == psutil.STATUS_ZOMBIE:
-            _signal(engine, tree, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and (_group_alive(engine) or any(p.is_running() for p in tree.values())):
-                time.sleep(poll)
-            _signal(engine, tree, signal.SIGKILL)
+            tree.stop_blocking(grace, poll)
             return
         time.sleep(poll)
 

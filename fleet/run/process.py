@@ -12,6 +12,7 @@ import gc
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -160,26 +161,97 @@ def ignores_sigterm(pid: int) -> bool:
     return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
 
 
+class Tree:
+    """A process tree to stop: its process group (the leader's pid; None: no group of its own) and
+    the descendants seen, some of which may have left the group (vLLM's helpers, orphans once the
+    engine died). The one way fleet signals a tree: the group by killpg, which needs no file
+    descriptor, and each descendant by psutil, which checks it is still the process it was before
+    it signals it. An OSError on the way (EMFILE: psutil cannot read /proc) is kept in `errors`,
+    never raised half-way: everything that can be signalled is."""
+
+    def __init__(self, group: int | None, members: Iterable[psutil.Process] = ()) -> None:
+        self.group = group
+        self.members: dict[int, psutil.Process] = {p.pid: p for p in members}
+        self.errors: list[OSError] = []
+
+    def note(self, root: int) -> None:
+        """Add the live descendants of `root` (a walk that cannot read /proc is an error kept)."""
+        try:
+            for p in descendants(root, strict=True):
+                self.members.setdefault(p.pid, p)
+        except OSError as e:
+            self.errors.append(e)
+
+    def signal(self, sig: int) -> list[psutil.Process]:
+        """`sig` to the group and each member; the members signalled (not those already gone, nor
+        those psutil could not check: no use waiting for them)."""
+        import psutil
+
+        if self.group is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.group, sig)
+        signalled = []
+        for p in list(self.members.values()):
+            try:
+                p.send_signal(sig)
+                signalled.append(p)
+            except psutil.Error:  # gone already
+                pass
+            except OSError as e:
+                self.errors.append(e)
+        return signalled
+
+    def group_alive(self) -> bool:
+        if self.group is None:
+            return False
+        try:
+            os.killpg(self.group, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it exists (not ours to signal)
+            pass
+        return True
+
+    def alive(self) -> bool:
+        """Whether anything of it still runs."""
+        return self.group_alive() or any(_running(p) for p in self.members.values())
+
+    def stop_blocking(self, grace: float = STOP_GRACE, poll: float = 0.05) -> None:
+        """SIGTERM, wait up to `grace` s for everything to end, SIGKILL what is left: for a process
+        with no event loop (an engine's last act, the cluster's reaper). Children of this process
+        are reaped as they end (psutil.wait_procs)."""
+        import psutil
+
+        deadline = time.monotonic() + grace
+        try:
+            psutil.wait_procs(self.signal(signal.SIGTERM), timeout=grace)
+        except OSError as e:
+            self.errors.append(e)
+        while self.alive() and time.monotonic() < deadline:  # members of the group it never saw
+            time.sleep(poll)
+        try:
+            psutil.wait_procs(self.signal(signal.SIGKILL), timeout=1.0)
+        except OSError as e:
+            self.errors.append(e)
+
+
+def _running(p: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+    except (psutil.Error, OSError):
+        return False
+
+
 def reap_children(grace: float = 5.0) -> None:
-    """Terminate this process's descendants (vLLM's helpers), killing those still alive after `grace`.
+    """Stop this process's descendants (vLLM's helpers): SIGTERM, SIGKILL those still alive after `grace`.
 
     A helper that ignores SIGTERM (multiprocessing's resource tracker) is left to end by itself
     when this process exits: waiting for it here cost every engine stop the whole grace, and
     killing it would leave behind the shared memory it exists to clean up."""
-    import psutil
-
     family = descendants(os.getpid())  # the engine's last act: best effort (OSError too), the launcher kills the rest
-    family = [p for p in family if not ignores_sigterm(p.pid)]
-    for p in family:
-        with contextlib.suppress(psutil.Error, OSError):
-            p.terminate()
-    try:
-        _, alive = psutil.wait_procs(family, timeout=grace)
-    except OSError:
-        alive = family
-    for p in alive:
-        with contextlib.suppress(psutil.Error, OSError):
-            p.kill()
+    Tree(None, [p for p in family if not ignores_sigterm(p.pid)]).stop_blocking(grace)
 
 
 async def wait_exit(proc: asyncio.subprocess.Process, poll: float = 0.05, until: asyncio.Event | None = None) -> int | None:
@@ -209,44 +281,18 @@ async def stop_process_tree(
     the caller decides whether to try again."""
     import psutil
 
-    errors: list[OSError] = []
-
-    def walk() -> list[psutil.Process]:
-        try:
-            return descendants(proc.pid, strict=True)
-        except OSError as e:
-            errors.append(e)
-            return []
-
-    def signal_each(procs: list[psutil.Process], kill: bool) -> list[psutil.Process]:
-        """The processes it could signal (not those psutil could not check: no use waiting for them)."""
-        signalled = []
-        for p in procs:
-            try:
-                p.kill() if kill else p.terminate()
-                signalled.append(p)
-            except psutil.Error:  # gone already
-                pass
-            except OSError as e:
-                errors.append(e)
-        return signalled
-
-    family = walk()
-    family += [p for p in also if p.pid not in {q.pid for q in family}]
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    signal_each(family, kill=False)  # descendants that left the group
+    tree = Tree(proc.pid, also)
+    tree.note(proc.pid)
+    tree.signal(signal.SIGTERM)  # the group, and descendants that left it
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(grace):
             await wait_exit(proc, until=now)
-    family += walk()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    killed = signal_each(family, kill=True)
+    tree.note(proc.pid)
+    killed = tree.signal(signal.SIGKILL)
     await wait_exit(proc)
     try:
         await asyncio.get_running_loop().run_in_executor(None, lambda: psutil.wait_procs(killed, timeout=grace))
     except OSError as e:
-        errors.append(e)
-    if errors:
-        raise errors[0]
+        tree.errors.append(e)
+    if tree.errors:
+        raise tree.errors[0]
