@@ -45,11 +45,22 @@ def _ephemeral_low() -> int:
         return 32768  # the usual Linux default; elsewhere the range is higher still
 
 
+def _share(low: int, top: int) -> tuple[int, int]:
+    """This process's part of [low, top): all of it, or under pytest-xdist the worker's own slice,
+    so that two workers never hand out the same port (each remembers only its own)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not worker.startswith("gw") or not count.isdigit() or int(count) < 2:
+        return low, top
+    k, width = int(worker[2:]), (top - low) // int(count)
+    return low + k * width, low + (k + 1) * width
+
+
 def free_ports(n: int = 1) -> int:
     """The first of `n` consecutive loopback ports nothing listens on, none handed out before, all
     below the ephemeral range (where no outgoing connection or port-0 bind can take them)."""
-    top = _ephemeral_low() - n
-    if top - LOWEST_PORT < 1000:  # an ephemeral range reaching this low: fall back to the kernel's choice
+    low, top = _share(LOWEST_PORT, _ephemeral_low())
+    top -= n  # the last port of the n within this share
+    if top - low < 500:  # an ephemeral range reaching this low: fall back to the kernel's choice
         for _ in range(100):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
@@ -58,7 +69,7 @@ def free_ports(n: int = 1) -> int:
                 return first
         raise RuntimeError(f"no {n} consecutive free ports")
     for _ in range(1000):
-        first = _rng.randrange(LOWEST_PORT, top)
+        first = _rng.randrange(low, top)
         ports = range(first, first + n)
         if _given.isdisjoint(ports) and all(_free(p) for p in ports):
             _given.update(ports)

@@ -29,7 +29,7 @@ Without --collect the process runs as `fleet launch` does: its start-up heap fro
 (fleet.process.freeze_startup_heap), so the cyclic garbage Litestar leaves on every cancelled
 stream and every 400 is collected in small, frequent passes. With --collect a full collection
 runs before each sample: the numbers then follow live memory only, the steadier signal for a
-leak (the short soak in tests/test_load.py uses it).
+leak (the short soak in tests/gateway/test_load.py uses it).
 
 The report goes to bench/results/soak-<UTC time>.json (or --out) and is summed up on stdout.
 """
