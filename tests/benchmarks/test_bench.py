@@ -22,6 +22,7 @@ from bench import loadgen  # bench/ is a package at the repository root (on sys.
 from bench.gpu import run_order, scheduler_tokens
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_quick_run_writes_results(tmp_path: Path) -> None:
     out, work = tmp_path / "out", tmp_path / "work"
@@ -78,6 +79,7 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
     assert leftovers == [], f"processes left running: {leftovers}"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_floor_compares_uvicorn_and_litestar_routes_with_a_raw_server_and_stops_them(tmp_path: Path) -> None:
     proc = subprocess.run(
@@ -97,6 +99,7 @@ def test_floor_compares_uvicorn_and_litestar_routes_with_a_raw_server_and_stops_
     assert leftovers == [], f"processes left running: {leftovers}"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("stream", [False, True])
 def test_inprocess_measures_cpu_per_request_and_stops_its_null_engine(stream: bool) -> None:

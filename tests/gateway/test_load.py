@@ -365,6 +365,7 @@ def test_an_engine_silent_longer_than_engine_timeout_is_a_504_not_a_hang(stuck_f
 # --- a short soak: memory ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_soak_gateway_memory_grows_less_than_5_percent(tmp_path: Path) -> None:
     """36 s of steady mixed load on a fleet in its own process (bench/soak.py): after a 12 s
     warm-up, the median RSS of the last 8 s against the first 8 s. A full garbage collection
