@@ -209,6 +209,12 @@ class FakeEngine:
         finished = False
         try:
             yield protocol.encode_frame(self.prompt_frame(req))
+            if req.tools is not None or req.reasoning:
+                for delta in self.tool_deltas(req):
+                    yield protocol.encode_frame(delta)
+                yield protocol.encode_frame(protocol.Done(prompt_tokens=prompt_token_count(req.prompt), completion_tokens=4))
+                finished = True
+                return
             s = req.sampling
             texts = [""] * s.n
             done = [False] * s.n
@@ -247,6 +253,28 @@ class FakeEngine:
             self.running -= 1
             if not finished:
                 self.aborted += 1
+
+    def tool_deltas(self, req: protocol.GenerateRequest) -> list[protocol.Delta]:
+        """A chat answer read apart, as the real engine sends one (engine/parsing.py): with reasoning
+        asked, "fake thought" first; with tools, a call of the named function (or of the first tool)
+        whose arguments `{"word": "w0"}` come in three pieces, then finish "stop"; without, the content "ok"."""
+        out = [protocol.Delta(index=0, token_ids=[TOKEN_ID_BASE], reasoning="fake thought")] if req.reasoning else []
+        chat = req.prompt if isinstance(req.prompt, protocol.Chat) else None
+        tools = (chat.tools or []) if chat else []
+        if req.tools is None or not tools:
+            return [*out, protocol.Delta(index=0, text="ok", token_ids=[TOKEN_ID_BASE + 1], finish_reason="stop")]
+        name = req.tools.name or tools[0].name
+        pieces = ['{"word": ', f'"{self.word}0"', "}"]
+        out.append(protocol.Delta(index=0, token_ids=[TOKEN_ID_BASE + 1],
+                                  tool_calls=[protocol.ToolCallDelta(0, "call_fake0", name, pieces[0])]))
+        out += [protocol.Delta(index=0, token_ids=[TOKEN_ID_BASE + 2 + k], tool_calls=[protocol.ToolCallDelta(0, arguments=p)],
+                               finish_reason="stop" if k == len(pieces) - 2 else None) for k, p in enumerate(pieces[1:])]
+        if req.final_only:  # one Delta with everything, as the engine sends a whole answer
+            merged = protocol.Delta(index=0, token_ids=[t for d in out for t in d.token_ids], finish_reason="stop",
+                                    reasoning="".join(d.reasoning for d in out),
+                                    tool_calls=[protocol.ToolCallDelta(0, "call_fake0", name, "".join(pieces))])
+            return [merged]
+        return out
 
     def delta(self, index: int, k: int, text: str, reason: protocol.FinishReason | None,
               logprobs: int | None, cumulative: bool = False) -> protocol.Delta:

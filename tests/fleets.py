@@ -424,8 +424,10 @@ def fake_fleets() -> Iterator[FakeFleets]:
 
 # --- real fleets, shared by every end-to-end module (the fixtures: tests/e2e/conftest.py) -----
 # Two fleets start together the first time a test needs one (their engines load in parallel):
-# "tiny": two tiny random-weight models with different seeds, routed by name (tiny-b streams three
-# tokens at a time after its first: vLLM's stream_interval, an opt-in through engine_args);
+# "tiny": tiny random-weight models routed by name: tiny-a and tiny-b with different seeds (tiny-b
+# streams three tokens at a time after its first: vLLM's stream_interval, an opt-in through
+# engine_args; tiny-a reads tool calls with vLLM's llama3_json parser), and tiny-r, tiny-a's weights
+# with vLLM's deepseek_r1 reasoning parser;
 # "default": the packaged default model, SmolLM2-135M-Instruct, in float32: its greedy answers are
 # then the same on every CPU (in bfloat16 they follow the CPU's kernels: an AMX Xeon answers the
 # capital of France with "L'Étoile, la Marseillaise...", an AVX2 EPYC with "Paris").
@@ -440,9 +442,12 @@ class Fleets:
         template = tmp / "chat_template.jinja"  # tiny-b's tokenizer has none: fleet.toml gives it one
         template.write_text(CHAT_TEMPLATE)
         self.tiny = self._launch(tmp / "tiny", [
-            {"name": "tiny-a", "source": str(tiny_a), "port": free_port(), **TINY},
+            # tiny-a reads tool calls in Llama 3's JSON form (tool_choice "auto"); tiny-r is tiny-a's
+            # weights with a reasoning parser (everything before </think> is reasoning)
+            {"name": "tiny-a", "source": str(tiny_a), "port": free_port(), "tool_parser": "llama3_json", **TINY},
             {"name": "tiny-b", "source": str(tiny_b), "port": free_port(), "chat_template": str(template),
              "engine_args": {"stream_interval": 3}, **TINY},
+            {"name": "tiny-r", "source": str(tiny_a), "port": free_port(), "reasoning_parser": "deepseek_r1", **TINY},
         ])
         # the default model's one engine on every core, given (so it starts with its worker in its
         # EngineCore: engine/args.py); the embedding module's engine keeps vLLM's own "auto" way

@@ -1,7 +1,7 @@
 """A tiny Llama model for end-to-end tests: random weights, a real (trained) BPE tokenizer.
 
 hidden 128, 2 heads (head_dim 64: vLLM's CPU attention rejects 16), 1 KV head, 2 layers,
-vocab 512 -> about 0.5 MB; a vLLM CPU engine is ready in ~20 s. Deterministic for a seed.
+vocab 512 (and 5 markup tokens) -> about 0.5 MB; a vLLM CPU engine is ready in ~20 s. Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -9,10 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-VOCAB_SIZE = 512
+VOCAB_SIZE = 512  # what the tokenizer is trained to; the markup below comes on top
 EOS = "<|endoftext|>"
+# Tokens of the formats vLLM's reasoning and tool parsers read (deepseek_r1's </think>, llama3_json's
+# <|python_tag|>, hermes' <tool_call>): the parsers look them up in the vocabulary when they start.
+MARKUP = ["<think>", "</think>", "<|python_tag|>", "<tool_call>", "</tool_call>"]
+# Tools (a system line naming them), an assistant's tool calls (hermes' form) and tool answers render too.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if tools %}<|system|>tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %}{{ eos_token }}{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>"
+    "{% if message.get('tool_calls') %}{% for c in message['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}</tool_call>"
+    "{% endfor %}{% else %}{{ message['content'] }}{% endif %}{{ eos_token }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
@@ -44,10 +51,11 @@ def write_tiny_model(out: Path, seed: int = 0, chat_template: bool = True) -> Pa
     )
     tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+    fast.add_tokens(MARKUP)  # plain added tokens: kept in the decoded text, where the parsers look for them
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
-    vocab = tok.get_vocab_size()
+    vocab = len(fast)
 
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -78,7 +78,7 @@ def engine_requests(plan: Plan, request_id: str) -> list[protocol.GenerateReques
     return [
         protocol.GenerateRequest(
             request_id=f"{request_id}-{p}", prompt=prompt, sampling=plan.sampling, beam=plan.beam, echo=plan.echo,
-            final_only=not plan.stream,
+            final_only=not plan.stream, tools=plan.tools, reasoning=plan.reasoning,
         )
         for p, prompt in enumerate(plan.prompts)
     ]
@@ -90,6 +90,15 @@ def finish_reason(reason: str | None) -> FinishReason | None:
 
 
 @dataclass
+class Call:
+    """One tool call of a candidate, accumulated from its pieces."""
+
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
 class Candidate:
     """One output sequence of one prompt, accumulated from Delta frames."""
 
@@ -98,6 +107,8 @@ class Candidate:
     logprobs: list[protocol.TokenLogprob] | None = None
     finish_reason: str | None = None
     cumulative_logprob: float = 0.0
+    reasoning: str = ""
+    calls: dict[int, Call] = field(default_factory=dict)
 
     def add(self, delta: protocol.Delta) -> None:
         """Fold one Delta frame in."""
@@ -109,6 +120,14 @@ class Candidate:
             self.finish_reason = delta.finish_reason
         if delta.cumulative_logprob is not None:
             self.cumulative_logprob = delta.cumulative_logprob
+        self.reasoning += delta.reasoning
+        for piece in delta.tool_calls or ():
+            call = self.calls.get(piece.index)
+            if call is None:
+                call = self.calls[piece.index] = Call()
+            call.id = piece.id or call.id
+            call.name = piece.name or call.name
+            call.arguments += piece.arguments
 
 
 def best(candidates: list[Candidate], n: int) -> list[Candidate]:

@@ -13,9 +13,9 @@ from typing import Any, Literal
 import msgspec
 
 from fleet.api.answers import FrameSource
-from fleet.config.model import Limits, SamplingDefaults
+from fleet.config.model import ModelConfig
 
-Plan = Callable[[Any, SamplingDefaults, Limits], Any]  # an endpoint that streams plans something with `stream`
+Plan = Callable[[Any, ModelConfig], Any]  # request, the model it goes to -> what to do (a streaming one: with `stream`)
 Complete = Callable[[FrameSource, Any, str], Awaitable[bytes]]
 Stream = Callable[[FrameSource, Any, str], Awaitable[AsyncGenerator[bytes, None]]]
 
@@ -30,7 +30,7 @@ class Endpoint:
     request: type[msgspec.Struct]  # the body, decoded straight into it (gateway/bodies.py)
     response: type[msgspec.Struct]  # a whole answer
     answered: str  # what a 200 answer holds, for the document
-    plan: Plan  # request, the model's defaults and limits -> what to do (every rule checked: a 400 here)
+    plan: Plan  # request, the model's settings -> what to do (every rule checked: a 400 here)
     complete: Complete  # a whole answer, as JSON bytes
     stream: Stream | None = None  # a streamed answer (SSE bytes); None: never streamed
     chunk: type[msgspec.Struct] | None = None  # a stream's event, for the document

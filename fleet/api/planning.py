@@ -37,6 +37,7 @@ from fleet.api.rules import (
     logit_bias_by_token_id,
     sampling_type,
     stop_sequences,
+    structured_outputs,
 )
 from fleet.config.model import Limits, SamplingDefaults
 from fleet.errors import InvalidRequest
@@ -117,6 +118,9 @@ class Plan:
     stream: bool
     include_usage: bool
     continuous_usage: bool = False  # usage in every chunk (vLLM's stream_options.continuous_usage_stats)
+    tools: protocol.ToolUse | None = None  # read tool calls out of the answer (chat)
+    reasoning: bool = False  # read the reasoning apart (chat, a model with a reasoning parser)
+    show_reasoning: bool = True  # and answer it (vLLM's include_reasoning)
 
 
 def plan(
@@ -187,6 +191,7 @@ def plan(
         # best_of ranks candidates by cumulative logprob: the engine reports it, nothing per token
         cumulative_logprob=best_of > n and not d.beam,
         prompt_logprobs=prompt_logprobs,
+        structured=structured_outputs(req.structured_outputs),
     )
     options = req.stream_options
     include_usage: bool = d.pick("include_usage", options.include_usage if options else None)

@@ -13,7 +13,7 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -32,6 +32,18 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
     # vLLM's extension: every chunk also carries usage, its choice's tokens so far (with include_usage)
     continuous_usage_stats: bool | None = None
+
+
+class StructuredOutputs(msgspec.Struct, kw_only=True):
+    """vLLM's structured_outputs extension: exactly one of a JSON Schema (an object, or its JSON
+    text), any JSON object, a regular expression, one of some strings, a grammar (EBNF). Whether
+    JSON may hold whitespace is the engine's setting (engine_args' structured_outputs_config)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: Annotated[list[str], Meta(min_length=1)] | None = None
+    grammar: str | None = None
 
 
 class SamplingRequest(msgspec.Struct, kw_only=True):
@@ -62,6 +74,7 @@ class SamplingRequest(msgspec.Struct, kw_only=True):
     use_beam_search: bool | None = None
     length_penalty: Annotated[float, Meta(ge=-10.0, le=10.0)] | None = None
     early_stopping: bool | Literal["never"] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
 
 class PromptTokensDetails(msgspec.Struct):

@@ -13,9 +13,9 @@ from typing import Any
 import msgspec
 
 from fleet.api.chat.protocol import ChatMessageIn, ResponseFormat
-from fleet.api.protocol import INT32_MAX
+from fleet.api.protocol import INT32_MAX, StructuredOutputs
 from fleet.config.model import Limits
-from fleet.errors import InvalidRequest
+from fleet.errors import InvalidRequest, shown
 from fleet.wire import protocol
 
 SAMPLING_EPS = 1e-5
@@ -182,45 +182,67 @@ def check_suffix(suffix: str | None) -> None:
         )
 
 
-def text_messages(messages: list[ChatMessageIn]) -> list[protocol.ChatMessage]:
-    """Text messages only: content is a string or text parts; tool messages need tool support."""
+def chat_messages(messages: list[ChatMessageIn]) -> list[protocol.ChatMessage]:
+    """A conversation as the engine's chat template takes it: content as text (a string, or text
+    parts), an assistant's tool calls, a tool's answer naming the call it answers: each id one of an
+    earlier assistant message's calls."""
     out = []
+    called: set[str] = set()
     for i, m in enumerate(messages):
-        if m.role == "tool" or m.tool_calls:
-            raise InvalidRequest(
-                "tool messages are not supported: fleet does not run tool calling for this model", param=f"messages[{i}]"
-            )
         if isinstance(m.content, list):
             if any(p.type != "text" or p.text is None for p in m.content):
                 raise InvalidRequest("only text content parts are supported", param=f"messages[{i}].content")
             content = "".join(p.text or "" for p in m.content)
         else:
             content = m.content or ""
-        out.append(protocol.ChatMessage("system" if m.role == "developer" else m.role, content))
+        calls = None
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise InvalidRequest("only an assistant's message has tool_calls", param=f"messages[{i}].tool_calls")
+            calls = [protocol.ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls]
+            called.update(c.id for c in m.tool_calls)
+        if m.role == "tool":
+            if m.tool_call_id is None:
+                raise InvalidRequest("a tool message needs the tool_call_id of the call it answers",
+                                     param=f"messages[{i}].tool_call_id")
+            if m.tool_call_id not in called:
+                raise InvalidRequest(f"tool_call_id {shown(m.tool_call_id)} matches no tool call of an earlier "
+                                     "assistant message", param=f"messages[{i}].tool_call_id")
+        out.append(protocol.ChatMessage("system" if m.role == "developer" else m.role, content, calls,
+                                        m.tool_call_id if m.role == "tool" else None, m.name))
     return out
 
 
-def check_tools(tools: list[Any] | None, tool_choice: Any) -> None:
-    """Tools are refused clearly, never silently ignored (tool_choice "none" asks for no call)."""
-    if tools and tool_choice != "none":
-        raise InvalidRequest(
-            "tools are not supported: fleet does not parse tool calls for this model; "
-            'send tool_choice: "none" or no tools',
-            param="tools",
-        )
-    if tool_choice not in (None, "none", "auto") and not tools:
-        raise InvalidRequest("tool_choice needs tools", param="tool_choice")
-
-
-def structured_output(fmt: ResponseFormat | None) -> tuple[str | None, bool]:
-    """response_format -> (JSON schema text, json_object flag) for the engine's structured output."""
+def response_format_structure(fmt: ResponseFormat | None) -> protocol.Structured | None:
+    """response_format -> the engine's structured outputs (None: free text)."""
     if fmt is None or fmt.type == "text":
-        return None, False
+        return None
     if fmt.type == "json_object":
-        return None, True
+        return protocol.Structured(json_object=True)
     if fmt.json_schema is None or fmt.json_schema.schema is None:
         raise InvalidRequest("response_format json_schema needs json_schema.schema", param="response_format")
-    return _json.encode(fmt.json_schema.schema).decode(), False
+    return protocol.Structured(json=_json.encode(fmt.json_schema.schema).decode())
+
+
+def structured_outputs(given: StructuredOutputs | None) -> protocol.Structured | None:
+    """vLLM's structured_outputs: exactly one constraint; a JSON Schema as an object or its text."""
+    if given is None:
+        return None
+    kinds = [k for k in ("json", "json_object", "regex", "choice", "grammar") if getattr(given, k) not in (None, False)]
+    if len(kinds) != 1:
+        raise InvalidRequest("structured_outputs takes exactly one of json, json_object, regex, choice, grammar"
+                             + (f", got {', '.join(kinds)}" if kinds else ""), param="structured_outputs")
+    schema = given.json
+    if isinstance(schema, str):
+        try:
+            msgspec.json.decode(schema)
+        except msgspec.DecodeError:
+            raise InvalidRequest("structured_outputs.json is a JSON Schema: an object, or its JSON text",
+                                 param="structured_outputs.json") from None
+    elif schema is not None:
+        schema = _json.encode(schema).decode()
+    return protocol.Structured(json=schema, json_object=bool(given.json_object), regex=given.regex,
+                               choice=given.choice, grammar=given.grammar)
 
 
 def chat_top_logprobs(logprobs: bool | None, top_logprobs: int | None) -> int | None:

@@ -136,7 +136,18 @@ class ModelConfig(Strict):
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     limits: Limits = Field(default_factory=Limits)
     chat_template: str | None = Field(
-        None, description="a Jinja chat template file, for a model whose tokenizer has none (or to replace it)"
+        None, description="a Jinja chat template file, for a model whose tokenizer has none (or to replace it; "
+        "one that renders `tools` for tool calling)"
+    )
+    tool_parser: str | None = Field(
+        None, min_length=1,
+        description="vLLM's tool-call parser for the model's format (hermes, llama3_json, mistral, qwen3_xml, ...): "
+        'needed for tool_choice "auto"; "required" and a named function need none',
+    )
+    reasoning_parser: str | None = Field(
+        None, min_length=1,
+        description="vLLM's reasoning parser (deepseek_r1, qwen3, ...): answers carry the reasoning apart "
+        "(`reasoning_content`), and structured outputs apply after it",
     )
     start_timeout: float = Field(600.0, gt=0, description="seconds until a loading engine counts as failed")
     replicas: Int = Field(

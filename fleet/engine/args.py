@@ -35,6 +35,8 @@ def engine_arguments(cfg: ModelConfig, model: str) -> dict[str, Any]:
         args["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
     if cfg.multi_node and cfg.gpus:
         args["distributed_executor_backend"] = "ray"
+    if cfg.reasoning_parser:  # structured outputs apply to the answer, after the reasoning (as `vllm serve --reasoning-parser`)
+        args["reasoning_parser"] = cfg.reasoning_parser
     if cfg.task == "embed":  # vLLM's pooling runner; a generative model is converted to embed (last-token pooling)
         args["runner"] = "pooling"
         args["convert"] = "embed"

@@ -3,16 +3,49 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 from fleet.engine.encoding import encoder
+from fleet.engine.parsing import Parsers, Reader
 from fleet.errors import InvalidRequest, bounded, listed
 from fleet.wire import protocol
 from fleet.wire.asgi import LastChunk
 
 log = logging.getLogger("fleet.engine")
+
+
+def template_message(m: protocol.ChatMessage) -> dict[str, Any]:
+    """One message as chat templates read it (Hugging Face's convention, as vLLM renders them): an
+    assistant's tool calls with their arguments as objects, a tool's answer with its call's id."""
+    message: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                                 for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        message["name"] = m.name
+    return message
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def template_tool(t: protocol.Tool) -> dict[str, Any]:
+    """A tool as chat templates read it (OpenAI's function tool)."""
+    function: dict[str, Any] = {"name": t.name}
+    if t.description is not None:
+        function["description"] = t.description
+    function["parameters"] = json.loads(t.parameters) if t.parameters else {"type": "object", "properties": {}}
+    return {"type": "function", "function": function}
 
 
 @functools.cache
@@ -43,12 +76,14 @@ class EngineService:
     prompt_tokens = 0  # of the requests that finished, and of those the prefix cache had (GET /stats)
     cached_tokens = 0
 
-    def __init__(self, engine: Any, name: str, chat_template: str | None = None) -> None:
+    def __init__(self, engine: Any, name: str, chat_template: str | None = None, *, tool_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:
         from vllm import __version__ as vllm_version
 
         self.engine = engine
         self.name = name
         self.tokenizer = engine.get_tokenizer()
+        self.parsers = Parsers(self.tokenizer, tool_parser, reasoning_parser)  # reasoning and tool calls read apart
         self.encode = encoder(self.tokenizer)  # text -> ids on the request's path (encoding.py)
         self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
         model_config = engine.model_config
@@ -124,8 +159,9 @@ class EngineService:
             )
         try:
             text: str = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in chat.messages],
+                [template_message(m) for m in chat.messages],
                 chat_template=self.chat_template,
+                tools=[template_tool(t) for t in chat.tools] if chat.tools else None,
                 tokenize=False,
                 add_generation_prompt=chat.add_generation_prompt and not chat.continue_final_message,
                 continue_final_message=chat.continue_final_message,
@@ -134,16 +170,16 @@ class EngineService:
             raise InvalidRequest(f"the chat template cannot render these messages: {e}", param="messages") from None
         return text
 
-    def sampling_params(self, s: protocol.SamplingParams, room: int, final_only: bool = False) -> Any:
+    def sampling_params(self, s: protocol.SamplingParams, room: int, final_only: bool = False,
+                        skip_special_tokens: bool = True) -> Any:
         """vLLM SamplingParams for one request: streaming deltas, or each output once when it ends."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         structured = None
-        if s.json_schema is not None:
-            structured = StructuredOutputsParams(json=s.json_schema)
-        elif s.json_object:
-            structured = StructuredOutputsParams(json_object=True)
+        if (c := s.structured) is not None:
+            structured = StructuredOutputsParams(json=c.json, json_object=c.json_object or None, regex=c.regex,
+                                                 choice=c.choice, grammar=c.grammar)
         return SamplingParams(
             n=s.n,
             max_tokens=min(s.max_tokens, room),
@@ -167,6 +203,7 @@ class EngineService:
             prompt_logprobs=s.prompt_logprobs,
             structured_outputs=structured,
             output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
+            skip_special_tokens=skip_special_tokens,  # a tool parser may read special tokens (hermes' <tool_call>)
             skip_clone=True,  # made for this request alone: vLLM need not deep-copy it (its own server does the same)
         )
 
@@ -204,7 +241,14 @@ class EngineService:
             async for chunk in beam_search_frames(self, req, ids):
                 yield chunk
             return
-        params = self.sampling_params(req.sampling, self.max_model_len - len(ids), req.final_only)
+        try:
+            parsing = self.parsers.request(req)  # what vLLM's parsers read (None: nothing to read apart)
+        except Exception as e:  # tools a parser refuses
+            yield protocol.encode_frame(self.failure(e, req.request_id, param="tools"))
+            return
+        readers: dict[int, Reader | None] = {}
+        params = self.sampling_params(req.sampling, self.max_model_len - len(ids), req.final_only,
+                                      getattr(parsing, "skip_special_tokens", True))
         per_token = req.sampling.logprobs is not None  # not for best_of's ranking alone
         completion_tokens = cached = 0
         first = True
@@ -218,7 +262,9 @@ class EngineService:
                     frames += protocol.encode_frame(self.prompt_frame(ids, out.prompt_logprobs, req.echo))
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
-                    frames += protocol.encode_frame(self.delta(c, per_token))
+                    if c.index not in readers:
+                        readers[c.index] = self.parsers.reader(req, parsing)
+                    frames += protocol.encode_frame(self.delta(c, per_token, readers[c.index], req.final_only))
                 if out.finished:  # vLLM's generate ends right after its finished output, without waiting
                     last = bytes(frames)
                 elif frames:
@@ -313,19 +359,26 @@ class EngineService:
         log.error("request %s failed", request_id, exc_info=error)
         return protocol.Error(bounded(f"engine error: {type(error).__name__}: {error}", 1024), status=500)
 
-    def delta(self, out: Any, per_token: bool) -> protocol.Delta:
+    def delta(self, out: Any, per_token: bool, reader: Reader | None = None, whole: bool = False) -> protocol.Delta:
         """One choice's new output (vLLM's CompletionOutput) as a Delta frame. Per-token logprobs
-        only when the client asked for them: best_of's ranking needs the cumulative logprob alone."""
+        only when the client asked for them: best_of's ranking needs the cumulative logprob alone.
+        With a `reader`, the text is read apart: content, reasoning, tool calls (parsing.py)."""
         logprobs = None
         if per_token and out.logprobs is not None:
             logprobs = [self.position(t, e) for t, e in zip(out.token_ids, out.logprobs, strict=False)]
+        text, reasoning, calls = out.text, "", None
+        if reader is not None:
+            piece = reader.whole(out.text) if whole else reader.step(out.text, out.token_ids)
+            text, reasoning, calls = piece.content, piece.reasoning, piece.calls or None
         return protocol.Delta(
             index=out.index,
-            text=out.text,
+            text=text,
             token_ids=list(out.token_ids),
             logprobs=logprobs,
             finish_reason=out.finish_reason,
             cumulative_logprob=out.cumulative_logprob,
+            reasoning=reasoning,
+            tool_calls=calls,
         )
 
     def prompt_frame(self, ids: list[int], prompt_logprobs: Any, echo: bool) -> protocol.Prompt:

@@ -154,7 +154,7 @@ def endpoint_route(endpoint: Endpoint) -> ASGIRouteHandler:
         check_task(served, endpoint)
         prompt = prompt_preview(endpoint.prompt(data)) if state.show_prompts and endpoint.prompt else None
         try:
-            planned = endpoint.plan(data, served.config.defaults, served.config.limits)
+            planned = endpoint.plan(data, served.config)
         except FleetError as e:  # refused before it ran: the status page lists it too
             if endpoint.tracked and (recent := state.recent) is not None:
                 recent.add(Trace(at=time.time(), model=data.model, route=endpoint.label, status=e.status, prompt=prompt))

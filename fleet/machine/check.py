@@ -18,7 +18,7 @@ from pathlib import Path
 from fleet.config.load import replica_field
 from fleet.config.model import ModelConfig
 from fleet.config.schema import ENGINE_TOKEN_ENV, FleetConfig, shared_engine_token
-from fleet.machine.probe import attention_heads, in_hf_cache, port_in_use, visible_gpus
+from fleet.machine.probe import attention_heads, in_hf_cache, port_in_use, visible_gpus, vllm_parsers
 from fleet.sources import DEFAULT_NAME, SourceKind, cache_dir, classify, default_gguf
 
 
@@ -110,6 +110,15 @@ def check_machine(config: FleetConfig, path: Path | str, *, gpus: list[int] | No
             if token is None:
                 out.errors.append(f"{where}: an attached engine (url) needs the fleet's shared engine token: set "
                                   f"{ENGINE_TOKEN_ENV} or [gateway] engine_token_file, the same for `fleet engine`")
+        for field_name, kind in (("tool_parser", "tool"), ("reasoning_parser", "reasoning")):
+            name = getattr(m, field_name)
+            known = vllm_parsers(kind) if name else None
+            if name and known is None:
+                out.warnings.append(f'{where}, field "{field_name}": vLLM is not installed here: cannot tell whether it '
+                                    f"has the {kind} parser {name!r}")
+            elif name and known is not None and name not in known:
+                out.errors.append(f'{where}, field "{field_name}": vLLM has no {kind} parser {name!r} (it has: '
+                                  f"{', '.join(sorted(known))})")
         if any(r.gpus for r in local) and have is None:
             out.warnings.append(f'{where}: cannot tell which GPUs this machine has (no nvidia-smi)')
     gw = config.gateway

@@ -117,3 +117,39 @@ def engine_dtype(m: ModelConfig, flags: Collection[str] | None = None) -> tuple[
     if not m.on_cpu:
         return m.dtype, "vLLM's auto: the model's own dtype" if m.dtype == "auto" else "set in the fleet file"
     return cpu_dtype(m.dtype, cpu_flags() if flags is None else flags)
+
+
+# Where vLLM keeps its parser registries: the package folder and the names of its registry dicts
+PARSER_FOLDERS = {"tool": ("tool_parsers", "entrypoints/openai/tool_parsers"), "reasoning": ("reasoning",)}
+
+
+@cache
+def vllm_parsers(kind: str) -> frozenset[str] | None:
+    """The names of the `kind` ("tool" or "reasoning") parsers the installed vLLM registers, read
+    from its source without importing it (an import costs seconds, and the launcher that serves the
+    gateway must never import vLLM): the keys of its registry dicts, and the names its
+    `register_module` / `register_lazy_module` calls give. None where vLLM is not installed here."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    names: set[str] = set()
+    for folder in (root / sub for sub in PARSER_FOLDERS[kind]):
+        for path in folder.glob("*.py") if folder.is_dir() else ():
+            try:
+                tree = ast.parse(path.read_text())
+            except (OSError, SyntaxError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict) and any(
+                        isinstance(t, ast.Name) and t.id.endswith("_TO_REGISTER") for t in node.targets):
+                    names.update(k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
+                elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("register_module", "register_lazy_module"):
+                    given = [*node.args[:1], *(k.value for k in node.keywords if k.arg in ("name", "name_or_names", "names"))]
+                    for arg in given:
+                        values = arg.elts if isinstance(arg, (ast.List, ast.Tuple)) else [arg]
+                        names.update(v.value for v in values if isinstance(v, ast.Constant) and isinstance(v.value, str))
+    return frozenset(names)

@@ -39,6 +39,17 @@ class _Message(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     """Base of every protocol message: strict, so a version mismatch fails loudly."""
 
 
+class Structured(_Message):
+    """Structured outputs: the answer held to exactly one of a JSON Schema (JSON text), any JSON
+    object, a regular expression, one of some strings, or a grammar (vLLM's kinds)."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class SamplingParams(_Message):
     """What the engine samples with; fleet's rules are already applied by the gateway."""
 
@@ -63,8 +74,7 @@ class SamplingParams(_Message):
     logprobs: int | None = None  # per-token logprobs with this many alternatives
     cumulative_logprob: bool = False  # report each choice's cumulative logprob (best_of ranks by it)
     prompt_logprobs: int | None = None
-    json_schema: str | None = None  # structured output: a JSON schema, as JSON text
-    json_object: bool = False  # structured output: any JSON object
+    structured: Structured | None = None  # structured outputs
 
 
 class BeamSearch(_Message):
@@ -75,19 +85,51 @@ class BeamSearch(_Message):
     early_stopping: bool | Literal["never"] = False
 
 
+class ToolCall(_Message, array_like=True):
+    """A call an assistant message made: its id, the function's name, its arguments (JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class ChatMessage(_Message, array_like=True):
-    """One message of a conversation, already reduced to text."""
+    """One message of a conversation, its content reduced to text; an assistant's tool calls, a
+    tool's answer to one (`tool_call_id`)."""
 
     role: str
     content: str
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class Tool(_Message):
+    """A function the model may call, as the chat template renders it: its name, what it does, its
+    parameters (a JSON Schema, as JSON text)."""
+
+    name: str
+    description: str | None = None
+    parameters: str | None = None
 
 
 class Chat(_Message):
-    """A conversation the engine renders with the model's chat template."""
+    """A conversation the engine renders with the model's chat template (with `tools`, when given)."""
 
     messages: list[ChatMessage]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: list[Tool] | None = None
+
+
+class ToolUse(_Message):
+    """How the engine reads tool calls out of a chat's answer. `auto`: the model's tool parser
+    finds them, if it made any, in its own format; `named`: the whole answer is the arguments of
+    the function `name` (constrained by its schema); `required`: the answer is a JSON array of
+    {"name", "parameters"} objects (constrained likewise), one call each."""
+
+    mode: Literal["auto", "named", "required"]
+    name: str | None = None
 
 
 class GenerateRequest(_Message):
@@ -101,6 +143,8 @@ class GenerateRequest(_Message):
     # Nobody streams this answer: send each choice once, whole, when it ends (one Delta per choice
     # instead of one per token; the engine skips per-step output work too).
     final_only: bool = False
+    tools: ToolUse | None = None  # read tool calls out of the answer (a Chat prompt only)
+    reasoning: bool = False  # split the answer's reasoning from its content (the model's reasoning parser)
 
 
 class TokenLogprob(_Message, array_like=True):
@@ -119,8 +163,19 @@ class Prompt(_Message, tag="prompt"):
     logprobs: list[TokenLogprob] | None = None
 
 
+class ToolCallDelta(_Message, array_like=True):
+    """A piece of one tool call of a choice: its first piece carries the call's id and the
+    function's name, the others more of its arguments (JSON text, in order)."""
+
+    index: int  # the call's place among the choice's calls
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
 class Delta(_Message, tag="delta"):
-    """New output for one choice; the last one for that index carries finish_reason."""
+    """New output for one choice; the last one for that index carries finish_reason. With tools
+    or reasoning asked, `text` is the content alone: the reasoning and the tool calls come apart."""
 
     index: int
     text: str = ""
@@ -128,6 +183,8 @@ class Delta(_Message, tag="delta"):
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     cumulative_logprob: float | None = None
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class Done(_Message, tag="done"):

@@ -88,13 +88,13 @@ def test_chat_beam_search_follows_completions_rules(tiny: openai.OpenAI) -> None
     assert e.value.body["param"] == "temperature"
 
 
-def test_tools_are_refused_clearly(tiny: openai.OpenAI) -> None:
+def test_tools_on_a_model_without_a_parser_need_a_forced_choice_and_none_answers_in_words(tiny: openai.OpenAI) -> None:
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(openai.BadRequestError) as e:
-        tiny.chat.completions.create(model="tiny-a", messages=HELLO, tools=[tool])
-    assert e.value.body["param"] == "tools"
-    r = tiny.chat.completions.create(model="tiny-a", messages=HELLO, tools=[tool], tool_choice="none", max_tokens=2)
-    assert r.choices[0].message.content is not None
+        tiny.chat.completions.create(model="tiny-b", messages=HELLO, tools=[tool])  # "auto", the default
+    assert e.value.body["param"] == "tool_choice" and "tool_parser" in e.value.body["message"]
+    r = tiny.chat.completions.create(model="tiny-b", messages=HELLO, tools=[tool], tool_choice="none", max_tokens=2)
+    assert r.choices[0].message.content is not None and not r.choices[0].message.tool_calls
 
 
 def test_default_model_chats(default: openai.OpenAI) -> None:

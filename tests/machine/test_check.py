@@ -36,6 +36,26 @@ def test_an_attached_engine_needs_the_shared_engine_token(tmp_path: Any) -> None
     assert any("its first line is empty" in e for e in check_machine(with_file, "f.toml", gpus=[], env={}).errors)
 
 
+def test_a_parser_name_vllm_does_not_have_is_refused_naming_file_model_and_field() -> None:
+    """The names come from the installed vLLM's own registries, read without importing it."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    from fleet.machine.probe import vllm_parsers
+
+    assert vllm_parsers("tool") == set(ToolParserManager.list_registered())
+    assert vllm_parsers("reasoning") == set(ReasoningParserManager.list_registered())
+    config = parse_config({"models": [
+        {"name": "good", "source": "default", "port": free_ports(1), "tool_parser": "hermes", "reasoning_parser": "qwen3"},
+        {"name": "bad", "source": "default", "port": free_ports(1), "tool_parser": "hermez", "reasoning_parser": "r2"}]})
+    errors = check_machine(config, "f.toml", gpus=[], probe_ports=False).errors
+    assert [e.split(" (it has")[0] for e in errors] == [
+        'f.toml: model "bad" (models[1]), field "tool_parser": vLLM has no tool parser \'hermez\'',
+        'f.toml: model "bad" (models[1]), field "reasoning_parser": vLLM has no reasoning parser \'r2\'',
+    ]
+    assert "hermes" in errors[0]
+
+
 # --- fleet check ----------------------------------------------------------------------------
 
 

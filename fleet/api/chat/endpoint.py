@@ -17,6 +17,8 @@ ENDPOINT = Endpoint(
     path="/v1/chat/completions", name="chat_completions", route_name="chat",
     description="OpenAI's chat completions: the engine renders the messages with the model's chat template.",
     request=ChatCompletionRequest, response=ChatCompletionResponse, chunk=ChatCompletionChunk,
-    answered="the chat completion", plan=serving.plan_chat, complete=serving.complete, stream=serving.stream,
+    answered="the chat completion", complete=serving.complete, stream=serving.stream,
+    plan=lambda req, model: serving.plan_chat(req, model.defaults, model.limits, tool_parser=model.tool_parser,
+                                              reasoning=model.reasoning_parser is not None, model=model.name),
     prompt=last_message,
 )

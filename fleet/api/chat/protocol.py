@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from fleet.api.protocol import FinishReason, PosInt, SamplingRequest, Usage
+from fleet.api.protocol import PosInt, SamplingRequest, Usage
 
 
 class ContentPart(msgspec.Struct, kw_only=True):
@@ -16,12 +16,59 @@ class ContentPart(msgspec.Struct, kw_only=True):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct, kw_only=True):
+    """A function an assistant called: its name and its arguments, as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    """One tool call of an assistant's message (in a request, or an answer)."""
+
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessageIn(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    # what an assistant's earlier answer reasoned (vLLM's field; not sent back to the model)
+    reasoning_content: str | None = None
+
+
+class FunctionDefinition(msgspec.Struct, kw_only=True):
+    """A function the model may call: its name, what it does, its parameters (a JSON Schema)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(msgspec.Struct, kw_only=True):
+    """One tool of a chat request: a function (the only kind chat completions have)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(msgspec.Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    """tool_choice naming one function: the model must call it."""
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class JsonSchemaFormat(msgspec.Struct, kw_only=True):
@@ -45,17 +92,20 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     max_completion_tokens: PosInt | None = None
     max_tokens: PosInt | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # vLLM extensions
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
+    include_reasoning: bool | None = None  # with a reasoning parser: false leaves the reasoning out
 
 
-class ChatMessageOut(msgspec.Struct):
+class ChatMessageOut(msgspec.Struct, omit_defaults=True):
     content: str | None
-    role: str = "assistant"
+    role: str  # "assistant", always written (a default would be omitted)
+    tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None  # vLLM's field, for a model with a reasoning parser
 
 
 class TopLogprob(msgspec.Struct):
@@ -75,11 +125,14 @@ class ChatLogprobs(msgspec.Struct):
     content: list[ChatTokenLogprob] | None
 
 
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class ChatChoice(msgspec.Struct):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionResponse(msgspec.Struct):
@@ -91,16 +144,33 @@ class ChatCompletionResponse(msgspec.Struct):
     object: str = "chat.completion"
 
 
+class FunctionCallChunk(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallChunk(msgspec.Struct, omit_defaults=True):
+    """A piece of one tool call in a stream: the first carries its id, type and the function's
+    name, the next ones more of its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallChunk | None = None
+
+
 class ChatDelta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionChunk(msgspec.Struct):

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 import msgspec
 
 from fleet.api import answers
-from fleet.api.answers import FrameSource, finish_reason
+from fleet.api.answers import Candidate, FrameSource, finish_reason
 from fleet.api.chat.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -16,43 +16,62 @@ from fleet.api.chat.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatFinishReason,
     ChatLogprobs,
     ChatMessageOut,
     ChatTokenLogprob,
+    FunctionCall,
+    FunctionCallChunk,
+    ToolCall,
+    ToolCallChunk,
     TopLogprob,
 )
+from fleet.api.chat.tools import tools_of
 from fleet.api.planning import NO_LIMITS, Plan, for_request, plan
 from fleet.api.protocol import Usage
-from fleet.api.rules import chat_top_logprobs, check_tools, structured_output, text_messages
+from fleet.api.rules import chat_messages, chat_top_logprobs, response_format_structure
 from fleet.config.model import Limits, SamplingDefaults
+from fleet.errors import InvalidRequest
 from fleet.wire import protocol
 
 _json = msgspec.json.Encoder()
 
 
-def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults, limits: Limits = NO_LIMITS) -> Plan:
-    """Apply defaults and every rule to a chat request."""
-    check_tools(req.tools, req.tool_choice)
-    messages = text_messages(req.messages)
-    schema, json_object = structured_output(req.response_format)
+def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults, limits: Limits = NO_LIMITS, *,
+              tool_parser: str | None = None, reasoning: bool = False, model: str = "") -> Plan:
+    """Apply defaults and every rule to a chat request: its messages, tools (tools.py), structured
+    output; `tool_parser` and `reasoning` say what the model can read apart (its fleet.toml)."""
+    tools = tools_of(req.tools, req.tool_choice, req.parallel_tool_calls, req.response_format, tool_parser, model)
+    messages = chat_messages(req.messages)
+    structure = response_format_structure(req.response_format)
+    if tools.schema is not None:
+        structure = protocol.Structured(json=tools.schema)
     logprobs = chat_top_logprobs(req.logprobs, req.top_logprobs)
     d = for_request(req, defaults, "chat")
     chat = protocol.Chat(
         messages=messages,
         add_generation_prompt=d.pick("add_generation_prompt", req.add_generation_prompt),
         continue_final_message=d.pick("continue_final_message", req.continue_final_message),
+        tools=tools.rendered,
     )
     planned = plan(
         req, d, [chat],
         limits=limits,
-        size=sum(len(m.content) for m in messages),
+        size=sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls or ()) for m in messages),
         prompt_param="messages",
         max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         logprobs=logprobs,
     )
-    if schema is not None or json_object:
-        sampling = msgspec.structs.replace(planned.sampling, json_schema=schema, json_object=json_object)
-        planned = dataclasses.replace(planned, sampling=sampling)
+    if planned.beam is not None and tools.use is not None:
+        raise InvalidRequest("tools cannot be used with use_beam_search", param="tools")
+    if structure is not None:
+        if planned.sampling.structured is not None:
+            raise InvalidRequest("structured_outputs cannot be used with response_format or a forced tool call",
+                                 param="structured_outputs")
+        planned = dataclasses.replace(planned, sampling=msgspec.structs.replace(planned.sampling, structured=structure))
+    if tools.use is not None or reasoning:
+        planned = dataclasses.replace(planned, tools=tools.use, reasoning=reasoning,
+                                      show_reasoning=req.include_reasoning is not False)
     return planned
 
 
@@ -63,15 +82,34 @@ async def complete(source: FrameSource, plan: Plan, model: str) -> bytes:
     choices = [
         ChatChoice(
             index=p * plan.n + i,
-            message=ChatMessageOut(cand.text),
+            message=message(cand, plan),
             logprobs=chat_logprobs(cand.logprobs or [], plan.logprobs) if plan.logprobs is not None else None,
-            finish_reason=finish_reason(cand.finish_reason),
+            finish_reason=chat_finish_reason(cand.finish_reason, bool(cand.calls), plan),
         )
         for p, result in enumerate(results)
         for i, cand in enumerate(result.chosen(plan))
     ]
     response = ChatCompletionResponse(request_id, answers.created(), model, choices, answers.usage(results, plan))
     return _json.encode(response)
+
+
+def message(cand: Candidate, plan: Plan) -> ChatMessageOut:
+    """A whole answer's message: its content (null when it only called tools), its tool calls, its
+    reasoning (a model with a reasoning parser, unless include_reasoning is false)."""
+    calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+             for _, c in sorted(cand.calls.items())] or None
+    content = cand.text if cand.text or not calls else None
+    reasoning = cand.reasoning if plan.reasoning and plan.show_reasoning else None
+    return ChatMessageOut(content, "assistant", tool_calls=calls, reasoning_content=reasoning)
+
+
+def chat_finish_reason(reason: str | None, called: bool, plan: Plan) -> ChatFinishReason | None:
+    """"tool_calls" when the model called a tool under tool_choice "auto" or "required" (a named
+    function ends with "stop", as OpenAI's does); else OpenAI's stop or length."""
+    finished = finish_reason(reason)
+    if finished == "stop" and called and plan.tools is not None and plan.tools.mode != "named":
+        return "tool_calls"
+    return finished
 
 
 def chat_logprobs(entries: list[protocol.TokenLogprob], top: int) -> ChatLogprobs:
@@ -89,12 +127,14 @@ def chat_logprobs(entries: list[protocol.TokenLogprob], top: int) -> ChatLogprob
 
 
 class ChatShaper:
-    """chat.completion.chunk events: a role delta opens each choice, content deltas follow."""
+    """chat.completion.chunk events: a role delta opens each choice, content deltas follow (with
+    the reasoning and tool-call pieces read apart, when there are)."""
 
     def __init__(self, plan: Plan, model: str, request_id: str) -> None:
         self.plan, self.model, self.id = plan, model, request_id
         self.created = answers.created()
         self.opened: set[int] = set()
+        self.called: set[int] = set()  # choices that called a tool
 
     def _event(self, choice: ChatChunkChoice, usage: Usage | None) -> bytes:
         return answers.sse(_json.encode(ChatCompletionChunk(self.id, self.created, self.model, [choice], usage)))
@@ -110,8 +150,17 @@ class ChatShaper:
         logprobs = None
         if self.plan.logprobs is not None:
             logprobs = chat_logprobs(frame.logprobs or [], self.plan.logprobs)
-        reason = finish_reason(frame.finish_reason)
-        return out + self._event(ChatChunkChoice(index, ChatDelta(content=frame.text), logprobs, reason), usage)
+        calls = None
+        if frame.tool_calls:
+            self.called.add(index)
+            calls = [ToolCallChunk(c.index, c.id, "function" if c.id else None,
+                                   FunctionCallChunk(c.name, c.arguments if c.arguments or c.name else None))
+                     for c in frame.tool_calls]
+        reasoning = frame.reasoning or None if self.plan.show_reasoning else None
+        content = frame.text if frame.text or not (calls or reasoning) else None
+        reason = chat_finish_reason(frame.finish_reason, index in self.called, self.plan)
+        delta = ChatDelta(content=content, reasoning_content=reasoning, tool_calls=calls)
+        return out + self._event(ChatChunkChoice(index, delta, logprobs, reason), usage)
 
     def usage(self, usage: Usage) -> bytes:
         return answers.sse(_json.encode(ChatCompletionChunk(self.id, self.created, self.model, [], usage)))

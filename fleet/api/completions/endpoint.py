@@ -8,6 +8,7 @@ ENDPOINT = Endpoint(
     path="/v1/completions", name="completions_route", route_name="completions",
     description="OpenAI's legacy completions: parse, route, plan, run.",
     request=CompletionRequest, response=CompletionResponse, chunk=CompletionChunk, answered="the completion",
-    plan=serving.plan_completion, complete=serving.complete, stream=serving.stream,
+    plan=lambda req, model: serving.plan_completion(req, model.defaults, model.limits),
+    complete=serving.complete, stream=serving.stream,
     prompt=lambda req: req.prompt,
 )

@@ -8,5 +8,6 @@ ENDPOINT = Endpoint(
     path="/v1/embeddings", name="embeddings",
     description="OpenAI's embeddings, from a model whose `task` is \"embed\" (vLLM's pooling runner).",
     request=EmbeddingRequest, response=EmbeddingResponse, answered="the embeddings, in input order",
-    plan=serving.plan_embeddings, complete=serving.complete, task="embed", prompt=lambda req: req.input,
+    plan=lambda req, model: serving.plan_embeddings(req, model.defaults, model.limits),
+    complete=serving.complete, task="embed", prompt=lambda req: req.input,
 )

@@ -8,7 +8,7 @@ import msgspec
 
 from fleet.api import answers
 from fleet.api.answers import FrameSource
-from fleet.api.rules import text_messages
+from fleet.api.rules import chat_messages
 from fleet.api.tokens.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from fleet.errors import InvalidRequest
 from fleet.wire import protocol
@@ -24,7 +24,7 @@ def engine_tokenize_request(req: TokenizeRequest) -> protocol.TokenizeRequest:
     if req.messages is not None:
         if not req.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
-        chat = protocol.Chat(text_messages(req.messages),
+        chat = protocol.Chat(chat_messages(req.messages),
                              add_generation_prompt=req.add_generation_prompt is not False,
                              continue_final_message=bool(req.continue_final_message))
         return protocol.TokenizeRequest(chat, add_special_tokens=bool(req.add_special_tokens), token_strs=strs)
@@ -33,7 +33,7 @@ def engine_tokenize_request(req: TokenizeRequest) -> protocol.TokenizeRequest:
                                     token_strs=strs)
 
 
-def plan_tokens(req: TokenizeRequest | DetokenizeRequest, _defaults: object, _limits: object) -> TokenizeRequest | DetokenizeRequest:
+def plan_tokens(req: TokenizeRequest | DetokenizeRequest, _model: object) -> TokenizeRequest | DetokenizeRequest:
     """Nothing to plan: the request goes to the engine as it is."""
     return req
 
