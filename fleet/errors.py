@@ -98,6 +98,15 @@ class ModelNotFound(FleetError):
         super().__init__(message, status=404, type="invalid_request_error", param="model", code="model_not_found")
 
 
+class ResponseNotFound(FleetError):
+    """No stored response has that id for this API key (HTTP 404): never stored, forgotten by the
+    store's bounds, deleted, or another key's."""
+
+    def __init__(self, response_id: str, param: str | None = None) -> None:
+        super().__init__(f"no stored response {shown(response_id)}", status=404, type="invalid_request_error",
+                         param=param, code="response_not_found")
+
+
 class EngineNotFound(FleetError):
     """No engine (replica) of the fleet has that name: a status page action (HTTP 404)."""
 

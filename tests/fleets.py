@@ -453,7 +453,8 @@ class Fleets:
         # EngineCore: engine/args.py); the embedding module's engine keeps vLLM's own "auto" way
         every_core = ",".join(map(str, sorted(os.sched_getaffinity(0))))
         self.default = self._launch(tmp / "default", [
-            {"name": "smollm2", "source": "default", "port": free_port(), "max_model_len": 2048, "dtype": "float32"},
+            {"name": "smollm2", "source": "default", "port": free_port(), "max_model_len": 2048, "dtype": "float32",
+             "tool_parser": "pythonic"},  # a parser that needs no markup tokens: "auto" answers in words here
         ], env={"VLLM_CPU_OMP_THREADS_BIND": every_core})
         self._ready: set[str] = set()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -146,6 +146,7 @@ class PromptResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
     def fold(self, frame: protocol.Frame, source: FrameSource) -> protocol.Delta | None:
         """Take one frame in: a Delta is returned for the caller (collected or streamed), the
@@ -157,7 +158,7 @@ class PromptResult:
                 self.prompt = frame
             case protocol.Done(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens):
                 self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
-                self.cached_tokens = frame.cached_tokens
+                self.cached_tokens, self.reasoning_tokens = frame.cached_tokens, frame.reasoning_tokens
                 source.count_tokens(completion_tokens, prompt_tokens)
             case protocol.Error():
                 raise frame_error(frame)
@@ -231,8 +232,21 @@ class Shaper(Protocol):
     ) -> bytes:
         """The event(s) for one Delta of choice `index`; `usage` (continuous usage) goes in each of them."""
 
-    def usage(self, usage: Usage) -> bytes:
-        """The final usage event (stream_options.include_usage)."""
+    async def end(self, results: list[PromptResult], failed: FleetError | None) -> bytes:
+        """The stream's last events: how it ended (its usage, or the error that ended it)."""
+
+
+def chunks_end(usage_event: Callable[[Usage], bytes], plan: Plan, results: list[PromptResult],
+               failed: FleetError | None) -> bytes:
+    """How a stream of chat.completion.chunk or text_completion objects ends: an error event, or the
+    usage chunk (stream_options.include_usage); then `data: [DONE]`."""
+    if failed is not None:
+        tail = error_event(failed)
+    elif plan.include_usage:
+        tail = usage_event(total_usage(results, sum(r.completion_tokens for r in results)))
+    else:
+        tail = b""
+    return tail + DONE_EVENT
 
 
 async def _first(gen: Batches) -> list[protocol.Frame]:
@@ -318,10 +332,4 @@ async def _stream_body(
                 break
     except FleetError as e:
         failed = e
-    if failed is not None:
-        tail = error_event(failed)
-    elif plan.include_usage:
-        tail = shaper.usage(total_usage(results, sum(r.completion_tokens for r in results)))
-    else:
-        tail = b""
-    yield LastChunk(tail + DONE_EVENT)
+    yield LastChunk(await shaper.end(results, failed))

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import msgspec
 
 from fleet.api.answers import FrameSource
+from fleet.api.responses.store import ResponseStore
 from fleet.config.model import ModelConfig
 
 Plan = Callable[[Any, ModelConfig], Any]  # request, the model it goes to -> what to do (a streaming one: with `stream`)
@@ -36,9 +37,20 @@ class Endpoint:
     chunk: type[msgspec.Struct] | None = None  # a stream's event, for the document
     task: Literal["generate", "embed"] | None = "generate"  # the models it serves; None: every model
     tracked: bool = True  # a request of the model: admission slot, counts, metrics, the status page's list
-    prompt: Callable[[Any], str] | None = None  # what the status page shows of a request's prompt
+    prompt: Callable[[Any], Any] | None = None  # what the status page shows of a request's prompt
+    # what a request refers to, read before it is planned (a stored conversation it continues)
+    resolve: Callable[[Any, Caller], Awaitable[Any]] | None = None
     route_name: str = ""  # its label in metrics and the status page ("completions"); default: `name`
 
     @property
     def label(self) -> str:
         return self.route_name or self.name
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks, as an endpoint that keeps state needs to know it: the API key's id (what it may
+    read; "" for a fleet without keys) and the gateway's response store (None: none kept)."""
+
+    key: str = ""
+    responses: ResponseStore | None = None

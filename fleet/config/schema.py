@@ -175,6 +175,17 @@ class ClusterConfig(Strict):
     engine_cpus: float = Field(1.0, gt=0, description="CPUs each engine asks of its node (beside its GPUs)")
 
 
+class ResponsesConfig(Strict):
+    """The Responses API's stored responses (`store`, `previous_response_id`): kept in an embedded
+    SQLite database, bounded by age and count."""
+
+    store_path: str | None = Field(
+        None, description="the SQLite file that keeps stored responses; default: <cache>/responses.sqlite3")
+    max_age_days: float = Field(30.0, gt=0, description="stored responses older than this are dropped")
+    max_stored: Int = Field(10_000, ge=1, description="at most this many are kept (the oldest go first; checked "
+                            "every 64 stores)")
+
+
 _TOML_DATA: ContextVar[Mapping[str, Any]] = ContextVar("fleet_toml_data", default=MappingProxyType({}))
 
 
@@ -200,6 +211,7 @@ class FleetConfig(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cluster: ClusterConfig | None = Field(None, description="engines on a Ray cluster (absent: on this machine)")
     ui: UiConfig = Field(default_factory=UiConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     models: list[ModelConfig] = Field(default_factory=list)
 
     @classmethod

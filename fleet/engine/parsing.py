@@ -194,6 +194,7 @@ class Reader:
         self.text, self.ids = "", list[int]()  # the whole answer so far (the reasoning parser reads these)
         self.content, self.content_ids = "", list[int]()  # the answer's content so far (the tool parser reads these)
         self.reasoning_done = reasoning_parser is None
+        self.reasoning_tokens = 0  # of the answer's tokens, those of its reasoning
 
     def step(self, delta_text: str, delta_ids: Sequence[int]) -> Piece:
         """One output step's new text and token ids."""
@@ -211,6 +212,7 @@ class Reader:
                 content_ids = self.reasoning_parser.extract_content_ids(list(delta_ids)) if content else []
             else:
                 content_ids = []
+            self.reasoning_tokens += len(delta_ids) - len(content_ids)
         if not content and not content_ids:
             return piece
         previous, previous_ids = self.content, self.content_ids
@@ -235,12 +237,13 @@ class Reader:
             piece.content = content
         return piece
 
-    def whole(self, text: str) -> Piece:
+    def whole(self, text: str, ids: Sequence[int] = ()) -> Piece:
         """A whole answer (a request nobody streams): its reasoning, content and calls at once."""
         piece = Piece(content=text)
         if self.reasoning_parser is not None:
             reasoning, content = self.reasoning_parser.extract_reasoning(text, self.request)
             piece.reasoning, piece.content = reasoning or "", content or ""
+            self.reasoning_tokens = reasoning_token_count(self.reasoning_parser, list(ids)) if piece.reasoning else 0
         if self.tools is None:
             return piece
         content, piece.content = piece.content, ""
@@ -257,6 +260,16 @@ class Reader:
         else:
             piece.content = content
         return piece
+
+
+def reasoning_token_count(parser: Any, ids: list[int]) -> int:
+    """How many of a whole answer's tokens are its reasoning: the parser's own count where it has
+    one, else those up to its end-of-reasoning token (all of them if it never came)."""
+    counted = parser.count_reasoning_tokens(ids) if hasattr(parser, "count_reasoning_tokens") else 0
+    if counted:
+        return int(counted)
+    end = getattr(parser, "end_token_id", None)
+    return ids.index(end) + 1 if end in ids else len(ids)
 
 
 def _reasoning_of(message: Any) -> str:

@@ -274,8 +274,10 @@ class EngineService:
             return
         self.prompt_tokens += len(ids)
         self.cached_tokens += cached
+        reasoning_tokens = sum(r.reasoning_tokens for r in readers.values() if r is not None)
         yield LastChunk(last + protocol.encode_frame(protocol.Done(
-            prompt_tokens=len(ids), completion_tokens=completion_tokens, cached_tokens=cached)))
+            prompt_tokens=len(ids), completion_tokens=completion_tokens, cached_tokens=cached,
+            reasoning_tokens=reasoning_tokens)))
 
     # --- tokens, and embeddings (a pooling engine) -------------------------------------------------
 
@@ -368,7 +370,7 @@ class EngineService:
             logprobs = [self.position(t, e) for t, e in zip(out.token_ids, out.logprobs, strict=False)]
         text, reasoning, calls = out.text, "", None
         if reader is not None:
-            piece = reader.whole(out.text) if whole else reader.step(out.text, out.token_ids)
+            piece = reader.whole(out.text, out.token_ids) if whole else reader.step(out.text, out.token_ids)
             text, reasoning, calls = piece.content, piece.reasoning, piece.calls or None
         return protocol.Delta(
             index=out.index,

@@ -30,11 +30,13 @@ from litestar.types import HTTPScope, Receive, Send
 
 from fleet.api.answers import FrameSource
 from fleet.api.catalog import ENDPOINTS
-from fleet.api.endpoint import Endpoint
+from fleet.api.endpoint import Caller, Endpoint
 from fleet.api.protocol import ErrorResponse, ModelCard, ModelList
+from fleet.api.responses.store import ResponseStore
 from fleet.config.schema import GatewayConfig, UiConfig
 from fleet.errors import BodyTooLarge, FleetError, InvalidRequest
 from fleet.gateway import control as control_routes
+from fleet.gateway import stored
 from fleet.gateway.auth import Keys, require_key, scope_key
 from fleet.gateway.bodies import decode_body, decoder
 from fleet.gateway.control import Control
@@ -149,28 +151,32 @@ def endpoint_route(endpoint: Endpoint) -> ASGIRouteHandler:
         # The key before the body, as the other routes' hook: without a valid key, a 401 whatever the body.
         key = keys.check(header(scope, b"authorization")) if keys.enabled else None
         data: Any = decode_body(await read_body(scope, receive, state.max_body_bytes), body_of)
-        Keys.allow(key, data.model)
-        served = route(state.models, data.model)
+        model = data.model
+        Keys.allow(key, model)
+        served = route(state.models, model)
         check_task(served, endpoint)
-        prompt = prompt_preview(endpoint.prompt(data)) if state.show_prompts and endpoint.prompt else None
+        session = session_key(scope, served.config, getattr(data, "user", None))
+        prompt = None
         try:
+            if endpoint.resolve is not None:  # what it refers to, read (the caller's own only)
+                data = await endpoint.resolve(data, Caller(key.id if key else "", state.responses))
+            prompt = prompt_preview(endpoint.prompt(data)) if state.show_prompts and endpoint.prompt else None
             planned = endpoint.plan(data, served.config)
         except FleetError as e:  # refused before it ran: the status page lists it too
             if endpoint.tracked and (recent := state.recent) is not None:
-                recent.add(Trace(at=time.time(), model=data.model, route=endpoint.label, status=e.status, prompt=prompt))
+                recent.add(Trace(at=time.time(), model=model, route=endpoint.label, status=e.status, prompt=prompt))
             raise
-        session = session_key(scope, served.config, getattr(data, "user", None))
         source: FrameSource = served if session is None else served.keyed(session)
         if not endpoint.tracked:
-            await _send_json(send, await unless_disconnected(receive, endpoint.complete(source, planned, data.model)))
+            await _send_json(send, await unless_disconnected(receive, endpoint.complete(source, planned, model)))
             return
         tracked = Tracked(served, endpoint.label, state.metrics, state.recent, prompt)
         if endpoint.stream is not None and planned.stream:
             stream = endpoint.stream
-            await tracked.send_stream(lambda: stream(source, planned, data.model), send, receive)
+            await tracked.send_stream(lambda: stream(source, planned, model), send, receive)
             return
         async with tracked:
-            body = await unless_disconnected(receive, endpoint.complete(source, planned, data.model))
+            body = await unless_disconnected(receive, endpoint.complete(source, planned, model))
         await _send_json(send, body)
 
     handle.__name__ = handle.__qualname__ = endpoint.name
@@ -200,6 +206,7 @@ def create_app(
     connections: ConnectionCounts | None = None,
     ui: UiConfig | None = None,
     admin_key: bytes | None = None,
+    responses: ResponseStore | None = None,
 ) -> Litestar:
     """The gateway app over a fleet's models (their lifecycles and clients are owned by the launcher).
     With `ui` enabled (and a launcher: `control`) it serves the status page too, `admin_key` opening its actions."""
@@ -218,7 +225,8 @@ def create_app(
         await asyncio.gather(*sampler, return_exceptions=True)
 
     app = Litestar(
-        route_handlers=[health, metrics, list_models, retrieve_model, *ENDPOINT_ROUTES, *control_routes.ROUTES,
+        route_handlers=[health, metrics, list_models, retrieve_model, *ENDPOINT_ROUTES, *stored.ROUTES,
+                        *control_routes.ROUTES,
                         openapi_json, *(ui_routes.ROUTES if with_ui else ())],
         state=State({
             "models": models,
@@ -231,6 +239,7 @@ def create_app(
             "show_prompts": with_ui and ui.show_prompts,
             "ui_history": history,
             "ui_admin": admin_key if with_ui else None,
+            "responses": responses,  # stored responses (None: /v1/responses stores nothing)
         }),
         on_startup=[start_sampling],
         on_shutdown=[stop_sampling],

@@ -8,6 +8,7 @@ not tell how much of a guess was right. With no key configured, the gateway is o
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ class Key:
 
     def __repr__(self) -> str:  # never print the secret
         return f"Key(models={sorted(self.models) if self.models else 'all'})"
+
+    @property
+    def id(self) -> str:
+        """A stable name for the key that does not reveal it (what owns a stored response)."""
+        return hashlib.sha256(b"fleet key " + self.secret).hexdigest()[:32]
 
 
 class Keys:

@@ -30,6 +30,8 @@ from litestar import Litestar, Request, Response, get
 from fleet import __version__
 from fleet.api.catalog import ENDPOINTS
 from fleet.api.protocol import ErrorResponse, ModelCard, ModelList
+from fleet.api.responses.protocol import DeletedResponse, InputItemList
+from fleet.api.responses.protocol import Response as ResponseObject
 from fleet.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fleet.gateway.status import FleetStatus, Health, ReloadReport
 
@@ -59,7 +61,7 @@ RETRY_AFTER = (429, 503)  # the SDK retries these after Retry-After seconds
 
 STRUCTS: list[type] = list(dict.fromkeys([  # every schema the document refers to, each once
     *(t for e in ENDPOINTS for t in (e.request, e.response, e.chunk) if t is not None),
-    ModelList, ModelCard, Health, FleetStatus, ReloadReport, ErrorResponse]))
+    ModelList, ModelCard, DeletedResponse, InputItemList, Health, FleetStatus, ReloadReport, ErrorResponse]))
 
 
 @get(PATH, sync_to_thread=False)
@@ -130,6 +132,27 @@ def _paths(ref: Mapping[type, dict[str, Any]], described: Mapping[str, str]) -> 
             ok["content"]["text/event-stream"] = {"schema": _events(ref[e.chunk], error)}
         paths[e.path] = {"post": _operation(e.path, e.name, e.description, {
             200: ok, **_errors(ERRORS, error, RETRY_AFTER)}, body=ref[e.request])}
+    stored_errors = _errors({status: ERRORS[status] for status in (401, 404, 405)} | {
+        404: "no stored response with that id for this API key"}, error)
+    response_id = [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"},
+                    "description": "a stored response's id (resp_...)"}]
+    paths["/v1/responses/{response_id}"] = {
+        "get": {**_operation("/v1/responses/{response_id}", "retrieve_response", "A stored response, as it was answered.",
+                             {200: _answer("the stored response", ref[ResponseObject]), **stored_errors}),
+                "parameters": response_id},
+        "delete": {**_operation("/v1/responses/{response_id}", "delete_response",
+                                "Forget a stored response (a conversation can no longer continue from it).",
+                                {200: _answer("the response is forgotten", ref[DeletedResponse]), **stored_errors}),
+                   "parameters": response_id}}
+    paths["/v1/responses/{response_id}/input_items"] = {"get": {
+        **_operation("/v1/responses/{response_id}/input_items", "list_input_items",
+                     described.get("/v1/responses/{response_id:str}/input_items", ""),
+                     {200: _answer("the stored response's input items", ref[InputItemList]),
+                      **stored_errors, 400: _answer("a limit out of range, an unknown `after`", error)}),
+        "parameters": [*response_id,
+                       {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                       {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+                       {"name": "after", "in": "query", "schema": {"type": "string"}}]}}
     stopping = {"type": "object", "required": ["stopping"], "properties": {"stopping": {"const": True}}}
     paths |= {
         "/fleet/status": {"get": _operation("/fleet/status", "fleet_status", described.get("/fleet/status", ""), {

@@ -18,6 +18,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -31,6 +32,7 @@ from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionCounts, Connection
 from fleet.gateway.model import ServedModel
 from fleet.gateway.routing.replicas import Replica
 from fleet.gateway.status import ReloadReport
+from fleet.gateway.store import SqliteResponses
 from fleet.lifecycle import EngineState
 from fleet.machine.check import can_run_together
 from fleet.machine.probe import cpu_bindings
@@ -41,6 +43,7 @@ from fleet.run.journal import Journal
 from fleet.run.local import EngineCommand, LocalRuntimes, engine_command
 from fleet.run.owner import EngineOwner, backoff
 from fleet.run.runtime import Runtime, Runtimes
+from fleet.sources import cache_dir
 
 log = logging.getLogger("fleet.run")
 Taken = tuple[Replica, EngineOwner, "asyncio.Task[None]"]  # a replica out of the fleet's books, still to be stopped
@@ -164,9 +167,10 @@ class Fleet:
         """Run until `stop()` (or a signal): engines and gateway, then a clean stop of everything."""
         started = time.monotonic()
         gw = self.config.gateway
+        responses = self._responses()
         app = create_app(self.models, control=self.control, keys=self.keys, gateway=gw,
                          restarts=self.restarts_of, connections=self.connections,
-                         ui=self.config.ui, admin_key=self.config.ui.admin_secret(os.environ))
+                         ui=self.config.ui, admin_key=self.config.ui.admin_secret(os.environ), responses=responses)
         server = GatewayServer(app, gw, self.connection_limits, self.connections, console=self.console,
                                drain_timeout=self.config.supervisor.drain_timeout, started=self.gateway_started)
         gateway = asyncio.create_task(server.run(), name="gateway")
@@ -192,10 +196,17 @@ class Fleet:
             for owner in self.owners.values():
                 owner.request_stop()
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            responses.close()
         if failed:
             error = None if gateway.cancelled() else gateway.exception()
             log.error("the gateway stopped; the fleet stopped with it", exc_info=error)
             raise RuntimeError(f"the gateway stopped ({error!r}); every engine was stopped") from error
+
+    def _responses(self) -> SqliteResponses:
+        """The store of /v1/responses' stored responses ([responses]: a SQLite file, in the cache by default)."""
+        cfg = self.config.responses
+        path = Path(cfg.store_path).expanduser() if cfg.store_path else cache_dir() / "responses.sqlite3"
+        return SqliteResponses(path, max_age_days=cfg.max_age_days, max_stored=cfg.max_stored)
 
     def stop(self) -> None:
         """Begin a clean stop (what SIGINT and SIGTERM do)."""
@@ -229,10 +240,12 @@ class Fleet:
                 report.warnings.append("[cluster] changed: restart the fleet to apply it")
             if new.ui != self.config.ui:
                 report.warnings.append("[ui] changed: restart the fleet to apply it")
+            if new.responses != self.config.responses:
+                report.warnings.append("[responses] changed: restart the fleet to apply it")
             if new.supervisor != self.config.supervisor:
                 report.warnings.append("[supervisor] changed: applies to engines started from now on")
-            self.config = new.model_copy(
-                update={"gateway": self.config.gateway, "cluster": self.config.cluster, "ui": self.config.ui})
+            self.config = new.model_copy(update={"gateway": self.config.gateway, "cluster": self.config.cluster,
+                                                 "ui": self.config.ui, "responses": self.config.responses})
             self.console.print(
                 f"[bold]fleet[/bold]: reload: +{report.added} -{report.removed} ~{report.changed}", highlight=False
             )

@@ -193,6 +193,7 @@ class Done(_Message, tag="done"):
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # of the prompt's, found in vLLM's prefix cache
+    reasoning_tokens: int = 0  # of the completion's, the reasoning's (a request that asked it read apart)
 
 
 class Error(_Message, tag="error"):

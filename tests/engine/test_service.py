@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from fleet.engine.parsing import Parsers
 from fleet.engine.service import EngineService
 from fleet.wire import protocol
 
@@ -18,6 +19,7 @@ class Tokenizer:
 def service() -> EngineService:
     s = EngineService.__new__(EngineService)  # no vLLM engine: only the frame building is under test
     s.tokenizer = Tokenizer()
+    s.parsers = Parsers(s.tokenizer, None, None)  # nothing read apart
     return s
 
 

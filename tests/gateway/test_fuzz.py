@@ -52,12 +52,15 @@ from fleet.api.completions.protocol import CompletionChunk
 from fleet.api.protocol import ErrorResponse
 from fleet.config.load import parse_config
 from fleet.gateway.app import create_app
+from fleet.api.responses.protocol import Event
 from fleet.gateway.openapi import document
 
 EXAMPLES = int(os.environ.get("FLEET_FUZZ_EXAMPLES", "150"))
 TIMEOUT = 10  # seconds any one request may take: far above what a fake engine needs
 ROUTES = {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
-          ("POST", "/v1/embeddings"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+          ("POST", "/v1/embeddings"), ("POST", "/tokenize"), ("POST", "/detokenize"), ("POST", "/v1/responses"),
+          ("GET", "/v1/responses/{response_id}"), ("DELETE", "/v1/responses/{response_id}"),
+          ("GET", "/v1/responses/{response_id}/input_items"),
           ("GET", "/health"), ("GET", "/metrics")}
 MIN_REQUESTS = 1000
 
@@ -226,6 +229,13 @@ def event_stream(ctx: Any, response: schemathesis.Response, case: schemathesis.C
         return
     text = response.content.decode()
     assert not response.stream_cut_short, "schemathesis stopped reading: raise max-stream-events"
+    if case.path == "/v1/responses":  # typed events: `event: <type>` and its data, no [DONE]
+        blocks = [block.split("\n") for block in text.split("\n\n") if block]
+        assert blocks and all(len(b) == 2 and b[0].startswith("event: ") and b[1].startswith("data: ") for b in blocks)
+        events = [msgspec.json.decode(b[1][len("data: "):], type=Event) for b in blocks]
+        assert [type(e).__struct_config__.tag for e in events] == [b[0][len("event: "):] for b in blocks]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        return
     assert text.endswith("data: [DONE]\n\n"), text[-200:]
     events = [block for block in text.split("\n\n") if block]
     assert all(e.startswith("data: ") and "\n" not in e for e in events), text[:500]

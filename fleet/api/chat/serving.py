@@ -31,7 +31,7 @@ from fleet.api.planning import NO_LIMITS, Plan, for_request, plan
 from fleet.api.protocol import Usage
 from fleet.api.rules import chat_messages, chat_top_logprobs, response_format_structure
 from fleet.config.model import Limits, SamplingDefaults
-from fleet.errors import InvalidRequest
+from fleet.errors import FleetError, InvalidRequest
 from fleet.wire import protocol
 
 _json = msgspec.json.Encoder()
@@ -164,6 +164,9 @@ class ChatShaper:
 
     def usage(self, usage: Usage) -> bytes:
         return answers.sse(_json.encode(ChatCompletionChunk(self.id, self.created, self.model, [], usage)))
+
+    async def end(self, results: list[answers.PromptResult], failed: FleetError | None) -> bytes:
+        return answers.chunks_end(self.usage, self.plan, results, failed)
 
 
 async def stream(source: FrameSource, plan: Plan, model: str) -> AsyncGenerator[bytes, None]:

@@ -20,6 +20,7 @@ from fleet.api.planning import NO_LIMITS, Plan, Prompt, for_request, plan
 from fleet.api.protocol import Usage
 from fleet.api.rules import check_suffix, prompt_list
 from fleet.config.model import Limits, SamplingDefaults
+from fleet.errors import FleetError
 from fleet.wire import protocol
 
 _json = msgspec.json.Encoder()
@@ -127,6 +128,9 @@ class CompletionShaper:
 
     def usage(self, usage: Usage) -> bytes:
         return answers.sse(_json.encode(CompletionChunk(self.id, self.created, self.model, [], usage)))
+
+    async def end(self, results: list[answers.PromptResult], failed: FleetError | None) -> bytes:
+        return answers.chunks_end(self.usage, self.plan, results, failed)
 
 
 async def stream(source: FrameSource, plan: Plan, model: str) -> AsyncGenerator[bytes, None]:

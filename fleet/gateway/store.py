@@ -1,0 +1,96 @@
+"""The gateway's store of responses (`SqliteResponses`): stored responses of /v1/responses in an
+embedded SQLite database, a file in the cache directory by default ([responses] store in
+fleet.toml names another), so that they outlive a restart of the gateway.
+
+One connection, used from one worker thread at a time (sqlite3 blocks: never on the event loop),
+in WAL mode. Bounded: responses older than `max_age_days`, and the oldest beyond `max_stored`, are
+dropped as new ones come. A response is read only with the key that made it (`owner`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+
+from fleet.api.responses.store import Stored
+
+_items = msgspec.json.Decoder(list[dict[str, object]])
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    input_items TEXT NOT NULL,
+    transcript TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
+"""
+PRUNE_EVERY = 64  # puts between two checks of the count bound (the age bound is checked at each put)
+
+
+class SqliteResponses:
+    """Stored responses in SQLite (fleet.api.responses.store.ResponseStore)."""
+
+    def __init__(self, path: Path, *, max_age_days: float = 30.0, max_stored: int = 10_000) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_age = max_age_days * 86400
+        self.max_stored = max_stored
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self._puts = 0
+
+    async def get(self, response_id: str, owner: str) -> Stored | None:
+        return await asyncio.to_thread(self._get, response_id, owner)
+
+    async def put(self, stored: Stored) -> None:
+        await asyncio.to_thread(self._put, stored)
+
+    async def delete(self, response_id: str, owner: str) -> bool:
+        return await asyncio.to_thread(self._delete, response_id, owner)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _get(self, response_id: str, owner: str) -> Stored | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, owner, created_at, response, input_items, transcript FROM responses "
+                "WHERE id = ? AND owner = ? AND created_at >= ?", (response_id, owner, self._oldest())).fetchone()
+        if row is None:
+            return None
+        return Stored(row[0], row[1], row[2], row[3], _items.decode(row[4]), _items.decode(row[5]))
+
+    def _put(self, stored: Stored) -> None:
+        encode = msgspec.json.encode
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                             (stored.id, stored.owner, stored.created_at, stored.response,
+                              encode(stored.input_items).decode(), encode(stored.transcript).decode()))
+            self._db.execute("DELETE FROM responses WHERE created_at < ?", (self._oldest(),))
+            self._puts += 1
+            if self._puts % PRUNE_EVERY == 0 or self.max_stored < PRUNE_EVERY:
+                self._db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses ORDER BY created_at DESC "
+                                 "LIMIT -1 OFFSET ?)", (self.max_stored,))
+
+    def _delete(self, response_id: str, owner: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM responses WHERE id = ? AND owner = ?",
+                                    (response_id, owner)).rowcount > 0
+
+    def _oldest(self) -> int:
+        return int(time.time() - self.max_age)
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])

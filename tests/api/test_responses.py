@@ -1,0 +1,106 @@
+"""A Responses request read and planned as a chat (fleet/api/responses/items.py and serving.py):
+its input items, its tools, its errors named by the Responses API's own fields."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+
+from fleet.api.endpoint import Caller
+from fleet.api.responses.items import chat_messages, input_items
+from fleet.api.responses.protocol import ResponsesRequest
+from fleet.api.responses.serving import Resolved, plan_responses
+from fleet.api.responses.store import Stored
+from fleet.config.model import ModelConfig
+from fleet.errors import InvalidRequest
+from fleet.wire import protocol
+
+MODEL = ModelConfig(name="m", source="x", port=1)
+WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def request(**body: Any) -> ResponsesRequest:
+    return msgspec.convert({"model": "m", "input": "hi", **body}, ResponsesRequest)
+
+
+def planned(model: ModelConfig = MODEL, previous: Stored | None = None, **body: Any) -> Any:
+    return plan_responses(Resolved(request(**body), Caller(), previous), model)
+
+
+def refused(param: str, model: ModelConfig = MODEL, **body: Any) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as e:
+        planned(model, **body)
+    assert e.value.param == param, e.value.message
+    return e.value
+
+
+def test_a_string_input_is_one_user_message_after_the_instructions() -> None:
+    p = planned(instructions="Be brief.")
+    assert p.chat.prompts[0].messages == [protocol.ChatMessage("system", "Be brief."), protocol.ChatMessage("user", "hi")]
+    [item] = p.items
+    assert item["type"] == "message" and item["role"] == "user" and item["id"].startswith("msg_")
+
+
+def test_function_calls_join_the_assistant_turn_and_their_outputs_answer_them() -> None:
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+             {"type": "reasoning", "id": "rs_1", "summary": []}]
+    p = planned(input=items, tools=[WEATHER], tool_choice="none")
+    assert p.chat.prompts[0].messages == [
+        protocol.ChatMessage("user", "weather?"),
+        protocol.ChatMessage("assistant", "", [protocol.ToolCall("call_1", "get_weather", '{"city": "Paris"}')]),
+        protocol.ChatMessage("tool", "sunny", None, "call_1"),
+    ]  # the reasoning item is kept among the input items, never rendered
+    assert [i["type"] for i in p.items] == ["message", "function_call", "function_call_output", "reasoning"]
+
+
+def test_a_previous_responses_transcript_comes_first_and_its_instructions_do_not() -> None:
+    earlier = input_items("first") + [{"id": "msg_x", "type": "message", "role": "assistant",
+                                       "content": [{"type": "output_text", "text": "answer"}]}]
+    previous = Stored("resp_1", "", 0, "{}", [], earlier)
+    p = planned(previous=previous, input="second")
+    assert [(m.role, m.content) for m in p.chat.prompts[0].messages] == [
+        ("user", "first"), ("assistant", "answer"), ("user", "second")]
+    assert [i["role"] for i in p.transcript] == ["user", "assistant", "user"]
+
+
+def test_tools_and_text_format_become_the_chats_and_a_forced_function_is_held_to_its_schema() -> None:
+    p = planned(tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"})
+    assert p.chat.tools == protocol.ToolUse("named", "get_weather")
+    assert json.loads(p.chat.sampling.structured.json) == WEATHER["parameters"]
+    fmt = {"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}}
+    assert json.loads(planned(text=fmt).chat.sampling.structured.json) == {"type": "object"}
+    assert planned(max_output_tokens=7).chat.sampling.max_tokens == 7
+
+
+@pytest.mark.parametrize(("body", "param", "says"), [
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type", "built-in tool 'web_search'"),
+    ({"tools": [{"type": "file_search"}]}, "tools[0].type", "file_search"),
+    ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "objekt"}}], "tool_choice": "required"},
+     "tools[0].parameters", "not a JSON Schema"),
+    ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]}, "input[0].call_id", "matches no"),
+    ({"input": [{"type": "image_generation_call"}]}, "input[0].type", "not supported"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0].type",
+     "only text"),
+    ({"input": []}, "input", "empty"),
+    ({"tools": [WEATHER], "tool_choice": "required", "text": {"format": {"type": "json_object"}}}, "text.format",
+     "response_format"),
+    ({"reasoning": {"effort": "high"}}, "reasoning", "no reasoning parser"),
+])
+def test_bad_input_is_a_400_naming_the_responses_field(body: dict[str, Any], param: str, says: str) -> None:
+    assert says in refused(param, **body).message
+
+
+def test_auto_tools_on_a_model_without_a_parser_are_refused_and_with_one_read_by_it() -> None:
+    assert refused("tool_choice", tools=[WEATHER]).code == "tool_parser_missing"
+    parsed = ModelConfig(name="m", source="x", port=1, tool_parser="hermes")
+    assert planned(parsed, tools=[WEATHER]).chat.tools == protocol.ToolUse("auto")
+
+
+def test_the_chat_messages_of_items_keep_text_parts_whole() -> None:
+    items = input_items([{"role": "developer", "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]}])
+    assert chat_messages(None, items) == [{"role": "developer", "content": "ab"}]

@@ -1,0 +1,79 @@
+"""/v1/responses on real engines: the openai SDK (whole, streamed with its helper, continued by
+previous_response_id, a function call and its output), LangChain's ChatOpenAI on the Responses
+API, and the OpenAI Agents SDK running an agent with a Python function tool.
+
+The packaged default model answers (greedy, float32). It has vLLM's pythonic tool parser: a
+forced call ("required", a named function) is held to the tools' schemas by structured outputs,
+and after it, "auto" (the Agents SDK's choice once a tool has run) lets the model answer in words.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+from fleets import Fleets
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                          "required": ["city"], "additionalProperties": False}}
+
+
+def test_a_response_whole_and_streamed_with_the_sdks_helper_say_the_same(default: openai.OpenAI) -> None:
+    kw = dict(model="smollm2", input="The capital of France is", temperature=0, max_output_tokens=12)
+    whole = default.responses.create(**kw)
+    assert whole.output_text and whole.usage.output_tokens > 0
+    with default.responses.stream(**kw) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == whole.output_text
+
+
+def test_previous_response_id_continues_the_conversation(default: openai.OpenAI) -> None:
+    first = default.responses.create(model="smollm2", input="My name is Ada.", temperature=0, max_output_tokens=10)
+    second = default.responses.create(model="smollm2", input="What is my name?", previous_response_id=first.id,
+                                      temperature=0, max_output_tokens=10)
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    assert default.responses.retrieve(second.id).output_text == second.output_text
+
+
+def test_a_function_call_then_its_output_ends_in_a_message(default: openai.OpenAI) -> None:
+    call = default.responses.create(model="smollm2", input="What is the weather in Paris?", tools=[WEATHER],
+                                    tool_choice="required", temperature=0, max_output_tokens=40)
+    [item] = [o for o in call.output if o.type == "function_call"]
+    assert item.name == "get_weather" and isinstance(json.loads(item.arguments)["city"], str)
+    final = default.responses.create(model="smollm2", previous_response_id=call.id, tools=[WEATHER], temperature=0,
+                                     max_output_tokens=20, tool_choice="none",
+                                     input=[{"type": "function_call_output", "call_id": item.call_id, "output": "sunny"}])
+    assert final.output_text and not [o for o in final.output if o.type == "function_call"]
+
+
+def test_langchain_chat_openai_on_the_responses_api(fleets: Fleets) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="smollm2", base_url=fleets.ready("default").url + "/v1", api_key="x", temperature=0,
+                     max_tokens=12, max_retries=0, use_responses_api=True)
+    message = llm.invoke("The capital of France is")
+    assert message.text and message.response_metadata.get("id", "").startswith("resp_")
+
+
+def test_an_agents_sdk_agent_calls_a_python_tool_and_returns_a_final_output(fleets: Fleets) -> None:
+    from agents import Agent, ModelSettings, Runner, function_tool, set_tracing_disabled
+    from agents.models.openai_responses import OpenAIResponsesModel
+
+    set_tracing_disabled(True)  # no exporter: nothing leaves this machine
+    called: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        called.append(city)
+        return f"It is sunny in {city}."
+
+    client = openai.AsyncOpenAI(base_url=fleets.ready("default").url + "/v1", api_key="x", max_retries=0)
+    agent = Agent(name="weather", instructions="Answer with the weather.", tools=[get_weather],
+                  model=OpenAIResponsesModel(model="smollm2", openai_client=client),
+                  model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=40))
+    result = Runner.run_sync(agent, "What is the weather in Paris?")
+    assert len(called) == 1 and isinstance(result.final_output, str) and result.final_output
+    outputs = [item for item in result.new_items if item.type == "tool_call_output_item"]
+    assert [o.output for o in outputs] == [f"It is sunny in {called[0]}."]
