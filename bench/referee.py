@@ -8,6 +8,7 @@ named, and prints the ratios:
 
     python bench/referee.py --systems fleet,vllm --dtype float32,bfloat16 --concurrency 1,16 \
         --rounds 2 --out /tmp/referee [--preload]
+    python bench/referee.py --tools named --concurrency 16,64 --output-len 64   # tool calls, streamed chat
 
 `fleet-Nr` is fleet with N replicas of the model (each engine on its share of the cores):
 `--systems fleet-2r,fleet` compares 2 replicas with 1.
@@ -61,6 +62,15 @@ KEYS = ("completed", "failed", "duration", "total_output_tokens", "request_throu
         "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "median_itl_ms", "median_e2el_ms")
 
 
+# --tools: a function every request may (or must) call; streamed chat completions
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                             "parameters": {"type": "object", "properties": {
+                                                 "city": {"type": "string", "maxLength": 24},
+                                                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                                                 "required": ["city", "unit"]}}}
+TOOL_CHOICES = {"named": {"type": "function", "function": {"name": "get_weather"}}, "required": "required"}
+
+
 @dataclass(frozen=True)
 class Load:
     """One referee point: what `vllm bench serve` sends."""
@@ -70,14 +80,20 @@ class Load:
     input_len: int = 32
     output_len: int = 32
     warmups: int = 0
+    tools: str | None = None  # "named" or "required": streamed chat completions that call WEATHER
 
     def argv(self, base_url: str, model: str, tokenizer: str, seed: int = 0) -> list[str]:
+        if self.tools is None:  # completions, every request generating output_len tokens
+            head = ["--backend", "openai", "--endpoint", "/v1/completions", "--ignore-eos"]
+        else:  # a tool call: structured outputs end it when its arguments are whole (output_len at most)
+            body = {"tools": [WEATHER], "tool_choice": TOOL_CHOICES[self.tools], "temperature": 0}
+            head = ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--extra-body", json.dumps(body)]
         return [
-            "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+            *head, "--base-url", base_url,
             "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
             "--random-input-len", str(self.input_len), "--random-output-len", str(self.output_len),
             "--num-prompts", str(self.prompts), "--max-concurrency", str(self.concurrency),
-            "--ignore-eos", "--disable-tqdm", "--seed", str(seed), "--num-warmups", str(self.warmups),
+            "--disable-tqdm", "--seed", str(seed), "--num-warmups", str(self.warmups),
             "--percentile-metrics", "ttft,tpot,itl,e2el",
         ]
 
@@ -176,6 +192,10 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--tools", choices=("named", "required"), default=None,
+                    help="streamed chat completions that call a function (named, or tool_choice required), "
+                    "fleet and vllm serve with the same tool parser (--tool-parser)")
+    ap.add_argument("--tool-parser", default="pythonic", help="vLLM's tool parser for --tools, the same for every system")
     ap.add_argument("--preload", choices=("off", "on", "both"), default="off",
                     help="LD_PRELOAD tcmalloc and Intel's OpenMP into fleet's engine (vLLM's CPU advice)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/referee"))
@@ -184,7 +204,7 @@ def main() -> None:
     from bench.run import model_dir as default_model_dir
 
     model_dir = default_model_dir(sys.executable)
-    loads = [Load(c, max(8, ns.prompts_per_client * c), ns.input_len, ns.output_len)
+    loads = [Load(c, max(8, ns.prompts_per_client * c), ns.input_len, ns.output_len, tools=ns.tools)
              for c in map(int, ns.concurrency.split(","))]
     names = ns.systems.split(",")
     preload = preload_libraries()
@@ -201,7 +221,8 @@ def main() -> None:
                 run: dict[str, Any] = {"round": k + 1, "dtype": dtype, "preload": pre, "order": order, "systems": {},
                                        "started": time.strftime("%H:%M:%S", time.gmtime())}
                 for name in order:
-                    engine = replace(systems.EngineSettings(), dtype=dtype, preload=tuple(preload) if pre else ())
+                    engine = replace(systems.EngineSettings(), dtype=dtype, preload=tuple(preload) if pre else (),
+                                     tool_parser=ns.tool_parser if ns.tools else None)
                     env = systems.Env(ns.out / f"r{k + 1}-{dtype}-{'pre' if pre else 'plain'}", engine=engine)
                     print(f"round {k + 1}, {name}, dtype {dtype}{', LD_PRELOAD' if pre else ''}", flush=True)
                     run["systems"][name] = asyncio.run(_measure(name, env, model_dir, loads, log))

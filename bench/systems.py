@@ -45,6 +45,7 @@ class EngineSettings:
     # "auto" would take the model's bfloat16 even where the processor cannot multiply it natively)
     dtype: str = field(default_factory=lambda: cpu_dtype("auto", cpu_flags())[0])
     preload: tuple[str, ...] = ()  # LD_PRELOAD for every process of the system (tcmalloc, libiomp5)
+    tool_parser: str | None = None  # vLLM's tool parser (vllm serve: --enable-auto-tool-choice; fleet: tool_parser)
 
     @property
     def env(self) -> dict[str, str]:
@@ -125,6 +126,8 @@ async def vllm_serve(env: Env, model_dir: str, port: int | None = None, task: st
         argv.append("--enforce-eager")
     if task == "embed":
         argv += ["--runner", "pooling", "--convert", "embed"]
+    if e.tool_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", e.tool_parser]
     menv = {**_cpu_env(), "PYTHONWARNINGS": "ignore::DeprecationWarning", **e.env}
     async with _started(Server("vllm-serve", argv, env.log("vllm-serve"), menv)) as server:
         ready = await wait_http(f"http://127.0.0.1:{port}/health", server, env.start_timeout, interval=0.2)
@@ -184,7 +187,8 @@ def fleet_toml(gateway_port: int, engine_port: int, source: str, e: EngineSettin
         "[[models]]", f'name = "{MODEL_NAME}"', f"source = {json.dumps(source)}", "gpus = []",
         f"port = {engine_port}", f"max_model_len = {e.max_model_len}", f"kv_cache_gib = {e.kv_cache_gib}",
         f"enforce_eager = {'true' if e.enforce_eager else 'false'}", f"dtype = {json.dumps(e.dtype)}",
-        f"engine_args = {{ {args} }}", f"replicas = {replicas}", f'routing = "{routing}"', f'task = "{task}"', "",
+        f"engine_args = {{ {args} }}", f"replicas = {replicas}", f'routing = "{routing}"', f'task = "{task}"',
+        *([f"tool_parser = {json.dumps(e.tool_parser)}"] if e.tool_parser else []), "",
     ])
 
 
