@@ -28,10 +28,16 @@ E2E = TESTS / "e2e"
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test under tests/e2e/ starts real engines: it carries the `e2e` marker (before `-m` selects)."""
+    """Every test under tests/e2e/ starts real engines: it carries the `e2e` marker (before `-m` selects).
+
+    And each schemathesis item gets its own node id back: schemathesis names them `test[GET /path]`,
+    but pytest 9.2 builds a node id from the function's name alone, so all of a fuzz test's
+    operations share one id, and xdist (which hands out tests by id) runs one of them."""
     for item in items:
         if E2E in item.path.parents:
             item.add_marker(pytest.mark.e2e)
+        if getattr(item, "operation_label", None) and item.name not in item.nodeid and item.parent is not None:
+            item._id = item.parent.id.child(item.name)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")
