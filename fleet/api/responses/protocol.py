@@ -223,59 +223,50 @@ class ItemDone(ResponseEvent, tag="response.output_item.done"):
     item: OutputItem
 
 
-class ContentPartAdded(ResponseEvent, tag="response.content_part.added"):
+class ItemEvent(ResponseEvent):
+    """An event about one output item (the item's id and its place in `output`)."""
+
     item_id: str
     output_index: int
+
+
+class PartEvent(ItemEvent):
+    """An event about one content part of a message or reasoning item."""
+
     content_index: int
+
+
+class ContentPartAdded(PartEvent, tag="response.content_part.added"):
     part: OutputText | ReasoningText
 
 
-class ContentPartDone(ResponseEvent, tag="response.content_part.done"):
-    item_id: str
-    output_index: int
-    content_index: int
+class ContentPartDone(PartEvent, tag="response.content_part.done"):
     part: OutputText | ReasoningText
 
 
-class TextDelta(ResponseEvent, tag="response.output_text.delta"):
-    item_id: str
-    output_index: int
-    content_index: int
+class TextDelta(PartEvent, tag="response.output_text.delta"):
     delta: str
     logprobs: list[Any] = []
 
 
-class TextDone(ResponseEvent, tag="response.output_text.done"):
-    item_id: str
-    output_index: int
-    content_index: int
+class TextDone(PartEvent, tag="response.output_text.done"):
     text: str
     logprobs: list[Any] = []
 
 
-class ReasoningDelta(ResponseEvent, tag="response.reasoning_text.delta"):
-    item_id: str
-    output_index: int
-    content_index: int
+class ReasoningDelta(PartEvent, tag="response.reasoning_text.delta"):
     delta: str
 
 
-class ReasoningDone(ResponseEvent, tag="response.reasoning_text.done"):
-    item_id: str
-    output_index: int
-    content_index: int
+class ReasoningDone(PartEvent, tag="response.reasoning_text.done"):
     text: str
 
 
-class ArgumentsDelta(ResponseEvent, tag="response.function_call_arguments.delta"):
-    item_id: str
-    output_index: int
+class ArgumentsDelta(ItemEvent, tag="response.function_call_arguments.delta"):
     delta: str
 
 
-class ArgumentsDone(ResponseEvent, tag="response.function_call_arguments.done"):
-    item_id: str
-    output_index: int
+class ArgumentsDone(ItemEvent, tag="response.function_call_arguments.done"):
     arguments: str
     name: str
 
