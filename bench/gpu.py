@@ -4,6 +4,7 @@ model, same settings, same load, one after the other in the order `--systems` na
     PYTHONPATH=/root/site:. python3 bench/gpu.py --model /root/models/smollm2-135m-instruct --out $OUT \
         [--systems fleet,vllm,litellm,offline] [--litellm-path /root/litellm] \
         [--together --memory 0.4 --rounds 2] [--referee] [--profile 256] [--stream-interval 4]
+        [--tools named --tool-parser pythonic]   # tool calls: streamed chat, vllm bench serve only
 
 Throughput counts tokens (bench/loadgen.py's `chunk_tokens`: each chunk's continuous usage), not
 SSE chunks: a server that falls behind merges several steps into one chunk. `--referee` runs vLLM's
@@ -265,6 +266,10 @@ def main() -> None:
     ap.add_argument("--client-procs", default="1", help="client processes per point; several (1,4) are measured in turn")
     ap.add_argument("--referee", action="store_true", help="also run `vllm bench serve` against each server (bench/referee.py)")
     ap.add_argument("--referee-input-len", type=int, default=32)
+    ap.add_argument("--tools", choices=("named", "required"), default=None,
+                    help="streamed chat completions calling a function (bench/referee.py's), measured by the referee "
+                    "alone; fleet and vllm serve with the same --tool-parser")
+    ap.add_argument("--tool-parser", default="pythonic")
     ap.add_argument("--offline-concurrency", default="", help="the offline engine's points (default: --concurrency)")
     ap.add_argument("--litellm-python", default=sys.executable, help="the interpreter that runs LiteLLM")
     ap.add_argument("--litellm-path", default="", help="LiteLLM's own package directory (first on its PYTHONPATH)")
@@ -280,7 +285,8 @@ def main() -> None:
     results: dict = {"card": card, "model": ns.model, "max_tokens": ns.max_tokens, "window_s": ns.window,
                      "together": ns.together, "systems": {}, "rounds": []}
     env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}
-    loads = [Load(c, max(32, 4 * c), ns.referee_input_len, ns.max_tokens) for c in conc]
+    loads = [Load(c, max(32, 4 * c), ns.referee_input_len, ns.max_tokens, tools=ns.tools) for c in conc]
+    ns.referee = ns.referee or ns.tools is not None
 
     def save() -> None:
         (ns.out / "gpu.json").write_text(json.dumps(results, indent=2))
@@ -305,7 +311,7 @@ def main() -> None:
             entry["points"] += [turns.point(c) for c in points]
             save()
             return
-        for n in (int(x) for x in ns.client_procs.split(",")):
+        for n in (int(x) for x in ns.client_procs.split(",") if ns.tools is None):  # loadgen: completions
             if n > 1:
                 print(f"  ({n} client processes)", flush=True)
             entry["points"] += run_points(base, "m", points, ns.max_tokens, proc.pid, profile_at if k == 0 else set(),
@@ -332,7 +338,8 @@ def main() -> None:
         toml = ns.out / f"{name}.toml"
         toml.write_text(f'[gateway]\nport = {port}\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\n'
                         f"placements = [{places}]\nmax_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n{kv}"
-                        + (f"engine_args = {{ stream_interval = {stream_interval} }}\n" if stream_interval > 1 else ""))
+                        + (f"engine_args = {{ stream_interval = {stream_interval} }}\n" if stream_interval > 1 else "")
+                        + (f'tool_parser = "{ns.tool_parser}"\n' if ns.tools else ""))
         argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
         logs = ns.out / f"{name}-engine-logs"
         proc = stack.enter_context(started(name, argv, f"http://127.0.0.1:{port}/fleet/status",
@@ -342,6 +349,8 @@ def main() -> None:
     def start_vllm(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, str, Path]:
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ns.model, "--served-model-name", "m",
                 "--port", "8100", "--max-model-len", "2048", "--gpu-memory-utilization", str(ns.memory)]
+        if ns.tools:
+            argv += ["--enable-auto-tool-choice", "--tool-call-parser", ns.tool_parser]
         proc = stack.enter_context(started("vllm", argv, "http://127.0.0.1:8100/health", env, ns.out))
         return proc, "http://127.0.0.1:8100", ns.out / "vllm.log"
 

@@ -172,11 +172,14 @@ def test_logprobs_agree_with_the_model(tiny: openai.OpenAI, ref: Reference) -> N
                                 extra_body=NO_EOS)
     lp = r.choices[0].logprobs
     ids = ref.encode("Hello world")
-    for i, (token, value, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         expected = ref.next_logprobs(ids)
         chosen = int(torch.argmax(expected))
         assert value == pytest.approx(expected[chosen].item(), abs=1e-3)
-        assert token == ref.decode([chosen]) or token == ref.tok.convert_ids_to_tokens(chosen)
+        if not ref.decode([chosen]).endswith("\ufffd"):
+            assert token == ref.decode([chosen])
+        # else a piece of a character (a byte token): vLLM reports "" for it and gives the whole
+        # character to the token that completes it
         assert 1 <= len(top) <= 4 and max(top.values()) == pytest.approx(value, abs=1e-3)
         ids.append(chosen)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
@@ -310,11 +313,15 @@ def test_logit_bias_forces_a_token(tiny: openai.OpenAI, ref: Reference) -> None:
 
 def test_stop_token_ids_and_min_tokens(tiny: openai.OpenAI, ref: Reference) -> None:
     kw = dict(model="tiny-a", prompt="Hello", max_tokens=8, temperature=0)
-    full = tiny.completions.create(**kw, extra_body=NO_EOS).choices[0]
-    ids = ref.encode(full.text)
-    r = tiny.completions.create(**kw, extra_body={**NO_EOS, "stop_token_ids": [ids[1]]})
-    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 2
-    r = tiny.completions.create(**kw, extra_body={**NO_EOS, "stop_token_ids": [ids[1]], "min_tokens": 5})
+    greedy = ref.encode("Hello")  # the greedy answer's token ids, from the reference model
+    for _ in range(8):
+        greedy.append(int(torch.argmax(ref.next_logprobs(greedy))))
+    answer = greedy[-8:]
+    # the first token of the answer not sampled before it: stopping on it ends the answer there
+    at = next(i for i in range(1, 8) if answer[i] not in answer[:i])
+    r = tiny.completions.create(**kw, extra_body={**NO_EOS, "stop_token_ids": [answer[at]]})
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == at + 1
+    r = tiny.completions.create(**kw, extra_body={**NO_EOS, "stop_token_ids": [answer[at]], "min_tokens": 5})
     assert r.usage.completion_tokens >= 5
 
 
