@@ -28,6 +28,8 @@ Misbehaviour comes from the model's `engine_args` table (fleet.toml's free pass-
 - ``fake_crash_after_requests``: serve N /generate requests; die (`os._exit(70)`) on the next.
 - ``fake_token_delay``: seconds between two deltas.
 - ``fake_error_mid_stream``: send an Error frame (status 500) after k deltas.
+- ``fake_unreadable_mid_stream``: after k deltas send a frame the gateway cannot decode (a Delta
+  whose finish reason is "error", as vLLM 0.24 reports a request its scheduler ended), then stop.
 - ``fake_spawn_child``: spawn a grandchild that sleeps, like vLLM's EngineCore; ``"detach"``
   puts it in its own session (a descendant that left the engine's process group).
 - ``fake_max_model_len`` and ``fake_word``: see above.
@@ -133,6 +135,7 @@ class FakeEngine:
         self.word = str(args.get("fake_word", "w"))
         self.token_delay = float(args.get("fake_token_delay", 0.0))
         self.error_after = args.get("fake_error_mid_stream")
+        self.unreadable_after = args.get("fake_unreadable_mid_stream")
         self.crash_after = args.get("fake_crash_after_requests")
         self.hang = bool(args.get("fake_hang_at_start", False))
         self.ready_at = time.monotonic() + float(args.get("fake_start_delay", 0.0))
@@ -229,6 +232,10 @@ class FakeEngine:
                         yield protocol.encode_frame(
                             protocol.Error(f"fake engine failure after {deltas} deltas", status=500)
                         )
+                        finished = True
+                        return
+                    if self.unreadable_after is not None and deltas >= int(self.unreadable_after):
+                        yield protocol.encode_frame(protocol.Delta(index=i, text="", finish_reason="error"))  # type: ignore[arg-type]
                         finished = True
                         return
                     token = token_text(i, k, s.n, self.word)

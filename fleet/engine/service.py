@@ -15,6 +15,9 @@ from fleet.wire import protocol
 from fleet.wire.asgi import LastChunk
 
 log = logging.getLogger("fleet.engine")
+# vLLM's finish reason "error": its scheduler ended the request (a grammar that refused the sampled
+# token, say); a 500 to the client, the cause in the engine's log
+ENDED_IN_ERROR = "the engine ended the request on an internal error (vLLM's finish reason 'error'; the engine's log says why)"
 
 
 def template_message(m: protocol.ChatMessage) -> dict[str, Any]:
@@ -261,6 +264,10 @@ class EngineService:
                     first = False
                     frames += protocol.encode_frame(self.prompt_frame(ids, out.prompt_logprobs, req.echo))
                 for c in out.outputs:
+                    if c.finish_reason == "error":  # vLLM ended it on a failure of its own (its log says which)
+                        log.error("request %s: vLLM ended it with finish reason 'error'", req.request_id)
+                        yield protocol.encode_frame(protocol.Error(ENDED_IN_ERROR, status=500))
+                        return
                     completion_tokens += len(c.token_ids)
                     if c.index not in readers:
                         readers[c.index] = self.parsers.reader(req, parsing)

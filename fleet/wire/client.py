@@ -151,6 +151,9 @@ class EngineClient:
                     yield batch
                     if ended:
                         return
+                if frames.unreadable is not None:  # an engine of another version, say: the request fails, not the stream
+                    raise EngineFailure(f"engine for model {self.name!r} sent a frame this gateway cannot read: "
+                                        f"{frames.unreadable}")
             raise EngineFailure(f"engine for model {self.name!r} closed the stream early")
         except OSError as e:
             raise self._failure(e) from None

@@ -292,9 +292,13 @@ class FrameSplitter:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self.unreadable: str | None = None  # why a frame did not decode; nothing after it is read
 
     def feed(self, data: bytes) -> list[Frame]:
-        """Append `data`; return the frames now complete, in order."""
+        """Append `data`; return the frames now complete, in order. A frame that does not decode
+        ends the reading: the frames before it are returned and `unreadable` says why."""
+        if self.unreadable is not None:
+            return []
         buffer = self._buffer
         buffer += data
         frames: list[Frame] = []
@@ -305,7 +309,11 @@ class FrameSplitter:
                 stop = pos + FRAME_HEADER.size + size
                 if stop > end:
                     break
-                frames.append(_frame_decoder.decode(view[pos + FRAME_HEADER.size : stop]))
+                try:
+                    frames.append(_frame_decoder.decode(view[pos + FRAME_HEADER.size : stop]))
+                except msgspec.MsgspecError as e:
+                    self.unreadable = str(e)
+                    break
                 pos = stop
         del buffer[:pos]
         return frames

@@ -9,7 +9,9 @@ and after it, "auto" (the Agents SDK's choice once a tool has run) lets the mode
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
 import openai
 from fleets import Fleets
@@ -69,11 +71,15 @@ def test_an_agents_sdk_agent_calls_a_python_tool_and_returns_a_final_output(flee
         called.append(city)
         return f"It is sunny in {city}."
 
-    client = openai.AsyncOpenAI(base_url=fleets.ready("default").url + "/v1", api_key="x", max_retries=0)
-    agent = Agent(name="weather", instructions="Answer with the weather.", tools=[get_weather],
-                  model=OpenAIResponsesModel(model="smollm2", openai_client=client),
-                  model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=40))
-    result = Runner.run_sync(agent, "What is the weather in Paris?")
+    async def run() -> Any:  # the client closed on the loop that used it (no transport left to the GC)
+        async with openai.AsyncOpenAI(base_url=fleets.ready("default").url + "/v1", api_key="x",
+                                      max_retries=0) as client:
+            agent = Agent(name="weather", instructions="Answer with the weather.", tools=[get_weather],
+                          model=OpenAIResponsesModel(model="smollm2", openai_client=client),
+                          model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=40))
+            return await Runner.run(agent, "What is the weather in Paris?")
+
+    result = asyncio.run(run())
     assert len(called) == 1 and isinstance(result.final_output, str) and result.final_output
     outputs = [item for item in result.new_items if item.type == "tool_call_output_item"]
     assert [o.output for o in outputs] == [f"It is sunny in {called[0]}."]

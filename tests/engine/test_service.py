@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from fleet.engine.parsing import Parsers
-from fleet.engine.service import EngineService
+from fleet.engine.service import ENDED_IN_ERROR, EngineService
 from fleet.wire import protocol
 
 
@@ -171,6 +171,33 @@ def test_vllms_validation_error_is_a_short_400_naming_its_parameter_without_the_
                                    param="logit_bias")
     assert refused(ValueError("bad")) == protocol.Error("bad", status=400)
     assert refused(RuntimeError("engine died")) is None
+
+
+def test_a_request_vllm_ends_with_finish_reason_error_is_a_500_not_a_delta() -> None:
+    """vLLM's scheduler ends a request with finish reason "error" on a failure of its own (a
+    grammar that refused the sampled token, seen with vLLM 0.24 on a GPU): the stream ends with an
+    Error frame after what came before it, never a Delta whose finish reason the wire lacks."""
+    import asyncio
+
+    class Engine:
+        async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
+            yield SimpleNamespace(outputs=[output(index=0, text="{", token_ids=[1], logprobs=None)], finished=False,
+                                  num_cached_tokens=0, prompt_logprobs=None)
+            yield SimpleNamespace(outputs=[output(index=0, text="user", token_ids=[2], logprobs=None,
+                                                  finish_reason="error")],
+                                  finished=True, num_cached_tokens=0, prompt_logprobs=None)
+
+    s = service()
+    s.engine, s.vocab_size, s.max_model_len = Engine(), 100, 64
+
+    async def answer() -> list[protocol.Frame]:
+        req = protocol.GenerateRequest(request_id="r", prompt=[1, 2], sampling=protocol.SamplingParams(max_tokens=2))
+        splitter = protocol.FrameSplitter()
+        return [f async for chunk in s.frames(req) for f in splitter.feed(chunk)]
+
+    frames = asyncio.run(answer())
+    assert [type(f).__name__ for f in frames] == ["Prompt", "Delta", "Error"]
+    assert frames[1].text == "{" and frames[2] == protocol.Error(ENDED_IN_ERROR, status=500)
 
 
 def test_an_engine_failure_is_a_bounded_500() -> None:

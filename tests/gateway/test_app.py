@@ -6,6 +6,7 @@ One fleet per module (fake engines start in about a second):
 - ``alpha`` and ``beta``: well-behaved; beta's words are ``b0 b1 ...`` so routing shows in the text,
 - ``slow``: 0.1 s between tokens (streaming and disconnects),
 - ``broken``: sends an engine Error frame after 2 deltas,
+- ``garbled``: sends a frame the gateway cannot decode after 2 deltas,
 - ``loading``: never becomes ready (503 + Retry-After).
 """
 
@@ -26,9 +27,10 @@ MODELS: dict[str, dict[str, Any]] = {
     "beta": {"fake_word": "b"},
     "slow": {"fake_token_delay": 0.1},
     "broken": {"fake_error_mid_stream": 2},
+    "garbled": {"fake_unreadable_mid_stream": 2},
     "loading": {"fake_hang_at_start": True},
 }
-SERVING = ("alpha", "beta", "slow", "broken")
+SERVING = ("alpha", "beta", "slow", "broken", "garbled")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,8 @@ def test_models_lists_every_model_with_its_engine_state(http: httpx.Client, sdk:
     body = http.get("/v1/models").json()
     assert body["object"] == "list"
     states = {card["id"]: card["state"] for card in body["data"]}
-    assert states == {"alpha": "ready", "beta": "ready", "slow": "ready", "broken": "ready", "loading": "starting"}
+    assert states == {"alpha": "ready", "beta": "ready", "slow": "ready", "broken": "ready", "garbled": "ready",
+              "loading": "starting"}
     assert all(card["object"] == "model" and card["owned_by"] == "fleet" for card in body["data"])
     assert sorted(m.id for m in sdk.models.list()) == sorted(MODELS)
     assert {m.id: m.model_extra["state"] for m in sdk.models.list().data} == states  # each state, through the SDK too
@@ -356,6 +359,23 @@ def test_engine_error_mid_stream_becomes_an_error_event_then_done(http: httpx.Cl
         for chunk in sdk.completions.create(model="broken", prompt="hi", max_tokens=10, stream=True):
             received.append(chunk.choices[0].text)
     assert received == [" w0", " w1"]
+
+
+def test_a_frame_the_gateway_cannot_read_fails_the_request_not_the_stream(http: httpx.Client) -> None:
+    """An engine frame that does not decode (a finish reason the wire lacks, an engine of another
+    version) is an engine error: an error event then [DONE] mid-stream, a 502 whole; never a
+    stream cut short."""
+    body = {"model": "garbled", "prompt": "hi", "max_tokens": 10, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        data = sse_data(r.iter_lines())
+    assert data[-1] == "[DONE]"
+    *chunks, error = [json.loads(d) for d in data[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks] == [" w0", " w1"]
+    assert error["error"]["code"] == "engine_error" and "cannot read" in error["error"]["message"]
+    error = assert_openai_error(post(http, model="garbled", prompt="hi", max_tokens=5), 502, param=None,
+                                code="engine_error", type="server_error")
+    assert "cannot read" in error["message"]
 
 
 def test_engine_error_before_the_first_byte_is_http_400_even_when_streaming(http: httpx.Client, sdk: openai.OpenAI) -> None:

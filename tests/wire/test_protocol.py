@@ -32,3 +32,11 @@ def test_frame_splitter_holds_back_an_incomplete_frame() -> None:
     assert splitter.feed(wire[:-1]) == [FRAMES[0]]
     assert splitter.pending == len(protocol.encode_frame(FRAMES[1])) - 1
     assert splitter.feed(wire[-1:]) == [FRAMES[1]]
+
+
+def test_frame_splitter_returns_the_frames_before_one_that_does_not_decode_and_reads_no_further() -> None:
+    bad = protocol.encode_frame(protocol.Delta(index=0, text="", finish_reason="error"))  # type: ignore[arg-type]
+    splitter = protocol.FrameSplitter()
+    assert splitter.feed(protocol.encode_frame(FRAMES[0]) + bad + protocol.encode_frame(FRAMES[1])) == [FRAMES[0]]
+    assert splitter.unreadable is not None and "finish_reason" in splitter.unreadable
+    assert splitter.feed(protocol.encode_frame(FRAMES[1])) == []
