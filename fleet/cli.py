@@ -18,7 +18,7 @@ from rich.table import Table
 
 from fleet import __version__
 from fleet.config.load import load_config
-from fleet.config.model import GIB
+from fleet.config.model import GIB, ModelConfig
 from fleet.config.schema import DEFAULT_CONFIG, FleetConfig
 from fleet.errors import ConfigError
 from fleet.terminal import table_console
@@ -122,7 +122,7 @@ def check(config_path: Path) -> None:
     console = table_console()
     console.print(f"{config_path}: gateway on {config.gateway.host}:{config.gateway.port}", highlight=False, soft_wrap=True)
     table = Table()
-    for col in ("model", "source", "source state", "GPUs", "TP", "port", "memory", "dtype", "eager"):
+    for col in ("model", "source", "source state", "GPUs", "TP", "port", "memory", "dtype", "eager", "runs"):
         table.add_column(col, overflow="fold", no_wrap=col != "source")  # a name is never broken
     dtypes = {m.name: engine_dtype(m) for m in config.models}
     for m in config.models:
@@ -131,7 +131,7 @@ def check(config_path: Path) -> None:
             where = f"attached: {r.url}" if r.url else str(r.port)  # an attached engine's GPUs are its machine's
             devices = "CPU" if r.on_cpu else f"{len(r.gpus)} on a node" if r.gpu_count else ",".join(map(str, r.gpus))
             table.add_row(r.replica_name, m.source, report.sources[m.name].value, devices, str(r.tensor_parallel_size), where,
-                          memory, dtypes[m.name][0], str(m.eager).lower())
+                          memory, dtypes[m.name][0], str(m.eager).lower(), runs(m))
     console.print(table)
     for m in config.models:
         if m.on_cpu and m.dtype == "auto":
@@ -151,6 +151,12 @@ def check(config_path: Path) -> None:
             gpus.add_row(str(g), ", ".join(names), f"{total:.2f}")
         console.print(gpus)
     _report(report)
+
+
+def runs(m: ModelConfig) -> str:
+    """When a model's engines run, as `fleet check` says it: at launch or on demand, stopped when idle."""
+    when = "on demand" if m.start == "on_demand" else "at launch"
+    return f"{when}, stops after {m.idle_after:g}s idle" if m.when_idle == "stop" else when
 
 
 def _check_exposure(config: FleetConfig, report: object) -> None:

@@ -10,6 +10,12 @@ each, and `Lifecycle`, the object an engine's owner keeps its state in.
     any live state ──stop──> STOPPING ──> STOPPED
     any live state ──restart asked──> STOPPING ──> STARTING    (the status page's restart)
 
+A model started on demand (`start = "on_demand"`, `when_idle = "stop"`) waits in IDLE:
+
+    STOPPED ──> IDLE ──a request──> STARTING ──> READY ──idle──> STOPPING ──> IDLE
+    FAILED ──> IDLE          (it is not restarted on its own: the next request starts it again)
+    IDLE ──stop──> STOPPED
+
 Only `Lifecycle.to` changes a state; it refuses a transition the table does not list and
 notifies listeners (the console display, the journal, waiters) on every change. A new state is one
 member of `EngineState`, its row in `TRANSITIONS`, its place in `SHOWN_FIRST` and its retry hint,
@@ -39,6 +45,7 @@ class EngineState(enum.StrEnum):
     FAILED = "failed"
     RESTARTING = "restarting"
     STOPPING = "stopping"
+    IDLE = "idle"  # not running; the model's next request starts it (on demand)
 
     @property
     def serving(self) -> bool:
@@ -54,15 +61,17 @@ class EngineState(enum.StrEnum):
 S = EngineState
 SERVING = frozenset({S.READY})
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
-    S.STOPPED: frozenset({S.STARTING}),
+    S.STOPPED: frozenset({S.STARTING, S.IDLE}),
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
     S.READY: frozenset({S.FAILED, S.STOPPING}),
-    S.FAILED: frozenset({S.RESTARTING, S.STOPPING, S.STOPPED, S.READY}),
+    S.FAILED: frozenset({S.RESTARTING, S.STOPPING, S.STOPPED, S.READY, S.IDLE}),
     S.RESTARTING: frozenset({S.STARTING, S.STOPPING}),
-    S.STOPPING: frozenset({S.STOPPED, S.STARTING}),
+    S.STOPPING: frozenset({S.STOPPED, S.STARTING, S.IDLE}),
+    S.IDLE: frozenset({S.STARTING, S.STOPPED}),
 }
 # A model with several replicas shows the state of the one closest to serving.
-SHOWN_FIRST = (S.READY, S.RESTARTING, S.STARTING, S.STOPPING, S.FAILED, S.STOPPED)
+SHOWN_FIRST = (S.READY, S.RESTARTING, S.STARTING, S.STOPPING, S.IDLE, S.FAILED, S.STOPPED)
+SETTLED = frozenset({S.READY, S.IDLE, S.FAILED, S.STOPPED})  # where a start ends up (Lifecycle.settled)
 RETRY_AFTER = {S.STARTING: 10, S.RESTARTING: 10, S.FAILED: 30}  # others: 5
 
 
@@ -101,12 +110,13 @@ class Lifecycle:
         return self.state
 
     async def settled(self, within: float) -> EngineState:
-        """READY, or the first FAILED or STOPPED it reaches (seen by a listener: a FAILED that turns
-        RESTARTING at once still counts); the state it is in if neither came `within` s."""
+        """READY (or IDLE: an on-demand engine waiting for its first request), or the first FAILED or
+        STOPPED it reaches (seen by a listener: a FAILED that turns RESTARTING at once still counts);
+        the state it is in if none came `within` s."""
         done: asyncio.Future[EngineState] = asyncio.get_running_loop().create_future()
 
         def listen(lc: Lifecycle, _old: EngineState, _reason: str) -> None:
-            if lc.state in (EngineState.READY, EngineState.FAILED, EngineState.STOPPED) and not done.done():
+            if lc.state in SETTLED and not done.done():
                 done.set_result(lc.state)
 
         self.listeners.append(listen)

@@ -23,6 +23,7 @@ Misbehaviour comes from the model's `engine_args` table (fleet.toml's free pass-
 
 - ``fake_start_delay``: seconds during which /health answers 503 before it turns 200.
 - ``fake_exit_at_start``: print a few log lines, then exit with this code before ready.
+- ``fake_fail_start_while``: a file's path: exit (code 3) at start while that file exists.
 - ``fake_hang_at_start``: /health answers 503 for ever.
 - ``fake_ignore_sigterm``: ignore SIGTERM (the process, and a child spawned after it).
 - ``fake_crash_after_requests``: serve N /generate requests; die (`os._exit(70)`) on the next.
@@ -412,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
         child = spawn_child(mode)
         engine.children.append(child)
         print(f"fake engine {name}: spawned child pid {child.pid} ({mode})", flush=True)
+    if (blocker := args.get("fake_fail_start_while")) is not None and Path(blocker).exists():
+        print(f"fake engine {name}: RuntimeError: simulated start failure ({blocker} exists)", flush=True)
+        sys.exit(3)
     if (code := args.get("fake_exit_at_start")) is not None:
         print(f"fake engine {name}: reading weights", flush=True)
         print(f"fake engine {name}: RuntimeError: simulated start failure (exit {code})", flush=True)

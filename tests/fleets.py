@@ -82,7 +82,8 @@ class FleetProcess:
         return httpx.get(f"{self.url}/health", timeout=5).json()["models"]
 
     def wait_ready(self, timeout: float = 300) -> None:
-        """Poll /health until every model is ready; fail on a failed engine or launcher exit."""
+        """Poll /health until every model is ready (or idle: started on demand, it waits for a
+        request); fail on a failed engine or launcher exit."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -91,7 +92,7 @@ class FleetProcess:
                 states = self.states()
                 if any(s == "failed" for s in states.values()):
                     raise AssertionError(f"an engine failed: {states}\n{self.log()}")
-                if states and all(s == "ready" for s in states.values()):
+                if states and all(s in ("ready", "idle") for s in states.values()):
                     return
             time.sleep(0.5)
         raise AssertionError(f"fleet not ready after {timeout}s:\n{self.log()}")

@@ -29,6 +29,11 @@ ALLOWED = {
     (S.FAILED, S.READY),  # an attached engine that answers again (fleet never restarts it)
     (S.STOPPING, S.STOPPED),
     (S.STOPPING, S.STARTING),  # a restart asked (the status page): stopped, then started at once
+    (S.STOPPED, S.IDLE),  # on demand: waits for the model's first request
+    (S.IDLE, S.STARTING),  # a request came
+    (S.STOPPING, S.IDLE),  # stopped after its idle time
+    (S.FAILED, S.IDLE),  # on demand: not restarted on its own; the next request starts it again
+    (S.IDLE, S.STOPPED),  # the fleet stops
 }
 ALL_PAIRS = list(itertools.product(EngineState, EngineState))
 

@@ -109,6 +109,10 @@ def check_cluster_fields(m: ModelConfig, on_cluster: bool) -> list[tuple[str, st
             problems.append(("host", "on a cluster an engine listens on its node's address"))
         if m.multi_node and not m.gpus:
             problems.append(("multi_node", "a replica across nodes runs on GPUs (vLLM's Ray executor): give gpus"))
+        if m.on_demand:
+            field = "start" if m.start != "launch" else "when_idle"
+            problems.append((field, "on a cluster a model's engines start at launch and keep running "
+                                    "(on demand and stopped when idle: on one machine)"))
     else:
         if m.gpu_count:
             problems.append(("gpus", f"gpus = {len(m.gpus)} is a count, which only a fleet on a [cluster] takes; "

@@ -150,6 +150,15 @@ class ModelConfig(Strict):
         "(`reasoning_content`), and structured outputs apply after it",
     )
     start_timeout: float = Field(600.0, gt=0, description="seconds until a loading engine counts as failed")
+    start: Literal["launch", "on_demand"] = Field(
+        "launch", description='when its engines start: at launch, or "on_demand": on the model\'s first request, '
+        "which waits for them (at most start_timeout; limits.max_queued requests wait at once)",
+    )
+    when_idle: Literal["keep", "stop"] = Field(
+        "keep", description='"stop": its engines stop after `idle_after` seconds without a request, and the next '
+        "request starts them again (as on demand)",
+    )
+    idle_after: float | None = Field(None, gt=0, description='seconds without a request before when_idle = "stop" applies')
     replicas: Int = Field(
         1, ge=1, le=64,
         description="identical engines behind this one name: `gpus` split evenly among them, ports `port`, `port`+1, ...",
@@ -226,6 +235,18 @@ class ModelConfig(Strict):
         return replicas
 
     @model_validator(mode="after")
+    def _idle_after_with_when_idle(self) -> ModelConfig:
+        if self.when_idle != "keep" and self.idle_after is None:
+            raise ValueError(f'when_idle = "{self.when_idle}" needs idle_after (seconds without a request)')
+        if self.idle_after is not None and self.when_idle == "keep":
+            raise ValueError('idle_after needs when_idle = "stop" (what to do once idle)')
+        if (self.start != "launch" or self.when_idle != "keep") and (
+                self.url is not None or any(p.url is not None for p in self.placements)):
+            field = "start" if self.start != "launch" else "when_idle"
+            raise ValueError(f"{field}: an engine at a url is started by whoever runs it, not by fleet")
+        return self
+
+    @model_validator(mode="after")
     def _replicas_fit_their_placements(self) -> ModelConfig:
         if self.placements:
             if self.replicas != len(self.placements):
@@ -258,6 +279,11 @@ class ModelConfig(Strict):
     def engine_json(self) -> str:
         """This replica's settings as its engine process reads them: one engine, no replicas."""
         return self.model_copy(update={"replicas": 1, "placements": [], "url": None}).model_dump_json()
+
+    @property
+    def on_demand(self) -> bool:
+        """Its engines start on a request, not (only) at launch: `start = "on_demand"`, or stopped when idle."""
+        return self.start == "on_demand" or self.when_idle != "keep"
 
     @property
     def attached(self) -> bool:

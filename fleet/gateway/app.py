@@ -47,7 +47,7 @@ from fleet.gateway.model import ServedModel
 from fleet.gateway.openapi import JSON, openapi_json
 from fleet.gateway.recent import Recent, Trace, prompt_preview
 from fleet.gateway.routing.keys import session_key
-from fleet.gateway.routing.lookup import find, route
+from fleet.gateway.routing.lookup import find
 from fleet.gateway.status import Health
 from fleet.gateway.tracking import Tracked
 from fleet.gateway.ui import routes as ui_routes
@@ -153,8 +153,10 @@ def endpoint_route(endpoint: Endpoint) -> ASGIRouteHandler:
         data: Any = decode_body(await read_body(scope, receive, state.max_body_bytes), body_of)
         model = data.model
         Keys.allow(key, model)
-        served = route(state.models, model)
+        served = find(state.models, model)
         check_task(served, endpoint)
+        if not served.state.serving:
+            await served.serving()  # 503, or (on demand) waits for its engines
         session = session_key(scope, served.config, getattr(data, "user", None))
         prompt = None
         try:

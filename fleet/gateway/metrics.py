@@ -39,6 +39,7 @@ class Counts:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    last_active: float = field(default_factory=time.monotonic)  # when a request last began or ended
     _recent: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
     _idle: Pulse = field(default_factory=Pulse)  # beats when the last request in flight ends
 
@@ -46,10 +47,12 @@ class Counts:
         """A request started."""
         self.inflight += 1
         self.requests += 1
+        self.last_active = time.monotonic()
 
     def end(self) -> None:
         """A request finished, however it ended."""
         self.inflight -= 1
+        self.last_active = time.monotonic()
         if self.inflight == 0:
             self._idle.beat()
 
@@ -123,6 +126,9 @@ class Counted(Protocol):
     @property
     def state(self) -> EngineState: ...
 
+    @property
+    def demand(self) -> Any: ...  # fleet.gateway.model.Demand (waiting, starts, waited_seconds), or None
+
 
 class _FleetCollector(Collector):
     """Per-model gauges and counters read from the models when Prometheus scrapes, and the
@@ -154,7 +160,17 @@ class _FleetCollector(Collector):
                                     labels=["model", "replica", "state"])
         r_routed = CounterMetricFamily("fleet_replica_routed", "Routing outcomes per replica (least_loaded, affinity, "
                                        "spilled for load, failed_over)", labels=["model", "replica", "outcome"])
+        waiting = GaugeMetricFamily("fleet_model_waiting", "Requests waiting for the model's engines to start (on demand)",
+                                    labels=["model"])
+        starts = CounterMetricFamily("fleet_model_demand_starts", "Starts of the model's engines asked by requests "
+                                     "(on demand)", labels=["model"])
+        waited = CounterMetricFamily("fleet_model_waited_seconds", "Seconds requests waited for the model's engines "
+                                     "to start, all together (on demand)", labels=["model"])
         for name, b in models.items():
+            if (d := b.demand) is not None:
+                waiting.add_metric([name], d.waiting)
+                starts.add_metric([name], d.starts)
+                waited.add_metric([name], d.waited_seconds)
             for r in b.replicas:
                 r_inflight.add_metric([name, r.name], r.stats.inflight)
                 r_requests.add_metric([name, r.name], r.stats.requests)
@@ -173,7 +189,7 @@ class _FleetCollector(Collector):
                 state.add_metric([name, s.value], 1.0 if b.state is s else 0.0)
             restarts.add_metric([name], self.restarts(name))
         yield from (requests, inflight, queued, prompt, completion, state, restarts,
-                    r_inflight, r_requests, r_tokens, r_state, r_routed)
+                    r_inflight, r_requests, r_tokens, r_state, r_routed, waiting, starts, waited)
         if self.connections is not None:
             c = self.connections
             yield GaugeMetricFamily("fleet_gateway_connections", "Client connections open", value=c.total + c.control)

@@ -7,16 +7,31 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 
 from fleet.api.answers import Batches
 from fleet.config.model import ModelConfig
+from fleet.errors import ModelNotReady
 from fleet.gateway.admission import Admission
 from fleet.gateway.metrics import ModelCounts
 from fleet.gateway.routing.replicas import Replica, reason_of, routed, state_of
 from fleet.lifecycle import EngineState
 from fleet.wire import protocol
+
+
+class Demand(Protocol):
+    """A model whose engines start on its requests (fleet.run.demand.OnDemand)."""
+
+    waiting: int  # requests waiting now
+    starts: int  # starts asked by requests
+    waited_seconds: float  # all requests' waits together
+
+    async def ready(self) -> None:
+        """Return once one of its engines serves (starting them if need be); ModelNotReady (503) when
+        they do not come up."""
+        ...
 
 
 @dataclass
@@ -28,6 +43,7 @@ class ServedModel:
     stats: ModelCounts = field(default_factory=ModelCounts)
     admission: Admission | None = None
     rng: random.Random = field(default_factory=random.Random)
+    demand: Demand | None = None  # on demand: a request waits for its engines to start (run/demand.py)
 
     @property
     def name(self) -> str:
@@ -42,6 +58,19 @@ class ServedModel:
     @property
     def reason(self) -> str:
         return reason_of(self.replicas)
+
+    async def serving(self) -> None:
+        """Return once the model serves: at once if a replica does; a model started on demand waits
+        for its engines (started for it); any other is a 503 with the state's Retry-After."""
+        state = self.state
+        if state.serving:
+            return
+        if self.demand is not None:
+            await self.demand.ready()
+            return
+        why = f": {self.reason}" if self.reason and state is EngineState.FAILED else ""
+        raise ModelNotReady(f"model {self.name!r} is not ready (engine {state.value}{why}); retry later",
+                            retry_after=state.retry_after)
 
     @property
     def queued(self) -> int:

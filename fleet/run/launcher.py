@@ -38,6 +38,7 @@ from fleet.machine.check import can_run_together
 from fleet.machine.probe import cpu_bindings
 from fleet.run.attached import Attached
 from fleet.run.control import FleetControl
+from fleet.run.demand import OnDemand
 from fleet.run.gateway_server import GatewayServer
 from fleet.run.journal import Journal
 from fleet.run.local import EngineCommand, LocalRuntimes, engine_command
@@ -70,6 +71,7 @@ class Fleet:
         self.owners: dict[str, EngineOwner] = {}  # by replica name
         self.models: dict[str, ServedModel] = {}  # shared with the gateway: it routes on this
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.idle_watches: dict[str, asyncio.Task[None]] = {}  # by model: its OnDemand's watch_idle (when_idle)
         self._owner_deaths: dict[str, int] = {}  # owner tasks of a model that died in a row (_owner_ended)
         self.stopping = asyncio.Event()
         self.gateway_started = asyncio.Event()
@@ -92,8 +94,20 @@ class Fleet:
         """A model's engines (one owner per replica, named by `replica_name`) and the model as the
         gateway serves it; the replicas' names, to start them."""
         replicas = [self._replica(rc, bindings) for rc in cfg.replica_configs()]
-        self.models[cfg.name] = ServedModel(cfg, replicas, admission=self._admission(cfg))
+        self.models[cfg.name] = served = ServedModel(cfg, replicas, admission=self._admission(cfg))
+        self._on_demand(served)
         return [r.name for r in replicas]
+
+    def _on_demand(self, served: ServedModel) -> None:
+        """A model started on demand gets its OnDemand (requests wait for its engines), one stopped when
+        idle its idle watch too (once the loop runs); a model that is neither, none."""
+        cfg = served.config
+        demand = OnDemand(served, self.owners, self.config.supervisor.drain_timeout) if cfg.on_demand else None
+        served.demand = demand
+        if (watch := self.idle_watches.pop(cfg.name, None)) is not None:
+            watch.cancel()
+        if demand is not None and cfg.when_idle != "keep" and self.gateway_started.is_set():
+            self.idle_watches[cfg.name] = asyncio.create_task(demand.watch_idle(), name=f"idle:{cfg.name}")
 
     def _bindings(self, models: Sequence[ModelConfig]) -> dict[str, str]:
         """Core sets for this machine's CPU engines (none for a cluster's: each node binds its own)."""
@@ -181,6 +195,8 @@ class Fleet:
         if self.gateway_started.is_set():
             for name in self.owners:
                 self._start(name)
+            for served in self.models.values():
+                self._on_demand(served)
             self.console.print(
                 f"[bold]fleet[/bold] gateway: listening on {'https' if gw.tls_certfile else 'http'}://{gw.host}:{gw.port}/v1 "
                 f"(started in {time.monotonic() - started:.2f}s); {len(self.owners)} engine(s) loading",
@@ -193,9 +209,11 @@ class Fleet:
             server.request_stop()  # stop accepting; uvicorn drains open requests first
             with contextlib.suppress(BaseException):
                 await gateway
+            for watch in self.idle_watches.values():
+                watch.cancel()
             for owner in self.owners.values():
                 owner.request_stop()
-            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            await asyncio.gather(*self.tasks.values(), *self.idle_watches.values(), return_exceptions=True)
             responses.close()
         if failed:
             error = None if gateway.cancelled() else gateway.exception()
@@ -274,6 +292,8 @@ class Fleet:
     async def _retire(self, name: str) -> None:
         """A removed model: out of routing at once (404), its requests finish, then its engines stop."""
         served = self.models.pop(name)
+        if (watch := self.idle_watches.pop(name, None)) is not None:
+            watch.cancel()
         await self._drain_and_stop([self._take(r) for r in served.replicas])
 
     async def _replace(self, cfg: ModelConfig, bindings: dict[str, str] | None = None) -> str | None:
@@ -286,6 +306,7 @@ class Fleet:
         before = list(served.replicas)
         after = cfg.replica_configs()
         served.config = cfg  # what the gateway plans requests with, from now on
+        self._on_demand(served)
         if served.admission is not None:
             limits = cfg.limits
             served.admission.resize(limits.max_concurrent * cfg.replicas, limits.max_queued, limits.queue_timeout)
@@ -304,13 +325,14 @@ class Fleet:
             served.replicas.append(new)
             self._start(new.name)
             state = await self.owners[new.name].lifecycle.settled(cfg.start_timeout)
+            took = state in (EngineState.READY, EngineState.IDLE)  # IDLE: on demand, it starts on a request
             if old is not None:  # both ran at once: the one that is not ready goes
-                goes, stays = (old, new) if state is EngineState.READY else (self._take(new), old[0])
+                goes, stays = (old, new) if took else (self._take(new), old[0])
                 served.replicas.remove(goes[0])
                 await self._drain_and_stop([goes])
                 if stays is old[0]:  # back in the books: it serves on with its old settings
                     self.owners[old[0].name], self.tasks[old[0].name] = old[1], old[2]
-            if state is not EngineState.READY:
+            if not took:
                 kept = [r.name for r in before[k:] if r in served.replicas]
                 return (f"{cfg.name}: the rolling reload stopped at replica {k} ({new.lifecycle.reason or state.value}); "
                         f"{', '.join(kept) or 'no replica'} kept the previous settings")

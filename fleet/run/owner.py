@@ -10,6 +10,10 @@ elsewhere and only watched. The loop is the same for each:
     (FAILED) -> stop what is left, wait the backoff (RESTARTING) -> start again ...
     until a stop: drain (when asked), stop the engine (STOPPING), STOPPED
 
+A model started on demand (`cfg.on_demand`) waits IDLE until `request_up` (a request for it
+came: run/demand.py), serves, and goes back to IDLE when told to rest (it was idle: drained, then
+stopped) or when it fails; it is never restarted on its own: the next request starts it again.
+
 An engine fleet did not start (`restartable` False: attached) is never started, restarted or
 stopped: it is waited for, watched, out of rotation (FAILED) while it does not answer and back
 (READY) once it does; a stop only takes it out of the fleet.
@@ -51,8 +55,9 @@ def backoff(policy: SupervisorConfig, restarts: int) -> float:
 
 class Commands:
     """What others may tell an engine's owner task, set here and read by the owner alone: stop
-    (after draining its requests, when given), kill (now, no drain, no grace), or restart (stop
-    the engine with its grace and start it anew, at once)."""
+    (after draining its requests, when given), kill (now, no drain, no grace), restart (stop the
+    engine with its grace and start it anew, at once); for an engine started on demand, up (a
+    request wants it) and rest (drain, stop, wait IDLE for the next request)."""
 
     def __init__(self) -> None:
         self._stop = asyncio.Event()
@@ -61,6 +66,8 @@ class Commands:
         self._wake = asyncio.Event()  # set by every command: the owner looks at what it was asked
         self._drain: Callable[[], Awaitable[None]] | None = None
         self._drain_timeout = 0.0
+        self._up = False
+        self._rest: tuple[Callable[[], Awaitable[None]] | None, float] | None = None  # (drain, timeout) when asked
 
     @property
     def stop_requested(self) -> bool:
@@ -118,6 +125,73 @@ class EngineOwner(Commands):
         self.journal: Journal | None = None  # the fleet's (the launcher sets it): its lines and state changes
         runtime.bind(self)
 
+    # --- an engine started on demand -------------------------------------------------------------
+
+    def request_up(self) -> bool:
+        """Command (an engine started on demand): start, a request waits for it. Taken only where it
+        is not running or on its way down (a request during a rest starts it again after it), and
+        once: whether this call asked (False: it runs, or was asked already)."""
+        if self._up or self.lifecycle.state not in (EngineState.IDLE, EngineState.STOPPED, EngineState.STOPPING,
+                                                     EngineState.FAILED):
+            return False
+        self._up = True
+        self._wake.set()
+        return True
+
+    def request_rest(self, drain: Callable[[], Awaitable[None]] | None = None, timeout: float = 0.0) -> None:
+        """Command (an engine started on demand, idle): out of rotation, drain (`drain()`, at most
+        `timeout` s), stop, and wait IDLE for the next request."""
+        if self.lifecycle.state is EngineState.READY:
+            self._rest = (drain, timeout)
+            self._wake.set()
+
+    async def _idle_until_asked(self) -> bool:
+        """IDLE until a request asks for the engine (True) or a stop comes (False); a restart asked
+        meanwhile starts it too."""
+        if self.lifecycle.state is not EngineState.IDLE:
+            self.lifecycle.to(EngineState.IDLE, self._idle_reason())
+        self._wake.clear()
+        while not self._up:
+            if self._stop.is_set():
+                return False
+            if self._restart_asked():
+                break
+            await self._wake.wait()
+            self._wake.clear()
+        self._up = False
+        return not self._stop.is_set()
+
+    def _idle_reason(self) -> str:
+        state = self.lifecycle.state
+        if state is EngineState.FAILED:
+            return f"{self.lifecycle.reason}; the next request starts it again"
+        if state is EngineState.STOPPING:
+            return "stopped while idle; the next request starts it"
+        return "starts on the model's first request"
+
+    async def _rest_or_clear_failure(self) -> bool:
+        """After serving, an engine started on demand goes back to IDLE: asked to rest (drained and
+        stopped) or failed (what is left of it stopped). False: a stop came meanwhile."""
+        rest, self._rest = self._rest, None
+        if self.lifecycle.state is EngineState.READY:
+            self.lifecycle.to(EngineState.STOPPING, "idle")
+            drain, timeout = rest or (None, 0.0)
+            if drain is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await _first_of(drain(), self._stop)
+        elif self.lifecycle.state is EngineState.STARTING:  # a rest cannot reach a starting engine; a stop did
+            return False
+        if self.runtime.has_engine and not await self._stop_engine(self.policy.stop_grace, attempts=STOP_ATTEMPTS,
+                                                                   now=self._kill):
+            return False
+        if self._stop.is_set():
+            return False
+        if self.lifecycle.state is EngineState.STOPPING:
+            self.say("stopped while idle; the next request starts it")
+        self.lifecycle.to(EngineState.IDLE, self._idle_reason())
+        return True
+
     # --- what status reads -----------------------------------------------------------------------
 
     @property
@@ -155,7 +229,14 @@ class EngineOwner(Commands):
         try:
             await self._terminate()  # nothing to do unless an earlier run ended half-way
             await self._stop_within(after)
+            on_demand = self.cfg.on_demand and self.runtime.restartable
+            at_launch = self.cfg.start == "launch"  # then stopped when idle: the first start is at once
             while not self._stop.is_set():
+                # on demand: IDLE until a request asks (a restart asked starts it from STOPPING at once)
+                waits = on_demand and not at_launch and self.lifecycle.state is not EngineState.STOPPING
+                at_launch = False
+                if waits and not await self._idle_until_asked():
+                    break
                 unexpected = False
                 try:
                     await self._serve()
@@ -166,6 +247,9 @@ class EngineOwner(Commands):
                     break
                 if self._restart_asked():
                     await self._restart_now()
+                elif on_demand:  # idle (asked to rest) or failed: back to IDLE, never restarted on its own
+                    if not await self._rest_or_clear_failure():
+                        break
                 elif not self.runtime.restartable:  # watched again until it answers
                     if unexpected:
                         self._errors += 1
@@ -324,6 +408,11 @@ class EngineOwner(Commands):
                 pass  # drained enough
             except Exception:
                 log.exception("%s: draining failed; stopping the engine anyway", self.name)
+        if self.lifecycle.state is EngineState.IDLE:  # on demand, not running: nothing to stop
+            await self.runtime.close()
+            await self.client.close()
+            self.lifecycle.to(EngineState.STOPPED)
+            return
         if self.lifecycle.state is not EngineState.STOPPING:
             self.lifecycle.to(EngineState.STOPPING)
         if self.runtime.has_engine:

@@ -77,18 +77,21 @@ def table_rows(text: str) -> list[dict[str, str]]:
 
 def test_fleet_check_lists_models(tmp_path: Path) -> None:
     path = tmp_path / "fleet.toml"
-    gw, p1, p2 = free_port(), free_port(), free_port()  # fleet check refuses ports in use
+    gw, p1, p2, p3 = free_port(), free_port(), free_port(), free_port()  # fleet check refuses ports in use
     path.write_text(
         f'[gateway]\nport = {gw}\n\n'
         f'[[models]]\nname = "tiny-cpu"\nsource = "default"\nport = {p1}\n\n'
-        f'[[models]]\nname = "big-gpu"\nsource = "org/big"\ngpus = [2, 3]\nport = {p2}\n'
+        f'[[models]]\nname = "big-gpu"\nsource = "org/big"\ngpus = [2, 3]\nport = {p2}\n\n'
+        f'[[models]]\nname = "lazy"\nsource = "default"\nport = {p3}\nstart = "on_demand"\nwhen_idle = "stop"\n'
+        'idle_after = 600\n'
     )
     out = fleet_check(path)
     assert out.returncode == 0, out.stderr
     assert f"gateway on 127.0.0.1:{gw}" in out.stdout
     rows = table_rows(out.stdout.split("└")[0])  # the models table (the GPUs table follows it)
-    assert [r["model"] for r in rows] == ["tiny-cpu", "big-gpu"]
-    cpu, gpu = ({k: r[k] for k in ("source", "GPUs", "TP", "port", "dtype", "eager")} for r in rows)
+    assert [r["model"] for r in rows] == ["tiny-cpu", "big-gpu", "lazy"]
+    assert [r["runs"] for r in rows] == ["at launch", "at launch", "on demand, stops after 600s idle"]
+    cpu, gpu = ({k: r[k] for k in ("source", "GPUs", "TP", "port", "dtype", "eager")} for r in rows[:2])
     chosen, why = cpu_dtype("auto", cpu_flags())
     assert cpu == {"source": "default", "GPUs": "CPU", "TP": "1", "port": str(p1), "dtype": chosen, "eager": "true"}
     assert gpu == {"source": "org/big", "GPUs": "2,3", "TP": "2", "port": str(p2), "dtype": "auto", "eager": "false"}

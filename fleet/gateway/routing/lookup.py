@@ -1,12 +1,12 @@
-"""A model looked up by the name a request gives: 404 when the fleet has no such model, 503 with
-Retry-After while none of its replicas serves (the hint per state: fleet/lifecycle.py)."""
+"""A model looked up by the name a request gives: 404 when the fleet has no such model (whether
+it serves is the model's to say: ServedModel.serving)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Protocol, TypeVar
 
-from fleet.errors import ModelNotFound, ModelNotReady, shown
+from fleet.errors import ModelNotFound, shown
 from fleet.lifecycle import EngineState
 
 
@@ -29,16 +29,4 @@ def find(models: Mapping[str, M], name: str) -> M:
     if model is None:
         known = ", ".join(sorted(models)) or "none"
         raise ModelNotFound(f"the model {shown(name)} does not exist in this fleet (models: {known})")
-    return model
-
-
-def route(models: Mapping[str, M], name: str) -> M:
-    """The model called `name`, serving; 404 if the fleet has no such model, 503 if none of its
-    replicas serves."""
-    model = find(models, name)
-    state = model.state
-    if not state.serving:
-        why = f": {model.reason}" if model.reason and state is EngineState.FAILED else ""
-        raise ModelNotReady(f"model {name!r} is not ready (engine {state.value}{why}); retry later",
-                            retry_after=state.retry_after)
     return model

@@ -1,0 +1,113 @@
+"""A model whose engines start on demand and stop when idle (`start = "on_demand"`, `when_idle =
+"stop"`): `OnDemand`, the one place that decides when they go up and down; their owners
+(owner.py) do it.
+
+A request for the model while none of its engines serves waits in `ready()`: the engines are asked
+up once (every later request finds them starting and only waits), and the request goes on as soon
+as one serves. It waits at most the model's `start_timeout`, and at most `limits.max_queued`
+requests wait at once; beyond either, or when every engine failed to start, a 503 naming the model
+(with Retry-After). The engines are not restarted on their own after a failure: the next request
+starts them again.
+
+`watch_idle` stops them (out of rotation, drained, stopped: IDLE) once the model has had no
+request for `idle_after` seconds and none is in flight or waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+from fleet.errors import ModelNotReady
+from fleet.gateway.model import ServedModel
+from fleet.lifecycle import EngineState, Lifecycle
+from fleet.run.owner import EngineOwner
+
+IDLE_CHECKS = 4  # looks per idle_after (at least one a second): a model stops at most idle_after/4 late
+FAILED_RETRY_AFTER = 5  # s: every engine failed to start; the next request starts them again
+
+
+class OnDemand:
+    """One model's engines, brought up by its requests and stopped when idle."""
+
+    def __init__(self, served: ServedModel, owners: Mapping[str, EngineOwner], drain_timeout: float) -> None:
+        self.served = served
+        self._owners = owners  # the fleet's, by replica name: the model's are those of its replicas (live)
+        self.drain_timeout = drain_timeout
+        self.waiting = 0  # requests in ready() now
+        self.starts = 0  # times a request asked the engines up (those that found them on their way only wait)
+        self.waited_seconds = 0.0  # all requests' waits together
+
+    @property
+    def owners(self) -> list[EngineOwner]:
+        return [self._owners[r.name] for r in self.served.replicas if r.name in self._owners]
+
+    async def ready(self) -> None:
+        """Return once one of the model's engines serves; start them if none is on its way up."""
+        served, cfg = self.served, self.served.config
+        if self.waiting >= cfg.limits.max_queued:
+            raise ModelNotReady(f"model {served.name!r} is starting and {self.waiting} requests already wait for it "
+                                "(limits.max_queued); retry later", retry_after=EngineState.STARTING.retry_after)
+        owners = self.owners
+        failed: dict[str, str] = {}
+        changed = asyncio.Event()
+
+        def listen(lc: Lifecycle, _old: EngineState, _why: str) -> None:
+            if lc.state is EngineState.FAILED:
+                failed[lc.name] = lc.reason
+            changed.set()
+
+        began = time.monotonic()
+        self.waiting += 1
+        for owner in owners:
+            owner.lifecycle.listeners.append(listen)
+        try:
+            asked = [owner.request_up() for owner in owners]
+            self.starts += any(asked)
+            async with asyncio.timeout(cfg.start_timeout):
+                while not served.state.serving:
+                    if owners and len(failed) == len(owners):
+                        reason = next(iter(failed.values()))
+                        raise ModelNotReady(f"model {served.name!r} failed to start ({reason}); the next request "
+                                            "tries again", retry_after=FAILED_RETRY_AFTER)
+                    changed.clear()
+                    await changed.wait()
+        except TimeoutError:
+            raise ModelNotReady(f"model {served.name!r} did not start within {cfg.start_timeout:g}s "
+                                "(start_timeout); retry later", retry_after=EngineState.STARTING.retry_after) from None
+        finally:
+            self.waiting -= 1
+            self.waited_seconds += time.monotonic() - began
+            for owner in owners:
+                owner.lifecycle.listeners.remove(listen)
+
+    def idle_for(self) -> float | None:
+        """Seconds since the model's engines last had work (a request ending, or being ready); None
+        while one is in flight or waiting, or none serves."""
+        replicas = self.served.replicas
+        if self.waiting or any(r.stats.inflight for r in replicas):
+            return None
+        ready = [o.ready_at for o in self.owners if o.lifecycle.state is EngineState.READY and o.ready_at]
+        if not ready:
+            return None
+        last = max([*ready, *(r.stats.last_active for r in replicas)])
+        return time.monotonic() - last
+
+    def rest_if_idle(self) -> bool:
+        """Stop the model's engines if it has been idle `idle_after` s (when_idle = "stop"); whether it did."""
+        after = self.served.config.idle_after
+        idle = self.idle_for()
+        if after is None or idle is None or idle < after:
+            return False
+        drained = {r.name: r.stats.drained for r in self.served.replicas}
+        for owner in self.owners:
+            owner.request_rest(drained.get(owner.name), self.drain_timeout)
+        return True
+
+    async def watch_idle(self) -> None:
+        """Until cancelled: stop the engines whenever the model has been idle long enough."""
+        while True:
+            after = self.served.config.idle_after  # a reload may change it
+            await asyncio.sleep(min(1.0, after / IDLE_CHECKS) if after else 1.0)
+            self.rest_if_idle()
