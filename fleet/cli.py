@@ -143,6 +143,8 @@ def check(config_path: Path) -> None:
         for name, ids in report.cluster:
             rooms.add_row(name, ", ".join(f"{report.nodes.get(n, '?')} ({n[:8]})" for n in ids) or "no room")
         console.print(rooms)
+    if config.sets:
+        console.print(sets_table(config))
     if report.gpus:
         gpus = Table(title="GPUs")
         for col in ("GPU", "models", "memory fraction"):
@@ -154,9 +156,34 @@ def check(config_path: Path) -> None:
 
 
 def runs(m: ModelConfig) -> str:
-    """When a model's engines run, as `fleet check` says it: at launch or on demand, stopped when idle."""
+    """When a model's engines run, as `fleet check` says it: at launch or on demand, put away when idle
+    (asleep, or stopped: on the CPU build sleeping is stopping), in its set."""
     when = "on demand" if m.start == "on_demand" else "at launch"
-    return f"{when}, stops after {m.idle_after:g}s idle" if m.when_idle == "stop" else when
+    if m.when_idle != "keep":
+        how = "sleeps" if m.rest_level(idle=True) else "stops" if m.when_idle == "stop" else "stops (no sleep mode on the CPU)"
+        when += f", {how} after {m.idle_after:g}s idle"
+    if m.swap_set is not None:
+        when += f"; set {m.swap_set}: {'sleeps' if m.rest_level(idle=False) else 'stops'} to make room"
+    return when
+
+
+def sets_table(config: FleetConfig) -> Table:
+    """`fleet check`'s [[sets]]: each set's members (with priority), how many are awake at once, and
+    how one is put away to make room."""
+    from fleet.config.load import set_shares
+
+    table = Table(title="sets: models that take turns (only as many awake as fit)")
+    for col in ("set", "members (priority)", "awake at once", "min awake", "put away"):
+        table.add_column(col, overflow="fold")
+    for entry in config.sets:
+        members = [m for name in entry.models if (m := config.model(name)) is not None]
+        by_memory = entry.awake is None and set_shares(members) is not None
+        awake = "as fit by gpu_memory_utilization" if by_memory else str(entry.awake or 1)
+        away = {"asleep (level 1)" if m.rest_level(idle=False) == 1 else "asleep (level 2)" if m.rest_level(idle=False)
+                else "stopped (no sleep mode on the CPU)" if m.on_cpu else "stopped" for m in members}
+        table.add_row(entry.name, ", ".join(f"{m.name} ({m.priority})" for m in members), awake,
+                      f"{entry.min_awake:g}s", "; ".join(sorted(away)))
+    return table
 
 
 def _check_exposure(config: FleetConfig, report: object) -> None:
@@ -254,6 +281,35 @@ def reload(config_path: Path, host: str | None, port: int | None) -> None:
         click.echo(f"{key}: {', '.join(getattr(report, key)) or '-'}")
     for w in report.warnings:
         click.echo(f"warning: {w}")
+
+
+@main.command()
+@_gateway_options
+@click.argument("model")
+def sleep(config_path: Path, host: str | None, port: int | None, model: str) -> None:
+    """Put MODEL away now (one started on demand): drained, then asleep on GPUs or stopped on the CPU."""
+    _model_action(config_path, host, port, model, "sleep")
+
+
+@main.command()
+@_gateway_options
+@click.argument("model")
+def wake(config_path: Path, host: str | None, port: int | None, model: str) -> None:
+    """Wake or start MODEL (one started on demand) now, as its next request would; waits until it serves."""
+    _model_action(config_path, host, port, model, "wake")
+
+
+def _model_action(config_path: Path, host: str | None, port: int | None, model: str, action: str) -> None:
+    import urllib.parse
+
+    import msgspec
+
+    config = _load(config_path)
+    m = config.model(model)
+    longest = 60 + (m.start_timeout + config.supervisor.drain_timeout + config.supervisor.stop_grace if m else 0)
+    path = f"/fleet/models/{urllib.parse.quote(model, safe='')}/{action}"
+    answer = msgspec.json.decode(_control("POST", path, config_path, host, port, timeout=longest))
+    click.echo(f"{model}: {answer['state']}")
 
 
 @main.command()

@@ -16,6 +16,12 @@ A model started on demand (`start = "on_demand"`, `when_idle = "stop"`) waits in
     FAILED ──> IDLE          (it is not restarted on its own: the next request starts it again)
     IDLE ──stop──> STOPPED
 
+One that sleeps (vLLM's sleep mode, on GPUs: `when_idle = "sleep"`, or put away in its set) keeps
+its process:
+
+    READY ──put away──> STOPPING (drained) ──> SLEEPING ──a request──> WAKING ──> READY
+    SLEEPING ──stop, or stopped when idle──> STOPPING;  SLEEPING / WAKING ──dies──> FAILED
+
 Only `Lifecycle.to` changes a state; it refuses a transition the table does not list and
 notifies listeners (the console display, the journal, waiters) on every change. A new state is one
 member of `EngineState`, its row in `TRANSITIONS`, its place in `SHOWN_FIRST` and its retry hint,
@@ -46,6 +52,8 @@ class EngineState(enum.StrEnum):
     RESTARTING = "restarting"
     STOPPING = "stopping"
     IDLE = "idle"  # not running; the model's next request starts it (on demand)
+    SLEEPING = "sleeping"  # running, in vLLM's sleep mode (GPU memory given back); the next request wakes it
+    WAKING = "waking"  # on its way from SLEEPING to READY
 
     @property
     def serving(self) -> bool:
@@ -63,16 +71,19 @@ SERVING = frozenset({S.READY})
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.STOPPED: frozenset({S.STARTING, S.IDLE}),
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING}),
+    S.SLEEPING: frozenset({S.WAKING, S.STOPPING, S.FAILED}),
+    S.WAKING: frozenset({S.READY, S.FAILED, S.STOPPING}),
     S.READY: frozenset({S.FAILED, S.STOPPING}),
     S.FAILED: frozenset({S.RESTARTING, S.STOPPING, S.STOPPED, S.READY, S.IDLE}),
     S.RESTARTING: frozenset({S.STARTING, S.STOPPING}),
-    S.STOPPING: frozenset({S.STOPPED, S.STARTING, S.IDLE}),
+    S.STOPPING: frozenset({S.STOPPED, S.STARTING, S.IDLE, S.SLEEPING}),
     S.IDLE: frozenset({S.STARTING, S.STOPPED}),
 }
 # A model with several replicas shows the state of the one closest to serving.
-SHOWN_FIRST = (S.READY, S.RESTARTING, S.STARTING, S.STOPPING, S.IDLE, S.FAILED, S.STOPPED)
+SHOWN_FIRST = (S.READY, S.WAKING, S.RESTARTING, S.STARTING, S.STOPPING, S.SLEEPING, S.IDLE, S.FAILED, S.STOPPED)
 SETTLED = frozenset({S.READY, S.IDLE, S.FAILED, S.STOPPED})  # where a start ends up (Lifecycle.settled)
-RETRY_AFTER = {S.STARTING: 10, S.RESTARTING: 10, S.FAILED: 30}  # others: 5
+RETRY_AFTER = {S.STARTING: 10, S.RESTARTING: 10, S.FAILED: 30, S.WAKING: 2}  # others: 5
+AWAY = frozenset({S.IDLE, S.SLEEPING, S.STOPPED})  # holds no GPU memory (a set's room), nor any request
 
 
 def closest_to_serving(states: Iterable[EngineState]) -> EngineState:

@@ -34,6 +34,9 @@ Misbehaviour comes from the model's `engine_args` table (fleet.toml's free pass-
 - ``fake_spawn_child``: spawn a grandchild that sleeps, like vLLM's EngineCore; ``"detach"``
   puts it in its own session (a descendant that left the engine's process group).
 - ``fake_max_model_len`` and ``fake_word``: see above.
+- ``fake_wake_delay``: seconds /wake_up takes (/sleep and /wake_up answer as vLLM's sleep mode
+  does once the engine started with ``enable_sleep_mode``; /fake/stats counts them).
+- ``fake_sleep_fails``: /sleep answers 500 (the engine cannot sleep).
 
 ``GET /fake/stats`` answers JSON ``{"pid", "children", "requests", "running", "aborted",
 "token_required", "refused"}``: `aborted` counts /generate streams that ended because the client
@@ -65,6 +68,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.handlers import BaseRouteHandler
+from litestar.params import FromQuery
 from litestar.response import Stream
 
 from fleet.config.model import ModelConfig
@@ -146,6 +150,9 @@ class FakeEngine:
         self.running = 0
         self.aborted = 0
         self.refused = 0
+        self.asleep = 0  # the sleep level it sleeps at
+        self.sleeps: list[int] = []  # the level of each sleep
+        self.wakes = 0
 
     @property
     def healthy(self) -> bool:
@@ -160,6 +167,10 @@ class FakeEngine:
             "aborted": self.aborted,
             "token_required": self.token is not None,
             "refused": self.refused,
+            "asleep": self.asleep,
+            "sleeps": self.sleeps,
+            "wakes": self.wakes,
+            "sleep_mode": bool(self.cfg.engine_args.get("enable_sleep_mode")),
         }
 
     def info(self) -> protocol.EngineInfo:
@@ -329,7 +340,26 @@ def create_fake_app(engine: FakeEngine) -> Litestar:
             print(f"fake engine {engine.cfg.name}: crashing on request {engine.requests + 1}", flush=True)
             os._exit(CRASH_EXIT_CODE)
         engine.requests += 1
+        if engine.asleep:  # the gateway never sends to a sleeping engine: say so loudly if it does
+            print(f"fake engine {engine.cfg.name}: a request while asleep", flush=True)
+            return Stream(iter([protocol.encode_frame(protocol.Error(message="asleep", status=500))]),
+                          media_type=protocol.CONTENT_TYPE)
         return Stream(engine.frames(req), media_type=protocol.CONTENT_TYPE)
+
+    @post("/sleep", status_code=200, guards=[require_token])
+    async def sleep(level: FromQuery[int] = 1) -> Response[bytes]:
+        if not engine.cfg.engine_args.get("enable_sleep_mode") or engine.cfg.engine_args.get("fake_sleep_fails"):
+            return Response(b"sleep mode is off", status_code=500)
+        engine.asleep = level
+        engine.sleeps.append(level)
+        return Response(b'{"sleeping": true}', media_type="application/json")
+
+    @post("/wake_up", status_code=200, guards=[require_token])
+    async def wake_up() -> Response[bytes]:
+        await asyncio.sleep(float(engine.cfg.engine_args.get("fake_wake_delay", 0.0)))
+        engine.asleep = 0
+        engine.wakes += 1
+        return Response(b'{"sleeping": false}', media_type="application/json")
 
     def frames_of(*frames: protocol.Frame) -> Response[bytes]:
         return Response(b"".join(protocol.encode_frame(f) for f in frames), media_type=protocol.CONTENT_TYPE)
@@ -362,7 +392,7 @@ def create_fake_app(engine: FakeEngine) -> Litestar:
             out.append(protocol.Embedding(i, fake_vector(str(item), req.dimensions or dims), tokens))
         return frames_of(*out, protocol.Done(prompt_tokens=total, completion_tokens=0))
 
-    return Litestar([health, info, stats, generate, tokenize, detokenize, embed], openapi_config=None,
+    return Litestar([health, info, stats, generate, tokenize, detokenize, embed, sleep, wake_up], openapi_config=None,
                     logging_config=None)
 
 

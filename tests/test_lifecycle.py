@@ -34,6 +34,13 @@ ALLOWED = {
     (S.STOPPING, S.IDLE),  # stopped after its idle time
     (S.FAILED, S.IDLE),  # on demand: not restarted on its own; the next request starts it again
     (S.IDLE, S.STOPPED),  # the fleet stops
+    (S.STOPPING, S.SLEEPING),  # drained, then put to sleep (vLLM's sleep mode): its process kept
+    (S.SLEEPING, S.WAKING),  # a request came
+    (S.WAKING, S.READY),
+    (S.WAKING, S.FAILED),  # it could not wake
+    (S.SLEEPING, S.FAILED),  # it died asleep
+    (S.SLEEPING, S.STOPPING),  # stopped when idle, or the fleet stops
+    (S.WAKING, S.STOPPING),  # the fleet stops
 }
 ALL_PAIRS = list(itertools.product(EngineState, EngineState))
 

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fleet.config.model import ModelConfig
-from fleet.config.schema import DEFAULT_CONFIG, MAX_SHARED_FRACTION, FleetConfig
+from fleet.config.schema import DEFAULT_CONFIG, MAX_SHARED_FRACTION, FleetConfig, SwapSetConfig
 from fleet.errors import ConfigError
 
 
@@ -59,11 +59,37 @@ def _describe(error: ValidationError, path: Path, raw: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_gpu_sharing(sharers: dict[int, list[tuple[int, ModelConfig]]]) -> list[str]:
-    """A GPU serves several models only when each sets gpu_memory_utilization and they sum to <= 0.95."""
+def set_shares(members: list[ModelConfig]) -> dict[str, dict[int, float]] | None:
+    """Each member's share of each GPU it uses (its replicas' together), when a set fits its members by
+    memory: every member on GPUs with gpu_memory_utilization given; else None (it counts members)."""
+    if not members or any(m.on_cpu or m.gpu_memory_utilization is None for m in members):
+        return None
+    return {m.name: m.gpu_shares for m in members}
+
+
+def check_gpu_sharing(sharers: dict[int, list[tuple[int, ModelConfig]]],
+                      sets: dict[str, SwapSetConfig] | None = None) -> list[str]:
+    """A GPU serves several models only when each sets gpu_memory_utilization and they sum to <= 0.95.
+    The members of a [[sets]] entry count as what of them is awake at once: one member (or `awake`
+    members, the largest) when the set counts, the largest when it fits by memory (the rest it checks
+    as it runs); a GPU that only one set's members use needs no fractions while one is awake at once."""
+    sets = sets or {}
     problems = []
     for g, users in sorted(sharers.items()):
-        if len(users) < 2:
+        units: list[tuple[list[tuple[int, ModelConfig]], float]] = []  # (models, the fraction they hold at once)
+        grouped: dict[str, list[tuple[int, ModelConfig]]] = {}
+        for i, m in users:
+            if m.swap_set in sets:
+                grouped.setdefault(m.swap_set, []).append((i, m))
+            else:
+                units.append(([(i, m)], m.memory_fraction))
+        together = 0  # models of one set that run at once on this GPU
+        for name, group in grouped.items():
+            by_memory = set_shares([m for _, m in group]) is not None and sets[name].awake is None
+            k = 1 if by_memory else min(sets[name].awake or 1, len(group))
+            together = max(together, k)
+            units.append((group, sum(sorted((m.memory_fraction for _, m in group), reverse=True)[:k])))
+        if len(units) < 2 and together < 2:
             continue
         names = ", ".join(f'"{m.name}"' for _, m in users)
         unset = [(i, m) for i, m in users if m.gpu_memory_utilization is None]
@@ -72,14 +98,77 @@ def check_gpu_sharing(sharers: dict[int, list[tuple[int, ModelConfig]]]) -> list
                 f'model "{m.name}" (models[{i}]), field "gpu_memory_utilization": GPU {g} is shared by {names}; '
                 "each model on a shared GPU must set its memory fraction"
             )
-        total = sum(m.memory_fraction for _, m in users)
+        total = sum(fraction for _, fraction in units)
         if not unset and total > MAX_SHARED_FRACTION + 1e-9:
             i, m = users[-1]
             problems.append(
                 f'model "{m.name}" (models[{i}]), field "gpu_memory_utilization": the models on GPU {g} ({names}) '
-                f"ask for {total:.2f} of its memory together; at most {MAX_SHARED_FRACTION}"
+                f"ask for {total:.2f} of its memory together (of a set: what is awake at once); at most "
+                f"{MAX_SHARED_FRACTION}"
             )
     return problems
+
+
+def check_sets(config: FleetConfig) -> list[str]:
+    """[[sets]]: unique names; members are models of the file, in one set at most, that fleet starts
+    on this machine (not at a url, not on a [cluster]); `awake` below the member count."""
+    problems: list[str] = []
+    index = {m.name: (i, m) for i, m in enumerate(config.models)}
+    seen: dict[str, int] = {}
+    member_of: dict[str, str] = {}
+    for k, entry in enumerate(config.sets):
+        where = f'set "{entry.name}" (sets[{k}])'
+        if entry.name in seen:
+            problems.append(f'{where}, field "name": duplicate name, also sets[{seen[entry.name]}]')
+        seen.setdefault(entry.name, k)
+        for name in entry.models:
+            if name not in index:
+                problems.append(f'{where}, field "models": no model is called "{name}"')
+            elif name in member_of:
+                problems.append(f'{where}, field "models": "{name}" is already a member of set "{member_of[name]}" '
+                                "(a model is in one set at most)")
+            else:
+                member_of[name] = entry.name
+                i, m = index[name]
+                if m.attached or any(p.url is not None for p in m.placements):
+                    problems.append(f'{where}, field "models": model "{name}" (models[{i}]) is an engine at a url, '
+                                    "which fleet neither starts nor stops")
+                if config.cluster is not None:
+                    problems.append(f'{where}, field "models": on a [cluster] every engine runs from launch; '
+                                    "sets are for one machine")
+        if entry.awake is not None and entry.awake >= len(set(entry.models)):
+            problems.append(f'{where}, field "awake": {entry.awake} awake of {len(set(entry.models))} models is '
+                            "all of them: no set is needed (or list more models)")
+        members = [index[n][1] for n in dict.fromkeys(entry.models) if n in index]
+        if (shares := set_shares(members)) is not None and entry.awake is None:
+            others = _others_on(config, members)
+            for m in members:
+                for g, share in sorted(shares.get(m.name, {}).items()):
+                    if share + others.get(g, 0.0) > MAX_SHARED_FRACTION + 1e-9:
+                        problems.append(f'model "{m.name}" (models[{index[m.name][0]}]), field "gpu_memory_utilization": '
+                                        f"with the models outside set \"{entry.name}\" on GPU {g} it asks for "
+                                        f"{share + others[g]:.2f} of its memory: it can never be awake (at most "
+                                        f"{MAX_SHARED_FRACTION})")
+    return problems
+
+
+def set_budget(config: FleetConfig, entry: SwapSetConfig) -> dict[int, float]:
+    """Of each GPU, the share a set's members may hold at once: what the models outside it leave."""
+    members = [m for m in config.models if m.name in entry.models]
+    others = _others_on(config, members)
+    gpus = {g for m in members for g in m.gpu_shares}
+    return {g: MAX_SHARED_FRACTION - others.get(g, 0.0) for g in gpus}
+
+
+def _others_on(config: FleetConfig, members: list[ModelConfig]) -> dict[int, float]:
+    """The memory share of each GPU that the models outside `members` hold."""
+    names = {m.name for m in members}
+    held: dict[int, float] = {}
+    for m in config.models:
+        if m.name not in names:
+            for g, share in m.gpu_shares.items():
+                held[g] = held.get(g, 0.0) + share
+    return held
 
 
 def replica_field(m: ModelConfig, replica: int, name: str) -> str:
@@ -109,10 +198,10 @@ def check_cluster_fields(m: ModelConfig, on_cluster: bool) -> list[tuple[str, st
             problems.append(("host", "on a cluster an engine listens on its node's address"))
         if m.multi_node and not m.gpus:
             problems.append(("multi_node", "a replica across nodes runs on GPUs (vLLM's Ray executor): give gpus"))
-        if m.on_demand:
+        if m.start != "launch" or m.when_idle != "keep":  # a set member: check_sets says it
             field = "start" if m.start != "launch" else "when_idle"
             problems.append((field, "on a cluster a model's engines start at launch and keep running "
-                                    "(on demand and stopped when idle: on one machine)"))
+                                    "(on demand and put away when idle: on one machine)"))
     else:
         if m.gpu_count:
             problems.append(("gpus", f"gpus = {len(m.gpus)} is a count, which only a fleet on a [cluster] takes; "
@@ -123,8 +212,8 @@ def check_cluster_fields(m: ModelConfig, on_cluster: bool) -> list[tuple[str, st
 
 
 def check_fleet(config: FleetConfig, path: Path) -> None:
-    """Cross-model rules: unique names and ports, no port equal to the gateway's, no shared GPU;
-    what a cluster changes (check_cluster_fields)."""
+    """Cross-model rules: unique names and ports, no port equal to the gateway's, no shared GPU (but
+    by a set's rules); what a cluster changes (check_cluster_fields); the [[sets]] (check_sets)."""
     problems: list[str] = []
     on_cluster = config.cluster is not None
     seen_names: dict[str, int] = {}
@@ -155,6 +244,11 @@ def check_fleet(config: FleetConfig, path: Path) -> None:
             seen_ports.setdefault(r.port, r.replica_name)
             for g in [] if on_cluster else r.gpus:  # a cluster's are counts: Ray hands out whole GPUs
                 sharers.setdefault(g, []).append((i, r))
-    problems += check_gpu_sharing(sharers)
+    problems += check_gpu_sharing(sharers, {s.name: s for s in config.sets})
+    problems += check_sets(config)
+    for i, m in enumerate(config.models):
+        if m.sleep_level is not None and m.when_idle != "sleep" and m.swap_set is None:
+            problems.append(f'model "{m.name}" (models[{i}]), field "sleep_level": it never sleeps: give when_idle = '
+                            '"sleep", or make it a member of a [[sets]] entry')
     if problems:
         raise ConfigError("\n".join([f"{path}: invalid fleet file", *("  " + p for p in problems)]))

@@ -154,11 +154,22 @@ class ModelConfig(Strict):
         "launch", description='when its engines start: at launch, or "on_demand": on the model\'s first request, '
         "which waits for them (at most start_timeout; limits.max_queued requests wait at once)",
     )
-    when_idle: Literal["keep", "stop"] = Field(
-        "keep", description='"stop": its engines stop after `idle_after` seconds without a request, and the next '
-        "request starts them again (as on demand)",
+    when_idle: Literal["keep", "sleep", "stop"] = Field(
+        "keep", description='after `idle_after` seconds without a request: "sleep" (on GPUs vLLM\'s sleep mode, '
+        'weights to CPU memory: the next request wakes it in seconds; on the CPU build, which has none, it '
+        'stops) or "stop" (the next request starts it again, as on demand)',
     )
-    idle_after: float | None = Field(None, gt=0, description='seconds without a request before when_idle = "stop" applies')
+    idle_after: float | None = Field(None, gt=0, description="seconds without a request before when_idle applies")
+    sleep_level: Literal[1, 2] | None = Field(
+        None, description="vLLM's sleep level on GPUs (default 1: weights kept in CPU memory, KV cache dropped; 2: "
+        "both dropped, the weights reloaded from disk on waking): when idle (when_idle = \"sleep\") and when its "
+        "[[sets]] entry puts it away",
+    )
+    priority: Int = Field(
+        0, description="in a [[sets]] entry: of the awake models, the lowest priority is put away first to make "
+        "room; among equals the least recently used",
+    )
+    swap_set: str | None = Field(None, exclude=True, description="set by fleet: the [[sets]] entry it belongs to")
     replicas: Int = Field(
         1, ge=1, le=64,
         description="identical engines behind this one name: `gpus` split evenly among them, ports `port`, `port`+1, ...",
@@ -239,11 +250,14 @@ class ModelConfig(Strict):
         if self.when_idle != "keep" and self.idle_after is None:
             raise ValueError(f'when_idle = "{self.when_idle}" needs idle_after (seconds without a request)')
         if self.idle_after is not None and self.when_idle == "keep":
-            raise ValueError('idle_after needs when_idle = "stop" (what to do once idle)')
+            raise ValueError('idle_after needs when_idle = "sleep" or "stop" (what to do once idle)')
         if (self.start != "launch" or self.when_idle != "keep") and (
                 self.url is not None or any(p.url is not None for p in self.placements)):
             field = "start" if self.start != "launch" else "when_idle"
             raise ValueError(f"{field}: an engine at a url is started by whoever runs it, not by fleet")
+        if self.sleep_level is not None and self.on_cpu:
+            raise ValueError("sleep_level: the CPU build of vLLM has no sleep mode (a model there that sleeps is "
+                             "stopped, and woken by starting it): leave sleep_level out")
         return self
 
     @model_validator(mode="after")
@@ -278,12 +292,36 @@ class ModelConfig(Strict):
 
     def engine_json(self) -> str:
         """This replica's settings as its engine process reads them: one engine, no replicas."""
-        return self.model_copy(update={"replicas": 1, "placements": [], "url": None}).model_dump_json()
+        args = {**self.engine_args, "enable_sleep_mode": True} if self.may_sleep else self.engine_args
+        return self.model_copy(update={"replicas": 1, "placements": [], "url": None, "engine_args": args}).model_dump_json()
 
     @property
     def on_demand(self) -> bool:
-        """Its engines start on a request, not (only) at launch: `start = "on_demand"`, or stopped when idle."""
-        return self.start == "on_demand" or self.when_idle != "keep"
+        """Its engines start (or wake) on a request, not only at launch: `start = "on_demand"`, put away when
+        idle, or a member of a [[sets]] entry."""
+        return self.start == "on_demand" or self.when_idle != "keep" or self.swap_set is not None
+
+    @property
+    def gpu_shares(self) -> dict[int, float]:
+        """Its memory share of each GPU it uses (its replicas' together)."""
+        shares: dict[int, float] = {}
+        for r in self.replica_configs():
+            for g in r.gpus:
+                shares[g] = shares.get(g, 0.0) + r.memory_fraction
+        return shares
+
+    @property
+    def may_sleep(self) -> bool:
+        """Its engine sleeps in vLLM's sleep mode (GPUs only) when put away: idle (when_idle = "sleep") or
+        made room for in its set; its engine then starts with sleep mode enabled."""
+        return not self.on_cpu and (self.when_idle == "sleep" or self.swap_set is not None)
+
+    def rest_level(self, idle: bool) -> int:
+        """How its engines are put away: the vLLM sleep level (1, 2), or 0: stopped. `idle`: after
+        idle_after (when_idle decides), else to make room in its set (asleep where it may sleep)."""
+        if not self.may_sleep or (idle and self.when_idle == "stop"):
+            return 0
+        return self.sleep_level or 1
 
     @property
     def attached(self) -> bool:

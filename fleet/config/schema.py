@@ -186,6 +186,23 @@ class ResponsesConfig(Strict):
                             "every 64 stores)")
 
 
+class SwapSetConfig(Strict):
+    """Models that share GPUs (or this machine's memory) beyond what fits at once ([[sets]]): only as
+    many of them run at once as fit, the others asleep or stopped; a request for one that is not
+    awake waits while room is made for it (fleet/run/swap.py; which one goes: run/swap_policy.py)."""
+
+    name: str = Field(min_length=1, description="the set's name, in fleet check, the status page and metrics")
+    models: list[str] = Field(min_length=2, description="its members: models of this file, each in one set at most")
+    awake: Int | None = Field(
+        None, ge=1, description="at most this many members awake at once; default: as many as fit their GPUs "
+        "by gpu_memory_utilization where every member gives it, else 1",
+    )
+    min_awake: float = Field(
+        10.0, ge=0, description="seconds a member just started or woken keeps its place before it may be put away "
+        "for another (no thrashing); a request meanwhile waits",
+    )
+
+
 _TOML_DATA: ContextVar[Mapping[str, Any]] = ContextVar("fleet_toml_data", default=MappingProxyType({}))
 
 
@@ -212,7 +229,27 @@ class FleetConfig(BaseSettings):
     cluster: ClusterConfig | None = Field(None, description="engines on a Ray cluster (absent: on this machine)")
     ui: UiConfig = Field(default_factory=UiConfig)
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
+    sets: list[SwapSetConfig] = Field(
+        default_factory=list, description="models that share GPUs beyond what fits at once: only as many awake as fit",
+    )
     models: list[ModelConfig] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _members_know_their_set(cls, data: Any) -> Any:
+        """Each model named in a [[sets]] entry carries the set's name (`swap_set`): it is then started
+        on demand, and may sleep (check_sets holds the rules across the two tables)."""
+        if not isinstance(data, dict) or not isinstance(data.get("sets"), list) or not isinstance(data.get("models"), list):
+            return data
+        member_of: dict[str, str] = {}
+        for entry in data["sets"]:
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("models"), list):
+                for name in entry["models"]:
+                    if isinstance(name, str):
+                        member_of.setdefault(name, entry["name"])
+        models = [{**m, "swap_set": member_of[m["name"]]} if isinstance(m, dict) and m.get("name") in member_of else m
+                  for m in data["models"]]
+        return {**data, "models": models}
 
     @classmethod
     def settings_customise_sources(
@@ -239,3 +276,7 @@ class FleetConfig(BaseSettings):
     def model(self, name: str) -> ModelConfig | None:
         """The model clients call `name`, if any."""
         return next((m for m in self.models if m.name == name), None)
+
+    def swap_set(self, name: str) -> SwapSetConfig | None:
+        """The [[sets]] entry called `name`, if any."""
+        return next((s for s in self.sets if s.name == name), None)

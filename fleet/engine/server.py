@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, asgi, get
+from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.exceptions import MethodNotAllowedException, NotAuthorizedException
+from litestar.params import FromQuery
 from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Send
 
 from fleet.config.model import ModelConfig
@@ -66,6 +67,19 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
         return {"requests": service.requests, "prompt_tokens": service.prompt_tokens,
                 "cached_tokens": service.cached_tokens}
 
+    @post("/sleep", before_request=require_token, status_code=200)
+    async def sleep(level: FromQuery[int] = 1) -> dict[str, bool]:
+        """vLLM's sleep mode (the engine started with enable_sleep_mode): the fleet puts an idle
+        engine away without stopping it; it answers once asleep."""
+        await service.sleep(level)
+        return {"sleeping": True}
+
+    @post("/wake_up", before_request=require_token, status_code=200)
+    async def wake_up() -> dict[str, bool]:
+        """Out of sleep mode; it answers once the engine serves again."""
+        await service.wake_up()
+        return {"sleeping": False}
+
     def frames_route(path: str, message: type[msgspec.Struct], answer: Callable[[Any], AsyncIterator[bytes]]) -> Any:
         """A POST route whose answer is frames (wire/protocol.py), sent to the ASGI server as they come
         (a plain ASGI route: Litestar's streaming response ran each body in an anyio task group beside
@@ -93,7 +107,7 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
               frames_route("/embed", protocol.EmbedRequest, service.embed),
               frames_route("/tokenize", protocol.TokenizeRequest, service.tokenize),
               frames_route("/detokenize", protocol.DetokenizeRequest, service.detokenize)]
-    return Litestar([health, info, stats, *routes], openapi_config=None, logging_config=None)
+    return Litestar([health, info, stats, sleep, wake_up, *routes], openapi_config=None, logging_config=None)
 
 
 async def _send_frames(frames: AsyncIterator[bytes], send: Send) -> None:

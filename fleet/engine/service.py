@@ -78,6 +78,7 @@ class EngineService:
     requests = 0  # /generate requests this engine took (GET /stats): which replica served what
     prompt_tokens = 0  # of the requests that finished, and of those the prefix cache had (GET /stats)
     cached_tokens = 0
+    asleep_at = 0  # the sleep level it sleeps at (0: awake)
 
     def __init__(self, engine: Any, name: str, chat_template: str | None = None, *, tool_parser: str | None = None,
                  reasoning_parser: str | None = None) -> None:
@@ -107,6 +108,24 @@ class EngineService:
     def healthy(self) -> bool:
         """False once the vLLM engine died; the launcher then restarts this process."""
         return not self.engine.errored
+
+    async def sleep(self, level: int) -> None:
+        """vLLM's sleep mode: level 1 moves the weights to CPU memory and drops the KV cache, level 2
+        drops both (the fleet drained the engine first: nothing runs)."""
+        self.asleep_at = level
+        await self.engine.sleep(level)
+
+    async def wake_up(self) -> None:
+        """Back from sleep. After level 2 the weights are gone: they are reloaded from the model's
+        files between waking the weights' memory and the KV cache's (vLLM's documented order)."""
+        if self.asleep_at == 2:
+            await self.engine.wake_up(["weights"])
+            await self.engine.collective_rpc("reload_weights")
+            await self.engine.wake_up(["kv_cache"])
+        else:
+            await self.engine.wake_up()
+        await self.engine.reset_prefix_cache()  # what was cached went with the KV cache
+        self.asleep_at = 0
 
     def prompt_ids(self, req: protocol.GenerateRequest) -> list[int]:
         """The prompt as token ids, checked against the vocabulary and the context length."""

@@ -1,7 +1,7 @@
-"""The running fleet's control routes, used by `fleet status / reload / stop`.
+"""The running fleet's control routes, used by `fleet status / reload / stop / sleep / wake`.
 
-`GET /fleet/status`, `POST /fleet/reload`, `POST /fleet/stop`. They answer only clients on
-the gateway's own machine (loopback addresses); anyone else gets 403.
+`GET /fleet/status`, `POST /fleet/reload`, `POST /fleet/stop`, `POST /fleet/models/{model}/sleep|wake`.
+They answer only clients on the gateway's own machine (loopback addresses); anyone else gets 403.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any, Protocol
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
+from litestar.params import FromPath
 
 from fleet.config.schema import FleetConfig
-from fleet.errors import ConfigError, Forbidden, InvalidRequest
+from fleet.errors import ConfigError, Forbidden, InvalidRequest, shown
 from fleet.gateway.auth import require_admin
 from fleet.gateway.status import Change, FleetStatus, LogLine, ReloadReport
 
@@ -54,6 +55,15 @@ class Control(Protocol):
 
     def drain(self, engine: str, draining: bool) -> None:
         """Stop (or resume) routing new requests to one engine; those in flight go on."""
+        ...
+
+    async def sleep(self, model: str) -> str:
+        """Put a model started on demand away now (drained, then asleep on GPUs or stopped); its
+        state once away. ModelNotFound, or InvalidRequest for a model that runs from launch to stop."""
+        ...
+
+    async def wake(self, model: str) -> str:
+        """Wake (or start) a model started on demand, as its next request would; its state then."""
         ...
 
 
@@ -105,4 +115,23 @@ def fleet_stop(request: Request[Any, Any, Any], state: State) -> Response[bytes]
     return Response(b'{"stopping": true}', media_type="application/json", status_code=202)
 
 
-ROUTES = [fleet_status, fleet_reload, fleet_stop]
+@post("/fleet/models/{model:str}/{action:str}", status_code=200, before_request=require_admin)
+async def fleet_model_action(request: Request[Any, Any, Any], state: State, model: FromPath[str],
+                             action: FromPath[str]) -> Response[bytes]:
+    """`fleet sleep MODEL` and `fleet wake MODEL`: put a model started on demand away now, or bring it up."""
+    check_local(request)
+    return Response(_json.encode(await model_action(control_of(state), model, action)), media_type="application/json")
+
+
+async def model_action(control: Control, model: str, action: str) -> dict[str, str]:
+    """sleep or wake one model (the control route's and the status page's); its state after."""
+    if action == "sleep":
+        now = await control.sleep(model)
+    elif action == "wake":
+        now = await control.wake(model)
+    else:
+        raise InvalidRequest(f"no action {shown(action)}: sleep or wake", param="action")
+    return {"model": model, "action": action, "state": now}
+
+
+ROUTES = [fleet_status, fleet_reload, fleet_stop, fleet_model_action]

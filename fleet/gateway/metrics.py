@@ -127,7 +127,7 @@ class Counted(Protocol):
     def state(self) -> EngineState: ...
 
     @property
-    def demand(self) -> Any: ...  # fleet.gateway.model.Demand (waiting, starts, waited_seconds), or None
+    def demand(self) -> Any: ...  # fleet.gateway.model.Demand (waiting, starts, waited_seconds, ...), or None
 
 
 class _FleetCollector(Collector):
@@ -166,11 +166,25 @@ class _FleetCollector(Collector):
                                      "(on demand)", labels=["model"])
         waited = CounterMetricFamily("fleet_model_waited_seconds", "Seconds requests waited for the model's engines "
                                      "to start, all together (on demand)", labels=["model"])
+        swapped = CounterMetricFamily("fleet_model_swapped_out", "Times the model was put away (asleep or stopped) to "
+                                      "make room for another member of its set", labels=["model"])
+        wakes = CounterMetricFamily("fleet_model_wakes", "Wakes of the model's engines from sleep", labels=["model"])
+        wake_s = CounterMetricFamily("fleet_model_wake_seconds", "Seconds the model's engines took to wake, all "
+                                     "together", labels=["model"])
+        start_s = CounterMetricFamily("fleet_model_start_seconds", "Seconds the model's engines took to start (to "
+                                      "ready), all together (on demand)", labels=["model"])
+        set_swaps: dict[str, int] = {}
         for name, b in models.items():
             if (d := b.demand) is not None:
                 waiting.add_metric([name], d.waiting)
                 starts.add_metric([name], d.starts)
                 waited.add_metric([name], d.waited_seconds)
+                swapped.add_metric([name], d.swapped_out)
+                wakes.add_metric([name], d.wakes)
+                wake_s.add_metric([name], d.wake_seconds)
+                start_s.add_metric([name], d.start_seconds)
+                if d.set_name is not None:
+                    set_swaps[d.set_name] = set_swaps.get(d.set_name, 0) + d.swapped_out
             for r in b.replicas:
                 r_inflight.add_metric([name, r.name], r.stats.inflight)
                 r_requests.add_metric([name, r.name], r.stats.requests)
@@ -188,8 +202,12 @@ class _FleetCollector(Collector):
             for s in EngineState:
                 state.add_metric([name, s.value], 1.0 if b.state is s else 0.0)
             restarts.add_metric([name], self.restarts(name))
-        yield from (requests, inflight, queued, prompt, completion, state, restarts,
-                    r_inflight, r_requests, r_tokens, r_state, r_routed, waiting, starts, waited)
+        sets = CounterMetricFamily("fleet_set_swaps", "Members of the set put away to make room for another",
+                                   labels=["set"])
+        for set_name, count in sorted(set_swaps.items()):
+            sets.add_metric([set_name], count)
+        yield from (requests, inflight, queued, prompt, completion, state, restarts, r_inflight, r_requests, r_tokens,
+                    r_state, r_routed, waiting, starts, waited, swapped, wakes, wake_s, start_s, sets)
         if self.connections is not None:
             c = self.connections
             yield GaugeMetricFamily("fleet_gateway_connections", "Client connections open", value=c.total + c.control)

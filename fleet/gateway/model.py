@@ -27,6 +27,27 @@ class Demand(Protocol):
     waiting: int  # requests waiting now
     starts: int  # starts asked by requests
     waited_seconds: float  # all requests' waits together
+    swapped_out: int  # times its set put it away for another member
+
+    @property
+    def set_name(self) -> str | None:
+        """Its [[sets]] entry, if any."""
+        ...
+
+    @property
+    def wakes(self) -> int:
+        """Its engines' wakes from sleep."""
+        ...
+
+    @property
+    def wake_seconds(self) -> float:
+        """Seconds its engines took to wake, all together."""
+        ...
+
+    @property
+    def start_seconds(self) -> float:
+        """Seconds its engines took to start (to ready), all together."""
+        ...
 
     async def ready(self) -> None:
         """Return once one of its engines serves (starting them if need be); ModelNotReady (503) when

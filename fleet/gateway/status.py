@@ -50,6 +50,8 @@ class ModelStatus(msgspec.Struct):
     draining: bool = False  # takes no new requests (the status page's drain); those in flight go on
     attached: bool = False  # started elsewhere and only watched: fleet cannot restart it
     host: str = ""  # the address the engine listens on (on a cluster, its node's)
+    on_demand: bool = False  # started on demand (or its set's member): `fleet sleep` / `fleet wake` apply
+    swap_set: str | None = None  # its [[sets]] entry
 
 
 class FleetStatus(msgspec.Struct):

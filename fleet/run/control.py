@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from rich.markup import escape
 
-from fleet.errors import EngineNotFound, InvalidRequest
+from fleet.errors import EngineNotFound, InvalidRequest, ModelNotFound, ModelNotReady, shown
 from fleet.gateway.status import FleetStatus, GatewayStatus, ModelStatus, ReloadReport
-from fleet.lifecycle import EngineState
+from fleet.lifecycle import AWAY, EngineState, closest_to_serving
+from fleet.run.demand import OnDemand
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -84,6 +85,42 @@ class FleetControl:
         replica.draining = draining
         owner.say("draining: no new requests" if draining else "taking requests again")
 
+    async def sleep(self, model: str) -> str:
+        """Put a model started on demand away now: drained, then asleep (GPUs: vLLM's sleep mode at its
+        sleep_level) or stopped (the CPU build); its state once every engine is away."""
+        served, demand = self._on_demand(model)
+        self._fleet.console.print(f"[bold]fleet[/bold] {escape(model)}: sleep asked", highlight=False)
+        owners = demand.owners
+        supervisor = self._fleet.config.supervisor
+        within = supervisor.drain_timeout + supervisor.stop_grace + served.config.start_timeout
+        try:
+            async with asyncio.timeout(within):
+                while not all(o.lifecycle.state in AWAY for o in owners):
+                    demand.put_away(served.config.rest_level(idle=False))  # taken by the ready ones
+                    await _any_change(owners)  # one starting now is put away once ready
+        except TimeoutError:
+            raise ModelNotReady(f"model {shown(model)} was not away within {within:g}s; it goes once it can",
+                                retry_after=5) from None
+        return closest_to_serving(o.lifecycle.state for o in owners).value
+
+    async def wake(self, model: str) -> str:
+        """Wake (or start) a model started on demand, as its next request would (making room in its
+        set); its state once one of its engines serves. ModelNotReady (503) as a request would get."""
+        served, _ = self._on_demand(model)
+        self._fleet.console.print(f"[bold]fleet[/bold] {escape(model)}: wake asked", highlight=False)
+        await served.serving()
+        return served.state.value
+
+    def _on_demand(self, model: str) -> tuple[ServedModel, OnDemand]:
+        served = self._fleet.models.get(model)
+        if served is None:
+            raise ModelNotFound(f"no model named {shown(model)} in the fleet")
+        if not isinstance(served.demand, OnDemand):
+            raise InvalidRequest(f"model {shown(model)} runs from launch to stop: sleep and wake apply to a model "
+                                 'started on demand (start = "on_demand", a when_idle, or a member of a [[sets]] entry)',
+                                 param="model")
+        return served, served.demand
+
     def _replica_named(self, name: str) -> tuple[Replica, EngineOwner]:
         owners = self._fleet.owners
         for served in self._fleet.models.values():
@@ -126,6 +163,19 @@ class FleetControl:
                     draining=replica.draining,
                     attached=not owner.runtime.restartable,
                     host=host,
+                    on_demand=served.demand is not None,
+                    swap_set=served.config.swap_set,
                 ))
         gw = self._fleet.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self._fleet.started_at)), rows)
+
+
+async def _any_change(owners: list[EngineOwner]) -> None:
+    """Until one of the engines changes state."""
+    waits = {asyncio.ensure_future(o.lifecycle.wait_for(*(s for s in EngineState if s is not o.lifecycle.state)))
+             for o in owners}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

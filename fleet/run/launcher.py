@@ -23,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from fleet.config.load import set_budget, set_shares
 from fleet.config.model import ModelConfig
 from fleet.config.schema import FleetConfig, shared_engine_token
 from fleet.gateway.admission import Admission
@@ -44,6 +45,7 @@ from fleet.run.journal import Journal
 from fleet.run.local import EngineCommand, LocalRuntimes, engine_command
 from fleet.run.owner import EngineOwner, backoff
 from fleet.run.runtime import Runtime, Runtimes
+from fleet.run.swap import SwapSet
 from fleet.sources import cache_dir
 
 log = logging.getLogger("fleet.run")
@@ -72,6 +74,7 @@ class Fleet:
         self.models: dict[str, ServedModel] = {}  # shared with the gateway: it routes on this
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.idle_watches: dict[str, asyncio.Task[None]] = {}  # by model: its OnDemand's watch_idle (when_idle)
+        self.swaps: dict[str, SwapSet] = {}  # by name: the [[sets]] entries, each the owner of its room
         self._owner_deaths: dict[str, int] = {}  # owner tasks of a model that died in a row (_owner_ended)
         self.stopping = asyncio.Event()
         self.gateway_started = asyncio.Event()
@@ -86,9 +89,18 @@ class Fleet:
         # a gateway other machines can reach, without keys: refused (ConfigError) unless [auth] open
         if warning := check_exposure(config.gateway.host, self.keys.enabled, config.auth.open):
             self.console.print(f"[bold yellow]warning[/bold yellow]: {warning}", highlight=False)
+        self._sets(config)
         bindings = self._bindings(config.models)
         for m in config.models:
             self._add(m, bindings)
+
+    def _sets(self, config: FleetConfig) -> None:
+        """The [[sets]] entries of `config`, each a SwapSet over the fleet's live models."""
+        self.swaps = {}
+        for entry in config.sets:
+            members = [m for m in config.models if m.name in entry.models]
+            by_memory = entry.awake is None and set_shares(members) is not None
+            self.swaps[entry.name] = SwapSet(entry, self.models, set_budget(config, entry), by_memory)
 
     def _add(self, cfg: ModelConfig, bindings: dict[str, str] | None = None) -> list[str]:
         """A model's engines (one owner per replica, named by `replica_name`) and the model as the
@@ -102,7 +114,8 @@ class Fleet:
         """A model started on demand gets its OnDemand (requests wait for its engines), one stopped when
         idle its idle watch too (once the loop runs); a model that is neither, none."""
         cfg = served.config
-        demand = OnDemand(served, self.owners, self.config.supervisor.drain_timeout) if cfg.on_demand else None
+        swap = self.swaps.get(cfg.swap_set) if cfg.swap_set else None
+        demand = OnDemand(served, self.owners, self.config.supervisor.drain_timeout, swap) if cfg.on_demand else None
         served.demand = demand
         if (watch := self.idle_watches.pop(cfg.name, None)) is not None:
             watch.cancel()
@@ -197,6 +210,8 @@ class Fleet:
                 self._start(name)
             for served in self.models.values():
                 self._on_demand(served)
+            for swap in self.swaps.values():
+                swap.launch()
             self.console.print(
                 f"[bold]fleet[/bold] gateway: listening on {'https' if gw.tls_certfile else 'http'}://{gw.host}:{gw.port}/v1 "
                 f"(started in {time.monotonic() - started:.2f}s); {len(self.owners)} engine(s) loading",
@@ -264,6 +279,10 @@ class Fleet:
                 report.warnings.append("[supervisor] changed: applies to engines started from now on")
             self.config = new.model_copy(update={"gateway": self.config.gateway, "cluster": self.config.cluster,
                                                  "ui": self.config.ui, "responses": self.config.responses})
+            if new.sets != self.config.sets or report.changed or report.added:
+                self._sets(new)
+                for served in self.models.values():
+                    self._on_demand(served)
             self.console.print(
                 f"[bold]fleet[/bold]: reload: +{report.added} -{report.removed} ~{report.changed}", highlight=False
             )

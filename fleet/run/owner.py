@@ -11,8 +11,10 @@ elsewhere and only watched. The loop is the same for each:
     until a stop: drain (when asked), stop the engine (STOPPING), STOPPED
 
 A model started on demand (`cfg.on_demand`) waits IDLE until `request_up` (a request for it
-came: run/demand.py), serves, and goes back to IDLE when told to rest (it was idle: drained, then
-stopped) or when it fails; it is never restarted on its own: the next request starts it again.
+came: run/demand.py), serves, and goes back to IDLE when told to rest (it was idle, or its set
+needs the room: drained, then stopped) or when it fails; it is never restarted on its own: the next
+request starts it again. Told to rest at a sleep level (GPUs: vLLM's sleep mode), it is drained and
+put to sleep instead, its process kept (SLEEPING), and `request_up` wakes it (WAKING, READY).
 
 An engine fleet did not start (`restartable` False: attached) is never started, restarted or
 stopped: it is waited for, watched, out of rotation (FAILED) while it does not answer and back
@@ -37,7 +39,8 @@ from rich.text import Text
 
 from fleet.config.model import ModelConfig
 from fleet.config.schema import SupervisorConfig
-from fleet.lifecycle import EngineState, Lifecycle
+from fleet.errors import EngineFailure
+from fleet.lifecycle import AWAY, EngineState, Lifecycle
 from fleet.run.journal import Journal
 from fleet.run.runtime import Runtime, StartFailed
 from fleet.wire.client import EngineClient
@@ -67,7 +70,7 @@ class Commands:
         self._drain: Callable[[], Awaitable[None]] | None = None
         self._drain_timeout = 0.0
         self._up = False
-        self._rest: tuple[Callable[[], Awaitable[None]] | None, float] | None = None  # (drain, timeout) when asked
+        self._rest: tuple[Callable[[], Awaitable[None]] | None, float, int] | None = None  # (drain, timeout, level)
 
     @property
     def stop_requested(self) -> bool:
@@ -122,6 +125,9 @@ class EngineOwner(Commands):
         self.restarts = 0  # in a row; what max_restarts counts
         self.total_restarts = 0
         self._errors = 0  # unexpected owner errors in a row: the backoff of their restarts
+        self.wakes = 0  # times it was woken from sleep
+        self.wake_seconds = 0.0  # all wakes together (a request that found it asleep waited about one)
+        self.start_seconds = 0.0  # all starts together, to ready
         self.journal: Journal | None = None  # the fleet's (the launcher sets it): its lines and state changes
         runtime.bind(self)
 
@@ -132,31 +138,59 @@ class EngineOwner(Commands):
         is not running or on its way down (a request during a rest starts it again after it), and
         once: whether this call asked (False: it runs, or was asked already)."""
         if self._up or self.lifecycle.state not in (EngineState.IDLE, EngineState.STOPPED, EngineState.STOPPING,
-                                                     EngineState.FAILED):
+                                                     EngineState.FAILED, EngineState.SLEEPING):
             return False
         self._up = True
         self._wake.set()
         return True
 
-    def request_rest(self, drain: Callable[[], Awaitable[None]] | None = None, timeout: float = 0.0) -> None:
-        """Command (an engine started on demand, idle): out of rotation, drain (`drain()`, at most
-        `timeout` s), stop, and wait IDLE for the next request."""
-        if self.lifecycle.state is EngineState.READY:
-            self._rest = (drain, timeout)
+    def request_rest(self, drain: Callable[[], Awaitable[None]] | None = None, timeout: float = 0.0,
+                     level: int = 0) -> None:
+        """Command (an engine started on demand, idle or making room): out of rotation, drain
+        (`drain()`, at most `timeout` s), then stop and wait IDLE for the next request, or (`level`
+        1 or 2) sleep at that vLLM sleep level, its process kept. A sleeping engine told to rest at
+        level 0 stops."""
+        state = self.lifecycle.state
+        if state is EngineState.READY or (state is EngineState.SLEEPING and level == 0):
+            self._rest = (drain, timeout, level)
             self._wake.set()
 
+    @property
+    def away(self) -> bool:
+        """Holds no memory and is not on its way up: idle, asleep or stopped, and not asked up."""
+        return self.lifecycle.state in AWAY and not self._up
+
+    @property
+    def leaving(self) -> bool:
+        """On its way away: told to rest, draining, stopping or falling asleep."""
+        return self._rest is not None or self.lifecycle.state is EngineState.STOPPING
+
     async def _idle_until_asked(self) -> bool:
-        """IDLE until a request asks for the engine (True) or a stop comes (False); a restart asked
-        meanwhile starts it too."""
-        if self.lifecycle.state is not EngineState.IDLE:
+        """IDLE (or SLEEPING, its process watched) until a request asks for the engine (True) or a
+        stop comes (False); a restart asked meanwhile starts it too (a sleeping one stopped first). A
+        sleeping engine that dies, or is told to rest at level 0, is stopped and waits IDLE."""
+        if self.lifecycle.state not in (EngineState.IDLE, EngineState.SLEEPING):
             self.lifecycle.to(EngineState.IDLE, self._idle_reason())
         self._wake.clear()
         while not self._up:
             if self._stop.is_set():
                 return False
+            asleep = self.lifecycle.state is EngineState.SLEEPING
             if self._restart_asked():
+                if asleep:
+                    self.lifecycle.to(EngineState.STOPPING, "restart asked")
+                    await self._stop_engine(self.policy.stop_grace, attempts=STOP_ATTEMPTS, now=self._kill)
                 break
-            await self._wake.wait()
+            if asleep and self._rest is not None:
+                if not await self._rest_or_clear_failure():  # stopped, now IDLE
+                    return False
+                continue
+            if asleep:
+                await self._until_stop_or(self._watch())  # until a command, or it dies asleep
+                if self.lifecycle.state is EngineState.FAILED and not await self._rest_or_clear_failure():
+                    return False
+            else:
+                await self._wake.wait()
             self._wake.clear()
         self._up = False
         return not self._stop.is_set()
@@ -171,15 +205,20 @@ class EngineOwner(Commands):
 
     async def _rest_or_clear_failure(self) -> bool:
         """After serving, an engine started on demand goes back to IDLE: asked to rest (drained and
-        stopped) or failed (what is left of it stopped). False: a stop came meanwhile."""
+        stopped, or put to sleep: SLEEPING) or failed (what is left of it stopped); a sleeping one told
+        to rest at level 0 is stopped. False: a stop came meanwhile."""
         rest, self._rest = self._rest, None
+        drain, timeout, level = rest or (None, 0.0, 0)
         if self.lifecycle.state is EngineState.READY:
-            self.lifecycle.to(EngineState.STOPPING, "idle")
-            drain, timeout = rest or (None, 0.0)
+            self.lifecycle.to(EngineState.STOPPING, f"going to sleep (level {level})" if level else "idle")
             if drain is not None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await _first_of(drain(), self._stop)
+            if level and not self._stop.is_set() and await self._fall_asleep(level):
+                return True
+        elif self.lifecycle.state is EngineState.SLEEPING:
+            self.lifecycle.to(EngineState.STOPPING, "idle")
         elif self.lifecycle.state is EngineState.STARTING:  # a rest cannot reach a starting engine; a stop did
             return False
         if self.runtime.has_engine and not await self._stop_engine(self.policy.stop_grace, attempts=STOP_ATTEMPTS,
@@ -190,6 +229,38 @@ class EngineOwner(Commands):
         if self.lifecycle.state is EngineState.STOPPING:
             self.say("stopped while idle; the next request starts it")
         self.lifecycle.to(EngineState.IDLE, self._idle_reason())
+        return True
+
+    async def _fall_asleep(self, level: int) -> bool:
+        """vLLM's sleep mode at `level` (the engine drained): SLEEPING, its process kept. False (said
+        why): it could not, and is stopped instead."""
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(self.cfg.start_timeout):
+                await self.client.sleep(level)
+        except (EngineFailure, OSError, TimeoutError) as e:
+            self.say(f"[red]could not sleep[/red] ({escape(str(e) or type(e).__name__)}): stopping it instead")
+            return False
+        self.ready_at = None
+        self.lifecycle.to(EngineState.SLEEPING, f"asleep (level {level}); the next request wakes it")
+        self.say(f"asleep at level {level} in {time.monotonic() - began:.2f}s; the next request wakes it")
+        return True
+
+    async def _wake_up(self) -> bool:
+        """Out of sleep (WAKING): READY, or FAILED (then stopped and IDLE, as any failure)."""
+        self.lifecycle.to(EngineState.WAKING, "a request asked for it")
+        self.started_at, self.ready_at = time.monotonic(), None
+        try:
+            async with asyncio.timeout(self.cfg.start_timeout):
+                await self.client.wake_up()
+        except (EngineFailure, OSError, TimeoutError) as e:
+            self._fail(f"could not wake up: {e or type(e).__name__}")
+            return False
+        self.ready_at = time.monotonic()
+        self.wakes += 1
+        self.wake_seconds += self.ready_at - self.started_at
+        self.lifecycle.to(EngineState.READY, "awake")
+        self.say(f"awake in {self.ready_at - self.started_at:.2f}s")
         return True
 
     # --- what status reads -----------------------------------------------------------------------
@@ -230,7 +301,8 @@ class EngineOwner(Commands):
             await self._terminate()  # nothing to do unless an earlier run ended half-way
             await self._stop_within(after)
             on_demand = self.cfg.on_demand and self.runtime.restartable
-            at_launch = self.cfg.start == "launch"  # then stopped when idle: the first start is at once
+            # then put away when idle: the first start is at once (a set's member: when its set has room)
+            at_launch = self.cfg.start == "launch" and self.cfg.swap_set is None
             while not self._stop.is_set():
                 # on demand: IDLE until a request asks (a restart asked starts it from STOPPING at once)
                 waits = on_demand and not at_launch and self.lifecycle.state is not EngineState.STOPPING
@@ -264,6 +336,10 @@ class EngineOwner(Commands):
     async def _serve(self) -> None:
         """Start the engine (an attached one: only the first time), wait until it is ready, watch it
         until it fails or a command comes."""
+        if self.lifecycle.state is EngineState.SLEEPING:
+            if await self._wake_up():
+                await self._until_stop_or(self._watch())
+            return
         starts = self.runtime.restartable or self.lifecycle.state is EngineState.STOPPED
         if starts and not await self._start():
             return
@@ -305,6 +381,7 @@ class EngineOwner(Commands):
                 if problem is None:
                     self.lifecycle.to(EngineState.READY)
                     self.ready_at = time.monotonic()
+                    self.start_seconds += self.ready_at - self.started_at
                     self.say(self.runtime.ready_line(self.ready_at - self.started_at))
                     return
                 misses += 1
@@ -447,7 +524,7 @@ class EngineOwner(Commands):
         self._fail(f"supervisor error: {what}")
 
     def _fail(self, reason: str) -> None:
-        if self.lifecycle.state in (EngineState.STARTING, EngineState.READY):
+        if self.lifecycle.state in (EngineState.STARTING, EngineState.READY, EngineState.WAKING, EngineState.SLEEPING):
             self.lifecycle.to(EngineState.FAILED, reason)
             self.ready_at = None
             last = "\n".join(f"    {escape(line)}" for line in self.tail[-15:])

@@ -113,8 +113,29 @@ class EngineClient:
             raise EngineFailure(f"engine for model {self.name!r} answered /info with HTTP {status}")
         return _info_decoder.decode(body)
 
+    async def sleep(self, level: int) -> None:
+        """Put the engine to sleep (vLLM's sleep mode at `level`: 1 weights to CPU memory, 2 dropped);
+        it answers once asleep. EngineFailure when it cannot."""
+        await self._command(f"/sleep?level={level}")
+
+    async def wake_up(self) -> None:
+        """Wake the engine from sleep (weights back, or reloaded after level 2); it answers once awake."""
+        await self._command("/wake_up")
+
+    async def _command(self, path: str) -> None:
+        try:
+            status, body = await self._call("POST", path)
+        except OSError as e:
+            raise self._failure(e) from None
+        if status != 200:
+            raise EngineFailure(f"engine for model {self.name!r} answered {path} with HTTP {status}: "
+                                f"{body[:200].decode(errors='replace')}")
+
     async def _get(self, path: str) -> tuple[int, bytes]:
-        response = await self._pool.request("GET", path)
+        return await self._call("GET", path)
+
+    async def _call(self, method: str, path: str) -> tuple[int, bytes]:
+        response = await self._pool.request(method, path)
         try:
             body = await response.body()
         except BaseException:

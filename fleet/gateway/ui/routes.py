@@ -4,7 +4,7 @@
 - `GET /ui/static/{file}`: its script and style sheet, from the package.
 - `GET /ui/events`: the server-sent event stream (feed.py). With API keys configured it needs a
   key that may use every model, or the admin key (the page asks for one).
-- `POST /ui/reload`, `POST /ui/engines/{engine}/restart|drain|resume`: the actions. Only with the
+- `POST /ui/reload`, `POST /ui/engines/{engine}/restart|drain|resume`, `POST /ui/models/{model}/sleep|wake`: the actions. Only with the
   admin key (`[ui] admin_key` or $FLEET_ADMIN_KEY), from any address; none configured: the page
   is read-only and every action is refused (403). The key travels in `Authorization: Bearer`,
   which a browser never sends by itself to another site: no cross-site request can act.
@@ -26,7 +26,7 @@ from litestar.types import Receive, Scope, Send
 
 from fleet.errors import Forbidden, InvalidRequest, Unauthorized
 from fleet.gateway.auth import Keys
-from fleet.gateway.control import control_of, reload_fleet
+from fleet.gateway.control import control_of, model_action, reload_fleet
 from fleet.gateway.ui.feed import stream
 from fleet.wire.asgi import header, unless_disconnected
 
@@ -131,4 +131,10 @@ def engine_action(request: Request[Any, Any, Any], engine: FromPath[str], action
     return Response(_json.encode({"engine": engine, "action": action}), media_type="application/json")
 
 
-ROUTES = [page, static, events, reload_action, engine_action]
+@post("/ui/models/{model:str}/{action:str}", status_code=200)
+async def model_action_route(request: Request[Any, Any, Any], model: FromPath[str], action: FromPath[str]) -> Response[bytes]:
+    """sleep or wake one model started on demand (as `fleet sleep` / `fleet wake`)."""
+    return Response(_json.encode(await model_action(_act(request), model, action)), media_type="application/json")
+
+
+ROUTES = [page, static, events, reload_action, engine_action, model_action_route]

@@ -98,7 +98,14 @@ function engineRow(name) {
     const resume = cells.drain.dataset.draining === "true";
     act(`/ui/engines/${encodeURIComponent(name)}/${resume ? "resume" : "drain"}`, `${resume ? "resume" : "drain"} ${name}`);
   });
-  cells.actions.append(cells.restart, cells.drain);
+  // a model started on demand (or a set's member): put away now, or woken as a request would
+  cells.sleep = el("button", "Sleep");
+  cells.sleep.type = "button";
+  cells.sleep.addEventListener("click", () => {
+    const model = cells.sleep.dataset.model, action = cells.sleep.dataset.action;
+    act(`/ui/models/${encodeURIComponent(model)}/${action}`, `${action} ${model}`);
+  });
+  cells.actions.append(cells.restart, cells.drain, cells.sleep);
   return { tr, cells };
 }
 
@@ -133,6 +140,12 @@ function showStatus(status) {
     c.drain.disabled = !state.canAct;
     c.drain.textContent = m.draining ? "Resume" : "Drain";
     c.drain.dataset.draining = String(m.draining);
+    const away = ["idle", "sleeping", "stopped"].includes(m.state);
+    c.sleep.hidden = !m.on_demand;
+    c.sleep.disabled = !state.canAct;
+    c.sleep.textContent = away ? "Wake" : "Sleep";
+    c.sleep.dataset.action = away ? "wake" : "sleep";
+    c.sleep.dataset.model = m.model;
     describeActions(c, m);
   }
   for (const [name, row] of state.rows) {
@@ -151,6 +164,7 @@ function describeActions(c, m) {
   const why = state.canAct ? "" : "read-only: no admin key is configured";
   c.restart.title = m.attached ? "started elsewhere: restart it there" : why;
   c.drain.title = why;
+  c.sleep.title = why || (m.swap_set ? `a member of set ${m.swap_set}: waking it may put another away` : "");
 }
 
 function drawPoints(name) {
