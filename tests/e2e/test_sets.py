@@ -6,6 +6,7 @@ no sleep mode: a member put away stops, and the next request starts it again."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -69,7 +70,10 @@ def greedy(client: openai.OpenAI, model: str, tokens: int = 6) -> str:
 def test_three_models_take_turns_in_a_set_of_one_and_never_run_two_engines_at_once(
     tmp_path: Path, tiny_model: Path,
 ) -> None:
-    models = [{"name": n, "source": str(tiny_model), "port": free_port(), "start": "on_demand", **TINY} for n in NAMES]
+    own = tmp_path / "tiny-1"  # tiny-1's own copy of the weights, to break its start later
+    shutil.copytree(tiny_model, own)
+    sources = {"tiny-1": own, "tiny-2": tiny_model, "tiny-3": tiny_model}
+    models = [{"name": n, "source": str(sources[n]), "port": free_port(), "start": "on_demand", **TINY} for n in NAMES]
     sets = f'[[sets]]\nname = "desk"\nmodels = {NAMES!r}\nmin_awake = 0\n'.replace("'", '"')
     with running_fleet(models, tmp_path, tables=sets) as fleet, \
             openai.OpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0, timeout=300) as client:
@@ -100,3 +104,29 @@ def test_three_models_take_turns_in_a_set_of_one_and_never_run_two_engines_at_on
         assert fleet.states() == {"tiny-1": "idle", "tiny-2": "idle", "tiny-3": "ready"}
         status = fleet_cli("status", "--config", config)
         assert "tiny-3" in status and "idle" in status
+
+        # twenty requests at once for a member that is away: one start (after tiny-3 went), all answered
+        starts = fleet.log().count("tiny-2: ready in")
+        with ThreadPoolExecutor(20) as pool:
+            assert list(pool.map(lambda _: greedy(client, "tiny-2"), range(20))) == [answers["tiny-2"]] * 20
+        assert fleet.log().count("tiny-2: ready in") == starts + 1
+
+        # a member whose engine cannot start: its waiting requests get a 503 naming it; the next one tries again
+        config_json = own / "config.json"
+        good = config_json.read_text()
+        config_json.write_text("{ not json")
+        with ThreadPoolExecutor(2) as pool:
+            failures = list(pool.map(lambda _: _status_and_error(client, "tiny-1"), range(2)))
+        for status_code, message in failures:
+            assert status_code == 503 and "'tiny-1' failed to start" in message and "the next request tries again" in message
+        assert fleet.states()["tiny-1"] == "idle"
+        config_json.write_text(good)
+        assert greedy(client, "tiny-1") == answers["tiny-1"]
+
+
+def _status_and_error(client: openai.OpenAI, model: str) -> tuple[int, str]:
+    try:
+        greedy(client, model)
+    except openai.APIStatusError as e:
+        return e.status_code, e.response.json()["error"]["message"]
+    return 200, ""
