@@ -91,3 +91,35 @@ if __name__ == "__main__":
     import sys
 
     print(write_tiny_model(Path(sys.argv[1])))
+
+
+def write_lora_adapter(base: Path, out: Path, seed: int, rank: int = 8) -> Path:
+    """A real PEFT LoRA adapter of `base` (its attention's q and v projections), with random non-zero
+    weights (PEFT's default leaves B at zero: an adapter that changes nothing) scaled to move greedy
+    answers; deterministic for a seed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False))
+    peft.save_pretrained(out)
+    return out
+
+
+def write_merged_model(base: Path, adapter: Path, out: Path) -> Path:
+    """`adapter` merged into `base`'s weights (PEFT's merge_and_unload), saved as a model of its own
+    with `base`'s tokenizer: what the adapter served by vLLM must answer like."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    return out

@@ -96,6 +96,8 @@ class ModelCard(msgspec.Struct):
     max_model_len: int | None = None
     task: Literal["generate", "embed"] = "generate"  # what it serves: completions and chat, or embeddings
     object: str = "model"
+    root: str | None = None  # a LoRA adapter: its directory (as `vllm serve` lists one)
+    parent: str | None = None  # a LoRA adapter: its base model
 
 
 class ModelList(msgspec.Struct):

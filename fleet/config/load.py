@@ -244,6 +244,20 @@ def check_fleet(config: FleetConfig, path: Path) -> None:
             seen_ports.setdefault(r.port, r.replica_name)
             for g in [] if on_cluster else r.gpus:  # a cluster's are counts: Ray hands out whole GPUs
                 sharers.setdefault(g, []).append((i, r))
+    names = {m.name for m in config.models}
+    adapters: dict[str, str] = {}
+    for i, m in enumerate(config.models):
+        for name in m.adapters:
+            where = f'model "{m.name}" (models[{i}]), field "adapters.{name}"'
+            if name in names:
+                problems.append(f"{where}: {name!r} is also a model's name (clients name either one)")
+            elif name in adapters:
+                problems.append(f"{where}: {name!r} is also an adapter of model {adapters[name]!r}")
+            adapters.setdefault(name, m.name)
+        if m.adapters and (m.task != "generate" or m.attached):
+            problems.append(f'model "{m.name}" (models[{i}]), field "adapters": '
+                            + ("an embedding model serves no LoRA adapters" if m.task != "generate"
+                               else "an attached engine's adapters are its own (fleet does not start it)"))
     problems += check_gpu_sharing(sharers, {s.name: s for s in config.sets})
     problems += check_sets(config)
     for i, m in enumerate(config.models):

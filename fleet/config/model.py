@@ -5,6 +5,7 @@ does not start)."""
 from __future__ import annotations
 
 import contextlib
+import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -97,6 +98,44 @@ class Placement(Strict):
         if self.url is not None and self.port is not None and self.port != url_address(self.url)[1]:
             raise ValueError(f"port {self.port} is not the port of url {self.url}")
         return self
+
+
+def check_adapter(name: str, path: str, base: ModelConfig) -> list[tuple[str, str]]:
+    """(field, problem) for one adapter of `base`: a directory holding a PEFT adapter_config.json
+    (a LoRA), trained on this base (its base_model_name_or_path is the model's source, or names
+    the same folder or Hugging Face model by its last part), its rank within max_lora_rank."""
+    field = f"adapters.{name}"
+    if not name or name == base.name:
+        return [(field, "an adapter's name is its own (not empty, not the model's)")]
+    folder = Path(path).expanduser()
+    config_file = folder / "adapter_config.json"
+    if not folder.is_dir():
+        return [(field, f"no adapter directory at {path}")]
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        return [(field, f"{path} is not a PEFT adapter (its adapter_config.json: {e})")]
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        return [(field, f"{path} is not a LoRA adapter (peft_type {config.get('peft_type') if isinstance(config, dict) else '?'!r})")]
+    problems = []
+    trained_on = str(config.get("base_model_name_or_path") or "")
+    if trained_on and not same_model(trained_on, base.source):
+        problems.append((field, f"{path} is an adapter of {trained_on!r}, not of this model's source {base.source!r}"))
+    rank = config.get("r")
+    if isinstance(rank, int) and rank > base.max_lora_rank:
+        problems.append((field, f"{path} has rank {rank}, above max_lora_rank = {base.max_lora_rank}"))
+    return problems
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same model: equal, the same folder, or the same last part
+    (a local copy of a Hugging Face model keeps its name: "org/Model" and "/models/Model")."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists() and pa.resolve() == pb.resolve():
+        return True
+    return pa.name.lower() == pb.name.lower() != ""
 
 
 class ModelConfig(Strict):
@@ -196,6 +235,14 @@ class ModelConfig(Strict):
         False, description="on a [cluster]: a replica's GPUs may span nodes, through vLLM's Ray executor "
         "(else each replica is packed on one node)",
     )
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters of this model: name (what clients send as `model`) -> the "
+        "directory of a PEFT adapter trained on this base; one engine serves them all (vLLM's LoRA)",
+    )
+    max_loras: Int = Field(4, ge=1, description="adapters in one batch at once (vLLM's max_loras)")
+    max_cpu_loras: Int | None = Field(None, ge=1, description="adapters kept in CPU memory (vLLM's max_cpu_loras; "
+                                      "default: max_loras)")
+    max_lora_rank: Int = Field(16, ge=1, description="the largest rank of an adapter (vLLM's max_lora_rank)")
     replica: Int = Field(0, ge=0, exclude=True, description="set by fleet: which copy of the model this is")
     gpu_count: bool = Field(False, exclude=True, description="set by fleet: `gpus` was given as a count (a cluster's)")
 
@@ -276,6 +323,13 @@ class ModelConfig(Strict):
                 raise ValueError(f"port {self.port} is not the port of url {self.url}")
         return self
 
+    @model_validator(mode="after")
+    def _adapters_are_adapters_of_this_base(self) -> ModelConfig:
+        for name, path in self.adapters.items():
+            for field, problem in check_adapter(name, path, self):
+                raise ValueError(f"{field}: {problem}")
+        return self
+
     def replica_configs(self) -> list[ModelConfig]:
         """One config per replica: its placement's GPUs, port, host and url; or, from `replicas`, its share
         of the GPUs and its own port (the first is the model's)."""
@@ -292,7 +346,10 @@ class ModelConfig(Strict):
 
     def engine_json(self) -> str:
         """This replica's settings as its engine process reads them: one engine, no replicas."""
-        args = {**self.engine_args, "enable_sleep_mode": True} if self.may_sleep else self.engine_args
+        args = {**self.engine_args, "enable_sleep_mode": True} if self.may_sleep else dict(self.engine_args)
+        if self.adapters:
+            args = {"enable_lora": True, "max_loras": self.max_loras, "max_lora_rank": self.max_lora_rank,
+                    **({"max_cpu_loras": self.max_cpu_loras} if self.max_cpu_loras else {}), **args}
         return self.model_copy(update={"replicas": 1, "placements": [], "url": None, "engine_args": args}).model_dump_json()
 
     @property

@@ -43,6 +43,8 @@ class Model(Protocol):
 
     def failure(self, error: Exception, request_id: str, param: str | None = None) -> protocol.Error: ...
 
+    def lora(self, req: protocol.GenerateRequest) -> Any: ...
+
 
 @dataclass
 class Beam:
@@ -126,7 +128,8 @@ class BeamSearchRun:
         rid = f"{self.req.request_id}-b{self.steps}-{beam_index}"
         params = self.step_params(prompt_logprobs)
         final = None
-        async for out in self.service.engine.generate({"prompt_token_ids": self.prompt + beam.tokens}, params, rid):
+        async for out in self.service.engine.generate({"prompt_token_ids": self.prompt + beam.tokens}, params, rid,
+                                                      lora_request=self.service.lora(self.req)):
             final = out
         assert final is not None
         return beam_index, final

@@ -141,7 +141,8 @@ async def serve(cfg: ModelConfig) -> None:
     engine = build_engine(cfg)
     # start-up, before the server runs: nothing else on the loop yet to block (build_engine blocks too)
     template = Path(cfg.chat_template).expanduser().read_text() if cfg.chat_template else None  # noqa: ASYNC240
-    service = EngineService(engine, cfg.name, template, tool_parser=cfg.tool_parser, reasoning_parser=cfg.reasoning_parser)
+    service = EngineService(engine, cfg.name, template, tool_parser=cfg.tool_parser, reasoning_parser=cfg.reasoning_parser,
+                            adapters=cfg.adapters)
     server = SignalFreeServer(
         uvicorn.Config(create_engine_app(service, os.environ.get(ENGINE_TOKEN_ENV)), host=cfg.host, port=cfg.port,
                        log_level="warning", access_log=False, proxy_headers=False,  # its one client: the gateway

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from fleet.engine.encoding import encoder
@@ -81,11 +82,16 @@ class EngineService:
     asleep_at = 0  # the sleep level it sleeps at (0: awake)
 
     def __init__(self, engine: Any, name: str, chat_template: str | None = None, *, tool_parser: str | None = None,
-                 reasoning_parser: str | None = None) -> None:
+                 reasoning_parser: str | None = None, adapters: Mapping[str, str] | None = None) -> None:
         from vllm import __version__ as vllm_version
 
         self.engine = engine
         self.name = name
+        self.loras: dict[str, Any] = {}  # adapter name -> its vLLM LoRARequest (ids from 1, in the file's order)
+        if adapters:
+            from vllm.lora.request import LoRARequest
+
+            self.loras = {a: LoRARequest(a, k, str(Path(p).expanduser())) for k, (a, p) in enumerate(adapters.items(), 1)}
         self.tokenizer = engine.get_tokenizer()
         self.parsers = Parsers(self.tokenizer, tool_parser, reasoning_parser)  # reasoning and tool calls read apart
         self.encode = encoder(self.tokenizer)  # text -> ids on the request's path (encoding.py)
@@ -108,6 +114,10 @@ class EngineService:
     def healthy(self) -> bool:
         """False once the vLLM engine died; the launcher then restarts this process."""
         return not self.engine.errored
+
+    def lora(self, req: protocol.GenerateRequest) -> Any:
+        """The vLLM LoRARequest of the request's adapter (None: the base model)."""
+        return self.loras.get(req.adapter) if req.adapter is not None else None
 
     async def sleep(self, level: int) -> None:
         """vLLM's sleep mode: level 1 moves the weights to CPU memory and drops the KV cache, level 2
@@ -257,6 +267,10 @@ class EngineService:
         except InvalidRequest as e:
             yield protocol.encode_frame(protocol.Error(e.message, status=400, param=e.param))
             return
+        if req.adapter is not None and req.adapter not in self.loras:
+            yield protocol.encode_frame(protocol.Error(f"model {self.name!r} has no adapter {req.adapter!r}", status=404,
+                                                       param="model"))
+            return
         if req.beam is not None:
             from fleet.engine.beam import beam_search_frames
 
@@ -276,7 +290,8 @@ class EngineService:
         first = True
         last = b""  # the finishing step's frames: they go out with Done, as the answer's last chunk
         try:
-            async for out in self.engine.generate({"prompt_token_ids": ids}, params, req.request_id):
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, req.request_id,
+                                                  lora_request=self.lora(req)):
                 cached = out.num_cached_tokens or cached  # known from the first step on
                 frames = bytearray()
                 if first:

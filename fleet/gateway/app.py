@@ -47,7 +47,7 @@ from fleet.gateway.model import ServedModel
 from fleet.gateway.openapi import JSON, openapi_json
 from fleet.gateway.recent import Recent, Trace, prompt_preview
 from fleet.gateway.routing.keys import session_key
-from fleet.gateway.routing.lookup import find
+from fleet.gateway.routing.lookup import resolve
 from fleet.gateway.status import Health
 from fleet.gateway.tracking import Tracked
 from fleet.gateway.ui import routes as ui_routes
@@ -103,8 +103,9 @@ def list_models(request: Request[Any, Any, Any], state: State) -> Response[bytes
     """The fleet's models the caller may use, with the state of each engine."""
     models: Mapping[str, ServedModel] = state.models
     key = scope_key(request.scope)
-    cards = [model_card(name, b, state.started) for name, b in models.items()
-             if key is None or key.models is None or name in key.models]
+    cards = [card for name, b in models.items() for card in (model_card(name, b, state.started),
+                                                             *(adapter_card(a, b, state.started) for a in b.adapters))
+             if key is None or key.models is None or card.id in key.models]
     return Response(_json.encode(ModelList(cards)), media_type=JSON)
 
 
@@ -114,12 +115,21 @@ def retrieve_model(request: Request[Any, Any, Any], state: State, model: FromPat
     models: Mapping[str, ServedModel] = state.models
     name = model.lstrip("/")  # a model's name may hold slashes ("org/model"): the rest of the path
     Keys.allow(scope_key(request.scope), name)
-    return Response(_json.encode(model_card(name, find(models, name), state.started)), media_type=JSON)
+    served, adapter = resolve(models, name)
+    card = model_card(name, served, state.started) if adapter is None else adapter_card(adapter, served, state.started)
+    return Response(_json.encode(card), media_type=JSON)
 
 
 def model_card(name: str, served: ServedModel, created: int) -> ModelCard:
     return ModelCard(id=name, created=created, owned_by="fleet", state=served.state.value,
                      max_model_len=served.config.max_model_len, task=served.config.task)
+
+
+def adapter_card(adapter: str, served: ServedModel, created: int) -> ModelCard:
+    """A LoRA adapter as `vllm serve` lists one: its base as `parent`, the base's state."""
+    return ModelCard(id=adapter, created=created, owned_by="fleet", state=served.state.value,
+                     max_model_len=served.config.max_model_len, task=served.config.task, parent=served.name,
+                     root=served.config.adapters[adapter])
 
 
 WHAT_IT_SERVES = {"generate": "a generation model: it serves /v1/completions and /v1/chat/completions",
@@ -153,7 +163,7 @@ def endpoint_route(endpoint: Endpoint) -> ASGIRouteHandler:
         data: Any = decode_body(await read_body(scope, receive, state.max_body_bytes), body_of)
         model = data.model
         Keys.allow(key, model)
-        served = find(state.models, model)
+        served, adapter = resolve(state.models, model)
         check_task(served, endpoint)
         if not served.state.serving:
             await served.serving()  # 503, or (on demand) waits for its engines
@@ -168,7 +178,7 @@ def endpoint_route(endpoint: Endpoint) -> ASGIRouteHandler:
             if endpoint.tracked and (recent := state.recent) is not None:
                 recent.add(Trace(at=time.time(), model=model, route=endpoint.label, status=e.status, prompt=prompt))
             raise
-        source: FrameSource = served if session is None else served.keyed(session)
+        source: FrameSource = served if session is None and adapter is None else served.keyed(session, adapter)
         if not endpoint.tracked:
             await _send_json(send, await unless_disconnected(receive, endpoint.complete(source, planned, model)))
             return

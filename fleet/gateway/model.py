@@ -6,6 +6,7 @@ routing (fleet/gateway/routing/)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,9 +99,15 @@ class ServedModel:
         """Requests waiting for an engine slot."""
         return self.admission.queued if self.admission else 0
 
-    def keyed(self, key: bytes | None) -> Keyed:
-        """This model as the target of requests that carry a session key (routing = "session")."""
-        return Keyed(self, key)
+    @property
+    def adapters(self) -> Collection[str]:
+        """The names of its LoRA adapters (each a model name of its own to clients)."""
+        return self.config.adapters.keys()
+
+    def keyed(self, key: bytes | None, adapter: str | None = None) -> Keyed:
+        """This model as the target of requests that carry a session key (routing = "session"), or
+        that name one of its adapters."""
+        return Keyed(self, key, adapter)
 
     def generate(self, req: protocol.GenerateRequest, key: bytes | None = None) -> Batches:
         """The frames of one engine request from the replica routing picks (api.answers.FrameSource)."""
@@ -117,12 +124,15 @@ class ServedModel:
 
 @dataclass
 class Keyed:
-    """A model whose engine requests carry one session key."""
+    """A model whose engine requests carry one session key, or name one of its adapters."""
 
     model: ServedModel
     key: bytes | None
+    adapter: str | None = None
 
     def generate(self, req: protocol.GenerateRequest) -> Batches:
+        if self.adapter is not None:
+            req.adapter = self.adapter
         return self.model.generate(req, self.key)
 
     def call(self, path: str, req: msgspec.Struct) -> Batches:

@@ -145,6 +145,7 @@ class GenerateRequest(_Message):
     final_only: bool = False
     tools: ToolUse | None = None  # read tool calls out of the answer (a Chat prompt only)
     reasoning: bool = False  # split the answer's reasoning from its content (the model's reasoning parser)
+    adapter: str | None = None  # a LoRA adapter of the engine's model, by name (its [[models]] adapters)
 
 
 class TokenLogprob(_Message, array_like=True):

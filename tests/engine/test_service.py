@@ -51,7 +51,7 @@ def test_the_finishing_step_leaves_with_done_as_the_answers_last_chunk_after_vll
     ends: list[str] = []
 
     class Engine:
-        async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
+        async def generate(self, prompt: Any, params: Any, request_id: str, lora_request: Any = None) -> Any:
             try:
                 for k, finished in ((1, False), (2, True)):
                     yield SimpleNamespace(outputs=[output(index=0, text=f"t{k}", token_ids=[k], logprobs=None,
@@ -180,7 +180,7 @@ def test_a_request_vllm_ends_with_finish_reason_error_is_a_500_not_a_delta() -> 
     import asyncio
 
     class Engine:
-        async def generate(self, prompt: Any, params: Any, request_id: str) -> Any:
+        async def generate(self, prompt: Any, params: Any, request_id: str, lora_request: Any = None) -> Any:
             yield SimpleNamespace(outputs=[output(index=0, text="{", token_ids=[1], logprobs=None)], finished=False,
                                   num_cached_tokens=0, prompt_logprobs=None)
             yield SimpleNamespace(outputs=[output(index=0, text="user", token_ids=[2], logprobs=None,
