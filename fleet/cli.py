@@ -277,7 +277,7 @@ def reload(config_path: Path, host: str | None, port: int | None) -> None:
     longest = 120 + sum(m.replicas * (m.start_timeout + config.supervisor.drain_timeout) for m in config.models)
     report = msgspec.json.decode(_control("POST", "/fleet/reload", config_path, host, port, timeout=longest),
                                  type=ReloadReport)
-    for key in ("added", "removed", "changed", "unchanged"):
+    for key in ("added", "removed", "changed", "adapters", "unchanged"):
         click.echo(f"{key}: {', '.join(getattr(report, key)) or '-'}")
     for w in report.warnings:
         click.echo(f"warning: {w}")

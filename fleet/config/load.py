@@ -254,8 +254,8 @@ def check_fleet(config: FleetConfig, path: Path) -> None:
             elif name in adapters:
                 problems.append(f"{where}: {name!r} is also an adapter of model {adapters[name]!r}")
             adapters.setdefault(name, m.name)
-        if m.adapters and (m.task != "generate" or m.attached):
-            problems.append(f'model "{m.name}" (models[{i}]), field "adapters": '
+        if m.serves_lora and (m.task != "generate" or m.attached):
+            problems.append(f'model "{m.name}" (models[{i}]), field "{"adapters" if m.adapters else "lora"}": '
                             + ("an embedding model serves no LoRA adapters" if m.task != "generate"
                                else "an attached engine's adapters are its own (fleet does not start it)"))
     problems += check_gpu_sharing(sharers, {s.name: s for s in config.sets})

@@ -239,6 +239,8 @@ class ModelConfig(Strict):
         default_factory=dict, description="LoRA adapters of this model: name (what clients send as `model`) -> the "
         "directory of a PEFT adapter trained on this base; one engine serves them all (vLLM's LoRA)",
     )
+    lora: bool = Field(False, description="serve LoRA adapters loaded at run time (/v1/load_lora_adapter); on "
+                       "whenever `adapters` lists some")
     max_loras: Int = Field(4, ge=1, description="adapters in one batch at once (vLLM's max_loras)")
     max_cpu_loras: Int | None = Field(None, ge=1, description="adapters kept in CPU memory (vLLM's max_cpu_loras; "
                                       "default: max_loras)")
@@ -347,7 +349,7 @@ class ModelConfig(Strict):
     def engine_json(self) -> str:
         """This replica's settings as its engine process reads them: one engine, no replicas."""
         args = {**self.engine_args, "enable_sleep_mode": True} if self.may_sleep else dict(self.engine_args)
-        if self.adapters:
+        if self.serves_lora:
             args = {"enable_lora": True, "max_loras": self.max_loras, "max_lora_rank": self.max_lora_rank,
                     **({"max_cpu_loras": self.max_cpu_loras} if self.max_cpu_loras else {}), **args}
         return self.model_copy(update={"replicas": 1, "placements": [], "url": None, "engine_args": args}).model_dump_json()
@@ -357,6 +359,11 @@ class ModelConfig(Strict):
         """Its engines start (or wake) on a request, not only at launch: `start = "on_demand"`, put away when
         idle, or a member of a [[sets]] entry."""
         return self.start == "on_demand" or self.when_idle != "keep" or self.swap_set is not None
+
+    @property
+    def serves_lora(self) -> bool:
+        """Its engine serves LoRA adapters (vLLM's enable_lora): it lists some, or loads them at run time."""
+        return self.lora or bool(self.adapters)
 
     @property
     def gpu_shares(self) -> dict[int, float]:

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.exceptions import MethodNotAllowedException, NotAuthorizedException
-from litestar.params import FromQuery
+from litestar.params import FromQuery, JSONBody
 from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Send
 
 from fleet.config.model import ModelConfig
@@ -80,6 +80,18 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
         await service.wake_up()
         return {"sleeping": False}
 
+    @post("/adapters/load", before_request=require_token, status_code=200)
+    async def load_adapter(data: JSONBody[dict[str, str]]) -> dict[str, str]:
+        """Register a LoRA adapter at run time (and load it into vLLM's CPU cache now: a bad one fails here)."""
+        await service.load_adapter(data["name"], data["path"])
+        return {"loaded": data["name"]}
+
+    @post("/adapters/unload", before_request=require_token, status_code=200)
+    async def unload_adapter(data: JSONBody[dict[str, str]]) -> dict[str, str]:
+        """Forget a LoRA adapter: vLLM drops it, new requests naming it get a 404."""
+        await service.unload_adapter(data["name"])
+        return {"unloaded": data["name"]}
+
     def frames_route(path: str, message: type[msgspec.Struct], answer: Callable[[Any], AsyncIterator[bytes]]) -> Any:
         """A POST route whose answer is frames (wire/protocol.py), sent to the ASGI server as they come
         (a plain ASGI route: Litestar's streaming response ran each body in an anyio task group beside
@@ -107,7 +119,13 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
               frames_route("/embed", protocol.EmbedRequest, service.embed),
               frames_route("/tokenize", protocol.TokenizeRequest, service.tokenize),
               frames_route("/detokenize", protocol.DetokenizeRequest, service.detokenize)]
-    return Litestar([health, info, stats, sleep, wake_up, *routes], openapi_config=None, logging_config=None)
+    return Litestar([health, info, stats, sleep, wake_up, load_adapter, unload_adapter, *routes], openapi_config=None,
+                    logging_config=None, exception_handlers={ValueError: _refused})
+
+
+def _refused(_: Request[Any, Any, Any], error: Exception) -> Response[dict[str, str]]:
+    """An adapter the engine cannot load, or one it does not have: 400 with vLLM's words."""
+    return Response({"detail": str(error)[:1000]}, status_code=400)
 
 
 async def _send_frames(frames: AsyncIterator[bytes], send: Send) -> None:

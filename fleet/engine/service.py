@@ -88,10 +88,9 @@ class EngineService:
         self.engine = engine
         self.name = name
         self.loras: dict[str, Any] = {}  # adapter name -> its vLLM LoRARequest (ids from 1, in the file's order)
-        if adapters:
-            from vllm.lora.request import LoRARequest
-
-            self.loras = {a: LoRARequest(a, k, str(Path(p).expanduser())) for k, (a, p) in enumerate(adapters.items(), 1)}
+        self._lora_ids = 0
+        for a, p in (adapters or {}).items():
+            self.loras[a] = self._lora_request(a, p)
         self.tokenizer = engine.get_tokenizer()
         self.parsers = Parsers(self.tokenizer, tool_parser, reasoning_parser)  # reasoning and tool calls read apart
         self.encode = encoder(self.tokenizer)  # text -> ids on the request's path (encoding.py)
@@ -114,6 +113,31 @@ class EngineService:
     def healthy(self) -> bool:
         """False once the vLLM engine died; the launcher then restarts this process."""
         return not self.engine.errored
+
+    def _lora_request(self, name: str, path: str) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        self._lora_ids += 1  # vLLM's id of an adapter: never reused, so a re-loaded adapter is loaded afresh
+        return LoRARequest(name, self._lora_ids, str(Path(path).expanduser()))
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """An adapter added at run time (fleet's /v1/load_lora_adapter), loaded into vLLM now: a path that
+        is no adapter of this model fails here (ValueError), not on its first request."""
+        if name in self.loras:
+            raise ValueError(f"model {self.name!r} already has an adapter {name!r}")
+        lora = self._lora_request(name, path)
+        try:
+            await self.engine.add_lora(lora)
+        except Exception as e:  # vLLM's reasons (no such folder, another base, a rank above the limit)
+            raise ValueError(f"adapter {name!r} at {path}: {e}") from None
+        self.loras[name] = lora
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget an adapter; requests naming it get a 404 from now on."""
+        lora = self.loras.pop(name, None)
+        if lora is None:
+            raise ValueError(f"model {self.name!r} has no adapter {name!r}")
+        await self.engine.remove_lora(lora.lora_int_id)
 
     def lora(self, req: protocol.GenerateRequest) -> Any:
         """The vLLM LoRARequest of the request's adapter (None: the base model)."""

@@ -129,7 +129,7 @@ def adapter_card(adapter: str, served: ServedModel, created: int) -> ModelCard:
     """A LoRA adapter as `vllm serve` lists one: its base as `parent`, the base's state."""
     return ModelCard(id=adapter, created=created, owned_by="fleet", state=served.state.value,
                      max_model_len=served.config.max_model_len, task=served.config.task, parent=served.name,
-                     root=served.config.adapters[adapter])
+                     root=served.adapter_paths[adapter])
 
 
 WHAT_IT_SERVES = {"generate": "a generation model: it serves /v1/completions and /v1/chat/completions",
@@ -251,6 +251,7 @@ def create_app(
             "show_prompts": with_ui and ui.show_prompts,
             "ui_history": history,
             "ui_admin": admin_key if with_ui else None,
+            "admin_key": admin_key,  # adapter loading's too
             "responses": responses,  # stored responses (None: /v1/responses stores nothing)
         }),
         on_startup=[start_sampling],

@@ -142,3 +142,25 @@ async def require_admin(request: Request[Any, Any, Any]) -> None:
     key = scope_key(request.scope)
     if key is not None and key.models is not None:
         raise Forbidden("fleet control needs a key that may use every model", code="model_not_allowed")
+
+
+def bearer(authorization: str | None) -> bytes | None:
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def is_admin(secret: bytes | None, authorization: str | None) -> bool:
+    """Whether the Authorization header holds the admin key (constant time)."""
+    presented = bearer(authorization)
+    return secret is not None and presented is not None and hmac.compare_digest(presented, secret)
+
+
+def check_admin(secret: bytes | None, authorization: str | None) -> None:
+    """Actions: the admin key, or 403 (none configured) / 401 (missing or wrong)."""
+    if secret is None:
+        raise Forbidden("read-only: the status page's actions and adapter loading need an admin key ([ui] admin_key, or "
+                        "the environment variable [ui] admin_key_env names, FLEET_ADMIN_KEY by default)")
+    if bearer(authorization) is None:
+        raise Unauthorized("missing admin key: send Authorization: Bearer <admin key>")
+    if not is_admin(secret, authorization):
+        raise Unauthorized("invalid admin key")

@@ -2,6 +2,8 @@
 
 `GET /fleet/status`, `POST /fleet/reload`, `POST /fleet/stop`, `POST /fleet/models/{model}/sleep|wake`.
 They answer only clients on the gateway's own machine (loopback addresses); anyone else gets 403.
+`POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's shapes) answer any address that
+brings the admin key, as the status page's actions do.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from litestar.params import FromPath
 
 from fleet.config.schema import FleetConfig
 from fleet.errors import ConfigError, Forbidden, InvalidRequest, shown
-from fleet.gateway.auth import require_admin
-from fleet.gateway.status import Change, FleetStatus, LogLine, ReloadReport
+from fleet.gateway.auth import check_admin, require_admin
+from fleet.gateway.status import Change, FleetStatus, LoadAdapter, LogLine, ReloadReport, UnloadAdapter
 
 _json = msgspec.json.Encoder()
 
@@ -64,6 +66,15 @@ class Control(Protocol):
 
     async def wake(self, model: str) -> str:
         """Wake (or start) a model started on demand, as its next request would; its state then."""
+        ...
+
+    async def load_adapter(self, name: str, path: str, model: str | None) -> str:
+        """Add a LoRA adapter to a model serving LoRA (its engines load it now); the model's name.
+        InvalidRequest (400) naming the field for what cannot be loaded."""
+        ...
+
+    async def unload_adapter(self, name: str, model: str | None) -> str:
+        """Remove an adapter: new requests naming it get a 404; the model's name."""
         ...
 
 
@@ -134,4 +145,29 @@ async def model_action(control: Control, model: str, action: str) -> dict[str, s
     return {"model": model, "action": action, "state": now}
 
 
-ROUTES = [fleet_status, fleet_reload, fleet_stop, fleet_model_action]
+@post("/v1/load_lora_adapter", status_code=200)
+async def load_lora_adapter(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
+    """vLLM's route to add a LoRA adapter at run time, behind the admin key ([ui] admin_key)."""
+    check_admin(state.admin_key, request.headers.get("authorization"))
+    body = _decode(await request.body(), LoadAdapter)
+    base = await control_of(state).load_adapter(body.lora_name, body.lora_path, body.model)
+    return Response(_json.encode({"model": body.lora_name, "parent": base, "loaded": True}), media_type="application/json")
+
+
+@post("/v1/unload_lora_adapter", status_code=200)
+async def unload_lora_adapter(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
+    """vLLM's route to remove a LoRA adapter, behind the admin key."""
+    check_admin(state.admin_key, request.headers.get("authorization"))
+    body = _decode(await request.body(), UnloadAdapter)
+    base = await control_of(state).unload_adapter(body.lora_name, body.model)
+    return Response(_json.encode({"model": body.lora_name, "parent": base, "loaded": False}), media_type="application/json")
+
+
+def _decode(body: bytes, kind: type[LoadAdapter] | type[UnloadAdapter]) -> Any:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"invalid body: {e}") from None
+
+
+ROUTES = [fleet_status, fleet_reload, fleet_stop, fleet_model_action, load_lora_adapter, unload_lora_adapter]

@@ -66,6 +66,10 @@ class ServedModel:
     admission: Admission | None = None
     rng: random.Random = field(default_factory=random.Random)
     demand: Demand | None = None  # on demand: a request waits for its engines to start (run/demand.py)
+    adapter_paths: dict[str, str] = field(default_factory=dict)  # its LoRA adapters now: the file's and those loaded since
+
+    def __post_init__(self) -> None:
+        self.adapter_paths = {**self.config.adapters, **self.adapter_paths}
 
     @property
     def name(self) -> str:
@@ -102,7 +106,7 @@ class ServedModel:
     @property
     def adapters(self) -> Collection[str]:
         """The names of its LoRA adapters (each a model name of its own to clients)."""
-        return self.config.adapters.keys()
+        return self.adapter_paths.keys()
 
     def keyed(self, key: bytes | None, adapter: str | None = None) -> Keyed:
         """This model as the target of requests that carry a session key (routing = "session"), or
@@ -111,7 +115,8 @@ class ServedModel:
 
     def generate(self, req: protocol.GenerateRequest, key: bytes | None = None) -> Batches:
         """The frames of one engine request from the replica routing picks (api.answers.FrameSource)."""
-        return routed(self.name, self.replicas, self.config.routing, self.rng, "/generate", req, key)
+        return routed(self.name, self.replicas, self.config.routing, self.rng, "/generate", req, key,
+                      self.config.max_loras)
 
     def call(self, path: str, req: msgspec.Struct, key: bytes | None = None) -> Batches:
         """The frames of a request to another engine route (/embed, /tokenize, /detokenize), routed alike."""

@@ -86,4 +86,20 @@ class ReloadReport(msgspec.Struct):
     removed: list[str] = []
     changed: list[str] = []
     unchanged: list[str] = []
+    adapters: list[str] = []  # models whose LoRA adapters changed alone: applied without a restart
     warnings: list[str] = []
+
+
+class LoadAdapter(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /v1/load_lora_adapter, in vLLM's shape; `model`: the base (needed where several models serve LoRA)."""
+
+    lora_name: str
+    lora_path: str
+    model: str | None = None
+
+
+class UnloadAdapter(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /v1/unload_lora_adapter, in vLLM's shape."""
+
+    lora_name: str
+    model: str | None = None

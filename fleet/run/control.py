@@ -9,13 +9,15 @@ imports it, never the other way round.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from typing import TYPE_CHECKING, Protocol
 
 from rich.markup import escape
 
-from fleet.errors import EngineNotFound, InvalidRequest, ModelNotFound, ModelNotReady, shown
+from fleet.config.model import check_adapter
+from fleet.errors import EngineFailure, EngineNotFound, InvalidRequest, ModelNotFound, ModelNotReady, shown
 from fleet.gateway.status import FleetStatus, GatewayStatus, ModelStatus, ReloadReport
 from fleet.lifecycle import AWAY, EngineState, closest_to_serving
 from fleet.run.demand import OnDemand
@@ -110,6 +112,67 @@ class FleetControl:
         self._fleet.console.print(f"[bold]fleet[/bold] {escape(model)}: wake asked", highlight=False)
         await served.serving()
         return served.state.value
+
+    async def load_adapter(self, name: str, path: str, model: str | None) -> str:
+        """Add a LoRA adapter to a model serving LoRA: checked as the file's are (a PEFT LoRA of this
+        base, its rank within max_lora_rank, a name nobody has), then loaded by each ready engine of
+        the model (one that refuses it undoes the others); until an engine restarts, which brings
+        back the file's adapters only."""
+        served = self._lora_model(model, "load")
+        taken = {n for s in self._fleet.models.values() for n in (s.name, *s.adapters)}
+        if name in taken:
+            raise InvalidRequest(f"{shown(name)} is already a model or an adapter of this fleet", param="lora_name")
+        for field, problem in check_adapter(name, path, served.config):
+            raise InvalidRequest(f"{field}: {problem}", param="lora_path" if field.startswith("adapters.") else field)
+        owners = self._ready_owners(served)
+        loaded: list[EngineOwner] = []
+        try:
+            for owner in owners:
+                await owner.client.load_adapter(name, path)
+                loaded.append(owner)
+        except EngineFailure as e:
+            for owner in loaded:
+                with contextlib.suppress(EngineFailure, OSError):
+                    await owner.client.unload_adapter(name)
+            raise InvalidRequest(f"adapter {shown(name)} could not be loaded: {e}", param="lora_path") from None
+        served.adapter_paths[name] = path
+        self._fleet.console.print(f"[bold]fleet[/bold] {escape(served.name)}: adapter {escape(name)} loaded "
+                                  f"({escape(path)})", highlight=False)
+        return served.name
+
+    async def unload_adapter(self, name: str, model: str | None) -> str:
+        """Remove an adapter: out of the model's names at once (404 from now on), then out of its engines."""
+        served = next((s for s in self._fleet.models.values() if name in s.adapter_paths), None)
+        if served is None or (model is not None and served.name != model):
+            raise ModelNotFound(f"no adapter named {shown(name)} in the fleet")
+        del served.adapter_paths[name]
+        for owner in self._ready_owners(served):
+            with contextlib.suppress(EngineFailure, OSError):
+                await owner.client.unload_adapter(name)
+        self._fleet.console.print(f"[bold]fleet[/bold] {escape(served.name)}: adapter {escape(name)} unloaded",
+                                  highlight=False)
+        return served.name
+
+    def _lora_model(self, model: str | None, verb: str) -> ServedModel:
+        lora = [s for s in self._fleet.models.values() if s.config.serves_lora]
+        if model is not None:
+            served = self._fleet.models.get(model)
+            if served is None:
+                raise ModelNotFound(f"no model named {shown(model)} in the fleet")
+            if not served.config.serves_lora:
+                raise InvalidRequest(f"model {shown(model)} serves no LoRA adapters: give it `lora = true` (or "
+                                     "`adapters`) in the fleet file", param="model")
+            return served
+        if len(lora) != 1:
+            raise InvalidRequest(f"name the base model to {verb} the adapter for (`model`): "
+                                 f"{'no model' if not lora else ', '.join(s.name for s in lora)} serves LoRA adapters",
+                                 param="model")
+        return lora[0]
+
+    def _ready_owners(self, served: ServedModel) -> list[EngineOwner]:
+        owners = self._fleet.owners
+        return [owners[r.name] for r in served.replicas
+                if r.name in owners and owners[r.name].lifecycle.state is EngineState.READY]
 
     def _on_demand(self, model: str) -> tuple[ServedModel, OnDemand]:
         served = self._fleet.models.get(model)

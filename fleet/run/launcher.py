@@ -26,6 +26,7 @@ from rich.markup import escape
 from fleet.config.load import set_budget, set_shares
 from fleet.config.model import ModelConfig
 from fleet.config.schema import FleetConfig, shared_engine_token
+from fleet.errors import EngineFailure
 from fleet.gateway.admission import Admission
 from fleet.gateway.app import create_app
 from fleet.gateway.auth import check_exposure, load_keys
@@ -49,6 +50,13 @@ from fleet.run.swap import SwapSet
 from fleet.sources import cache_dir
 
 log = logging.getLogger("fleet.run")
+
+
+def adapters_only(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether two configs of a model differ in their LoRA adapters alone (a reload then needs no restart)."""
+    return old != new and new.model_copy(update={"adapters": old.adapters}) == old
+
+
 Taken = tuple[Replica, EngineOwner, "asyncio.Task[None]"]  # a replica out of the fleet's books, still to be stopped
 
 
@@ -289,6 +297,10 @@ class Fleet:
             # new engines get the core sets they would get at launch (an unbound CPU engine would
             # spread onto the cores of the others: process.keep_to_bound_cores says what that costs)
             bindings = self._bindings(new.models)
+            for name in [n for n in report.changed if adapters_only(old[n], fresh[n])]:  # no restart
+                report.changed.remove(name)
+                report.adapters.append(name)
+                report.warnings += await self._swap_adapters(self.models[name], fresh[name])
             stopped = await asyncio.gather(
                 *(self._replace(fresh[n], bindings) for n in report.changed), *(self._retire(n) for n in report.removed)
             )
@@ -297,6 +309,32 @@ class Fleet:
                 for engine_name in self._add(fresh[name], bindings):
                     self._start(engine_name)
             return report
+
+    async def _swap_adapters(self, served: ServedModel, cfg: ModelConfig) -> list[str]:
+        """A model whose file changed only in its adapters: its ready engines load the new ones and
+        drop the removed ones, without a restart; what failed, as warnings."""
+        old, new = served.config.adapters, cfg.adapters
+        served.config = cfg
+        for rc, replica in zip(cfg.replica_configs(), served.replicas, strict=False):
+            if (owner := self.owners.get(replica.name)) is not None:
+                owner.adopt(rc)
+        warnings = []
+        ready = [self.owners[r.name] for r in served.replicas
+                 if r.name in self.owners and self.owners[r.name].lifecycle.state is EngineState.READY]
+        for name in [n for n in old if n not in new or new[n] != old[n]]:
+            served.adapter_paths.pop(name, None)
+            for owner in ready:
+                with contextlib.suppress(EngineFailure, OSError):
+                    await owner.client.unload_adapter(name)
+        for name in [n for n in new if n not in old or new[n] != old[n]]:
+            try:
+                for owner in ready:
+                    await owner.client.load_adapter(name, new[name])
+            except EngineFailure as e:
+                warnings.append(f"{cfg.name}: adapter {name} not loaded: {e}")
+                continue
+            served.adapter_paths[name] = new[name]
+        return warnings
 
     def _take(self, replica: Replica) -> Taken:
         """A replica's engine and owner task, out of the fleet's books (its successor may take its name)."""

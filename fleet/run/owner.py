@@ -263,6 +263,13 @@ class EngineOwner(Commands):
         self.say(f"awake in {self.ready_at - self.started_at:.2f}s")
         return True
 
+    def adopt(self, cfg: ModelConfig) -> None:
+        """A config that differs from the running one only in what the engine is told at run time (its
+        LoRA adapters, pushed to it by the caller): it is the one the next start uses."""
+        self.cfg = cfg
+        if hasattr(self.runtime, "cfg"):
+            self.runtime.cfg = cfg
+
     # --- what status reads -----------------------------------------------------------------------
 
     @property

@@ -122,27 +122,35 @@ class EngineClient:
         """Wake the engine from sleep (weights back, or reloaded after level 2); it answers once awake."""
         await self._command("/wake_up")
 
-    async def _command(self, path: str) -> None:
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Register a LoRA adapter on the engine (it loads it now); EngineFailure with its reason."""
+        await self._command("/adapters/load", {"name": name, "path": path})
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._command("/adapters/unload", {"name": name})
+
+    async def _command(self, path: str, body: dict[str, str] | None = None) -> None:
         try:
-            status, body = await self._call("POST", path)
+            status, answer = await self._call("POST", path, body)
         except OSError as e:
             raise self._failure(e) from None
         if status != 200:
             raise EngineFailure(f"engine for model {self.name!r} answered {path} with HTTP {status}: "
-                                f"{body[:200].decode(errors='replace')}")
+                                f"{answer[:500].decode(errors='replace')}")
 
     async def _get(self, path: str) -> tuple[int, bytes]:
         return await self._call("GET", path)
 
-    async def _call(self, method: str, path: str) -> tuple[int, bytes]:
-        response = await self._pool.request(method, path)
+    async def _call(self, method: str, path: str, body: dict[str, str] | None = None) -> tuple[int, bytes]:
+        data = b"" if body is None else msgspec.json.encode(body)
+        response = await self._pool.request(method, path, data, "application/json" if body is not None else "")
         try:
-            body = await response.body()
+            answer = await response.body()
         except BaseException:
             response.abort()
             raise
         response.release()
-        return response.status, body
+        return response.status, answer
 
     def generate(self, req: protocol.GenerateRequest) -> AsyncGenerator[list[protocol.Frame], None]:
         """Send one generation request; its frames in batches, as they arrive."""

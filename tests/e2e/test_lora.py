@@ -1,37 +1,53 @@
-"""LoRA adapters as model names (issue 34), on a real vLLM CPU engine through `fleet launch`: two
-real PEFT adapters of the tiny model (random non-zero weights), served by the base's one engine.
-The strongest check that the adapter, not something else, was applied: its greedy answer differs
-from the base's and equals that of the same adapter merged into the base's weights and served as a
-model of its own."""
+"""LoRA adapters as model names (issue 34), on real vLLM CPU engines through `fleet launch`: real
+PEFT adapters of the tiny model (random non-zero weights), served by the base's engines (two
+replicas). The strongest check that the adapter, not something else, was applied: its greedy
+answer differs from the base's and equals that of the same adapter merged into the base's weights
+and served as a model of its own. Adapters loaded and unloaded at run time, added by a reload
+without a restart, and routed to the replica that holds them."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import httpx
 import openai
 import pytest
-from fleets import TINY, FleetProcess, free_port, running_fleet
+from fleets import ROOT, TINY, FleetProcess, fleet_toml, free_port, free_ports, running_fleet
 from tiny_model import write_lora_adapter, write_merged_model
 
-ALL, ONLY_A1 = "sk-all", "sk-only-a1"
+ALL, ONLY_A1, ADMIN = "sk-all", "sk-only-a1", "admin-secret"
+TABLES = f'[auth]\nkeys = ["{ALL}", {{ key = "{ONLY_A1}", models = ["tiny-a1"] }}]\n[ui]\nadmin_key = "{ADMIN}"\n'
+
+
+class LoraFleet:
+    def __init__(self, fleet: FleetProcess, tmp: Path, models: list[dict[str, Any]]) -> None:
+        self.fleet, self.tmp, self.models = fleet, tmp, models
 
 
 @pytest.fixture(scope="module")
-def lora_fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[FleetProcess]:
+def lora(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LoraFleet]:
     tmp = tmp_path_factory.mktemp("lora")
     a1 = write_lora_adapter(tiny_model, tmp / "a1", seed=1)
     a2 = write_lora_adapter(tiny_model, tmp / "a2", seed=2)
+    write_lora_adapter(tiny_model, tmp / "a3", seed=3)  # loaded at run time, and by a reload
     merged = write_merged_model(tiny_model, a1, tmp / "merged-a1")
     models = [
-        {"name": "tiny", "source": str(tiny_model), "port": free_port(), **TINY,
-         "adapters": {"tiny-a1": str(a1), "tiny-a2": str(a2)}, "max_lora_rank": 8},
+        {"name": "tiny", "source": str(tiny_model), "port": free_ports(2), "replicas": 2, **TINY,
+         "adapters": {"tiny-a1": str(a1), "tiny-a2": str(a2)}, "max_lora_rank": 8, "max_loras": 2},
         {"name": "tiny-merged", "source": str(merged), "port": free_port(), **TINY},
     ]
-    keys = f'[auth]\nkeys = ["{ALL}", {{ key = "{ONLY_A1}", models = ["tiny-a1"] }}]\n'
-    with running_fleet(models, tmp, tables=keys) as fleet:
-        yield fleet
+    with running_fleet(models, tmp, tables=TABLES) as fleet:
+        yield LoraFleet(fleet, tmp, models)
+
+
+@pytest.fixture
+def lora_fleet(lora: LoraFleet) -> FleetProcess:
+    return lora.fleet
 
 
 def client(fleet: FleetProcess, key: str = ALL) -> openai.OpenAI:
@@ -80,3 +96,67 @@ def test_an_unknown_adapter_is_a_404_listing_the_adapters(lora_fleet: FleetProce
         greedy(c, "tiny-a3", 4)
     message = e.value.response.json()["error"]["message"]
     assert "'tiny-a3' does not exist" in message and "adapters: tiny-a1, tiny-a2" in message
+
+
+def status(fleet: FleetProcess) -> dict[str, dict[str, Any]]:
+    rows = httpx.get(f"{fleet.url}/fleet/status", headers={"authorization": f"Bearer {ALL}"}, timeout=10).json()
+    return {r["replica"]: r for r in rows["models"]}
+
+
+def test_requests_for_an_adapter_stay_on_the_replica_that_holds_it_until_the_load_bound_moves_them(
+    lora_fleet: FleetProcess,
+) -> None:
+    before = status(lora_fleet)
+    with client(lora_fleet) as c:
+        for _ in range(6):
+            greedy(c, "tiny-a2", 2)
+        middle = status(lora_fleet)
+        hits = {r: middle[r]["routed"].get("adapter_hit", 0) - before[r]["routed"].get("adapter_hit", 0)
+                for r in ("tiny.0", "tiny.1")}
+        assert sorted(hits.values()) == [0, 6]  # one after another: all on the one that holds it
+
+        def stream(_: int) -> int:
+            return len(list(c.completions.create(model="tiny-a2", prompt="The capital", max_tokens=48, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})))
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(list(pool.map(stream, range(8))))
+    after = status(lora_fleet)
+    loaded = {r: after[r]["routed"].get("adapter_loaded", 0) - middle[r]["routed"].get("adapter_loaded", 0)
+              for r in ("tiny.0", "tiny.1")}
+    holder = max(hits, key=lambda r: hits[r])
+    other = "tiny.1" if holder == "tiny.0" else "tiny.0"
+    assert loaded[other] >= 1  # eight at once are past the bound: the adapter was loaded on the other replica too
+
+
+def test_an_adapter_loaded_at_run_time_serves_and_once_unloaded_is_a_404(lora: LoraFleet) -> None:
+    url, path = lora.fleet.url, str(lora.tmp / "a3")
+    body = {"lora_name": "tiny-a3", "lora_path": path, "model": "tiny"}
+    with httpx.Client(base_url=url, timeout=120) as http, client(lora.fleet) as c:
+        assert http.post("/v1/load_lora_adapter", json=body).status_code == 401  # the admin key, not an API key
+        assert http.post("/v1/load_lora_adapter", json={**body, "lora_path": str(lora.tmp / "nope")},
+                         headers={"authorization": f"Bearer {ADMIN}"}).json()["error"]["param"] == "lora_path"
+        loaded = http.post("/v1/load_lora_adapter", json=body, headers={"authorization": f"Bearer {ADMIN}"})
+        assert loaded.status_code == 200 and loaded.json()["parent"] == "tiny"
+        assert greedy(c, "tiny-a3") not in (greedy(c, "tiny"), greedy(c, "tiny-a1"))
+        gone = http.post("/v1/unload_lora_adapter", json={"lora_name": "tiny-a3"},
+                         headers={"authorization": f"Bearer {ADMIN}"})
+        assert gone.status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            greedy(c, "tiny-a3", 2)
+
+
+def test_a_reload_that_adds_an_adapter_applies_it_without_restarting_the_engines(lora: LoraFleet) -> None:
+    fleet = lora.fleet
+    pids = {r: row["pid"] for r, row in status(fleet).items()}
+    models = [dict(m) for m in lora.models]
+    models[0]["adapters"] = {**models[0]["adapters"], "tiny-a4": str(lora.tmp / "a3")}
+    config = lora.tmp / "fleet.toml"
+    config.write_text(fleet_toml(models, fleet.port, tables=TABLES))
+    done = subprocess.run([str(ROOT / ".venv/bin/fleet"), "reload", "--config", str(config)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "adapters: tiny" in done.stdout and "changed: -" in done.stdout
+    assert {r: row["pid"] for r, row in status(fleet).items()} == pids  # no engine restarted
+    with client(fleet) as c:
+        assert greedy(c, "tiny-a4") not in (greedy(c, "tiny"), greedy(c, "tiny-a1"))

@@ -17,6 +17,11 @@ reads the live counts of each replica's owner. Randomness comes in as an argumen
   Thorup and Zadimoghaddam, 2018) on a rendezvous ring.
 - `sticky`: the `session` policy: the same key (the request's `user`, or a header the fleet file
   names) stays on one replica while it serves, whatever the load.
+- `adapter_affinity`: a request for a LoRA adapter (whatever the model's policy) goes to a replica
+  that holds the adapter, the least loaded of them, while it is under the load bound; otherwise the
+  adapter is loaded on the least loaded replica (one with a free adapter slot first; a full one
+  evicts its least recently used adapter). What a replica holds is the gateway's record of where it
+  sent each adapter (its engine keeps `max_loras` of them at once, least recently used out first).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class Outcome(StrEnum):
     AFFINITY = "affinity"  # the key's own replica
     SPILLED = "spilled"  # the key's replica was over the load bound (or not serving)
     FAILED_OVER = "failed_over"  # a retry after a replica refused the request
+    ADAPTER_HIT = "adapter_hit"  # a replica that holds the request's LoRA adapter
+    ADAPTER_LOADED = "adapter_loaded"  # the adapter is loaded there for this request (none holds it under the bound)
+    ADAPTER_EVICTED = "adapter_evicted"  # counted beside the above: a full replica dropped its least recently used
 
 
 @dataclass(frozen=True)
@@ -52,12 +60,14 @@ class ReplicaLoad:
     load: int = 0  # engine requests in flight (a model's queue is the model's, before any replica: admission.py)
     recent_failures: int = 0
     slot: int | None = None  # the replica's own number (its name's k): keys stay put when a reload reorders the list
+    adapters: tuple[str, ...] = ()  # the LoRA adapters it holds, least recently used first
 
 
 @dataclass(frozen=True)
 class Choice:
     index: int
     outcome: Outcome
+    evicts: str | None = None  # the adapter the chosen replica drops to load the request's
 
 
 def least_loaded(replicas: Sequence[ReplicaLoad], rng: random.Random) -> Choice | None:
@@ -104,6 +114,24 @@ def sticky(replicas: Sequence[ReplicaLoad], key: bytes) -> Choice | None:
         if r.serving:
             return Choice(r.index, Outcome.AFFINITY if k == 0 else Outcome.SPILLED)
     return None
+
+
+def adapter_affinity(replicas: Sequence[ReplicaLoad], adapter: str, slots: int,
+                     bound: float = LOAD_BOUND) -> Choice | None:
+    """The replica for a request naming a LoRA adapter: the least loaded serving replica that holds it
+    while under ceil(bound x (total load + 1) / serving replicas); else the least loaded serving
+    replica loads it (a free slot before a full one, which evicts its least recently used)."""
+    serving = [r for r in replicas if r.serving]
+    if not serving:
+        return None
+    cap = math.ceil(bound * (sum(r.load for r in serving) + 1) / len(serving))
+    holders = [r for r in serving if adapter in r.adapters and r.load < cap]
+    if holders:
+        best = min(holders, key=lambda r: (r.load, r.recent_failures, r.index))
+        return Choice(best.index, Outcome.ADAPTER_HIT)
+    best = min(serving, key=lambda r: (r.load, len(r.adapters) >= slots, r.recent_failures, r.index))
+    full = len(best.adapters) >= slots and adapter not in best.adapters
+    return Choice(best.index, Outcome.ADAPTER_LOADED, best.adapters[0] if full and best.adapters else None)
 
 
 def choose(policy: Policy, replicas: Sequence[ReplicaLoad], key: bytes | None, rng: random.Random) -> Choice | None:

@@ -23,7 +23,7 @@ from fleet.errors import EngineUnreachable, FleetError, ModelNotReady
 from fleet.gateway.metrics import ReplicaCounts
 from fleet.gateway.recent import TRACE
 from fleet.gateway.routing.keys import affinity_key
-from fleet.gateway.routing.policies import Choice, Outcome, ReplicaLoad, choose, failover
+from fleet.gateway.routing.policies import Choice, Outcome, ReplicaLoad, adapter_affinity, choose, failover
 from fleet.lifecycle import EngineState, closest_to_serving
 from fleet.wire import protocol
 from fleet.wire.client import EngineClient
@@ -52,10 +52,19 @@ class Replica:
     failures: int = 0  # engine requests that failed in a row (a success resets it)
     routed: collections.Counter[str] = field(default_factory=collections.Counter)
     draining: bool = False  # takes no new requests (the status page's drain); those in flight go on
+    adapters: collections.OrderedDict[str, None] = field(default_factory=collections.OrderedDict)  # sent here, LRU first
 
     def load(self, index: int) -> ReplicaLoad:
         serving = self.lifecycle.state.serving and not self.draining
-        return ReplicaLoad(index, serving, self.stats.inflight, self.failures, self.slot)
+        return ReplicaLoad(index, serving, self.stats.inflight, self.failures, self.slot, tuple(self.adapters))
+
+    def hold(self, adapter: str, slots: int) -> str | None:
+        """Record that `adapter` is (now) loaded here, most recently used; the one dropped beyond `slots`."""
+        self.adapters[adapter] = None
+        self.adapters.move_to_end(adapter)
+        if len(self.adapters) > slots:
+            return self.adapters.popitem(last=False)[0]
+        return None
 
 
 def state_of(replicas: Sequence[Replica]) -> EngineState:
@@ -74,20 +83,28 @@ def loads(replicas: Sequence[Replica]) -> list[ReplicaLoad]:
 
 
 async def routed(model: str, replicas: Sequence[Replica], policy: RoutingPolicy, rng: random.Random, path: str,
-                 req: msgspec.Struct, key: bytes | None) -> Batches:
+                 req: msgspec.Struct, key: bytes | None, slots: int = 1) -> Batches:
     """The frames of one engine request to `path` from the replica `policy` picks (a prompt's prefix
     its key under the prefix policy, unless the request carries one), failing over as above.
     `replicas` is the model's live list: a rolling reload may change it meanwhile."""
     if policy is RoutingPolicy.PREFIX and key is None and isinstance(req, protocol.GenerateRequest):
         key = affinity_key(req.prompt)
+    adapter = req.adapter if isinstance(req, protocol.GenerateRequest) else None
     # one replica: always it (its client reports its failures, as before replicas existed)
-    choice = choose(policy, loads(replicas), key, rng) if len(replicas) > 1 else Choice(0, Outcome.LEAST_LOADED)
+    if len(replicas) == 1:
+        choice: Choice | None = Choice(0, Outcome.LEAST_LOADED)
+    elif adapter is not None:  # where the adapter is loaded (its own policy, whatever the model's)
+        choice = adapter_affinity(loads(replicas), adapter, slots)
+    else:
+        choice = choose(policy, loads(replicas), key, rng)
     tried: list[Replica] = []  # by identity
     while True:
         if choice is None:
             raise ModelNotReady(f"model {model!r} has no replica that serves; retry later", retry_after=5)
         replica = replicas[choice.index]
         replica.routed[choice.outcome] += 1
+        if adapter is not None and len(replicas) > 1 and replica.hold(adapter, slots) is not None:
+            replica.routed[Outcome.ADAPTER_EVICTED] += 1
         replica.stats.begin()
         trace = TRACE.get()
         if trace is not None:

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import importlib.resources
 from functools import cache
 from typing import Any
@@ -24,8 +23,8 @@ from litestar.datastructures import State
 from litestar.params import FromPath
 from litestar.types import Receive, Scope, Send
 
-from fleet.errors import Forbidden, InvalidRequest, Unauthorized
-from fleet.gateway.auth import Keys
+from fleet.errors import Forbidden, InvalidRequest
+from fleet.gateway.auth import Keys, check_admin, is_admin
 from fleet.gateway.control import control_of, model_action, reload_fleet
 from fleet.gateway.ui.feed import stream
 from fleet.wire.asgi import header, unless_disconnected
@@ -41,28 +40,6 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
 def static_file(name: str) -> bytes:
     """One of the page's files, read from the package once."""
     return importlib.resources.files("fleet.gateway.ui").joinpath("static", name).read_bytes()
-
-
-def bearer(authorization: str | None) -> bytes | None:
-    scheme, _, token = (authorization or "").partition(" ")
-    return token.strip().encode() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def is_admin(secret: bytes | None, authorization: str | None) -> bool:
-    """Whether the Authorization header holds the admin key (constant time)."""
-    presented = bearer(authorization)
-    return secret is not None and presented is not None and hmac.compare_digest(presented, secret)
-
-
-def check_admin(secret: bytes | None, authorization: str | None) -> None:
-    """Actions: the admin key, or 403 (none configured) / 401 (missing or wrong)."""
-    if secret is None:
-        raise Forbidden("the status page is read-only: its actions need an admin key ([ui] admin_key, or "
-                        "the environment variable [ui] admin_key_env names, FLEET_ADMIN_KEY by default)")
-    if bearer(authorization) is None:
-        raise Unauthorized("missing admin key: send Authorization: Bearer <admin key>")
-    if not is_admin(secret, authorization):
-        raise Unauthorized("invalid admin key")
 
 
 def check_viewer(keys: Keys, secret: bytes | None, authorization: str | None) -> None:

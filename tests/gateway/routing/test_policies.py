@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from fleet.gateway.routing.policies import Choice, Outcome, Policy, ReplicaLoad, bounded_affinity, choose, failover, least_loaded, sticky
+from fleet.gateway.routing.policies import Choice, Outcome, Policy, ReplicaLoad, adapter_affinity, bounded_affinity, choose, failover, least_loaded, sticky
 from fleet.gateway.routing.keys import prefix_key
 
 
@@ -125,3 +125,35 @@ def test_failover_picks_another_serving_replica_never_one_already_tried() -> Non
         choice = failover(loads(0, 3, 1), {0}, rng)
         assert choice is not None and choice.index == 2 and choice.outcome is Outcome.FAILED_OVER
     assert failover(loads(0, 0, down=(1,)), {0}, rng) is None
+
+
+# --- LoRA adapters across replicas ----------------------------------------------------------------
+
+def holding(index: int, load: int = 0, *adapters: str, serving: bool = True) -> ReplicaLoad:
+    return ReplicaLoad(index, serving, load, adapters=adapters)
+
+
+def test_a_request_for_an_adapter_goes_to_a_replica_that_holds_it_even_if_another_is_less_loaded() -> None:
+    replicas = [holding(0, 0), holding(1, 1, "a1")]
+    assert adapter_affinity(replicas, "a1", slots=4) == Choice(1, Outcome.ADAPTER_HIT)
+
+
+def test_past_the_load_bound_the_adapter_is_loaded_on_the_least_loaded_replica() -> None:
+    replicas = [holding(0, 0), holding(1, 6, "a1")]  # cap: ceil(1.25 x 7 / 2) = 5
+    assert adapter_affinity(replicas, "a1", slots=4) == Choice(0, Outcome.ADAPTER_LOADED)
+
+
+def test_an_adapter_nobody_holds_goes_where_a_slot_is_free_before_a_full_replica_evicts() -> None:
+    replicas = [holding(0, 0, "x", "y"), holding(1, 0, "z")]
+    assert adapter_affinity(replicas, "new", slots=2) == Choice(1, Outcome.ADAPTER_LOADED)
+
+
+def test_a_full_replica_evicts_its_least_recently_used_adapter() -> None:
+    replicas = [holding(0, 0, "old", "recent"), holding(1, 3, "q")]
+    assert adapter_affinity(replicas, "new", slots=2) == Choice(0, Outcome.ADAPTER_LOADED, evicts="old")
+
+
+def test_of_several_holders_the_least_loaded_takes_it_and_none_serving_is_none() -> None:
+    replicas = [holding(0, 2, "a1"), holding(1, 1, "a1"), holding(2, 0, serving=True)]
+    assert adapter_affinity(replicas, "a1", slots=4) == Choice(1, Outcome.ADAPTER_HIT)
+    assert adapter_affinity([holding(0, 0, "a1", serving=False)], "a1", slots=4) is None
