@@ -165,6 +165,8 @@ def endpoint_route(endpoint: Endpoint) -> ASGIRouteHandler:
         Keys.allow(key, model)
         served, adapter = resolve(state.models, model)
         check_task(served, endpoint)
+        if adapter is not None:
+            served.stats.adapters[adapter] += 1
         if not served.state.serving:
             await served.serving()  # 503, or (on demand) waits for its engines
         session = session_key(scope, served.config, getattr(data, "user", None))

@@ -81,6 +81,7 @@ class ModelCounts(Counts):
     route and HTTP status."""
 
     responses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    adapters: collections.Counter[str] = field(default_factory=collections.Counter)  # requests naming each LoRA adapter
 
     def count(self, route: str, status: int) -> None:
         """One answered request, by route and HTTP status."""
@@ -173,6 +174,8 @@ class _FleetCollector(Collector):
                                      "together", labels=["model"])
         start_s = CounterMetricFamily("fleet_model_start_seconds", "Seconds the model's engines took to start (to "
                                       "ready), all together (on demand)", labels=["model"])
+        adapter_requests = CounterMetricFamily("fleet_adapter_requests", "Requests naming a LoRA adapter of the model",
+                                               labels=["model", "adapter"])
         set_swaps: dict[str, int] = {}
         for name, b in models.items():
             if (d := b.demand) is not None:
@@ -193,6 +196,8 @@ class _FleetCollector(Collector):
                     r_state.add_metric([name, r.name, s.value], 1.0 if r.lifecycle.state is s else 0.0)
                 for outcome, count in r.routed.items():
                     r_routed.add_metric([name, r.name, outcome], count)
+            for adapter, count in sorted(b.stats.adapters.items()):
+                adapter_requests.add_metric([name, adapter], count)
             for (route, status), count in b.stats.responses.items():
                 requests.add_metric([name, route, str(status)], count)
             inflight.add_metric([name], b.stats.inflight)
@@ -207,7 +212,7 @@ class _FleetCollector(Collector):
         for set_name, count in sorted(set_swaps.items()):
             sets.add_metric([set_name], count)
         yield from (requests, inflight, queued, prompt, completion, state, restarts, r_inflight, r_requests, r_tokens,
-                    r_state, r_routed, waiting, starts, waited, swapped, wakes, wake_s, start_s, sets)
+                    r_state, r_routed, waiting, starts, waited, swapped, wakes, wake_s, start_s, sets, adapter_requests)
         if self.connections is not None:
             c = self.connections
             yield GaugeMetricFamily("fleet_gateway_connections", "Client connections open", value=c.total + c.control)

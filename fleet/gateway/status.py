@@ -52,6 +52,7 @@ class ModelStatus(msgspec.Struct):
     host: str = ""  # the address the engine listens on (on a cluster, its node's)
     on_demand: bool = False  # started on demand (or its set's member): `fleet sleep` / `fleet wake` apply
     swap_set: str | None = None  # its [[sets]] entry
+    adapters: dict[str, int] = {}  # the model's LoRA adapters: requests naming each (the model's, on every replica's row)
 
 
 class FleetStatus(msgspec.Struct):

@@ -228,6 +228,7 @@ class FleetControl:
                     host=host,
                     on_demand=served.demand is not None,
                     swap_set=served.config.swap_set,
+                    adapters={a: served.stats.adapters.get(a, 0) for a in served.adapters},
                 ))
         gw = self._fleet.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self._fleet.started_at)), rows)

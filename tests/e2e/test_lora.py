@@ -160,3 +160,25 @@ def test_a_reload_that_adds_an_adapter_applies_it_without_restarting_the_engines
     assert {r: row["pid"] for r, row in status(fleet).items()} == pids  # no engine restarted
     with client(fleet) as c:
         assert greedy(c, "tiny-a4") not in (greedy(c, "tiny"), greedy(c, "tiny-a1"))
+
+
+def test_requests_per_adapter_show_in_metrics_fleet_status_and_the_page(lora_fleet: FleetProcess, tmp_path: Path) -> None:
+    from browser import Browser
+
+    with client(lora_fleet) as c:
+        greedy(c, "tiny-a1", 2)
+    metrics = httpx.get(f"{lora_fleet.url}/metrics", headers={"authorization": f"Bearer {ALL}"}, timeout=10).text
+    counted = [line for line in metrics.splitlines() if line.startswith('fleet_adapter_requests_total{adapter="tiny-a1"')]
+    assert counted and float(counted[0].split()[-1]) >= 1
+    row = status(lora_fleet)["tiny.0"]
+    assert row["adapters"]["tiny-a1"] >= 1 and "tiny-a2" in row["adapters"]
+    browser = Browser(lora_fleet.url, tmp_path / "profile")
+    try:
+        page = browser.page
+        page.fill("#key", ALL)
+        page.click("#key-form button")
+        shown = page.wait_for_selector('#engines tr[data-engine="tiny.0"] .adapters')
+        assert shown is not None and "tiny-a1" in (shown.text_content() or "")
+        assert [e for e in browser.errors if "401" not in e] == []  # the page's first try came without the key
+    finally:
+        browser.close()

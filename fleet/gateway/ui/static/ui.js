@@ -122,6 +122,12 @@ function showStatus(status) {
     tbody.appendChild(row.tr); // keeps the server's order; a node moved keeps its focus
     const c = row.cells;
     c.model.textContent = m.model;
+    const adapters = Object.entries(m.adapters || {});
+    if (adapters.length) {  // its LoRA adapters, with the requests that named each
+      const list = el("span", adapters.map(([a, n]) => `${a} ${n}`).join(", "), "since adapters");
+      list.title = "LoRA adapters: requests naming each";
+      c.model.append(" ", list);
+    }
     c.engine.textContent = m.replica;
     c.stateText.textContent = m.state + (m.draining ? " (draining)" : "");
     c.stateText.dataset.state = m.state;
