@@ -67,9 +67,15 @@ def test_an_adapter_answers_as_the_adapter_merged_into_the_base_and_not_as_the_b
         streamed = "".join(ch.choices[0].text for ch in c.completions.create(
             model="tiny-a1", prompt="The capital of France is", max_tokens=12, temperature=0, stream=True,
             extra_body={"ignore_eos": True}))
+        chats = [c.chat.completions.create(model=m, messages=[{"role": "user", "content": "Hello world"}], max_tokens=8,
+                                           temperature=0, extra_body={"ignore_eos": True}).choices[0].message.content
+                 for m in ("tiny-a1", "tiny-merged")]
+        replies = [c.responses.create(model=m, input="Hello world", max_output_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True}).output_text for m in ("tiny-a1", "tiny-merged")]
     assert adapter == merged and streamed == adapter
     assert adapter != base and other not in (base, adapter)
     assert answer.model == "tiny-a1"  # the name the client sent
+    assert chats[0] == chats[1] and replies[0] == replies[1]  # chat and the Responses API too
 
 
 def test_the_models_list_shows_each_adapter_with_its_base_as_parent(lora_fleet: FleetProcess) -> None:
