@@ -363,6 +363,7 @@ class Fleet:
         before = list(served.replicas)
         after = cfg.replica_configs()
         served.config = cfg  # what the gateway plans requests with, from now on
+        served.adapter_paths = dict(cfg.adapters)  # new engines know the file's adapters (not those loaded since)
         self._on_demand(served)
         if served.admission is not None:
             limits = cfg.limits
