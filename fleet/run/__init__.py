@@ -1,6 +1,7 @@
 """Processes and their owners: `launcher` runs a fleet (engines plus the gateway, reloads, stop),
 `foreground` runs it for `fleet launch` (signals); `owner` is the one loop that owns one replica's
-engine (its lifecycle, health, restarts, drain, commands) over a `runtime` (the interface): a
+engine (its lifecycle, health, restarts, drain, sleep; what others may ask of it: `commands`) over a
+`runtime` (the interface): a
 process of this machine (`local`, its output lines: `output`), or an engine started elsewhere and
 only watched (`attached`); a cluster's runtime (fleet.cluster.runtime.RayRuntime) comes from the
 `Runtimes` the launcher is given, and run never imports fleet.cluster. `control` answers what the

@@ -69,8 +69,10 @@ def test_stream_interval_sends_a_streams_tokens_in_groups_after_the_first_and_th
     grouped = list(tiny.completions.create(
         stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **kw))
     assert "".join(c.choices[0].text for c in grouped if c.choices) == whole.choices[0].text
-    counts = [c.usage.completion_tokens for c in grouped if c.choices]  # [1, 4, 7, 10] (a busy machine may merge groups)
-    assert counts[0] == 1 and counts[-1] == 10 and all((b - a) % 3 == 0 for a, b in zip(counts, counts[1:]))
+    # [1, 4, 7, 10]; a busy machine may merge groups, the first with the next too (the gateway reads
+    # what has arrived at once), never split one
+    counts = [c.usage.completion_tokens for c in grouped if c.choices]
+    assert counts[0] % 3 == 1 and counts[-1] == 10 and all((b - a) % 3 == 0 for a, b in zip(counts, counts[1:]))
     assert grouped[-1].usage.completion_tokens == 10 and grouped[-2].choices[0].finish_reason == "length"
 
 
