@@ -104,11 +104,12 @@ class Fleet:
 
     def _sets(self, config: FleetConfig) -> None:
         """The [[sets]] entries of `config`, each a SwapSet over the fleet's live models."""
-        self.swaps = {}
+        before, self.swaps = self.swaps, {}
         for entry in config.sets:
             members = [m for m in config.models if m.name in entry.models]
             by_memory = entry.awake is None and set_shares(members) is not None
-            self.swaps[entry.name] = SwapSet(entry, self.models, set_budget(config, entry), by_memory)
+            lock = before[entry.name].lock if entry.name in before else None
+            self.swaps[entry.name] = SwapSet(entry, self.models, set_budget(config, entry), by_memory, lock)
 
     def _add(self, cfg: ModelConfig, bindings: dict[str, str] | None = None) -> list[str]:
         """A model's engines (one owner per replica, named by `replica_name`) and the model as the
@@ -285,9 +286,10 @@ class Fleet:
                 report.warnings.append("[responses] changed: restart the fleet to apply it")
             if new.supervisor != self.config.supervisor:
                 report.warnings.append("[supervisor] changed: applies to engines started from now on")
+            sets_before = self.config.sets
             self.config = new.model_copy(update={"gateway": self.config.gateway, "cluster": self.config.cluster,
                                                  "ui": self.config.ui, "responses": self.config.responses})
-            if new.sets != self.config.sets or report.changed or report.added:
+            if new.sets != sets_before or report.changed or report.added:
                 self._sets(new)
                 for served in self.models.values():
                     self._on_demand(served)

@@ -27,11 +27,13 @@ class SwapSet:
     """One set's members (looked up by name in the fleet's live models) and its room."""
 
     def __init__(self, cfg: SwapSetConfig, models: Mapping[str, ServedModel], budget: Mapping[int, float],
-                 by_memory: bool) -> None:
+                 by_memory: bool, lock: asyncio.Lock | None = None) -> None:
         self.cfg = cfg
         self.models = models  # the fleet's, by name (live: a reload replaces a member's ServedModel)
         self.room = Room(awake=None if by_memory else cfg.awake or 1, budget=dict(budget), min_awake=cfg.min_awake)
-        self._lock = asyncio.Lock()  # one bring_up at a time: two newcomers never both think they fit
+        # one bring_up at a time: two newcomers never both think they fit (a reload's new SwapSet of the
+        # same name keeps its predecessor's lock, so a bring-up under way still counts)
+        self.lock = lock or asyncio.Lock()
         self.swaps = 0  # members put away to make room
 
     @property
@@ -80,7 +82,7 @@ class SwapSet:
         for lc in lifecycles:
             lc.listeners.append(listen)
         try:
-            async with self._lock:
+            async with self.lock:
                 while True:
                     act, names, retry_in = self.plan(wanted)
                     if act is Act.START:

@@ -261,3 +261,20 @@ def test_the_status_page_sleeps_and_wakes_a_model_with_the_admin_key(fake_fleet:
         assert browser.errors == []
     finally:
         browser.close()
+
+
+def test_a_reload_that_changes_a_set_keeps_its_one_decision_at_a_time(fake_fleet: FakeFleets) -> None:
+    from fleets import fake_config
+
+    models = [{"name": "a", **LATER}, {"name": "b", **LATER}]
+    fleet = fake_fleet(*models, ready=(), supervisor=FAST, **one_at_a_time("a", "b"))
+    before = fleet.fleet.swaps["desk"]
+    new = fake_config(*[{**m, "port": fleet.fleet.config.model(m["name"]).port} for m in models],
+                      gateway={"port": fleet.fleet.config.gateway.port}, supervisor=FAST,
+                      **one_at_a_time("a", "b", min_awake=5))
+    fleet.call(fleet.fleet.reload(new))
+    after = fleet.fleet.swaps["desk"]
+    assert after is not before and after.room.min_awake == 5
+    assert after.lock is before.lock  # a bring-up under way on the old set still holds the new one back
+    with sdk(fleet) as client:
+        assert ask(client, "a") == expected_text(2)
