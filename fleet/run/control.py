@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from rich.markup import escape
 
-from fleet.config.model import check_adapter
+from fleet.config.adapters import check_adapter
 from fleet.errors import EngineFailure, EngineNotFound, InvalidRequest, ModelNotFound, ModelNotReady, shown
 from fleet.gateway.status import FleetStatus, GatewayStatus, ModelStatus, ReloadReport
 from fleet.lifecycle import AWAY, EngineState, closest_to_serving

@@ -345,14 +345,21 @@ def test_stream_options_include_usage_adds_a_final_usage_chunk_with_no_choices(s
     assert "".join(c.choices[0].text for c in chunks[:-1]) == expected_text(3)
 
 
-def test_engine_error_mid_stream_becomes_an_error_event_then_done(http: httpx.Client, sdk: openai.OpenAI) -> None:
-    body = {"model": "broken", "prompt": "hi", "max_tokens": 10, "stream": True}
+def stream_to_error_event(http: httpx.Client, model: str) -> dict:
+    """A stream from an engine that fails after two tokens: it delivers them, then the error event
+    (returned), then [DONE]."""
+    body = {"model": model, "prompt": "hi", "max_tokens": 10, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         data = sse_data(r.iter_lines())
     assert data[-1] == "[DONE]"
     *chunks, error = [json.loads(d) for d in data[:-1]]
     assert [c["choices"][0]["text"] for c in chunks] == [" w0", " w1"]
+    return error
+
+
+def test_engine_error_mid_stream_becomes_an_error_event_then_done(http: httpx.Client, sdk: openai.OpenAI) -> None:
+    error = stream_to_error_event(http, "broken")
     assert error["error"]["code"] == "engine_error" and error["error"]["message"]
     received: list[str] = []
     with pytest.raises(openai.APIError, match="fake engine failure"):
@@ -365,13 +372,7 @@ def test_a_frame_the_gateway_cannot_read_fails_the_request_not_the_stream(http: 
     """An engine frame that does not decode (a finish reason the wire lacks, an engine of another
     version) is an engine error: an error event then [DONE] mid-stream, a 502 whole; never a
     stream cut short."""
-    body = {"model": "garbled", "prompt": "hi", "max_tokens": 10, "stream": True}
-    with http.stream("POST", "/v1/completions", json=body) as r:
-        assert r.status_code == 200
-        data = sse_data(r.iter_lines())
-    assert data[-1] == "[DONE]"
-    *chunks, error = [json.loads(d) for d in data[:-1]]
-    assert [c["choices"][0]["text"] for c in chunks] == [" w0", " w1"]
+    error = stream_to_error_event(http, "garbled")
     assert error["error"]["code"] == "engine_error" and "cannot read" in error["error"]["message"]
     error = assert_openai_error(post(http, model="garbled", prompt="hi", max_tokens=5), 502, param=None,
                                 code="engine_error", type="server_error")

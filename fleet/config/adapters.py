@@ -1,0 +1,49 @@
+"""A model's LoRA adapters in fleet.toml: whether a directory holds a PEFT LoRA of the model's base
+(checked for the file's adapters and for those loaded at run time alike)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleet.config.model import ModelConfig
+
+
+def check_adapter(name: str, path: str, base: ModelConfig) -> list[tuple[str, str]]:
+    """(field, problem) for one adapter of `base`: a directory holding a PEFT adapter_config.json
+    (a LoRA), trained on this base (its base_model_name_or_path is the model's source, or names
+    the same folder or Hugging Face model by its last part), its rank within max_lora_rank."""
+    field = f"adapters.{name}"
+    if not name or name == base.name:
+        return [(field, "an adapter's name is its own (not empty, not the model's)")]
+    folder = Path(path).expanduser()
+    config_file = folder / "adapter_config.json"
+    if not folder.is_dir():
+        return [(field, f"no adapter directory at {path}")]
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        return [(field, f"{path} is not a PEFT adapter (its adapter_config.json: {e})")]
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        return [(field, f"{path} is not a LoRA adapter (peft_type {config.get('peft_type') if isinstance(config, dict) else '?'!r})")]
+    problems = []
+    trained_on = str(config.get("base_model_name_or_path") or "")
+    if trained_on and not same_model(trained_on, base.source):
+        problems.append((field, f"{path} is an adapter of {trained_on!r}, not of this model's source {base.source!r}"))
+    rank = config.get("r")
+    if isinstance(rank, int) and rank > base.max_lora_rank:
+        problems.append((field, f"{path} has rank {rank}, above max_lora_rank = {base.max_lora_rank}"))
+    return problems
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same model: equal, the same folder, or the same last part
+    (a local copy of a Hugging Face model keeps its name: "org/Model" and "/models/Model")."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists() and pa.resolve() == pb.resolve():
+        return True
+    return pa.name.lower() == pb.name.lower() != ""
