@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from fleet.config.model import ModelConfig
 
 
-def check_adapter(name: str, path: str, base: ModelConfig) -> list[tuple[str, str]]:
-    """(field, problem) for one adapter of `base`: a directory holding a PEFT adapter_config.json
+def check_adapter(name: str, path: str, model: str, source: str, max_rank: int) -> list[tuple[str, str]]:
+    """(field, problem) for one adapter of model `model` (from `source`): a directory holding a PEFT adapter_config.json
     (a LoRA), trained on this base (its base_model_name_or_path is the model's source, or names
     the same folder or Hugging Face model by its last part), its rank within max_lora_rank."""
     field = f"adapters.{name}"
-    if not name or name == base.name:
+    if not name or name == model:
         return [(field, "an adapter's name is its own (not empty, not the model's)")]
     folder = Path(path).expanduser()
     config_file = folder / "adapter_config.json"
@@ -30,11 +26,11 @@ def check_adapter(name: str, path: str, base: ModelConfig) -> list[tuple[str, st
         return [(field, f"{path} is not a LoRA adapter (peft_type {config.get('peft_type') if isinstance(config, dict) else '?'!r})")]
     problems = []
     trained_on = str(config.get("base_model_name_or_path") or "")
-    if trained_on and not same_model(trained_on, base.source):
-        problems.append((field, f"{path} is an adapter of {trained_on!r}, not of this model's source {base.source!r}"))
+    if trained_on and not same_model(trained_on, source):
+        problems.append((field, f"{path} is an adapter of {trained_on!r}, not of this model's source {source!r}"))
     rank = config.get("r")
-    if isinstance(rank, int) and rank > base.max_lora_rank:
-        problems.append((field, f"{path} has rank {rank}, above max_lora_rank = {base.max_lora_rank}"))
+    if isinstance(rank, int) and rank > max_rank:
+        problems.append((field, f"{path} has rank {rank}, above max_lora_rank = {max_rank}"))
     return problems
 
 

@@ -290,7 +290,7 @@ class ModelConfig(Strict):
     @model_validator(mode="after")
     def _adapters_are_adapters_of_this_base(self) -> ModelConfig:
         for name, path in self.adapters.items():
-            for field, problem in check_adapter(name, path, self):
+            for field, problem in check_adapter(name, path, self.name, self.source, self.max_lora_rank):
                 raise ValueError(f"{field}: {problem}")
         return self
 

@@ -122,7 +122,8 @@ class FleetControl:
         taken = {n for s in self._fleet.models.values() for n in (s.name, *s.adapters)}
         if name in taken:
             raise InvalidRequest(f"{shown(name)} is already a model or an adapter of this fleet", param="lora_name")
-        for field, problem in check_adapter(name, path, served.config):
+        cfg = served.config
+        for field, problem in check_adapter(name, path, cfg.name, cfg.source, cfg.max_lora_rank):
             raise InvalidRequest(f"{field}: {problem}", param="lora_path" if field.startswith("adapters.") else field)
         owners = self._ready_owners(served)
         loaded: list[EngineOwner] = []

@@ -21,15 +21,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fleet.errors import ModelNotReady
 from fleet.gateway.model import ServedModel
 from fleet.lifecycle import EngineState, Lifecycle
 from fleet.run.owner import EngineOwner
 
-if TYPE_CHECKING:
-    from fleet.run.swap import SwapSet
+
+class Room(Protocol):
+    """The [[sets]] entry a model belongs to (run/swap.py's SwapSet): it makes room, then asks it up."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def bring_up(self, demand: OnDemand) -> None: ...
 
 IDLE_CHECKS = 4  # looks per idle_after (at least one a second): a model stops at most idle_after/4 late
 FAILED_RETRY_AFTER = 5  # s: every engine failed to start; the next request starts them again
@@ -39,7 +45,7 @@ class OnDemand:
     """One model's engines, brought up by its requests and stopped when idle."""
 
     def __init__(self, served: ServedModel, owners: Mapping[str, EngineOwner], drain_timeout: float,
-                 swap: SwapSet | None = None) -> None:
+                 swap: Room | None = None) -> None:
         self.served = served
         self._owners = owners  # the fleet's, by replica name: the model's are those of its replicas (live)
         self.drain_timeout = drain_timeout
