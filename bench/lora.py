@@ -11,6 +11,12 @@ with 1/N of the cache. The same mixed load on each: `--clients` clients, each re
 adapter (a) or its merged model (b) in one fixed random order, 32 tokens out; `--rounds` rounds per
 fleet. Output tokens per second (counted from the answers' usage) and TTFT p50/p99; the JSON has
 every number.
+
+On a GPU (`--gpu`: every engine on GPU 0, the base's own dtype, 0.8 of the GPU shared out, the same
+`--kv-gib` of KV cache either way) the machine may lack PEFT: make the adapters where PEFT is
+(`--make-adapters DIR --base default --adapter-base /root/models/smollm2-135m-instruct`), carry
+them, and pass `--adapters-from DIR`; the merged models are then made there without PEFT
+(tests/tiny_model.merge_adapter, checked against PEFT's merge in tests/benchmarks).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ for path in (ROOT, ROOT / "tests"):
 from bench.procs import free_port, free_ports, stop_all  # noqa: E402
 from bench.sleep import Fleet  # noqa: E402
 
-KV_GIB = 0.4  # the whole fleet's KV cache, either way
+KV_GIB = 0.4  # the whole fleet's KV cache, either way (CPU; --kv-gib on a GPU)
+GPU_SHARE = 0.8  # of GPU 0, for the one engine or split among the merged ones
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> tuple[float, int]:
@@ -82,30 +89,57 @@ async def load(url: str, names: list[str], ns: argparse.Namespace) -> dict[str, 
 
 
 def models_toml(ns: argparse.Namespace, base: Path, adapters: list[Path], merged: list[Path], mode: str) -> str:
-    common = 'dtype = "float32"\nmax_model_len = 512\n'
+    def where(engines: int) -> str:
+        if ns.gpu:
+            return f"gpus = [0]\ngpu_memory_utilization = {GPU_SHARE / engines:.4f}\nkv_cache_gib = {ns.kv_gib / engines:.4f}\n"
+        return f'dtype = "float32"\nkv_cache_gib = {KV_GIB / engines:.4f}\n'
+
     if mode == "adapters":
         listed = ", ".join(f'"a{k}" = "{p}"' for k, p in enumerate(adapters))
-        return (f'[[models]]\nname = "base"\nsource = "{base}"\nport = {free_port()}\n{common}kv_cache_gib = {KV_GIB}\n'
+        return (f'[[models]]\nname = "base"\nsource = "{base}"\nport = {free_port()}\nmax_model_len = 512\n{where(1)}'
                 f"adapters = {{ {listed} }}\nmax_loras = {len(adapters)}\nmax_lora_rank = 8\n")
     first = free_ports(len(merged))
-    return "".join(f'[[models]]\nname = "m{k}"\nsource = "{p}"\nport = {first + k}\n{common}'
-                   f"kv_cache_gib = {KV_GIB / len(merged):.4f}\n\n" for k, p in enumerate(merged))
+    return "".join(f'[[models]]\nname = "m{k}"\nsource = "{p}"\nport = {first + k}\nmax_model_len = 512\n'
+                   f"{where(len(merged))}\n" for k, p in enumerate(merged))
+
+
+def base_path(ns: argparse.Namespace) -> Path:
+    if ns.base == "tiny":
+        from tiny_model import write_tiny_model
+
+        return write_tiny_model(ns.out / "tiny")
+    from fleet.sources import resolve
+
+    return Path(resolve(ns.base))
+
+
+def make_adapters(ns: argparse.Namespace, base: Path, into: Path) -> list[Path]:
+    """`--adapters` PEFT adapters of `base` under `into`; `--adapter-base` names the base in each
+    (what fleet checks the adapter against) where it will be served from another folder."""
+    from tiny_model import write_lora_adapter
+
+    made = [write_lora_adapter(base, into / f"adapter{k}", seed=k + 1) for k in range(ns.adapters)]
+    if ns.adapter_base:
+        for a in made:
+            config = json.loads((a / "adapter_config.json").read_text())
+            (a / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": ns.adapter_base}, indent=2))
+    return made
 
 
 async def main_async(ns: argparse.Namespace) -> None:
-    from tiny_model import write_lora_adapter, write_merged_model, write_tiny_model
+    from tiny_model import merge_adapter, write_merged_model
 
     ns.out.mkdir(parents=True, exist_ok=True)
-    if ns.base == "tiny":
-        base = write_tiny_model(ns.out / "tiny")
+    base = base_path(ns)
+    if ns.adapters_from:
+        adapters = [ns.adapters_from / f"adapter{k}" for k in range(ns.adapters)]
+        merged = [merge_adapter(base, a, ns.out / f"merged{k}") for k, a in enumerate(adapters)]
     else:
-        from fleet.sources import resolve
-
-        base = Path(resolve(ns.base))
-    adapters = [write_lora_adapter(base, ns.out / f"adapter{k}", seed=k + 1) for k in range(ns.adapters)]
-    merged = [write_merged_model(base, a, ns.out / f"merged{k}") for k, a in enumerate(adapters)]
+        adapters = make_adapters(ns, base, ns.out)
+        merged = [write_merged_model(base, a, ns.out / f"merged{k}") for k, a in enumerate(adapters)]
     result: dict[str, Any] = {"base": ns.base, "adapters": ns.adapters, "requests": ns.requests, "clients": ns.clients,
-                              "tokens": ns.tokens, "kv_cache_gib_total": KV_GIB, "rounds": []}
+                              "tokens": ns.tokens, "gpu": ns.gpu, "kv_cache_gib_total": ns.kv_gib if ns.gpu else KV_GIB,
+                              "rounds": []}
     try:
         for mode in ("adapters", "merged"):
             names = [f"a{k}" for k in range(ns.adapters)] if mode == "adapters" else [f"m{k}" for k in range(ns.adapters)]
@@ -133,7 +167,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/lora"))
-    asyncio.run(main_async(ap.parse_args()))
+    ap.add_argument("--gpu", action="store_true", help="every engine on GPU 0 (default: the CPU, float32)")
+    ap.add_argument("--kv-gib", type=float, default=4.0, help="--gpu: the whole fleet's KV cache, either way")
+    ap.add_argument("--adapters-from", type=Path, help="adapter0.. made beforehand (--make-adapters), merged here without PEFT")
+    ap.add_argument("--make-adapters", type=Path, metavar="DIR", help="only make the adapters, under DIR, and stop")
+    ap.add_argument("--adapter-base", help="--make-adapters: the base's path as the serving machine names it")
+    ns = ap.parse_args()
+    if ns.make_adapters:
+        ns.out.mkdir(parents=True, exist_ok=True)
+        for a in make_adapters(ns, base_path(ns), ns.make_adapters):
+            print("made", a)
+        return
+    asyncio.run(main_async(ns))
 
 
 if __name__ == "__main__":

@@ -123,3 +123,32 @@ def write_merged_model(base: Path, adapter: Path, out: Path) -> Path:
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, out / f.name)
     return out
+
+
+def merge_adapter(base: Path, adapter: Path, out: Path) -> Path:
+    """What write_merged_model makes, without PEFT or transformers (a machine with vLLM has neither
+    PEFT nor, always, the time to load the model twice): each target weight W of `base`'s one
+    safetensors file becomes W + (lora_alpha / r) * B @ A, computed in float32 and stored in W's dtype;
+    every other file of `base` is copied."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    weights = load_file(base / "model.safetensors")
+    lora = load_file(adapter / "adapter_model.safetensors")
+    for key, a in lora.items():
+        if ".lora_A." not in key:
+            continue
+        target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        w = weights[target]
+        delta = lora[key.replace(".lora_A.", ".lora_B.")].float() @ a.float()
+        weights[target] = (w.float() + scale * delta).to(w.dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out

@@ -333,3 +333,19 @@ def test_free_ports_come_from_below_the_ephemeral_range_and_are_never_handed_out
     first = procs.free_ports(4)
     assert len(set(ports)) == len(ports) and not set(ports) & set(range(first, first + 4))
     assert all(procs.LOWEST_PORT <= p < low for p in [*ports, first + 3])
+
+
+def test_merging_an_adapter_without_peft_gives_peft_merge_and_unloads_weights(tmp_path: Path) -> None:
+    """bench/lora.py on a machine without PEFT merges with tiny_model.merge_adapter: the same tensors."""
+    from safetensors.torch import load_file
+    from tiny_model import merge_adapter, write_lora_adapter, write_merged_model, write_tiny_model
+
+    base = write_tiny_model(tmp_path / "base")
+    adapter = write_lora_adapter(base, tmp_path / "adapter", seed=3)
+    ours = load_file(merge_adapter(base, adapter, tmp_path / "ours") / "model.safetensors")
+    peft = load_file(write_merged_model(base, adapter, tmp_path / "peft") / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    changed = [k for k in ours if not ours[k].equal(original[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    assert all(ours[k].allclose(peft[k], atol=1e-6) for k in peft)
+    assert (tmp_path / "ours" / "tokenizer.json").exists()
