@@ -144,6 +144,17 @@ class EngineUnreachable(EngineFailure):
     POST is ever sent again, and to each replica at most once."""
 
 
+class EngineLost(EngineFailure):
+    """The engine died while answering: its connection broke (or its vLLM core died) after the
+    answer began. Another replica may take the request over (gateway/routing/resume.py)."""
+
+
+class RequestGivenUp(EngineFailure):
+    """A request whose engines died under it and that fleet does not send on: no replica left to
+    take it, a stream that cannot be continued exactly, or one that killed two engines (HTTP 502,
+    its message says which)."""
+
+
 class ModelNotReady(FleetError):
     """The model's engine is loading, restarting or failed (HTTP 503 with Retry-After)."""
 

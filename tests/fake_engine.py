@@ -29,6 +29,10 @@ Misbehaviour comes from the model's `engine_args` table (fleet.toml's free pass-
 - ``fake_crash_after_requests``: serve N /generate requests; die (`os._exit(70)`) on the next.
 - ``fake_token_delay``: seconds between two deltas.
 - ``fake_error_mid_stream``: send an Error frame (status 500) after k deltas.
+- ``fake_die_mid_stream_while``: a file's path holding a number of deaths: while it exists, a
+  /generate reaching its ``fake_die_after`` th delta (default 3; a whole answer: its first) takes
+  one from it (deleting it at 0) and dies (`os._exit(70)`), on whichever replica gets there first. ``fake_core_dies``: instead of dying, send the Error frame a
+  real engine sends when vLLM's core died under it (status protocol.ENGINE_DIED).
 - ``fake_unreadable_mid_stream``: after k deltas send a frame the gateway cannot decode (a Delta
   whose finish reason is "error", as vLLM 0.24 reports a request its scheduler ended), then stop.
 - ``fake_spawn_child``: spawn a grandchild that sleeps, like vLLM's EngineCore; ``"detach"``
@@ -140,6 +144,9 @@ class FakeEngine:
         self.word = str(args.get("fake_word", "w"))
         self.token_delay = float(args.get("fake_token_delay", 0.0))
         self.error_after = args.get("fake_error_mid_stream")
+        self.die_while = args.get("fake_die_mid_stream_while")
+        self.die_after = int(args.get("fake_die_after", 3))
+        self.core_dies = bool(args.get("fake_core_dies", False))
         self.unreadable_after = args.get("fake_unreadable_mid_stream")
         self.crash_after = args.get("fake_crash_after_requests")
         self.hang = bool(args.get("fake_hang_at_start", False))
@@ -234,7 +241,8 @@ class FakeEngine:
             texts = [""] * s.n
             done = [False] * s.n
             produced = deltas = 0
-            for k in range(max_tokens):
+            start = req.resume.generated if req.resume is not None else 0  # a continuation: its tokens go on
+            for k in range(start, start + max_tokens):
                 for i in range(s.n):
                     if done[i]:
                         continue
@@ -250,10 +258,18 @@ class FakeEngine:
                         yield protocol.encode_frame(protocol.Delta(index=i, text="", finish_reason="error"))  # type: ignore[arg-type]
                         finished = True
                         return
+                    dies = deltas >= self.die_after or req.final_only  # a whole answer: before any of it (as vLLM's comes whole)
+                    if dies and self.take_a_death():
+                        if self.core_dies:
+                            yield protocol.encode_frame(protocol.Error("the engine died: fake", status=protocol.ENGINE_DIED))
+                            finished = True
+                            return
+                        print(f"fake engine {self.cfg.name}: dying mid-stream after {deltas} deltas", flush=True)
+                        os._exit(CRASH_EXIT_CODE)
                     token = token_text(i, k, s.n, self.word)
                     before = texts[i]
                     texts[i] += token
-                    reason: protocol.FinishReason | None = "length" if k == max_tokens - 1 else None
+                    reason: protocol.FinishReason | None = "length" if k == start + max_tokens - 1 else None
                     piece = token
                     hits = [texts[i].find(stop) for stop in s.stop if stop in texts[i]]
                     if hits:
@@ -294,6 +310,14 @@ class FakeEngine:
                                     tool_calls=[protocol.ToolCallDelta(0, "call_fake0", name, "".join(pieces))])
             return [merged]
         return out
+
+    def take_a_death(self) -> bool:
+        """Whether to die now (fake_die_mid_stream_while): one death fewer in the file if so."""
+        if self.die_while is None or not os.path.exists(self.die_while):
+            return False
+        left = int(Path(self.die_while).read_text() or 1) - 1
+        Path(self.die_while).write_text(str(left)) if left > 0 else os.unlink(self.die_while)
+        return True
 
     def delta(self, index: int, k: int, text: str, reason: protocol.FinishReason | None,
               logprobs: int | None, cumulative: bool = False) -> protocol.Delta:

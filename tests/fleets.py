@@ -181,12 +181,13 @@ class Steady:
 
 @contextlib.contextmanager
 def running_fleet(models: Sequence[dict[str, Any]], tmp: Path, ready_timeout: float = 300,
-                  tables: str = "") -> Iterator[FleetProcess]:
-    """Launch a fleet from `models` (and TOML `tables`) through the CLI; always stop it (and anything it left) after."""
+                  tables: str = "", env: dict[str, str] | None = None) -> Iterator[FleetProcess]:
+    """Launch a fleet from `models` (and TOML `tables`) through the CLI, `env` added to its
+    environment; always stop it (and anything it left) after."""
     port = free_port()
     config = tmp / "fleet.toml"
     config.write_text(fleet_toml(models, port, tables=tables))
-    fleet = FleetProcess(config, port, tmp / "launcher.log")
+    fleet = FleetProcess(config, port, tmp / "launcher.log", env=env)
     launched: list[psutil.Process] = []
     try:
         fleet.wait_ready(ready_timeout)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
+import signal
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from fleet.engine.encoding import encoder
 from fleet.engine.parsing import Parsers, Reader
+from fleet.engine.resume import Continued
 from fleet.errors import InvalidRequest, bounded, listed
 from fleet.wire import protocol
 from fleet.wire.asgi import LastChunk
@@ -19,6 +25,10 @@ log = logging.getLogger("fleet.engine")
 # vLLM's finish reason "error": its scheduler ended the request (a grammar that refused the sampled
 # token, say); a 500 to the client, the cause in the engine's log
 ENDED_IN_ERROR = "the engine ended the request on an internal error (vLLM's finish reason 'error'; the engine's log says why)"
+# A fault for tests of what a replica's death costs: an engine whose environment names a text dies
+# (SIGKILL, itself) after the first output of any prompt containing it (a "poison prompt"): a
+# stream's first token is sent, a whole answer's nothing.
+DIE_ON_ENV = "FLEET_TEST_DIE_ON"
 
 
 def template_message(m: protocol.ChatMessage) -> dict[str, Any]:
@@ -80,6 +90,7 @@ class EngineService:
     prompt_tokens = 0  # of the requests that finished, and of those the prefix cache had (GET /stats)
     cached_tokens = 0
     asleep_at = 0  # the sleep level it sleeps at (0: awake)
+    die_on: str | None = None  # DIE_ON_ENV's text: a test's poison prompt
 
     def __init__(self, engine: Any, name: str, chat_template: str | None = None, *, tool_parser: str | None = None,
                  reasoning_parser: str | None = None, adapters: Mapping[str, str] | None = None) -> None:
@@ -95,6 +106,7 @@ class EngineService:
         self.parsers = Parsers(self.tokenizer, tool_parser, reasoning_parser)  # reasoning and tool calls read apart
         self.encode = encoder(self.tokenizer)  # text -> ids on the request's path (encoding.py)
         self.chat_template = chat_template or getattr(self.tokenizer, "chat_template", None)
+        self.die_on = os.environ.get(DIE_ON_ENV) or None
         model_config = engine.model_config
         self.max_model_len: int = model_config.max_model_len
         self.vocab_size: int = model_config.get_vocab_size()
@@ -307,33 +319,58 @@ class EngineService:
             yield protocol.encode_frame(self.failure(e, req.request_id, param="tools"))
             return
         readers: dict[int, Reader | None] = {}
-        params = self.sampling_params(req.sampling, self.max_model_len - len(ids), req.final_only,
-                                      getattr(parsing, "skip_special_tokens", True))
+        room, skip_special = self.max_model_len - len(ids), getattr(parsing, "skip_special_tokens", True)
+        continued = None  # a continuation's text, made here as the first engine's would have gone on (resume.py)
+        if req.resume is not None:
+            cut = len(ids) - req.resume.generated
+            original = self.sampling_params(req.sampling, room, skip_special_tokens=skip_special)
+            original.min_tokens = req.sampling.min_tokens + req.resume.generated
+            try:
+                continued = Continued(self.tokenizer, original, ids[:cut], ids[cut:], req.resume.text_sent, req.request_id)
+            except Exception as e:  # vLLM's detokenizer refused these ids
+                yield protocol.encode_frame(self.failure(e, req.request_id))
+                return
+            params = self.sampling_params(msgspec.structs.replace(req.sampling, stop=[]), room, req.final_only, skip_special)
+        else:
+            params = self.sampling_params(req.sampling, room, req.final_only, skip_special)
         per_token = req.sampling.logprobs is not None  # not for best_of's ranking alone
+        poisoned = self.die_on is not None and self.die_on in self.tokenizer.decode(ids)
         completion_tokens = cached = 0
         first = True
         last = b""  # the finishing step's frames: they go out with Done, as the answer's last chunk
         try:
-            async for out in self.engine.generate({"prompt_token_ids": ids}, params, req.request_id,
-                                                  lora_request=self.lora(req)):
-                cached = out.num_cached_tokens or cached  # known from the first step on
-                frames = bytearray()
-                if first:
-                    first = False
-                    frames += protocol.encode_frame(self.prompt_frame(ids, out.prompt_logprobs, req.echo))
-                for c in out.outputs:
-                    if c.finish_reason == "error":  # vLLM ended it on a failure of its own (its log says which)
-                        log.error("request %s: vLLM ended it with finish reason 'error'", req.request_id)
-                        yield protocol.encode_frame(protocol.Error(ENDED_IN_ERROR, status=500))
-                        return
-                    completion_tokens += len(c.token_ids)
-                    if c.index not in readers:
-                        readers[c.index] = self.parsers.reader(req, parsing)
-                    frames += protocol.encode_frame(self.delta(c, per_token, readers[c.index], req.final_only))
-                if out.finished:  # vLLM's generate ends right after its finished output, without waiting
-                    last = bytes(frames)
-                elif frames:
-                    yield bytes(frames)
+            outputs = self.engine.generate({"prompt_token_ids": ids}, params, req.request_id, lora_request=self.lora(req))
+            async with contextlib.aclosing(outputs):  # leaving early (a stop string matched here) aborts it in vLLM
+                async for out in outputs:
+                    if poisoned and (not first or out.finished):
+                        log.error("request %s: its prompt names %s=%r: dying", req.request_id, DIE_ON_ENV, self.die_on)
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    cached = out.num_cached_tokens or cached  # known from the first step on
+                    frames = bytearray()
+                    if first:
+                        first = False
+                        frames += protocol.encode_frame(self.prompt_frame(ids, out.prompt_logprobs, req.echo))
+                    stopped = False
+                    for c in out.outputs:
+                        if c.finish_reason == "error":  # vLLM ended it on a failure of its own (its log says which)
+                            log.error("request %s: vLLM ended it with finish reason 'error'", req.request_id)
+                            yield protocol.encode_frame(protocol.Error(ENDED_IN_ERROR, status=500))
+                            return
+                        completion_tokens += len(c.token_ids)
+                        if c.index not in readers:
+                            readers[c.index] = self.parsers.reader(req, parsing)
+                        delta = self.delta(c, per_token, readers[c.index], req.final_only)
+                        if continued is not None:  # one choice: a continuation has n = 1
+                            delta.text, stopped = continued.feed(c.token_ids, c.finish_reason)
+                            if stopped:
+                                delta.finish_reason = "stop"
+                        frames += protocol.encode_frame(delta)
+                    if out.finished or stopped:  # vLLM's generate ends right after its finished output
+                        last = bytes(frames)
+                        if stopped:  # a continuation's stop string, found here: vLLM's request is aborted
+                            break
+                    elif frames:
+                        yield bytes(frames)
         except Exception as e:  # reported to the gateway, never swallowed
             yield protocol.encode_frame(self.failure(e, req.request_id))
             return
@@ -423,6 +460,9 @@ class EngineService:
         500 logged with its traceback (the engine's fault, counted against the replica)."""
         if (frame := refused(error)) is not None:
             return frame if frame.param is not None or param is None else protocol.Error(frame.message, 400, param)
+        if type(error).__name__ == "EngineDeadError":  # vLLM's core died: as good as this process dying
+            log.error("request %s: vLLM's engine core died", request_id)
+            return protocol.Error(f"the engine died: {error}", status=protocol.ENGINE_DIED)
         log.error("request %s failed", request_id, exc_info=error)
         return protocol.Error(bounded(f"engine error: {type(error).__name__}: {error}", 1024), status=500)
 

@@ -82,6 +82,15 @@ class ModelCounts(Counts):
 
     responses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
     adapters: collections.Counter[str] = field(default_factory=collections.Counter)  # requests naming each LoRA adapter
+    # engine requests whose engine died under them (routing/resume.py): run again from the start on
+    # another replica, continued there where their stream stopped, or failed
+    rerun: int = 0
+    resumed: int = 0
+    given_up: int = 0
+
+    def taken_over(self) -> dict[str, int]:
+        """Its engine requests whose engine died under them, by what became of them."""
+        return {"rerun": self.rerun, "resumed": self.resumed, "given_up": self.given_up}
 
     def count(self, route: str, status: int) -> None:
         """One answered request, by route and HTTP status."""
@@ -176,6 +185,9 @@ class _FleetCollector(Collector):
                                       "ready), all together (on demand)", labels=["model"])
         adapter_requests = CounterMetricFamily("fleet_adapter_requests", "Requests naming a LoRA adapter of the model",
                                                labels=["model", "adapter"])
+        taken_over = CounterMetricFamily("fleet_requests_taken_over", "Engine requests whose engine died under them: "
+                                         "rerun (from the start on another replica), resumed (a stream continued "
+                                         "there), given_up", labels=["model", "outcome"])
         set_swaps: dict[str, int] = {}
         for name, b in models.items():
             if (d := b.demand) is not None:
@@ -198,6 +210,8 @@ class _FleetCollector(Collector):
                     r_routed.add_metric([name, r.name, outcome], count)
             for adapter, count in sorted(b.stats.adapters.items()):
                 adapter_requests.add_metric([name, adapter], count)
+            for outcome, count in b.stats.taken_over().items():
+                taken_over.add_metric([name, outcome], count)
             for (route, status), count in b.stats.responses.items():
                 requests.add_metric([name, route, str(status)], count)
             inflight.add_metric([name], b.stats.inflight)
@@ -212,7 +226,8 @@ class _FleetCollector(Collector):
         for set_name, count in sorted(set_swaps.items()):
             sets.add_metric([set_name], count)
         yield from (requests, inflight, queued, prompt, completion, state, restarts, r_inflight, r_requests, r_tokens,
-                    r_state, r_routed, waiting, starts, waited, swapped, wakes, wake_s, start_s, sets, adapter_requests)
+                    r_state, r_routed, waiting, starts, waited, swapped, wakes, wake_s, start_s, sets, adapter_requests,
+                    taken_over)
         if self.connections is not None:
             c = self.connections
             yield GaugeMetricFamily("fleet_gateway_connections", "Client connections open", value=c.total + c.control)

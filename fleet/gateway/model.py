@@ -116,11 +116,11 @@ class ServedModel:
     def generate(self, req: protocol.GenerateRequest, key: bytes | None = None) -> Batches:
         """The frames of one engine request from the replica routing picks (api.answers.FrameSource)."""
         return routed(self.name, self.replicas, self.config.routing, self.rng, "/generate", req, key,
-                      self.config.max_loras)
+                      self.config.max_loras, self.stats)
 
     def call(self, path: str, req: msgspec.Struct, key: bytes | None = None) -> Batches:
         """The frames of a request to another engine route (/embed, /tokenize, /detokenize), routed alike."""
-        return routed(self.name, self.replicas, self.config.routing, self.rng, path, req, key)
+        return routed(self.name, self.replicas, self.config.routing, self.rng, path, req, key, counts=self.stats)
 
     def count_tokens(self, completion: int, prompt: int) -> None:
         """Tokens of one finished engine request (api.answers.FrameSource)."""

@@ -53,6 +53,7 @@ class ModelStatus(msgspec.Struct):
     on_demand: bool = False  # started on demand (or its set's member): `fleet sleep` / `fleet wake` apply
     swap_set: str | None = None  # its [[sets]] entry
     adapters: dict[str, int] = {}  # the model's LoRA adapters: requests naming each (the model's, on every replica's row)
+    taken_over: dict[str, int] = {}  # the model's requests whose engine died under them: rerun, resumed, given_up
 
 
 class FleetStatus(msgspec.Struct):

@@ -230,6 +230,7 @@ class FleetControl:
                     on_demand=served.demand is not None,
                     swap_set=served.config.swap_set,
                     adapters={a: served.stats.adapters.get(a, 0) for a in served.adapters},
+                    taken_over=served.stats.taken_over(),
                 ))
         gw = self._fleet.config.gateway
         return FleetStatus(GatewayStatus(gw.host, gw.port, os.getpid(), int(self._fleet.started_at)), rows)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from fleet.errors import ConfigError, EngineFailure, EngineTimeout, EngineUnreachable
+from fleet.errors import ConfigError, EngineFailure, EngineLost, EngineTimeout, EngineUnreachable
 from fleet.wire import http1, protocol
 
 _info_decoder = protocol.decoder(protocol.EngineInfo)
@@ -183,19 +183,22 @@ class EngineClient:
                 if frames.unreadable is not None:  # an engine of another version, say: the request fails, not the stream
                     raise EngineFailure(f"engine for model {self.name!r} sent a frame this gateway cannot read: "
                                         f"{frames.unreadable}")
-            raise EngineFailure(f"engine for model {self.name!r} closed the stream early")
+            raise EngineLost(f"engine for model {self.name!r} closed the stream early")
         except OSError as e:
-            raise self._failure(e) from None
+            raise self._failure(e, began=True) from None
         finally:
             # after Done the connection is reused; before it, closing it is what aborts the request
             response.release() if ended else response.abort()
 
-    def _failure(self, e: OSError) -> EngineFailure | EngineTimeout:
-        """What a connection error or a silence means for the request."""
+    def _failure(self, e: OSError, began: bool = False) -> EngineFailure | EngineTimeout:
+        """What a connection error or a silence means for the request (`began`: after the answer's
+        head came, where a broken connection means the engine was lost under it)."""
         if isinstance(e, http1.NotSent):
             return EngineUnreachable(f"engine for model {self.name!r} is unreachable: {e}")
         if isinstance(e, http1.Unanswered):  # the engine answers before it works: this one never began
             return EngineUnreachable(f"engine for model {self.name!r} closed the connection before answering: {e}")
         if isinstance(e, TimeoutError):
             return EngineTimeout(f"engine for model {self.name!r} sent nothing for {self.timeout:.0f}s")
+        if began:
+            return EngineLost(f"engine for model {self.name!r} broke the connection mid-answer: {e}")
         return EngineFailure(f"engine for model {self.name!r} is unreachable: {e}")

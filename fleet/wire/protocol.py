@@ -33,6 +33,7 @@ CLIENT_IDLE_LIMIT = 4.0
 assert CLIENT_IDLE_LIMIT < ENGINE_KEEP_ALIVE
 
 FinishReason = Literal["stop", "length", "abort"]
+ENGINE_DIED = 503  # an Error frame's status when vLLM's engine core died under the request
 
 
 class _Message(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -132,6 +133,16 @@ class ToolUse(_Message):
     name: str | None = None
 
 
+class Resume(_Message):
+    """A request taken over from a replica that died mid-answer: the prompt's last `generated`
+    token ids are output the client already has, of whose text it has `text_sent` characters (the
+    rest was held back, as vLLM holds back what might begin a stop string). The engine sends that
+    rest first and matches `stop` across it and what it generates now."""
+
+    generated: int
+    text_sent: int
+
+
 class GenerateRequest(_Message):
     """One prompt, as text, token ids or a conversation, and how to continue it."""
 
@@ -146,6 +157,7 @@ class GenerateRequest(_Message):
     tools: ToolUse | None = None  # read tool calls out of the answer (a Chat prompt only)
     reasoning: bool = False  # split the answer's reasoning from its content (the model's reasoning parser)
     adapter: str | None = None  # a LoRA adapter of the engine's model, by name (its [[models]] adapters)
+    resume: Resume | None = None  # a continuation of another replica's answer (gateway/routing/resume.py)
 
 
 class TokenLogprob(_Message, array_like=True):
@@ -198,7 +210,8 @@ class Done(_Message, tag="done"):
 
 
 class Error(_Message, tag="error"):
-    """The request failed on the engine; `status` is the HTTP status the gateway reports."""
+    """The request failed on the engine; `status` is the HTTP status the gateway reports
+    (ENGINE_DIED: the engine's vLLM core died under it, as if the engine's process had)."""
 
     message: str
     status: int = 500

@@ -2,9 +2,10 @@
 state a model shows over them, and `routed`: one engine request sent to the replica the model's
 policy picks, and to another when that one refuses it before any work began (failover).
 
-Failover is bounded: a replica is tried at most once per request, and only a request the engine
-never began (no connection opened, or it ended before the first byte of the answer:
-errors.EngineUnreachable) moves on; any other failure is the request's answer.
+Failover is bounded: a replica is tried at most once per request. A request the engine never began
+(no connection opened, or it ended before the first byte of the answer: errors.EngineUnreachable)
+moves on; so does one whose engine died under it (errors.EngineLost: run again, or continued where
+its stream stopped: resume.py); any other failure is the request's answer.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import msgspec
 
 from fleet.api.answers import Batches
 from fleet.config.model import RoutingPolicy
-from fleet.errors import EngineUnreachable, FleetError, ModelNotReady
-from fleet.gateway.metrics import ReplicaCounts
+from fleet.errors import EngineLost, EngineUnreachable, FleetError, ModelNotReady, RequestGivenUp
+from fleet.gateway.metrics import ModelCounts, ReplicaCounts
 from fleet.gateway.recent import TRACE
 from fleet.gateway.routing.keys import affinity_key
 from fleet.gateway.routing.policies import Choice, Outcome, ReplicaLoad, adapter_affinity, choose, failover
+from fleet.gateway.routing.resume import Progress, after_death
 from fleet.lifecycle import EngineState, closest_to_serving
 from fleet.wire import protocol
 from fleet.wire.client import EngineClient
@@ -83,9 +85,10 @@ def loads(replicas: Sequence[Replica]) -> list[ReplicaLoad]:
 
 
 async def routed(model: str, replicas: Sequence[Replica], policy: RoutingPolicy, rng: random.Random, path: str,
-                 req: msgspec.Struct, key: bytes | None, slots: int = 1) -> Batches:
+                 req: msgspec.Struct, key: bytes | None, slots: int = 1, counts: ModelCounts | None = None) -> Batches:
     """The frames of one engine request to `path` from the replica `policy` picks (a prompt's prefix
-    its key under the prefix policy, unless the request carries one), failing over as above.
+    its key under the prefix policy, unless the request carries one), failing over as above, and
+    taken over by another replica when its engine dies under it (resume.py; counted in `counts`).
     `replicas` is the model's live list: a rolling reload may change it meanwhile."""
     if policy is RoutingPolicy.PREFIX and key is None and isinstance(req, protocol.GenerateRequest):
         key = affinity_key(req.prompt)
@@ -98,6 +101,9 @@ async def routed(model: str, replicas: Sequence[Replica], policy: RoutingPolicy,
     else:
         choice = choose(policy, loads(replicas), key, rng)
     tried: list[Replica] = []  # by identity
+    died_on: list[str] = []  # replicas whose engine died under this request
+    progress = Progress()  # what the caller has, should an engine die under it
+    sending = req  # what goes to the next replica: the request, or its continuation
     while True:
         if choice is None:
             raise ModelNotReady(f"model {model!r} has no replica that serves; retry later", retry_after=5)
@@ -110,16 +116,28 @@ async def routed(model: str, replicas: Sequence[Replica], policy: RoutingPolicy,
         if trace is not None:
             trace.served_by(replica.name)
         try:
-            async for batch in replica.client.frames(path, req):
+            async for batch in replica.client.frames(path, sending):
                 last = batch[-1]
                 if isinstance(last, protocol.Done):
                     replica.stats.add_tokens(last.completion_tokens, last.prompt_tokens)
-                    if trace is not None:
-                        trace.prompt_tokens += last.prompt_tokens
-                        trace.completion_tokens += last.completion_tokens
-                elif isinstance(last, protocol.Error) and last.status >= 500:  # the engine failed it
-                    replica.stats.errors += 1
-                yield batch
+                elif isinstance(last, protocol.Error):
+                    if last.status == protocol.ENGINE_DIED:  # vLLM's core died: the engine is lost
+                        rest = progress.carry(batch[:-1]) if died_on else batch[:-1]
+                        progress.saw(rest)
+                        if rest:
+                            yield rest
+                        raise EngineLost(last.message)
+                    if last.status >= 500:  # the engine failed it
+                        replica.stats.errors += 1
+                if died_on:
+                    batch = progress.carry(batch)
+                    last = batch[-1] if batch else last
+                progress.saw(batch)
+                if isinstance(last, protocol.Done) and trace is not None:
+                    trace.prompt_tokens += last.prompt_tokens
+                    trace.completion_tokens += last.completion_tokens
+                if batch:
+                    yield batch
             replica.failures = 0
             return
         except EngineUnreachable:
@@ -130,6 +148,30 @@ async def routed(model: str, replicas: Sequence[Replica], policy: RoutingPolicy,
             choice = failover(loads(replicas), {i for i, r in enumerate(replicas) if r in tried}, rng)
             if choice is None:
                 raise
+        except EngineLost as e:  # the engine died under it: another replica takes it over (resume.py)
+            replica.failures += 1
+            replica.stats.errors += 1
+            tried.append(replica)
+            died_on.append(replica.name)
+            try:
+                after = after_death(req, progress, died_on)
+                if isinstance(after, protocol.Done):  # it had finished: only its Done was lost
+                    yield [after]
+                    return
+                sending = after
+                choice = failover(loads(replicas), {i for i, r in enumerate(replicas) if r in tried}, rng)
+                if choice is None:
+                    raise RequestGivenUp(f"{e.message}, and no other replica of model {model!r} serves to take the "
+                                         "request over") from None
+            except RequestGivenUp:
+                if counts is not None:
+                    counts.given_up += 1
+                raise
+            if counts is not None:
+                if progress.continuing:
+                    counts.resumed += 1
+                else:
+                    counts.rerun += 1
         except Exception as e:
             replica.failures += 1
             if not isinstance(e, FleetError) or e.status >= 500:  # a refused request is not the replica's failure

@@ -138,6 +138,12 @@ function showStatus(status) {
     c.pid.textContent = m.pid ?? "–";
     c.uptime.textContent = duration(m.uptime_s);
     c.restarts.textContent = m.restarts;
+    const over = m.taken_over || {};
+    if (over.rerun || over.resumed || over.given_up) {  // the model's requests whose engine died under them
+      const t = el("span", `resumed ${over.resumed} · re-run ${over.rerun} · lost ${over.given_up}`, "since takeovers");
+      t.title = "requests whose engine died under them: continued on another replica, run again there, or failed";
+      c.restarts.append(" ", t);
+    }
     c.inflight.textContent = m.inflight;
     c.queued.textContent = m.queued;
     c.tokensValue.textContent = m.tokens_per_s.toFixed(1);
