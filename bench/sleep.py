@@ -66,11 +66,11 @@ def model_table(name: str, ns: argparse.Namespace, port: int, share: float, **fi
 class Fleet:
     """`fleet launch` on a generated fleet.toml; stopped on leaving."""
 
-    def __init__(self, out: Path, name: str, tables: str) -> None:
+    def __init__(self, out: Path, name: str, tables: str, supervisor: str = "") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = out / f"{name}.toml"
-        config.write_text(f"[gateway]\nport = {self.port}\n\n[supervisor]\ndrain_timeout = 30\n\n{tables}")
+        config.write_text(f"[gateway]\nport = {self.port}\n\n[supervisor]\ndrain_timeout = 30\n{supervisor}\n{tables}")
         self.server = Server(name, [sys.executable, "-m", "fleet.cli", "launch", "--config", str(config),
                                     "--no-engine-logs"], out / f"{name}.log")
 

@@ -192,3 +192,17 @@ def test_one_replica_has_no_other_to_take_over_and_says_so(fake_fleet: FakeFleet
     r = httpx.post(f"{fleet.url}/v1/completions", timeout=30, json={"model": "m", "prompt": "x", "max_tokens": 10})
     assert r.status_code == 502
     assert "no other replica" in r.json()["error"]["message"]
+
+
+def test_the_status_page_shows_the_requests_taken_over_beside_the_restarts(fake_fleet: FakeFleets, tmp_path: Path) -> None:
+    from browser import Browser
+
+    fleet, _ = two_replicas(fake_fleet, tmp_path)
+    stream(fleet)
+    browser = Browser(fleet.url, tmp_path / "profile")
+    try:
+        shown = browser.page.wait_for_selector('#engines tr[data-engine="m.1"] .takeovers')
+        assert shown is not None and (shown.text_content() or "") == "resumed 1 · re-run 0 · lost 0"
+        assert browser.errors == []
+    finally:
+        browser.close()
