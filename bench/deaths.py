@@ -35,6 +35,7 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from bench.lora import model_path  # noqa: E402
 from bench.procs import free_ports, stop_all  # noqa: E402
 from bench.sleep import Fleet  # noqa: E402
 
@@ -72,12 +73,7 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, tokens: int, str
 
 
 async def run(ns: argparse.Namespace) -> dict[str, Any]:
-    if ns.source == "tiny":
-        from tiny_model import write_tiny_model
-
-        source = str(write_tiny_model(ns.out / "tiny"))
-    else:
-        source = ns.source
+    source = model_path(ns.source, ns.out)
     tables = (f'[[models]]\nname = "m"\nsource = "{source}"\n'
               f'port = {free_ports(2)}\nreplicas = 2\ndtype = "float32"\nmax_model_len = 512\nkv_cache_gib = 0.1\n')
     results: list[dict[str, Any]] = []

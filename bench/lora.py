@@ -103,14 +103,19 @@ def models_toml(ns: argparse.Namespace, base: Path, adapters: list[Path], merged
                    f"{where(len(merged))}\n" for k, p in enumerate(merged))
 
 
-def base_path(ns: argparse.Namespace) -> Path:
-    if ns.base == "tiny":
+def model_path(source: str, out: Path) -> Path:
+    """The model's folder: "tiny" (the test model, made under `out`), or a fleet.toml source."""
+    if source == "tiny":
         from tiny_model import write_tiny_model
 
-        return write_tiny_model(ns.out / "tiny")
+        return write_tiny_model(out / "tiny")
     from fleet.sources import resolve
 
-    return Path(resolve(ns.base))
+    return Path(resolve(source))
+
+
+def base_path(ns: argparse.Namespace) -> Path:
+    return model_path(ns.base, ns.out)
 
 
 def make_adapters(ns: argparse.Namespace, base: Path, into: Path) -> list[Path]:
