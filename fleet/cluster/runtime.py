@@ -149,16 +149,21 @@ class RayRuntime:
         """Nothing to note: the engine's node-side host stops its tree."""
 
     async def ended(self) -> str:
-        """Until the engine exited (then its last log lines come over) or its actor died."""
+        """Until the engine exited or its actor died."""
         from ray.exceptions import RayError
 
         try:
             code = await self._exit
         except RayError as e:
             return f"its Ray actor died: {_first_line(e)}"
+        return f"exited with code {code}"
+
+    async def last_words(self) -> None:
+        """The engine's last log lines, from its node (none when its actor died with it)."""
+        from ray.exceptions import RayError
+
         with contextlib.suppress(RayError):
             self.tail.extend(await self.actor.last_lines.remote())
-        return f"exited with code {code}"
 
     async def check(self, client: EngineClient, within: float) -> str | None:
         return None if await client.healthy(timeout=within) else "the engine does not answer /health"

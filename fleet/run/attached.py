@@ -52,6 +52,9 @@ class Attached:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
+    async def last_words(self) -> None:
+        pass
+
     async def check(self, client: EngineClient, within: float) -> str | None:
         """None when the engine answers /health and takes the token at /info; else what is wrong."""
         if not await client.healthy(timeout=within):

@@ -121,8 +121,10 @@ class LocalProcess:
     async def ended(self) -> str:
         assert self.proc is not None
         await wait_exit(self.proc)
-        await self.output.read_to_end(1)  # vLLM's helpers may hold the pipe open; this only delays FAILED
         return f"exited with code {self.proc.returncode}"
+
+    async def last_words(self) -> None:
+        await self.output.read_to_end(1)  # vLLM's helpers may hold the pipe open: at most a second
 
     async def check(self, client: EngineClient, within: float) -> str | None:
         return None if await client.healthy(timeout=within) else "the engine does not answer /health"

@@ -334,7 +334,7 @@ class EngineOwner(Commands):
                     return
                 self.runtime.notice()
                 if ended.done():
-                    self._fail(f"{ended.result()} before it was ready")
+                    await self._ended(f"{ended.result()} before it was ready")
                     return
                 problem = await self.runtime.check(self.client, 1.0 if restartable else poll)
                 if problem is None:
@@ -360,7 +360,7 @@ class EngineOwner(Commands):
                 self.runtime.notice()
                 await asyncio.wait({ended}, timeout=self.policy.health_interval)
                 if ended.done():
-                    self._fail(f"crashed ({ended.result()})")
+                    await self._ended(f"crashed ({ended.result()})")
                     return
                 if self.ready_at and time.monotonic() - self.ready_at > self.policy.restart_reset_after:
                     self.restarts = self._errors = 0
@@ -482,12 +482,28 @@ class EngineOwner(Commands):
         self.say(f"[red]unexpected error[/red] supervising the engine: {escape(what)} (traceback logged)")
         self._fail(f"supervisor error: {what}")
 
-    def _fail(self, reason: str) -> None:
-        if self.lifecycle.state in (EngineState.STARTING, EngineState.READY, EngineState.WAKING, EngineState.SLEEPING):
-            self.lifecycle.to(EngineState.FAILED, reason)
-            self.ready_at = None
-            last = "\n".join(f"    {escape(line)}" for line in self.tail[-15:])
-            self.say(f"[red]failed[/red]: {escape(reason)}" + (f"; last log lines:\n{last}" if last else ""))
+    def _fail(self, reason: str, *, quiet: bool = False) -> bool:
+        """Out of rotation as FAILED (from a state that can fail), said with the last log lines
+        unless `quiet`; whether it was."""
+        if self.lifecycle.state not in (EngineState.STARTING, EngineState.READY, EngineState.WAKING,
+                                        EngineState.SLEEPING):
+            return False
+        self.lifecycle.to(EngineState.FAILED, reason)
+        self.ready_at = None
+        if not quiet:
+            self._say_failed(reason)
+        return True
+
+    async def _ended(self, reason: str) -> None:
+        """The engine ended: FAILED at once (routing stops sending to it), said once its last
+        output lines came (up to a second later)."""
+        if self._fail(reason, quiet=True):
+            await self.runtime.last_words()
+            self._say_failed(reason)
+
+    def _say_failed(self, reason: str) -> None:
+        last = "\n".join(f"    {escape(line)}" for line in self.tail[-15:])
+        self.say(f"[red]failed[/red]: {escape(reason)}" + (f"; last log lines:\n{last}" if last else ""))
 
 
 async def _first_of(work: Awaitable[None], event: asyncio.Event) -> None:

@@ -75,7 +75,10 @@ class Runtime(Protocol):
         """While the engine runs: note what a later stop must reach (its process tree)."""
 
     async def ended(self) -> str:
-        """Return once the engine has ended, with how it ended ("exited with code 3")."""
+        """Return as soon as the engine has ended, with how it ended ("exited with code 3")."""
+
+    async def last_words(self) -> None:
+        """After it ended: wait (briefly) for its last output lines, which the failure quotes."""
 
     async def check(self, client: EngineClient, within: float) -> str | None:
         """None when the engine answers as ready to serve; else what is wrong."""

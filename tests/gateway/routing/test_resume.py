@@ -102,11 +102,12 @@ def test_a_continuations_frames_read_as_one_answer() -> None:
 # --- through the gateway, fake engines dying mid-answer ------------------------------------------
 
 
-def two_replicas(fake_fleet: FakeFleets, tmp_path: Path, deaths: int = 1, **args: Any) -> tuple[InProcessFleet, Path]:
+def two_replicas(fake_fleet: FakeFleets, tmp_path: Path, deaths: int = 1, health_interval: float = 0.2,
+                 **args: Any) -> tuple[InProcessFleet, Path]:
     die = tmp_path / "die"
     engine_args = {"fake_token_delay": 0.02, "fake_die_mid_stream_while": str(die), "fake_max_model_len": 256, **args}
     fleet = fake_fleet({"name": "m", "replicas": 2, "port": free_ports(2), "engine_args": engine_args},
-                       supervisor={"restart_backoff": 0.2, "restart_backoff_max": 0.4, "health_interval": 0.2})
+                       supervisor={"restart_backoff": 0.2, "restart_backoff_max": 0.4, "health_interval": health_interval})
     die.write_text(str(deaths))
     return fleet, die
 
@@ -206,3 +207,23 @@ def test_the_status_page_shows_the_requests_taken_over_beside_the_restarts(fake_
         assert browser.errors == []
     finally:
         browser.close()
+
+
+def test_a_replica_whose_engine_died_leaves_rotation_at_once_not_after_its_last_log_lines(
+        fake_fleet: FakeFleets, tmp_path: Path) -> None:
+    """Its grandchild holds the output pipe open, so the last lines take a second to come; routing
+    must not send requests to the dead engine meanwhile (they would be refused)."""
+    import os
+    import signal
+    import time
+
+    fleet, die = two_replicas(fake_fleet, tmp_path, health_interval=5, fake_spawn_child=True)
+    die.unlink()  # no death but the one below
+    transitions = fleet.transitions("m.0")
+    killed_at = time.monotonic()
+    os.kill(fleet.fleet.owners["m.0"].pid, signal.SIGKILL)  # type: ignore[arg-type]
+    seen = transitions.wait(lambda states: "failed" in states, "it failed")
+    assert transitions.at[seen.index("failed")] - killed_at < 0.5
+    for _ in range(10):  # meanwhile and after: every request served by the other replica
+        r = httpx.post(f"{fleet.url}/v1/completions", timeout=30, json={"model": "m", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
