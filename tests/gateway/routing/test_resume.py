@@ -227,3 +227,23 @@ def test_a_replica_whose_engine_died_leaves_rotation_at_once_not_after_its_last_
     for _ in range(10):  # meanwhile and after: every request served by the other replica
         r = httpx.post(f"{fleet.url}/v1/completions", timeout=30, json={"model": "m", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+def test_a_chat_stream_and_a_responses_stream_go_on_as_one_too(fake_fleet: FakeFleets, tmp_path: Path) -> None:
+    import openai
+
+    fleet, die = two_replicas(fake_fleet, tmp_path)
+    with openai.OpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as sdk:
+        chunks = list(sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=10,
+                                                  stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == expected_text(10) and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+        assert not die.exists()
+        fleet.wait_state("m.0", "ready")
+        fleet.wait_state("m.1", "ready")
+        die.write_text("1")  # one death under the next stream too
+        events = list(sdk.responses.create(model="m", input="hi", max_output_tokens=10, stream=True))
+        assert events[-1].type == "response.incomplete"  # max_output_tokens reached, as OpenAI says it
+        assert events[-1].response.output_text == expected_text(10)
+        assert not any(e.type == "error" for e in events)
+    assert not die.exists() and taken_over(fleet)["resumed"] == 2
