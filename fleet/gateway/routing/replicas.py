@@ -118,16 +118,13 @@ async def routed(model: str, replicas: Sequence[Replica], policy: RoutingPolicy,
         try:
             async for batch in replica.client.frames(path, sending):
                 last = batch[-1]
+                lost = None  # vLLM's core died under it: the engine is lost, as if its process had
                 if isinstance(last, protocol.Done):
                     replica.stats.add_tokens(last.completion_tokens, last.prompt_tokens)
                 elif isinstance(last, protocol.Error):
-                    if last.status == protocol.ENGINE_DIED:  # vLLM's core died: the engine is lost
-                        rest = progress.carry(batch[:-1]) if died_on else batch[:-1]
-                        progress.saw(rest)
-                        if rest:
-                            yield rest
-                        raise EngineLost(last.message)
-                    if last.status >= 500:  # the engine failed it
+                    if last.status == protocol.ENGINE_DIED:
+                        lost, batch = last, batch[:-1]
+                    elif last.status >= 500:  # the engine failed it
                         replica.stats.errors += 1
                 if died_on:
                     batch = progress.carry(batch)
@@ -138,6 +135,8 @@ async def routed(model: str, replicas: Sequence[Replica], policy: RoutingPolicy,
                     trace.completion_tokens += last.completion_tokens
                 if batch:
                     yield batch
+                if lost is not None:
+                    raise EngineLost(lost.message)
             replica.failures = 0
             return
         except EngineUnreachable:
