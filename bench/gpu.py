@@ -4,7 +4,7 @@ model, same settings, same load, one after the other in the order `--systems` na
     PYTHONPATH=/root/site:. python3 bench/gpu.py --model /root/models/smollm2-135m-instruct --out $OUT \
         [--systems fleet,vllm,litellm,offline] [--litellm-path /root/litellm] \
         [--together --memory 0.4 --rounds 2] [--referee] [--profile 256] [--stream-interval 4]
-        [--tools named --tool-parser pythonic]   # tool calls: streamed chat, vllm bench serve only
+        [--tools named --tool-parser pythonic]   # tool calls: streamed chat, counted from usage
 
 Throughput counts tokens (bench/loadgen.py's `chunk_tokens`: each chunk's continuous usage), not
 SSE chunks: a server that falls behind merges several steps into one chunk. `--referee` runs vLLM's
@@ -38,8 +38,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.loadgen import closed_loop, closed_window, closed_window_procs, completion_target, summarize
-from bench.referee import Load, referee
+from bench.loadgen import closed_loop, closed_window, closed_window_procs, completion_target, summarize, tool_call_target
+from bench.referee import TOOL_CHOICES, WEATHER, Load, referee
 from bench.systems import litellm_config
 
 PROMPTS = [f"Write a short story about a robot number {i} who learns to paint." for i in range(64)]
@@ -112,14 +112,17 @@ def profile(pids: dict[str, int], seconds: int, out: Path, tag: str) -> list[sub
 
 def run_points(base: str, model: str, concurrencies: list[int], max_tokens: int, front_pid: int,
                profile_at: set[int] = frozenset(), out: Path = Path("."), tag: str = "", window: float = 12.0,
-               client_procs: int = 1) -> list[dict]:
+               client_procs: int = 1, tools: str | None = None) -> list[dict]:
     """Each concurrency's point; with `client_procs` > 1 the clients run in that many processes
-    (one Python process receiving ~35,000 chunks/s can be the limit itself)."""
+    (one Python process receiving ~35,000 chunks/s can be the limit itself). With `tools` ("named"
+    or "required"), streamed chat completions that call bench.referee's WEATHER instead, tokens
+    counted from usage and each answer's finish reason kept."""
     front = psutil.Process(front_pid)
     me = psutil.Process()
     points = []
     for c in concurrencies:
-        target = completion_target(base, model, PROMPTS, max_tokens, stream=True)
+        target = (completion_target(base, model, PROMPTS, max_tokens, stream=True) if tools is None
+                  else tool_call_target(base, model, PROMPTS, max_tokens, WEATHER, TOOL_CHOICES[tools]))
         asyncio.run(closed_loop(target, min(c, 16), min(c, 16)))  # warm-up
         spies = profile(python_processes(front_pid), int(window) + 3, out, f"{tag}-c{c}") if c in profile_at else []
         cpu0, mine0 = front.cpu_times(), me.cpu_times()
@@ -142,7 +145,7 @@ def run_points(base: str, model: str, concurrencies: list[int], max_tokens: int,
         points.append(s)
         print(f"  c={c}: {s['req_per_s']} req/s, {s['output_tok_per_s']} tok/s ({s.get('tokens_per_chunk')} per chunk, "
               f"completed-only {s.get('completed_tok_per_s')}), ttft p50 {(s['ttft_ms'] or {}).get('p50')} ms, "
-              f"errors {s['errors']}, front cpu {s['front_cpu_s']} s, client cpu {s['client_cpu_s']} s", flush=True)
+              f"errors {s['errors']} {s['error_examples'][:1]}, finish {s.get('finish_reasons')}, front cpu {s['front_cpu_s']} s, client cpu {s['client_cpu_s']} s", flush=True)
     return points
 
 
@@ -286,7 +289,6 @@ def main() -> None:
                      "together": ns.together, "systems": {}, "rounds": []}
     env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}
     loads = [Load(c, max(32, 4 * c), ns.referee_input_len, ns.max_tokens, tools=ns.tools) for c in conc]
-    ns.referee = ns.referee or ns.tools is not None
 
     def save() -> None:
         (ns.out / "gpu.json").write_text(json.dumps(results, indent=2))
@@ -311,11 +313,11 @@ def main() -> None:
             entry["points"] += [turns.point(c) for c in points]
             save()
             return
-        for n in (int(x) for x in ns.client_procs.split(",") if ns.tools is None):  # loadgen: completions
+        for n in (int(x) for x in ns.client_procs.split(",")):
             if n > 1:
                 print(f"  ({n} client processes)", flush=True)
             entry["points"] += run_points(base, "m", points, ns.max_tokens, proc.pid, profile_at if k == 0 else set(),
-                                          ns.out, tag, ns.window, n)
+                                          ns.out, tag, ns.window, n, ns.tools)
         if ns.referee:
             done = referee(base, "m", ns.model, [load for load in loads if load.concurrency in points], env=env,
                            log=ns.out / "vllm-bench.log")
@@ -406,6 +408,10 @@ def main() -> None:
         oconc = [int(x) for x in (ns.offline_concurrency or ns.concurrency).split(",")]
         results["systems"]["offline"] = offline(ns, oconc, env)
         save()
+    if ns.tools:  # vLLM's scheduler ends a request whose sampled token its grammar rejects: count them per system
+        results["grammar_rejected"] = {str(log.relative_to(ns.out)): log.read_text(errors="replace").count("grammar rejected tokens")
+                                       for log in sorted(ns.out.rglob("*.log")) if log.name != "vllm-bench.log"}
+        print(f"grammar rejections per log: {results['grammar_rejected']}", flush=True)
     report(results)
     save()
 

@@ -65,6 +65,20 @@ def completion_target(
     return Target(f"{base_url}/v1/completions", tuple(bodies), "openai", stream)
 
 
+def tool_call_target(base_url: str, model: str, prompts: Sequence[str], max_tokens: int, tool: dict[str, Any],
+                     tool_choice: Any) -> Target:
+    """Streamed POST {base_url}/v1/chat/completions, greedy, offering `tool` under `tool_choice`
+    (named or "required": every answer is the call's arguments under structured outputs), usage in
+    every chunk: the tokens of a tool call are counted, though it has no content."""
+    bodies = tuple(
+        _json_encode({"model": model, "messages": [{"role": "user", "content": prompt}], "tools": [tool],
+                      "tool_choice": tool_choice, "max_completion_tokens": max_tokens, "temperature": 0.0,
+                      "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        for prompt in prompts
+    )
+    return Target(f"{base_url}/v1/chat/completions", bodies, "openai", True)
+
+
 def generate_target(engine_url: str, prompts: Sequence[str], max_tokens: int) -> Target:
     """POST {engine_url}/generate: fleet's internal protocol, as the gateway sends it."""
     from fleet.wire import protocol
@@ -88,6 +102,7 @@ class Sample:
     ttft: float | None = None  # streaming: to the first chunk that carries text
     tokens: int = 0
     error: str | None = None
+    finish: str | None = None  # the finish reason of its (first) choice
     lag: float = 0.0  # open loop: how late the client sent it (actual - scheduled)
     start: float = 0.0  # perf_counter when it was sent
 
@@ -127,7 +142,8 @@ def chunk_tokens(event: dict[str, Any], seen: dict[int, int]) -> tuple[int, str]
         if logprobs:
             entries = logprobs.get("tokens") if "tokens" in logprobs else logprobs.get("content")
             tokens += len(entries or [])
-        text = text or bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+        delta = choice.get("delta") or {}
+        text = text or bool(choice.get("text") or delta.get("content") or delta.get("tool_calls"))
     if tokens:
         return tokens, "logprobs"
     return (1, "chunks") if text else (0, "chunks")
@@ -151,6 +167,8 @@ async def _read_sse(resp: aiohttp.ClientResponse, start: float, sample: Sample, 
             if usage := event.get("usage"):
                 usage_tokens = usage.get("completion_tokens")
             continue
+        if reason := choices[0].get("finish_reason"):
+            sample.finish = reason
         tokens, how = chunk_tokens(event, seen)
         if tokens == 0:
             continue
@@ -419,6 +437,8 @@ def summarize(run: RunResult, *, cdf: bool = False) -> dict[str, Any]:
         "output_tokens": tokens,
         "tokens_per_request": sorted({s.tokens for s in ok})[:5],
     }
+    if finishes := [s.finish for s in ok if s.finish is not None]:
+        out["finish_reasons"] = {r: finishes.count(r) for r in sorted(set(finishes))}
     for name, values in (("latency_ms", lat), ("ttft_ms", ttft)):
         if values:
             out[name] = {f"p{q}": round(percentile(values, q), 3) for q in (50, 90, 99)}  # type: ignore[arg-type]

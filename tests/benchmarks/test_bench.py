@@ -184,6 +184,7 @@ async def _serve_sse(events: list[dict], pause: float = 0.0):
 
     app = web.Application()
     app.router.add_post("/v1/completions", handler)
+    app.router.add_post("/v1/chat/completions", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -242,6 +243,35 @@ def test_window_counts_tokens_received_inside_it_from_merged_chunks() -> None:
     assert s["output_tokens"] > s["window_chunks"]  # 2.5 tokens per chunk on average, not one
     assert s["output_tok_per_s"] >= s["completed_tok_per_s"] > 0  # running requests count too
     assert s["tokens_per_request"] == [10]
+
+
+def test_loadgen_counts_a_streamed_tool_call_by_usage_and_keeps_its_finish_reason() -> None:
+    from bench.referee import TOOL_CHOICES, WEATHER
+
+    pieces = [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+              {"index": 0, "function": {"arguments": '{"city": "Paris", '}},
+              {"index": 0, "function": {"arguments": '"unit": "celsius"}'}}]
+    events = [{"choices": [{"index": 0, "delta": {"tool_calls": [piece]}, "finish_reason": None}],
+               "usage": {"prompt_tokens": 9, "completion_tokens": 3 * (k + 1), "total_tokens": 9 + 3 * (k + 1)}}
+              for k, piece in enumerate(pieces)]
+    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18}})
+    events.append({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18}})
+
+    async def main() -> loadgen.RunResult:
+        runner, base = await _serve_sse(events)
+        try:
+            target = loadgen.tool_call_target(base, "m", ["hi", "ho"], 32, WEATHER, TOOL_CHOICES["named"])
+            assert json.loads(target.bodies[0])["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+            return await loadgen.closed_loop(target, 2, 4)
+        finally:
+            await runner.cleanup()
+
+    run = asyncio.run(main())
+    assert all(s.ttft is not None for s in run.samples)  # a tool call's first piece is its first token
+    s = loadgen.summarize(run)
+    assert s["ok"] == 4 and s["tokens_per_request"] == [9]
+    assert s["finish_reasons"] == {"stop": 4}
 
 
 def test_gpu_bench_reverses_the_order_every_round_and_pools_rounds_in_its_ratios() -> None:
