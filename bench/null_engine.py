@@ -14,6 +14,7 @@ the fleet file sets it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `fleet` and `bench` impor
 
 from bench import tinyhttp
 from fleet.config.model import ModelConfig
+from fleet.config.schema import ENGINE_SOCKET_ENV
 from fleet.wire import protocol
 
 NULL_ENGINE = Path(__file__).resolve()
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     tinyhttp.die_with_parent()
     cfg = ModelConfig.model_validate_json(ns.model_json)
-    tinyhttp.run(make_handler(cfg), cfg.host, cfg.port, f"null engine {cfg.name}: serving on {cfg.host}:{cfg.port}")
+    unix = os.environ.get(ENGINE_SOCKET_ENV) or None  # the launcher's gateway comes there, as to fleet's engine
+    tinyhttp.run(make_handler(cfg), cfg.host, cfg.port, f"null engine {cfg.name}: serving on {cfg.host}:{cfg.port}", unix)
 
 
 if __name__ == "__main__":

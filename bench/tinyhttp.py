@@ -88,22 +88,30 @@ async def start(handler: Handler, host: str, port: int) -> asyncio.Server:
     return await loop.create_server(lambda: _Connection(handler), host, port, reuse_address=True, backlog=4096)
 
 
-def run(handler: Handler, host: str, port: int, ready_message: str = "") -> None:
-    """Serve until SIGTERM/SIGINT, on uvloop when it is installed."""
+def run(handler: Handler, host: str, port: int, ready_message: str = "", unix_socket: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, on uvloop when it is installed; on `unix_socket` too, if given."""
     import signal
+
+    from fleet.run.process import remove_socket_file
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        server = await start(handler, host, port)
+        servers = [await start(handler, host, port)]
+        if unix_socket:
+            remove_socket_file(unix_socket)
+            servers.append(await loop.create_unix_server(lambda: _Connection(handler), unix_socket, backlog=4096))
         if ready_message:
             print(ready_message, flush=True)
         try:
             await stop.wait()
         finally:
-            server.close()
+            for server in servers:
+                server.close()
+            if unix_socket:
+                remove_socket_file(unix_socket)
 
     try:
         import uvloop

@@ -477,16 +477,20 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    class Server(uvicorn.Server):
+    from fleet.config.schema import ENGINE_SOCKET_ENV
+    from fleet.run.process import SignalFreeServer
+
+    class Server(SignalFreeServer):  # its port, and the Unix socket the launcher names, as fleet's engine
         def capture_signals(self):  # type: ignore[no-untyped-def]
             # uvicorn would install its own SIGTERM handler over the SIG_IGN set above
-            return contextlib.nullcontext() if ignore_sigterm else super().capture_signals()
+            return contextlib.nullcontext() if ignore_sigterm else uvicorn.Server.capture_signals(self)
 
     server = Server(uvicorn.Config(
         create_fake_app(engine), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
         timeout_graceful_shutdown=2,
-    ))
-    print(f"fake engine {name}: serving on {cfg.host}:{cfg.port}", flush=True)
+    ), unix_socket=os.environ.get(ENGINE_SOCKET_ENV) or None)
+    print(f"fake engine {name}: serving on {cfg.host}:{cfg.port}" + (f" and {server.unix_socket}" if server.unix_socket else ""),
+          flush=True)
     asyncio.run(server.serve())
     print(f"fake engine {name}: stopped", flush=True)
 

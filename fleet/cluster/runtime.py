@@ -44,6 +44,7 @@ class RayRuntime:
     """One replica's engine on the cluster (a kill: the actor goes at once, and the engine with it)."""
 
     restartable = True
+    unix_socket = None  # on a node of the cluster, reached at its address
 
     def __init__(self, cfg: ModelConfig, *, cluster: Cluster, env: dict[str, str] | None = None,
                  token: str | None = None) -> None:

@@ -25,6 +25,7 @@ DEFAULT_CONFIG = Path("fleet.toml")
 DEFAULT_MAX_HEADER_BYTES = 64 << 10  # nginx's large_client_header_buffers (4 x 8k) and Envoy's 60 KiB, about
 MAX_SHARED_FRACTION = 0.95  # of one GPU, summed over the models that share it
 ENGINE_TOKEN_ENV = "FLEET_ENGINE_TOKEN"  # the token engines accept, which the gateway presents
+ENGINE_SOCKET_ENV = "FLEET_ENGINE_SOCKET"  # a Unix socket an engine on the gateway's machine listens on too
 PLACEMENT_GROUP_ENV = "FLEET_RAY_PLACEMENT_GROUP"  # a replica across a cluster's nodes: its placement group's id
 
 

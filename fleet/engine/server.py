@@ -2,7 +2,8 @@
 
 Started by the launcher as ``python -m fleet.engine --model-json '<ModelConfig JSON>'``.
 It resolves the model's source (converting a GGUF once), builds the engine (args.py), then
-serves ``/health``, ``/info`` and ``/generate`` (fleet/wire/protocol.py) on the model's port.
+serves ``/health``, ``/info`` and ``/generate`` (fleet/wire/protocol.py) on the model's port (and,
+started by a launcher on this machine, on the Unix socket $FLEET_ENGINE_SOCKET names too).
 When the gateway drops a /generate connection, the stream is cancelled and vLLM aborts the request.
 """
 
@@ -27,7 +28,7 @@ from litestar.params import FromQuery, JSONBody
 from litestar.types import HTTPResponseStartEvent, HTTPScope, Receive, Send
 
 from fleet.config.model import ModelConfig
-from fleet.config.schema import ENGINE_TOKEN_ENV
+from fleet.config.schema import ENGINE_SOCKET_ENV, ENGINE_TOKEN_ENV
 from fleet.engine.args import build_engine, worker_in_engine_core
 from fleet.engine.service import EngineService
 from fleet.errors import ClientDisconnected
@@ -164,7 +165,8 @@ async def serve(cfg: ModelConfig) -> None:
     server = SignalFreeServer(
         uvicorn.Config(create_engine_app(service, os.environ.get(ENGINE_TOKEN_ENV)), host=cfg.host, port=cfg.port,
                        log_level="warning", access_log=False, proxy_headers=False,  # its one client: the gateway
-                       timeout_keep_alive=protocol.ENGINE_KEEP_ALIVE)
+                       timeout_keep_alive=protocol.ENGINE_KEEP_ALIVE),
+        unix_socket=os.environ.get(ENGINE_SOCKET_ENV) or None,  # the launcher's engines: its gateway comes there
     )
     loop = asyncio.get_running_loop()
     quiet = ExpectedEngineDeath()
@@ -176,7 +178,8 @@ async def serve(cfg: ModelConfig) -> None:
     logging.getLogger(VLLM_OUTPUT_LOGGER).addFilter(quiet)
     for sig in (signal.SIGTERM, signal.SIGINT):  # SIGTERM also comes when the launcher dies
         loop.add_signal_handler(sig, stop)
-    print(f"fleet engine {cfg.name}: model loaded in {time.monotonic() - started:.1f}s, serving on {cfg.host}:{cfg.port}", flush=True)
+    print(f"fleet engine {cfg.name}: model loaded in {time.monotonic() - started:.1f}s, serving on {cfg.host}:{cfg.port}"
+          + (f" and {server.unix_socket}" if server.unix_socket else ""), flush=True)
     try:
         await server.serve()
     finally:

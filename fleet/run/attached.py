@@ -22,6 +22,7 @@ class Attached:
     """An engine at a url, health-checked; nothing to start or stop."""
 
     restartable = False
+    unix_socket = None  # started elsewhere, by `fleet engine`: reached at its address
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,10 +23,10 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from fleet.config.model import ModelConfig
-from fleet.config.schema import ENGINE_TOKEN_ENV
+from fleet.config.schema import ENGINE_SOCKET_ENV, ENGINE_TOKEN_ENV
 from fleet.machine.probe import engine_dtype
 from fleet.run.output import EngineOutput
-from fleet.run.process import descendants, stop_process_tree, wait_exit
+from fleet.run.process import descendants, remove_socket_file, stop_process_tree, wait_exit
 from fleet.run.runtime import Address, Runtime, StartFailed, Voice
 from fleet.sources import cache_dir
 from fleet.wire.client import EngineClient
@@ -38,6 +40,31 @@ EngineCommand = Callable[[ModelConfig], Sequence[str]]
 def engine_command(cfg: ModelConfig) -> list[str]:
     """The real engine: `python -m fleet.engine` with the model's settings."""
     return [sys.executable, "-m", "fleet.engine", "--model-json", cfg.engine_json()]
+
+
+SOCKET_PATH_MAX = 100  # a Unix socket's path fits in 108 bytes (sun_path), its NUL included
+
+
+def engine_socket(port: int) -> str | None:
+    """The Unix socket an engine fleet starts on this machine listens on beside its port, and the
+    gateway reaches it at: a private folder of this user's in the temporary directory, named by the
+    port (which no other engine of this machine holds while it runs). None, and TCP alone, where
+    that folder is not this user's alone or the path would be too long.
+
+    Why: a token's frame crosses a Unix socket for about half the CPU of loopback TCP on each
+    side (no TCP stack, no acknowledgements); docs/benchmarks.md, "The token path"."""
+    folder = Path(tempfile.gettempdir()) / f"fleet-{os.getuid()}"
+    path = str(folder / f"engine-{port}.sock")
+    if len(path.encode()) > SOCKET_PATH_MAX:
+        return None
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        mode = folder.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISDIR(mode.st_mode) or mode.st_uid != os.getuid() or mode.st_mode & 0o077:
+        return None  # another user's, or open to others: the token would still hold, but stay on TCP
+    return path
 
 
 def log_dir() -> Path:
@@ -54,7 +81,9 @@ class LocalProcess:
                  console: Console | None = None, echo_logs: bool = True, token: str | None = None) -> None:
         self.cfg = cfg
         self.command = command
-        self.env = {**(env or {}), **({ENGINE_TOKEN_ENV: token} if token else {})}
+        self.unix_socket = engine_socket(cfg.port)
+        self.env = {**(env or {}), **({ENGINE_TOKEN_ENV: token} if token else {}),
+                    **({ENGINE_SOCKET_ENV: self.unix_socket} if self.unix_socket else {})}
         self.output = EngineOutput(cfg.replica_name, log_dir() / f"{cfg.replica_name}.log",
                                    console=console or Console(stderr=True, soft_wrap=True), echo=echo_logs,
                                    each_line=self._line)
@@ -132,6 +161,8 @@ class LocalProcess:
     async def stop(self, grace: float, now: asyncio.Event | None) -> None:
         if self.proc is not None:
             await stop_process_tree(self.proc, grace=grace, also=self._family.values(), now=now)
+        if self.unix_socket is not None:
+            remove_socket_file(self.unix_socket)  # a killed engine could not
 
     async def close(self) -> None:
         await self.output.close()

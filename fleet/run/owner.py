@@ -69,7 +69,7 @@ class EngineOwner(Commands):
         self.runtime = runtime
         self.lifecycle = Lifecycle(self.name)
         host, port = cfg.address
-        self.client = EngineClient(cfg.name, host, port, token=token, timeout=engine_timeout)
+        self.client = EngineClient(cfg.name, host, port, token=token, timeout=engine_timeout, unix=runtime.unix_socket)
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.policy = policy or SupervisorConfig()
         self.started_at = 0.0

@@ -11,10 +11,11 @@ import ctypes
 import gc
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -66,14 +67,53 @@ class OutputPipe:
 
 class SignalFreeServer(uvicorn.Server):
     """uvicorn without its own signal handling: the process that runs it owns SIGINT/SIGTERM.
-
     (uvicorn re-raises a captured SIGTERM once it has shut down, which would kill the process
     before its own clean-up ran.)
-    """
+
+    With `unix_socket`, it listens there too, beside its TCP address, until it shuts down: an
+    engine on the gateway's machine is reached there (fleet.run.local.engine_socket says why)."""
+
+    def __init__(self, config: uvicorn.Config, unix_socket: str | None = None) -> None:
+        super().__init__(config)
+        self.unix_socket = unix_socket
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets)
+        if self.unix_socket is None or self.should_exit:
+            return
+        remove_socket_file(self.unix_socket)  # left by an engine on this port that was killed
+        config, path = self.config, self.unix_socket
+
+        def protocol() -> asyncio.Protocol:  # what uvicorn's startup makes for each TCP connection
+            made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state)
+            return made
+
+        try:
+            server = await asyncio.get_running_loop().create_unix_server(protocol, path=path, backlog=config.backlog)
+        except OSError as e:  # the launcher's gateway would wait for it in vain: say so, and stop
+            print(f"cannot listen on the Unix socket {path}: {e}", file=sys.stderr, flush=True)
+            await self.shutdown()
+            sys.exit(1)
+        self.servers.append(server)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if self.unix_socket is not None:
+                remove_socket_file(self.unix_socket)
+
+
+def remove_socket_file(path: str) -> None:
+    """Remove a Unix socket's file, if there is one there (any other file stays)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
 
 
 def freeze_startup_heap() -> None:

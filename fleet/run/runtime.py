@@ -48,6 +48,10 @@ class Runtime(Protocol):
     restartable: bool  # False: fleet never starts, restarts or stops it (an attached engine)
 
     @property
+    def unix_socket(self) -> str | None:
+        """A Unix socket the engine listens on too, on this machine: its owner's client goes there."""
+
+    @property
     def tail(self) -> collections.deque[str]:
         """Its last output lines (a failure's message quotes them)."""
 

@@ -75,16 +75,18 @@ class EngineClient:
 
     Its owner (the engine's owner, fleet.run.owner) closes it."""
 
-    def __init__(self, name: str, host: str, port: int, *, token: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(self, name: str, host: str, port: int, *, token: str | None = None, timeout: float = 300.0,
+                 unix: str | None = None) -> None:
+        """`unix`: the Unix socket the engine listens on too (one on this machine): reached there."""
         self.name = name
         self.url = url_of(host, port)
         self.timeout = timeout  # the longest silence from the engine during a request
         self._headers = [("Authorization", f"Bearer {token}")] if token else []
-        self._pool = self._pool_for(host, port)
+        self._pool = self._pool_for(host, port, unix)
 
-    def _pool_for(self, host: str, port: int) -> http1.Pool:
+    def _pool_for(self, host: str, port: int, unix: str | None = None) -> http1.Pool:
         return http1.Pool(connect_host(host), port, headers=self._headers, read_timeout=self.timeout,
-                          idle_limit=protocol.CLIENT_IDLE_LIMIT)
+                          idle_limit=protocol.CLIENT_IDLE_LIMIT, unix=unix)
 
     async def move_to(self, host: str, port: int) -> None:
         """From now on, reach the engine at (host, port) (a cluster's replica, placed anew on a

@@ -19,6 +19,7 @@ byte of the response), `TimeoutError` (no connection within `connect_timeout`, o
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import time
 from collections.abc import Iterable
@@ -40,10 +41,12 @@ class Pool:
     """Keep-alive connections to one server; `request` sends on an idle one or a new one."""
 
     def __init__(self, host: str, port: int, *, idle_limit: float, headers: Iterable[tuple[str, str]] = (),
-                 connect_timeout: float = 5.0, read_timeout: float = 300.0) -> None:
+                 connect_timeout: float = 5.0, read_timeout: float = 300.0, unix: str | None = None) -> None:
         """`idle_limit`: a connection idle this long is not reused; keep it below the server's
-        keep-alive timeout, or a request sent into a connection closing just then is lost."""
-        self.host, self.port = host, port
+        keep-alive timeout, or a request sent into a connection closing just then is lost.
+        `unix`: connect to the server's Unix socket at this path instead (host and port then only
+        name it in the Host header)."""
+        self.host, self.port, self.unix = host, port, unix
         self.idle_limit = idle_limit
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -122,7 +125,10 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:  # not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the connection opens
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: Connection(self), self.host, self.port)
+                if self.unix is not None:
+                    _, conn = await loop.create_unix_connection(lambda: Connection(self), self.unix)
+                else:
+                    _, conn = await loop.create_connection(lambda: Connection(self), self.host, self.port)
         except TimeoutError:
             raise NotSent(f"no connection within {self.connect_timeout:.0f}s") from None
         except OSError as e:  # refused, unreachable: the request's bytes went nowhere
@@ -140,19 +146,26 @@ class Pool:
 
 
 _TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
+_HUNG_UP = select.POLLIN | select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
 def _established(transport: asyncio.BaseTransport) -> bool:
     """Whether the kernel still holds an idle connection as open both ways. A server process that
     died closed its end at once (FIN or RST is already queued here) even when this loop has not read
     that yet; a POST written to such a connection would fail after it left, and could never be sent
-    elsewhere, while a fresh connection is refused before any byte leaves (NotSent). One getsockopt."""
-    if not hasattr(socket, "TCP_INFO"):
-        return True
+    elsewhere, while a fresh connection is refused before any byte leaves (NotSent). One getsockopt
+    (TCP), or one poll (a Unix socket: an idle connection with anything to read, its end included,
+    is not one to reuse)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return True
     try:
+        if sock.family == socket.AF_UNIX:
+            poll = select.poll()
+            poll.register(sock.fileno(), _HUNG_UP)
+            return not poll.poll(0)
+        if not hasattr(socket, "TCP_INFO"):
+            return True
         return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_ESTABLISHED)
     except OSError:
         return False

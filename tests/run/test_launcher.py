@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -168,6 +169,23 @@ def test_status_reports_every_model(fake_fleet: FakeFleets) -> None:
     assert rows["b"]["state"] == "starting" and rows["b"]["uptime_s"] is None
     assert set(rows["a"]) >= {"model", "state", "gpus", "port", "pid", "uptime_s", "restarts", "inflight", "tokens_per_s"}
     assert body["gateway"]["pid"] == os.getpid()
+
+
+def test_the_gateway_reaches_an_engine_it_started_through_a_private_unix_socket_removed_after(
+        fake_fleet: FakeFleets) -> None:
+    f = fake_fleet(fake("a"))
+    owner = f.fleet.owners["a"]
+    path = owner.runtime.unix_socket
+    assert path is not None and stat.S_ISSOCK(os.stat(path).st_mode)
+    folder = os.stat(os.path.dirname(path))
+    assert folder.st_uid == os.getuid() and stat.S_IMODE(folder.st_mode) == 0o700  # this user's alone
+    for _ in range(3):
+        assert complete(f.url, "a").status_code == 200
+    engine = psutil.Process(owner.pid)
+    assert [c for c in engine.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED] == []  # none over TCP
+    assert len([c for c in engine.net_connections("unix") if c.laddr == path]) >= 2  # listening, and the gateway's
+    f.stop()
+    assert not os.path.exists(path)
 
 
 # --- stopping: no process left behind -----------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Self
 
 import pytest
@@ -19,8 +20,9 @@ CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
 class Server:
     """A loopback server running `handler` per connection; counts connections and requests."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, unix: str | None = None) -> None:
         self.handler = handler
+        self.unix = unix  # a Unix socket's path to listen on instead of a loopback port
         self.connections = 0
         self.closed_by_client = asyncio.Event()
         self.server: asyncio.Server | None = None
@@ -35,7 +37,10 @@ class Server:
             finally:
                 writer.close()
 
-        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        if self.unix is not None:
+            self.server = await asyncio.start_unix_server(serve, self.unix)
+        else:
+            self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -45,10 +50,17 @@ class Server:
     @property
     def port(self) -> int:
         assert self.server is not None
-        return self.server.sockets[0].getsockname()[1]
+        return 1 if self.unix is not None else self.server.sockets[0].getsockname()[1]
 
     def pool(self, **kwargs: float) -> http1.Pool:
-        return http1.Pool("127.0.0.1", self.port, **{"idle_limit": protocol.CLIENT_IDLE_LIMIT, **kwargs})
+        return http1.Pool("127.0.0.1", self.port, unix=self.unix, **{"idle_limit": protocol.CLIENT_IDLE_LIMIT, **kwargs})
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def unix(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+    """Where a test's server listens: a loopback port, or a Unix socket (as an engine on the
+    gateway's machine)."""
+    return str(tmp_path / "engine.sock") if request.param == "unix" else None
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -72,9 +84,9 @@ async def echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
 
 
-def test_sequential_requests_reuse_one_keep_alive_connection() -> None:
+def test_sequential_requests_reuse_one_keep_alive_connection(unix: str | None) -> None:
     async def main() -> None:
-        async with Server(echo_forever) as server:
+        async with Server(echo_forever, unix) as server:
             pool = server.pool()
             for i in range(5):
                 response = await pool.request("POST", "/x", b"body %d" % i)
@@ -154,7 +166,7 @@ def test_chunked_body_is_read_as_it_arrives_and_ends_with_empty_bytes() -> None:
     run(main())
 
 
-def test_a_connection_the_server_closed_while_idle_is_not_reused_and_the_request_succeeds() -> None:
+def test_a_connection_the_server_closed_while_idle_is_not_reused_and_the_request_succeeds(unix: str | None) -> None:
     async def one_answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _, body = await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
@@ -162,7 +174,7 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused_and_the_request
         # then the server closes the idle connection (as uvicorn does after its keep-alive timeout)
 
     async def main() -> None:
-        async with Server(one_answer_then_close) as server:
+        async with Server(one_answer_then_close, unix) as server:
             pool = server.pool()
             for i in range(3):
                 response = await pool.request("POST", "/x", b"%d" % i)
@@ -499,7 +511,7 @@ def test_nothing_listening_is_not_sent_so_another_replica_may_take_it() -> None:
     run(main())
 
 
-def test_an_idle_connection_whose_server_process_died_is_never_written_to() -> None:
+def test_an_idle_connection_whose_server_process_died_is_never_written_to(unix: str | None) -> None:
     """The server process is SIGKILLed while the connection idles in the pool: the next POST must
     not be written to it (it would fail after leaving, and could not be sent elsewhere); it opens a
     new connection instead, which is refused before any byte leaves."""
@@ -508,8 +520,9 @@ def test_an_idle_connection_whose_server_process_died_is_never_written_to() -> N
     import subprocess
     import sys
 
-    server = ("import socket, sys\n"
-              "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); print(s.getsockname()[1], flush=True)\n"
+    listen = (f"s = socket.socket(socket.AF_UNIX); s.bind({unix!r}); s.listen(); print(1, flush=True)\n" if unix else
+              "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); print(s.getsockname()[1], flush=True)\n")
+    server = ("import socket, sys\n" + listen +
               "c, _ = s.accept(); c.recv(65536)\n"
               "c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok'); sys.stdin.read()\n")
 
@@ -517,7 +530,7 @@ def test_an_idle_connection_whose_server_process_died_is_never_written_to() -> N
         child = subprocess.Popen([sys.executable, "-c", server], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             port = int(child.stdout.readline())  # type: ignore[union-attr]
-            pool = http1.Pool("127.0.0.1", port, idle_limit=protocol.CLIENT_IDLE_LIMIT)
+            pool = http1.Pool("127.0.0.1", port, idle_limit=protocol.CLIENT_IDLE_LIMIT, unix=unix)
             response = await pool.request("GET", "/")
             assert await response.body() == b"ok"
             response.release()
