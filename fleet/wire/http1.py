@@ -19,6 +19,7 @@ byte of the response), `TimeoutError` (no connection within `connect_timeout`, o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import time
@@ -44,8 +45,8 @@ class Pool:
                  connect_timeout: float = 5.0, read_timeout: float = 300.0, unix: str | None = None) -> None:
         """`idle_limit`: a connection idle this long is not reused; keep it below the server's
         keep-alive timeout, or a request sent into a connection closing just then is lost.
-        `unix`: connect to the server's Unix socket at this path instead (host and port then only
-        name it in the Host header)."""
+        `unix`: connect to the server's Unix socket at this path instead (to host and port while
+        no file is there)."""
         self.host, self.port, self.unix = host, port, unix
         self.idle_limit = idle_limit
         self.connect_timeout = connect_timeout
@@ -125,9 +126,12 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:  # not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the connection opens
             async with asyncio.timeout(self.connect_timeout):
+                conn: Connection | None = None
                 if self.unix is not None:
-                    _, conn = await loop.create_unix_connection(lambda: Connection(self), self.unix)
-                else:
+                    # its file gone (a cleaner of temporary files took it): the server's port still answers
+                    with contextlib.suppress(FileNotFoundError):
+                        _, conn = await loop.create_unix_connection(lambda: Connection(self), self.unix)
+                if conn is None:
                     _, conn = await loop.create_connection(lambda: Connection(self), self.host, self.port)
         except TimeoutError:
             raise NotSent(f"no connection within {self.connect_timeout:.0f}s") from None

@@ -98,6 +98,19 @@ def test_sequential_requests_reuse_one_keep_alive_connection(unix: str | None) -
     run(main())
 
 
+def test_a_unix_socket_whose_file_is_gone_is_reached_at_its_port_instead(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with Server(echo_forever) as server:  # on a loopback port
+            pool = http1.Pool("127.0.0.1", server.port, idle_limit=protocol.CLIENT_IDLE_LIMIT,
+                              unix=str(tmp_path / "removed.sock"))
+            response = await pool.request("POST", "/x", b"still here")
+            assert (response.status, await response.body()) == (200, b"still here")
+            response.release()
+            await pool.close()
+
+    run(main())
+
+
 def test_concurrent_requests_each_get_their_own_connection_and_their_own_answer() -> None:
     async def main() -> None:
         async with Server(echo_forever) as server:
