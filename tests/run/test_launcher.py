@@ -189,25 +189,31 @@ def test_the_gateway_reaches_an_engine_it_started_through_a_private_unix_socket_
 
 
 def test_an_engines_unix_socket_is_in_a_folder_of_this_users_alone_or_there_is_none(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import tempfile
+
     from fleet.run.local import engine_socket
 
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
-    assert engine_socket(5001) == str(runtime / "fleet" / "engine-5001.sock")
-    assert stat.S_IMODE((runtime / "fleet").stat().st_mode) == 0o700
-    runtime.chmod(0o755)  # a runtime folder others may enter is not used: the temporary directory's is
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    import tempfile
-    monkeypatch.setattr(tempfile, "tempdir", None)  # read $TMPDIR again
-    assert engine_socket(5001) == str(tmp_path / "tmp" / f"fleet-{os.getuid()}" / "engine-5001.sock")
-    (tmp_path / "tmp" / f"fleet-{os.getuid()}").chmod(0o777)  # opened to others since: TCP alone
-    assert engine_socket(5001) is None
-    monkeypatch.setenv("TMPDIR", str(tmp_path / ("x" * 100)))  # too long for a socket's address
-    (tmp_path / ("x" * 100)).mkdir()
-    assert engine_socket(5001) is None
+    base = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))  # short: a socket's address has room for ~100 bytes
+    try:
+        runtime = base / "run"
+        runtime.mkdir(mode=0o700)
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+        assert engine_socket(5001) == str(runtime / "fleet" / "engine-5001.sock")
+        assert stat.S_IMODE((runtime / "fleet").stat().st_mode) == 0o700
+        runtime.chmod(0o755)  # a runtime folder others may enter is not used: the temporary directory's is
+        (base / "tmp").mkdir()
+        monkeypatch.setenv("TMPDIR", str(base / "tmp"))
+        monkeypatch.setattr(tempfile, "tempdir", None)  # read $TMPDIR again
+        assert engine_socket(5001) == str(base / "tmp" / f"fleet-{os.getuid()}" / "engine-5001.sock")
+        (base / "tmp" / f"fleet-{os.getuid()}").chmod(0o777)  # opened to others since: TCP alone
+        assert engine_socket(5001) is None
+        (base / ("x" * 100)).mkdir()
+        monkeypatch.setenv("TMPDIR", str(base / ("x" * 100)))  # too long for a socket's address
+        assert engine_socket(5001) is None
+    finally:
+        shutil.rmtree(base)
 
 
 # --- stopping: no process left behind -----------------------------------------------------------
