@@ -5,7 +5,7 @@ over loopback TCP or over the engine's Unix socket.
 
 The engine side is fleet's real engine server (fleet/engine/server.py: uvicorn, its /generate
 route) in a process of its own, over a service that yields one frame per step (as bench/
-engine_route.py's, `--frames` of them per request, one loop turn apart: one vLLM step each); the
+engine_route.py's, 64 frames per request, one loop turn apart: one vLLM step each); the
 gateway side is fleet's real engine client (fleet/wire/client.py) in this process, reading every
 frame. No vLLM, no model: what is measured is the hop itself (uvicorn's writes, the sockets,
 the client's reads and frame decoding). Each round measures every way in turn, the order reversed
@@ -33,37 +33,34 @@ if str(ROOT) not in sys.path:
 import psutil  # noqa: E402
 
 from bench.procs import free_port  # noqa: E402
+from bench.engine_route import FRAMES  # noqa: E402
 from fleet.wire import protocol  # noqa: E402
 from fleet.wire.client import EngineClient  # noqa: E402
 
 ENGINE = """
-import asyncio, sys, uvicorn, uvloop
+import sys, uvicorn, uvloop
 sys.path.insert(0, {root!r})
+from bench.engine_route import FRAMES, Service
 from fleet.engine.server import create_engine_app
 from fleet.run.process import SignalFreeServer
 from fleet.wire import protocol
 
-FRAME = protocol.encode_frame(protocol.Delta(index=0, text="tok", token_ids=[1]))
-DONE = protocol.encode_frame(protocol.Done(prompt_tokens=1, completion_tokens={frames}))
+DONE = protocol.encode_frame(protocol.Done(prompt_tokens=1, completion_tokens=FRAMES))
 
-class Service:
-    healthy = True
-    info = protocol.EngineInfo("m", 16, 10, 0, "x", "cpu")
+class Ended(Service):  # bench/engine_route.py's engine, its answers ended by Done as a real engine's
     async def frames(self, req):
-        for _ in range({frames}):
-            yield FRAME
-            await asyncio.sleep(0)  # one engine step each
+        async for frame in super().frames(req):
+            yield frame
         yield DONE
-    embed = tokenize = detokenize = frames
 
-server = SignalFreeServer(uvicorn.Config(create_engine_app(Service()), host="127.0.0.1", port={port},
+server = SignalFreeServer(uvicorn.Config(create_engine_app(Ended()), host="127.0.0.1", port={port},
                                          log_level="warning", access_log=False), unix_socket={unix!r})
 uvloop.run(server.serve())
 """
 
 
-def start_engine(port: int, unix: str, frames: int) -> subprocess.Popen[bytes]:
-    code = ENGINE.format(root=str(ROOT), port=port, unix=unix, frames=frames)
+def start_engine(port: int, unix: str) -> subprocess.Popen[bytes]:
+    code = ENGINE.format(root=str(ROOT), port=port, unix=unix)
     return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
 
 
@@ -96,7 +93,7 @@ async def main(ns: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hop-") as tmp:
         port, unix = free_port(), os.path.join(tmp, "engine.sock")
-        proc = start_engine(port, unix, ns.frames)
+        proc = start_engine(port, unix)
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(unix):  # it listens on both once the socket file is there
@@ -112,7 +109,7 @@ async def main(ns: argparse.Namespace) -> None:
                                **await measure(clients[way], engine, ns.requests, c)}
                         rows.append(row)
                         print(f"round {k + 1} c={c} {way:>4}: client {row['client_us']:.0f} us, engine "
-                              f"{row['engine_us']:.0f} us, wall {row['wall_us']:.0f} us per {ns.frames}-frame request",
+                              f"{row['engine_us']:.0f} us, wall {row['wall_us']:.0f} us per {FRAMES}-frame request",
                               flush=True)
             for client in clients.values():
                 await client.close()
@@ -125,7 +122,7 @@ async def main(ns: argparse.Namespace) -> None:
             mine = [r for r in rows if r["via"] == way and r["concurrency"] == c]
             print(f"  c={c} {way:>4}: client {statistics.median(r['client_us'] for r in mine):.0f}, engine "
                   f"{statistics.median(r['engine_us'] for r in mine):.0f}, wall {statistics.median(r['wall_us'] for r in mine):.0f}")
-    print(json.dumps({"frames": ns.frames, "requests": ns.requests, "rows": rows}))
+    print(json.dumps({"frames": FRAMES, "requests": ns.requests, "rows": rows}))
 
 
 if __name__ == "__main__":
@@ -136,5 +133,4 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", default="1,16")
-    ap.add_argument("--frames", type=int, default=64, help="frames per request, one engine step apart")
     uvloop.run(main(ap.parse_args()))

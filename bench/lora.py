@@ -114,10 +114,6 @@ def model_path(source: str, out: Path) -> Path:
     return Path(resolve(source))
 
 
-def base_path(ns: argparse.Namespace) -> Path:
-    return model_path(ns.base, ns.out)
-
-
 def make_adapters(ns: argparse.Namespace, base: Path, into: Path) -> list[Path]:
     """`--adapters` PEFT adapters of `base` under `into`; `--adapter-base` names the base in each
     (what fleet checks the adapter against) where it will be served from another folder."""
@@ -135,7 +131,7 @@ async def main_async(ns: argparse.Namespace) -> None:
     from tiny_model import merge_adapter, write_merged_model
 
     ns.out.mkdir(parents=True, exist_ok=True)
-    base = base_path(ns)
+    base = model_path(ns.base, ns.out)
     if ns.adapters_from:
         adapters = [ns.adapters_from / f"adapter{k}" for k in range(ns.adapters)]
         merged = [merge_adapter(base, a, ns.out / f"merged{k}") for k, a in enumerate(adapters)]
@@ -180,7 +176,7 @@ def main() -> None:
     ns = ap.parse_args()
     if ns.make_adapters:
         ns.out.mkdir(parents=True, exist_ok=True)
-        for a in make_adapters(ns, base_path(ns), ns.make_adapters):
+        for a in make_adapters(ns, model_path(ns.base, ns.out), ns.make_adapters):
             print("made", a)
         return
     asyncio.run(main_async(ns))

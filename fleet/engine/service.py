@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -14,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from fleet.engine.chat import render_chat
 from fleet.engine.encoding import encoder
 from fleet.engine.parsing import Parsers, Reader
 from fleet.engine.resume import Continued
@@ -29,37 +29,6 @@ ENDED_IN_ERROR = "the engine ended the request on an internal error (vLLM's fini
 # (SIGKILL, itself) after the first output of any prompt containing it (a "poison prompt"): a
 # stream's first token is sent, a whole answer's nothing.
 DIE_ON_ENV = "FLEET_TEST_DIE_ON"
-
-
-def template_message(m: protocol.ChatMessage) -> dict[str, Any]:
-    """One message as chat templates read it (Hugging Face's convention, as vLLM renders them): an
-    assistant's tool calls with their arguments as objects, a tool's answer with its call's id."""
-    message: dict[str, Any] = {"role": m.role, "content": m.content}
-    if m.tool_calls:
-        message["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
-                                 for c in m.tool_calls]
-    if m.tool_call_id is not None:
-        message["tool_call_id"] = m.tool_call_id
-    if m.name is not None:
-        message["name"] = m.name
-    return message
-
-
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def template_tool(t: protocol.Tool) -> dict[str, Any]:
-    """A tool as chat templates read it (OpenAI's function tool)."""
-    function: dict[str, Any] = {"name": t.name}
-    if t.description is not None:
-        function["description"] = t.description
-    function["parameters"] = json.loads(t.parameters) if t.parameters else {"type": "object", "properties": {}}
-    return {"type": "function", "function": function}
 
 
 @functools.cache
@@ -220,23 +189,7 @@ class EngineService:
 
     def render_chat(self, chat: protocol.Chat) -> str:
         """The conversation as prompt text, through the model's chat template."""
-        if self.chat_template is None:
-            raise InvalidRequest(
-                f"model {self.name!r} has no chat template; set chat_template in fleet.toml or use /v1/completions",
-                param="messages",
-            )
-        try:
-            text: str = self.tokenizer.apply_chat_template(
-                [template_message(m) for m in chat.messages],
-                chat_template=self.chat_template,
-                tools=[template_tool(t) for t in chat.tools] if chat.tools else None,
-                tokenize=False,
-                add_generation_prompt=chat.add_generation_prompt and not chat.continue_final_message,
-                continue_final_message=chat.continue_final_message,
-            )
-        except Exception as e:  # a template that rejects these messages
-            raise InvalidRequest(f"the chat template cannot render these messages: {e}", param="messages") from None
-        return text
+        return render_chat(self.tokenizer, self.chat_template, self.name, chat)
 
     def sampling_params(self, s: protocol.SamplingParams, room: int, final_only: bool = False,
                         skip_special_tokens: bool = True) -> Any:
