@@ -150,10 +150,11 @@ def run_points(base: str, model: str, concurrencies: list[int], max_tokens: int,
 
 
 @contextlib.contextmanager
-def started(name: str, argv: list[str], health: str, env: dict[str, str], out: Path) -> Iterator[subprocess.Popen]:
+def started(name: str, argv: list[str], health: str, env: dict[str, str], out: Path,
+            cwd: Path | None = None) -> Iterator[subprocess.Popen]:
     """Start a server in its own process group, wait for `health`, stop it (and its family) after."""
     with open(out / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
         try:
             ready = wait_ready(health, proc)
             print(f"{name}: ready in {ready:.0f}s", flush=True)
@@ -235,7 +236,7 @@ def scheduler_tokens(log: Path) -> int | None:
 def run_order(systems: list[str]) -> list[str]:
     """The servers to start, in the order named (the first after a machine's start tends to measure
     low at c=1, so runs in both orders tell that apart); LiteLLM runs in front of vllm serve."""
-    known = ("fleet", "fleet-2r", "fleet-si", "vllm", "offline")
+    known = ("fleet", "fleet-2r", "fleet-si", "fleet-old", "vllm", "offline")
     return list(dict.fromkeys("vllm" if s == "litellm" else s for s in systems if s in (*known, "litellm")))
 
 
@@ -269,6 +270,10 @@ def main() -> None:
     ap.add_argument("--client-procs", default="1", help="client processes per point; several (1,4) are measured in turn")
     ap.add_argument("--referee", action="store_true", help="also run `vllm bench serve` against each server (bench/referee.py)")
     ap.add_argument("--referee-input-len", type=int, default=32)
+    ap.add_argument("--referee-only", action="store_true", help="with --referee: no points of bench/loadgen.py")
+    ap.add_argument("--referee-prompts", type=int, default=32, help="requests per referee point: max(this, 4c)")
+    ap.add_argument("--old-fleet", type=Path, default=None,
+                    help="system fleet-old: fleet run from this source tree (e.g. `git archive REV fleet`), old against new")
     ap.add_argument("--tools", choices=("named", "required"), default=None,
                     help="streamed chat completions calling a function (bench/referee.py's), measured by the referee "
                     "alone; fleet and vllm serve with the same --tool-parser")
@@ -277,6 +282,7 @@ def main() -> None:
     ap.add_argument("--litellm-python", default=sys.executable, help="the interpreter that runs LiteLLM")
     ap.add_argument("--litellm-path", default="", help="LiteLLM's own package directory (first on its PYTHONPATH)")
     ns = ap.parse_args()
+    ns.out = ns.out.resolve()  # fleet-old runs from its own tree
     ns.out.mkdir(parents=True, exist_ok=True)
     conc = [int(x) for x in ns.concurrency.split(",")]
     systems = ns.systems.split(",")
@@ -288,7 +294,7 @@ def main() -> None:
     results: dict = {"card": card, "model": ns.model, "max_tokens": ns.max_tokens, "window_s": ns.window,
                      "together": ns.together, "systems": {}, "rounds": []}
     env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}
-    loads = [Load(c, max(32, 4 * c), ns.referee_input_len, ns.max_tokens, tools=ns.tools) for c in conc]
+    loads = [Load(c, max(ns.referee_prompts, 4 * c), ns.referee_input_len, ns.max_tokens, tools=ns.tools) for c in conc]
 
     def save() -> None:
         (ns.out / "gpu.json").write_text(json.dumps(results, indent=2))
@@ -313,7 +319,7 @@ def main() -> None:
             entry["points"] += [turns.point(c) for c in points]
             save()
             return
-        for n in (int(x) for x in ns.client_procs.split(",")):
+        for n in (int(x) for x in ns.client_procs.split(",")) if not ns.referee_only else ():
             if n > 1:
                 print(f"  ({n} client processes)", flush=True)
             entry["points"] += run_points(base, "m", points, ns.max_tokens, proc.pid, profile_at if k == 0 else set(),
@@ -327,12 +333,16 @@ def main() -> None:
                       f"{p['failed']} failed, TTFT p50 {p['median_ttft_ms']:.1f} ms", flush=True)
         save()
 
-    def start_fleet(stack: contextlib.ExitStack, replicas: int = 1, stream_interval: int = 1) -> tuple[subprocess.Popen, str, Path]:
+    def start_fleet(stack: contextlib.ExitStack, replicas: int = 1, stream_interval: int = 1,
+                    source: Path | None = None) -> tuple[subprocess.Popen, str, Path]:
         """fleet over one model; with replicas, that many engines on the GPUs of --replica-gpus (in turn);
-        with a stream interval, the opt-in of vLLM's `stream_interval` in the model's engine_args."""
+        with a stream interval, the opt-in of vLLM's `stream_interval` in the model's engine_args; with
+        a source, the fleet package of that tree (fleet-old)."""
         name, port = ("fleet", 8000) if replicas == 1 else (f"fleet-{replicas}r", 8300)
         if stream_interval > 1:
             name, port = "fleet-si", 8400
+        if source is not None:
+            name, port = "fleet-old", 8500
         gpus = [int(g) for g in ns.replica_gpus.split(",")]
         kv = f"kv_cache_gib = {ns.kv_cache_gib}\n" if ns.kv_cache_gib else ""
         places = ", ".join(f"{{ gpus = [{gpus[k % len(gpus)]}], port = {5001 + 100 * (port // 100 - 80) + k} }}"
@@ -344,8 +354,11 @@ def main() -> None:
                         + (f'tool_parser = "{ns.tool_parser}"\n' if ns.tools else ""))
         argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
         logs = ns.out / f"{name}-engine-logs"
-        proc = stack.enter_context(started(name, argv, f"http://127.0.0.1:{port}/fleet/status",
-                                           {**env, "FLEET_LOG_DIR": str(logs)}, ns.out))
+        fenv = {**env, "FLEET_LOG_DIR": str(logs)}
+        if source is not None:  # `python -m` puts the working folder first on the path: run from the old tree
+            fenv["PYTHONPATH"] = os.pathsep.join([str(source), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                                  if p and p != "."]])
+        proc = stack.enter_context(started(name, argv, f"http://127.0.0.1:{port}/fleet/status", fenv, ns.out, cwd=source))
         return proc, f"http://127.0.0.1:{port}", logs / ("m.log" if replicas == 1 else "m.0.log")
 
     def start_vllm(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, str, Path]:
@@ -369,6 +382,7 @@ def main() -> None:
 
     starters = {"fleet": start_fleet, "fleet-2r": lambda stack: start_fleet(stack, 2),
                 "fleet-si": lambda stack: start_fleet(stack, stream_interval=ns.stream_interval), "vllm": start_vllm,
+                "fleet-old": lambda stack: start_fleet(stack, source=ns.old_fleet),
                 "litellm": start_litellm}
     servers = [s for s in systems if s in starters]
     if "litellm" in servers and "vllm" not in servers:  # LiteLLM is measured in front of vllm serve
@@ -456,7 +470,7 @@ def report(results: dict) -> None:
 
     ratios: dict = {}
     for key, field_ in (("points", "output_tok_per_s"), ("referee", "output_throughput")):
-        for a, b in [("fleet", "vllm"), ("fleet", "litellm"), ("fleet", "offline"), ("vllm", "offline"),
+        for a, b in [("fleet", "vllm"), ("fleet", "fleet-old"), ("fleet", "litellm"), ("fleet", "offline"), ("vllm", "offline"),
                      ("fleet-si", "offline"), ("fleet-si", "fleet")]:
             ta, tb = per_round(a, key, field_), per_round(b, "points" if b == "offline" else key,
                                                            "output_tok_per_s" if b == "offline" else field_)
@@ -468,7 +482,7 @@ def report(results: dict) -> None:
     results["ratios"] = ratios
     for a, b, key, field_ in (("fleet", "vllm", "points", "output_tok_per_s"), ("fleet", "offline", "points", "output_tok_per_s"),
                               ("fleet", "vllm", "referee", "output_throughput"), ("fleet-si", "offline", "points", "output_tok_per_s"),
-                              ("fleet-si", "fleet", "points", "output_tok_per_s")):
+                              ("fleet-si", "fleet", "points", "output_tok_per_s"), ("fleet", "fleet-old", "points", "output_tok_per_s")):
         if paired := paired_ratios(results["rounds"], a, b, key, field_):
             label = f"{a}/{b} per round" + (" (vllm bench serve)" if key == "referee" else "")
             results.setdefault("paired", {})[label] = paired

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import json
 import pstats
 import sys
 import time
@@ -29,6 +30,7 @@ if str(ROOT) not in sys.path:
 
 from bench.null_engine import null_command
 from bench.procs import free_port
+from bench.referee import TOOL_CHOICES, WEATHER
 from fleet.cli import run_loop
 from fleet.config.load import parse_config
 from fleet.gateway.app import create_app
@@ -36,17 +38,17 @@ from fleet.lifecycle import EngineState
 from fleet.run.launcher import Fleet
 
 
-def _scope(body: bytes) -> dict[str, Any]:
+def _scope(body: bytes, path: str = "/v1/completions") -> dict[str, Any]:
     return {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
         "headers": [(b"host", b"fleet"), (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode())],
         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {},
     }
 
 
-async def _call(app: Any, body: bytes) -> int:
+async def _call(app: Any, body: bytes, path: str = "/v1/completions") -> int:
     """One request through the ASGI app; its status."""
     sent = False
     answered = asyncio.Event()
@@ -67,11 +69,11 @@ async def _call(app: Any, body: bytes) -> int:
         elif not message.get("more_body", False):
             answered.set()
 
-    await app(_scope(body), receive, send)
+    await app(_scope(body, path), receive, send)
     return status
 
 
-async def measure(requests: int, stream: bool, profile: bool, max_tokens: int = 16) -> dict[str, float]:
+async def measure(requests: int, stream: bool, profile: bool, max_tokens: int = 16, tools: bool = False) -> dict[str, float]:
     """Run the fleet, warm up, then time `requests` calls; CPU and wall microseconds per request."""
     cfg = parse_config({"gateway": {"host": "127.0.0.1", "port": free_port()},
                         "models": [{"name": "m", "source": "default", "port": free_port()}]})
@@ -88,15 +90,21 @@ async def measure(requests: int, stream: bool, profile: bool, max_tokens: int = 
         app = create_app(fleet.models, control=fleet, keys=fleet.keys, gateway=cfg.gateway, ui=cfg.ui)
         body = (b'{"model":"m","prompt":"hello there","max_tokens":%d,"temperature":0%s}'
                 % (max_tokens, b',"stream":true' if stream else b""))
+        path = "/v1/completions"
+        if tools:  # an agent's call: chat with a named tool, the same tool every time
+            path = "/v1/chat/completions"
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "The weather in Paris?"}],
+                               "tools": [WEATHER], "tool_choice": TOOL_CHOICES["named"], "max_tokens": max_tokens,
+                               "temperature": 0, "stream": stream}).encode()
         for _ in range(min(1000, requests)):
-            if (status := await _call(app, body)) != 200:
+            if (status := await _call(app, body, path)) != 200:
                 raise RuntimeError(f"warm-up request answered {status}")
         profiler = cProfile.Profile() if profile else None
         if profiler:
             profiler.enable()
         cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(requests):
-            await _call(app, body)
+            await _call(app, body, path)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         if profiler:
             profiler.disable()
@@ -112,11 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=5000)
     p.add_argument("--stream", action="store_true", help="stream: true (16 SSE events per request)")
     p.add_argument("--profile", action="store_true", help="print cProfile's top functions (slows every call)")
+    p.add_argument("--tools", action="store_true", help="chat completions calling a named tool (bench/referee.py's)")
     ns = p.parse_args(argv)
     result: dict[str, float] = {}
 
     async def run() -> None:
-        result.update(await measure(ns.requests, ns.stream, ns.profile))
+        result.update(await measure(ns.requests, ns.stream, ns.profile, tools=ns.tools))
 
     run_loop(run())
     print(f"gateway in-process: {result['cpu_us']:.0f} us CPU per request, {result['wall_us']:.0f} us wall "

@@ -127,3 +127,51 @@ def test_a_model_with_a_reasoning_parser_reads_every_chat_apart_and_include_reas
     p = plan_chat(chat(), SamplingDefaults(), reasoning=True)
     assert p.reasoning and p.show_reasoning and p.tools is None
     assert not plan_chat(chat(include_reasoning=False), SamplingDefaults(), reasoning=True).show_reasoning
+
+
+def count_schema_checks(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The schemas checked against their meta-schema from here on (the memo of checked ones emptied)."""
+    from fleet.api.chat import tools
+
+    monkeypatch.setattr(tools, "_checked", type(tools._checked)())
+    checked: list[object] = []
+    real = tools.check_against_meta_schema
+
+    def counting(schema: Any) -> None:
+        checked.append(schema)
+        real(schema)
+
+    monkeypatch.setattr(tools, "check_against_meta_schema", counting)
+    return checked
+
+
+def test_a_tools_schema_seen_valid_is_not_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = count_schema_checks(monkeypatch)
+    for _ in range(3):  # an agent's calls, each with the same tools
+        planned(tools=[WEATHER, TIME], tool_choice="required")
+    assert len(checked) == 2  # once per schema
+    planned(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "minProperties": 1}}}],
+            tool_choice="required")
+    assert len(checked) == 3  # another schema is checked
+
+
+def test_an_invalid_schema_is_refused_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = count_schema_checks(monkeypatch)
+    bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]
+    for _ in range(2):
+        assert "not a JSON Schema" in refused("tools[0].function.parameters", tools=bad, tool_choice="required").message
+    assert len(checked) == 2
+
+
+def test_the_memo_of_checked_schemas_keeps_the_latest(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet.api.chat import tools
+
+    checked = count_schema_checks(monkeypatch)
+    monkeypatch.setattr(tools, "CHECKED_SCHEMAS", 2)
+    schemas = [{"type": "object", "maxProperties": k} for k in range(3)]
+    for schema in schemas:
+        tools.check_schema(schema, "p")
+    assert len(tools._checked) == 2
+    tools.check_schema(schemas[2], "p")  # kept
+    tools.check_schema(schemas[0], "p")  # the oldest, gone: checked again
+    assert checked == [*schemas, schemas[0]]

@@ -14,7 +14,9 @@ A forced named function answers `finish_reason` "stop" (as OpenAI does); a call 
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,11 @@ from fleet.wire import protocol
 
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for a function's name
 _json = msgspec.json.Encoder()
+# Schemas that passed check_schema, by digest: an agent sends the same tools with every call, and
+# jsonschema's check of its meta-schema costs ~0.5 ms a schema (more than the rest of the request's
+# way through the gateway). Bounded, oldest out; a digest, not the schema, so a big one costs 16 bytes.
+CHECKED_SCHEMAS = 4096
+_checked: OrderedDict[bytes, None] = OrderedDict()
 
 
 @dataclass(frozen=True)
@@ -57,14 +64,29 @@ def check_tools(tools: list[ChatTool]) -> None:
 
 
 def check_schema(schema: dict[str, Any], param: str) -> None:
-    """A JSON Schema that validates as one (jsonschema's check of its own meta-schema)."""
+    """A JSON Schema that validates as one (jsonschema's check of its own meta-schema); one seen
+    valid lately (the same JSON text) is not checked again."""
     import jsonschema
 
+    digest = hashlib.blake2b(_json.encode(schema), digest_size=16).digest()
+    if digest in _checked:
+        _checked.move_to_end(digest)
+        return
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        check_against_meta_schema(schema)
     except jsonschema.SchemaError as e:
         where = "/".join(map(str, e.absolute_path)) or "its root"
         raise InvalidRequest(f"not a JSON Schema: {e.message} (at {where})", param=param) from None
+    _checked[digest] = None
+    if len(_checked) > CHECKED_SCHEMAS:
+        _checked.popitem(last=False)
+
+
+def check_against_meta_schema(schema: dict[str, Any]) -> None:
+    """jsonschema's check of a schema against its draft's meta-schema (raises SchemaError)."""
+    import jsonschema
+
+    jsonschema.validators.validator_for(schema).check_schema(schema)
 
 
 def tools_of(tools: list[ChatTool] | None, choice: ToolChoice | None, parallel: bool | None,
