@@ -267,7 +267,7 @@ class EngineService:
                 yield chunk
             return
         try:
-            parsing = self.parsers.request(req)  # what vLLM's parsers read (None: nothing to read apart)
+            parsing = self.parsers.request(req)  # what vLLM's parsers read (None: none of them reads this answer)
         except Exception as e:  # tools a parser refuses
             yield protocol.encode_frame(self.failure(e, req.request_id, param="tools"))
             return

@@ -108,6 +108,18 @@ def test_a_named_call_is_the_whole_answer_as_its_arguments(tokenizer) -> None:  
     assert list(joined(pieces).values())[0][1:] == ("get_weather", answer)
 
 
+def test_a_forced_call_is_read_without_vllms_request_object_and_auto_with_it(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Named and "required" calls are fleet's own reading: no vLLM request model is built for them
+    (~20 us a request); "auto" hands vLLM's parser the request it reads."""
+    parsers = Parsers(tokenizer, "hermes", None)
+    required = protocol.GenerateRequest("r", CHAT, tools=protocol.ToolUse("required"))
+    assert parsers.request(required) is None
+    calls = parsers.reader(required, None).whole(ARRAY).calls  # type: ignore[union-attr]
+    assert [c.name for c in calls] == [c.name for c in required_calls(ARRAY)]
+    assert parsers.request(protocol.GenerateRequest("r", CHAT, tools=protocol.ToolUse("named", "get_weather"))) is None
+    assert parsers.request(protocol.GenerateRequest("r", CHAT, tools=protocol.ToolUse("auto"))) is not None
+
+
 def test_an_unknown_parser_fails_the_engines_start() -> None:
     with pytest.raises(KeyError):
         Parsers(None, "no_such_parser", None)
