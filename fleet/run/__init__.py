@@ -1,5 +1,6 @@
-"""Processes and their owners: `launcher` runs a fleet (engines plus the gateway, reloads, stop),
-`foreground` runs it for `fleet launch` (signals); `owner` is the one loop that owns one replica's
+"""Processes and their owners: `launcher` runs a fleet (engines plus the gateway, reloads, stop;
+what a reload changes, a pure function of the two files: `reload`), `foreground` runs it for
+`fleet launch` (signals); `owner` is the one loop that owns one replica's
 engine (its lifecycle, health, restarts, drain, sleep; what others may ask of it: `commands`) over a
 `runtime` (the interface): a
 process of this machine (`local`, its output lines: `output`), or an engine started elsewhere and

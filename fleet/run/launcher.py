@@ -5,8 +5,9 @@ a process of this machine, local.py; an engine on a cluster's node, from the `Ru
 given; an engine at a url, attached.py) and the gateway server, in one event loop; foreground.py
 turns signals into its commands.
 
-Reload applies only the difference: new models start, removed ones stop taking requests, drain
-and stop, changed ones roll one replica at a time; untouched models never notice.
+Reload applies only the difference (reload.py finds it): new models start, removed ones stop
+taking requests, drain and stop, changed ones roll one replica at a time, those changed in their
+adapters alone load and drop them in place; untouched models never notice.
 """
 
 from __future__ import annotations
@@ -45,16 +46,12 @@ from fleet.run.gateway_server import GatewayServer
 from fleet.run.journal import Journal
 from fleet.run.local import EngineCommand, LocalRuntimes, engine_command
 from fleet.run.owner import EngineOwner, backoff
+from fleet.run.reload import kept_for_restart, plan_reload
 from fleet.run.runtime import Runtime, Runtimes
 from fleet.run.swap import SwapSet
 from fleet.sources import cache_dir
 
 log = logging.getLogger("fleet.run")
-
-
-def adapters_only(old: ModelConfig, new: ModelConfig) -> bool:
-    """Whether two configs of a model differ in their LoRA adapters alone (a reload then needs no restart)."""
-    return old != new and new.model_copy(update={"adapters": old.adapters}) == old
 
 
 Taken = tuple[Replica, EngineOwner, "asyncio.Task[None]"]  # a replica out of the fleet's books, still to be stopped
@@ -269,39 +266,20 @@ class Fleet:
                 if self.loader is None:
                     raise RuntimeError("this fleet was not started from a file; pass the new config")
                 new = self.loader()
-            report = ReloadReport()
-            old = {m.name: m for m in self.config.models}
+            report = plan_reload(self.config, new)
             fresh = {m.name: m for m in new.models}
-            report.added = [n for n in fresh if n not in old]
-            report.removed = [n for n in old if n not in fresh]
-            report.changed = [n for n in fresh if n in old and fresh[n] != old[n]]
-            report.unchanged = [n for n in fresh if n in old and fresh[n] == old[n]]
-            if new.gateway != self.config.gateway:
-                report.warnings.append("[gateway] changed: restart the fleet to apply it")
-            if new.cluster != self.config.cluster:
-                report.warnings.append("[cluster] changed: restart the fleet to apply it")
-            if new.ui != self.config.ui:
-                report.warnings.append("[ui] changed: restart the fleet to apply it")
-            if new.responses != self.config.responses:
-                report.warnings.append("[responses] changed: restart the fleet to apply it")
-            if new.supervisor != self.config.supervisor:
-                report.warnings.append("[supervisor] changed: applies to engines started from now on")
             sets_before = self.config.sets
-            self.config = new.model_copy(update={"gateway": self.config.gateway, "cluster": self.config.cluster,
-                                                 "ui": self.config.ui, "responses": self.config.responses})
-            if new.sets != sets_before or report.changed or report.added:
+            self.config = kept_for_restart(self.config, new)
+            if new.sets != sets_before or report.changed or report.adapters or report.added:
                 self._sets(new)
                 for served in self.models.values():
                     self._on_demand(served)
-            self.console.print(
-                f"[bold]fleet[/bold]: reload: +{report.added} -{report.removed} ~{report.changed}", highlight=False
-            )
+            self.console.print(f"[bold]fleet[/bold]: reload: +{report.added} -{report.removed} ~{report.changed}"
+                               + (f" adapters {report.adapters}" if report.adapters else ""), highlight=False)
             # new engines get the core sets they would get at launch (an unbound CPU engine would
             # spread onto the cores of the others: process.keep_to_bound_cores says what that costs)
             bindings = self._bindings(new.models)
-            for name in [n for n in report.changed if adapters_only(old[n], fresh[n])]:  # no restart
-                report.changed.remove(name)
-                report.adapters.append(name)
+            for name in report.adapters:  # no restart
                 report.warnings += await self._swap_adapters(self.models[name], fresh[name])
             stopped = await asyncio.gather(
                 *(self._replace(fresh[n], bindings) for n in report.changed), *(self._retire(n) for n in report.removed)
