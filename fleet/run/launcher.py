@@ -268,9 +268,9 @@ class Fleet:
                 new = self.loader()
             report = plan_reload(self.config, new)
             fresh = {m.name: m for m in new.models}
-            sets_before = self.config.sets
+            sets_changed = new.sets != self.config.sets
             self.config = kept_for_restart(self.config, new)
-            if new.sets != sets_before or report.changed or report.adapters or report.added:
+            if sets_changed or report.changed or report.adapters or report.added:
                 self._sets(new)
                 for served in self.models.values():
                     self._on_demand(served)

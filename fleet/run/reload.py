@@ -27,12 +27,13 @@ def plan_reload(running: FleetConfig, new: FleetConfig) -> ReloadReport:
     old = {m.name: m for m in running.models}
     fresh = {m.name: m for m in new.models}
     changed = [n for n in fresh if n in old and fresh[n] != old[n]]
+    adapters = [n for n in changed if adapters_only(old[n], fresh[n])]
     report = ReloadReport(
         added=[n for n in fresh if n not in old],
         removed=[n for n in old if n not in fresh],
-        changed=[n for n in changed if not adapters_only(old[n], fresh[n])],
+        changed=[n for n in changed if n not in adapters],
         unchanged=[n for n in fresh if n in old and fresh[n] == old[n]],
-        adapters=[n for n in changed if adapters_only(old[n], fresh[n])],
+        adapters=adapters,
     )
     report.warnings += [f"[{table}] changed: restart the fleet to apply it" for table in RESTART_TABLES
                         if getattr(new, table) != getattr(running, table)]

@@ -66,12 +66,12 @@ def check_tools(tools: list[ChatTool]) -> None:
 def check_schema(schema: dict[str, Any], param: str) -> None:
     """A JSON Schema that validates as one (jsonschema's check of its own meta-schema); one seen
     valid lately (the same JSON text) is not checked again."""
-    import jsonschema
-
     digest = hashlib.blake2b(_json.encode(schema), digest_size=16).digest()
     if digest in _checked:
         _checked.move_to_end(digest)
         return
+    import jsonschema
+
     try:
         check_against_meta_schema(schema)
     except jsonschema.SchemaError as e:
