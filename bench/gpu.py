@@ -38,10 +38,13 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.loadgen import closed_loop, closed_window, closed_window_procs, completion_target, summarize, tool_call_target
-from bench.referee import TOOL_CHOICES, WEATHER, Load, referee
-from bench.systems import litellm_config
+from bench.loadgen import closed_loop, closed_window, closed_window_procs, completion_target, summarize, tool_call_target  # noqa: E402, I001
+from bench.referee import TOOL_CHOICES, WEATHER, Load, referee  # noqa: E402
+from bench.systems import litellm_config  # noqa: E402
 
+# Engines measured without a server (bench/offline.py): vLLM's synchronous step() loop, and AsyncLLM
+# as both servers run it (only with --together --interleave)
+ENGINES = ("offline", "engine")
 PROMPTS = [f"Write a short story about a robot number {i} who learns to paint." for i in range(64)]
 
 
@@ -186,19 +189,21 @@ def offline(ns: argparse.Namespace, conc: list[int], env: dict[str, str]) -> dic
 
 class OfflineTurns:
     """bench/offline.py loaded once and kept up beside the servers, measured a point at a time
-    (`--interleave`): its turns alternate with theirs, so a machine's drift falls on both."""
+    (`--interleave`): its turns alternate with theirs, so a machine's drift falls on both. `name`
+    "engine": its AsyncLLM mode (both servers' engine loop without HTTP) rather than the `step()` loop."""
 
-    def __init__(self, ns: argparse.Namespace, env: dict[str, str]) -> None:
-        spec = offline_spec(ns, points=[], turns=True)
-        self.log = open(ns.out / "offline.log", "w")  # noqa: SIM115 - closed in close()
+    def __init__(self, ns: argparse.Namespace, env: dict[str, str], name: str = "offline") -> None:
+        engine = {"async": True, **({"tools": {"tool": WEATHER, "choice": ns.tools}} if ns.tools else {})}
+        spec = offline_spec(ns, points=[], turns=True, **(engine if name == "engine" else {}))
+        self.log = open(ns.out / f"{name}.log", "w")  # noqa: SIM115 - closed in close()
         started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "bench" / "offline.py"), "--model", ns.model, "--spec", json.dumps(spec),
-             "--out", str(ns.out / "offline.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+             "--out", str(ns.out / f"{name}.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
             env={**env, "CUDA_VISIBLE_DEVICES": "0"}, text=True, start_new_session=True)
         self._answer("ready")
         self.ready_s = round(time.monotonic() - started, 1)
-        print(f"offline: ready in {self.ready_s:.0f}s", flush=True)
+        print(f"{name}: ready in {self.ready_s:.0f}s", flush=True)
 
     def _answer(self, prefix: str) -> str:
         assert self.proc.stdout is not None
@@ -236,7 +241,7 @@ def scheduler_tokens(log: Path) -> int | None:
 def run_order(systems: list[str]) -> list[str]:
     """The servers to start, in the order named (the first after a machine's start tends to measure
     low at c=1, so runs in both orders tell that apart); LiteLLM runs in front of vllm serve."""
-    known = ("fleet", "fleet-2r", "fleet-si", "fleet-old", "vllm", "offline")
+    known = ("fleet", "fleet-2r", "fleet-si", "fleet-old", "vllm", *ENGINES)
     return list(dict.fromkeys("vllm" if s == "litellm" else s for s in systems if s in (*known, "litellm")))
 
 
@@ -258,7 +263,8 @@ def main() -> None:
     ap.add_argument("--stream-interval", type=int, default=4,
                     help="fleet-si: fleet whose engine sends a stream's tokens every this many steps (vLLM's stream_interval)")
     ap.add_argument("--profile", default="", help="concurrencies at which to py-spy every Python process (PY_SPY=path), round 1")
-    ap.add_argument("--systems", default="fleet,vllm,litellm,offline")
+    ap.add_argument("--systems", default="fleet,vllm,litellm,offline",
+                    help="engine: AsyncLLM without a server (only with --together --interleave)")
     ap.add_argument("--window", type=float, default=12.0, help="seconds measured per point (0: 4c requests)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of every server's points, the order reversed each round")
     ap.add_argument("--together", action="store_true",
@@ -300,6 +306,7 @@ def main() -> None:
         (ns.out / "gpu.json").write_text(json.dumps(results, indent=2))
 
     entries: dict[tuple[int, str], dict] = {}
+    turns: dict[str, OfflineTurns] = {}  # the engines without a server, kept up (--together --interleave)
 
     def measure(name: str, proc: subprocess.Popen, base: str, k: int, engine_log: Path | None = None,
                 at: list[int] | None = None) -> None:
@@ -315,8 +322,8 @@ def main() -> None:
             if k == 0:
                 results["systems"][name] = entry
             results["rounds"].append(entry)
-        if name == "offline":
-            entry["points"] += [turns.point(c) for c in points]
+        if name in turns:
+            entry["points"] += [turns[name].point(c) for c in points]
             save()
             return
         for n in (int(x) for x in ns.client_procs.split(",")) if not ns.referee_only else ():
@@ -393,11 +400,11 @@ def main() -> None:
             for name in run_order(servers):  # one after the other: two engines starting at once stalled
                 running[name] = starters[name](stack)
             measured = [s for s in servers if s != "vllm" or "vllm" in systems]
-            if "offline" in systems and ns.interleave:  # kept up too, taking its turns at each point
-                turns = stack.enter_context(contextlib.closing(OfflineTurns(ns, env)))
-                running["offline"] = (turns, "", None)  # type: ignore[assignment]
-                servers.append("offline")
-                measured.append("offline")
+            for name in (s for s in ENGINES if s in systems and ns.interleave):  # kept up too, taking turns at each point
+                turns[name] = stack.enter_context(contextlib.closing(OfflineTurns(ns, env, name)))
+                running[name] = (turns[name], "", None)  # type: ignore[assignment]
+                servers.append(name)
+                measured.append(name)
             # --interleave: each concurrency in turn, the systems taking turns at it round after round
             # (seconds apart, so a machine's slow drift falls on both); else each round all points
             for at in ([[c] for c in conc] if ns.interleave else [conc]):
@@ -471,9 +478,9 @@ def report(results: dict) -> None:
     ratios: dict = {}
     for key, field_ in (("points", "output_tok_per_s"), ("referee", "output_throughput")):
         for a, b in [("fleet", "vllm"), ("fleet", "fleet-old"), ("fleet", "litellm"), ("fleet", "offline"), ("vllm", "offline"),
-                     ("fleet-si", "offline"), ("fleet-si", "fleet")]:
-            ta, tb = per_round(a, key, field_), per_round(b, "points" if b == "offline" else key,
-                                                           "output_tok_per_s" if b == "offline" else field_)
+                     ("fleet", "engine"), ("vllm", "engine"), ("fleet-si", "offline"), ("fleet-si", "fleet")]:
+            ta, tb = per_round(a, key, field_), per_round(b, "points" if b in ENGINES else key,
+                                                           "output_tok_per_s" if b in ENGINES else field_)
             both = {c: round(mean(ta[c]) / mean(tb[c]), 3) for c in ta if tb.get(c) and mean(tb[c])}
             if both:
                 label = f"{a}/{b}" + (" (vllm bench serve)" if key == "referee" else "")
@@ -482,7 +489,8 @@ def report(results: dict) -> None:
     results["ratios"] = ratios
     for a, b, key, field_ in (("fleet", "vllm", "points", "output_tok_per_s"), ("fleet", "offline", "points", "output_tok_per_s"),
                               ("fleet", "vllm", "referee", "output_throughput"), ("fleet-si", "offline", "points", "output_tok_per_s"),
-                              ("fleet-si", "fleet", "points", "output_tok_per_s"), ("fleet", "fleet-old", "points", "output_tok_per_s")):
+                              ("fleet-si", "fleet", "points", "output_tok_per_s"), ("fleet", "fleet-old", "points", "output_tok_per_s"),
+                              ("fleet", "engine", "points", "output_tok_per_s"), ("vllm", "engine", "points", "output_tok_per_s")):
         if paired := paired_ratios(results["rounds"], a, b, key, field_):
             label = f"{a}/{b} per round" + (" (vllm bench serve)" if key == "referee" else "")
             results.setdefault("paired", {})[label] = paired

@@ -14,17 +14,27 @@ The spec gives the prompts, max_tokens, the engine settings and the load points
 - With ``turns`` (bench/gpu.py --interleave): loaded once, then one windowed point per line
   ``{"concurrency": c}`` on stdin, answered by a line ``point <JSON>`` on stdout, so that the
   offline engine takes its turns between a server's points, as the servers take theirs.
+- With ``turns`` and ``async`` (bench/gpu.py's system ``engine``): the same turns on vLLM's
+  AsyncLLM, built as `vllm serve` and fleet's engine build it (their usage context), driven by
+  `concurrency` asyncio tasks that each stream one request at a time (DELTA outputs) and start
+  the next as it ends: both servers' engine loop without HTTP, the most a front end could make
+  of this engine at that concurrency. (The synchronous `step()` loop above is no such ceiling at
+  small concurrencies: it adds requests only between steps.)
 Run by bench/run.py in a subprocess (vLLM spawns processes: the `__main__` guard is required).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import itertools
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def main() -> None:
@@ -37,6 +47,9 @@ def main() -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
     started = time.monotonic()
+    if spec.get("turns") and spec.get("async"):
+        run_async_turns(ns.model, spec, started)
+        return
     from vllm import LLM, SamplingParams
 
     e = spec["engine"]
@@ -140,6 +153,121 @@ def windowed(llm: object, params: object, prompts: list[str], spec: dict) -> lis
         })
         print(f"offline c={concurrency}: {tokens / window:.1f} tok/s, {done} requests finished in the window", flush=True)
     return points
+
+
+def run_async_turns(model: str, spec: dict, started: float) -> None:
+    """`turns` on AsyncLLM (spec "async"), on uvloop as both servers run."""
+    try:
+        import uvloop
+
+        uvloop.run(async_turns(model, spec, started))
+    except ImportError:
+        asyncio.run(async_turns(model, spec, started))
+    sys.stdout.flush()
+    os._exit(0)  # shut down already: skip the interpreter's teardown of vLLM (and AsyncLLM.__del__'s noise)
+
+
+async def async_turns(model: str, spec: dict, started: float) -> None:
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    e = spec["engine"]
+    settings = {k: e[k] for k in ("enforce_eager", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization") if k in e}
+    args = AsyncEngineArgs(model=model, max_model_len=e["max_model_len"], disable_log_stats=True, **settings)
+    engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+    try:
+        params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True,
+                                output_kind=RequestOutputKind.DELTA)
+        prompts: list[Any] = spec["prompts"]
+        if tools := spec.get("tools"):
+            prompts, params = tool_calls(engine.get_tokenizer(), prompts, spec["max_tokens"], tools)
+        async for _ in engine.generate(prompts[0], params, "warm-up"):  # as the servers get
+            pass
+        print(f"ready (loaded in {time.monotonic() - started:.1f}s)", flush=True)
+        loop = asyncio.get_running_loop()
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            concurrency = json.loads(line)["concurrency"]
+            print("point " + json.dumps(await async_point(engine, params, prompts, concurrency, spec)), flush=True)
+    finally:
+        engine.shutdown()
+
+
+def tool_calls(tokenizer: Any, prompts: list[str], max_tokens: int, tools: dict) -> tuple[list[Any], Any]:
+    """The servers' named tool calls (bench/loadgen.py's tool_call_target) as the engine gets them
+    from either server: each prompt a user message rendered by the chat template with the tool
+    (tokens, rendered once here: a server does it per request), sampled greedily under structured
+    outputs holding the answer to the function's parameters, at most `max_tokens`, no ignore_eos."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    if tools["choice"] != "named":
+        raise SystemExit("the engine without a server measures named tool calls only")
+    tool = tools["tool"]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tools=[tool], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    rendered = [{"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)} for text in texts]
+    schema = json.dumps(tool["function"]["parameters"])
+    return rendered, SamplingParams(max_tokens=max_tokens, temperature=0.0, output_kind=RequestOutputKind.DELTA,
+                                    structured_outputs=StructuredOutputsParams(json=schema))
+
+
+async def async_point(engine: Any, params: Any, prompts: list[Any], concurrency: int, spec: dict) -> dict:
+    """One windowed point on AsyncLLM: `concurrency` tasks, each streaming requests one after
+    another; tokens counted for `window` seconds once every task's request streams (after `ramp`,
+    at most `ramp_max`), then every task cancelled (which aborts its request in vLLM)."""
+    window, ramp, ramp_max = spec["window"], spec.get("ramp", 0.0), spec.get("ramp_max", 0.0)
+    max_seqs = spec["engine"].get("max_num_seqs", 1 << 30)
+    ids = itertools.count()
+    streaming: set[str] = set()
+    everyone = asyncio.Event()  # every task's request streams: the window may open
+    latencies: list[float] = []
+    tokens = done = 0
+    t0 = t1 = float("inf")
+
+    async def client() -> None:
+        nonlocal tokens, done
+        while True:
+            k = next(ids)
+            rid, began = f"a{concurrency}-{k}", time.perf_counter()
+            async for out in engine.generate(prompts[k % len(prompts)], params, rid):
+                now = time.perf_counter()
+                n = len(out.outputs[0].token_ids)
+                if n and rid not in streaming:
+                    streaming.add(rid)
+                    if len(streaming) >= min(concurrency, max_seqs):
+                        everyone.set()
+                if t0 <= now < t1:
+                    tokens += n
+            now = time.perf_counter()
+            if began >= t0 and now < t1:
+                done += 1
+                latencies.append(now - began)
+
+    t_start = time.perf_counter()
+    tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
+    await asyncio.sleep(ramp)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(everyone.wait(), max(0.0, ramp_max - (time.perf_counter() - t_start)))
+    t0 = time.perf_counter()
+    t1 = t0 + window
+    await asyncio.sleep(window)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for _ in range(1000):  # the aborts reach the engine: the next point starts on an empty engine
+        if not engine.output_processor.has_unfinished_requests():
+            break
+        await asyncio.sleep(0.005)
+    latencies.sort()
+    print(f"engine c={concurrency}: {tokens / window:.1f} tok/s, {done} requests finished in the window", flush=True)
+    return {
+        "mode": "asyncllm-window", "concurrency": concurrency, "requests": done, "ok": done, "errors": 0,
+        "window_s": window, "ramp_s": round(t0 - t_start, 2), "started": next(ids), "wall_s": round(window, 3),
+        "req_per_s": round(done / window, 3), "output_tok_per_s": round(tokens / window, 2), "output_tokens": tokens,
+        "latency_ms": {"p50": round(1e3 * latencies[len(latencies) // 2], 1)} if latencies else None,
+    }
 
 
 if __name__ == "__main__":

@@ -120,6 +120,22 @@ def test_gpu_bench_starts_the_systems_in_the_order_named() -> None:
     assert run_order(["vllm", "fleet"]) == ["vllm", "fleet"]
     assert run_order(["fleet", "vllm", "litellm", "offline"]) == ["fleet", "vllm", "offline"]
     assert run_order(["litellm", "fleet", "vllm"]) == ["vllm", "fleet"]  # LiteLLM sits in front of vllm serve
+    assert run_order(["fleet", "engine", "vllm"]) == ["fleet", "engine", "vllm"]
+
+
+def test_gpu_bench_divides_both_servers_by_the_engine_without_a_server() -> None:
+    from bench.gpu import report
+
+    def entry(system: str, k: int, first: str, tok: float) -> dict:
+        return {"round": k, "system": system, "first": first, "points": [{"concurrency": 16, "output_tok_per_s": tok}]}
+
+    results = {"systems": {}, "rounds": [entry("fleet", 1, "fleet", 90), entry("vllm", 1, "fleet", 80),
+                                         entry("engine", 1, "fleet", 100), entry("engine", 2, "engine", 120),
+                                         entry("vllm", 2, "engine", 90), entry("fleet", 2, "engine", 96)]}
+    report(results)
+    assert results["ratios"]["fleet/engine"] == {"16": 0.845}  # mean(90, 96) / mean(100, 120)
+    assert results["ratios"]["vllm/engine"] == {"16": 0.773}
+    assert results["paired"]["vllm/engine per round"] == {"16": {"fleet first": [0.8], "engine first": [0.75]}}
 
 
 def test_loadgen_refuses_non_loopback() -> None:
