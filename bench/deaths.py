@@ -2,6 +2,7 @@
 
     python bench/deaths.py --minutes 10 --kill-every 90 --out /tmp/deaths
     python bench/deaths.py --source default --minutes 5 --kill-every 60
+    python3 bench/deaths.py --source /root/models/smollm2-135m-instruct --gpus 0,1 --clients 64 --minutes 4 --kill-every 60
 
 Two replicas of a model (the tiny test model made here, or `--source`) on real vLLM engines,
 `fleet launch` in its own process; `--clients` clients send greedy completions of `--tokens`
@@ -74,8 +75,14 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, tokens: int, str
 
 async def run(ns: argparse.Namespace) -> dict[str, Any]:
     source = model_path(ns.source, ns.out)
-    tables = (f'[[models]]\nname = "m"\nsource = "{source}"\n'
-              f'port = {free_ports(2)}\nreplicas = 2\ndtype = "float32"\nmax_model_len = 512\nkv_cache_gib = 0.1\n')
+    if ns.gpus:  # one replica per GPU, vLLM's own settings there (bf16, CUDA graphs)
+        ports = free_ports(2)
+        places = ", ".join(f"{{ gpus = [{g}], port = {ports + k} }}" for k, g in enumerate(ns.gpus.split(",")))
+        tables = (f'[[models]]\nname = "m"\nsource = "{source}"\nplacements = [{places}]\n'
+                  f"max_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n")
+    else:
+        tables = (f'[[models]]\nname = "m"\nsource = "{source}"\n'
+                  f'port = {free_ports(2)}\nreplicas = 2\ndtype = "float32"\nmax_model_len = 512\nkv_cache_gib = 0.1\n')
     results: list[dict[str, Any]] = []
     kills: list[dict[str, Any]] = []
     rss: list[tuple[float, float]] = []
@@ -102,8 +109,16 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
                     rows = await status(client, fleet.url)
                 victim = f"m.{turn % 2}"
                 turn += 1
-                kills.append({"at": time.monotonic(), "replica": victim})
+                kill = {"at": time.monotonic(), "replica": victim}
+                kills.append(kill)
                 os.kill(rows[victim]["pid"], signal.SIGKILL)
+                # until the launcher has it serving again (its restart: a new engine process, ready)
+                while True:
+                    row = (await status(client, fleet.url))[victim]
+                    if row["state"] == "ready" and row["pid"] not in (None, rows[victim]["pid"]):
+                        break
+                    await asyncio.sleep(0.2)
+                kill["serving_again_s"] = round(time.monotonic() - kill["at"], 2)
 
         async def sampler() -> None:
             while time.monotonic() < end:
@@ -121,11 +136,17 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
             if times and times[0] < k["at"] < times[-1]:
                 waits.append(next(t for t in times if t > k["at"]) - k["at"])
     waits.sort()
+    # a request begun after a kill, before the replica served again: the fleet knew of the death (or
+    # learnt of it on that request) and must still answer it whole
+    after_kill = [r for r in results if any(k["at"] <= r["began"] < k["at"] + k.get("serving_again_s", 1e9) for k in kills)]
     return {
         "source": ns.source, "minutes": ns.minutes, "kill_every_s": ns.kill_every, "clients": ns.clients,
         "tokens": ns.tokens, "answers": len(results), "ok": len(results) - len(failed), "failed": len(failed),
         "failed_kinds": sorted({str(r["status"]) for r in failed})[:10], "kills": len(kills),
         "failed_per_kill": len(failed) / len(kills) if kills else 0.0,
+        "begun_while_a_replica_was_down": len(after_kill),
+        "failed_of_those": sum(not r["ok"] for r in after_kill),
+        "serving_again_s": [k.get("serving_again_s") for k in kills],
         "taken_over": {k: after[k] - before[k] for k in after},
         "streams_in_flight_at_kills": len(waits),
         "kill_to_next_token_s": {"p50": statistics.median(waits) if waits else None,
@@ -144,6 +165,8 @@ def main() -> None:
     ap.add_argument("--kill-every", type=float, default=90.0, help="seconds between two kills")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--gpus", default="", help="GPUs, one replica on each (e.g. 0,1); none: the CPU build's settings")
+    ap.add_argument("--memory", type=float, default=0.4, help="with --gpus: gpu_memory_utilization of each engine")
     ap.add_argument("--out", type=Path, default=Path("/tmp/deaths"))
     ns = ap.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)

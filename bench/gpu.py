@@ -5,6 +5,10 @@ model, same settings, same load, one after the other in the order `--systems` na
         [--systems fleet,vllm,litellm,offline] [--litellm-path /root/litellm] \
         [--together --memory 0.4 --rounds 2] [--referee] [--profile 256] [--stream-interval 4]
         [--tools named --tool-parser pythonic]   # tool calls: streamed chat, counted from usage
+    # two GPUs: one engine against two replicas (GPUs 0 and 1) and `vllm serve --data-parallel-size 2`
+    python3 bench/gpu.py ... --systems fleet,fleet-2r,vllm-dp --replica-gpus 0,1 --together --memory 0.3
+    # tensor parallel over GPUs 0 and 1, fleet against `vllm serve --tensor-parallel-size 2`
+    python3 bench/gpu.py ... --systems fleet,vllm --tp 2 --together --memory 0.4
 
 Throughput counts tokens (bench/loadgen.py's `chunk_tokens`: each chunk's continuous usage), not
 SSE chunks: a server that falls behind merges several steps into one chunk. `--referee` runs vLLM's
@@ -187,6 +191,20 @@ def offline(ns: argparse.Namespace, conc: list[int], env: dict[str, str]) -> dic
     return {"ready_s": data["load_s"], "points": data["points"]}
 
 
+def fleet_toml(ns: argparse.Namespace, port: int, replicas: int = 1, stream_interval: int = 1) -> str:
+    """The fleet.toml of one benchmarked fleet: the gateway on `port`, model "m" with one GPU per
+    replica (--replica-gpus in turn), or one replica over GPUs 0..--tp-1 (tensor parallel: a
+    placement's GPU count); the engines' ports follow from the gateway's."""
+    gpus = [int(g) for g in ns.replica_gpus.split(",")]
+    cards = [[gpus[k % len(gpus)]] for k in range(replicas)] if replicas > 1 or ns.tp == 1 else [list(range(ns.tp))]
+    places = ", ".join(f"{{ gpus = {cards[k]}, port = {5001 + 100 * (port // 100 - 80) + k} }}" for k in range(replicas))
+    return (f'[gateway]\nport = {port}\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\n'
+            f"placements = [{places}]\nmax_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n"
+            + (f"kv_cache_gib = {ns.kv_cache_gib}\n" if ns.kv_cache_gib else "")
+            + (f"engine_args = {{ stream_interval = {stream_interval} }}\n" if stream_interval > 1 else "")
+            + (f'tool_parser = "{ns.tool_parser}"\n' if ns.tools else ""))
+
+
 class OfflineTurns:
     """bench/offline.py loaded once and kept up beside the servers, measured a point at a time
     (`--interleave`): its turns alternate with theirs, so a machine's drift falls on both. `name`
@@ -241,7 +259,7 @@ def scheduler_tokens(log: Path) -> int | None:
 def run_order(systems: list[str]) -> list[str]:
     """The servers to start, in the order named (the first after a machine's start tends to measure
     low at c=1, so runs in both orders tell that apart); LiteLLM runs in front of vllm serve."""
-    known = ("fleet", "fleet-2r", "fleet-si", "fleet-old", "vllm", *ENGINES)
+    known = ("fleet", "fleet-2r", "fleet-si", "fleet-old", "vllm", "vllm-dp", *ENGINES)
     return list(dict.fromkeys("vllm" if s == "litellm" else s for s in systems if s in (*known, "litellm")))
 
 
@@ -251,7 +269,7 @@ def rounds_order(servers: list[str], rounds: int) -> list[list[str]]:
     return [servers if k % 2 == 0 else servers[::-1] for k in range(rounds)]
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpu-bench"))
@@ -260,6 +278,7 @@ def main() -> None:
     ap.add_argument("--memory", type=float, default=0.8, help="gpu_memory_utilization of each engine")
     ap.add_argument("--kv-cache-gib", type=float, default=0.0, help="fleet's engines: this KV cache (skips vLLM's profiling)")
     ap.add_argument("--replica-gpus", default="0", help="fleet-2r: the GPUs its replicas take in turn (0: both on GPU 0)")
+    ap.add_argument("--tp", type=int, default=1, help="fleet and vllm: tensor parallel over GPUs 0..tp-1")
     ap.add_argument("--stream-interval", type=int, default=4,
                     help="fleet-si: fleet whose engine sends a stream's tokens every this many steps (vLLM's stream_interval)")
     ap.add_argument("--profile", default="", help="concurrencies at which to py-spy every Python process (PY_SPY=path), round 1")
@@ -287,7 +306,11 @@ def main() -> None:
     ap.add_argument("--offline-concurrency", default="", help="the offline engine's points (default: --concurrency)")
     ap.add_argument("--litellm-python", default=sys.executable, help="the interpreter that runs LiteLLM")
     ap.add_argument("--litellm-path", default="", help="LiteLLM's own package directory (first on its PYTHONPATH)")
-    ns = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    ns = parser().parse_args()
     ns.out = ns.out.resolve()  # fleet-old runs from its own tree
     ns.out.mkdir(parents=True, exist_ok=True)
     conc = [int(x) for x in ns.concurrency.split(",")]
@@ -350,15 +373,8 @@ def main() -> None:
             name, port = "fleet-si", 8400
         if source is not None:
             name, port = "fleet-old", 8500
-        gpus = [int(g) for g in ns.replica_gpus.split(",")]
-        kv = f"kv_cache_gib = {ns.kv_cache_gib}\n" if ns.kv_cache_gib else ""
-        places = ", ".join(f"{{ gpus = [{gpus[k % len(gpus)]}], port = {5001 + 100 * (port // 100 - 80) + k} }}"
-                           for k in range(replicas))
         toml = ns.out / f"{name}.toml"
-        toml.write_text(f'[gateway]\nport = {port}\n\n[[models]]\nname = "m"\nsource = "{ns.model}"\n'
-                        f"placements = [{places}]\nmax_model_len = 2048\ngpu_memory_utilization = {ns.memory}\n{kv}"
-                        + (f"engine_args = {{ stream_interval = {stream_interval} }}\n" if stream_interval > 1 else "")
-                        + (f'tool_parser = "{ns.tool_parser}"\n' if ns.tools else ""))
+        toml.write_text(fleet_toml(ns, port, replicas, stream_interval))
         argv = [sys.executable, "-m", "fleet.cli", "launch", "--config", str(toml), "--no-engine-logs"]
         logs = ns.out / f"{name}-engine-logs"
         fenv = {**env, "FLEET_LOG_DIR": str(logs)}
@@ -368,13 +384,17 @@ def main() -> None:
         proc = stack.enter_context(started(name, argv, f"http://127.0.0.1:{port}/fleet/status", fenv, ns.out, cwd=source))
         return proc, f"http://127.0.0.1:{port}", logs / ("m.log" if replicas == 1 else "m.0.log")
 
-    def start_vllm(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, str, Path]:
+    def start_vllm(stack: contextlib.ExitStack, data_parallel: int = 1) -> tuple[subprocess.Popen, str, Path]:
+        """`vllm serve` over --tp GPUs (tensor parallel); with data_parallel, `vllm-dp`: that many
+        engines behind one API server (`--data-parallel-size`), one GPU each."""
+        name, port = ("vllm", 8100) if data_parallel == 1 else ("vllm-dp", 8600)
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", ns.model, "--served-model-name", "m",
-                "--port", "8100", "--max-model-len", "2048", "--gpu-memory-utilization", str(ns.memory)]
+                "--port", str(port), "--max-model-len", "2048", "--gpu-memory-utilization", str(ns.memory)]
+        argv += ["--data-parallel-size", str(data_parallel)] if data_parallel > 1 else ["--tensor-parallel-size", str(ns.tp)]
         if ns.tools:
             argv += ["--enable-auto-tool-choice", "--tool-call-parser", ns.tool_parser]
-        proc = stack.enter_context(started("vllm", argv, "http://127.0.0.1:8100/health", env, ns.out))
-        return proc, "http://127.0.0.1:8100", ns.out / "vllm.log"
+        proc = stack.enter_context(started(name, argv, f"http://127.0.0.1:{port}/health", env, ns.out))
+        return proc, f"http://127.0.0.1:{port}", ns.out / f"{name}.log"
 
     def start_litellm(stack: contextlib.ExitStack) -> tuple[subprocess.Popen, str, None]:
         cfg = ns.out / "litellm.yaml"
@@ -389,6 +409,7 @@ def main() -> None:
 
     starters = {"fleet": start_fleet, "fleet-2r": lambda stack: start_fleet(stack, 2),
                 "fleet-si": lambda stack: start_fleet(stack, stream_interval=ns.stream_interval), "vllm": start_vllm,
+                "vllm-dp": lambda stack: start_vllm(stack, data_parallel=2),
                 "fleet-old": lambda stack: start_fleet(stack, source=ns.old_fleet),
                 "litellm": start_litellm}
     servers = [s for s in systems if s in starters]
@@ -478,7 +499,8 @@ def report(results: dict) -> None:
     ratios: dict = {}
     for key, field_ in (("points", "output_tok_per_s"), ("referee", "output_throughput")):
         for a, b in [("fleet", "vllm"), ("fleet", "fleet-old"), ("fleet", "litellm"), ("fleet", "offline"), ("vllm", "offline"),
-                     ("fleet", "engine"), ("vllm", "engine"), ("fleet-si", "offline"), ("fleet-si", "fleet")]:
+                     ("fleet", "engine"), ("vllm", "engine"), ("fleet-si", "offline"), ("fleet-si", "fleet"),
+                     ("fleet-2r", "fleet"), ("fleet-2r", "vllm-dp"), ("vllm-dp", "vllm")]:
             ta, tb = per_round(a, key, field_), per_round(b, "points" if b in ENGINES else key,
                                                            "output_tok_per_s" if b in ENGINES else field_)
             both = {c: round(mean(ta[c]) / mean(tb[c]), 3) for c in ta if tb.get(c) and mean(tb[c])}
@@ -490,7 +512,10 @@ def report(results: dict) -> None:
     for a, b, key, field_ in (("fleet", "vllm", "points", "output_tok_per_s"), ("fleet", "offline", "points", "output_tok_per_s"),
                               ("fleet", "vllm", "referee", "output_throughput"), ("fleet-si", "offline", "points", "output_tok_per_s"),
                               ("fleet-si", "fleet", "points", "output_tok_per_s"), ("fleet", "fleet-old", "points", "output_tok_per_s"),
-                              ("fleet", "engine", "points", "output_tok_per_s"), ("vllm", "engine", "points", "output_tok_per_s")):
+                              ("fleet", "engine", "points", "output_tok_per_s"), ("vllm", "engine", "points", "output_tok_per_s"),
+                              ("fleet-2r", "fleet", "points", "output_tok_per_s"), ("fleet-2r", "vllm-dp", "points", "output_tok_per_s"),
+                              ("fleet-2r", "fleet", "referee", "output_throughput"),
+                              ("fleet-2r", "vllm-dp", "referee", "output_throughput")):
         if paired := paired_ratios(results["rounds"], a, b, key, field_):
             label = f"{a}/{b} per round" + (" (vllm bench serve)" if key == "referee" else "")
             results.setdefault("paired", {})[label] = paired

@@ -10,15 +10,25 @@ and the prefix-cache hit rate, which each engine counts itself (GET /stats on th
 prompt tokens of finished requests, and how many of them vLLM's prefix cache held).
 
 Throughput of 1 vs 2 replicas is bench/referee.py's: `--systems fleet-2r,fleet`.
+
+On two GPUs (`--gpus 0,1`: one replica on each, `--source` a model folder, each engine's KV cache
+`--kv-cache-gib`), sized so that the system prompts fill more than one replica's cache and fit in
+both (the default model: ~1.1 tokens a word, 23 KB of KV cache a token; 64 prompts of 1,200 words
+are ~83,000 tokens, 1.9 GB, against 1 GiB a replica):
+
+    python3 bench/replicas.py --gpus 0,1 --source /root/models/smollm2-135m-instruct --kv-cache-gib 1 \
+        --systems 64 --words 1200 --requests 2048 --concurrency 64 --rounds 2 --out /tmp/replicas-gpu
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +64,32 @@ async def engine_counts(base_url: str) -> dict[str, dict[str, int]]:
         return out
 
 
-async def measure(policy: str, env: Any, model_dir: str, ns: argparse.Namespace) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def launched(policy: str, env: Any, model_dir: str, ns: argparse.Namespace) -> AsyncIterator[Any]:
+    """Two replicas under `policy`: the CPU build's shared settings, or (--gpus) one per GPU."""
     from bench import systems
+
+    if not ns.gpus:
+        async with systems.fleet_launch(env, source=model_dir, wait_ready=True, replicas=2, routing=policy) as running:
+            yield running
+        return
+    from bench.procs import free_ports
+    from bench.sleep import Fleet
+
+    ports = free_ports(2)
+    places = ", ".join(f"{{ gpus = [{g}], port = {ports + k} }}" for k, g in enumerate(ns.gpus.split(",")))
+    tables = (f'[[models]]\nname = "{systems.MODEL_NAME}"\nsource = "{model_dir}"\nplacements = [{places}]\n'
+              f'routing = "{policy}"\nmax_model_len = 4096\nkv_cache_gib = {ns.kv_cache_gib}\n')
+    env.workdir.mkdir(parents=True, exist_ok=True)
+    async with Fleet(env.workdir, f"fleet-{policy}", tables) as fleet:
+        yield systems.Running("fleet-2r", fleet.url, systems.MODEL_NAME, fleet.server.pid, [fleet.server.pid], 0.0, 0.0)
+
+
+async def measure(policy: str, env: Any, model_dir: str, ns: argparse.Namespace) -> dict[str, Any]:
     from bench.loadgen import closed_loop, completion_target, summarize
 
     texts = prompts(system_prompts(ns.systems, ns.words), ns.requests)
-    async with systems.fleet_launch(env, source=model_dir, wait_ready=True, replicas=2, routing=policy) as running:
+    async with launched(policy, env, model_dir, ns) as running:
         warm = completion_target(running.base_url, running.model, ["Hello, my name is"] * 4, 4, stream=True)
         await closed_loop(warm, 2, 4, timeout=300)  # the first requests of a fresh engine are slow
         before = await engine_counts(running.base_url)
@@ -88,10 +118,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--gpus", default="", help="one replica on each of these GPUs (e.g. 0,1); none: the CPU")
+    ap.add_argument("--source", default="", help="with --gpus: the model folder (default: the packaged model's)")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="with --gpus: each engine's KV cache")
     ap.add_argument("--out", type=Path, default=Path("/tmp/replicas"))
     ns = ap.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)
-    model_dir = default_model_dir(sys.executable)
+    model_dir = ns.source or default_model_dir(sys.executable)
     names = ns.policies.split(",")
     results: dict[str, Any] = {"cpu": systems.describe(systems.Env(ns.out)), "settings": {
         k: v for k, v in vars(ns).items() if k != "out"}, "runs": []}

@@ -5,7 +5,9 @@
 # (Ray actors; gpus = count), answers, nvidia-smi, the status's nodes and GPUs, an actor killed
 # and placed anew, `fleet stop` leaving nothing. STAGE=ray-executor: the same model as one
 # `multi_node` replica of all the GPUs (tensor parallel = GPUs) through vLLM's Ray executor in a
-# placement group fleet made, then a SIGKILLed launcher leaving nothing. Output in ${OUT:-/tmp/gpu-cluster}.
+# placement group fleet made, then `fleet stop` leaving nothing (STOP=kill: a SIGKILLed launcher
+# instead). Every snapshot lists the GPU processes with their card's UUID and each card's memory in
+# use. Output in ${OUT:-/tmp/gpu-cluster}.
 set -uo pipefail
 out=${OUT:-/tmp/gpu-cluster}; mkdir -p "$out"
 stage=${STAGE:-replicas}
@@ -42,7 +44,8 @@ enforce_eager = true
 $extra
 TOML
 snapshot() {  # what runs: GPU processes, engines, actors
-  { date +%T; nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+  { date +%T; nvidia-smi --query-compute-apps=pid,process_name,used_memory,gpu_uuid --format=csv
+    nvidia-smi --query-gpu=index,uuid,memory.used --format=csv
     ps -eo pid,ppid,pgid,etimes,cmd | grep -E 'fleet.engine|VLLM|EngineHost|RayWorkerWrapper|fleet.cluster.reaper' | grep -v grep | cut -c1-160; } > "$out/$stage-$1.txt" 2>&1
 }
 wait_ready() {  # until every replica is ready ($1: how many), or the launcher died; at most $2 s
@@ -80,6 +83,9 @@ if [ "$stage" = replicas ]; then
   start=$(date +%s); wait_ready "$want" 300; echo "ready again: $? after $(( $(date +%s) - start )) s" >> "$out/$stage-kill.txt"
   ask >> "$out/$stage-kill.txt" 2>&1
   fleet status --config "$out/$stage.toml" >> "$out/$stage-kill.txt" 2>&1
+  fleet stop --config "$out/$stage.toml" > "$out/$stage-stop.txt" 2>&1
+  wait "$launcher"; echo "launcher exit: $?" >> "$out/$stage-stop.txt"
+elif [ "${STOP:-fleet}" = fleet ]; then
   fleet stop --config "$out/$stage.toml" > "$out/$stage-stop.txt" 2>&1
   wait "$launcher"; echo "launcher exit: $?" >> "$out/$stage-stop.txt"
 else

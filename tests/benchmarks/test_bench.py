@@ -138,6 +138,23 @@ def test_gpu_bench_divides_both_servers_by_the_engine_without_a_server() -> None
     assert results["paired"]["vllm/engine per round"] == {"16": {"fleet first": [0.8], "engine first": [0.75]}}
 
 
+def test_gpu_bench_places_two_replicas_one_per_gpu_or_one_replica_over_both() -> None:
+    import tomllib
+
+    from bench.gpu import fleet_toml, parser
+    from fleet.config.load import parse_config
+
+    def replicas(argv: list[str], count: int = 1) -> list[tuple[list[int], int]]:
+        ns = parser().parse_args(["--model", "/models/m", "--memory", "0.3", *argv])
+        m = parse_config(tomllib.loads(fleet_toml(ns, 8300, count))).models[0]
+        assert m.gpu_memory_utilization == 0.3
+        return [(r.gpus, r.tensor_parallel_size) for r in m.replica_configs()]
+
+    assert replicas(["--replica-gpus", "0,1"], count=2) == [([0], 1), ([1], 1)]
+    assert replicas(["--tp", "2"]) == [([0, 1], 2)]
+    assert replicas([]) == [([0], 1)]
+
+
 def test_loadgen_refuses_non_loopback() -> None:
     with pytest.raises(ValueError, match="loopback"):
         loadgen.completion_target("http://example.com:8000", "m", ["hi"], 4, stream=False)
