@@ -1,7 +1,8 @@
 """The hop between the gateway and an engine on its machine: CPU per request on each side of it,
-over loopback TCP or over the engine's Unix socket.
+over loopback TCP, over HTTP on the engine's Unix socket (`unix`), or over the gateway's one
+connection there (`mux`, fleet.wire.mux: what fleet uses for an engine it started).
 
-    .venv/bin/python bench/hop.py [--via tcp,unix] [--rounds 4] [--requests 2000] [--concurrency 1,16]
+    .venv/bin/python bench/hop.py [--via tcp,unix,mux] [--rounds 4] [--requests 2000] [--concurrency 1,16]
 
 The engine side is fleet's real engine server (fleet/engine/server.py: uvicorn, its /generate
 route) in a process of its own, over a service that yields one frame per step (as bench/
@@ -32,8 +33,8 @@ if str(ROOT) not in sys.path:
 
 import psutil  # noqa: E402
 
-from bench.procs import free_port  # noqa: E402
 from bench.engine_route import FRAMES  # noqa: E402
+from bench.procs import free_port  # noqa: E402
 from fleet.wire import protocol  # noqa: E402
 from fleet.wire.client import EngineClient  # noqa: E402
 
@@ -41,9 +42,10 @@ ENGINE = """
 import sys, uvicorn, uvloop
 sys.path.insert(0, {root!r})
 from bench.engine_route import FRAMES, Service
-from fleet.engine.server import create_engine_app
+from fleet.engine.server import create_engine_app, mux_routes
 from fleet.run.process import SignalFreeServer
 from fleet.wire import protocol
+from fleet.wire.mux import EngineSide
 
 DONE = protocol.encode_frame(protocol.Done(prompt_tokens=1, completion_tokens=FRAMES))
 
@@ -53,8 +55,11 @@ class Ended(Service):  # bench/engine_route.py's engine, its answers ended by Do
             yield frame
         yield DONE
 
-server = SignalFreeServer(uvicorn.Config(create_engine_app(Ended()), host="127.0.0.1", port={port},
-                                         log_level="warning", access_log=False), unix_socket={unix!r})
+service = Ended()
+routes = mux_routes(service)
+server = SignalFreeServer(uvicorn.Config(create_engine_app(service), host="127.0.0.1", port={port},
+                                         log_level="warning", access_log=False), unix_socket={unix!r},
+                          mux=lambda: EngineSide(routes, None, 1 << 20))
 uvloop.run(server.serve())
 """
 
@@ -101,7 +106,9 @@ async def main(ns: argparse.Namespace) -> None:
                     raise RuntimeError("the engine server did not start")
                 await asyncio.sleep(0.05)
             engine = psutil.Process(proc.pid)
-            clients = {"tcp": EngineClient("m", "127.0.0.1", port), "unix": EngineClient("m", "127.0.0.1", port, unix=unix)}
+            clients = {"tcp": EngineClient("m", "127.0.0.1", port),
+                       "unix": EngineClient("m", "127.0.0.1", port, unix=unix, one_connection=False),
+                       "mux": EngineClient("m", "127.0.0.1", port, unix=unix)}
             for k in range(ns.rounds):
                 for c in concurrencies:
                     for way in (ways if k % 2 == 0 else ways[::-1]):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,7 @@ from bench import tinyhttp
 from fleet.config.model import ModelConfig
 from fleet.config.schema import ENGINE_SOCKET_ENV
 from fleet.wire import protocol
+from fleet.wire.mux import Answer, EngineSide
 
 NULL_ENGINE = Path(__file__).resolve()
 TOKEN_ID = 1000
@@ -93,7 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     tinyhttp.die_with_parent()
     cfg = ModelConfig.model_validate_json(ns.model_json)
     unix = os.environ.get(ENGINE_SOCKET_ENV) or None  # the launcher's gateway comes there, as to fleet's engine
-    tinyhttp.run(make_handler(cfg), cfg.host, cfg.port, f"null engine {cfg.name}: serving on {cfg.host}:{cfg.port}", unix)
+    routes = mux_routes(cfg)
+    tinyhttp.run(make_handler(cfg), cfg.host, cfg.port, f"null engine {cfg.name}: serving on {cfg.host}:{cfg.port}", unix,
+                 mux=lambda: EngineSide(routes, None, 1 << 26))
+
+
+def mux_routes(cfg: ModelConfig) -> dict[str, Answer]:
+    """/generate on the gateway's one connection (fleet.wire.mux): the same answer, in one piece."""
+    fixed = cfg.engine_args.get("null_tokens")
+    fixed = int(fixed) if fixed is not None else None
+
+    async def answer(body: bytes) -> AsyncIterator[bytes]:
+        yield body
+
+    return {"/generate": lambda body: answer(generate_body(_decode_request(body), fixed))}
 
 
 if __name__ == "__main__":

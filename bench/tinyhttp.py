@@ -88,8 +88,10 @@ async def start(handler: Handler, host: str, port: int) -> asyncio.Server:
     return await loop.create_server(lambda: _Connection(handler), host, port, reuse_address=True, backlog=4096)
 
 
-def run(handler: Handler, host: str, port: int, ready_message: str = "", unix_socket: str | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, on uvloop when it is installed; on `unix_socket` too, if given."""
+def run(handler: Handler, host: str, port: int, ready_message: str = "", unix_socket: str | None = None,
+        mux: Callable[[], asyncio.Protocol] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, on uvloop when it is installed; on `unix_socket` too, if given,
+    where a connection that opens with fleet.wire.mux's MAGIC is `mux()`'s, as a fleet engine's."""
     import signal
 
     from fleet.run.process import remove_socket_file
@@ -102,7 +104,13 @@ def run(handler: Handler, host: str, port: int, ready_message: str = "", unix_so
         servers = [await start(handler, host, port)]
         if unix_socket:
             remove_socket_file(unix_socket)
-            servers.append(await loop.create_unix_server(lambda: _Connection(handler), unix_socket, backlog=4096))
+            from fleet.wire.mux import Sniffer
+
+            def http() -> asyncio.Protocol:
+                return _Connection(handler)
+
+            factory = http if mux is None else lambda: Sniffer(http, mux)
+            servers.append(await loop.create_unix_server(factory, unix_socket, backlog=4096))
         if ready_message:
             print(ready_message, flush=True)
         try:

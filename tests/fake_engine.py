@@ -403,21 +403,60 @@ def create_fake_app(engine: FakeEngine) -> Litestar:
 
     @post("/embed", status_code=200, guards=[require_token])
     async def embed(request: Request) -> Response[bytes]:
-        req = protocol.decoder(protocol.EmbedRequest).decode(await request.body())
-        engine.requests += 1
-        dims = int(engine.cfg.engine_args.get("fake_dimensions", 8))
-        if req.dimensions is not None and not engine.cfg.engine_args.get("fake_matryoshka"):
-            return frames_of(protocol.Error("this model does not support matryoshka representation", 400, "dimensions"))
-        out: list[protocol.Frame] = []
-        total = 0
-        for i, item in enumerate(req.inputs):
-            tokens = len(item.split()) if isinstance(item, str) else len(item)
-            total += tokens
-            out.append(protocol.Embedding(i, fake_vector(str(item), req.dimensions or dims), tokens))
-        return frames_of(*out, protocol.Done(prompt_tokens=total, completion_tokens=0))
+        return frames_of(*embed_frames(engine, protocol.decoder(protocol.EmbedRequest).decode(await request.body())))
 
     return Litestar([health, info, stats, generate, tokenize, detokenize, embed, sleep, wake_up], openapi_config=None,
                     logging_config=None)
+
+
+def fake_mux_routes(engine: FakeEngine) -> dict[str, Any]:
+    """The frame routes on the gateway's one connection (fleet.wire.mux), as the HTTP ones answer."""
+
+    async def frames_of(*frames: protocol.Frame) -> AsyncIterator[bytes]:
+        for frame in frames:
+            yield protocol.encode_frame(frame)
+
+    def generate(body: bytes) -> AsyncIterator[bytes]:
+        req = _request_decoder.decode(body)
+        if engine.crash_after is not None and engine.requests >= int(engine.crash_after):
+            print(f"fake engine {engine.cfg.name}: crashing on request {engine.requests + 1}", flush=True)
+            os._exit(CRASH_EXIT_CODE)
+        engine.requests += 1
+        if engine.asleep:
+            print(f"fake engine {engine.cfg.name}: a request while asleep", flush=True)
+            return frames_of(protocol.Error(message="asleep", status=500))
+        return engine.frames(req)
+
+    def tokenize(body: bytes) -> AsyncIterator[bytes]:
+        req = protocol.decoder(protocol.TokenizeRequest).decode(body)
+        words = (prompt_text(req.prompt) or "").split()
+        ids = [word_id(w) for w in words]
+        return frames_of(protocol.Tokens(ids, engine.max_model_len, words if req.token_strs else None),
+                         protocol.Done(prompt_tokens=len(ids), completion_tokens=0))
+
+    def detokenize(body: bytes) -> AsyncIterator[bytes]:
+        req = protocol.decoder(protocol.DetokenizeRequest).decode(body)
+        return frames_of(protocol.Text(prompt_ids_text(req.ids)), protocol.Done(prompt_tokens=len(req.ids), completion_tokens=0))
+
+    def embed(body: bytes) -> AsyncIterator[bytes]:
+        return frames_of(*embed_frames(engine, protocol.decoder(protocol.EmbedRequest).decode(body)))
+
+    return {"/generate": generate, "/tokenize": tokenize, "/detokenize": detokenize, "/embed": embed}
+
+
+def embed_frames(engine: FakeEngine, req: protocol.EmbedRequest) -> list[protocol.Frame]:
+    """/embed's answer: a vector per input, then Done (or a 400 for dimensions it cannot give)."""
+    engine.requests += 1
+    dims = int(engine.cfg.engine_args.get("fake_dimensions", 8))
+    if req.dimensions is not None and not engine.cfg.engine_args.get("fake_matryoshka"):
+        return [protocol.Error("this model does not support matryoshka representation", 400, "dimensions")]
+    out: list[protocol.Frame] = []
+    total = 0
+    for i, item in enumerate(req.inputs):
+        tokens = len(item.split()) if isinstance(item, str) else len(item)
+        total += tokens
+        out.append(protocol.Embedding(i, fake_vector(str(item), req.dimensions or dims), tokens))
+    return [*out, protocol.Done(prompt_tokens=total, completion_tokens=0)]
 
 
 def word_id(word: str) -> int:
@@ -479,6 +518,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from fleet.config.schema import ENGINE_SOCKET_ENV
     from fleet.run.process import SignalFreeServer
+    from fleet.wire.mux import EngineSide
 
     class Server(SignalFreeServer):  # its port, and the Unix socket the launcher names, as fleet's engine
         def capture_signals(self):  # type: ignore[no-untyped-def]
@@ -488,7 +528,8 @@ def main(argv: list[str] | None = None) -> None:
     server = Server(uvicorn.Config(
         create_fake_app(engine), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
         timeout_graceful_shutdown=2,
-    ), unix_socket=os.environ.get(ENGINE_SOCKET_ENV) or None)
+    ), unix_socket=os.environ.get(ENGINE_SOCKET_ENV) or None,
+       mux=lambda: EngineSide(fake_mux_routes(engine), engine.token, 64 << 20))
     print(f"fake engine {name}: serving on {cfg.host}:{cfg.port}" + (f" and {server.unix_socket}" if server.unix_socket else ""),
           flush=True)
     asyncio.run(server.serve())

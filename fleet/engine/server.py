@@ -3,8 +3,9 @@
 Started by the launcher as ``python -m fleet.engine --model-json '<ModelConfig JSON>'``.
 It resolves the model's source (converting a GGUF once), builds the engine (args.py), then
 serves ``/health``, ``/info`` and ``/generate`` (fleet/wire/protocol.py) on the model's port (and,
-started by a launcher on this machine, on the Unix socket $FLEET_ENGINE_SOCKET names too).
-When the gateway drops a /generate connection, the stream is cancelled and vLLM aborts the request.
+started by a launcher on this machine, on the Unix socket $FLEET_ENGINE_SOCKET names too, where
+the gateway's one connection carries every frame route's requests: fleet/wire/mux.py).
+When the gateway drops a /generate connection (or cancels its stream), vLLM aborts the request.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fleet.engine.args import build_engine, worker_in_engine_core
 from fleet.engine.service import EngineService
 from fleet.errors import ClientDisconnected
 from fleet.run.process import SignalFreeServer, die_with_parent, reap_children
-from fleet.wire import protocol
+from fleet.wire import mux, protocol
 from fleet.wire.asgi import header, read_body, send_chunks, unless_disconnected
 
 MAX_REQUEST_BYTES = 64 << 20  # the gateway checked the client's body already; this bounds a wrong peer
@@ -116,12 +117,26 @@ def create_engine_app(service: EngineService, token: str | None = None) -> Lites
         handle.__name__ = path.strip("/")
         return asgi(path, name=path.strip("/"), is_mount=False, copy_scope=False)(handle)
 
-    routes = [frames_route("/generate", protocol.GenerateRequest, service.frames),
-              frames_route("/embed", protocol.EmbedRequest, service.embed),
-              frames_route("/tokenize", protocol.TokenizeRequest, service.tokenize),
-              frames_route("/detokenize", protocol.DetokenizeRequest, service.detokenize)]
+    routes = [frames_route(path, message, answer) for path, (message, answer) in frame_routes(service).items()]
     return Litestar([health, info, stats, sleep, wake_up, load_adapter, unload_adapter, *routes], openapi_config=None,
                     logging_config=None, exception_handlers={ValueError: _refused})
+
+
+def frame_routes(service: EngineService) -> dict[str, tuple[type[msgspec.Struct], Callable[[Any], AsyncIterator[bytes]]]]:
+    """The engine's routes whose answers are frames: each one's request message and its answer,
+    served over HTTP (create_engine_app) and on the gateway's one connection (`mux_routes`)."""
+    return {"/generate": (protocol.GenerateRequest, service.frames), "/embed": (protocol.EmbedRequest, service.embed),
+            "/tokenize": (protocol.TokenizeRequest, service.tokenize),
+            "/detokenize": (protocol.DetokenizeRequest, service.detokenize)}
+
+
+def mux_routes(service: EngineService) -> dict[str, mux.Answer]:
+    """The frame routes as fleet.wire.mux serves them: a request's msgpack body -> its frames."""
+    def route(message: type[msgspec.Struct], answer: Callable[[Any], AsyncIterator[bytes]]) -> mux.Answer:
+        decode = protocol.decoder(message).decode
+        return lambda body: answer(decode(body))
+
+    return {path: route(message, answer) for path, (message, answer) in frame_routes(service).items()}
 
 
 def _refused(_: Request[Any, Any, Any], error: Exception) -> Response[dict[str, str]]:
@@ -162,11 +177,14 @@ async def serve(cfg: ModelConfig) -> None:
     template = Path(cfg.chat_template).expanduser().read_text() if cfg.chat_template else None  # noqa: ASYNC240
     service = EngineService(engine, cfg.name, template, tool_parser=cfg.tool_parser, reasoning_parser=cfg.reasoning_parser,
                             adapters=cfg.adapters)
+    token = os.environ.get(ENGINE_TOKEN_ENV)
+    routes = mux_routes(service)
     server = SignalFreeServer(
-        uvicorn.Config(create_engine_app(service, os.environ.get(ENGINE_TOKEN_ENV)), host=cfg.host, port=cfg.port,
+        uvicorn.Config(create_engine_app(service, token), host=cfg.host, port=cfg.port,
                        log_level="warning", access_log=False, proxy_headers=False,  # its one client: the gateway
                        timeout_keep_alive=protocol.ENGINE_KEEP_ALIVE),
         unix_socket=os.environ.get(ENGINE_SOCKET_ENV) or None,  # the launcher's engines: its gateway comes there
+        mux=lambda: mux.EngineSide(routes, token, MAX_REQUEST_BYTES),  # and its frame routes on one connection
     )
     loop = asyncio.get_running_loop()
     quiet = ExpectedEngineDeath()

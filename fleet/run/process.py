@@ -14,7 +14,8 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -71,11 +72,16 @@ class SignalFreeServer(uvicorn.Server):
     before its own clean-up ran.)
 
     With `unix_socket`, it listens there too, beside its TCP address, until it shuts down: an
-    engine on the gateway's machine is reached there (fleet.run.local.engine_socket says why)."""
+    engine on the gateway's machine is reached there (fleet.run.local.engine_socket says why).
+    With `mux` too, a connection there that opens with fleet.wire.mux's MAGIC is `mux()`'s
+    instead of HTTP's (the gateway's one connection for every request); those end as it shuts down."""
 
-    def __init__(self, config: uvicorn.Config, unix_socket: str | None = None) -> None:
+    def __init__(self, config: uvicorn.Config, unix_socket: str | None = None,
+                 mux: Callable[[], Any] | None = None) -> None:
         super().__init__(config)
         self.unix_socket = unix_socket
+        self.mux = mux
+        self.mux_sides: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -93,8 +99,19 @@ class SignalFreeServer(uvicorn.Server):
                 config=config, server_state=self.server_state, app_state=self.lifespan.state)
             return made
 
+        def mux_side() -> asyncio.Protocol:
+            assert self.mux is not None
+            side = self.mux()
+            self.mux_sides.add(side)
+            return side  # type: ignore[no-any-return]
+
+        factory: Callable[[], asyncio.Protocol] = protocol
+        if self.mux is not None:
+            from fleet.wire.mux import Sniffer
+
+            factory = lambda: Sniffer(protocol, mux_side)  # noqa: E731
         try:
-            server = await asyncio.get_running_loop().create_unix_server(protocol, path=path, backlog=config.backlog)
+            server = await asyncio.get_running_loop().create_unix_server(factory, path=path, backlog=config.backlog)
         except OSError as e:  # the launcher's gateway would wait for it in vain: say so, and stop
             print(f"cannot listen on the Unix socket {path}: {e}", file=sys.stderr, flush=True)
             await self.shutdown()
@@ -105,6 +122,8 @@ class SignalFreeServer(uvicorn.Server):
         try:
             await super().shutdown(sockets)
         finally:
+            for side in list(self.mux_sides):
+                side.close()
             if self.unix_socket is not None:
                 remove_socket_file(self.unix_socket)
 

@@ -8,13 +8,14 @@ import asyncio
 import ipaddress
 import re
 import ssl
+import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import msgspec
 
 from fleet.errors import ConfigError, EngineFailure, EngineLost, EngineTimeout, EngineUnreachable
-from fleet.wire import http1, protocol
+from fleet.wire import http1, mux, protocol
 
 _info_decoder = protocol.decoder(protocol.EngineInfo)
 
@@ -70,19 +71,31 @@ def pinned_tls_context(certfile: str, host: str) -> ssl.SSLContext:
     return context
 
 
+MUX_RETRY_S = 1.0  # after no connection could be made there, the frame routes go over HTTP this long
+
+
 class EngineClient:
     """Talks to one engine listening on (host, port); `generate` yields frames until Done or Error.
 
-    Its owner (the engine's owner, fleet.run.owner) closes it."""
+    An engine on this machine (`unix`, its socket) is reached there: every frame route on one
+    connection (fleet.wire.mux), the rest (/health, /info, the commands) over HTTP/1.1 on the
+    same socket; another engine over HTTP/1.1 on pooled TCP connections (fleet.wire.http1). Its
+    owner (the engine's owner, fleet.run.owner) closes it."""
 
     def __init__(self, name: str, host: str, port: int, *, token: str | None = None, timeout: float = 300.0,
-                 unix: str | None = None) -> None:
-        """`unix`: the Unix socket the engine listens on too (one on this machine): reached there."""
+                 unix: str | None = None, one_connection: bool = True) -> None:
+        """`unix`: the Unix socket the engine listens on too (one on this machine): reached there.
+        `one_connection=False`: its frame routes too on pooled HTTP connections (bench/hop.py compares)."""
         self.name = name
         self.url = url_of(host, port)
         self.timeout = timeout  # the longest silence from the engine during a request
+        self._token = token
         self._headers = [("Authorization", f"Bearer {token}")] if token else []
         self._pool = self._pool_for(host, port, unix)
+        self._unix = unix if one_connection else None  # where the one connection goes
+        self._mux: mux.GatewaySide | None = None
+        self._mux_lock = asyncio.Lock()
+        self._mux_retry_at = 0.0
 
     def _pool_for(self, host: str, port: int, unix: str | None = None) -> http1.Pool:
         return http1.Pool(connect_host(host), port, headers=self._headers, read_timeout=self.timeout,
@@ -92,11 +105,36 @@ class EngineClient:
         """From now on, reach the engine at (host, port) (a cluster's replica, placed anew on a
         restart); connections to the old address close."""
         old, self._pool, self.url = self._pool, self._pool_for(host, port), url_of(host, port)
+        self._unix = None
+        self._drop_mux()
         await old.close()
 
     async def close(self) -> None:
-        """Close pooled connections (and any request still running on one)."""
+        """Close pooled connections and the engine's one connection (and any request still running on one)."""
+        self._drop_mux()
         await self._pool.close()
+
+    def _drop_mux(self) -> None:
+        if self._mux is not None:
+            self._mux.shut()
+            self._mux = None
+
+    async def _mux_side(self) -> mux.GatewaySide | None:
+        """The one connection to a local engine, made on first use; None (HTTP then) where there is
+        none to make: no Unix socket, or none answering there a moment ago."""
+        side = self._mux
+        if side is not None and side.alive:
+            return side
+        if self._unix is None or time.monotonic() < self._mux_retry_at:
+            return None
+        async with self._mux_lock:
+            if self._mux is not None and self._mux.alive:
+                return self._mux
+            try:
+                self._mux = await mux.GatewaySide.connect(self._unix, self._token, timeout=5.0)
+            except (OSError, TimeoutError):  # the engine is down (HTTP then says so), or not yet listening
+                self._mux, self._mux_retry_at = None, time.monotonic() + MUX_RETRY_S
+            return self._mux
 
     async def healthy(self, timeout: float = 2.0) -> bool:  # noqa: ASYNC109 - a probe's own deadline; callers pass timeout=
         """True when the engine answers /health with 200."""
@@ -161,13 +199,46 @@ class EngineClient:
     async def frames(self, path: str, req: msgspec.Struct) -> AsyncGenerator[list[protocol.Frame], None]:
         """Send one request to one of the engine's frame routes (/generate, /embed, /tokenize,
         /detokenize); yield its frames in batches, as they arrive (the last batch ends with Done or
-        Error). Leaving early closes the connection (= abort).
+        Error). Leaving early aborts the request on the engine.
 
         Batches, not single frames: each step through an async generator costs more than handling
         the frame, and one read of the socket often holds many frames.
         """
+        body = protocol.encode(req)
+        side = await self._mux_side()
+        if side is None:
+            async for batch in self._pooled(path, body):
+                yield batch
+            return
+        stream = side.open(path, body)
+        ended = False
         try:
-            response = await self._pool.request("POST", path, protocol.encode(req), protocol.REQUEST_TYPE)
+            frames = protocol.FrameSplitter()
+            while data := await side.read(stream, self.timeout):
+                batch = frames.feed(data)
+                if batch:
+                    ended = isinstance(batch[-1], (protocol.Done, protocol.Error))
+                    yield batch
+                    if ended:
+                        return
+                if frames.unreadable is not None:
+                    raise self._unreadable(frames.unreadable)
+            raise EngineLost(f"engine for model {self.name!r} closed the stream early")
+        except mux.Refused as e:
+            raise EngineFailure(f"engine for model {self.name!r} refused the request: {e}") from None
+        except OSError as e:  # before the engine accepted the request, it never began it (another replica may)
+            began = stream.accepted or isinstance(e, TimeoutError)
+            raise self._failure(e if began else http1.Unanswered(str(e)), began=stream.accepted) from None
+        finally:
+            side.close(stream, finished=ended)
+
+    def _unreadable(self, why: str) -> EngineFailure:  # an engine of another version, say: the request fails, not the stream
+        return EngineFailure(f"engine for model {self.name!r} sent a frame this gateway cannot read: {why}")
+
+    async def _pooled(self, path: str, body: bytes) -> AsyncGenerator[list[protocol.Frame], None]:
+        """`frames` over an HTTP/1.1 connection of the pool: closing it aborts the request."""
+        try:
+            response = await self._pool.request("POST", path, body, protocol.REQUEST_TYPE)
         except OSError as e:  # TimeoutError included
             raise self._failure(e) from None
         ended = False
@@ -182,9 +253,8 @@ class EngineClient:
                     yield batch
                     if ended:
                         return
-                if frames.unreadable is not None:  # an engine of another version, say: the request fails, not the stream
-                    raise EngineFailure(f"engine for model {self.name!r} sent a frame this gateway cannot read: "
-                                        f"{frames.unreadable}")
+                if frames.unreadable is not None:
+                    raise self._unreadable(frames.unreadable)
             raise EngineLost(f"engine for model {self.name!r} closed the stream early")
         except OSError as e:
             raise self._failure(e, began=True) from None

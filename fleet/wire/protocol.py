@@ -12,6 +12,9 @@ HTTP/1.1 on the engine's port, msgpack bodies, the launcher's token as a bearer 
 - ``POST /embed`` (`EmbedRequest`: an `Embedding` per input, then `Done`), ``POST /tokenize``
   (`TokenizeRequest`: `Tokens`, then `Done`), ``POST /detokenize`` (`DetokenizeRequest`: `Text`,
   then `Done`): the same frames, so one client and one connection pool serve every route.
+
+An engine on the gateway's machine serves the same four routes, the same requests and the same
+frames, as streams of one connection on its Unix socket too (fleet.wire.mux).
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ without a restart, and routed to the replica that holds them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import subprocess
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -112,8 +112,9 @@ def status(fleet: FleetProcess) -> dict[str, dict[str, Any]]:
 def test_requests_for_an_adapter_stay_on_the_replica_that_holds_it_until_the_load_bound_moves_them(
     lora_fleet: FleetProcess,
 ) -> None:
-    before = status(lora_fleet)
     with client(lora_fleet) as c:
+        greedy(c, "tiny-a2", 2)  # held by a replica from here on, whichever test ran before
+        before = status(lora_fleet)
         for _ in range(6):
             greedy(c, "tiny-a2", 2)
         middle = status(lora_fleet)
@@ -121,7 +122,10 @@ def test_requests_for_an_adapter_stay_on_the_replica_that_holds_it_until_the_loa
                 for r in ("tiny.0", "tiny.1")}
         assert sorted(hits.values()) == [0, 6]  # one after another: all on the one that holds it
 
+        together = threading.Barrier(8)
+
         def stream(_: int) -> int:
+            together.wait(timeout=30)  # all eight sent at once, each in flight while the next is routed
             return len(list(c.completions.create(model="tiny-a2", prompt="The capital", max_tokens=48, temperature=0,
                                                  stream=True, extra_body={"ignore_eos": True})))
 

@@ -1,0 +1,376 @@
+"""One long-lived connection from the gateway to an engine on its machine, every request on it.
+
+An engine the launcher started listens on a Unix socket (fleet.run.local.engine_socket); a
+connection there that opens with `MAGIC` speaks this instead of HTTP/1.1. Each request is a
+stream on it, numbered by the gateway; the engine's frames of one loop turn (one vLLM step:
+every request that advanced) leave in one write, and the gateway reads them in one. On the
+2-core VM this took the hop's CPU per 64-frame request from 250-270 us (HTTP on the same socket)
+to 67-87 us in the engine process and from 233-268 to 93-113 us in the gateway at 16-256
+concurrent requests (bench/hop.py; docs/benchmarks.md, "The token path: one connection").
+
+Messages, both ways: a 9-byte header (payload length, stream number, kind; big-endian) and the
+payload. The gateway sends `HELLO` (the engine token) first, and the engine answers `READY` (or
+closes the connection: a wrong token); then `OPEN + route` (a msgpack request of that route: its
+stream begins), `CANCEL` (the gateway left: the engine aborts it), `PAUSE` and `RESUME` (the
+gateway holds HIGH_WATER bytes of the stream that its reader has not taken: the engine stops
+pulling that request's outputs until told to go on, as TCP's window did per connection). The
+engine sends `ACCEPTED` before any work on a stream (a connection lost before it is a request
+never begun, which the gateway gives to another replica), then `FRAMES` (frames as /generate
+sends them), then `END` once its answer is over; `REFUSED` (a reason) for a request it cannot
+read.
+
+May import: fleet.wire.exchange (its HIGH_WATER). Plain asyncio: used by both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import struct
+from collections.abc import AsyncIterator, Callable, Mapping
+
+from fleet.wire.exchange import HIGH_WATER
+
+log = logging.getLogger("fleet.wire.mux")
+
+MAGIC = b"fleet-mux/1\n"
+HEADER = struct.Struct(">IIB")  # payload length, stream number, kind
+# gateway -> engine
+HELLO, CANCEL, PAUSE, RESUME = 1, 2, 3, 4
+OPEN = 16  # + the route's index in ROUTES
+ROUTES = ("/generate", "/embed", "/tokenize", "/detokenize")
+# engine -> gateway
+READY, ACCEPTED, FRAMES, END, REFUSED = 32, 33, 34, 35, 36
+
+Answer = Callable[[bytes], AsyncIterator[bytes]]  # a request's payload -> its frames (decoding it may raise)
+
+
+def opening(path: str) -> int:
+    """The kind of message that opens a stream of one of the engine's frame routes."""
+    return OPEN + ROUTES.index(path)
+
+
+def cut(buffer: bytearray, limit: int) -> list[tuple[int, int, bytes]]:
+    """The whole messages at the head of `buffer` as (kind, stream, payload), cut from it.
+    ValueError for a message announced longer than `limit` bytes."""
+    out, pos, end = [], 0, len(buffer)
+    while end - pos >= HEADER.size:
+        size, stream, kind = HEADER.unpack_from(buffer, pos)
+        if size > limit:
+            raise ValueError(f"a message of {size} bytes (at most {limit})")
+        stop = pos + HEADER.size + size
+        if stop > end:
+            break
+        out.append((kind, stream, bytes(buffer[pos + HEADER.size:stop])))
+        pos = stop
+    del buffer[:pos]
+    return out
+
+
+class _Writer:
+    """Messages gathered over one loop turn and written together at its end."""
+
+    transport: asyncio.Transport | None = None
+
+    def __init__(self) -> None:
+        self._out: list[bytes] = []
+        self._written: asyncio.Future[None] | None = None
+        self._call_soon = asyncio.get_running_loop().call_soon  # made on its loop, by its protocol factory
+
+    def send(self, kind: int, stream: int, payload: bytes = b"") -> None:
+        if not self._out:  # the first of this turn: written once every task woken in it has sent
+            self._call_soon(self._flush)
+        self._out += (HEADER.pack(len(payload), stream, kind), payload)
+
+    async def written(self) -> None:
+        """Until what was sent this turn has been written to the socket."""
+        if self._out:
+            if self._written is None:
+                self._written = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._written)  # one waiter cancelled must not cancel it for the others
+
+    def _flush(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+        if self._written is not None:
+            if not self._written.done():
+                self._written.set_result(None)
+            self._written = None
+
+
+class EngineSide(_Writer, asyncio.Protocol):
+    """The engine's end of one connection (after MAGIC): a task per stream, each pulling its
+    answer's frames while its stream and the connection may take more."""
+
+    def __init__(self, routes: Mapping[str, Answer], token: str | None, limit: int) -> None:
+        super().__init__()
+        self.answers = {opening(path): answer for path, answer in routes.items()}
+        self.token = token.encode() if token else None
+        self.limit = limit
+        self.ready = False
+        self.buffer = bytearray()
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.going: dict[int, asyncio.Event] = {}  # cleared while the gateway holds the stream paused
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            messages = cut(self.buffer, self.limit)
+        except ValueError:
+            self._close()
+            return
+        for kind, stream, payload in messages:
+            if not self.ready:  # the first message: the gateway's token, or the connection ends
+                if kind != HELLO or (self.token is not None and not hmac.compare_digest(payload, self.token)):
+                    self._close()
+                    return
+                self.ready = True
+                self.send(READY, 0)
+            elif (answer := self.answers.get(kind)) is not None and stream not in self.tasks:
+                self.going[stream] = gate = asyncio.Event()
+                gate.set()
+                self.tasks[stream] = asyncio.ensure_future(self._answer(stream, answer, payload, gate))
+            elif OPEN <= kind < OPEN + len(ROUTES) and kind not in self.answers:
+                self.send(REFUSED, stream, f"this engine does not answer {ROUTES[kind - OPEN]}".encode())
+            elif kind == CANCEL and (task := self.tasks.get(stream)) is not None:
+                task.cancel()
+            elif kind in (PAUSE, RESUME) and (going := self.going.get(stream)) is not None:
+                going.clear() if kind == PAUSE else going.set()
+
+    async def _answer(self, stream: int, answer: Answer, payload: bytes, going: asyncio.Event) -> None:
+        try:
+            frames = answer(payload)
+        except Exception as e:  # a request this engine cannot read (another version's, say)
+            self.send(REFUSED, stream, str(e)[:1000].encode())
+            self._forget(stream)
+            return
+        self.send(ACCEPTED, stream)
+        try:
+            await self.written()  # out of this process before `frames` begins any work: a death from here on
+            async for chunk in frames:  # is one of a request the engine began
+                self.send(FRAMES, stream, chunk)
+                if not going.is_set():
+                    await going.wait()
+                if not self.writable.is_set():
+                    await self.writable.wait()
+            self.send(END, stream)
+        except asyncio.CancelledError:
+            pass  # the gateway left (CANCEL), or the connection ended
+        except Exception:
+            log.exception("stream %d failed", stream)
+            self.send(END, stream)  # the gateway reads an answer without its end: the engine lost it
+        finally:
+            self._forget(stream)
+            await frames.aclose()  # type: ignore[attr-defined]  # aborts the request in vLLM, if it runs
+
+    def _forget(self, stream: int) -> None:
+        self.tasks.pop(stream, None)
+        self.going.pop(stream, None)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        for task in list(self.tasks.values()):
+            task.cancel()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    close = _close  # the server stopping: every stream ends (the gateway takes them elsewhere)
+
+
+class Refused(Exception):
+    """The engine could not read the request (its reason)."""
+
+
+class Stream:
+    """One request's answer on a GatewaySide connection, read by `GatewaySide.read`."""
+
+    __slots__ = ("accepted", "chunks", "ended", "error", "held", "number", "paused", "waiter")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.chunks: list[bytes] = []
+        self.held = 0  # bytes in chunks
+        self.paused = False
+        self.accepted = False
+        self.ended = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class GatewaySide(_Writer, asyncio.Protocol):
+    """The gateway's end of the connection to one engine: `open` a stream, `read` it, `close` it."""
+
+    def __init__(self, limit: int = 1 << 30) -> None:
+        super().__init__()
+        self.limit = limit
+        self.buffer = bytearray()
+        self.streams: dict[int, Stream] = {}
+        self.numbers = itertools.count(1)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.lost: BaseException | None = None
+
+    @classmethod
+    async def connect(cls, path: str, token: str | None, timeout: float) -> GatewaySide:  # noqa: ASYNC109 - the handshake's own deadline
+        """A connection to the engine's Unix socket at `path`, its token accepted; OSError or
+        TimeoutError when there is none (no engine there, or one that does not speak this)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            transport, side = await loop.create_unix_connection(cls, path)
+            transport.write(MAGIC + HEADER.pack(len(token or ""), 0, HELLO) + (token or "").encode())
+            try:
+                await side.ready
+            except BaseException:
+                transport.close()
+                raise
+        return side
+
+    @property
+    def alive(self) -> bool:
+        return self.lost is None and self.transport is not None and not self.transport.is_closing()
+
+    def open(self, path: str, request: bytes) -> Stream:
+        """Begin a request of one of the engine's frame routes (its msgpack body)."""
+        stream = Stream(next(self.numbers))
+        self.streams[stream.number] = stream
+        if self.lost is not None:
+            stream.error = self.lost
+        else:
+            self.send(opening(path), stream.number, request)
+        return stream
+
+    async def read(self, stream: Stream, timeout: float) -> bytes:  # noqa: ASYNC109 - the engine's silence, per read
+        """The stream's frame bytes that arrived since the last read, waiting at most `timeout` for
+        some (TimeoutError); b"" once its answer ended; the connection's loss as ConnectionError,
+        a refusal as Refused."""
+        while not stream.chunks:
+            if stream.error is not None:
+                raise stream.error
+            if stream.ended:
+                return b""
+            stream.waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await stream.waiter
+            finally:
+                stream.waiter = None
+        chunks = stream.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        stream.held = 0
+        if stream.paused and self.lost is None:
+            stream.paused = False
+            self.send(RESUME, stream.number)
+        return data
+
+    def close(self, stream: Stream, finished: bool = False) -> None:
+        """Done with the stream; one whose answer has not `finished` (its last frame read) is
+        cancelled on the engine."""
+        if self.streams.pop(stream.number, None) is not None and not (finished or stream.ended) and self.lost is None:
+            self.send(CANCEL, stream.number)
+
+    def shut(self) -> None:
+        """Close the connection (every stream on it fails)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            messages = cut(self.buffer, self.limit)
+        except ValueError as e:
+            self._lose(ConnectionError(f"engine sent {e}"))
+            return
+        for kind, number, payload in messages:
+            stream = self.streams.get(number)
+            if stream is None:
+                if kind == READY and not self.ready.done():
+                    self.ready.set_result(None)
+                continue
+            if kind == FRAMES:
+                stream.chunks.append(payload)
+                stream.held += len(payload)
+                if stream.held >= HIGH_WATER and not stream.paused:
+                    stream.paused = True
+                    self.send(PAUSE, number)
+            elif kind == ACCEPTED:
+                stream.accepted = True
+                continue
+            elif kind == END:
+                stream.ended = True
+            elif kind == REFUSED:
+                stream.error = Refused(payload.decode(errors="replace"))
+            stream.wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose(ConnectionError(f"connection closed{f': {exc}' if exc else ''}"))
+
+    def _lose(self, error: BaseException) -> None:
+        if self.lost is None:
+            self.lost = error
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("the engine closed the connection before it was ready"))
+        for stream in self.streams.values():
+            if not stream.ended and stream.error is None:
+                stream.error = error
+                stream.wake()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Sniffer(asyncio.Protocol):
+    """A server's protocol that hands a connection to `mux` if its first bytes are MAGIC, else to
+    `http` (uvicorn's protocol): both on one Unix socket."""
+
+    def __init__(self, http: Callable[[], asyncio.Protocol], mux: Callable[[], asyncio.Protocol]) -> None:
+        self.http, self.mux = http, mux
+        self.transport: asyncio.Transport | None = None
+        self.head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.head += data
+        if len(self.head) < len(MAGIC) and MAGIC.startswith(self.head):
+            return  # not told apart yet
+        mine = self.head.startswith(MAGIC)
+        protocol = self.mux() if mine else self.http()
+        rest = self.head[len(MAGIC):] if mine else self.head
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        if rest:
+            protocol.data_received(rest)
+
+    def eof_received(self) -> bool | None:
+        if self.transport is not None:
+            self.transport.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass  # closed before it said what it speaks
