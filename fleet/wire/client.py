@@ -5,11 +5,12 @@ connections; and `connect_host`, the one rule for reaching a server from the add
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import re
 import ssl
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -205,62 +206,46 @@ class EngineClient:
         the frame, and one read of the socket often holds many frames.
         """
         body = protocol.encode(req)
-        side = await self._mux_side()
-        if side is None:
-            async for batch in self._pooled(path, body):
-                yield batch
-            return
-        stream = side.open(path, body)
+        side, stream, response = await self._mux_side(), None, None
+        read: Callable[[], Awaitable[bytes]]
+        if side is not None:  # an engine on this machine: a stream of the one connection
+            stream = side.open(path, body)
+            read = functools.partial(side.read, stream, self.timeout)
+        else:  # an HTTP/1.1 exchange on a pooled connection
+            try:
+                response = await self._pool.request("POST", path, body, protocol.REQUEST_TYPE)
+            except OSError as e:  # TimeoutError included
+                raise self._failure(e) from None
+            read = response.read
         ended = False
         try:
+            if response is not None and response.status != 200:
+                raise EngineFailure(f"engine for model {self.name!r} answered HTTP {response.status}")
             frames = protocol.FrameSplitter()
-            while data := await side.read(stream, self.timeout):
+            while data := await read():
                 batch = frames.feed(data)
                 if batch:
                     ended = isinstance(batch[-1], (protocol.Done, protocol.Error))
                     yield batch
                     if ended:
                         return
-                if frames.unreadable is not None:
-                    raise self._unreadable(frames.unreadable)
+                if frames.unreadable is not None:  # an engine of another version, say: the request fails, not the stream
+                    raise EngineFailure(f"engine for model {self.name!r} sent a frame this gateway cannot read: "
+                                        f"{frames.unreadable}")
             raise EngineLost(f"engine for model {self.name!r} closed the stream early")
         except mux.Refused as e:
             raise EngineFailure(f"engine for model {self.name!r} refused the request: {e}") from None
-        except OSError as e:  # before the engine accepted the request, it never began it (another replica may)
-            began = stream.accepted or isinstance(e, TimeoutError)
-            raise self._failure(e if began else http1.Unanswered(str(e)), began=stream.accepted) from None
-        finally:
-            side.close(stream, finished=ended)
-
-    def _unreadable(self, why: str) -> EngineFailure:  # an engine of another version, say: the request fails, not the stream
-        return EngineFailure(f"engine for model {self.name!r} sent a frame this gateway cannot read: {why}")
-
-    async def _pooled(self, path: str, body: bytes) -> AsyncGenerator[list[protocol.Frame], None]:
-        """`frames` over an HTTP/1.1 connection of the pool: closing it aborts the request."""
-        try:
-            response = await self._pool.request("POST", path, body, protocol.REQUEST_TYPE)
-        except OSError as e:  # TimeoutError included
-            raise self._failure(e) from None
-        ended = False
-        try:
-            if response.status != 200:
-                raise EngineFailure(f"engine for model {self.name!r} answered HTTP {response.status}")
-            frames = protocol.FrameSplitter()
-            while data := await response.read():
-                batch = frames.feed(data)
-                if batch:
-                    ended = isinstance(batch[-1], (protocol.Done, protocol.Error))
-                    yield batch
-                    if ended:
-                        return
-                if frames.unreadable is not None:
-                    raise self._unreadable(frames.unreadable)
-            raise EngineLost(f"engine for model {self.name!r} closed the stream early")
         except OSError as e:
-            raise self._failure(e, began=True) from None
+            began = stream is None or stream.accepted  # an HTTP answer began with its head
+            if not began and not isinstance(e, TimeoutError):  # never accepted: another replica may take it
+                e = http1.Unanswered(str(e))
+            raise self._failure(e, began=began) from None
         finally:
-            # after Done the connection is reused; before it, closing it is what aborts the request
-            response.release() if ended else response.abort()
+            if side is not None and stream is not None:
+                side.close(stream, finished=ended)
+            elif response is not None:
+                # after Done the connection is reused; before it, closing it is what aborts the request
+                response.release() if ended else response.abort()
 
     def _failure(self, e: OSError, began: bool = False) -> EngineFailure | EngineTimeout:
         """What a connection error or a silence means for the request (`began`: after the answer's

@@ -69,15 +69,33 @@ def cut(buffer: bytearray, limit: int) -> list[tuple[int, int, bytes]]:
     return out
 
 
-class _Writer:
-    """Messages gathered over one loop turn and written together at its end."""
+class _End(asyncio.Protocol):
+    """Either end of a connection: messages read as they are whole; messages sent over one loop
+    turn written together at its end."""
 
     transport: asyncio.Transport | None = None
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # the longest message the other end may send
+        self.buffer = bytearray()
         self._out: list[bytes] = []
         self._written: asyncio.Future[None] | None = None
         self._call_soon = asyncio.get_running_loop().call_soon  # made on its loop, by its protocol factory
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def _messages(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """The messages `data` completes; none, and `_broken`, for one longer than the limit."""
+        self.buffer += data
+        try:
+            return cut(self.buffer, self.limit)
+        except ValueError as e:
+            self._broken(str(e))
+            return []
+
+    def _broken(self, why: str) -> None:
+        raise NotImplementedError
 
     def send(self, kind: int, stream: int, payload: bytes = b"") -> None:
         if not self._out:  # the first of this turn: written once every task woken in it has sent
@@ -101,33 +119,22 @@ class _Writer:
             self._written = None
 
 
-class EngineSide(_Writer, asyncio.Protocol):
+class EngineSide(_End):
     """The engine's end of one connection (after MAGIC): a task per stream, each pulling its
     answer's frames while its stream and the connection may take more."""
 
     def __init__(self, routes: Mapping[str, Answer], token: str | None, limit: int) -> None:
-        super().__init__()
+        super().__init__(limit)
         self.answers = {opening(path): answer for path, answer in routes.items()}
         self.token = token.encode() if token else None
-        self.limit = limit
         self.ready = False
-        self.buffer = bytearray()
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.going: dict[int, asyncio.Event] = {}  # cleared while the gateway holds the stream paused
         self.writable = asyncio.Event()
         self.writable.set()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        try:
-            messages = cut(self.buffer, self.limit)
-        except ValueError:
-            self._close()
-            return
-        for kind, stream, payload in messages:
+        for kind, stream, payload in self._messages(data):
             if not self.ready:  # the first message: the gateway's token, or the connection ends
                 if kind != HELLO or (self.token is not None and not hmac.compare_digest(payload, self.token)):
                     self._close()
@@ -192,6 +199,9 @@ class EngineSide(_Writer, asyncio.Protocol):
 
     close = _close  # the server stopping: every stream ends (the gateway takes them elsewhere)
 
+    def _broken(self, why: str) -> None:
+        self._close()
+
 
 class Refused(Exception):
     """The engine could not read the request (its reason)."""
@@ -217,13 +227,11 @@ class Stream:
             self.waiter.set_result(None)
 
 
-class GatewaySide(_Writer, asyncio.Protocol):
+class GatewaySide(_End):
     """The gateway's end of the connection to one engine: `open` a stream, `read` it, `close` it."""
 
     def __init__(self, limit: int = 1 << 30) -> None:
-        super().__init__()
-        self.limit = limit
-        self.buffer = bytearray()
+        super().__init__(limit)
         self.streams: dict[int, Stream] = {}
         self.numbers = itertools.count(1)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -295,17 +303,8 @@ class GatewaySide(_Writer, asyncio.Protocol):
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        try:
-            messages = cut(self.buffer, self.limit)
-        except ValueError as e:
-            self._lose(ConnectionError(f"engine sent {e}"))
-            return
-        for kind, number, payload in messages:
+        for kind, number, payload in self._messages(data):
             stream = self.streams.get(number)
             if stream is None:
                 if kind == READY and not self.ready.done():
@@ -328,6 +327,9 @@ class GatewaySide(_Writer, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(ConnectionError(f"connection closed{f': {exc}' if exc else ''}"))
+
+    def _broken(self, why: str) -> None:
+        self._lose(ConnectionError(f"engine sent {why}"))
 
     def _lose(self, error: BaseException) -> None:
         if self.lost is None:
