@@ -129,7 +129,7 @@ class EngineSide(_End):
         self.token = token.encode() if token else None
         self.ready = False
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.going: dict[int, asyncio.Event] = {}  # cleared while the gateway holds the stream paused
+        self.paused: dict[int, asyncio.Event] = {}  # the streams the gateway holds, each until its RESUME
         self.writable = asyncio.Event()
         self.writable.set()
 
@@ -142,17 +142,17 @@ class EngineSide(_End):
                 self.ready = True
                 self.send(READY, 0)
             elif (answer := self.answers.get(kind)) is not None and stream not in self.tasks:
-                self.going[stream] = gate = asyncio.Event()
-                gate.set()
-                self.tasks[stream] = asyncio.ensure_future(self._answer(stream, answer, payload, gate))
+                self.tasks[stream] = asyncio.ensure_future(self._answer(stream, answer, payload))
             elif OPEN <= kind < OPEN + len(ROUTES) and kind not in self.answers:
                 self.send(REFUSED, stream, f"this engine does not answer {ROUTES[kind - OPEN]}".encode())
             elif kind == CANCEL and (task := self.tasks.get(stream)) is not None:
                 task.cancel()
-            elif kind in (PAUSE, RESUME) and (going := self.going.get(stream)) is not None:
-                going.clear() if kind == PAUSE else going.set()
+            elif kind == PAUSE and stream in self.tasks:
+                self.paused.setdefault(stream, asyncio.Event())
+            elif kind == RESUME and (held := self.paused.pop(stream, None)) is not None:
+                held.set()
 
-    async def _answer(self, stream: int, answer: Answer, payload: bytes, going: asyncio.Event) -> None:
+    async def _answer(self, stream: int, answer: Answer, payload: bytes) -> None:
         try:
             frames = answer(payload)
         except Exception as e:  # a request this engine cannot read (another version's, say)
@@ -164,8 +164,8 @@ class EngineSide(_End):
             await self.written()  # out of this process before `frames` begins any work: a death from here on
             async for chunk in frames:  # is one of a request the engine began
                 self.send(FRAMES, stream, chunk)
-                if not going.is_set():
-                    await going.wait()
+                if (held := self.paused.get(stream)) is not None:
+                    await held.wait()
                 if not self.writable.is_set():
                     await self.writable.wait()
             self.send(END, stream)
@@ -180,7 +180,7 @@ class EngineSide(_End):
 
     def _forget(self, stream: int) -> None:
         self.tasks.pop(stream, None)
-        self.going.pop(stream, None)
+        self.paused.pop(stream, None)
 
     def pause_writing(self) -> None:
         self.writable.clear()
