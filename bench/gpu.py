@@ -191,6 +191,14 @@ def offline(ns: argparse.Namespace, conc: list[int], env: dict[str, str]) -> dic
     return {"ready_s": data["load_s"], "points": data["points"]}
 
 
+def assignments(spec: str) -> dict[str, str]:
+    """`KEY=VALUE,KEY=VALUE` as a dict (--old-env)."""
+    pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
+    if any(len(pair) != 2 or not pair[0] for pair in pairs):
+        raise SystemExit(f"--old-env takes KEY=VALUE,...: {spec!r}")
+    return {key.strip(): value for key, value in pairs}
+
+
 def fleet_toml(ns: argparse.Namespace, port: int, replicas: int = 1, stream_interval: int = 1) -> str:
     """The fleet.toml of one benchmarked fleet: the gateway on `port`, model "m" with one GPU per
     replica (--replica-gpus in turn), or one replica over GPUs 0..--tp-1 (tensor parallel: a
@@ -299,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--referee-prompts", type=int, default=32, help="requests per referee point: max(this, 4c)")
     ap.add_argument("--old-fleet", type=Path, default=None,
                     help="system fleet-old: fleet run from this source tree (e.g. `git archive REV fleet`), old against new")
+    ap.add_argument("--old-env", default="", help="fleet-old: KEY=VALUE,... set in its environment (the same tree "
+                    "as fleet under another setting: `--old-fleet .`)")
     ap.add_argument("--tools", choices=("named", "required"), default=None,
                     help="streamed chat completions calling a function (bench/referee.py's), measured by the referee "
                     "alone; fleet and vllm serve with the same --tool-parser")
@@ -379,6 +389,7 @@ def main() -> None:
         logs = ns.out / f"{name}-engine-logs"
         fenv = {**env, "FLEET_LOG_DIR": str(logs)}
         if source is not None:  # `python -m` puts the working folder first on the path: run from the old tree
+            fenv.update(assignments(ns.old_env))
             fenv["PYTHONPATH"] = os.pathsep.join([str(source), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                                                                   if p and p != "."]])
         proc = stack.enter_context(started(name, argv, f"http://127.0.0.1:{port}/fleet/status", fenv, ns.out, cwd=source))

@@ -39,7 +39,7 @@ from fleet.wire import protocol  # noqa: E402
 from fleet.wire.client import EngineClient  # noqa: E402
 
 ENGINE = """
-import sys, uvicorn, uvloop
+import asyncio, sys, uvicorn, uvloop
 sys.path.insert(0, {root!r})
 from bench.engine_route import FRAMES, Service
 from fleet.engine.server import create_engine_app, mux_routes
@@ -56,16 +56,34 @@ class Ended(Service):  # bench/engine_route.py's engine, its answers ended by Do
         yield DONE
 
 service = Ended()
+BUSY = {busy_us} / 1e6
+
+
+async def busy() -> None:  # a loaded engine loop: every turn also runs this long (vLLM's output handling)
+    import time
+    while True:
+        t = time.perf_counter()
+        while time.perf_counter() - t < BUSY:
+            pass
+        await asyncio.sleep(0)
+
 routes = mux_routes(service)
 server = SignalFreeServer(uvicorn.Config(create_engine_app(service), host="127.0.0.1", port={port},
                                          log_level="warning", access_log=False), unix_socket={unix!r},
                           mux=lambda: EngineSide(routes, None, 1 << 20))
-uvloop.run(server.serve())
+
+
+async def main():
+    if BUSY:
+        keep = asyncio.ensure_future(busy())  # noqa: F841
+    await server.serve()
+
+uvloop.run(main())
 """
 
 
-def start_engine(port: int, unix: str) -> subprocess.Popen[bytes]:
-    code = ENGINE.format(root=str(ROOT), port=port, unix=unix)
+def start_engine(port: int, unix: str, busy_us: float = 0.0) -> subprocess.Popen[bytes]:
+    code = ENGINE.format(root=str(ROOT), port=port, unix=unix, busy_us=busy_us)
     return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL)
 
 
@@ -73,23 +91,29 @@ async def measure(client: EngineClient, engine: psutil.Process, requests: int, c
     """CPU per request of this process (the client) and of the engine, `requests` at `concurrency`."""
     req = protocol.GenerateRequest(request_id="r", prompt="x", sampling=protocol.SamplingParams(max_tokens=1))
     left = requests
+    firsts: list[float] = []
 
     async def worker() -> None:
         nonlocal left
         while left > 0:
             left -= 1
+            began, first = time.perf_counter(), True
             async for batch in client.generate(req):
+                if first:
+                    firsts.append(time.perf_counter() - began)
+                    first = False
                 if isinstance(batch[-1], protocol.Error):
                     raise RuntimeError(batch[-1].message)
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, 64))))  # warm: connections open
     left = requests
+    firsts.clear()
     e0, c0, w0 = engine.cpu_times(), time.process_time(), time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     e1, c1, w1 = engine.cpu_times(), time.process_time(), time.perf_counter()
     return {"client_us": (c1 - c0) / requests * 1e6,
             "engine_us": ((e1.user + e1.system) - (e0.user + e0.system)) / requests * 1e6,
-            "wall_us": (w1 - w0) / requests * 1e6}
+            "wall_us": (w1 - w0) / requests * 1e6, "first_us": statistics.median(firsts) * 1e6}
 
 
 async def main(ns: argparse.Namespace) -> None:
@@ -98,7 +122,7 @@ async def main(ns: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hop-") as tmp:
         port, unix = free_port(), os.path.join(tmp, "engine.sock")
-        proc = start_engine(port, unix)
+        proc = start_engine(port, unix, ns.busy_us)
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(unix):  # it listens on both once the socket file is there
@@ -116,7 +140,8 @@ async def main(ns: argparse.Namespace) -> None:
                                **await measure(clients[way], engine, ns.requests, c)}
                         rows.append(row)
                         print(f"round {k + 1} c={c} {way:>4}: client {row['client_us']:.0f} us, engine "
-                              f"{row['engine_us']:.0f} us, wall {row['wall_us']:.0f} us per {FRAMES}-frame request",
+                              f"{row['engine_us']:.0f} us, wall {row['wall_us']:.0f} us per {FRAMES}-frame request, "
+                              f"first frame {row['first_us']:.0f} us (p50)",
                               flush=True)
             for client in clients.values():
                 await client.close()
@@ -128,8 +153,9 @@ async def main(ns: argparse.Namespace) -> None:
         for way in ways:
             mine = [r for r in rows if r["via"] == way and r["concurrency"] == c]
             print(f"  c={c} {way:>4}: client {statistics.median(r['client_us'] for r in mine):.0f}, engine "
-                  f"{statistics.median(r['engine_us'] for r in mine):.0f}, wall {statistics.median(r['wall_us'] for r in mine):.0f}")
-    print(json.dumps({"frames": FRAMES, "requests": ns.requests, "rows": rows}))
+                  f"{statistics.median(r['engine_us'] for r in mine):.0f}, wall {statistics.median(r['wall_us'] for r in mine):.0f}, "
+                  f"first frame {statistics.median(r['first_us'] for r in mine):.0f}")
+    print(json.dumps({"frames": FRAMES, "requests": ns.requests, "busy_us": ns.busy_us, "rows": rows}))
 
 
 if __name__ == "__main__":
@@ -140,4 +166,6 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--busy-us", type=float, default=0.0,
+                    help="the engine loop also spends this long every turn, as vLLM's output handling does")
     uvloop.run(main(ap.parse_args()))

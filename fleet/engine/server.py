@@ -33,7 +33,7 @@ from fleet.config.schema import ENGINE_SOCKET_ENV, ENGINE_TOKEN_ENV
 from fleet.engine.args import build_engine, worker_in_engine_core
 from fleet.engine.service import EngineService
 from fleet.errors import ClientDisconnected
-from fleet.run.process import SignalFreeServer, die_with_parent, reap_children
+from fleet.run.process import SignalFreeServer, die_with_parent, freeze_startup_heap, reap_children
 from fleet.wire import mux, protocol
 from fleet.wire.asgi import header, read_body, send_chunks, unless_disconnected
 
@@ -186,6 +186,7 @@ async def serve(cfg: ModelConfig) -> None:
         unix_socket=os.environ.get(ENGINE_SOCKET_ENV) or None,  # the launcher's engines: its gateway comes there
         mux=lambda: mux.EngineSide(routes, token, MAX_REQUEST_BYTES),  # and its frame routes on one connection
     )
+    freeze_startup_heap()  # vLLM and the tokenizer: walked by no full collection from here on
     loop = asyncio.get_running_loop()
     quiet = ExpectedEngineDeath()
 

@@ -138,8 +138,10 @@ def remove_socket_file(path: str) -> None:
 def freeze_startup_heap() -> None:
     """Collect, then hide everything allocated so far from the cyclic garbage collector (gc.freeze).
 
-    Once the gateway serves, what startup built (modules, the app, the OpenAPI document) lives as
-    long as the process. Frozen, it is no longer traversed by full collections, and CPython's rule
+    Once a process serves, what startup built lives as long as it: the gateway's modules, app and
+    OpenAPI document; an engine process's vLLM and tokenizer (about 640,000 objects, whose full
+    collection stalled its loop for 336-372 ms on the 2-core VM; `vllm serve` freezes its API
+    server's heap the same way). Frozen, it is no longer traversed by full collections, and CPython's rule
     "collect everything when the pending objects reach a quarter of the long-lived ones" counts
     only what requests left behind: cyclic garbage (Litestar leaves some on every cancelled stream
     and every 400) is then collected in small, frequent passes instead of piling up to tens of

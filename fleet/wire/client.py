@@ -209,8 +209,8 @@ class EngineClient:
         side, stream, response = await self._mux_side(), None, None
         read: Callable[[], Awaitable[bytes]]
         if side is not None:  # an engine on this machine: a stream of the one connection
-            stream = side.open(path, body)
-            read = functools.partial(side.read, stream, self.timeout)
+            stream = side.open(path, body, self.timeout)
+            read = functools.partial(side.read, stream)
         else:  # an HTTP/1.1 exchange on a pooled connection
             try:
                 response = await self._pool.request("POST", path, body, protocol.REQUEST_TYPE)

@@ -3,7 +3,9 @@
 An engine the launcher started listens on a Unix socket (fleet.run.local.engine_socket); a
 connection there that opens with `MAGIC` speaks this instead of HTTP/1.1. Each request is a
 stream on it, numbered by the gateway; the engine's frames of one loop turn (one vLLM step:
-every request that advanced) leave in one write, and the gateway reads them in one. On the
+every request that advanced) leave in one write, and the gateway reads them in one. What a
+request waits on goes at once instead: its opening, its `ACCEPTED` and its first frames (the
+first token), so that gathering costs no loop turn of latency. On the
 2-core VM this took the hop's CPU per 64-frame request from 250-270 us (HTTP on the same socket)
 to 67-87 us in the engine process and from 233-268 to 93-113 us in the gateway at 16-256
 concurrent requests (bench/hop.py; docs/benchmarks.md, "The token path: one connection").
@@ -29,6 +31,7 @@ import hmac
 import itertools
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from fleet.wire.exchange import HIGH_WATER
@@ -79,8 +82,8 @@ class _End(asyncio.Protocol):
         self.limit = limit  # the longest message the other end may send
         self.buffer = bytearray()
         self._out: list[bytes] = []
-        self._written: asyncio.Future[None] | None = None
-        self._call_soon = asyncio.get_running_loop().call_soon  # made on its loop, by its protocol factory
+        loop = asyncio.get_running_loop()  # made on its loop, by its protocol factory
+        self._call_soon, self._call_later = loop.call_soon, loop.call_later
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -98,25 +101,22 @@ class _End(asyncio.Protocol):
         raise NotImplementedError
 
     def send(self, kind: int, stream: int, payload: bytes = b"") -> None:
+        """Queue a message: written with every other one sent this loop turn, at its end."""
         if not self._out:  # the first of this turn: written once every task woken in it has sent
             self._call_soon(self._flush)
         self._out += (HEADER.pack(len(payload), stream, kind), payload)
 
-    async def written(self) -> None:
-        """Until what was sent this turn has been written to the socket."""
-        if self._out:
-            if self._written is None:
-                self._written = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._written)  # one waiter cancelled must not cancel it for the others
+    def send_now(self, kind: int, stream: int, payload: bytes = b"") -> None:
+        """Write a message at once (with any queued before it): for one a request waits on, where a
+        loop turn of the other messages would be its latency."""
+        self._out += (HEADER.pack(len(payload), stream, kind), payload)
+        self._flush()
 
     def _flush(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._out))
-        self._out.clear()
-        if self._written is not None:
-            if not self._written.done():
-                self._written.set_result(None)
-            self._written = None
+        if self._out:  # empty when a send_now wrote this turn's messages already
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"".join(self._out))
+            self._out.clear()
 
 
 class EngineSide(_End):
@@ -159,11 +159,12 @@ class EngineSide(_End):
             self.send(REFUSED, stream, str(e)[:1000].encode())
             self._forget(stream)
             return
-        self.send(ACCEPTED, stream)
-        try:
-            await self.written()  # out of this process before `frames` begins any work: a death from here on
-            async for chunk in frames:  # is one of a request the engine began
-                self.send(FRAMES, stream, chunk)
+        self.send_now(ACCEPTED, stream)  # out of this process before `frames` begins any work: a death
+        try:  # from here on is one of a request the engine began
+            put = self.send_now  # the first frames at once (a request's first token: its latency is
+            async for chunk in frames:  # the answer's), the rest gathered with the loop turn's others
+                put(FRAMES, stream, chunk)
+                put = self.send
                 if (held := self.paused.get(stream)) is not None:
                     await held.wait()
                 if not self.writable.is_set():
@@ -210,10 +211,12 @@ class Refused(Exception):
 class Stream:
     """One request's answer on a GatewaySide connection, read by `GatewaySide.read`."""
 
-    __slots__ = ("accepted", "chunks", "ended", "error", "held", "number", "paused", "waiter")
+    __slots__ = ("accepted", "chunks", "ended", "error", "held", "last", "number", "paused", "timeout", "timer",
+                 "waiter")
 
-    def __init__(self, number: int) -> None:
+    def __init__(self, number: int, timeout: float) -> None:
         self.number = number
+        self.timeout = timeout  # the longest silence of the engine on it
         self.chunks: list[bytes] = []
         self.held = 0  # bytes in chunks
         self.paused = False
@@ -221,6 +224,8 @@ class Stream:
         self.ended = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.last = time.monotonic()  # when the engine last sent on it
+        self.timer: asyncio.TimerHandle | None = None
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -256,20 +261,36 @@ class GatewaySide(_End):
     def alive(self) -> bool:
         return self.lost is None and self.transport is not None and not self.transport.is_closing()
 
-    def open(self, path: str, request: bytes) -> Stream:
-        """Begin a request of one of the engine's frame routes (its msgpack body)."""
-        stream = Stream(next(self.numbers))
+    def open(self, path: str, request: bytes, timeout: float) -> Stream:
+        """Begin a request of one of the engine's frame routes (its msgpack body); the engine silent
+        on it for `timeout` seconds fails it (TimeoutError)."""
+        stream = Stream(next(self.numbers), timeout)
         self.streams[stream.number] = stream
         if self.lost is not None:
             stream.error = self.lost
         else:
-            self.send(opening(path), stream.number, request)
+            self.send_now(opening(path), stream.number, request)
+            stream.timer = self._call_later(timeout, self._check_silence, stream)
         return stream
 
-    async def read(self, stream: Stream, timeout: float) -> bytes:  # noqa: ASYNC109 - the engine's silence, per read
-        """The stream's frame bytes that arrived since the last read, waiting at most `timeout` for
-        some (TimeoutError); b"" once its answer ended; the connection's loss as ConnectionError,
-        a refusal as Refused."""
+    def _check_silence(self, stream: Stream) -> None:
+        """The stream's silence timer: one per stream, moved on when it fires rather than per frame."""
+        stream.timer = None
+        if stream.ended or stream.error is not None:
+            return
+        if stream.paused:  # held for a reader that lags: the engine is not the one being silent
+            stream.last = time.monotonic()
+        quiet = time.monotonic() - stream.last
+        if quiet < stream.timeout:
+            stream.timer = self._call_later(stream.timeout - quiet, self._check_silence, stream)
+            return
+        stream.error = TimeoutError(f"no data for {stream.timeout:.0f}s")
+        stream.wake()
+
+    async def read(self, stream: Stream) -> bytes:
+        """The stream's frame bytes that arrived since the last read, waiting for some; b"" once its
+        answer ended; the engine's silence as TimeoutError, the connection's loss as
+        ConnectionError, a refusal as Refused."""
         while not stream.chunks:
             if stream.error is not None:
                 raise stream.error
@@ -277,8 +298,7 @@ class GatewaySide(_End):
                 return b""
             stream.waiter = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(timeout):
-                    await stream.waiter
+                await stream.waiter
             finally:
                 stream.waiter = None
         chunks = stream.chunks
@@ -293,6 +313,9 @@ class GatewaySide(_End):
     def close(self, stream: Stream, finished: bool = False) -> None:
         """Done with the stream; one whose answer has not `finished` (its last frame read) is
         cancelled on the engine."""
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
         if self.streams.pop(stream.number, None) is not None and not (finished or stream.ended) and self.lost is None:
             self.send(CANCEL, stream.number)
 
@@ -304,12 +327,14 @@ class GatewaySide(_End):
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
         for kind, number, payload in self._messages(data):
             stream = self.streams.get(number)
             if stream is None:
                 if kind == READY and not self.ready.done():
                     self.ready.set_result(None)
                 continue
+            stream.last = now
             if kind == FRAMES:
                 stream.chunks.append(payload)
                 stream.held += len(payload)

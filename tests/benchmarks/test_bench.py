@@ -155,6 +155,15 @@ def test_gpu_bench_places_two_replicas_one_per_gpu_or_one_replica_over_both() ->
     assert replicas([]) == [([0], 1)]
 
 
+def test_gpu_bench_sets_the_old_fleets_environment_from_key_value_pairs() -> None:
+    from bench.gpu import assignments
+
+    assert assignments("VLLM_WORKER_MULTIPROC_METHOD=spawn, A=b=c") == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn", "A": "b=c"}
+    assert assignments("") == {}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        assignments("spawn")
+
+
 def test_loadgen_refuses_non_loopback() -> None:
     with pytest.raises(ValueError, match="loopback"):
         loadgen.completion_target("http://example.com:8000", "m", ["hi"], 4, stream=False)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -250,5 +252,60 @@ def test_a_route_the_engine_does_not_serve_is_refused_not_left_waiting(tmp_path:
         await c.close()
         server.close()
         await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_a_requests_first_frame_leaves_at_once_not_with_the_loop_turns_others(tmp_path: Path) -> None:
+    """The frames of a loop turn are gathered into one write at its end, but a request's first
+    frame (its first token) is not held for that: here the turn that yields it goes on for 0.6 s
+    (the engine's loop busy with others' outputs), and the peer reads it long before."""
+    first = protocol.encode_frame(protocol.Delta(index=0, text="a", token_ids=[1]))
+    arrived: dict[int, float] = {}
+
+    async def answer(body: bytes) -> AsyncIterator[bytes]:
+        yield first
+        time.sleep(0.6)  # the same loop turn, busy
+        yield DONE
+
+    def peer(path: str, opened: list[float]) -> None:  # a gateway in a thread of its own: it sees the engine's writes as they leave
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            s.sendall(mux.MAGIC + mux.HEADER.pack(0, 0, mux.HELLO))
+            s.settimeout(10)
+            buffer = bytearray()
+            opened.append(time.monotonic())
+            s.sendall(mux.HEADER.pack(1, 1, mux.opening("/generate")) + b"x")
+            while mux.END not in arrived:
+                buffer += s.recv(65536)
+                now = time.monotonic()
+                for kind, _, _ in mux.cut(buffer, 1 << 20):
+                    arrived.setdefault(kind, now)
+
+    async def main() -> None:
+        path = str(tmp_path / "busy.sock")
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: mux.Sniffer(asyncio.Protocol, lambda: mux.EngineSide({"/generate": answer}, None, 1 << 20)), path)
+        opened: list[float] = []
+        await asyncio.to_thread(peer, path, opened)
+        server.close()
+        await server.wait_closed()
+        assert arrived[mux.ACCEPTED] - opened[0] < 0.3 and arrived[mux.FRAMES] - opened[0] < 0.3  # before the turn ended
+        assert arrived[mux.END] - opened[0] >= 0.6
+
+    asyncio.run(main())
+
+
+def test_a_stream_held_for_a_lagging_reader_is_not_failed_as_a_silent_engine(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with engine(tmp_path) as (_, _, path):
+            c = client(path, timeout=0.3)
+            slow = c.generate(ask(f"slow:200:{16 * 1024}"))  # paused at the gateway's mark within a few turns
+            batches = [await anext(slow)]
+            await asyncio.sleep(1.0)  # the reader away for three engine timeouts: the engine is held, not silent
+            batches += [b async for b in slow]
+            got = [f.text for batch in batches for f in batch if isinstance(f, protocol.Delta)]
+            assert [t.rstrip(".") for t in got] == [f"slow:{k}" for k in range(200)]
+            await c.close()
 
     asyncio.run(main())
