@@ -152,7 +152,8 @@ def run_points(base: str, model: str, concurrencies: list[int], max_tokens: int,
         points.append(s)
         print(f"  c={c}: {s['req_per_s']} req/s, {s['output_tok_per_s']} tok/s ({s.get('tokens_per_chunk')} per chunk, "
               f"completed-only {s.get('completed_tok_per_s')}), ttft p50 {(s['ttft_ms'] or {}).get('p50')} ms, "
-              f"errors {s['errors']} {s['error_examples'][:1]}, finish {s.get('finish_reasons')}, front cpu {s['front_cpu_s']} s, client cpu {s['client_cpu_s']} s", flush=True)
+              f"tpot p50 {(s.get('tpot_ms') or {}).get('p50')} ms, errors {s['errors']} {s['error_examples'][:1]}, "
+              f"finish {s.get('finish_reasons')}, front cpu {s['front_cpu_s']} s, client cpu {s['client_cpu_s']} s", flush=True)
     return points
 
 

@@ -418,6 +418,8 @@ def summarize(run: RunResult, *, cdf: bool = False) -> dict[str, Any]:
     ok = [s for s in run.samples if s.ok]
     lat = [s.latency * 1e3 for s in ok]
     ttft = [s.ttft * 1e3 for s in ok if s.ttft is not None]
+    # time per output token after the first, as `vllm bench serve` counts it
+    tpot = [(s.latency - s.ttft) * 1e3 / (s.tokens - 1) for s in ok if s.ttft is not None and s.tokens > 1]
     tokens = sum(s.tokens for s in ok)
     completed_tokens = tokens  # of requests that started and ended inside the window: a floor
     if run.mode == "window":  # every token received in the window, finished request or not
@@ -439,7 +441,7 @@ def summarize(run: RunResult, *, cdf: bool = False) -> dict[str, Any]:
     }
     if finishes := [s.finish for s in ok if s.finish is not None]:
         out["finish_reasons"] = {r: finishes.count(r) for r in sorted(set(finishes))}
-    for name, values in (("latency_ms", lat), ("ttft_ms", ttft)):
+    for name, values in (("latency_ms", lat), ("ttft_ms", ttft), ("tpot_ms", tpot)):
         if values:
             out[name] = {f"p{q}": round(percentile(values, q), 3) for q in (50, 90, 99)}  # type: ignore[arg-type]
             out[name]["mean"] = round(sum(values) / len(values), 3)

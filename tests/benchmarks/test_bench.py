@@ -316,6 +316,15 @@ def test_loadgen_counts_a_streamed_tool_call_by_usage_and_keeps_its_finish_reaso
     assert s["finish_reasons"] == {"stop": 4}
 
 
+def test_summary_counts_time_per_output_token_after_the_first_as_the_referee_does() -> None:
+    samples = [loadgen.Sample(ok=True, latency=0.110, ttft=0.010, tokens=11),  # 100 ms for 10 tokens after the first
+               loadgen.Sample(ok=True, latency=0.050, ttft=0.010, tokens=1),  # one token: no time per token
+               loadgen.Sample(ok=False, error="x")]
+    s = loadgen.summarize(loadgen.RunResult(samples, wall=1.0, offered=3, mode="closed"))
+    assert s["tpot_ms"]["p50"] == pytest.approx(10.0)
+    assert s["tpot_ms"]["max"] == pytest.approx(10.0)
+
+
 def test_gpu_bench_reverses_the_order_every_round_and_pools_rounds_in_its_ratios() -> None:
     from bench.gpu import report, rounds_order
 
