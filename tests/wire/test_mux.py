@@ -29,7 +29,8 @@ DONE = protocol.encode_frame(protocol.Done(prompt_tokens=1, completion_tokens=1)
 
 class Service:
     """Answers a prompt "name:count[:size]" with `count` Deltas whose text is "name:k" (padded to
-    `size` bytes), one loop turn apart as vLLM's steps, then Done; "silent" never answers.
+    `size` bytes), one loop turn apart as vLLM's steps, then Done; "silent" never answers, "stall"
+    pauses 0.2 s after one and stops after two.
     Records the requests it began and the ones it saw end early (aborted)."""
 
     healthy = True
@@ -50,6 +51,10 @@ class Service:
             if name == "silent":
                 await asyncio.Event().wait()
             for k in range(int(count)):
+                if name == "stall" and k == 1:
+                    await asyncio.sleep(0.2)  # a pause shorter than the test's engine timeout (0.3 s)
+                if name == "stall" and k == 2:
+                    await asyncio.Event().wait()
                 text = f"{name}:{k}".ljust(int(size or 0), ".")
                 self.produced[name] = k + 1
                 yield protocol.encode_frame(protocol.Delta(index=0, text=text, token_ids=[k]))
@@ -154,6 +159,25 @@ def test_an_engine_silent_for_the_timeout_fails_the_request_and_stops_it(tmp_pat
             async with asyncio.timeout(10):
                 while service.aborted != ["silent"]:
                     await asyncio.sleep(0.01)
+            await c.close()
+
+    asyncio.run(main())
+
+
+def test_an_engine_silent_mid_answer_for_the_timeout_fails_the_request_after_its_frames(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with engine(tmp_path) as (service, _, path):
+            c = client(path, timeout=0.3)
+            got: list[str] = []
+            with pytest.raises(EngineTimeout):
+                async with asyncio.timeout(10):  # a silence never noticed fails here instead
+                    async for batch in c.generate(ask("stall:5")):
+                        got += [f.text for f in batch if isinstance(f, protocol.Delta)]
+            assert got == ["stall:0", "stall:1"]
+            async with asyncio.timeout(10):
+                while service.aborted != ["stall"]:
+                    await asyncio.sleep(0.01)
+            assert await texts(c, "next:2") == ["next:0", "next:1"]  # the connection serves on
             await c.close()
 
     asyncio.run(main())
@@ -265,7 +289,7 @@ def test_a_requests_first_frame_leaves_at_once_not_with_the_loop_turns_others(tm
 
     async def answer(body: bytes) -> AsyncIterator[bytes]:
         yield first
-        time.sleep(0.6)  # the same loop turn, busy
+        time.sleep(0.6)  # noqa: ASYNC251 - the same loop turn, busy
         yield DONE
 
     def peer(path: str, opened: list[float]) -> None:  # a gateway in a thread of its own: it sees the engine's writes as they leave
