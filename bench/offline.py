@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -185,6 +186,8 @@ async def async_turns(model: str, spec: dict, started: float) -> None:
             prompts, params = tool_calls(engine.get_tokenizer(), prompts, spec["max_tokens"], tools)
         async for _ in engine.generate(prompts[0], params, "warm-up"):  # as the servers get
             pass
+        gc.collect()  # as both servers' processes freeze what start-up built (vllm serve's API server,
+        gc.freeze()  # fleet's engine process): no full collection walks vLLM's objects while measuring
         print(f"ready (loaded in {time.monotonic() - started:.1f}s)", flush=True)
         loop = asyncio.get_running_loop()
         while line := await loop.run_in_executor(None, sys.stdin.readline):
