@@ -278,9 +278,10 @@ class GatewaySide(_End):
         stream.timer = None
         if stream.ended or stream.error is not None:
             return
+        now = time.monotonic()
         if stream.paused:  # held for a reader that lags: the engine is not the one being silent
-            stream.last = time.monotonic()
-        quiet = time.monotonic() - stream.last
+            stream.last = now
+        quiet = now - stream.last
         if quiet < stream.timeout:
             stream.timer = self._call_later(stream.timeout - quiet, self._check_silence, stream)
             return
