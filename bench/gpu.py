@@ -87,13 +87,16 @@ def stop(proc: subprocess.Popen) -> None:
 def python_processes(root: int) -> dict[str, int]:
     """The front process, fleet's engine process (a child running fleet.engine) and vLLM's EngineCore.
 
-    vLLM forks its EngineCore, so it has its parent's command line: it is told apart by place (a
-    child of the API server, or of fleet's engine) and by that shared command line (which leaves
-    out helpers such as multiprocessing's resource tracker).
+    The EngineCore is told apart by place (a child of the API server, or of fleet's engine) and by
+    its title: vLLM names it `VLLM::EngineCore` (setproctitle, one of its requirements), which is
+    its command line from then on, whether it was forked or spawned; where no title could be set, a
+    fork still has its parent's command line. Either leaves out helpers such as multiprocessing's
+    resource tracker.
     """
-    def forked_child(parent: psutil.Process) -> int | None:
+    def engine_core(parent: psutil.Process) -> int | None:
         cmd = parent.cmdline()
-        return next((c.pid for c in parent.children() if c.cmdline() == cmd), None)
+        return next((c.pid for c in parent.children() if "EngineCore" in " ".join(c.cmdline()) or c.cmdline() == cmd),
+                    None)
 
     out = {"front": root}
     front = psutil.Process(root)
@@ -101,7 +104,7 @@ def python_processes(root: int) -> dict[str, int]:
         engine = next((c for c in front.children() if "fleet.engine" in " ".join(c.cmdline())), None)
         if engine is not None:
             out["fleet-engine"] = engine.pid
-        core = forked_child(engine or front)
+        core = engine_core(engine or front)
     except psutil.Error:
         core = None
     if core is not None:

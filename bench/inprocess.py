@@ -75,8 +75,9 @@ async def _call(app: Any, body: bytes, path: str = "/v1/completions") -> int:
 
 async def measure(requests: int, stream: bool, profile: bool, max_tokens: int = 16, tools: bool = False) -> dict[str, float]:
     """Run the fleet, warm up, then time `requests` calls; CPU and wall microseconds per request."""
+    engine_port = free_port()
     cfg = parse_config({"gateway": {"host": "127.0.0.1", "port": free_port()},
-                        "models": [{"name": "m", "source": "default", "port": free_port()}]})
+                        "models": [{"name": "m", "source": "default", "port": engine_port}]})
     fleet = Fleet(cfg, command=null_command, echo_logs=False)
     runner = asyncio.create_task(fleet.run())
     try:
@@ -109,7 +110,7 @@ async def measure(requests: int, stream: bool, profile: bool, max_tokens: int = 
         if profiler:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
-        return {"cpu_us": cpu / requests * 1e6, "wall_us": wall / requests * 1e6}
+        return {"cpu_us": cpu / requests * 1e6, "wall_us": wall / requests * 1e6, "engine_port": engine_port}
     finally:
         fleet.stop()
         await runner
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         result.update(await measure(ns.requests, ns.stream, ns.profile, tools=ns.tools))
 
     run_loop(run())
+    print(f"null engine: port {result['engine_port']:.0f}")
     print(f"gateway in-process: {result['cpu_us']:.0f} us CPU per request, {result['wall_us']:.0f} us wall "
           f"(one at a time, null engine round trip included; {ns.requests} requests)")
 

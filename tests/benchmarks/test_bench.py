@@ -112,7 +112,10 @@ def test_inprocess_measures_cpu_per_request_and_stops_its_null_engine(stream: bo
     assert last.startswith("gateway in-process: ") and "50 requests" in last, last
     assert float(last.split()[2]) > 0
     assert "m: stopped" in proc.stdout + proc.stderr
-    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "null_engine.py" in " ".join(p.info["cmdline"] or [])]
+    port = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("null engine: port "))
+    ours = f'"port":{port},'  # its model's JSON on its command line: another test's null engine is not this one's
+    leftovers = [p for p in psutil.process_iter(["cmdline"])
+                 if "null_engine.py" in (line := " ".join(p.info["cmdline"] or [])) and ours in line]
     assert leftovers == [], f"processes left running: {leftovers}"
 
 
@@ -162,6 +165,33 @@ def test_gpu_bench_sets_the_old_fleets_environment_from_key_value_pairs() -> Non
     assert assignments("") == {}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         assignments("spawn")
+
+
+FRONT = """
+import subprocess, sys, time
+titled = "import setproctitle, time; setproctitle.setproctitle('VLLM::EngineCore'); print('titled', flush=True); time.sleep(60)"
+helper = "import time; print('helper', flush=True); time.sleep(60)"
+children = [subprocess.Popen([sys.executable, "-c", code]) for code in (helper, titled)]
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_gpu_bench_finds_the_engine_core_by_the_title_vllm_gives_it_not_a_helper() -> None:
+    """A spawned EngineCore shares no command line with its parent: its title tells it apart."""
+    from bench.gpu import python_processes
+
+    with subprocess.Popen([sys.executable, "-c", FRONT], stdout=subprocess.PIPE, text=True) as front:
+        family = [psutil.Process(front.pid)]
+        try:
+            assert front.stdout is not None
+            assert sorted(front.stdout.readline().strip() for _ in range(2)) == ["helper", "titled"]
+            family += family[0].children()
+            titled = next(c.pid for c in family[1:] if " ".join(c.cmdline()).strip() == "VLLM::EngineCore")
+            assert python_processes(front.pid) == {"front": front.pid, "EngineCore": titled}
+        finally:
+            for p in family:
+                p.kill()
 
 
 def test_loadgen_refuses_non_loopback() -> None:
