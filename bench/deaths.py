@@ -36,9 +36,9 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench.lora import model_path  # noqa: E402
-from bench.procs import free_ports, stop_all  # noqa: E402
-from bench.sleep import Fleet  # noqa: E402
+from bench.lora import model_path
+from bench.procs import free_ports, stop_all
+from bench.sleep import Fleet
 
 PROMPTS = [f"The capital of {c} is" for c in ("France", "Germany", "Italy", "Spain", "Peru", "Chad", "Iran", "Fiji")]
 

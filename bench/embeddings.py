@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import systems  # noqa: E402
+from bench import systems
 
 SENTENCES = [
     "The capital of France is Paris, a city on the Seine.",

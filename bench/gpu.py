@@ -42,9 +42,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.loadgen import closed_loop, closed_window, closed_window_procs, completion_target, summarize, tool_call_target  # noqa: E402, I001
-from bench.referee import TOOL_CHOICES, WEATHER, Load, referee  # noqa: E402
-from bench.systems import litellm_config  # noqa: E402
+from bench.loadgen import closed_loop, closed_window, closed_window_procs, completion_target, summarize, tool_call_target  # noqa: I001
+from bench.referee import TOOL_CHOICES, WEATHER, Load, referee
+from bench.systems import litellm_config
 
 # Engines measured without a server (bench/offline.py): vLLM's synchronous step() loop, and AsyncLLM
 # as both servers run it (only with --together --interleave)

@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
+import psutil
 
-from bench.engine_route import FRAMES  # noqa: E402
-from bench.procs import free_port  # noqa: E402
-from fleet.wire import protocol  # noqa: E402
-from fleet.wire.client import EngineClient  # noqa: E402
+from bench.engine_route import FRAMES
+from bench.procs import free_port
+from fleet.wire import protocol
+from fleet.wire.client import EngineClient
 
 ENGINE = """
 import asyncio, sys, uvicorn, uvloop
@@ -125,7 +125,7 @@ async def main(ns: argparse.Namespace) -> None:
         proc = start_engine(port, unix, ns.busy_us)
         try:
             deadline = time.monotonic() + 30
-            while not os.path.exists(unix):  # it listens on both once the socket file is there
+            while not os.path.exists(unix):  # noqa: ASYNC240 - start-up, before any load; it listens on both once the socket file is there
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the engine server did not start")
                 await asyncio.sleep(0.05)

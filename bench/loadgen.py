@@ -223,7 +223,7 @@ async def send(session: aiohttp.ClientSession, target: Target, timeout: float, i
         sample.ok = True
     except TimeoutError:
         sample.error = f"timeout after {timeout:g}s"
-    except Exception as e:  # noqa: BLE001 - every failure is data
+    except Exception as e:  # every failure is data
         sample.error = f"{type(e).__name__}: {e}"[:300]
     sample.latency = time.perf_counter() - start
     return sample

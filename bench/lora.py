@@ -38,8 +38,8 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench.procs import free_port, free_ports, stop_all  # noqa: E402
-from bench.sleep import Fleet  # noqa: E402
+from bench.procs import free_port, free_ports, stop_all
+from bench.sleep import Fleet
 
 KV_GIB = 0.4  # the whole fleet's KV cache, either way (CPU; --kv-gib on a GPU)
 GPU_SHARE = 0.8  # of GPU 0, for the one engine or split among the merged ones

@@ -76,7 +76,7 @@ def make_handler(cfg: ModelConfig) -> tinyhttp.Handler:
         if path == "/generate" and method == "POST":
             try:
                 req = _decode_request(body)
-            except Exception as e:  # noqa: BLE001 - a malformed request is the client's bug
+            except Exception as e:  # a malformed request is the client's bug
                 return tinyhttp.Response(400, str(e).encode(), "text/plain")
             return tinyhttp.Response(200, generate_body(req, fixed), protocol.CONTENT_TYPE)
         if path == "/health":

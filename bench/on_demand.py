@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.procs import Server, free_port, stop_all, wait_http  # noqa: E402
+from bench.procs import Server, free_port, stop_all, wait_http
 
 IDLE_AFTER = 1.0
 

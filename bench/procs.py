@@ -113,7 +113,7 @@ class Server:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the server's log, closed when it stops
         self._log.write(f"\n$ {' '.join(self.argv)}\n".encode())
         self._log.flush()
         self.started_at = time.monotonic()

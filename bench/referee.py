@@ -144,7 +144,7 @@ def _full_path(soname: str) -> str:
 async def _system(name: str, env: Any, model_dir: str) -> AsyncIterator[Any]:
     from bench import systems
 
-    if name == "fleet" or name.startswith("fleet-") and name.endswith("r"):  # fleet-2r: two replicas
+    if name == "fleet" or (name.startswith("fleet-") and name.endswith("r")):  # fleet-2r: two replicas
         replicas = 1 if name == "fleet" else int(name[len("fleet-"):-1])
         async with systems.fleet_launch(env, source=model_dir, wait_ready=True, replicas=replicas) as running:
             yield running

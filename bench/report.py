@@ -217,7 +217,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
             else:
                 axes[0].plot(xs, [p["req_per_s"] for p in pts], style, marker="o", label=LABELS[name])
             axes[1].plot(xs, [p["output_tok_per_s"] for p in pts], style, marker="o", label=LABELS[name])
-        for ax, title in zip(axes, ("requests/s" + (" (= output tok/s / max_tokens)" if windowed else ""), "output tokens/s")):
+        for ax, title in zip(axes, ("requests/s" + (" (= output tok/s / max_tokens)" if windowed else ""), "output tokens/s"), strict=True):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrency (closed loop)")
             ax.set_title(title)
@@ -232,7 +232,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
             if not conc:
                 continue
             fig, axes = plt.subplots(1, len(conc), figsize=(3.6 * len(conc), 3.6), squeeze=False)
-            for ax, c in zip(axes[0], conc):
+            for ax, c in zip(axes[0], conc, strict=True):
                 for name in ORDER:
                     p = _point(eng.get(name), c)
                     if p and p.get(key):
@@ -249,7 +249,7 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
     if over:
         rates = sorted({row["rate"] for rows in over.values() for row in rows})
         fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 3.8), squeeze=False)
-        for ax, rate in zip(axes[0], rates):
+        for ax, rate in zip(axes[0], rates, strict=True):
             for name in ORDER:
                 row = next((x for x in over.get(name) or [] if x["rate"] == rate and "gateway" in x), None)
                 if not row:

@@ -232,10 +232,10 @@ async def run_instant(kind: str, env: Env, plan: Plan, results: dict[str, Any]) 
             direct = loadgen.generate_target(gw.engine_url or "", PROMPTS, plan.instant_max_tokens)
             await _instant_body(kind, "null-engine", gw, direct, (), env, plan, results)
     else:
-        async with systems.stub_openai(env) as stub:
-            async with systems.litellm_proxy(env, stub.base_url, "stub", name="litellm-stub") as gw:
-                direct = loadgen.completion_target(stub.base_url, "stub", PROMPTS, plan.instant_max_tokens, stream=plan.overhead_stream)
-                await _instant_body(kind, "stub", gw, direct, (stub.front_pid,), env, plan, results)
+        async with systems.stub_openai(env) as stub, \
+                systems.litellm_proxy(env, stub.base_url, "stub", name="litellm-stub") as gw:
+            direct = loadgen.completion_target(stub.base_url, "stub", PROMPTS, plan.instant_max_tokens, stream=plan.overhead_stream)
+            await _instant_body(kind, "stub", gw, direct, (stub.front_pid,), env, plan, results)
     over.setdefault("systems", []).append(kind)
 
 
@@ -329,7 +329,7 @@ async def run_real(selected: list[str], env: Env, plan: Plan, model_dir: str, re
                     results["systems"]["litellm"] = {"start_s": round(ll.start_s, 2), "ready_s": round(ll.ready_s, 2)}
                     log(f"litellm: ready in {ll.start_s:.1f}s")
                     running["litellm"] = (ll, tuple(vs.tree_pids))
-                except Exception as e:  # noqa: BLE001 - measure the others anyway
+                except Exception as e:  # measure the others anyway
                     log(f"litellm: FAILED to start: {e}")
                     results["failures"]["litellm"] = f"{type(e).__name__}: {e}"
         if "fleet" in selected:
@@ -423,7 +423,7 @@ async def _guard(name: str, results: dict[str, Any], coro: Any) -> None:
     """Run one part; record its failure and go on with the others."""
     try:
         await coro
-    except Exception as e:  # noqa: BLE001 - a failed system must not lose the others' numbers
+    except Exception as e:  # a failed system must not lose the others' numbers
         log(f"{name}: FAILED: {type(e).__name__}: {e}")
         results["failures"][name] = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"
 
@@ -452,19 +452,19 @@ def evaluate_targets(results: dict[str, Any], plan: Plan) -> list[dict[str, Any]
         add(f"fleet / vllm serve throughput, c={c}", ">= 1.00x", round(r, 3) if r else None, (r >= 1.0) if r else None,
             f"{f['output_tok_per_s']:.1f} vs {v['output_tok_per_s']:.1f} output tok/s" if r else "")
     top = max(concurrencies)
-    f, l = _point(eng.get("fleet"), top), _point(eng.get("litellm"), top)
-    r = f["output_tok_per_s"] / l["output_tok_per_s"] if f and l and l["output_tok_per_s"] else None
-    if f and l and not l["output_tok_per_s"] and f["output_tok_per_s"]:  # LiteLLM streamed nothing in the window
+    fl, ll = _point(eng.get("fleet"), top), _point(eng.get("litellm"), top)
+    r = fl["output_tok_per_s"] / ll["output_tok_per_s"] if fl and ll and ll["output_tok_per_s"] else None
+    if fl and ll and not ll["output_tok_per_s"] and fl["output_tok_per_s"]:  # LiteLLM streamed nothing in the window
         add(f"fleet / LiteLLM throughput, c={top} (real engine)", ">= 3x", None, True,
-            f"{f['output_tok_per_s']:.1f} vs 0 output tok/s (LiteLLM streamed no token inside the window)")
+            f"{fl['output_tok_per_s']:.1f} vs 0 output tok/s (LiteLLM streamed no token inside the window)")
     else:
         add(f"fleet / LiteLLM throughput, c={top} (real engine)", ">= 3x", round(r, 3) if r else None,
-            (r >= 3) if r else None, f"{f['output_tok_per_s']:.1f} vs {l['output_tok_per_s']:.1f} output tok/s" if r else "")
+            (r >= 3) if r else None, f"{fl['output_tok_per_s']:.1f} vs {ll['output_tok_per_s']:.1f} output tok/s" if r else "")
     inst = results["throughput"]["instant"]
-    f, l = _point(inst.get("fleet-null"), top), _point(inst.get("litellm-stub"), top)
-    r = f["req_per_s"] / l["req_per_s"] if f and l and l["req_per_s"] else None
+    fl, ll = _point(inst.get("fleet-null"), top), _point(inst.get("litellm-stub"), top)
+    r = fl["req_per_s"] / ll["req_per_s"] if fl and ll and ll["req_per_s"] else None
     add(f"fleet / LiteLLM throughput, c={top} (instant upstream)", ">= 3x", round(r, 3) if r else None,
-        (r >= 3) if r else None, f"{f['req_per_s']:.1f} vs {l['req_per_s']:.1f} req/s" if r else "")
+        (r >= 3) if r else None, f"{fl['req_per_s']:.1f} vs {ll['req_per_s']:.1f} req/s" if r else "")
     rows = [x for x in results["overhead"]["fixed_rate"].get("fleet-null") or [] if "gateway" in x]
     row = next((x for x in rows if x["rate"] == 500), None)
     for q, goal in (("p50", 0.5), ("p99", 2.0)):

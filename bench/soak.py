@@ -50,7 +50,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `fleet` and `bench` importable
     sys.path.insert(0, str(ROOT))
 
-import aiohttp  # noqa: E402
-import psutil  # noqa: E402
+import aiohttp
+import psutil
 
-from bench.procs import Server, free_port  # noqa: E402
-from fleet.cli import run_loop  # noqa: E402
+from bench.procs import Server, free_port
+from fleet.cli import run_loop
 
 TARGET_PCT = 5.0
 MIB = 1 << 20
@@ -164,7 +164,7 @@ async def load(url: str, cfg: SoakConfig) -> dict[str, Any]:
             _, _, expected, request = by_name[name]
             try:
                 outcome: int | str = await request(http, url)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 outcome = type(e).__name__
             counts[name][str(outcome)] += 1
             if outcome not in expected:
@@ -280,7 +280,7 @@ def run_soak(cfg: SoakConfig, workdir: Path) -> dict[str, Any]:
         server.stop()  # whatever is left (a no-op after a clean stop)
     samples = read_samples(stats, result.pop("started"), cfg.seconds)
     report = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "engine": "vllm (default model)" if cfg.real else "fake (tests/fake_engine.py)",
         "config": {**asdict(cfg), "window": cfg.window},
         "machine": {"cpus": psutil.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / (1 << 30), 1),
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         collect=ns.collect,
         ready_timeout=ns.ready_timeout,
     )
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = ns.out or ROOT / "bench" / "results" / f"soak-{stamp}.json"
     report = run_soak(cfg, ns.workdir or out.with_suffix(""))
     out.parent.mkdir(parents=True, exist_ok=True)

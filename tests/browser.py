@@ -12,8 +12,8 @@ class Browser:
     """Headless Chromium (Debian's, /usr/bin/chromium) with a fresh profile and no network of its
     own, one page on the fleet's /ui; every console error and page error is kept."""
 
-    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update"]
+    FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update")
 
     def __init__(self, url: str, profile: Path) -> None:
         from playwright.sync_api import sync_playwright
@@ -21,7 +21,7 @@ class Browser:
         self.playwright = sync_playwright().start()
         try:
             self.context = self.playwright.chromium.launch_persistent_context(
-                str(profile), executable_path=CHROMIUM, headless=True, args=self.FLAGS)
+                str(profile), executable_path=CHROMIUM, headless=True, args=list(self.FLAGS))
             self.errors: list[str] = []
             self.page = self.context.new_page()
             self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)

@@ -65,7 +65,7 @@ class FleetProcess:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - the process's log, closed when it stops
         self.proc = subprocess.Popen(
             [str(ROOT / ".venv/bin/fleet"), "launch", "--config", str(config_path), "--no-engine-logs"],
             stdout=self._log,
@@ -296,7 +296,7 @@ class InProcessFleet:
 
             try:
                 self.loop.run_until_complete(main())
-            except BaseException as e:  # noqa: BLE001 - re-raised in stop()
+            except BaseException as e:  # re-raised in stop()
                 self.error = e
                 ready.set()
 
@@ -408,7 +408,7 @@ class FakeFleets:
         while self.started:
             try:
                 self.started.pop().stop()
-            except BaseException as e:  # noqa: BLE001 - re-raised below, after the others stopped
+            except BaseException as e:  # re-raised below, after the others stopped
                 errors.append(e)
         if errors:
             raise errors[0]

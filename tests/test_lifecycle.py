@@ -7,8 +7,7 @@ import itertools
 import pytest
 
 from fleet.errors import InvalidTransition
-from fleet.lifecycle import EngineState
-from fleet.lifecycle import TRANSITIONS, Lifecycle
+from fleet.lifecycle import TRANSITIONS, EngineState, Lifecycle
 
 S = EngineState
 
@@ -57,7 +56,7 @@ def test_every_state_has_a_row_in_the_transition_table() -> None:
 def test_allowed_transition_changes_state_and_notifies_listeners(old: EngineState, new: EngineState) -> None:
     seen: list[tuple[str, EngineState, EngineState, str]] = []
     lc = Lifecycle("m", state=old)
-    lc.listeners.append(lambda l, prev, why: seen.append((l.name, prev, l.state, why)))
+    lc.listeners.append(lambda lc, prev, why: seen.append((lc.name, prev, lc.state, why)))
     before = lc.since
     lc.to(new, "because")
     assert lc.state is new
@@ -75,7 +74,7 @@ def test_forbidden_transition_raises_invalid_transition_and_changes_nothing(
 ) -> None:
     seen: list[EngineState] = []
     lc = Lifecycle("m", state=old, reason="earlier")
-    lc.listeners.append(lambda l, prev, why: seen.append(l.state))
+    lc.listeners.append(lambda lc, prev, why: seen.append(lc.state))
     with pytest.raises(InvalidTransition, match=f"m: {old.value} -> {new.value} is not allowed"):
         lc.to(new, "nope")
     assert (lc.state, lc.reason, seen) == (old, "earlier", [])
@@ -91,10 +90,10 @@ def test_a_full_life_notifies_every_listener_of_every_change_in_order() -> None:
     first: list[tuple[EngineState, EngineState]] = []
     second: list[EngineState] = []
     lc = Lifecycle("m")
-    lc.listeners += [lambda l, prev, why: first.append((prev, l.state)), lambda l, prev, why: second.append(l.state)]
+    lc.listeners += [lambda lc, prev, why: first.append((prev, lc.state)), lambda lc, prev, why: second.append(lc.state)]
     for state in path:
         lc.to(state)
-    assert first == list(zip([S.STOPPED, *path[:-1]], path))
+    assert first == list(zip([S.STOPPED, *path[:-1]], path, strict=True))
     assert second == path
 
 

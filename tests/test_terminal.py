@@ -8,9 +8,9 @@ import io
 
 from rich.console import Console
 
-from fleet.terminal import status_rows, status_table
 from fleet.gateway.status import FleetStatus, GatewayStatus, ModelStatus
 from fleet.lifecycle import EngineState
+from fleet.terminal import status_rows, status_table
 
 
 def row(replica: str, state: EngineState = EngineState.READY, reason: str = "", **fields: object) -> ModelStatus:

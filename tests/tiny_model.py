@@ -132,7 +132,6 @@ def merge_adapter(base: Path, adapter: Path, out: Path) -> Path:
     every other file of `base` is copied."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     config = json.loads((adapter / "adapter_config.json").read_text())

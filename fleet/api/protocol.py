@@ -25,6 +25,7 @@ NonNegInt = Annotated[int, Meta(ge=0, le=INT32_MAX)]
 PosInt = Annotated[int, Meta(ge=1, le=INT32_MAX)]
 FinishReason = Literal["stop", "length"]  # OpenAI's; an aborted sequence reports stop
 TokenId = Annotated[int, Meta(le=INT32_MAX)]  # negative ids are refused by rules.check_prompt
+PromptItem = str | TokenId | list[TokenId]  # one prompt of several, or one token id of a prompt (rules.prompt_list)
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 
 

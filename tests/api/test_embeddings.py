@@ -67,6 +67,11 @@ def test_dimensions_only_where_the_model_has_them(sdk: openai.OpenAI) -> None:
     ({"input": []}, "input"),
     ({"input": [[]]}, "input"),
     ({"input": ["a", 1]}, "input"),
+    ({"input": [[False]]}, "input[0][0]"),  # JSON's true and false are no token ids (found by the fuzz's random seed)
+    ({"input": [True, 2]}, "input[0]"),
+    ({"input": [[1.5]]}, "input[0][0]"),
+    ({"input": [["a"]]}, "input[0][0]"),
+    ({"input": [{"text": "a"}]}, "input[0]"),
     ({"input": ["a", "b", "c", "d", "e"]}, "input"),  # over the model's limits.prompts (4)
     ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
     ({"input": "x", "dimensions": 0}, "dimensions"),

@@ -59,8 +59,8 @@ def test_function_calls_join_the_assistant_turn_and_their_outputs_answer_them() 
 
 
 def test_a_previous_responses_transcript_comes_first_and_its_instructions_do_not() -> None:
-    earlier = input_items("first") + [{"id": "msg_x", "type": "message", "role": "assistant",
-                                       "content": [{"type": "output_text", "text": "answer"}]}]
+    earlier = [*input_items("first"), {"id": "msg_x", "type": "message", "role": "assistant",
+                                         "content": [{"type": "output_text", "text": "answer"}]}]
     previous = Stored("resp_1", "", 0, "{}", [], earlier)
     p = planned(previous=previous, input="second")
     assert [(m.role, m.content) for m in p.chat.prompts[0].messages] == [

@@ -110,7 +110,7 @@ def test_beam_search_two_steps_is_the_exhaustive_best_over_its_search_space(tiny
     width, n = 3, 3
     first = ref.next_logprobs(prompt)
     firsts = torch.topk(first, width).indices.tolist()
-    second = ref.next_logprobs_batch([prompt + [t] for t in firsts])
+    second = ref.next_logprobs_batch([[*prompt, t] for t in firsts])
     every = [(first[a].item() + second[i, b].item(), a, b) for i, a in enumerate(firsts) for b in range(second.shape[1])]
     every.sort(reverse=True)
     expected = [(ref.decode([a, b]), cum) for cum, a, b in every[:n]]
@@ -118,7 +118,7 @@ def test_beam_search_two_steps_is_the_exhaustive_best_over_its_search_space(tiny
     r = beam(tiny, "The capital of", n=n, best_of=width, max_tokens=2, length_penalty=0.0, ignore_eos=True, logprobs=0)
     got = [(c.text, sum(c.logprobs.token_logprobs)) for c in r.choices]
     assert [t for t, _ in got] == [t for t, _ in expected]
-    for (_, a), (_, b) in zip(got, expected):
+    for (_, a), (_, b) in zip(got, expected, strict=True):
         assert a == pytest.approx(b, abs=1e-3)
 
 
@@ -140,7 +140,7 @@ def test_beam_search_matches_the_reference_with_stops(
     r = beam(tiny, "Hello world", n=2, best_of=4, max_tokens=8, stop=stop, length_penalty=length_penalty,
              early_stopping=early_stopping, logprobs=1)
     assert [c.text for c in r.choices] == [t for t, _ in expected[:2]]
-    for c, (_, cum) in zip(r.choices, expected):
+    for c, (_, cum) in zip(r.choices, expected, strict=False):  # the n best of best_of
         assert sum(c.logprobs.token_logprobs) == pytest.approx(cum, abs=1e-3)
         assert c.index in (0, 1)
 

@@ -6,6 +6,8 @@ engine's output: real text, seeds, stop strings applied by vLLM, streaming again
 
 from __future__ import annotations
 
+import itertools
+
 import openai
 import pytest
 from fleets import Fleets
@@ -72,7 +74,7 @@ def test_stream_interval_sends_a_streams_tokens_in_groups_after_the_first_and_th
     # [1, 4, 7, 10]; a busy machine may merge groups, the first with the next too (the gateway reads
     # what has arrived at once), never split one
     counts = [c.usage.completion_tokens for c in grouped if c.choices]
-    assert counts[0] % 3 == 1 and counts[-1] == 10 and all((b - a) % 3 == 0 for a, b in zip(counts, counts[1:]))
+    assert counts[0] % 3 == 1 and counts[-1] == 10 and all((b - a) % 3 == 0 for a, b in itertools.pairwise(counts))
     assert grouped[-1].usage.completion_tokens == 10 and grouped[-2].choices[0].finish_reason == "length"
 
 

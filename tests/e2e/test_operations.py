@@ -52,7 +52,7 @@ class Steady:
                                                           extra_body={"ignore_eos": True}))
                 assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
                 self.streams += 1
-            except Exception as e:  # noqa: BLE001 - asserted by the tests
+            except Exception as e:  # asserted by the tests
                 self.errors.append(e)
             self._stop.wait(self.pause)
 
@@ -100,7 +100,7 @@ def status(fleet: FleetProcess) -> dict[str, dict]:
     return {m["model"]: m for m in httpx.get(f"{fleet.url}/fleet/status", timeout=10).json()["models"]}
 
 
-def wait_for(check, what: str, timeout: float = 300) -> None:  # noqa: ANN001
+def wait_for(check, what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -198,7 +198,7 @@ def test_restart_from_the_page_needs_the_admin_key_and_the_log_view_follows(ops:
     assert new_pid not in (None, victim) and engine_row(page, "ops-a")["PID"] == str(new_pid)
     wait_for(lambda: gone(victim), "the old engine is gone", 30)
     # the log view followed: the launcher's lines about the restart, then the new engine's own
-    p.wait_for_function("""() => document.querySelector('#log').textContent.split('\\n').length > %d""" % (lines_before + 3))
+    p.wait_for_function(f"""() => document.querySelector('#log').textContent.split('\\n').length > {lines_before + 3}""")
     log = p.inner_text("#log")
     assert log.index("fleet: restarting, as asked") < log.index(f"fleet: starting (pid {new_pid}")
     assert p.evaluate("(() => { const l = document.querySelector('#log'); "

@@ -105,7 +105,7 @@ def test_a_named_call_is_the_whole_answer_as_its_arguments(tokenizer) -> None:  
     assert [(c.name, c.arguments) for c in parsers.reader(req, parsers.request(req)).whole(answer).calls] == [  # type: ignore[union-attr]
         ("get_weather", answer)]
     _, _, pieces = streamed(parsers, req, answer, tokenizer)
-    assert list(joined(pieces).values())[0][1:] == ("get_weather", answer)
+    assert next(iter(joined(pieces).values()))[1:] == ("get_weather", answer)
 
 
 def test_a_forced_call_is_read_without_vllms_request_object_and_auto_with_it(tokenizer) -> None:  # type: ignore[no-untyped-def]

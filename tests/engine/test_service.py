@@ -96,7 +96,7 @@ def test_engine_closes_a_requests_frames_when_the_gateway_drops_its_connection()
             healthy = True
             info = protocol.EngineInfo("m", 16, 10, 0, "x", "cpu")
 
-            async def frames(self, req: protocol.GenerateRequest):  # noqa: ANN202
+            async def frames(self, req: protocol.GenerateRequest):
                 try:
                     for k in range(10_000):
                         yield protocol.encode_frame(protocol.Delta(index=0, text=f"t{k}", token_ids=[k]))

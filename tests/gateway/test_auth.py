@@ -107,7 +107,7 @@ def test_engine_refuses_requests_without_the_fleet_token(fleet: InProcessFleet) 
         healthy = True
         info = protocol.EngineInfo("m", 16, 10, 0, "x", "cpu")
 
-        async def frames(self, req: protocol.GenerateRequest):  # noqa: ANN201
+        async def frames(self, req: protocol.GenerateRequest):
             yield protocol.encode_frame(protocol.Done(prompt_tokens=1, completion_tokens=0))
 
         embed = tokenize = detokenize = frames

@@ -128,7 +128,7 @@ def read(messages: list[dict[str, Any]], limit: int, headers: list[tuple[bytes, 
 
 def test_read_body_joins_the_pieces_of_a_chunked_body() -> None:
     pieces = [{"type": "http.request", "body": part, "more_body": True} for part in (b'{"a"', b": ", b"1")]
-    assert read(pieces + [{"type": "http.request", "body": b"}", "more_body": False}], 100) == b'{"a": 1}'
+    assert read([*pieces, {"type": "http.request", "body": b"}", "more_body": False}], 100) == b'{"a": 1}'
 
 
 def test_read_body_stops_at_the_limit_declared_or_sent() -> None:

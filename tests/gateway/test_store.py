@@ -14,7 +14,7 @@ from fleet.gateway.store import SqliteResponses
 
 
 def stored(response_id: str, owner: str = "a", at: int = 1_000_000) -> Stored:
-    return Stored(response_id, owner, at, '{"id": "%s"}' % response_id, [{"id": "msg_1", "type": "message"}],
+    return Stored(response_id, owner, at, f'{{"id": "{response_id}"}}', [{"id": "msg_1", "type": "message"}],
                   [{"id": "msg_1", "type": "message"}, {"id": "msg_2", "type": "message"}])
 
 

@@ -72,7 +72,7 @@ def table_rows(text: str) -> list[dict[str, str]]:
     lines = [line for line in text.splitlines() if line.startswith(("│", "┃"))]
     cells = [[c.strip() for c in re.split("[│┃]", line)[1:-1]] for line in lines]
     header, *rows = cells
-    return [dict(zip(header, row)) for row in rows]
+    return [dict(zip(header, row, strict=True)) for row in rows]
 
 
 def test_fleet_check_lists_models(tmp_path: Path) -> None:

@@ -148,9 +148,10 @@ async def _until_waiting(fleet: InProcessFleet, model: str, n: int) -> None:
     ({"start": "later"}, "start"),
 ])
 def test_on_demand_fields_are_checked_before_anything_starts(fields: dict[str, Any], message: str, tmp_path: Path) -> None:
+    from fleets import fleet_toml
+
     from fleet.config.load import load_config
     from fleet.errors import ConfigError
-    from fleets import fleet_toml
 
     path = tmp_path / "fleet.toml"
     path.write_text(fleet_toml([{"name": "m", "source": "default", "port": 8001, **fields}], 8000))

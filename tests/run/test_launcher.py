@@ -118,7 +118,7 @@ def test_reload_adds_removes_and_changes_models_while_an_untouched_model_streams
         try:
             for chunk in sdk.completions.create(model="keep", prompt="a", max_tokens=40, stream=True):
                 texts.append(chunk.choices[0].text)
-        except BaseException as e:  # noqa: BLE001 - asserted below
+        except BaseException as e:  # asserted below
             errors.append(e)
 
     reader = threading.Thread(target=stream_keep)
@@ -246,7 +246,7 @@ def test_sigkilled_launcher_leaves_no_engine_behind(tmp_path: Path) -> None:
         assert engines
         proc.kill()  # SIGKILL: the launcher cannot clean up; the engines must notice on their own
         proc.wait(10)
-        gone, alive = psutil.wait_procs(engines, timeout=10)
+        _, alive = psutil.wait_procs(engines, timeout=10)
         assert alive == []
     finally:
         for p in psutil.Process().children(recursive=True):

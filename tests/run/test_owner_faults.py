@@ -356,7 +356,7 @@ def test_a_gateway_server_that_ends_by_itself_is_reported_and_started_again(
         engines.append(fleet.owners["m"])
         running = asyncio.create_task(fleet.run())
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http, asyncio.timeout(60):
-            while calls < 2:  # noqa: ASYNC110 - the launcher's second server is what is awaited
+            while calls < 2:  # the launcher's second server is what is awaited
                 await asyncio.sleep(0.05)
             while True:  # the new server listens soon after it was started
                 with contextlib.suppress(httpx.HTTPError):

@@ -540,7 +540,8 @@ def test_an_idle_connection_whose_server_process_died_is_never_written_to(unix: 
               "c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok'); sys.stdin.read()\n")
 
     async def main() -> None:
-        child = subprocess.Popen([sys.executable, "-c", server], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen([sys.executable, "-c", server], stdin=subprocess.PIPE, stdout=subprocess.PIPE,  # noqa: ASYNC220
+                                 text=True)  # a peer in another process, started before any await
         try:
             port = int(child.stdout.readline())  # type: ignore[union-attr]
             pool = http1.Pool("127.0.0.1", port, idle_limit=protocol.CLIENT_IDLE_LIMIT, unix=unix)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from fleets import free_ports
 
 from fleet.engine.server import create_engine_app, mux_routes
 from fleet.errors import EngineFailure, EngineLost, EngineTimeout, EngineUnreachable
@@ -22,7 +23,6 @@ from fleet.run.process import SignalFreeServer
 from fleet.wire import mux, protocol
 from fleet.wire.client import EngineClient
 from fleet.wire.exchange import HIGH_WATER
-from fleets import free_ports
 
 DONE = protocol.encode_frame(protocol.Done(prompt_tokens=1, completion_tokens=1))
 
@@ -197,7 +197,7 @@ def test_a_wrong_token_gets_no_connection_and_http_says_why(tmp_path: Path) -> N
 
 def test_a_request_the_engine_cannot_read_fails_alone(tmp_path: Path) -> None:
     async def main() -> None:
-        async with engine(tmp_path) as (service, _, path):
+        async with engine(tmp_path) as (_service, _, path):
             c = client(path)
             with pytest.raises(EngineFailure, match="refused the request"):
                 async for _ in c.frames("/generate", protocol.DetokenizeRequest(ids=[1])):
@@ -210,7 +210,7 @@ def test_a_request_the_engine_cannot_read_fails_alone(tmp_path: Path) -> None:
 
 def test_the_server_stopping_ends_its_streams_as_lost(tmp_path: Path) -> None:
     async def main() -> None:
-        async with engine(tmp_path) as (service, server, path):
+        async with engine(tmp_path) as (_service, server, path):
             c = client(path)
             stream = c.generate(ask("cut:100000"))
             await anext(stream)
@@ -228,10 +228,10 @@ async def raw_engine(path: str, on_open: Any) -> asyncio.Server:
     """A mux peer that answers the handshake, then does `on_open(writer)` with the first request."""
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert await reader.readexactly(len(mux.MAGIC)) == mux.MAGIC
-        size, _, kind = mux.HEADER.unpack(await reader.readexactly(mux.HEADER.size))
+        size, _, _ = mux.HEADER.unpack(await reader.readexactly(mux.HEADER.size))
         await reader.readexactly(size)
         writer.write(mux.HEADER.pack(0, 0, mux.READY))
-        size, stream, kind = mux.HEADER.unpack(await reader.readexactly(mux.HEADER.size))
+        size, stream, _kind = mux.HEADER.unpack(await reader.readexactly(mux.HEADER.size))
         await reader.readexactly(size)
         await on_open(writer, stream)
         writer.close()

@@ -8,9 +8,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from fleet.api.protocol import FinishReason, PosInt, SamplingRequest, TokenId, Usage
-
-PromptItem = str | TokenId | list[TokenId]
+from fleet.api.protocol import FinishReason, PosInt, PromptItem, SamplingRequest, Usage
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):

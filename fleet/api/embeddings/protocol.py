@@ -3,18 +3,18 @@ https://platform.openai.com/docs/api-reference/embeddings/create"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
-from fleet.api.protocol import PosInt
+from fleet.api.protocol import PosInt, PromptItem
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     """POST /v1/embeddings."""
 
     model: str
-    input: str | list[Any]  # a string, strings, token ids, or lists of token ids (rules.prompt_list)
+    input: str | list[PromptItem]  # a string, strings, token ids, or lists of token ids (rules.prompt_list)
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: PosInt | None = None
     user: str | None = None

@@ -5,8 +5,19 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from fleet.gateway.routing.policies import Choice, Outcome, Policy, ReplicaLoad, adapter_affinity, bounded_affinity, choose, failover, least_loaded, sticky
 from fleet.gateway.routing.keys import prefix_key
+from fleet.gateway.routing.policies import (
+    Choice,
+    Outcome,
+    Policy,
+    ReplicaLoad,
+    adapter_affinity,
+    bounded_affinity,
+    choose,
+    failover,
+    least_loaded,
+    sticky,
+)
 
 
 def loads(*in_flight: int, down: tuple[int, ...] = ()) -> list[ReplicaLoad]:
