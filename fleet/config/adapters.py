@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fleet.config.fields import user_path
+
 
 def check_adapter(name: str, path: str, model: str, source: str, max_rank: int) -> list[tuple[str, str]]:
     """(field, problem) for one adapter of model `model` (from `source`): a directory holding a PEFT adapter_config.json
@@ -14,7 +16,12 @@ def check_adapter(name: str, path: str, model: str, source: str, max_rank: int) 
     field = f"adapters.{name}"
     if not name or name == model:
         return [(field, "an adapter's name is its own (not empty, not the model's)")]
-    folder = Path(path).expanduser()
+    if not path:
+        return [(field, "an adapter's path is its directory (not empty)")]
+    try:
+        folder = user_path(path)
+    except ValueError as e:
+        return [(field, str(e))]
     config_file = folder / "adapter_config.json"
     if not folder.is_dir():
         return [(field, f"no adapter directory at {path}")]
@@ -39,7 +46,16 @@ def same_model(a: str, b: str) -> bool:
     (a local copy of a Hugging Face model keeps its name: "org/Model" and "/models/Model")."""
     if a == b:
         return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    pa, pb = _as_written(a), _as_written(b)
     if pa.exists() and pb.exists() and pa.resolve() == pb.resolve():
         return True
     return pa.name.lower() == pb.name.lower() != ""
+
+
+def _as_written(reference: str) -> Path:
+    """A model reference as a path, `~` expanded where this machine can (an adapter's
+    base_model_name_or_path may come from another machine)."""
+    try:
+        return user_path(reference)
+    except ValueError:
+        return Path(reference)

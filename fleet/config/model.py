@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import contextlib
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from fleet.config.adapters import check_adapter
-from fleet.config.fields import Int, Strict
+from fleet.config.fields import Int, Strict, UserPath, user_path
 
 CPU_MEMORY_FRACTION = 0.3  # of one NUMA node: vLLM's CPU backend fails to start at 0.9
 CPU_KV_CACHE_GIB = 1.0  # an explicit size also skips vLLM's warm-up pass: a faster start
@@ -104,7 +103,7 @@ class ModelConfig(Strict):
     """One model of the fleet: one vLLM engine process per replica."""
 
     name: str = Field(min_length=1, description="what clients send as `model`")
-    source: str = Field(
+    source: UserPath = Field(
         min_length=1,
         description='Hugging Face id, local directory, `.gguf` file, or "default" (the packaged model)',
     )
@@ -136,7 +135,7 @@ class ModelConfig(Strict):
     )
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     limits: Limits = Field(default_factory=Limits)
-    chat_template: str | None = Field(
+    chat_template: UserPath | None = Field(
         None, description="a Jinja chat template file, for a model whose tokenizer has none (or to replace it; "
         "one that renders `tools` for tool calling)"
     )
@@ -376,7 +375,7 @@ class ModelConfig(Strict):
     @field_validator("chat_template")
     @classmethod
     def _chat_template_is_a_file(cls, path: str | None) -> str | None:
-        if path is not None and not Path(path).expanduser().is_file():
+        if path is not None and not user_path(path).is_file():
             raise ValueError(f"chat template file not found: {path}")
         return path
 

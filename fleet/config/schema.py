@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from fleet.config.fields import Int, Strict
+from fleet.config.fields import Int, Strict, UserPath, user_path
 from fleet.config.model import ModelConfig
 
 DEFAULT_CONFIG = Path("fleet.toml")
@@ -51,9 +51,9 @@ class GatewayConfig(Strict):
     max_connections_per_client: Int | None = Field(
         None, ge=1, description="connections from one client address; default: half of max_connections"
     )
-    tls_certfile: str | None = Field(None, description="PEM certificate (chain) to serve HTTPS with; with tls_keyfile")
-    tls_keyfile: str | None = Field(None, description="the certificate's unencrypted PEM private key; with tls_certfile")
-    engine_token_file: str | None = Field(
+    tls_certfile: UserPath | None = Field(None, description="PEM certificate (chain) to serve HTTPS with; with tls_keyfile")
+    tls_keyfile: UserPath | None = Field(None, description="the certificate's unencrypted PEM private key; with tls_certfile")
+    engine_token_file: UserPath | None = Field(
         None, description=f"a file whose first line is the token engines accept (${ENGINE_TOKEN_ENV} wins); "
         "needed for attached engines, the same file for `fleet engine`; default: a new random token per launch",
     )
@@ -61,9 +61,9 @@ class GatewayConfig(Strict):
     @field_validator("tls_certfile", "tls_keyfile", "engine_token_file")
     @classmethod
     def _tls_file_exists(cls, path: str | None) -> str | None:
-        if path is not None and not Path(path).expanduser().is_file():
+        if path is not None and not user_path(path).is_file():
             raise ValueError(f"file not found: {path}")
-        return None if path is None else str(Path(path).expanduser())  # uvicorn does not expand `~`
+        return None if path is None else str(user_path(path))  # uvicorn does not expand `~`
 
     @model_validator(mode="after")
     def _tls_both_or_neither(self) -> GatewayConfig:
@@ -116,7 +116,7 @@ class AuthConfig(Strict):
 
     keys: list[ApiKey] = Field(default_factory=list)
     keys_env: str | None = Field("FLEET_API_KEYS", description="an environment variable of comma-separated keys")
-    keys_file: str | None = Field(None, description="a file with one key per line, `key model1,model2` to limit it")
+    keys_file: UserPath | None = Field(None, description="a file with one key per line, `key model1,model2` to limit it")
     open: bool = Field(
         False, description="serve a gateway that other machines can reach without keys, on purpose (refused otherwise)"
     )
@@ -180,7 +180,7 @@ class ResponsesConfig(Strict):
     """The Responses API's stored responses (`store`, `previous_response_id`): kept in an embedded
     SQLite database, bounded by age and count."""
 
-    store_path: str | None = Field(
+    store_path: UserPath | None = Field(
         None, description="the SQLite file that keeps stored responses; default: <cache>/responses.sqlite3")
     max_age_days: float = Field(30.0, gt=0, description="stored responses older than this are dropped")
     max_stored: Int = Field(10_000, ge=1, description="at most this many are kept (the oldest go first; checked "

@@ -61,3 +61,12 @@ def test_an_embedding_model_has_no_adapters(tmp_path: Path) -> None:
     error = refused({"name": "emb", "source": "org/Base-7B", "port": 9001, "task": "embed",
                      "adapters": {"a": adapter(tmp_path / "a", "org/Base-7B")}})
     assert "an embedding model serves no LoRA adapters" in error
+
+
+def test_an_adapter_trained_on_a_path_under_a_user_this_machine_lacks_is_told_apart_by_its_name(tmp_path: Path) -> None:
+    """An adapter made on another machine may name its base `~someone/Base-7B`: compared by name, never a crash."""
+    from fleet.config.adapters import check_adapter
+
+    assert check_adapter("a", adapter(tmp_path / "a", "~fleet-no-such-user/Base-7B"), "m", "org/Base-7B", 16) == []
+    problems = check_adapter("b", adapter(tmp_path / "b", "~fleet-no-such-user/Other"), "m", "org/Base-7B", 16)
+    assert [field for field, _ in problems] == ["adapters.b"] and "not of this model's source" in problems[0][1]

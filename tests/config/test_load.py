@@ -156,6 +156,27 @@ def test_gateway_port_of_wrong_type() -> None:
     assert_names(msg, 'field "gateway.port"', "valid integer")
 
 
+NO_HOME = "~fleet-no-such-user/x"  # a `~user` this machine has no home directory for
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    ({"models": [model(source=NO_HOME)]}, 'model "small" (models[0]), field "source"'),
+    ({"models": [model(chat_template=NO_HOME)]}, 'model "small" (models[0]), field "chat_template"'),
+    ({"models": [model(adapters={"a": NO_HOME})]}, "adapters.a"),
+    ({"models": [model()], "gateway": {"tls_certfile": NO_HOME, "tls_keyfile": NO_HOME}}, 'field "gateway.tls_certfile"'),
+    ({"models": [model()], "gateway": {"engine_token_file": NO_HOME}}, 'field "gateway.engine_token_file"'),
+    ({"models": [model()], "auth": {"keys_file": NO_HOME}}, 'field "auth.keys_file"'),
+    ({"models": [model()], "responses": {"store_path": NO_HOME}}, 'field "responses.store_path"'),
+])
+def test_a_path_under_a_user_this_machine_lacks_is_refused_naming_the_field(raw: dict[str, Any], field: str) -> None:
+    """pathlib raises a bare RuntimeError for it: `fleet check` showed a traceback."""
+    assert_names(config_error(raw), field, "~fleet-no-such-user names no home directory on this machine")
+
+
+def test_an_adapter_without_a_path_is_refused() -> None:
+    assert_names(config_error({"models": [model(adapters={"a": ""})]}), "adapters.a", "not empty")
+
+
 def test_gpus_of_wrong_type() -> None:
     msg = config_error({"models": [model(gpus="0")]})
     assert_names(msg, 'model "small" (models[0])', 'field "gpus"', "valid list")

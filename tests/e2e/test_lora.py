@@ -144,8 +144,10 @@ def test_an_adapter_loaded_at_run_time_serves_and_once_unloaded_is_a_404(lora: L
     body = {"lora_name": "tiny-a3", "lora_path": path, "model": "tiny"}
     with httpx.Client(base_url=url, timeout=120) as http, client(lora.fleet) as c:
         assert http.post("/v1/load_lora_adapter", json=body).status_code == 401  # the admin key, not an API key
-        assert http.post("/v1/load_lora_adapter", json={**body, "lora_path": str(lora.tmp / "nope")},
-                         headers={"authorization": f"Bearer {ADMIN}"}).json()["error"]["param"] == "lora_path"
+        for bad in (str(lora.tmp / "nope"), "~fleet-no-such-user/a3", ""):  # never the 500 of pathlib's RuntimeError
+            refused = http.post("/v1/load_lora_adapter", json={**body, "lora_path": bad},
+                                headers={"authorization": f"Bearer {ADMIN}"})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "lora_path", refused.text
         loaded = http.post("/v1/load_lora_adapter", json=body, headers={"authorization": f"Bearer {ADMIN}"})
         assert loaded.status_code == 200 and loaded.json()["parent"] == "tiny"
         assert greedy(c, "tiny-a3") not in (greedy(c, "tiny"), greedy(c, "tiny-a1"))
