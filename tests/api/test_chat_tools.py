@@ -94,6 +94,34 @@ def test_malformed_tools_and_choices_are_a_400_naming_the_field(tools: Any, choi
     assert says in refused(param, tools=tools, tool_choice=choice).message
 
 
+def nested_object(levels: int) -> dict[str, Any]:
+    """A schema of `levels` objects each inside the last one's "properties", a string's schema the
+    innermost: 2 * levels + 1 levels of JSON objects."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_a_schema_nested_deeper_than_the_bound_is_a_400_before_any_check_or_engine_sees_it() -> None:
+    """jsonschema's check recursed past Python's limit at ~100 objects (a 500), and the engine's grammar
+    compile time grows steeply with depth: 31 objects (63 levels) pass, 32 do not."""
+    assert planned(tools=[{"type": "function", "function": {"name": "f", "parameters": nested_object(31)}}],
+                   tool_choice="required").sampling.structured is not None
+    for deep in (nested_object(32), nested_object(300)):
+        error = refused("tools[0].function.parameters", tools=[{"type": "function", "function": {
+            "name": "f", "parameters": deep}}], tool_choice="required")
+        assert "deeper than 64 levels" in error.message
+        error = refused("response_format.json_schema.schema",
+                        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": deep}})
+        assert "deeper than 64 levels" in error.message
+    arrays: Any = {"type": "string"}
+    for _ in range(64):  # arrays nest a level each
+        arrays = {"type": "array", "items": arrays}
+    refused("response_format.json_schema.schema", response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": arrays}})
+
+
 def test_a_built_in_tool_is_refused_by_the_schema_naming_its_type() -> None:
     with pytest.raises(msgspec.ValidationError, match=r"tools\[0\]\.type"):
         chat(tools=[{"type": "web_search"}])

@@ -129,6 +129,17 @@ def test_suffix_is_refused_as_unsupported() -> None:
     rejected("suffix", "suffix is not supported", suffix="def f():")
 
 
+def test_structured_outputs_json_nested_deeper_than_the_bound_is_a_400_as_an_object_or_as_text() -> None:
+    schema: Any = {"type": "string"}
+    for _ in range(32):  # 65 levels: each object and its "properties", and the string's schema
+        schema = {"type": "object", "properties": {"a": schema}}
+    rejected("structured_outputs.json", "deeper than 64 levels", structured_outputs={"json": schema})
+    rejected("structured_outputs.json", "deeper than 64 levels", structured_outputs={"json": json.dumps(schema)})
+    text = "[" * 5000 + "]" * 5000  # beyond the decoder's recursion: refused, never a 500
+    rejected("structured_outputs.json", "JSON Schema", structured_outputs={"json": text})
+    assert plan(structured_outputs={"json": schema["properties"]["a"]}).sampling.structured is not None
+
+
 def test_empty_prompt_list_is_invalid() -> None:
     rejected("prompt", "empty", prompt=[])
 

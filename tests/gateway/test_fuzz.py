@@ -332,6 +332,30 @@ def chat(**fields: Any) -> dict[str, Any]:
     return {"model": OPEN, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
 
 
+def deep_schema(objects: int) -> str:
+    return '{"type": "object", "properties": {"a": ' * objects + '{"type": "string"}' + "}}" * objects
+
+
+@pytest.mark.parametrize("objects", [32, 300])  # 300: jsonschema's check recursed past Python's limit (a 500)
+@pytest.mark.parametrize(("route", "template", "param"), [
+    ("/v1/chat/completions", '{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", '
+     '"tools": [{"type": "function", "function": {"name": "f", "parameters": %s}}]}', "tools[0].function.parameters"),
+    ("/v1/chat/completions", '{"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "response_format": '
+     '{"type": "json_schema", "json_schema": {"name": "x", "schema": %s}}}', "response_format.json_schema.schema"),
+    ("/v1/responses", '{"model": "alpha", "input": "hi", "tool_choice": "required", '
+     '"tools": [{"type": "function", "name": "f", "parameters": %s}]}', "tools[0].parameters"),
+    ("/v1/responses", '{"model": "alpha", "input": "hi", "text": {"format": {"type": "json_schema", "name": "x", '
+     '"schema": %s}}}', "text.format.schema"),
+    ("/v1/completions", '{"model": "alpha", "prompt": "hi", "structured_outputs": {"json": %s}}', "structured_outputs.json"),
+])
+def test_a_json_schema_nested_too_deep_is_a_400_naming_it_on_every_route_that_takes_one(
+        http: httpx.Client, objects: int, route: str, template: str, param: str) -> None:
+    """The engine compiles a schema into a grammar in a time that grows steeply with its depth."""
+    r = http.post(route, content=template % deep_schema(objects), headers={"content-type": "application/json"})
+    assert_4xx(r, mentions="deeper than 64 levels")
+    assert r.json()["error"]["param"] == param, r.text
+
+
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize(
     ("body", "mentions"),

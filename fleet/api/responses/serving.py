@@ -59,7 +59,8 @@ from fleet.wire import protocol
 
 _json = msgspec.json.Encoder()
 # chat's names for a field -> the Responses API's
-_FIELDS = [(re.compile(r"^tools\[(\d+)\]\.function\."), r"tools[\1]."), (re.compile(r"^response_format"), "text.format"),
+_FIELDS = [(re.compile(r"^tools\[(\d+)\]\.function\."), r"tools[\1]."),
+           (re.compile(r"^response_format\.json_schema\."), "text.format."), (re.compile(r"^response_format"), "text.format"),
            (re.compile(r"^max_(completion_)?tokens$"), "max_output_tokens"), (re.compile(r"^messages.*"), "input")]
 
 
