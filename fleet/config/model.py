@@ -38,6 +38,10 @@ class Limits(Strict):
     best_of: Int = Field(20, ge=1, le=128)
     prompts: Int = Field(64, ge=1, description="prompts in one completions request")
     prompt_chars: Int = Field(1_000_000, ge=1, description="characters (or token ids) in all prompts together")
+    stop: Int = Field(64, ge=0, description="stop sequences in one request: the engine searches the new text for "
+                      "each after every token (OpenAI allows 4)")
+    bad_words: Int = Field(16, ge=0, description="bad_words in one request: the engine checks each at every step "
+                           "of the whole batch")
 
 
 class SamplingDefaults(Strict):

@@ -17,7 +17,7 @@ from fleet.api.completions.protocol import CompletionRequest
 from fleet.api.completions.serving import plan_completion
 from fleet.api.planning import Plan
 from fleet.api.rules import SamplingType, sampling_type
-from fleet.config.model import SamplingDefaults
+from fleet.config.model import Limits, SamplingDefaults
 from fleet.errors import InvalidRequest
 from fleet.wire import protocol
 
@@ -103,6 +103,25 @@ def test_continuous_usage_stats_needs_include_usage() -> None:
 def test_empty_stop_string_is_invalid() -> None:
     rejected("stop", "empty", stop="")
     rejected("stop", "empty", stop=["\n", ""])
+
+
+def test_stop_sequences_and_bad_words_are_bounded_by_the_models_limits() -> None:
+    """The engine searches the text for every stop sequence after each token, and checks every bad
+    word at each step of the whole batch: a hostile list would slow every stream of the engine."""
+    limits = Limits()  # a model's defaults: 64 stop sequences, 16 bad words
+    assert plan_completion(request(stop=[f"s{i}" for i in range(64)]), SamplingDefaults(), limits).sampling.stop[-1] == "s63"
+    with pytest.raises(InvalidRequest, match="at most 64 stop sequences for this model, got 65") as e:
+        plan_completion(request(stop=[f"s{i}" for i in range(65)]), SamplingDefaults(), limits)
+    assert e.value.param == "stop"
+    assert len(plan_completion(request(bad_words=["w"] * 16), SamplingDefaults(), limits).sampling.bad_words) == 16
+    with pytest.raises(InvalidRequest, match="at most 16 bad_words for this model, got 100000") as e:
+        plan_completion(request(bad_words=["w"] * 100_000), SamplingDefaults(), limits)
+    assert e.value.param == "bad_words"
+    tight = Limits(stop=1, bad_words=0)
+    with pytest.raises(InvalidRequest, match="at most 1 stop"):
+        plan_completion(request(stop=["a", "b"]), SamplingDefaults(), tight)
+    with pytest.raises(InvalidRequest, match="at most 0 bad_words"):
+        plan_completion(request(bad_words=["a"]), SamplingDefaults(), tight)
 
 
 def test_stop_may_be_a_string_a_list_or_null() -> None:

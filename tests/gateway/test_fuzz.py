@@ -332,6 +332,17 @@ def chat(**fields: Any) -> dict[str, Any]:
     return {"model": OPEN, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("field", ["stop", "bad_words"])
+def test_a_hundred_thousand_stop_sequences_or_bad_words_are_a_400_naming_the_field(
+        http: httpx.Client, route: str, field: str) -> None:
+    """Each costs the engine work at every token of every stream: a list under the body limit would
+    slow the whole engine (7.9 ms a token for 100,000 stop sequences)."""
+    body = {"model": OPEN, "max_tokens": 2, field: [f"w{i}" for i in range(100_000)],
+            **({"prompt": "hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})}
+    assert_4xx(http.post(route, json=body), param=field, mentions="got 100000")
+
+
 def deep_schema(objects: int) -> str:
     return '{"type": "object", "properties": {"a": ' * objects + '{"type": "string"}' + "}}" * objects
 
