@@ -157,6 +157,9 @@ def test_structured_outputs_json_nested_deeper_than_the_bound_is_a_400_as_an_obj
     text = "[" * 5000 + "]" * 5000  # beyond the decoder's recursion: refused, never a 500
     rejected("structured_outputs.json", "JSON Schema", structured_outputs={"json": text})
     assert plan(structured_outputs={"json": schema["properties"]["a"]}).sampling.structured is not None
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(513)}}
+    rejected("structured_outputs.json", "more than 512 properties", structured_outputs={"json": wide})
+    rejected("structured_outputs.json", "more than 512 properties", structured_outputs={"json": json.dumps(wide)})
 
 
 def test_empty_prompt_list_is_invalid() -> None:

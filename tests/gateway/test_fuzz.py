@@ -332,6 +332,19 @@ def chat(**fields: Any) -> dict[str, Any]:
     return {"model": OPEN, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
 
 
+@pytest.mark.parametrize(("template", "param"), [
+    ('{"model": "alpha", "input": "hi", "tool_choice": "required", "tools": [{"type": "function", "name": "f", '
+     '"parameters": %s}]}', "tools[0].parameters"),
+    ('{"model": "alpha", "input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": %s}}}',
+     "text.format.schema"),
+])
+def test_a_json_schema_naming_too_many_properties_is_a_400_naming_it(http: httpx.Client, template: str, param: str) -> None:
+    wide = json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}})
+    r = http.post("/v1/responses", content=template % wide, headers={"content-type": "application/json"})
+    assert_4xx(r, mentions="more than 512 properties")
+    assert r.json()["error"]["param"] == param, r.text
+
+
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("field", ["stop", "bad_words"])
 def test_a_hundred_thousand_stop_sequences_or_bad_words_are_a_400_naming_the_field(

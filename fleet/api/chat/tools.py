@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from fleet.api.chat.protocol import ChatTool, NamedToolChoice, ResponseFormat, ToolChoice
-from fleet.api.rules import check_schema_depth
+from fleet.api.rules import check_schema_size
 from fleet.errors import InvalidRequest, shown
 from fleet.wire import protocol
 
@@ -65,9 +65,9 @@ def check_tools(tools: list[ChatTool]) -> None:
 
 
 def check_schema(schema: dict[str, Any], param: str) -> None:
-    """A JSON Schema that validates as one (jsonschema's check of its own meta-schema), nested no
-    deeper than rules.SCHEMA_DEPTH; one seen valid lately (the same JSON text) is not checked again."""
-    check_schema_depth(schema, param)
+    """A JSON Schema that validates as one (jsonschema's check of its own meta-schema), within
+    rules.SCHEMA_DEPTH and SCHEMA_PROPERTIES; one seen valid lately (the same JSON text) is not checked again."""
+    check_schema_size(schema, param)
     digest = hashlib.blake2b(_json.encode(schema), digest_size=16).digest()
     if digest in _checked:
         _checked.move_to_end(digest)
