@@ -173,11 +173,12 @@ def bad_word_list(words: list[str] | None, most: int) -> list[str]:
     checks each at every step of the whole batch, a tensor write for each that applies (vLLM's
     apply_bad_words, one-token words on this VM's CPU: 0.24 ms a step for 64, 7.5 ms for 1,000,
     76 ms for 10,000)."""
-    if any(not w for w in words or ()):
+    words = list(words or ())
+    if any(not w for w in words):
         raise InvalidRequest("bad_words must not be empty strings", param="bad_words")
-    if len(words or ()) > most:
-        raise InvalidRequest(f"at most {most} bad_words for this model, got {len(words or ())}", param="bad_words")
-    return list(words or ())
+    if len(words) > most:
+        raise InvalidRequest(f"at most {most} bad_words for this model, got {len(words)}", param="bad_words")
+    return words
 
 
 def logit_bias_by_token_id(bias: dict[str, float] | None) -> dict[int, float] | None:

@@ -61,9 +61,11 @@ class GatewayConfig(Strict):
     @field_validator("tls_certfile", "tls_keyfile", "engine_token_file")
     @classmethod
     def _tls_file_exists(cls, path: str | None) -> str | None:
-        if path is not None and not user_path(path).is_file():
+        if path is None:
+            return None
+        if not (expanded := user_path(path)).is_file():
             raise ValueError(f"file not found: {path}")
-        return None if path is None else str(user_path(path))  # uvicorn does not expand `~`
+        return str(expanded)  # uvicorn does not expand `~`
 
     @model_validator(mode="after")
     def _tls_both_or_neither(self) -> GatewayConfig:

@@ -66,12 +66,13 @@ def check_tools(tools: list[ChatTool]) -> None:
 
 def check_schema(schema: dict[str, Any], param: str) -> None:
     """A JSON Schema that validates as one (jsonschema's check of its own meta-schema), within
-    rules.SCHEMA_DEPTH and SCHEMA_PROPERTIES; one seen valid lately (the same JSON text) is not checked again."""
-    check_schema_size(schema, param)
+    rules.SCHEMA_DEPTH and SCHEMA_PROPERTIES; one seen valid lately (the same JSON text) is not checked again.
+    (The body's decoder already bounds its nesting below what encoding it for the digest allows.)"""
     digest = hashlib.blake2b(_json.encode(schema), digest_size=16).digest()
     if digest in _checked:
         _checked.move_to_end(digest)
         return
+    check_schema_size(schema, param)
     import jsonschema
 
     try:
