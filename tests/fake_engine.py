@@ -25,6 +25,8 @@ Misbehaviour comes from the model's `engine_args` table (fleet.toml's free pass-
 - ``fake_exit_at_start``: print a few log lines, then exit with this code before ready.
 - ``fake_fail_start_while``: a file's path: exit (code 3) at start while that file exists.
 - ``fake_hang_at_start``: /health answers 503 for ever.
+- ``fake_hold_start_while``: a file's path: /health answers 503 while that file exists (a test
+  holds the start until it has seen what it waits for, then deletes the file).
 - ``fake_ignore_sigterm``: ignore SIGTERM (the process, and a child spawned after it).
 - ``fake_crash_after_requests``: serve N /generate requests; die (`os._exit(70)`) on the next.
 - ``fake_token_delay``: seconds between two deltas.
@@ -150,6 +152,7 @@ class FakeEngine:
         self.unreadable_after = args.get("fake_unreadable_mid_stream")
         self.crash_after = args.get("fake_crash_after_requests")
         self.hang = bool(args.get("fake_hang_at_start", False))
+        self.hold_while = args.get("fake_hold_start_while")
         self.ready_at = time.monotonic() + float(args.get("fake_start_delay", 0.0))
         self.children: list[subprocess.Popen[bytes]] = []
         self.token = os.environ.get(TOKEN_ENV) or None
@@ -163,7 +166,8 @@ class FakeEngine:
 
     @property
     def healthy(self) -> bool:
-        return not self.hang and time.monotonic() >= self.ready_at
+        held = self.hold_while is not None and os.path.exists(self.hold_while)
+        return not self.hang and not held and time.monotonic() >= self.ready_at
 
     def stats(self) -> dict[str, Any]:
         return {
