@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException, MethodNotAllowedException
+from litestar.exceptions import HTTPException, MethodNotAllowedException, ValidationException
 from litestar.handlers import ASGIRouteHandler
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
@@ -73,10 +73,21 @@ def _http_error_handler(request: Request[Any, Any, Any], exc: HTTPException) -> 
     if exc.status_code == 413:
         limit: int = request.app.state.max_body_bytes
         return error_response(BodyTooLarge(limit))
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        message, param = _named_parameter(exc.extra[0])
+        return error_response(InvalidRequest(message, param=param))
     return error_response(FleetError(
         str(exc.detail), status=exc.status_code, type="invalid_request_error" if exc.status_code < 500 else "server_error",
         headers=exc.headers,  # e.g. Allow on a 405
     ))
+
+
+def _named_parameter(error: Any) -> tuple[str, str | None]:
+    """A route parameter Litestar could not read (a query's `limit=abc`), as a message and the
+    parameter's name: `limit: Expected `int`, got `str``."""
+    if not isinstance(error, dict) or not isinstance(error.get("key"), str):
+        return f"invalid request: {error}", None
+    return f"{error['key']}: {error.get('message', 'invalid value')}", error["key"]
 
 
 def _unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

@@ -32,6 +32,23 @@ CREATE TABLE IF NOT EXISTS responses (
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
 """
 PRUNE_EVERY = 64  # puts between two checks of the count bound (the age bound is checked at each put)
+BUSY_TIMEOUT = 10.0  # seconds a statement waits for another process's lock on the file (two gateways, one cache)
+
+
+def wal_mode(db: sqlite3.Connection, path: Path) -> None:
+    """Put the database in WAL mode. SQLite answers "database is locked" at once, without waiting
+    its busy timeout, when another process opens the same new file at the same moment (two fleets
+    started together in one cache directory: 72 of 200 starts of four processes on this VM), so
+    it is tried again until BUSY_TIMEOUT."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise sqlite3.OperationalError(f"the responses store {path}: {e}") from e
+            time.sleep(0.01)
 
 
 class SqliteResponses:
@@ -42,8 +59,8 @@ class SqliteResponses:
         self.path = path
         self.max_age = max_age_days * 86400
         self.max_stored = max_stored
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
+        wal_mode(self._db, path)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()

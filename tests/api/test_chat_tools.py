@@ -145,6 +145,21 @@ def test_a_built_in_tool_is_refused_by_the_schema_naming_its_type() -> None:
         chat(tools=[{"type": "web_search"}])
 
 
+@pytest.mark.parametrize(("body", "param", "says"), [
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions", "send tools"),
+    ({"function_call": "auto"}, "function_call", "deprecated form of tools"),
+    ({"modalities": ["text", "audio"]}, "modalities", "only text"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "only text"),
+    ({"web_search_options": {}}, "web_search_options", "function tools only"),
+])
+def test_fields_fleet_cannot_honour_are_a_400_naming_them_not_ignored(body: dict[str, Any], param: str, says: str) -> None:
+    assert says in refused(param, **body).message
+
+
+def test_text_modalities_and_nulls_of_the_refused_fields_are_accepted() -> None:
+    assert planned(modalities=["text"], functions=None, function_call=None, audio=None, web_search_options=None)
+
+
 def test_a_forced_call_and_a_response_format_together_are_refused() -> None:
     refused("response_format", tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})
 

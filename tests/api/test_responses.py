@@ -4,6 +4,8 @@ its input items, its tools, its errors named by the Responses API's own fields."
 from __future__ import annotations
 
 import json
+import re
+import typing
 from typing import Any
 
 import msgspec
@@ -11,7 +13,7 @@ import pytest
 
 from fleet.api.endpoint import Caller
 from fleet.api.responses.items import chat_messages, input_items
-from fleet.api.responses.protocol import ResponsesRequest
+from fleet.api.responses.protocol import OUTPUT_LOGPROBS, Includable, ResponsesRequest
 from fleet.api.responses.serving import Resolved, plan_responses
 from fleet.api.responses.store import Stored
 from fleet.config.model import ModelConfig
@@ -90,6 +92,10 @@ def test_tools_and_text_format_become_the_chats_and_a_forced_function_is_held_to
     ({"tools": [WEATHER], "tool_choice": "required", "text": {"format": {"type": "json_object"}}}, "text.format",
      "response_format"),
     ({"reasoning": {"effort": "high"}}, "reasoning", "no reasoning parser"),
+    ({"background": True}, "background", "within the request"),
+    ({"conversation": "conv_1"}, "conversation", "previous_response_id"),
+    ({"conversation": {"id": "conv_1"}}, "conversation", "previous_response_id"),
+    ({"prompt": {"id": "pmpt_1"}}, "prompt", "send instructions and input"),
 ])
 def test_bad_input_is_a_400_naming_the_responses_field(body: dict[str, Any], param: str, says: str) -> None:
     assert says in refused(param, **body).message
@@ -104,3 +110,23 @@ def test_auto_tools_on_a_model_without_a_parser_are_refused_and_with_one_read_by
 def test_the_chat_messages_of_items_keep_text_parts_whole() -> None:
     items = input_items([{"role": "developer", "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]}])
     assert chat_messages(None, items) == [{"role": "developer", "content": "ab"}]
+
+
+@pytest.mark.parametrize(("body", "path"), [
+    ({"include": ["message.output_text.logprobs", "everything"]}, "$.include[1]"),
+    ({"truncation": "middle"}, "$.truncation"),
+    ({"top_logprobs": 21}, "$.top_logprobs"),
+    ({"background": "yes"}, "$.background"),
+])
+def test_a_known_field_of_the_wrong_value_is_refused_by_the_schema_naming_it(body: dict[str, Any], path: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=re.escape(f"at `{path}`")):
+        request(**body)
+
+
+def test_every_include_of_openais_is_accepted_and_only_the_output_texts_logprobs_asks_for_logprobs() -> None:
+    known = list(typing.get_args(Includable))
+    assert planned(include=[i for i in known if i != OUTPUT_LOGPROBS], background=False).chat.logprobs is None
+    assert planned(include=[OUTPUT_LOGPROBS]).chat.logprobs == 0
+    assert planned(include=[OUTPUT_LOGPROBS], top_logprobs=3).chat.logprobs == 3
+    assert planned(top_logprobs=2).chat.logprobs == 2  # top_logprobs alone asks for them too
+    assert planned(truncation="auto").chat.logprobs is None  # accepted: fleet never truncates

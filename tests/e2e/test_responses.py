@@ -30,6 +30,17 @@ def test_a_response_whole_and_streamed_with_the_sdks_helper_say_the_same(default
     assert "".join(deltas) == whole.output_text
 
 
+def test_output_text_logprobs_are_the_engines_for_each_token_of_the_text(default: openai.OpenAI) -> None:
+    r = default.responses.create(model="smollm2", input="The capital of France is", temperature=0, max_output_tokens=8,
+                                 include=["message.output_text.logprobs"], top_logprobs=3)
+    [part] = r.output[0].content  # type: ignore[union-attr]
+    assert part.logprobs is not None and len(part.logprobs) == r.usage.output_tokens  # type: ignore[union-attr]
+    assert "".join(lp.token for lp in part.logprobs) == part.text
+    for lp in part.logprobs:  # greedy: each token is its position's likeliest, listed first among 3
+        assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+        assert lp.top_logprobs[0].token == lp.token and abs(lp.top_logprobs[0].logprob - lp.logprob) < 1e-4
+
+
 def test_previous_response_id_continues_the_conversation(default: openai.OpenAI) -> None:
     first = default.responses.create(model="smollm2", input="My name is Ada.", temperature=0, max_output_tokens=10)
     second = default.responses.create(model="smollm2", input="What is my name?", previous_response_id=first.id,

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pydantic
 import pytest
-from fake_engine import expected_text
+from fake_engine import expected_text, token_logprob, token_text
 from fleets import FakeFleets, InProcessFleet, fake_fleets
 from openai.types.responses import Response, ResponseStreamEvent
 
@@ -77,6 +77,40 @@ def test_a_stream_is_the_typed_events_in_order_ending_with_the_whole_response(fl
     done = events[-1].response
     assert deltas == expected_text(3) == done.output_text and done.status == "incomplete"
     assert len({e.response.id for e in events if hasattr(e, "response")}) == 1
+
+
+def test_include_output_text_logprobs_gives_each_tokens_logprob_and_top_alternatives_whole_and_streamed(
+    fleet: InProcessFleet, sdk: openai.OpenAI,
+) -> None:
+    asked = {"model": "m", "input": "hi", "max_output_tokens": 3, "include": ["message.output_text.logprobs"],
+             "top_logprobs": 2}
+    whole = sdk.responses.create(**asked)  # type: ignore[call-overload]
+    [part] = whole.output[0].content  # type: ignore[union-attr]
+    assert part.type == "output_text" and part.logprobs is not None
+    assert [lp.token for lp in part.logprobs] == [token_text(0, k, 1) for k in range(3)]
+    assert {lp.logprob for lp in part.logprobs} == {token_logprob(0)}
+    assert [len(lp.top_logprobs) for lp in part.logprobs] == [2, 2, 2]  # top_logprobs of them, no more
+    assert part.logprobs[0].bytes == list(token_text(0, 0, 1).encode()) and whole.top_logprobs == 2
+    events = raw_events(fleet, **asked)
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert [(lp.token, lp.logprob) for lp in streamed] == [(lp.token, lp.logprob) for lp in part.logprobs]
+    assert [lp.token for lp in done.logprobs] == [lp.token for lp in part.logprobs]
+    final = events[-1].response.output[0].content[0]
+    assert final.logprobs is not None and [lp.token for lp in final.logprobs] == [lp.token for lp in part.logprobs]
+    plain = sdk.responses.create(model="m", input="hi", max_output_tokens=2)
+    assert plain.output[0].content[0].logprobs is None  # type: ignore[union-attr]  # not asked: none
+
+
+def test_fields_fleet_cannot_honour_and_bad_values_are_400s_naming_them(fleet: InProcessFleet) -> None:
+    headers = {"Authorization": "Bearer key-a"}
+    for extra, param in [({"background": True}, "background"), ({"conversation": "conv_1"}, "conversation"),
+                         ({"include": ["nothing"]}, "include[0]"), ({"truncation": "middle"}, "truncation")]:
+        r = httpx.post(f"{fleet.url}/v1/responses", json={"model": "m", "input": "hi", **extra}, headers=headers, timeout=15)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    for query, param in [("limit=many", "limit"), ("order=sideways", "order")]:
+        r = httpx.get(f"{fleet.url}/v1/responses/resp_x/input_items?{query}", headers=headers, timeout=15)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_reasoning_is_a_reasoning_item_before_the_message_whole_and_through_the_sdks_stream_helper(

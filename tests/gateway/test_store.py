@@ -4,7 +4,11 @@ age and count, outliving the process that wrote it."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import multiprocessing
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,3 +57,24 @@ def test_at_most_max_stored_are_kept_the_oldest_going_first(tmp_path: Path, monk
     assert s.count() == 3
     assert [asyncio.run(s.get(f"resp_{k}", "a")) is not None for k in range(5)] == [False, False, True, True, True]
     s.close()
+
+
+def _open_at_once(path: str, start: Any) -> str:
+    start.wait()
+    try:
+        SqliteResponses(Path(path)).close()
+        return "opened"
+    except sqlite3.OperationalError as e:
+        return str(e)
+
+
+def test_gateways_opening_one_new_store_at_the_same_moment_all_open_it(tmp_path: Path) -> None:
+    """Two fleets started together in one cache directory: SQLite's switch to WAL answers "database
+    is locked" at once to all but one (36 % of rounds before the retry); each must still open."""
+    processes = 4
+    with multiprocessing.Manager() as manager, concurrent.futures.ProcessPoolExecutor(
+            processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        for i in range(25):
+            start = manager.Barrier(processes)
+            path = str(tmp_path / f"{i}.sqlite3")
+            assert list(pool.map(_open_at_once, [path] * processes, [start] * processes)) == ["opened"] * processes

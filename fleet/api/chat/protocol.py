@@ -95,6 +95,12 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # read only to be refused (serving.check_unsupported): ignored, each would change the answer unseen
+    functions: list[Any] | None = None
+    function_call: Any | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
     # vLLM extensions
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None

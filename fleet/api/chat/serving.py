@@ -41,6 +41,7 @@ def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults, limits: Li
               tool_parser: str | None = None, reasoning: bool = False, model: str = "") -> Plan:
     """Apply defaults and every rule to a chat request: its messages, tools (tools.py), structured
     output; `tool_parser` and `reasoning` say what the model can read apart (its fleet.toml)."""
+    check_unsupported(req)
     tools = tools_of(req.tools, req.tool_choice, req.parallel_tool_calls, req.response_format, tool_parser, model)
     messages = chat_messages(req.messages)
     structure = response_format_structure(req.response_format)
@@ -110,6 +111,20 @@ def chat_finish_reason(reason: str | None, called: bool, plan: Plan) -> ChatFini
     if finished == "stop" and called and plan.tools is not None and plan.tools.mode != "named":
         return "tool_calls"
     return finished
+
+
+def check_unsupported(req: ChatCompletionRequest) -> None:
+    """Fields of OpenAI's that fleet cannot honour and that would change the answer unseen if
+    ignored: each a 400 naming it, saying what to send instead."""
+    for legacy in ("functions", "function_call"):
+        if getattr(req, legacy) is not None:
+            raise InvalidRequest(f"{legacy} is OpenAI's deprecated form of tools: send tools "
+                                 '([{"type": "function", "function": {...}}]) and tool_choice instead', param=legacy)
+    if req.audio is not None or any(m != "text" for m in req.modalities or ()):
+        raise InvalidRequest('only text is answered: modalities is ["text"] and audio is not supported',
+                             param="audio" if req.audio is not None else "modalities")
+    if req.web_search_options is not None:
+        raise InvalidRequest("web search is not supported: fleet runs function tools only", param="web_search_options")
 
 
 def chat_logprobs(entries: list[protocol.TokenLogprob], top: int) -> ChatLogprobs:

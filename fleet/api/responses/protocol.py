@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from fleet.api.chat.protocol import ChatTokenLogprob  # a token's logprobs: chat's shape is the Responses API's
 from fleet.api.protocol import PosInt
 
 
@@ -55,6 +56,14 @@ class ReasoningConfig(msgspec.Struct, kw_only=True, omit_defaults=True):
     summary: str | None = None
 
 
+# what `include` may name (openai's ResponseIncludable): only the output text's logprobs change
+# fleet's answer; the rest name outputs of built-in tools, which fleet refuses, or encrypted
+# reasoning, which fleet never makes (its reasoning items carry their text in the clear)
+Includable = Literal["message.output_text.logprobs", "reasoning.encrypted_content", "file_search_call.results",
+                     "web_search_call.results", "web_search_call.action.sources", "message.input_image.image_url",
+                     "computer_call_output.output.image_url", "code_interpreter_call.outputs"]
+OUTPUT_LOGPROBS: Includable = "message.output_text.logprobs"
+
 Metadata = Annotated[dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]], Meta(max_length=16)]
 
 
@@ -77,6 +86,13 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     store: bool | None = None
     previous_response_id: str | None = None
     stream: bool | None = None
+    include: list[Includable] | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    truncation: Literal["auto", "disabled"] | None = None  # fleet never truncates: "auto" is "disabled"
+    # read only to be refused (serving.check_unsupported): each would change the answer unseen
+    background: bool | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # vLLM's extension
 
 
@@ -86,6 +102,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
 class OutputText(msgspec.Struct, kw_only=True, tag_field="type", tag="output_text"):
     text: str
     annotations: list[Any] = []
+    logprobs: list[ChatTokenLogprob] | None = None  # with include "message.output_text.logprobs" or top_logprobs
 
 
 class OutputMessage(msgspec.Struct, kw_only=True, tag_field="type", tag="message"):
@@ -168,6 +185,7 @@ class Response(msgspec.Struct, kw_only=True):
     text: TextConfig | None = None
     user: str | None = None
     store: bool = True
+    top_logprobs: int | None = None
     truncation: Literal["disabled"] = "disabled"
     object: Literal["response"] = "response"
 
@@ -246,12 +264,12 @@ class ContentPartDone(PartEvent, tag="response.content_part.done"):
 
 class TextDelta(PartEvent, tag="response.output_text.delta"):
     delta: str
-    logprobs: list[Any] = []
+    logprobs: list[ChatTokenLogprob] = []
 
 
 class TextDone(PartEvent, tag="response.output_text.done"):
     text: str
-    logprobs: list[Any] = []
+    logprobs: list[ChatTokenLogprob] = []
 
 
 class ReasoningDelta(PartEvent, tag="response.reasoning_text.delta"):

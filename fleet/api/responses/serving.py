@@ -17,12 +17,13 @@ import msgspec
 
 from fleet.api import answers
 from fleet.api.answers import Candidate, FrameSource, PromptResult
-from fleet.api.chat.protocol import ChatCompletionRequest
-from fleet.api.chat.serving import plan_chat
+from fleet.api.chat.protocol import ChatCompletionRequest, ChatTokenLogprob
+from fleet.api.chat.serving import chat_logprobs, plan_chat
 from fleet.api.endpoint import Caller
 from fleet.api.planning import Plan
 from fleet.api.responses.items import chat_messages, chat_tools, check_calls, input_items, item_id
 from fleet.api.responses.protocol import (
+    OUTPUT_LOGPROBS,
     ArgumentsDelta,
     ArgumentsDone,
     ContentPartAdded,
@@ -101,6 +102,7 @@ class ResponsesPlan:
 def plan_responses(resolved: Resolved, model: ModelConfig) -> ResponsesPlan:
     """Check the request and plan it as a chat (errors named by the Responses API's fields)."""
     req = resolved.request
+    check_unsupported(req)
     earlier = resolved.previous.transcript if resolved.previous else []
     items = input_items(req.input)
     check_calls(earlier, items)
@@ -112,6 +114,8 @@ def plan_responses(resolved: Resolved, model: ModelConfig) -> ResponsesPlan:
             "tools": chat_tools(req.tools), "parallel_tool_calls": req.parallel_tool_calls, "user": req.user,
             "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature, "top_p": req.top_p,
             "seed": req.seed}
+    if wants_logprobs(req):
+        chat["logprobs"], chat["top_logprobs"] = True, req.top_logprobs
     if isinstance(req.tool_choice, str):
         chat["tool_choice"] = req.tool_choice
     elif req.tool_choice is not None:
@@ -131,6 +135,24 @@ def plan_responses(resolved: Resolved, model: ModelConfig) -> ResponsesPlan:
     except msgspec.ValidationError as e:  # a value the Responses schema let through that chat's refuses
         raise InvalidRequest(f"invalid request: {e}") from None
     return ResponsesPlan(planned, req, items, transcript, resolved.caller)
+
+
+def check_unsupported(req: ResponsesRequest) -> None:
+    """Fields of OpenAI's that fleet cannot honour and that would change the answer unseen if
+    ignored: each a 400 naming it, saying what to send instead."""
+    if req.background:
+        raise InvalidRequest("background responses are not supported: fleet answers within the request "
+                             "(stream: true shows it as it comes)", param="background")
+    if req.conversation is not None:
+        raise InvalidRequest("conversations are not supported: continue a stored response with previous_response_id",
+                             param="conversation")
+    if req.prompt is not None:
+        raise InvalidRequest("stored prompt templates are not supported: send instructions and input", param="prompt")
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """The output text carries its tokens' logprobs when `include` names them or `top_logprobs` is set."""
+    return OUTPUT_LOGPROBS in (req.include or ()) or req.top_logprobs is not None
 
 
 def responses_field(param: str | None) -> str | None:
@@ -157,6 +179,7 @@ def response_of(plan: ResponsesPlan, response_id: str, created: int, output: lis
         instructions=req.instructions, metadata=req.metadata or {}, temperature=req.temperature, top_p=req.top_p,
         max_output_tokens=req.max_output_tokens, previous_response_id=req.previous_response_id,
         reasoning=req.reasoning, text=req.text, user=req.user, store=req.store is not False,
+        top_logprobs=req.top_logprobs,
     )
 
 
@@ -178,10 +201,18 @@ def output_of(cand: Candidate, plan: ResponsesPlan) -> list[OutputItem]:
     if cand.reasoning and plan.chat.show_reasoning:
         out.append(ReasoningItem(id=item_id("rs"), content=[ReasoningText(text=cand.reasoning)], status=status))  # type: ignore[arg-type]
     if cand.text or not cand.calls:
-        out.append(OutputMessage(id=item_id("msg"), content=[OutputText(text=cand.text)], status=status))  # type: ignore[arg-type]
+        text = OutputText(text=cand.text, logprobs=token_logprobs(plan, cand.logprobs))
+        out.append(OutputMessage(id=item_id("msg"), content=[text], status=status))  # type: ignore[arg-type]
     out += [FunctionCall(id=item_id("fc"), call_id=c.id, name=c.name, arguments=c.arguments)
             for _, c in sorted(cand.calls.items())]
     return out
+
+
+def token_logprobs(plan: ResponsesPlan, entries: list[protocol.TokenLogprob] | None) -> list[ChatTokenLogprob] | None:
+    """The output text's logprobs, when asked for: each token the model wrote for this answer (as
+    vLLM's /v1/responses gives them, its reasoning's included), with `top_logprobs` alternatives."""
+    top = plan.chat.logprobs
+    return chat_logprobs(entries or [], top).content if top is not None else None
 
 
 async def keep(plan: ResponsesPlan, response: Response) -> None:
@@ -224,6 +255,7 @@ class _Open:
     index: int
     item: OutputItem
     text: str = ""
+    logprobs: list[ChatTokenLogprob] | None = None  # a message's, when asked for
 
 
 @dataclass
@@ -261,9 +293,10 @@ class ResponsesShaper:
             return b""
         item = o.item
         if isinstance(item, OutputMessage):
-            part = OutputText(text=o.text)
+            part = OutputText(text=o.text, logprobs=o.logprobs)
             item.content = [part]
-            out = (self._e(TextDone, item_id=item.id, output_index=o.index, content_index=0, text=o.text)
+            out = (self._e(TextDone, item_id=item.id, output_index=o.index, content_index=0, text=o.text,
+                           logprobs=o.logprobs or [])
                    + self._e(ContentPartDone, item_id=item.id, output_index=o.index, content_index=0, part=part))
         elif isinstance(item, ReasoningItem):
             reasoning = ReasoningText(text=o.text)
@@ -279,6 +312,8 @@ class ResponsesShaper:
     def _open(self, item: OutputItem) -> tuple[_Open, bytes]:
         out = self._close()
         o = self.open = _Open(len(self.output), item)
+        if isinstance(item, OutputMessage) and self.plan.chat.logprobs is not None:
+            o.logprobs = []
         self.output.append(item)
         out += self._e(ItemAdded, output_index=o.index, item=item)
         if isinstance(item, OutputMessage):
@@ -304,7 +339,11 @@ class ResponsesShaper:
                 o, opened = self._open(OutputMessage(id=item_id("msg"), content=[], status="in_progress"))
                 out += opened
             o.text += frame.text
-            out += self._e(TextDelta, item_id=o.item.id, output_index=o.index, content_index=0, delta=frame.text)
+            logprobs = token_logprobs(self.plan, frame.logprobs)
+            if o.logprobs is not None and logprobs:
+                o.logprobs += logprobs
+            out += self._e(TextDelta, item_id=o.item.id, output_index=o.index, content_index=0, delta=frame.text,
+                           logprobs=logprobs or [])
         for piece in frame.tool_calls or ():
             o = self.calls.get(piece.index)
             if o is None:
