@@ -17,7 +17,7 @@ import msgspec
 from fleet.errors import FleetError, InvalidRequest
 
 T = TypeVar("T")
-_AT = re.compile(r" - at `\$\.?(.*)`$")
+_AT = re.compile(r" - at (`key` in )?`\$\.?(.*)`$")  # "`key` in": one of an object's keys is wrong
 _MISSING = re.compile(r"^Object missing required field `([^`]+)`")
 
 
@@ -53,7 +53,9 @@ def invalid_field(error: str) -> FleetError:
     """
     at = _AT.search(error)
     message = error[:at.start()] if at else error
-    path = at.group(1) if at else ""
+    path = at.group(2) if at else ""
+    if at and at.group(1):
+        message = f"a key: {message}"
     missing = _MISSING.match(message)
     if missing:
         path = f"{path}.{missing.group(1)}" if path else missing.group(1)

@@ -59,6 +59,12 @@ def test_decode_out_of_range_names_the_field() -> None:
     assert decode_error(b'{"model": "m", "prompt": "x", "n": 0}').param == "n"
 
 
+def test_decode_a_wrong_key_names_the_object_that_holds_it() -> None:
+    err = decode_error(b'{"model": "m", "input": "x", "metadata": {"' + b"k" * 65 + b'": "v"}}', "/v1/responses")
+    assert err.param == "metadata"
+    assert err.message == "invalid request: a key: Expected `str` of length <= 64 (at `metadata`)"
+
+
 def test_decode_malformed_json_is_a_400_naming_no_field() -> None:
     err = decode_error(b'{"model": "m", "prompt": ')
     assert err.param is None
