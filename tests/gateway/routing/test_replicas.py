@@ -311,7 +311,10 @@ def test_an_attached_engine_serves_leaves_rotation_while_it_is_down_and_rejoins(
         assert answers == [200] * 10  # refused connections fail over; then it is out of rotation
         assert fleet.wait_state("m.1", "failed", timeout=10) == "failed"
         assert "out of rotation" in fleet.fleet.owners["m.1"].lifecycle.reason
-        assert engines.start(outside, "shared-secret") is not None  # back: fleet never restarted it itself
+        # back (fleet never restarted it itself); on its own port, which a client connection of the
+        # suite may hold a moment as its ephemeral port: tried until it binds
+        wait_until(lambda: engines.start(outside, "shared-secret") is not None, "the outside engine listens again",
+                   timeout=30)
         assert fleet.wait_state("m.1", "ready", timeout=30) == "ready"
         assert fleet.fleet.owners["m.1"].total_restarts == 0
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
