@@ -199,7 +199,7 @@ class FakeEngine:
         if room <= 0:
             return 0, protocol.Error(
                 f"the prompt has {used} tokens, which fills the model's context of {self.max_model_len} tokens",
-                status=400, param="prompt",
+                status=400, param="messages" if isinstance(req.prompt, protocol.Chat) else "prompt",
             )
         max_tokens = req.sampling.max_tokens
         if max_tokens > room:

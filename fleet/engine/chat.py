@@ -61,3 +61,17 @@ def template_tool(t: protocol.Tool) -> dict[str, Any]:
         function["description"] = t.description
     function["parameters"] = json.loads(t.parameters) if t.parameters else {"type": "object", "properties": {}}
     return {"type": "function", "function": function}
+
+
+def turn_starts(messages: list[protocol.ChatMessage]) -> list[int]:
+    """Where a conversation may be cut to fit the context (the Responses API's truncation "auto"):
+    at each user message after the first, so that an assistant's tool calls and the tool answers
+    to them stay together and the kept part opens with a user's turn."""
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    return users[1:]
+
+
+def cut_at(messages: list[protocol.ChatMessage], start: int) -> list[protocol.ChatMessage]:
+    """The conversation from message `start` on, keeping the system and developer messages
+    before it (the instructions stay)."""
+    return [m for m in messages[:start] if m.role in ("system", "developer")] + messages[start:]

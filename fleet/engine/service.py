@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from fleet.engine.chat import render_chat
+from fleet.engine.chat import cut_at, render_chat, turn_starts
 from fleet.engine.encoding import encoder
 from fleet.engine.parsing import Parsers, Reader
 from fleet.engine.resume import Continued
@@ -148,7 +148,8 @@ class EngineService:
         if isinstance(req.prompt, str):
             ids = self.encode(req.prompt, True)
         elif isinstance(req.prompt, protocol.Chat):
-            ids = self.encode(self.render_chat(req.prompt), False)
+            need = 1 if req.sampling.clamp_max_tokens else req.sampling.max_tokens
+            ids = self.chat_ids(req.prompt, max(need, req.sampling.min_tokens, 1))
         else:
             ids = req.prompt
             self.check_in_vocabulary(ids, "prompt")
@@ -157,7 +158,7 @@ class EngineService:
             raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens, which fills the model's context of "
                 f"{self.max_model_len} tokens and leaves no room to generate",
-                param="prompt",
+                param="messages" if isinstance(req.prompt, protocol.Chat) else "prompt",
             )
         if req.sampling.max_tokens > room and not req.sampling.clamp_max_tokens:
             raise InvalidRequest(
@@ -172,6 +173,32 @@ class EngineService:
                 param="min_tokens",
             )
         return ids
+
+    def chat_ids(self, chat: protocol.Chat, need: int) -> list[int]:
+        """A conversation's prompt ids. With `truncate`, where it leaves fewer than `need` tokens of
+        the context, its oldest turns are left out, as few as fit (a binary search over the turns:
+        a render each), or all but the last when none fits (then the prompt's own 400 says so)."""
+        ids = self.encode(self.render_chat(chat), False)
+        if not chat.truncate or len(ids) + need <= self.max_model_len:
+            return ids
+        starts = turn_starts(chat.messages)
+
+        def cut(at: int) -> list[int]:
+            kept = msgspec.structs.replace(chat, messages=cut_at(chat.messages, starts[at]))
+            return self.encode(self.render_chat(kept), False)
+
+        fit: list[int] | None = None
+        lo, hi = 0, len(starts) - 1
+        while lo <= hi:  # the fewest turns left out that fit
+            mid = (lo + hi) // 2
+            tried = cut(mid)
+            if len(tried) + need <= self.max_model_len:
+                fit, hi = tried, mid - 1
+            else:
+                lo = mid + 1
+        if fit is None and starts:  # none fits: the last turn alone, whose size the 400 gives
+            fit = cut(len(starts) - 1)
+        return fit if fit is not None else ids
 
     def check_in_vocabulary(self, ids: Iterable[int], param: str) -> None:
         """Token ids this model has: else a 400 naming the field, a few of the ids and how many."""

@@ -124,6 +124,9 @@ class Chat(_Message):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: list[Tool] | None = None
+    # the Responses API's truncation "auto": where the conversation does not fit the context, its
+    # oldest turns are left out (fleet.engine.chat.turn_starts) until it does
+    truncate: bool = False
 
 
 class ToolUse(_Message):

@@ -129,4 +129,12 @@ def test_every_include_of_openais_is_accepted_and_only_the_output_texts_logprobs
     assert planned(include=[OUTPUT_LOGPROBS]).chat.logprobs == 0
     assert planned(include=[OUTPUT_LOGPROBS], top_logprobs=3).chat.logprobs == 3
     assert planned(top_logprobs=2).chat.logprobs == 2  # top_logprobs alone asks for them too
-    assert planned(truncation="auto").chat.logprobs is None  # accepted: fleet never truncates
+
+
+
+def test_truncation_auto_asks_the_engine_to_leave_out_the_oldest_turns_and_disabled_does_not() -> None:
+    [chat] = planned(truncation="auto").chat.prompts
+    assert isinstance(chat, protocol.Chat) and chat.truncate
+    for unset_or_disabled in ({}, {"truncation": "disabled"}):
+        [chat] = planned(**unset_or_disabled).chat.prompts
+        assert isinstance(chat, protocol.Chat) and not chat.truncate

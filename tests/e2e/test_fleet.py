@@ -106,6 +106,9 @@ def test_prompt_longer_than_context_is_400_naming_max_tokens(tiny: openai.OpenAI
     with pytest.raises(openai.BadRequestError) as e:
         tiny.completions.create(model="tiny-a", prompt="Hello " * 600, max_tokens=5)
     assert e.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as e:  # a chat names its messages
+        tiny.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "Hello " * 600}], max_tokens=5)
+    assert e.value.body["param"] == "messages" and "fills the model's context of 512" in e.value.body["message"]
 
 
 def test_langchain_openai_llm_generates_for_each_prompt(fleets: Fleets, tiny: openai.OpenAI) -> None:

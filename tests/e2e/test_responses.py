@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import openai
+import pytest
 from fleets import Fleets
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
@@ -39,6 +40,31 @@ def test_output_text_logprobs_are_the_engines_for_each_token_of_the_text(default
     for lp in part.logprobs:  # greedy: each token is its position's likeliest, listed first among 3
         assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
         assert lp.top_logprobs[0].token == lp.token and abs(lp.top_logprobs[0].logprob - lp.logprob) < 1e-4
+
+
+def test_truncation_auto_leaves_out_the_oldest_turns_where_the_conversation_outgrows_the_context(
+    tiny: openai.OpenAI,
+) -> None:
+    """tiny-a's context is 512 tokens; twelve earlier exchanges of ~60 tokens each do not fit."""
+    said = " ".join(f"word{i}" for i in range(20))
+    earlier = [m for t in range(12) for m in ({"role": "user", "content": f"turn {t}: {said}"},
+                                                {"role": "assistant", "content": f"reply {t}: {said}"})]
+    asked = dict(model="tiny-a", input=[*earlier, {"role": "user", "content": "and now?"}], instructions="be brief",
+                 max_output_tokens=8, temperature=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        tiny.responses.create(**asked)  # type: ignore[call-overload]
+    assert refused.value.body["param"] == "input" and "512" in refused.value.body["message"]  # type: ignore[index]
+    r = tiny.responses.create(**asked, truncation="auto")  # type: ignore[call-overload]
+    assert r.truncation == "auto" and r.output_text is not None
+
+    def prompt_tokens(exchanges: int) -> int:
+        kept = [*earlier[len(earlier) - 2 * exchanges:], {"role": "user", "content": "and now?"}]
+        return tiny.responses.create(**{**asked, "input": kept}).usage.input_tokens  # type: ignore[call-overload, no-any-return]
+
+    exchange = prompt_tokens(2) - prompt_tokens(1)
+    assert r.usage is not None and r.usage.input_tokens + 8 <= 512  # room for the answer
+    assert r.usage.input_tokens + exchange + 8 > 512  # and as many of the latest exchanges as fit
+    assert (r.usage.input_tokens - prompt_tokens(1)) % exchange == 0  # whole exchanges, the instructions kept
 
 
 def test_previous_response_id_continues_the_conversation(default: openai.OpenAI) -> None:

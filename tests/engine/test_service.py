@@ -6,6 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
+
 from fleet.engine.parsing import Parsers
 from fleet.engine.service import ENDED_IN_ERROR, EngineService
 from fleet.wire import protocol
@@ -217,3 +219,59 @@ def test_token_ids_outside_the_vocabulary_are_named_a_few_then_counted() -> None
     assert e.value.param == "stop_token_ids"
     assert e.value.message == "10 token ids (1000, 1001, 1002, 1003, 1004 and 5 more) are out of the vocabulary (size 512)"
     s.check_sampling_ids(protocol.SamplingParams(logit_bias={511: 1.0}, allowed_token_ids=[0, 511]))
+
+
+def conversation(turns: int, words: int = 10, question: int = 1) -> protocol.Chat:
+    """A system message (2 tokens), then `turns` exchanges of 24 tokens each: a user's words, an
+    assistant's call of a tool and the tool's answer, the assistant's reply; last a user's
+    question (`question` tokens)."""
+    said = " ".join(["w"] * words)
+    messages = [protocol.ChatMessage("system", "be brief")]
+    for t in range(turns):
+        messages += [protocol.ChatMessage("user", f"u{t} {said}"),
+                     protocol.ChatMessage("assistant", "", tool_calls=[protocol.ToolCall(f"c{t}", "f", "{}")]),
+                     protocol.ChatMessage("tool", f"t{t}", tool_call_id=f"c{t}"),
+                     protocol.ChatMessage("assistant", f"a{t} {said}")]
+    return protocol.Chat(messages=[*messages, protocol.ChatMessage("user", " ".join(["q"] * question))])
+
+
+def truncating(max_model_len: int) -> tuple[EngineService, list[tuple[list[str], int]]]:
+    """A service whose template joins the messages' words and whose tokens are those words,
+    recording each render: the first word of each message, and its tokens."""
+    s = service()
+    s.max_model_len = max_model_len
+    rendered: list[tuple[list[str], int]] = []
+
+    def render(chat: protocol.Chat) -> str:
+        text = " ".join(m.content or m.role for m in chat.messages)
+        rendered.append(([(m.content or m.role).split(" ")[0] for m in chat.messages], len(text.split(" "))))
+        return text
+
+    s.render_chat = render  # type: ignore[method-assign]
+    s.encode = lambda text, special: list(range(len(text.split(" "))))  # type: ignore[method-assign]
+    return s, rendered
+
+
+def test_truncation_auto_leaves_out_the_fewest_oldest_turns_that_fit_keeping_the_system_message() -> None:
+    chat = msgspec.structs.replace(conversation(8), truncate=True)  # 2 + 8 * 24 + 1 = 195 tokens
+    s, rendered = truncating(max_model_len=120)
+    ids = s.chat_ids(chat, need=16)  # at most 104 tokens: the last 4 turns (2 + 4 * 24 + 1 = 99)
+    assert len(ids) == 99
+    [kept] = [firsts for firsts, tokens in rendered if tokens == 99]
+    assert kept[:2] == ["be", "u4"] and kept[-1] == "q"  # the system message stays, a user's turn opens it
+    assert kept.count("assistant") == 4 and kept.count("t4") == 1  # each call with the tool's answer to it
+    assert len(rendered) <= 1 + 4  # the whole, then a binary search over 8 places to cut
+
+
+def test_without_truncation_or_when_it_fits_the_conversation_is_rendered_once_and_whole() -> None:
+    s, rendered = truncating(max_model_len=120)
+    assert len(s.chat_ids(conversation(8), need=16)) == 195 and len(rendered) == 1  # the 400 then says so
+    s, rendered = truncating(max_model_len=1000)
+    assert len(s.chat_ids(msgspec.structs.replace(conversation(8), truncate=True), need=16)) == 195
+    assert len(rendered) == 1
+
+
+def test_when_no_cut_fits_the_last_question_alone_is_what_the_context_check_sees() -> None:
+    s, rendered = truncating(max_model_len=10)
+    ids = s.chat_ids(msgspec.structs.replace(conversation(3, question=20), truncate=True), need=1)
+    assert rendered[-1] == (["be", "q"], 22) and len(ids) == 22

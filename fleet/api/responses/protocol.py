@@ -88,7 +88,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     stream: bool | None = None
     include: list[Includable] | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    truncation: Literal["auto", "disabled"] | None = None  # fleet never truncates: "auto" is "disabled"
+    truncation: Literal["auto", "disabled"] | None = None  # "auto": the oldest turns left out to fit the context
     # read only to be refused (serving.check_unsupported): each would change the answer unseen
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
@@ -186,7 +186,7 @@ class Response(msgspec.Struct, kw_only=True):
     user: str | None = None
     store: bool = True
     top_logprobs: int | None = None
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["auto", "disabled"] = "disabled"
     object: Literal["response"] = "response"
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -134,6 +136,9 @@ def plan_responses(resolved: Resolved, model: ModelConfig) -> ResponsesPlan:
         raise InvalidRequest(e.message, param=responses_field(e.param), code=e.code) from None
     except msgspec.ValidationError as e:  # a value the Responses schema let through that chat's refuses
         raise InvalidRequest(f"invalid request: {e}") from None
+    if req.truncation == "auto":  # the engine leaves out the oldest turns where the context is too short
+        planned = replace(planned, prompts=[msgspec.structs.replace(p, truncate=True) if isinstance(p, protocol.Chat)
+                                            else p for p in planned.prompts])
     return ResponsesPlan(planned, req, items, transcript, resolved.caller)
 
 
@@ -165,6 +170,17 @@ def responses_field(param: str | None) -> str | None:
     return param
 
 
+@contextmanager
+def named_as_responses() -> Iterator[None]:
+    """An error of the engine's (a prompt longer than the context, a max_tokens too large) names
+    the Responses API's field (`input`, `max_output_tokens`)."""
+    try:
+        yield
+    except FleetError as e:
+        e.param = responses_field(e.param)
+        raise
+
+
 # --- the Response ---------------------------------------------------------------------------
 
 
@@ -179,7 +195,7 @@ def response_of(plan: ResponsesPlan, response_id: str, created: int, output: lis
         instructions=req.instructions, metadata=req.metadata or {}, temperature=req.temperature, top_p=req.top_p,
         max_output_tokens=req.max_output_tokens, previous_response_id=req.previous_response_id,
         reasoning=req.reasoning, text=req.text, user=req.user, store=req.store is not False,
-        top_logprobs=req.top_logprobs,
+        top_logprobs=req.top_logprobs, truncation=req.truncation or "disabled",
     )
 
 
@@ -230,7 +246,8 @@ async def complete(source: FrameSource, plan: ResponsesPlan, model: str) -> byte
     """A whole Response as JSON bytes (stored first, so that it can be continued at once)."""
     response_id = item_id("resp")
     created = answers.created()
-    [result] = await answers.collect(source, plan.chat, response_id)
+    with named_as_responses():
+        [result] = await answers.collect(source, plan.chat, response_id)
     cand = result.chosen(plan.chat)[0]
     response = response_of(plan, response_id, created, output_of(cand, plan), status_of(cand.finish_reason),
                            usage_of(result))
@@ -362,7 +379,7 @@ class ResponsesShaper:
     async def end(self, results: list[PromptResult], failed: FleetError | None) -> bytes:
         out = self._start()
         if failed is not None:
-            return out + self._e(ErrorEvent, message=failed.message, code=failed.code, param=failed.param)
+            return out + self._e(ErrorEvent, message=failed.message, code=failed.code, param=responses_field(failed.param))
         if not self.output:  # an empty answer is still a message
             _, opened = self._open(OutputMessage(id=item_id("msg"), content=[], status="in_progress"))
             out += opened
@@ -376,7 +393,8 @@ class ResponsesShaper:
 async def stream(source: FrameSource, plan: ResponsesPlan, model: str) -> Any:
     """A streamed Response (typed SSE events); raises before streaming if the engine refuses."""
     response_id = item_id("resp")
-    return await answers.open_stream(source, plan.chat, ResponsesShaper(plan, response_id), response_id)
+    with named_as_responses():
+        return await answers.open_stream(source, plan.chat, ResponsesShaper(plan, response_id), response_id)
 
 
 def last_input_text(resolved: Resolved) -> str:
