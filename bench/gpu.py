@@ -93,15 +93,21 @@ def python_processes(root: int) -> dict[str, int]:
     fork still has its parent's command line. Either leaves out helpers such as multiprocessing's
     resource tracker.
     """
+    def cmdline(p: psutil.Process) -> list[str]:
+        try:
+            return p.cmdline()
+        except psutil.Error:  # a child gone or a zombie meanwhile (torch's compile workers): not it
+            return []
+
     def engine_core(parent: psutil.Process) -> int | None:
-        cmd = parent.cmdline()
-        return next((c.pid for c in parent.children() if "EngineCore" in " ".join(c.cmdline()) or c.cmdline() == cmd),
+        cmd = cmdline(parent)
+        return next((c.pid for c in parent.children() if "EngineCore" in " ".join(cmdline(c)) or cmdline(c) == cmd),
                     None)
 
     out = {"front": root}
     front = psutil.Process(root)
     try:
-        engine = next((c for c in front.children() if "fleet.engine" in " ".join(c.cmdline())), None)
+        engine = next((c for c in front.children() if "fleet.engine" in " ".join(cmdline(c))), None)
         if engine is not None:
             out["fleet-engine"] = engine.pid
         core = engine_core(engine or front)

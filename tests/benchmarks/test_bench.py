@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from fleets import ROOT
+from fleets import ROOT, wait_until
 
 from bench import loadgen  # bench/ is a package at the repository root (on sys.path: conftest.py)
 from bench.gpu import run_order, scheduler_tokens
@@ -171,6 +171,7 @@ FRONT = """
 import subprocess, sys, time
 titled = "import setproctitle, time; setproctitle.setproctitle('VLLM::EngineCore'); print('titled', flush=True); time.sleep(60)"
 helper = "import time; print('helper', flush=True); time.sleep(60)"
+gone = subprocess.Popen([sys.executable, "-c", "print('gone', flush=True)"])  # never reaped: a zombie
 children = [subprocess.Popen([sys.executable, "-c", code]) for code in (helper, titled)]
 time.sleep(60)
 """
@@ -178,16 +179,19 @@ time.sleep(60)
 
 @pytest.mark.timeout(30)
 def test_gpu_bench_finds_the_engine_core_by_the_title_vllm_gives_it_not_a_helper() -> None:
-    """A spawned EngineCore shares no command line with its parent: its title tells it apart."""
+    """A spawned EngineCore shares no command line with its parent: its title tells it apart; a
+    child that is a zombie (whose command line psutil cannot read) is passed over."""
     from bench.gpu import python_processes
 
     with subprocess.Popen([sys.executable, "-c", FRONT], stdout=subprocess.PIPE, text=True) as front:
         family = [psutil.Process(front.pid)]
         try:
             assert front.stdout is not None
-            assert sorted(front.stdout.readline().strip() for _ in range(2)) == ["helper", "titled"]
+            assert sorted(front.stdout.readline().strip() for _ in range(3)) == ["gone", "helper", "titled"]
+            wait_until(lambda: any(c.status() == psutil.STATUS_ZOMBIE for c in family[0].children()), "a zombie child")
             family += family[0].children()
-            titled = next(c.pid for c in family[1:] if " ".join(c.cmdline()).strip() == "VLLM::EngineCore")
+            titled = next(c.pid for c in family[1:]
+                          if c.status() != psutil.STATUS_ZOMBIE and " ".join(c.cmdline()).strip() == "VLLM::EngineCore")
             assert python_processes(front.pid) == {"front": front.pid, "EngineCore": titled}
         finally:
             for p in family:
