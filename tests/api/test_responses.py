@@ -14,7 +14,7 @@ import pytest
 from fleet.api.endpoint import Caller
 from fleet.api.responses.items import chat_messages, input_items
 from fleet.api.responses.protocol import OUTPUT_LOGPROBS, Includable, ResponsesRequest
-from fleet.api.responses.serving import Resolved, plan_responses
+from fleet.api.responses.serving import Resolved, plan_responses, without_logprobs
 from fleet.api.responses.store import Stored
 from fleet.config.model import ModelConfig
 from fleet.errors import InvalidRequest
@@ -138,3 +138,12 @@ def test_truncation_auto_asks_the_engine_to_leave_out_the_oldest_turns_and_disab
     for unset_or_disabled in ({}, {"truncation": "disabled"}):
         [chat] = planned(**unset_or_disabled).chat.prompts
         assert isinstance(chat, protocol.Chat) and not chat.truncate
+
+
+def test_the_kept_conversation_drops_the_output_texts_logprobs_and_nothing_else() -> None:
+    item = {"type": "message", "id": "msg_1", "role": "assistant",
+            "content": [{"type": "output_text", "text": "hi", "annotations": [], "logprobs": [{"token": "hi"}]}]}
+    assert without_logprobs(item) == {"type": "message", "id": "msg_1", "role": "assistant",
+                                      "content": [{"type": "output_text", "text": "hi", "annotations": []}]}
+    call = {"type": "function_call", "id": "fc_1", "call_id": "c", "name": "f", "arguments": "{}"}
+    assert without_logprobs(dict(call)) == call

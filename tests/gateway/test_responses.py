@@ -100,6 +100,8 @@ def test_include_output_text_logprobs_gives_each_tokens_logprob_and_top_alternat
     assert final.logprobs is not None and [lp.token for lp in final.logprobs] == [lp.token for lp in part.logprobs]
     plain = sdk.responses.create(model="m", input="hi", max_output_tokens=2)
     assert plain.output[0].content[0].logprobs is None  # type: ignore[union-attr]  # not asked: none
+    kept = sdk.responses.retrieve(whole.id).output[0].content[0]  # type: ignore[union-attr]
+    assert kept.logprobs is not None and len(kept.logprobs) == 3  # the stored Response keeps them
 
 
 def test_fields_fleet_cannot_honour_and_bad_values_are_400s_naming_them(fleet: InProcessFleet) -> None:

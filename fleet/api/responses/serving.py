@@ -231,13 +231,21 @@ def token_logprobs(plan: ResponsesPlan, entries: list[protocol.TokenLogprob] | N
     return chat_logprobs(entries or [], top).content if top is not None else None
 
 
+def without_logprobs(item: dict[str, Any]) -> dict[str, Any]:
+    """An output item as the conversation keeps it: its text parts without their logprobs, which
+    a continued conversation never reads (the stored Response keeps them)."""
+    for part in item.get("content") or ():
+        part.pop("logprobs", None)
+    return item
+
+
 async def keep(plan: ResponsesPlan, response: Response) -> None:
     """Store the response (unless `store` is false, or the gateway keeps none), with the whole
     conversation up to its output, for previous_response_id."""
     store = plan.caller.responses
     if plan.request.store is False or store is None:
         return
-    outputs = [msgspec.to_builtins(item) for item in response.output]
+    outputs = [without_logprobs(msgspec.to_builtins(item)) for item in response.output]
     await store.put(Stored(response.id, plan.caller.key, response.created_at, _json.encode(response).decode(),
                            plan.items, [*plan.transcript, *outputs]))
 
