@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -169,9 +170,10 @@ def test_gpu_bench_sets_the_old_fleets_environment_from_key_value_pairs() -> Non
 
 FRONT = """
 import subprocess, sys, time
-titled = "import setproctitle, time; setproctitle.setproctitle('VLLM::EngineCore'); print('titled', flush=True); time.sleep(60)"
-helper = "import time; print('helper', flush=True); time.sleep(60)"
-gone = subprocess.Popen([sys.executable, "-c", "print('gone', flush=True)"])  # never reaped: a zombie
+# each line in one write: the three children share the pipe
+titled = "import os, setproctitle, time; setproctitle.setproctitle('VLLM::EngineCore'); os.write(1, b'titled\\\\n'); time.sleep(60)"
+helper = "import os, time; os.write(1, b'helper\\\\n'); time.sleep(60)"
+gone = subprocess.Popen([sys.executable, "-c", "import os; os.write(1, b'gone\\\\n')"])  # never reaped: a zombie
 children = [subprocess.Popen([sys.executable, "-c", code]) for code in (helper, titled)]
 time.sleep(60)
 """
@@ -464,3 +466,13 @@ def test_merging_an_adapter_without_peft_gives_peft_merge_and_unloads_weights(tm
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
     assert all(ours[k].allclose(peft[k], atol=1e-6) for k in peft)
     assert (tmp_path / "ours" / "tokenizer.json").exists()
+
+
+def test_truncation_bench_cuts_a_long_conversation_to_the_context(tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import truncation
+
+    truncation.main(["--tokenizer", str(tiny_model), "--exchanges", "40", "--context", "4096", "--repeat", "1"])
+    [line] = capsys.readouterr().out.splitlines()
+    whole, kept = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) tokens", line))
+    exchange = whole / 40  # about
+    assert whole > 4096 >= kept + 64 > 4096 - 1.2 * exchange  # cut to fit, and no whole exchange more than needed

@@ -260,7 +260,16 @@ def test_truncation_auto_leaves_out_the_fewest_oldest_turns_that_fit_keeping_the
     [kept] = [firsts for firsts, tokens in rendered if tokens == 99]
     assert kept[:2] == ["be", "u4"] and kept[-1] == "q"  # the system message stays, a user's turn opens it
     assert kept.count("assistant") == 4 and kept.count("t4") == 1  # each call with the tool's answer to it
-    assert len(rendered) <= 1 + 4  # the whole, then a binary search over 8 places to cut
+    # searched from the latest turns: 1, 2, 4, 8 kept, then 6 and 5; never the whole conversation again
+    assert [tokens for _, tokens in rendered] == [195, 3, 27, 75, 171, 123, 99]
+
+
+def test_the_search_renders_the_long_conversation_once_and_then_only_about_the_contexts_size() -> None:
+    chat = msgspec.structs.replace(conversation(1000), truncate=True)  # 24,003 tokens
+    s, rendered = truncating(max_model_len=500)
+    assert len(s.chat_ids(chat, need=16)) == 2 + 20 * 24 + 1  # 20 exchanges fit in 484
+    assert rendered[0][1] == 24_003 and all(tokens <= 2 * 500 for _, tokens in rendered[1:])
+    assert len(rendered) <= 1 + 2 * 5 + 1  # gallop to 32 turns kept, then a binary search below it
 
 
 def test_without_truncation_or_when_it_fits_the_conversation_is_rendered_once_and_whole() -> None:
