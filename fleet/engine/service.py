@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from fleet.engine.chat import cut_at, render_chat, turn_starts
+from fleet.engine.chat import fewest_turns_left_out, render_chat
 from fleet.engine.encoding import encoder
 from fleet.engine.parsing import Parsers, Reader
 from fleet.engine.resume import Continued
@@ -175,50 +175,15 @@ class EngineService:
         return ids
 
     def chat_ids(self, chat: protocol.Chat, need: int) -> list[int]:
-        """A conversation's prompt ids. With `truncate`, where it leaves fewer than `need` tokens of
-        the context, its oldest turns are left out, as few as fit, or all but the last when none
-        fits (then the prompt's own 400 says so).
-
-        The turns kept are found from the end: 1, 2, 4, ... of the latest, then a binary search
-        between the last that fit and the first that did not. Every render after the whole one is
-        then about the context's size at most, where a search over the whole conversation would
-        tokenize all of it each time: a 1,000,000-character conversation takes ~2 s to encode on a
-        2-core VM, and this runs on the engine's event loop."""
-        ids = self.encode(self.render_chat(chat), False)
-        if not chat.truncate or len(ids) + need <= self.max_model_len:
-            return ids
-        starts = turn_starts(chat.messages)
-
-        def keeping(turns: int) -> list[int]:  # the ids with the latest `turns` turns (the rest cut)
-            kept = msgspec.structs.replace(chat, messages=cut_at(chat.messages, starts[len(starts) - turns]))
+        """A conversation's prompt ids; with `truncate`, where they leave fewer than `need` tokens
+        of the context, its oldest turns left out (chat.fewest_turns_left_out)."""
+        def ids_of(kept: protocol.Chat) -> list[int]:
             return self.encode(self.render_chat(kept), False)
 
-        def fits(tried: list[int]) -> bool:
-            return len(tried) + need <= self.max_model_len
-
-        if not starts:
+        ids = ids_of(chat)
+        if not chat.truncate or len(ids) + need <= self.max_model_len:
             return ids
-        best, best_ids = 1, keeping(1)
-        if not fits(best_ids):
-            return best_ids  # the last question alone does not fit: its size is what the 400 gives
-        bad = len(starts) + 1  # keeping every turn (no cut) is known not to fit
-        turns = 2
-        while turns < bad:  # gallop: 2, 4, 8, ... turns
-            tried = keeping(turns)
-            if not fits(tried):
-                bad = turns
-                break
-            best, best_ids = turns, tried
-            turns = min(turns * 2, bad - 1) if turns < bad - 1 else bad
-        lo, hi = best + 1, bad - 1
-        while lo <= hi:  # the most turns that fit, between the last that fit and the first that did not
-            mid = (lo + hi) // 2
-            tried = keeping(mid)
-            if fits(tried):
-                best, best_ids, lo = mid, tried, mid + 1
-            else:
-                hi = mid - 1
-        return best_ids
+        return fewest_turns_left_out(chat, ids_of, lambda tried: len(tried) + need <= self.max_model_len) or ids
 
     def check_in_vocabulary(self, ids: Iterable[int], param: str) -> None:
         """Token ids this model has: else a 400 naming the field, a few of the ids and how many."""

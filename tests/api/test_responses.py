@@ -13,8 +13,9 @@ import pytest
 
 from fleet.api.endpoint import Caller
 from fleet.api.responses.items import chat_messages, input_items
+from fleet.api.responses.planning import Resolved, plan_responses
 from fleet.api.responses.protocol import OUTPUT_LOGPROBS, Includable, ResponsesRequest
-from fleet.api.responses.serving import Resolved, plan_responses, without_logprobs
+from fleet.api.responses.serving import without_logprobs
 from fleet.api.responses.store import Stored
 from fleet.config.model import ModelConfig
 from fleet.errors import InvalidRequest

@@ -2,7 +2,7 @@
 DELETE by id: fleet/gateway/stored.py)."""
 
 from fleet.api.endpoint import Endpoint
-from fleet.api.responses import serving
+from fleet.api.responses import planning, serving
 from fleet.api.responses.protocol import Event, Response, ResponsesRequest
 
 ENDPOINT = Endpoint(
@@ -10,6 +10,6 @@ ENDPOINT = Endpoint(
     description="OpenAI's Responses API: input items, function tools, previous_response_id (stored responses), "
     "run as a chat on the model's engine; with stream: true, typed events.",
     request=ResponsesRequest, response=Response, chunk=Event, answered="the response",  # type: ignore[arg-type]
-    resolve=serving.resolve, plan=serving.plan_responses, complete=serving.complete, stream=serving.stream,
-    prompt=serving.last_input_text,
+    resolve=planning.resolve, plan=planning.plan_responses, complete=serving.complete, stream=serving.stream,
+    prompt=planning.last_input_text,
 )
