@@ -3,6 +3,7 @@ ConfigError that names the file, the model and the field, before anything starts
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -45,18 +46,65 @@ def _describe(error: ValidationError, path: Path, raw: dict[str, Any]) -> str:
     listed = raw.get("models")
     models: list[Any] = listed if isinstance(listed, list) else []
     for item in error.errors():
-        loc = list(item["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
+        loc, msg = list(item["loc"]), _said(item)
         if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
             i = loc[1]
-            name = models[i].get("name") if i < len(models) and isinstance(models[i], dict) else None
-            field = ".".join(str(p) for p in loc[2:]) or "(model)"
-            where = f'model "{name}" (models[{i}]), field "{field}"' if name else f'models[{i}], field "{field}"'
-        elif loc:
-            where = f'field "{where}"'
-        msg = "unknown field (typo?)" if item["type"] == "extra_forbidden" else item["msg"]
-        lines.append(f"  {where}: {msg}")
+            table = models[i] if i < len(models) and isinstance(models[i], dict) else {}
+            if loc[2:] == ["port"] and item["type"] == "missing" and table.get("placements"):
+                continue  # its placements give the port: the first one's own error says why it has none
+            name = table.get("name")
+            field, msg = (_field(loc[2:]), msg) if loc[2:] else _model_field(msg)
+            where = f'model "{name}" (models[{i}])' if isinstance(name, str) and name else f"models[{i}]"
+            where += f', field "{field}"' if field else ""
+        else:
+            where = f'field "{_field(loc)}"' if loc else "(top level)"
+        lines.append(one_line(f"  {where}: {msg}"))
     return "\n".join(lines)
+
+
+def one_line(problem: str) -> str:
+    """A problem as one line of the message: what the file says, quoted in it, may hold a newline
+    or another control character (a name, a url), shown escaped."""
+    return problem if problem.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in problem)
+
+
+def _field(loc: list[Any]) -> str:
+    """A place in the file as its reader writes it: placements[1].gpus[0]; a name that is not
+    printable (an unknown key with a newline in it) quoted."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = str(part) if str(part).isprintable() else repr(str(part))
+            out += f".{text}" if out else text
+    return out
+
+
+# what pydantic says, where a fleet file's reader needs other words
+_SAID = {"extra_forbidden": "unknown field (typo?)",
+         "model_type": "should be a table", "model_attributes_type": "should be a table",
+         "dict_type": "should be a table"}
+
+
+def _said(item: Any) -> str:
+    """One error of pydantic's in a fleet file's words: its own message, less the "Value error, "
+    it puts before every rule's."""
+    if (said := _SAID.get(item["type"])) is not None:
+        return said
+    msg = str(item["msg"])
+    return msg.removeprefix("Value error, ") if item["type"] == "value_error" else msg
+
+
+_LEADING_FIELD = re.compile(r"^([a-z_]+(?:\[\d+\]|\.[\w-]+)*): (.+)$", re.S)
+
+
+def _model_field(msg: str) -> tuple[str | None, str]:
+    """A rule across a model's fields says the one it is about first ("adapters.sql: ..."): that is
+    the field; else the rule is the model's."""
+    if (m := _LEADING_FIELD.match(msg)) and m.group(1).split(".")[0].split("[")[0] in ModelConfig.model_fields:
+        return m.group(1), m.group(2)
+    return None, msg
 
 
 def set_shares(members: list[ModelConfig]) -> dict[str, dict[int, float]] | None:
@@ -91,8 +139,8 @@ def check_gpu_sharing(sharers: dict[int, list[tuple[int, ModelConfig]]],
             units.append((group, sum(sorted((m.memory_fraction for _, m in group), reverse=True)[:k])))
         if len(units) < 2 and together < 2:
             continue
-        names = ", ".join(f'"{m.name}"' for _, m in users)
-        unset = [(i, m) for i, m in users if m.gpu_memory_utilization is None]
+        names = ", ".join(f'"{m.replica_name}"' for _, m in users)
+        unset = list({i: m for i, m in users if m.gpu_memory_utilization is None}.items())  # a model once, not per replica
         for i, m in unset:
             problems.append(
                 f'model "{m.name}" (models[{i}]), field "gpu_memory_utilization": GPU {g} is shared by {names}; '
@@ -144,10 +192,10 @@ def check_sets(config: FleetConfig) -> list[str]:
             others = _others_on(config, members)
             for m in members:
                 for g, share in sorted(shares.get(m.name, {}).items()):
-                    if share + others.get(g, 0.0) > MAX_SHARED_FRACTION + 1e-9:
+                    if (held := share + others.get(g, 0.0)) > MAX_SHARED_FRACTION + 1e-9:
                         problems.append(f'model "{m.name}" (models[{index[m.name][0]}]), field "gpu_memory_utilization": '
                                         f"with the models outside set \"{entry.name}\" on GPU {g} it asks for "
-                                        f"{share + others[g]:.2f} of its memory: it can never be awake (at most "
+                                        f"{held:.2f} of its memory: it can never be awake (at most "
                                         f"{MAX_SHARED_FRACTION})")
     return problems
 
@@ -265,4 +313,4 @@ def check_fleet(config: FleetConfig, path: Path) -> None:
             problems.append(f'model "{m.name}" (models[{i}]), field "sleep_level": it never sleeps: give when_idle = '
                             '"sleep", or make it a member of a [[sets]] entry')
     if problems:
-        raise ConfigError("\n".join([f"{path}: invalid fleet file", *("  " + p for p in problems)]))
+        raise ConfigError("\n".join([f"{path}: invalid fleet file", *(one_line("  " + p) for p in problems)]))

@@ -12,11 +12,15 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from fleet.config.adapters import check_adapter
-from fleet.config.fields import Int, Strict, UserPath, user_path
+from fleet.config.fields import GpuIds, Int, Strict, UserPath, user_path
+from fleet.errors import shown
 
 CPU_MEMORY_FRACTION = 0.3  # of one NUMA node: vLLM's CPU backend fails to start at 0.9
 CPU_KV_CACHE_GIB = 1.0  # an explicit size also skips vLLM's warm-up pass: a faster start
 GIB = 1 << 30
+
+
+MAX_GPU_COUNT = 1024  # `gpus = N` on a cluster: far above any one model's, below a count that is a typo's
 
 
 class RoutingPolicy(StrEnum):
@@ -70,10 +74,11 @@ def url_address(url: str) -> tuple[str, int]:
     try:
         port = parts.port
     except ValueError as e:
-        raise ValueError(f"{url}: {e}") from None
+        raise ValueError(f"{shown(url)}: {e}") from None
     if parts.scheme != "http" or not parts.hostname or port is None or parts.path not in ("", "/") or parts.query \
             or parts.username or parts.password:
-        raise ValueError(f"{url}: not http://HOST:PORT (an engine speaks plain HTTP; its token never goes in the URL)")
+        raise ValueError(f"{shown(url)} is not http://HOST:PORT (an engine speaks plain HTTP; its token never goes in the "
+                         "URL)")
     return parts.hostname, port
 
 
@@ -89,7 +94,7 @@ class Placement(Strict):
     """Where one replica runs: its GPUs, port and listen address; or `url`, an engine that fleet
     does not start (`fleet engine` runs it on its own machine, listening on `host`)."""
 
-    gpus: list[Int] = Field(default_factory=list, description="CUDA device ids; empty = CPU")
+    gpus: GpuIds = Field(default_factory=list, description="CUDA device ids; empty = CPU")
     port: Int | None = Field(None, ge=1, le=65535, description="the engine's port (an attached engine: the URL's)")
     host: str | None = Field(None, description="the engine's listen address; default: the model's (attached: the URL's host)")
     url: EngineUrl | None = Field(None, description="http://HOST:PORT of an engine fleet does not start, only routes to")
@@ -111,7 +116,7 @@ class ModelConfig(Strict):
         min_length=1,
         description='Hugging Face id, local directory, `.gguf` file, or "default" (the packaged model)',
     )
-    gpus: list[Int] = Field(
+    gpus: GpuIds = Field(
         default_factory=list,
         description="CUDA device ids, empty = CPU; on a [cluster], a count (`gpus = 2`: Ray picks a node's GPUs)",
     )
@@ -219,8 +224,8 @@ class ModelConfig(Strict):
         """`gpus = N` (a cluster's form): N GPUs that Ray picks on a node, kept as the ids 0..N-1 of
         the replica's own view (which is what CUDA_VISIBLE_DEVICES gives its engine there)."""
         if isinstance(data, dict) and isinstance(data.get("gpus"), int) and not isinstance(data["gpus"], bool):
-            if data["gpus"] < 0:
-                raise ValueError("gpus: a count of GPUs is >= 0")
+            if not 0 <= data["gpus"] <= MAX_GPU_COUNT:
+                raise ValueError(f"gpus: a count of GPUs is 0 to {MAX_GPU_COUNT}, got {data['gpus']}")
             data = {**data, "gpus": list(range(data["gpus"])), "gpu_count": True}
         return data
 
@@ -366,15 +371,6 @@ class ModelConfig(Strict):
     def replica_name(self) -> str:
         """This engine's name in logs, status and metrics: the model's, with `.k` for replica k of several."""
         return self.name if self.replicas == 1 else f"{self.name}.{self.replica}"
-
-    @field_validator("gpus")
-    @classmethod
-    def _gpu_ids_distinct_and_non_negative(cls, gpus: list[int]) -> list[int]:
-        if any(g < 0 for g in gpus):
-            raise ValueError("GPU ids are >= 0")
-        if len(set(gpus)) != len(gpus):
-            raise ValueError("a GPU id is listed twice")
-        return gpus
 
     @field_validator("chat_template")
     @classmethod

@@ -250,7 +250,8 @@ class FleetConfig(BaseSettings):
                 for name in entry["models"]:
                     if isinstance(name, str):
                         member_of.setdefault(name, entry["name"])
-        models = [{**m, "swap_set": member_of[m["name"]]} if isinstance(m, dict) and m.get("name") in member_of else m
+        models = [{**m, "swap_set": member_of[m["name"]]}
+                  if isinstance(m, dict) and isinstance(m.get("name"), str) and m["name"] in member_of else m
                   for m in data["models"]]
         return {**data, "models": models}
 

@@ -71,8 +71,10 @@ def test_without_a_cluster_a_gpu_count_is_refused_naming_the_field() -> None:
             "gpus = [0, 1]")
 
 
-def test_a_negative_gpu_count_is_refused() -> None:
-    refused({**CLUSTER, "models": [model(gpus=-1)]}, "a count of GPUs is >= 0")
+@pytest.mark.parametrize("count", [-1, 1025, 2**31])
+def test_a_gpu_count_below_zero_or_beyond_any_model_is_refused_naming_the_field(count: int) -> None:
+    refused({**CLUSTER, "models": [model(gpus=count)]}, 'model "m" (models[0]), field "gpus": a count of GPUs is 0 to '
+            f"1024, got {count}")
 
 
 def test_on_a_cluster_placements_of_started_engines_are_refused() -> None:

@@ -46,7 +46,7 @@ def test_an_adapter_that_is_not_one_of_this_base_is_refused_naming_model_and_ada
     tmp_path: Path, make: Any, message: str,
 ) -> None:
     error = refused({"name": "base", "source": "org/Base-7B", "port": 9001, "adapters": {"mine": make(tmp_path)}})
-    assert 'model "base" (models[0])' in error and "adapters.mine" in error and message in error
+    assert 'model "base" (models[0]), field "adapters.mine": ' in error and message in error
 
 
 def test_an_adapter_named_like_a_model_or_another_models_adapter_is_refused(tmp_path: Path) -> None:

@@ -105,6 +105,54 @@ def test_gpu_shared_without_memory_fractions_is_refused() -> None:
     assert 'model "a" (models[0])' in msg
 
 
+def test_gpu_sharing_names_each_replica_and_asks_each_model_once() -> None:
+    msg = config_error({"models": [model(name="a", gpus=[0]),
+                                   model(name="b", port=5002, placements=[{"gpus": [0], "port": 5002},
+                                                                          {"gpus": [0], "port": 5003}])]})
+    assert 'GPU 0 is shared by "a", "b.0", "b.1"' in msg
+    assert msg.count('model "b" (models[1]), field "gpu_memory_utilization"') == 1
+
+
+def test_an_error_names_places_in_the_file_as_its_reader_writes_them() -> None:
+    msg = config_error({"models": [model(placements=[{"gpus": [0], "port": 5001}, {"gpus": ["x"], "port": 5002}]),
+                                   model(name="b", port=5003, **{"bad\nkey": 1})]})
+    assert_names(msg, 'model "small" (models[0]), field "placements[1].gpus[0]": Input should be a valid integer',
+                 """model "b" (models[1]), field "'bad\\nkey'": unknown field (typo?)""")
+
+
+def test_a_rule_of_the_whole_model_is_said_without_pydantics_prefix() -> None:
+    msg = config_error({"models": [model(when_idle="sleep")]})
+    assert_names(msg, 'model "small" (models[0]): when_idle = "sleep" needs idle_after')
+    assert "Value error" not in msg
+
+
+def test_a_placement_lists_each_gpu_once() -> None:
+    msg = config_error({"models": [model(placements=[{"gpus": [2, 2], "port": 5001}])]})
+    assert_names(msg, 'model "small" (models[0]), field "placements[0].gpus": a GPU id is listed twice')
+
+
+@pytest.mark.parametrize("field", ["source", "chat_template"])
+def test_a_path_longer_than_a_file_system_holds_is_refused_naming_the_field(field: str) -> None:
+    msg = config_error({"models": [model(**{field: "/models/" + "a" * 300})]})
+    assert_names(msg, f'model "small" (models[0]), field "{field}": /models/aaa', "is at most 255 bytes")
+
+
+def test_an_adapter_path_longer_than_a_file_system_holds_is_refused_naming_the_adapter() -> None:
+    msg = config_error({"models": [model(adapters={"sql": "a" * 300})]})
+    assert_names(msg, 'model "small" (models[0]), field "adapters.sql": aaa', "is at most 255 bytes")
+
+
+def test_each_problem_is_one_line_whatever_the_file_quotes() -> None:
+    msg = config_error({"models": [model(name="two\nlines", when_idle="sleep"), model(name="b", port=5002, url=" ")]})
+    assert_names(msg, 'model "two\\nlines" (models[0]): when_idle', """model "b" (models[1]), field "url": ' ' is not http://HOST:PORT""")
+    assert len(msg.splitlines()) == 3
+
+
+def test_a_model_that_is_not_a_table_is_named_by_its_place() -> None:
+    msg = config_error({"models": [model(), "small"]})
+    assert_names(msg, "models[1]: should be a table")
+
+
 def test_gpu_shared_with_fractions_summing_to_at_most_095_is_allowed() -> None:
     cfg = parse_config({"models": [model(name="a", gpus=[0], gpu_memory_utilization=0.5),
                                    model(name="b", port=5002, gpus=[0], gpu_memory_utilization=0.45)]})

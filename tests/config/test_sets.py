@@ -65,8 +65,8 @@ def test_a_set_beside_another_model_on_its_gpu_counts_its_largest_member() -> No
     ([{"name": "x", "models": ["a", "b"]}, {"name": "y", "models": ["b", "c"]}],
      'set "y" (sets[1]), field "models": "b" is already a member of set "x"'),
     ([{"name": "desk", "models": ["a", "b"], "awake": 2}], 'set "desk" (sets[0]), field "awake": 2 awake of 2 models'),
-    ([{"name": "desk", "models": ["a"]}], 'field "sets.0.models": List should have at least 2 items'),
-    ([{"name": "desk", "models": ["a", "b"], "min_awake": -1}], 'field "sets.0.min_awake"'),
+    ([{"name": "desk", "models": ["a"]}], 'field "sets[0].models": List should have at least 2 items'),
+    ([{"name": "desk", "models": ["a", "b"], "min_awake": -1}], 'field "sets[0].min_awake"'),
 ])
 def test_set_rules(sets: list[dict[str, Any]], message: str) -> None:
     models = [model(n, 9001 + k) for k, n in enumerate("abcd")]
@@ -106,3 +106,16 @@ def test_on_gpus_the_sleep_level_applies_when_idle_and_when_made_room_for_but_st
                    sets=[{"name": "desk", "models": ["a", "b"]}])
     a, b = config.models
     assert (a.rest_level(idle=True), a.rest_level(idle=False), b.rest_level(idle=False)) == (0, 2, 1)
+
+
+def test_a_member_that_alone_asks_for_more_than_its_gpu_holds_can_never_be_awake() -> None:
+    error = refused(model("a", 9001, gpu_memory_utilization=1.0, **GPU0), model("b", 9002, gpu_memory_utilization=0.5, **GPU0),
+                    sets=[{"name": "desk", "models": ["a", "b"]}])
+    assert ('model "a" (models[0]), field "gpu_memory_utilization": with the models outside set "desk" on GPU 0 it '
+            "asks for 1.00 of its memory: it can never be awake (at most 0.95)") in error
+
+
+def test_a_model_whose_name_is_not_a_string_is_named_by_its_place_in_a_file_with_sets() -> None:
+    error = refused(model("a", 9001), {**model("b", 9002), "name": ["b"]}, sets=[{"name": "desk", "models": ["a", "b"]}])
+    assert 'models[1], field "name": Input should be a valid string' in error
+    assert "['b']" not in error
