@@ -3,12 +3,16 @@ ConfigError that names the file, the model and the field, before anything starts
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from fleet.config.model import ModelConfig
 from fleet.config.schema import DEFAULT_CONFIG, MAX_SHARED_FRACTION, FleetConfig, SwapSetConfig
@@ -36,15 +40,33 @@ def parse_config(raw: dict[str, Any], path: Path | str = "<string>", **overrides
     try:
         config = FleetConfig.from_data(raw, **({"gateway": gateway} if gateway else {}))
     except ValidationError as e:
-        raise ConfigError(_describe(e, Path(path), raw)) from None
+        raise ConfigError(_describe(e, Path(path), models_given(raw, os.environ))) from None
+    except SettingsError as e:  # a FLEET_ variable of a table or list that is not JSON
+        field = m.group(1) if (m := re.search(r'field "([^"]+)"', str(e))) else "?"
+        var = f"FLEET_{field.upper()}"
+        how = ("the whole list as JSON" if field in ("models", "sets")
+               else f"the whole table as JSON, or one of its fields as {var}__FIELD")
+        raise ConfigError(f"{path}: the environment variable {var} (it replaces the file's {field}) is not JSON: "
+                          f"give {how}") from None
     check_fleet(config, Path(path))
     return config
 
 
-def _describe(error: ValidationError, path: Path, raw: dict[str, Any]) -> str:
-    lines = [f"{path}: invalid fleet file"]
+def models_given(raw: dict[str, Any], env: Mapping[str, str]) -> list[Any]:
+    """The [[models]] entries the fleet was given, as written: the file's, or FLEET_MODELS' where
+    that variable replaces them (names are case-insensitive, as pydantic-settings reads them)."""
     listed = raw.get("models")
-    models: list[Any] = listed if isinstance(listed, list) else []
+    for name, value in env.items():
+        if name.upper() == "FLEET_MODELS":
+            try:
+                listed = json.loads(value)
+            except ValueError:
+                listed = None
+    return listed if isinstance(listed, list) else []
+
+
+def _describe(error: ValidationError, path: Path, models: list[Any]) -> str:
+    lines = [f"{path}: invalid fleet file"]
     for item in error.errors():
         loc, msg = list(item["loc"]), _said(item)
         if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):

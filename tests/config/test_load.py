@@ -357,6 +357,22 @@ def test_bad_environment_value_names_the_field(monkeypatch: pytest.MonkeyPatch) 
     assert_names(msg, 'field "gateway.port"', "valid integer")
 
 
+@pytest.mark.parametrize(("name", "how"), [("FLEET_MODELS", "give the whole list as JSON"),
+                                           ("FLEET_GATEWAY", "or one of its fields as FLEET_GATEWAY__FIELD")])
+def test_a_variable_for_a_whole_table_that_is_not_json_is_named(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                                how: str) -> None:
+    monkeypatch.setenv(name, "[1")
+    msg = config_error({"models": [model()]})
+    assert msg.startswith(f"{FILE}: the environment variable {name} ") and "is not JSON" in msg and how in msg
+
+
+def test_models_from_the_environment_are_not_named_by_the_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_MODELS", '[{"name": "env", "source": "default", "port": 5001, "gpus": "a"}, {"port": 1}]')
+    msg = config_error({"models": [model(), model(name="other", port=5002)]})
+    assert_names(msg, 'model "env" (models[0]), field "gpus"', 'models[1], field "name": Field required')
+    assert "small" not in msg and "other" not in msg
+
+
 def test_other_fleet_variables_are_not_config_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEET_CACHE_DIR", "/tmp/fleet-cache")
     monkeypatch.setenv("FLEET_LOG_DIR", "/tmp/fleet-logs")
