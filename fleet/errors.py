@@ -163,6 +163,14 @@ class ModelNotReady(FleetError):
                          retry_after=retry_after)
 
 
+class StoreUnavailable(FleetError):
+    """The gateway's store of responses cannot be read (its file's disk failed, was removed, is
+    locked by another process past the wait): HTTP 503, the store's own words in the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=503, type="service_unavailable", code="store_unavailable", retry_after=5)
+
+
 class EngineTimeout(FleetError):
     """The engine stopped answering in the middle of a request (HTTP 504)."""
 

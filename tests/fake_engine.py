@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the fleet package importable
     sys.path.insert(0, str(ROOT))
 
+import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
@@ -236,9 +237,11 @@ class FakeEngine:
         try:
             yield protocol.encode_frame(self.prompt_frame(req))
             if req.tools is not None or req.reasoning:
-                for delta in self.tool_deltas(req):
+                deltas = self.tool_deltas(req, max_tokens)
+                for delta in deltas:
                     yield protocol.encode_frame(delta)
-                yield protocol.encode_frame(protocol.Done(prompt_tokens=prompt_token_count(req.prompt), completion_tokens=4))
+                yield protocol.encode_frame(protocol.Done(prompt_tokens=prompt_token_count(req.prompt),
+                                                          completion_tokens=sum(len(d.token_ids) for d in deltas)))
                 finished = True
                 return
             s = req.sampling
@@ -293,27 +296,39 @@ class FakeEngine:
             if not finished:
                 self.aborted += 1
 
-    def tool_deltas(self, req: protocol.GenerateRequest) -> list[protocol.Delta]:
+    def tool_deltas(self, req: protocol.GenerateRequest, max_tokens: int) -> list[protocol.Delta]:
         """A chat answer read apart, as the real engine sends one (engine/parsing.py): with reasoning
         asked, "fake thought" first; with tools, a call of the named function (or of the first tool)
-        whose arguments `{"word": "w0"}` come in three pieces, then finish "stop"; without, the content "ok"."""
+        whose arguments `{"word": "w0"}` come in three pieces, then finish "stop"; without, the content "ok".
+        A token a delta: max_tokens fewer cuts the answer there (finish "length")."""
         out = [protocol.Delta(index=0, token_ids=[TOKEN_ID_BASE], reasoning="fake thought")] if req.reasoning else []
         chat = req.prompt if isinstance(req.prompt, protocol.Chat) else None
         tools = (chat.tools or []) if chat else []
         if req.tools is None or not tools:
-            return [*out, protocol.Delta(index=0, text="ok", token_ids=[TOKEN_ID_BASE + 1], finish_reason="stop")]
+            return self.cut([*out, protocol.Delta(index=0, text="ok", token_ids=[TOKEN_ID_BASE + 1], finish_reason="stop")],
+                            max_tokens)
         name = req.tools.name or tools[0].name
         pieces = ['{"word": ', f'"{self.word}0"', "}"]
         out.append(protocol.Delta(index=0, token_ids=[TOKEN_ID_BASE + 1],
                                   tool_calls=[protocol.ToolCallDelta(0, "call_fake0", name, pieces[0])]))
         out += [protocol.Delta(index=0, token_ids=[TOKEN_ID_BASE + 2 + k], tool_calls=[protocol.ToolCallDelta(0, arguments=p)],
                                finish_reason="stop" if k == len(pieces) - 2 else None) for k, p in enumerate(pieces[1:])]
+        out = self.cut(out, max_tokens)
         if req.final_only:  # one Delta with everything, as the engine sends a whole answer
-            merged = protocol.Delta(index=0, token_ids=[t for d in out for t in d.token_ids], finish_reason="stop",
-                                    reasoning="".join(d.reasoning for d in out),
-                                    tool_calls=[protocol.ToolCallDelta(0, "call_fake0", name, "".join(pieces))])
+            merged = protocol.Delta(index=0, token_ids=[t for d in out for t in d.token_ids],
+                                    finish_reason=out[-1].finish_reason, reasoning="".join(d.reasoning for d in out),
+                                    tool_calls=[protocol.ToolCallDelta(0, "call_fake0", name, "".join(
+                                        c.arguments for d in out for c in d.tool_calls or ()))]
+                                    if any(d.tool_calls for d in out) else None)
             return [merged]
         return out
+
+    @staticmethod
+    def cut(deltas: list[protocol.Delta], max_tokens: int) -> list[protocol.Delta]:
+        """An answer of a token a delta, cut at max_tokens as vLLM cuts one (finish "length")."""
+        if len(deltas) <= max_tokens:
+            return deltas
+        return [*deltas[:max_tokens - 1], msgspec.structs.replace(deltas[max_tokens - 1], finish_reason="length")]
 
     def take_a_death(self) -> bool:
         """Whether to die now (fake_die_mid_stream_while): one death fewer in the file if so."""

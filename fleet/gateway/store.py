@@ -5,11 +5,17 @@ fleet.toml names another), so that they outlive a restart of the gateway.
 One connection, used from one worker thread at a time (sqlite3 blocks: never on the event loop),
 in WAL mode. Bounded: responses older than `max_age_days`, and the oldest beyond `max_stored`, are
 dropped as new ones come. A response is read only with the key that made it (`owner`).
+
+A store that fails (its disk, its file removed, another process's lock past BUSY_TIMEOUT) never
+takes an answer with it: a response it cannot keep is still the client's, and the failure is
+logged (the first, then at most one line a minute with the count); one it cannot read or delete
+is a 503 (StoreUnavailable) in OpenAI's shape, not a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
@@ -18,6 +24,9 @@ from pathlib import Path
 import msgspec
 
 from fleet.api.responses.store import Stored
+from fleet.errors import StoreUnavailable
+
+log = logging.getLogger("fleet.gateway")
 
 _items = msgspec.json.Decoder(list[dict[str, object]])
 SCHEMA = """
@@ -31,6 +40,7 @@ CREATE TABLE IF NOT EXISTS responses (
 );
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
 """
+LOG_EVERY = 60.0  # seconds between two lines about responses the store could not keep
 PRUNE_EVERY = 64  # puts between two checks of the count bound (the age bound is checked at each put)
 BUSY_TIMEOUT = 10.0  # seconds a statement waits for another process's lock on the file (two gateways, one cache)
 
@@ -65,15 +75,33 @@ class SqliteResponses:
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
         self._puts = 0
+        self.failed_puts = 0  # responses it could not keep, since it opened
+        self._logged = (0, -LOG_EVERY)  # failed_puts when the last line about them was logged, and when
 
     async def get(self, response_id: str, owner: str) -> Stored | None:
-        return await asyncio.to_thread(self._get, response_id, owner)
+        try:
+            return await asyncio.to_thread(self._get, response_id, owner)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"the responses store cannot be read: {e}") from e
 
     async def put(self, stored: Stored) -> None:
-        await asyncio.to_thread(self._put, stored)
+        """Keep a response; one it cannot keep is logged, never raised (the answer is the client's)."""
+        try:
+            await asyncio.to_thread(self._put, stored)
+        except sqlite3.Error as e:
+            self.failed_puts += 1
+            since, when = self._logged
+            if since == 0 or time.monotonic() - when >= LOG_EVERY:
+                log.error("the responses store %s could not keep %s (%d not kept since it opened): %s; the answer "
+                          "went to its client, previous_response_id will not find it", self.path, stored.id,
+                          self.failed_puts, e)
+                self._logged = (self.failed_puts, time.monotonic())
 
     async def delete(self, response_id: str, owner: str) -> bool:
-        return await asyncio.to_thread(self._delete, response_id, owner)
+        try:
+            return await asyncio.to_thread(self._delete, response_id, owner)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"the responses store cannot be written: {e}") from e
 
     def close(self) -> None:
         with self._lock:

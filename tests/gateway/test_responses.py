@@ -5,6 +5,7 @@ store that outlives a restart of the gateway."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,28 @@ def test_a_stream_is_the_typed_events_in_order_ending_with_the_whole_response(fl
     done = events[-1].response
     assert deltas == expected_text(3) == done.output_text and done.status == "incomplete"
     assert len({e.response.id for e in events if hasattr(e, "response")}) == 1
+
+
+CALL = {"tools": [WEATHER], "tool_choice": "required"}
+
+
+@pytest.mark.parametrize(("model", "limit", "body", "statuses"), [
+    ("m", 3, {}, [("message", "incomplete")]),
+    ("thinking", 1, {}, [("reasoning", "incomplete"), ("message", "incomplete")]),  # cut in its reasoning: an empty message
+    ("thinking", 8, {}, [("reasoning", "completed"), ("message", "completed")]),
+    ("m", 2, CALL, [("function_call", "incomplete")]),
+    ("m", 8, CALL, [("function_call", "completed")]),
+])
+def test_the_item_max_output_tokens_cuts_is_incomplete_the_same_whole_and_streamed(
+        fleet: InProcessFleet, sdk: openai.OpenAI, model: str, limit: int, body: dict[str, Any],
+        statuses: list[tuple[str, str]]) -> None:
+    whole = sdk.responses.create(model=model, input="hello there", max_output_tokens=limit, **body)
+    events = raw_events(fleet, model=model, input="hello there", max_output_tokens=limit, **body)
+    streamed = events[-1].response
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    for output in (whole.output, streamed.output, done):
+        assert [(item.type, item.status) for item in output] == statuses
+    assert streamed.output_text == whole.output_text
 
 
 def test_include_output_text_logprobs_gives_each_tokens_logprob_and_top_alternatives_whole_and_streamed(
@@ -226,3 +249,28 @@ def test_a_conversation_continues_after_the_gateway_restarts(cache_dir: Path, tm
             assert c.responses.retrieve(first.id).output_text == first.output_text
             second = c.responses.create(model="m", input="four", previous_response_id=first.id, max_output_tokens=2)
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+
+
+def test_a_store_that_fails_keeps_no_answer_from_its_client_and_reads_are_503s(
+        fake_fleet: FakeFleets, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A real failure of SQLite's: the database's files overwritten under the open store (a disk
+    that corrupts them). The answers still come, whole and streamed; reading the store is a 503."""
+    store = tmp_path / "s.sqlite3"
+    f = fake_fleet({"name": "m"}, responses={"store_path": str(store)})
+    with client(f) as c:
+        kept = c.responses.create(model="m", input="one two", max_output_tokens=2)
+        for part in tmp_path.glob("s.sqlite3*"):
+            part.write_bytes(b"\xff" * part.stat().st_size)
+        with caplog.at_level(logging.ERROR, logger="fleet.gateway"):
+            whole = c.responses.create(model="m", input="one two", max_output_tokens=2)
+            streamed = raw_events(f, model="m", input="one two", max_output_tokens=2)
+        assert whole.output_text == kept.output_text == streamed[-1].response.output_text
+        assert streamed[-1].type == "response.incomplete"
+        [line] = [r.getMessage() for r in caplog.records if "could not keep" in r.getMessage()]  # one line a minute
+        assert str(store) in line and whole.id in line and "previous_response_id will not find it" in line
+        for call in (lambda: c.responses.retrieve(kept.id), lambda: c.responses.delete(kept.id),
+                     lambda: c.responses.create(model="m", input="three", previous_response_id=kept.id)):
+            with pytest.raises(openai.InternalServerError) as e:
+                call()
+            assert e.value.status_code == 503 and e.value.code == "store_unavailable"
+            assert "the responses store cannot be" in e.value.message

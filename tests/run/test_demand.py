@@ -151,7 +151,7 @@ async def _until_waiting(fleet: InProcessFleet, model: str, n: int) -> None:
 @pytest.mark.parametrize("fields,message", [
     ({"when_idle": "stop"}, 'when_idle = "stop" needs idle_after'),
     ({"idle_after": 5}, 'idle_after needs when_idle = "sleep" or "stop"'),
-    ({"start": "on_demand", "url": "http://10.0.0.1:8000"}, "start: an engine at a url is started by whoever runs it"),
+    ({"start": "on_demand", "url": "http://10.0.0.1:8000"}, 'field "start": an engine at a url is started by whoever runs it'),
     ({"start": "later"}, "start"),
 ])
 def test_on_demand_fields_are_checked_before_anything_starts(fields: dict[str, Any], message: str, tmp_path: Path) -> None:

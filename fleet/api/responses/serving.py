@@ -81,17 +81,28 @@ def status_of(reason: str | None) -> str:
 
 def output_of(cand: Candidate, plan: ResponsesPlan) -> list[OutputItem]:
     """A whole answer's output items: its reasoning, its message (unless it only called tools),
-    its function calls."""
-    status = "incomplete" if cand.finish_reason == "length" else "completed"
+    its function calls; the one max_output_tokens cut "incomplete" (mark_cut)."""
     out: list[OutputItem] = []
     if cand.reasoning and plan.chat.show_reasoning:
-        out.append(ReasoningItem(id=item_id("rs"), content=[ReasoningText(text=cand.reasoning)], status=status))  # type: ignore[arg-type]
+        out.append(ReasoningItem(id=item_id("rs"), content=[ReasoningText(text=cand.reasoning)]))
     if cand.text or not cand.calls:
         text = OutputText(text=cand.text, logprobs=token_logprobs(plan, cand.logprobs))
-        out.append(OutputMessage(id=item_id("msg"), content=[text], status=status))  # type: ignore[arg-type]
+        out.append(OutputMessage(id=item_id("msg"), content=[text]))
     out += [FunctionCall(id=item_id("fc"), call_id=c.id, name=c.name, arguments=c.arguments)
             for _, c in sorted(cand.calls.items())]
-    return out
+    return mark_cut(out, cand.finish_reason)
+
+
+def mark_cut(output: list[OutputItem], finish_reason: str | None) -> list[OutputItem]:
+    """An answer cut at max_output_tokens: the item being written when the limit came is
+    "incomplete" (its last; where that is the empty message of an answer that never got past its
+    reasoning, that reasoning too), the ones before it "completed"."""
+    if finish_reason == "length" and output:
+        cut = output[-1].status = "incomplete"
+        if (isinstance(output[-1], OutputMessage) and not any(part.text for part in output[-1].content)
+                and len(output) > 1 and isinstance(output[-2], ReasoningItem)):
+            output[-2].status = cut
+    return output
 
 
 def token_logprobs(plan: ResponsesPlan, entries: list[protocol.TokenLogprob] | None) -> list[ChatTokenLogprob] | None:
@@ -181,8 +192,8 @@ class ResponsesShaper:
         shown = response_of(self.plan, self.response_id, self.created, [], "in_progress")
         return self._e(ResponseCreated, response=shown) + self._e(ResponseInProgress, response=shown)
 
-    def _close(self) -> bytes:
-        """The open item's done events."""
+    def _close(self, status: str = "completed") -> bytes:
+        """The open item's done events, the item `status` in them."""
         o, self.open = self.open, None
         if o is None:
             return b""
@@ -201,7 +212,7 @@ class ResponsesShaper:
         else:
             item.arguments = o.text
             out = self._e(ArgumentsDone, item_id=item.id, output_index=o.index, arguments=o.text, name=item.name)
-        item.status = "completed"
+        item.status = status  # type: ignore[assignment]
         return out + self._e(ItemDone, output_index=o.index, item=item)
 
     def _open(self, item: OutputItem) -> tuple[_Open, bytes]:
@@ -258,11 +269,13 @@ class ResponsesShaper:
         out = self._start()
         if failed is not None:
             return out + self._e(ErrorEvent, message=failed.message, code=failed.code, param=responses_field(failed.param))
-        if not self.output:  # an empty answer is still a message
-            _, opened = self._open(OutputMessage(id=item_id("msg"), content=[], status="in_progress"))
-            out += opened
-        out += self._close()
         status = status_of(self.finish)
+        item_status = "incomplete" if status == "incomplete" else "completed"  # of the item being written (mark_cut)
+        if not any(isinstance(item, (OutputMessage, FunctionCall)) for item in self.output):
+            out += self._close(item_status)  # a reasoning that never got to its answer
+            _, opened = self._open(OutputMessage(id=item_id("msg"), content=[], status="in_progress"))
+            out += opened  # an empty answer is still a message, as the whole Response has it
+        out += self._close(item_status)
         response = response_of(self.plan, self.response_id, self.created, self.output, status, usage_of(results[0]))
         await keep(self.plan, response)
         return out + self._e(ResponseIncomplete if status == "incomplete" else ResponseCompleted, response=response)
