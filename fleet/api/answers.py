@@ -12,6 +12,7 @@ still plain HTTP 400s rather than events in a 200 stream.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -26,6 +27,7 @@ from fleet.errors import EngineFailure, FleetError, InvalidRequest
 from fleet.wire import protocol
 from fleet.wire.asgi import LastChunk
 
+log = logging.getLogger("fleet.gateway")
 _json = msgspec.json.Encoder()
 DONE_EVENT = b"data: [DONE]\n\n"
 Batches = AsyncGenerator[list[protocol.Frame], None]  # a generator: open_stream acloses the unread ones
@@ -332,4 +334,14 @@ async def _stream_body(
                 break
     except FleetError as e:
         failed = e
-    yield LastChunk(await shaper.end(results, failed))
+    except Exception as e:  # a fault of fleet's own, after the answer began: the stream still ends in an error event
+        log.exception("unexpected error in a stream")
+        failed = FleetError(f"internal error: {type(e).__name__}")
+    try:
+        last = await shaper.end(results, failed)
+    except Exception as e:
+        if failed is not None:  # the error event itself could not be made
+            raise
+        log.exception("unexpected error ending a stream")
+        last = await shaper.end(results, FleetError(f"internal error: {type(e).__name__}"))
+    yield LastChunk(last)

@@ -6,16 +6,19 @@ The gateway's answers end to end, through fake engines and real clients, are in 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import msgspec
+import pytest
 
-from fleet.api.answers import Candidate, best, engine_requests
+from fleet.api.answers import Candidate, PromptResult, best, engine_requests, open_stream
 from fleet.api.completions.protocol import CompletionRequest
-from fleet.api.completions.serving import completion_logprobs, plan_completion
+from fleet.api.completions.serving import CompletionShaper, completion_logprobs, plan_completion
 from fleet.api.planning import Plan
 from fleet.config.model import SamplingDefaults
+from fleet.errors import FleetError
 from fleet.wire import protocol
 
 
@@ -99,3 +102,55 @@ def test_completion_logprobs_offsets_start_where_asked() -> None:
     lp = completion_logprobs([protocol.TokenLogprob("ab", -1.0), protocol.TokenLogprob("c", -2.0)], None, 10)
     assert lp.text_offset == [10, 12]
     assert lp.top_logprobs == [None, None]
+
+
+# --- a fault of fleet's own in a stream ------------------------------------------------------
+
+
+class OneAnswer:
+    """A FrameSource whose engine answers each request with two tokens."""
+
+    async def generate(self, req: protocol.GenerateRequest) -> Any:
+        yield [protocol.Prompt(token_ids=[1, 2])]
+        yield [protocol.Delta(index=0, text=" a", token_ids=[3])]
+        yield [protocol.Delta(index=0, text=" b", token_ids=[4], finish_reason="length"),
+               protocol.Done(prompt_tokens=2, completion_tokens=2)]
+
+    def call(self, path: str, req: msgspec.Struct) -> Any:
+        raise NotImplementedError
+
+    def count_tokens(self, completion: int, prompt: int) -> None:
+        pass
+
+
+class Faulty(CompletionShaper):
+    """The completions shaper with a bug of its own: in a delta, or in the stream's end."""
+
+    def __init__(self, p: Plan, where: str) -> None:
+        super().__init__(p, "m", "cmpl-1")
+        self.where = where
+
+    def delta(self, *args: Any) -> bytes:
+        if self.where == "delta":
+            raise ValueError("a bug")
+        return super().delta(*args)
+
+    async def end(self, results: list[PromptResult], failed: FleetError | None) -> bytes:
+        if self.where == "end" and failed is None:
+            raise RuntimeError("a bug")
+        return await super().end(results, failed)
+
+
+@pytest.mark.parametrize(("where", "kind"), [("delta", "ValueError"), ("end", "RuntimeError")])
+def test_a_fault_of_fleets_own_after_the_stream_began_still_ends_it_with_an_error_event(
+        where: str, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> list[bytes]:
+        p = plan(stream=True, max_tokens=2)
+        return [bytes(chunk) async for chunk in await open_stream(OneAnswer(), p, Faulty(p, where), "cmpl-1")]
+
+    chunks = asyncio.run(body())
+    events = [json.loads(line.removeprefix(b"data: ")) for line in b"".join(chunks).split(b"\n\n")
+              if line.startswith(b"data: {")]
+    assert events[-1]["error"]["message"] == f"internal error: {kind}" and events[-1]["error"]["type"] == "server_error"
+    assert b"".join(chunks).endswith(b"data: [DONE]\n\n")
+    assert any(r.exc_info and str(r.exc_info[1]) == "a bug" for r in caplog.records)  # its traceback is logged
