@@ -90,6 +90,11 @@ def test_tools_and_text_format_become_the_chats_and_a_forced_function_is_held_to
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0].type",
      "only text"),
     ({"input": []}, "input", "empty"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0].text",
+     "the input_text part's text is a string"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c", "output": {"a": 1}}]}, "input[1].output",
+     "output is a string or a list of text parts"),
     ({"tools": [WEATHER], "tool_choice": "required", "text": {"format": {"type": "json_object"}}}, "text.format",
      "response_format"),
     ({"reasoning": {"effort": "high"}}, "reasoning", "no reasoning parser"),
@@ -111,6 +116,12 @@ def test_auto_tools_on_a_model_without_a_parser_are_refused_and_with_one_read_by
 def test_the_chat_messages_of_items_keep_text_parts_whole() -> None:
     items = input_items([{"role": "developer", "content": [{"type": "input_text", "text": "a"}, {"type": "input_text", "text": "b"}]}])
     assert chat_messages(None, items) == [{"role": "developer", "content": "ab"}]
+
+
+def test_an_assistants_earlier_refusal_is_its_text_in_the_conversation() -> None:
+    items = input_items([{"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+                         {"role": "user", "content": "why?"}])
+    assert chat_messages(None, items) == [{"role": "assistant", "content": "I can't."}, {"role": "user", "content": "why?"}]
 
 
 @pytest.mark.parametrize(("body", "path"), [

@@ -5,7 +5,7 @@ translation does, with its own shapes on either side.
 
 - `input_items`: the input (a string, or a list of items) as items in OpenAI's shape, each with an
   id (they are stored, and listed by /v1/responses/{id}/input_items): messages (user, system,
-  developer, assistant; text content), function calls and their outputs, reasoning items (kept,
+  developer, assistant; text content, an assistant's earlier refusal as its text), function calls and their outputs, reasoning items (kept,
   never rendered: the model's earlier thoughts are not its input). Anything else is a 400 naming
   the item.
 - `chat_messages`: instructions, then the conversation so far (a previous response's transcript)
@@ -29,22 +29,29 @@ ROLES = ("user", "system", "developer", "assistant")
 def item_id(prefix: str) -> str:
     """An id as OpenAI writes a Responses object's: its kind, "_", 32 hex digits (resp_..., msg_..., fc_...)."""
     return f"{prefix}_{secrets.token_hex(16)}"
-TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}  # its text's key
 
 
 def _text(content: Any, where: str) -> str:
-    """A message's or an output's content as text: a string, or text parts."""
+    """A message's content or a call's output as text: a string, or text parts (an assistant's
+    earlier refusal, as the Agents SDK sends it back, is its text)."""
     if isinstance(content, str):
         return content
+    field = where.rsplit(".", 1)[-1]
     if not isinstance(content, list):
-        raise InvalidRequest("content is a string or a list of text parts", param=where)
+        raise InvalidRequest(f"{field} is a string or a list of text parts", param=where)
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
-            raise InvalidRequest(f"only text content parts are supported, got {shown(str(kind))}",
-                                 param=f"{where}[{j}].type")
-        texts.append(part["text"])
+        key = TEXT_PARTS.get(kind) if isinstance(kind, str) else None
+        if key is None:
+            raise InvalidRequest(f"only text content parts are supported ({', '.join(TEXT_PARTS)}), got "
+                                 f"{shown(str(kind))}", param=f"{where}[{j}].type")
+        if not isinstance(part.get(key), str):
+            raise InvalidRequest(f"the {kind} part's {key} is a string", param=f"{where}[{j}].{key}")
+        texts.append(part[key])
     return "".join(texts)
 
 
