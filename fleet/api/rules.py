@@ -258,11 +258,11 @@ def response_format_structure(fmt: ResponseFormat | None) -> protocol.Structured
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return protocol.Structured(json_object=True)
+        return protocol.Structured(json_object=True, param="response_format")
     if fmt.json_schema is None or fmt.json_schema.schema is None:
         raise InvalidRequest("response_format json_schema needs json_schema.schema", param="response_format")
     check_schema_size(fmt.json_schema.schema, "response_format.json_schema.schema")
-    return protocol.Structured(json=_json.encode(fmt.json_schema.schema).decode())
+    return protocol.Structured(json=_json.encode(fmt.json_schema.schema).decode(), param="response_format.json_schema.schema")
 
 
 def structured_outputs(given: StructuredOutputs | None) -> protocol.Structured | None:
@@ -284,7 +284,7 @@ def structured_outputs(given: StructuredOutputs | None) -> protocol.Structured |
         check_schema_size(schema, "structured_outputs.json")
         schema = _json.encode(schema).decode()
     return protocol.Structured(json=schema, json_object=bool(given.json_object), regex=given.regex,
-                               choice=given.choice, grammar=given.grammar)
+                               choice=given.choice, grammar=given.grammar, param=f"structured_outputs.{kinds[0]}")
 
 
 def chat_top_logprobs(logprobs: bool | None, top_logprobs: int | None) -> int | None:

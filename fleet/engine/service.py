@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import signal
+import traceback
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,18 @@ def refused(error: Exception) -> protocol.Error | None:
         return None
     message = str(error.args[0]) if error.args else type(error).__name__
     return protocol.Error(bounded(message, 1024), status=400, param=getattr(error, "parameter", None))
+
+
+def structured_param(error: BaseException, structured: protocol.Structured | None) -> str | None:
+    """The client's field whose structured outputs vLLM refused (the error came from its check or
+    compile of them: a regex that does not parse, a $ref to nothing, an unsatisfiable schema);
+    None for any other error."""
+    if structured is None:
+        return None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if frame.name == "_validate_structured_outputs" or "structured_output" in Path(frame.filename).parts:
+            return structured.param or "structured_outputs"
+    return None
 
 
 class EngineService:
@@ -337,7 +350,7 @@ class EngineService:
                     elif frames:
                         yield bytes(frames)
         except Exception as e:  # reported to the gateway, never swallowed
-            yield protocol.encode_frame(self.failure(e, req.request_id))
+            yield protocol.encode_frame(self.failure(e, req.request_id, structured_param(e, req.sampling.structured)))
             return
         self.prompt_tokens += len(ids)
         self.cached_tokens += cached

@@ -52,6 +52,7 @@ class Structured(_Message):
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    param: str | None = None  # the client's field that asked for it: the engine's refusal of it names that field
 
 
 class SamplingParams(_Message):

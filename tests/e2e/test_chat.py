@@ -131,6 +131,30 @@ def test_json_object_output_parses(tiny: openai.OpenAI) -> None:
         assert r.choices[0].message.content.lstrip().startswith("{")
 
 
+UNSATISFIABLE = {"type": "integer", "minimum": 5, "maximum": 1}
+NOWHERE = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
+
+
+@pytest.mark.parametrize(("body", "param", "says"), [
+    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex", "unclosed group"),
+    ({"structured_outputs": {"grammar": "not a grammar ::= ="}}, "structured_outputs.grammar", "grammar"),
+    ({"structured_outputs": {"json": NOWHERE}}, "structured_outputs.json", "'/$defs/missing' does not exist"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": UNSATISFIABLE}}},
+     "response_format.json_schema.schema", "Unsatisfiable schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": NOWHERE}}], "tool_choice": "required"},
+     "tools", "does not exist"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "g", "parameters": NOWHERE}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tools[1].function.parameters", "does not exist"),
+])
+def test_a_structure_vllm_cannot_hold_the_answer_to_is_a_400_naming_the_field_that_asked_for_it(
+        tiny: openai.OpenAI, body: dict, param: str, says: str) -> None:
+    extra = {k: v for k, v in body.items() if k == "structured_outputs"}
+    kw = {k: v for k, v in body.items() if k != "structured_outputs"}
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny.chat.completions.create(model="tiny-a", messages=HELLO, max_tokens=4, extra_body=extra, **kw)
+    assert e.value.param == param and says in e.value.message
+
+
 @pytest.mark.parametrize("model", ["tiny-a", "tiny-b"])
 def test_langchain_chat_openai_invoke_stream_batch(fleets, model: str) -> None:
     from langchain_openai import ChatOpenAI

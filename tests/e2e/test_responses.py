@@ -120,3 +120,10 @@ def test_an_agents_sdk_agent_calls_a_python_tool_and_returns_a_final_output(flee
     assert len(called) == 1 and isinstance(result.final_output, str) and result.final_output
     outputs = [item for item in result.new_items if item.type == "tool_call_output_item"]
     assert [o.output for o in outputs] == [f"It is sunny in {called[0]}."]
+
+
+def test_a_text_format_vllm_cannot_hold_the_answer_to_is_a_400_naming_text_format(default: openai.OpenAI) -> None:
+    fmt = {"format": {"type": "json_schema", "name": "n", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        default.responses.create(model="smollm2", input="a number", text=fmt, max_output_tokens=4)
+    assert e.value.param == "text.format.schema" and "Unsatisfiable schema" in e.value.message

@@ -46,7 +46,7 @@ def plan_chat(req: ChatCompletionRequest, defaults: SamplingDefaults, limits: Li
     messages = chat_messages(req.messages)
     structure = response_format_structure(req.response_format)
     if tools.schema is not None:
-        structure = protocol.Structured(json=tools.schema)
+        structure = protocol.Structured(json=tools.schema, param=tools.schema_param)
     logprobs = chat_top_logprobs(req.logprobs, req.top_logprobs)
     d = for_request(req, defaults, "chat")
     chat = protocol.Chat(

@@ -44,6 +44,7 @@ class Tools:
     rendered: list[protocol.Tool] | None
     use: protocol.ToolUse | None
     schema: str | None
+    schema_param: str = "tools"  # the field the schema comes from: the engine's refusal of it names it
 
 
 NO_TOOLS = Tools(None, None, None)
@@ -117,14 +118,14 @@ def tools_of(tools: list[ChatTool] | None, choice: ToolChoice | None, parallel: 
     if response_format is not None and response_format.type != "text":
         raise InvalidRequest('response_format cannot be used with tool_choice "required" or a named function: the '
                              "answer is the tool calls' arguments", param="response_format")
-    by_name = {t.function.name: t for t in tools}
     if isinstance(choice, NamedToolChoice):
-        tool = by_name.get(choice.function.name)
-        if tool is None:
+        i = next((k for k, t in enumerate(tools) if t.function.name == choice.function.name), None)
+        if i is None:
             raise InvalidRequest(f"tool_choice names {shown(choice.function.name)}, which is not one of the tools",
                                  param="tool_choice")
-        schema = parameters_schema(tool)
-        return Tools(rendered, protocol.ToolUse("named", tool.function.name), _json.encode(schema).decode())
+        schema = parameters_schema(tools[i])
+        return Tools(rendered, protocol.ToolUse("named", tools[i].function.name), _json.encode(schema).decode(),
+                     f"tools[{i}].function.parameters")
     return Tools(rendered, protocol.ToolUse("required"), _json.encode(required_schema(tools, parallel)).decode())
 
 
