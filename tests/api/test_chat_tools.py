@@ -236,3 +236,17 @@ def test_the_memo_of_checked_schemas_keeps_the_latest(monkeypatch: pytest.Monkey
     tools.check_schema(schemas[2], "p")  # kept
     tools.check_schema(schemas[0], "p")  # the oldest, gone: checked again
     assert checked == [*schemas, schemas[0]]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"tools": [WEATHER, {"type": "function", "function": {"name": "g"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tools[1].function.parameters"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}}},
+     "response_format.json_schema.schema"),
+    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs.regex"),
+])
+def test_the_engine_is_told_which_field_asked_for_the_structure_so_that_its_refusal_names_it(
+        body: dict[str, Any], param: str) -> None:
+    assert planned(**body).sampling.structured.param == param
