@@ -65,6 +65,21 @@ def structured_param(error: BaseException, structured: protocol.Structured | Non
     return None
 
 
+def ended_in_error(s: protocol.SamplingParams, request_id: str) -> protocol.Error:
+    """The frame for a request vLLM's scheduler ended with finish reason "error". Where structured
+    outputs meet a field that bans tokens (allowed_token_ids, bad_words), that is the request's
+    own contradiction: the ban leaves the grammar no token it accepts, the one sampled is refused
+    (vLLM: "grammar rejected tokens"), a 400 naming the field. Otherwise a fault of the engine's: a 500."""
+    if s.structured is not None:
+        banned = "allowed_token_ids" if s.allowed_token_ids is not None else "bad_words" if s.bad_words else None
+        if banned is not None:
+            return protocol.Error(f"{banned} leaves the structured outputs ({s.structured.param or 'structured_outputs'}) "
+                                  "no token they accept: vLLM's grammar refused the token sampled and ended the "
+                                  "request", status=400, param=banned)
+    log.error("request %s: vLLM ended it with finish reason 'error'", request_id)
+    return protocol.Error(ENDED_IN_ERROR, status=500)
+
+
 class EngineService:
     """Turns protocol requests into vLLM calls and vLLM outputs into protocol frames."""
 
@@ -166,6 +181,9 @@ class EngineService:
         else:
             ids = req.prompt
             self.check_in_vocabulary(ids, "prompt")
+        if not ids:  # vLLM's own refusal names no field
+            raise InvalidRequest("the prompt is empty: it encodes to no tokens (this model's tokenizer adds none "
+                                 "of its own)", param="prompt")
         room = self.max_model_len - len(ids)
         if room <= 0:
             raise InvalidRequest(
@@ -331,8 +349,7 @@ class EngineService:
                     stopped = False
                     for c in out.outputs:
                         if c.finish_reason == "error":  # vLLM ended it on a failure of its own (its log says which)
-                            log.error("request %s: vLLM ended it with finish reason 'error'", req.request_id)
-                            yield protocol.encode_frame(protocol.Error(ENDED_IN_ERROR, status=500))
+                            yield protocol.encode_frame(ended_in_error(req.sampling, req.request_id))
                             return
                         completion_tokens += len(c.token_ids)
                         if c.index not in readers:

@@ -278,6 +278,26 @@ def test_a_hundred_thousand_bad_token_ids_get_a_short_message(fleets) -> None:
     assert len(r.content) < 1000
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("field", "value"), [("allowed_token_ids", [0]), ("bad_words", ["a"])])
+def test_a_ban_that_leaves_the_structured_outputs_no_token_is_a_400_naming_it_and_no_replica_error(
+        fleets, field: str, value: list, stream: bool) -> None:
+    url = fleets.ready("tiny").url
+    before = replica_errors(url, "tiny-a")
+    body = {"model": "tiny-a", "prompt": "a", "max_tokens": 4, "stream": stream,
+            "structured_outputs": {"regex": "a"}, field: value}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)  # the first token is refused: a 400, also streamed
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert "no token they accept" in r.json()["error"]["message"]
+    assert replica_errors(url, "tiny-a") == before  # the request's own contradiction, not the replica's fault
+
+
+def test_an_empty_prompt_the_tokenizer_adds_nothing_to_is_a_400_naming_prompt(tiny: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        tiny.completions.create(model="tiny-a", prompt="", max_tokens=2)
+    assert e.value.param == "prompt" and "encodes to no tokens" in e.value.message
+
+
 def test_allowed_token_ids_are_the_only_tokens_sampled(tiny: openai.OpenAI, ref: Reference) -> None:
     token = ref.encode(" Paris")[0]
     r = tiny.completions.create(model="tiny-a", prompt="Hello", max_tokens=6, temperature=1.0, seed=1,
