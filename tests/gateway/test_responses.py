@@ -136,6 +136,10 @@ def test_fields_fleet_cannot_honour_and_bad_values_are_400s_naming_them(fleet: I
     for query, param in [("limit=many", "limit"), ("order=sideways", "order")]:
         r = httpx.get(f"{fleet.url}/v1/responses/resp_x/input_items?{query}", headers=headers, timeout=15)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx.post(f"{fleet.url}/v1/responses", json={"model": "m", "input": "hi", "max_output_tokens": 100},
+                   headers=headers, timeout=15)  # the engine's refusal, in the Responses API's words
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens", r.text
+    assert "max_output_tokens can be at most" in r.json()["error"]["message"] and "max_tokens" not in r.json()["error"]["message"]
 
 
 def test_reasoning_is_a_reasoning_item_before_the_message_whole_and_through_the_sdks_stream_helper(

@@ -142,7 +142,11 @@ def named_as_responses() -> Iterator[None]:
     try:
         yield
     except FleetError as e:
-        e.param = responses_field(e.param)
+        named = responses_field(e.param)
+        if e.param and named != e.param and named == "max_output_tokens":  # "max_tokens can be at most 507"
+            e.message = re.sub(rf"\b{re.escape(e.param)}\b", named, e.message)
+            e.args = (e.message,)
+        e.param = named
         raise
 
 
