@@ -32,6 +32,14 @@ class Browser:
             self.close()
             raise
 
+    def wait_for(self, function: str, timeout: float = 30) -> None:
+        """Wait until the page's `function` ("() => ...") returns true. Polled through Playwright's
+        evaluate: its wait_for_function evaluates a string in the page, which the page's content
+        security policy (script-src 'self') refuses, as it should."""
+        from fleets import wait_until
+
+        wait_until(lambda: bool(self.page.evaluate(function)), f"the page: {function}", timeout)
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.context.close()

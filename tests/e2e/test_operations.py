@@ -149,7 +149,7 @@ def test_killed_engine_restarts_and_other_models_see_no_error(ops: FleetProcess,
         steady.stop()
     assert steady.errors == [] and steady.streams > 2
     # the open page showed it all as it happened, without being reloaded
-    page.page.wait_for_function("""() => {
+    page.wait_for("""() => {
         const row = document.querySelector('#engines tr[data-engine="ops-a"]');
         return row && row.cells[6].textContent === "1" && row.cells[2].textContent.startsWith("ready");
     }""")
@@ -166,7 +166,7 @@ def test_a_request_appears_in_the_status_page_s_recent_list(ops: FleetProcess, p
     with openai.OpenAI(base_url=ops.url + "/v1", api_key="x", max_retries=0) as sdk:
         answer = sdk.completions.create(model="ops-a", prompt="Hello", max_tokens=7, extra_body={"ignore_eos": True})
     assert answer.usage.completion_tokens == 7
-    page.page.wait_for_function(f"() => ({listed})() === {before + 1}")
+    page.wait_for(f"() => ({listed})() === {before + 1}")
     row = page.page.evaluate("""() => [...document.querySelector('#requests tbody tr[data-model="ops-a"]').cells]
         .map((td) => td.textContent)""")
     assert row[2] == "ops-a" and row[3] == "completions" and row[5] == str(answer.usage.prompt_tokens)
@@ -178,27 +178,27 @@ def test_restart_from_the_page_needs_the_admin_key_and_the_log_view_follows(ops:
     assert p.is_checked("#follow")
     victim = status(ops)["ops-a"]["pid"]
     p.click('#engines tr[data-engine="ops-a"] button:has-text("Restart")')
-    p.wait_for_function("""() => document.querySelector('#message').textContent.includes('refused (401)')""")
+    page.wait_for("""() => document.querySelector('#message').textContent.includes('refused (401)')""")
     assert status(ops)["ops-a"]["pid"] == victim and status(ops)["ops-a"]["state"] == "ready"
     p.fill("#key", ADMIN)
     p.press("#key", "Enter")
     p.wait_for_selector("#connection[data-state=live]")
     lines_before = p.inner_text("#log").count("\n")
     p.click('#engines tr[data-engine="ops-a"] button:has-text("Restart")')
-    p.wait_for_function("""() => document.querySelector('#message').textContent === 'restart ops-a: done'""")
+    page.wait_for("""() => document.querySelector('#message').textContent === 'restart ops-a: done'""")
     # stopped, and started anew: a new engine process loads (the next test's reload replaces it, so
     # the suite does not wait for this load too; readiness after a restart: tests/gateway/ui/test_status_page.py)
-    p.wait_for_function(f"""() => {{
+    page.wait_for(f"""() => {{
         const row = document.querySelector('#engines tr[data-engine="ops-a"]');
         return row.cells[2].textContent.startsWith("starting") && !["{victim}", "–"].includes(row.cells[4].textContent);
-    }}""", timeout=120_000)
+    }}""", timeout=120)
     went = shown_changes(page, "ops-a")
     assert went[-2:] == ["stopping", "starting"]
     new_pid = status(ops)["ops-a"]["pid"]
     assert new_pid not in (None, victim) and engine_row(page, "ops-a")["PID"] == str(new_pid)
     wait_for(lambda: gone(victim), "the old engine is gone", 30)
     # the log view followed: the launcher's lines about the restart, then the new engine's own
-    p.wait_for_function(f"""() => document.querySelector('#log').textContent.split('\\n').length > {lines_before + 3}""")
+    page.wait_for(f"""() => document.querySelector('#log').textContent.split('\\n').length > {lines_before + 3}""")
     log = p.inner_text("#log")
     assert log.index("fleet: restarting, as asked") < log.index(f"fleet: starting (pid {new_pid}")
     assert p.evaluate("(() => { const l = document.querySelector('#log'); "

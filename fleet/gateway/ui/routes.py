@@ -32,6 +32,17 @@ from fleet.wire.asgi import header, unless_disconnected
 STATIC = {"ui.js": "text/javascript; charset=utf-8", "ui.css": "text/css; charset=utf-8"}
 _json = msgspec.json.Encoder()
 NO_CACHE = {"cache-control": "no-cache"}
+# The page shows what clients sent (prompts, with [ui] show_prompts; refused values in error messages):
+# ui.js writes all of it as text, never as markup, and the browser is told to run nothing but the
+# page's own files either way, to load nothing from elsewhere, and not to be framed by another site.
+PAGE_HEADERS = {
+    **NO_CACHE,
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 
@@ -54,7 +65,7 @@ def check_viewer(keys: Keys, secret: bytes | None, authorization: str | None) ->
 @get(["/ui", "/ui/"], sync_to_thread=False, include_in_schema=False)
 def page() -> Response[bytes]:
     """The status page."""
-    return Response(static_file("index.html"), media_type="text/html; charset=utf-8", headers=NO_CACHE)
+    return Response(static_file("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
 
 @get("/ui/static/{name:str}", sync_to_thread=False, include_in_schema=False)
@@ -62,7 +73,7 @@ def static(name: FromPath[str]) -> Response[bytes]:
     """The page's script and style sheet."""
     if name not in STATIC:
         raise InvalidRequest(f"no such file: {name}")
-    return Response(static_file(name), media_type=STATIC[name], headers=NO_CACHE)
+    return Response(static_file(name), media_type=STATIC[name], headers={**NO_CACHE, "x-content-type-options": "nosniff"})
 
 
 @asgi("/ui/events", is_mount=False, copy_scope=False)

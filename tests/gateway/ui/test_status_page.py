@@ -343,6 +343,41 @@ def test_the_page_fits_a_narrow_window_and_its_actions_are_reached_by_keyboard(
         browser.close()
 
 
+HOSTILE = '<img src=x onerror="document.title=\'pwned\'"><script>document.title="pwned"</script>'
+
+
+def test_what_clients_sent_is_shown_as_text_and_the_page_runs_only_its_own_script(
+    fleet: InProcessFleet, tmp_path: Path
+) -> None:
+    page_headers = httpx.get(fleet.url + "/ui", timeout=10).headers
+    assert "script-src 'self'" in page_headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in page_headers["content-security-policy"]
+    assert page_headers["x-content-type-options"] == "nosniff"
+    browser = Browser(fleet.url, tmp_path / "profile")
+    try:
+        page = browser.page
+        page.wait_for_selector('#engines tr[data-engine="beta"]')
+        title = page.title()
+        assert complete(fleet.url, "beta", prompt=HOSTILE).status_code == 200  # a prompt, shown ([ui] show_prompts)
+        assert complete(fleet.url, HOSTILE).status_code == 404  # a model name, refused: its message quotes it
+        browser.wait_for("() => [...document.querySelectorAll('#requests td.prompt')].some((td) => "
+                         "td.textContent.includes('<img src=x'))")
+        assert page.evaluate("document.querySelectorAll('#requests img, #requests script').length") == 0
+        assert page.title() == title
+        # an action the page refuses quotes what it was given as text too
+        page.evaluate(f"say({json.dumps(HOSTILE)}, 'error')")
+        assert page.evaluate("document.querySelectorAll('#message img, #message script').length") == 0
+        assert page.title() == title
+        assert browser.errors == []  # the page's own script and style run under its policy
+        # a script the page did not bring from its own files is refused by the browser
+        page.evaluate("""(() => { const s = document.createElement('script');
+                                  s.textContent = "document.title = 'pwned'"; document.body.append(s); })()""")
+        assert page.title() == title
+        assert any("Content Security Policy" in e for e in browser.errors)
+    finally:
+        browser.close()
+
+
 # --- pure parts ----------------------------------------------------------------------------------
 
 
