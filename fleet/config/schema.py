@@ -53,6 +53,12 @@ class GatewayConfig(Strict):
     )
     tls_certfile: UserPath | None = Field(None, description="PEM certificate (chain) to serve HTTPS with; with tls_keyfile")
     tls_keyfile: UserPath | None = Field(None, description="the certificate's unencrypted PEM private key; with tls_certfile")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="names clients reach the gateway by (their Host header) besides IP addresses and localhost: "
+        "checked where the gateway has no API keys and listens on loopback, and on the control routes, so that a "
+        "web page on another site cannot reach them by renaming itself to this machine (DNS rebinding)",
+    )
     engine_token_file: UserPath | None = Field(
         None, description=f"a file whose first line is the token engines accept (${ENGINE_TOKEN_ENV} wins); "
         "needed for attached engines, the same file for `fleet engine`; default: a new random token per launch",

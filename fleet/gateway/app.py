@@ -37,7 +37,7 @@ from fleet.config.schema import GatewayConfig, UiConfig
 from fleet.errors import BodyTooLarge, FleetError, InvalidRequest
 from fleet.gateway import control as control_routes
 from fleet.gateway import stored
-from fleet.gateway.auth import Keys, require_key, scope_key
+from fleet.gateway.auth import Keys, check_host, require_key, scope_key
 from fleet.gateway.bodies import decode_body, decoder
 from fleet.gateway.control import Control
 from fleet.gateway.guard import ConnectionCounts
@@ -54,6 +54,7 @@ from fleet.gateway.ui import routes as ui_routes
 from fleet.gateway.ui.gpus import Gpus, engines_on_gpus
 from fleet.gateway.ui.history import History
 from fleet.wire.asgi import header, read_body, unless_disconnected
+from fleet.wire.client import is_loopback
 
 log = logging.getLogger("fleet.gateway")
 _json = msgspec.json.Encoder()
@@ -168,6 +169,7 @@ def endpoint_route(endpoint: Endpoint) -> ASGIRouteHandler:
                 return
             raise MethodNotAllowedException(headers={"Allow": "POST, OPTIONS"})  # as Litestar's own routes
         state: State = scope["app"].state
+        check_host(scope)
         keys: Keys = state.api_keys
         # The key before the body, as the other routes' hook: without a valid key, a 401 whatever the body.
         key = keys.check(header(scope, b"authorization")) if keys.enabled else None
@@ -258,6 +260,10 @@ def create_app(
             "started": int(time.time()),
             "control": control,
             "api_keys": keys or Keys([]),
+            # the Host names requests may give (auth.check_host): checked where the gateway has no keys
+            # and listens on loopback; the control routes check them always
+            "trusted_hosts": None if (keys and keys.enabled) or not is_loopback(gateway.host) else frozenset(gateway.allowed_hosts),
+            "allowed_hosts": frozenset(gateway.allowed_hosts),
             "metrics": Metrics(lambda: models, restarts, connections),
             "max_body_bytes": gateway.max_body_bytes,
             "recent": Recent() if with_ui else None,

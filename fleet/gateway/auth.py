@@ -4,12 +4,20 @@ A key either opens every model or only the models listed for it. `Authorization:
 is compared with every configured key in constant time (`hmac.compare_digest`), so timing does
 not tell how much of a guess was right. With no key configured, the gateway is open, which
 `check_exposure` allows only on loopback or when `[auth] open = true` says so.
+
+Such an open loopback gateway is still reachable from a web page in a browser on this machine,
+through DNS rebinding: a site whose name is made to resolve to 127.0.0.1 sends same-origin
+requests that name it, not this machine, in their Host header. `check_host` refuses those (as
+llama.cpp's and Ollama's servers came to): where the gateway has no keys and listens on loopback,
+and always on the control routes, which take no key, a request must name the gateway by an IP
+address, `localhost`, or a name of `[gateway] allowed_hosts`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +126,39 @@ def _parse_line(line: str, where: str) -> Key:
     return Key(secret.encode(), limited)
 
 
+def host_trusted(host: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a Host header names this gateway as only its own clients would: an IP address,
+    localhost (or a name under .localhost), or one of `allowed`. No Host at all (HTTP/1.0, never a
+    browser) passes."""
+    if not host:
+        return True
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host  # "name:port", or IPv6 without a port
+    name = name.removeprefix("[").split("]")[0].lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost") or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def check_host(scope: Scope, always: bool = False) -> None:
+    """A request's Host header, where the gateway checks it (state `trusted_hosts`: the gateway has
+    no keys and listens on loopback), or `always` (the control routes); else a 403."""
+    state = scope["app"].state
+    allowed: frozenset[str] | None = state.get("trusted_hosts")
+    if allowed is None:
+        if not always:
+            return
+        allowed = state.get("allowed_hosts") or frozenset()
+    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+    if not host_trusted(host, allowed):
+        raise Forbidden(f"this gateway answers requests that name it by an IP address, localhost or a name of "
+                        f"[gateway] allowed_hosts; this one names {shown(host or '')} (as a web page on another "
+                        "site does that made its name resolve to this machine)", code="host_not_allowed")
+
+
 async def require_key(request: Request[Any, Any, Any]) -> None:
     """Litestar before_request hook: a valid API key when the fleet has keys (kept for model checks).
 
@@ -125,6 +166,7 @@ async def require_key(request: Request[Any, Any, Any]) -> None:
     every request; the hook still runs before the body is read, so a request without a valid key
     is a 401 whatever its body.
     """
+    check_host(request.scope)
     keys: Keys = request.app.state.api_keys
     if keys.enabled:
         request.scope["fleet_key"] = keys.check(request.headers.get("authorization"))  # type: ignore[typeddict-unknown-key]  # litestar's Scope TypedDict is closed; ASGI scopes take extra keys

@@ -19,7 +19,7 @@ from litestar.params import FromPath
 
 from fleet.config.schema import FleetConfig
 from fleet.errors import ConfigError, Forbidden, InvalidRequest, shown
-from fleet.gateway.auth import check_admin, require_admin
+from fleet.gateway.auth import check_admin, check_host, require_admin
 from fleet.gateway.status import Change, FleetStatus, LoadAdapter, LogLine, ReloadReport, UnloadAdapter
 
 _json = msgspec.json.Encoder()
@@ -79,7 +79,9 @@ class Control(Protocol):
 
 
 def check_local(request: Request[Any, Any, Any]) -> None:
-    """Control routes answer loopback clients only."""
+    """Control routes answer loopback clients only, that name the gateway by an IP address,
+    localhost or a name of [gateway] allowed_hosts (auth.check_host: not a web page's rebinding)."""
+    check_host(request.scope, always=True)
     host = request.client.host if request.client else ""
     try:
         if ipaddress.ip_address(host).is_loopback:

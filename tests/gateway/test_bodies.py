@@ -31,7 +31,7 @@ class DecodeError:
 
 
 def post_body(body: bytes, path: str = "/v1/completions") -> tuple[int, dict[str, Any]]:
-    with TestClient(create_app({})) as client:  # no models: a body that decodes is a 404
+    with TestClient(create_app({}), base_url="http://127.0.0.1") as client:  # no models: a body that decodes is a 404
         r = client.post(path, content=body, headers={"content-type": "application/json"})
     return r.status_code, r.json()
 
@@ -195,7 +195,7 @@ def test_on_first_is_called_once_as_the_first_chunk_leaves() -> None:
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_generation_routes_answer_options_and_refuse_other_methods(path: str) -> None:
-    with TestClient(create_app({})) as client:
+    with TestClient(create_app({}), base_url="http://127.0.0.1") as client:
         options = client.options(path)
         assert options.status_code == 204 and set(options.headers["allow"].split(", ")) == {"OPTIONS", "POST"}
         for method in ("GET", "PUT", "DELETE", "PATCH"):

@@ -124,6 +124,45 @@ def test_exposed_gateway_with_keys_starts(fake_fleet: FakeFleets, monkeypatch: p
     assert complete(g.config.gateway.port, "sk-env").status_code == 200
 
 
+REBOUND = "rebound.example.com"  # a site's name, made to resolve to 127.0.0.1: its page's requests are same-origin
+
+
+def named(url: str, path: str, host: str, method: str = "GET", **kw: Any) -> httpx.Response:
+    return httpx.request(method, url + path, headers={"host": host, **kw.pop("headers", {})}, timeout=10, **kw)
+
+
+def test_an_open_loopback_gateway_answers_only_requests_that_name_it_by_address_or_localhost(
+        fake_fleet: FakeFleets) -> None:
+    """DNS rebinding: a page in a browser on this machine, its site's name resolving to 127.0.0.1,
+    sends same-origin requests whose Host is that name. Refused on every route that serves or acts;
+    an IP address, localhost or a name of [gateway] allowed_hosts passes."""
+    f = fake_fleet({"name": "m"}, gateway={"allowed_hosts": ["llm.internal"]})
+    port = f.config.gateway.port
+    body = {"model": "m", "prompt": "a b", "max_tokens": 2}
+    for method, path, kw in [("POST", "/v1/completions", {"json": body}), ("GET", "/v1/models", {}),
+                             ("GET", "/v1/responses/resp_x", {}), ("GET", "/ui", {}), ("GET", "/ui/events", {}),
+                             ("GET", "/fleet/status", {}), ("POST", "/fleet/stop", {})]:
+        r = named(f.url, path, f"{REBOUND}:{port}", method, **kw)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", (path, r.text)
+        assert REBOUND in r.json()["error"]["message"]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", f"llm.internal:{port}",
+                 f"LocalHost.:{port}", f"app.localhost:{port}", f"10.1.2.3:{port}"):
+        r = named(f.url, "/v1/completions", host, "POST", json=body)
+        assert r.status_code == 200, (host, r.text)
+    assert named(f.url, "/fleet/status", f"localhost:{port}").status_code == 200
+    assert named(f.url, "/health", f"{REBOUND}:{port}").status_code == 200  # says nothing a page could use
+
+
+def test_with_keys_the_key_is_the_gate_and_control_still_checks_the_host(fake_fleet: FakeFleets) -> None:
+    f = fake_fleet({"name": "m"}, auth={"keys": ["sk-1"]})
+    port, auth = f.config.gateway.port, {"authorization": "Bearer sk-1"}
+    r = named(f.url, "/v1/completions", f"api.example.com:{port}", "POST", headers=auth,
+              json={"model": "m", "prompt": "a b", "max_tokens": 2})
+    assert r.status_code == 200, r.text  # a proxy's public name: keys guard this gateway
+    r = named(f.url, "/fleet/status", f"{REBOUND}:{port}", headers=auth)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+
+
 def test_open_true_starts_without_keys_and_says_so(fake_fleet: FakeFleets) -> None:
     out = io.StringIO()
     f = fake_fleet({"name": "m"}, gateway={"host": "0.0.0.0"}, auth={"open": True},

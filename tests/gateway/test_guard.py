@@ -33,7 +33,7 @@ from fleet.gateway.guard import PER_ENGINE_RESERVE, ConnectionLimits
 OPEN_FILES = 256  # the launcher's limit in these tests (soft and hard)
 HEADER_TIMEOUT = 2.0
 MAX_CONCURRENT = 16
-PARTIAL = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"  # headers never finished
+PARTIAL = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # headers never finished
 
 
 @dataclass
@@ -241,7 +241,7 @@ def test_a_flood_from_many_addresses_meets_the_connection_cap_never_the_file_lim
 def test_a_body_that_stalls_longer_than_body_timeout_is_cut_off(launcher: Launcher) -> None:
     port = int(launcher.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
                   b"content-length: 100\r\n\r\n{\"model\": \"m\",")  # then nothing
         began = time.monotonic()
         s.settimeout(HEADER_TIMEOUT + 10)
@@ -280,7 +280,7 @@ def envelope(answer: bytes) -> tuple[str, dict[str, str], dict]:
 
 
 def head_with(extra: bytes) -> bytes:
-    return (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n%b\r\n" % (len(REQUEST), extra))
 
 
@@ -321,7 +321,7 @@ def test_a_burst_of_oversized_headers_leaves_the_gateways_memory_where_it_was(la
 def test_broken_framing_is_a_400_in_the_envelope_and_the_connection_closed(launcher: Launcher, framing: bytes) -> None:
     port = int(launcher.url.rsplit(":", 1)[1])
     status, headers, error = envelope(exchange(
-        port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n", b"hello"))
+        port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + framing + b"\r\n", b"hello"))
     assert status == "HTTP/1.1 400 Bad Request"
     assert headers["content-type"] == "application/json" and headers["connection"] == "close"
     assert error["code"] == "invalid_http_request" and error["type"] == "invalid_request_error"

@@ -24,7 +24,7 @@ from litestar.params import FromPath
 from litestar.types import Receive, Scope, Send
 
 from fleet.errors import Forbidden, InvalidRequest
-from fleet.gateway.auth import Keys, check_admin, is_admin
+from fleet.gateway.auth import Keys, check_admin, check_host, is_admin
 from fleet.gateway.control import control_of, model_action, reload_fleet
 from fleet.gateway.ui.feed import stream
 from fleet.wire.asgi import header, unless_disconnected
@@ -63,8 +63,9 @@ def check_viewer(keys: Keys, secret: bytes | None, authorization: str | None) ->
 
 
 @get(["/ui", "/ui/"], sync_to_thread=False, include_in_schema=False)
-def page() -> Response[bytes]:
+def page(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The status page."""
+    check_host(request.scope)
     return Response(static_file("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
 
@@ -80,6 +81,7 @@ def static(name: FromPath[str]) -> Response[bytes]:
 async def events(scope: Scope, receive: Receive, send: Send) -> None:
     """The page's server-sent event stream (feed.py), until the page goes."""
     state: State = scope["app"].state
+    check_host(scope)
     check_viewer(state.api_keys, state.ui_admin, header(scope, b"authorization"))
     control = control_of(state)
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
