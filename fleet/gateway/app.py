@@ -238,6 +238,7 @@ def create_app(
     """The gateway app over a fleet's models (their lifecycles and clients are owned by the launcher).
     With `ui` enabled (and a launcher: `control`) it serves the status page too, `admin_key` opening its actions."""
     gateway, ui = gateway or GatewayConfig(), ui or UiConfig()
+    allowed_hosts = frozenset(name.lower().rstrip(".") for name in gateway.allowed_hosts)  # as check_host reads a Host
     with_ui = ui.enabled and control is not None
     history = History(lambda: models, Gpus(lambda: engines_on_gpus(control))) if with_ui and control else None
     sampler: list[asyncio.Task[None]] = []
@@ -262,8 +263,8 @@ def create_app(
             "api_keys": keys or Keys([]),
             # the Host names requests may give (auth.check_host): checked where the gateway has no keys
             # and listens on loopback; the control routes check them always
-            "trusted_hosts": None if (keys and keys.enabled) or not is_loopback(gateway.host) else frozenset(gateway.allowed_hosts),
-            "allowed_hosts": frozenset(gateway.allowed_hosts),
+            "trusted_hosts": None if (keys and keys.enabled) or not is_loopback(gateway.host) else allowed_hosts,
+            "allowed_hosts": allowed_hosts,
             "metrics": Metrics(lambda: models, restarts, connections),
             "max_body_bytes": gateway.max_body_bytes,
             "recent": Recent() if with_ui else None,

@@ -136,7 +136,7 @@ def test_an_open_loopback_gateway_answers_only_requests_that_name_it_by_address_
     """DNS rebinding: a page in a browser on this machine, its site's name resolving to 127.0.0.1,
     sends same-origin requests whose Host is that name. Refused on every route that serves or acts;
     an IP address, localhost or a name of [gateway] allowed_hosts passes."""
-    f = fake_fleet({"name": "m"}, gateway={"allowed_hosts": ["llm.internal"]})
+    f = fake_fleet({"name": "m"}, gateway={"allowed_hosts": ["LLM.internal."]})
     port = f.config.gateway.port
     body = {"model": "m", "prompt": "a b", "max_tokens": 2}
     for method, path, kw in [("POST", "/v1/completions", {"json": body}), ("GET", "/v1/models", {}),
