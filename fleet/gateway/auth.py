@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the `fleet` command reads keys from here without loading Li
 
 from fleet.config.schema import AuthConfig
 from fleet.errors import ConfigError, Forbidden, Unauthorized, shown
+from fleet.wire.asgi import header
 from fleet.wire.client import is_loopback
 
 
@@ -152,7 +153,7 @@ def check_host(scope: Scope, always: bool = False) -> None:
         if not always:
             return
         allowed = state.get("allowed_hosts") or frozenset()
-    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+    host = header(scope, b"host")
     if not host_trusted(host, allowed):
         raise Forbidden(f"this gateway answers requests that name it by an IP address, localhost or a name of "
                         f"[gateway] allowed_hosts; this one names {shown(host or '')} (as a web page on another "

@@ -9,7 +9,8 @@ from typing import Any
 import msgspec
 
 from fleet.engine.parsing import Parsers
-from fleet.engine.service import ENDED_IN_ERROR, EngineService
+from fleet.engine.refusals import ENDED_IN_ERROR
+from fleet.engine.service import EngineService
 from fleet.wire import protocol
 
 
@@ -164,7 +165,7 @@ def test_once_stopping_the_engine_drops_vllms_report_that_its_engine_core_died_a
 def test_vllms_validation_error_is_a_short_400_naming_its_parameter_without_the_rejected_values() -> None:
     from vllm.exceptions import VLLMValidationError
 
-    from fleet.engine.service import refused
+    from fleet.engine.refusals import refused
 
     error = VLLMValidationError("token_id(s) in logit_bias contain out-of-vocab token ids", parameter="logit_bias",
                                 value=list(range(100_000)))
